@@ -1,0 +1,63 @@
+# nanorun: `make demo` runs the tiny pipeline end to end on this machine; `make test` runs every test.
+# Both set up what they need first (`make setup` is idempotent and cheap when nothing changed).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.stamps
+KUBE_BIN := $(shell tests/kube/bin-dir.sh 2>/dev/null)
+
+.PHONY: setup setup-python setup-rust setup-kube setup-system test test-fast demo lint kube-up kube-down clean
+
+setup: setup-system setup-python setup-rust setup-kube
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(STAMP)/python: pyproject.toml | $(PY)
+	$(PIP) install -q -e ".[dev]"
+	@mkdir -p $(STAMP) && touch $@
+
+setup-python: $(STAMP)/python
+
+RUST_SRC := $(shell find rustbpe -name '*.rs' -o -name 'Cargo.toml' -o -name 'Cargo.lock' -o -name 'pyproject.toml' 2>/dev/null | grep -v target)
+$(STAMP)/rust: $(RUST_SRC) $(STAMP)/python
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q -m rustbpe/Cargo.toml
+	@touch $@
+
+setup-rust: $(STAMP)/rust
+
+# kube-apiserver, etcd, kubectl and helm built from Go modules into a cache keyed by their pins.
+setup-kube:
+	tests/kube/build.sh
+
+# Debian packages the tests drive: headless Chromium (web UI test) and promtool (metrics lint).
+setup-system:
+	@if command -v chromium >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null; \
+	else echo "note: install chromium and prometheus (promtool) for the browser and metrics tests"; fi
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: setup-python
+	$(VENV)/bin/ruff check .
+
+demo: setup-python setup-rust
+	$(VENV)/bin/nanorun run examples/tiny.yaml --serve
+
+kube-up: setup-kube
+	$(PY) -m tests.kube.cluster up
+
+kube-down:
+	$(PY) -m tests.kube.cluster down
+
+clean:
+	rm -rf $(VENV) rustbpe/target .runs

@@ -1,0 +1,6 @@
+"""Shared pytest fixtures. Each fixture module lives in tests/fixtures/ and is registered here."""
+
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.kube",
+]
