@@ -7,7 +7,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stamps
-KUBE_BIN := $(shell tests/kube/bin-dir.sh 2>/dev/null)
 
 .PHONY: setup setup-python setup-rust setup-kube setup-system test test-fast demo lint kube-up kube-down clean
 
@@ -30,7 +29,8 @@ $(STAMP)/rust: $(RUST_SRC) $(STAMP)/python
 
 setup-rust: $(STAMP)/rust
 
-# kube-apiserver, etcd, kubectl and helm built from Go modules into a cache keyed by their pins.
+# kube-apiserver, etcd, kubectl and helm built from Go modules into .cache/kube/<key>/, keyed by the
+# pins in tests/kube (go.mod, versions.env); a no-op when that build exists. See docs/testing.md.
 setup-kube:
 	tests/kube/build.sh
 
@@ -53,7 +53,8 @@ lint: setup-python
 demo: setup-python setup-rust
 	$(VENV)/bin/nanorun run examples/tiny.yaml --serve
 
-kube-up: setup-kube
+# A background etcd + kube-apiserver with the CRDs installed; kubeconfig in .kube/config.
+kube-up: setup-python setup-kube
 	$(PY) -m tests.kube.cluster up
 
 kube-down:

@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.kube",
+    "tests.fixtures.tiny_run",
+    "tests.fixtures.metrics",
 ]

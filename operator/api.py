@@ -1,0 +1,381 @@
+"""The LLMRun API (nanorun.io/v1alpha1): pydantic models of the spec and status.
+
+These models are the single source of truth. They generate the CRD's structural schema
+(`nanorun.operator.crd`), the configuration reference (`docs/configuration.md`) and the validation
+`nanorun run FILE` applies locally. Cross-field checks are `Rule`s: each one is a CEL expression the
+API server evaluates at admission, the message it answers with, and the same check in Python, so a
+mistake gets the same message on a cluster and on a laptop.
+
+    spec = parse_spec(yaml.safe_load(open("run.yaml"))["spec"])   # SpecError on a bad spec
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+GROUP = "nanorun.io"
+VERSION = "v1alpha1"
+KIND = "LLMRun"
+PLURAL = "llmruns"
+SINGULAR = "llmrun"
+SHORT_NAMES = ["llm"]
+API_VERSION = f"{GROUP}/{VERSION}"
+DEFAULT_IMAGE = "ghcr.io/nanorun/nanorun-trainer:0.1.0"
+DEFAULT_RAY_VERSION = "2.60.0"
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class Model(BaseModel):
+    """Base: camelCase field names in YAML, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# --- spec -----------------------------------------------------------------------------------------
+
+
+class StorageSpec(Model):
+    """Where the run keeps everything: tokenizer, checkpoints, progress files, the report."""
+
+    uri: str = Field(min_length=1, max_length=1024, description="Run directory: `s3://bucket/prefix` on a cluster (a local path works for `nanorun run`).")
+    endpoint: str = Field("", max_length=1024, description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph...); empty means AWS.")
+    credentials_secret: str = Field("", max_length=253, description="Name of a Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty means the pods' own identity (IRSA, workload identity).")
+    cleanup_on_delete: bool = Field(False, description="Delete the run's files from storage when the LLMRun is deleted (adds a finalizer).")
+
+
+class DataSpec(Model):
+    """Pretraining text."""
+
+    pretrain: str = Field("bundled", min_length=1, max_length=1024, description="Parquet shards with a `text` column: a local dir, `s3://...`, `hf://owner/dataset`, or `bundled` for the corpus shipped with nanorun.")
+    shards: int = Field(0, ge=0, description="How many shards to use; 0 means all of them.")
+
+
+class ModelSpec(Model):
+    """The GPT. Everything else (width, heads, batch, learning rates, horizon) derives from depth."""
+
+    depth: int = Field(20, ge=1, le=128, description="Number of transformer layers; width = depth × aspectRatio.")
+    max_seq_len: int = Field(2048, ge=16, le=131072, description="Context length in tokens.")
+    head_dim: int | None = Field(None, ge=8, le=512, description="Attention head dimension (trainer default 128).")
+    aspect_ratio: int | None = Field(None, ge=1, le=1024, description="Model width per layer of depth (trainer default 64).")
+    n_kv_head: int | None = Field(None, ge=1, le=1024, description="Key/value heads for grouped-query attention (trainer default: as many as query heads).")
+    window_pattern: str | None = Field(None, pattern=r"^[SL]+$", max_length=64, description="Sliding-window attention pattern per layer, S = short window, L = full context, repeated over depth (e.g. SSSL).")
+
+
+class TokenizerSpec(Model):
+    """The byte-level BPE tokenizer trained in the tokenizer stage."""
+
+    vocab_size: int = Field(32768, ge=512, le=131072, description="Vocabulary size including the special tokens.")
+    max_chars: int = Field(2_000_000_000, ge=1, description="Characters of pretraining text to train on.")
+    doc_cap: int = Field(10000, ge=1, description="At most this many characters from each document.")
+
+
+class ComputeSpec(Model):
+    """Where and on how much hardware the training stages run."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods) per distributed stage: one Master plus nodes-1 Workers.")
+    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs per node, one training process each; 0 runs one CPU process per node.")
+    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name requested for GPUs.")
+    cpu: str = Field("", max_length=64, description="CPU request and limit per pod (Kubernetes quantity, e.g. `32`); empty leaves it unset.")
+    memory: str = Field("", max_length=64, description="Memory request and limit per pod (e.g. `256Gi`); empty leaves it unset.")
+    shm_size: str = Field("", max_length=64, description="Size of an in-memory /dev/shm volume (e.g. `16Gi`) for data loader workers and NCCL; empty leaves the runtime's default.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods must match.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (core/v1 Toleration).")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the training pods (core/v1 Affinity).")
+    priority_class_name: str = Field("", max_length=253, description="PriorityClass of the training pods.")
+    queue: str = Field("", max_length=253, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.")
+    resources: dict[str, Any] = Field(default_factory=dict, description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.")
+    ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished PyTorchJob is kept before Kubernetes deletes it.")
+
+
+class StageSpec(Model):
+    enabled: bool = Field(True, description="Run this stage.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra command-line flags passed to the stage module as they are.")
+
+
+class TokenizerStage(StageSpec):
+    """Train the BPE tokenizer (`tok_train`); its settings are in spec.tokenizer."""
+
+
+class PretrainStage(StageSpec):
+    """Pretrain the base model (`base_train`). Unset values are derived from depth, as in nanochat."""
+
+    target_param_data_ratio: float | None = Field(None, gt=0, description="Training tokens per parameter; sets the horizon when numIterations is unset (trainer default 12).")
+    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; overrides the param:data ratio.")
+    device_batch_size: int = Field(32, ge=1, description="Sequences per process per micro-step.")
+    total_batch_size: int | None = Field(None, ge=1, description="Tokens per optimizer step, reached by gradient accumulation (derived from depth when unset).")
+    embedding_lr: float | None = Field(None, gt=0, description="AdamW learning rate of the token embedding.")
+    unembedding_lr: float | None = Field(None, gt=0, description="AdamW learning rate of the LM head.")
+    matrix_lr: float | None = Field(None, gt=0, description="Muon learning rate of the block matrices.")
+    scalar_lr: float | None = Field(None, gt=0, description="AdamW learning rate of the scalar parameters.")
+    weight_decay: float | None = Field(None, ge=0, description="Weight decay.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between validation bits-per-byte evaluations.")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always written at the end and on SIGTERM).")
+
+
+class BaseEvalStage(StageSpec):
+    """Evaluate the base model (`base_eval`): validation bpb, CORE, samples."""
+
+    max_per_task: int | None = Field(None, ge=1, description="At most this many examples per CORE task.")
+    device_batch_size: int | None = Field(None, ge=1, description="Sequences per process per forward pass.")
+
+
+class PostTrainStage(StageSpec):
+    """A post-training stage (`mid_train`, `chat_sft`, `chat_rl`)."""
+
+    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps (stage default: one epoch of its mixture).")
+    device_batch_size: int | None = Field(None, ge=1, description="Sequences per process per micro-step.")
+
+
+class EvalStage(StageSpec):
+    """Evaluate the chat model (`chat_eval`): ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE."""
+
+    max_problems: int | None = Field(None, ge=1, description="At most this many problems per task.")
+
+
+class ReportStage(StageSpec):
+    """Write `<run-dir>/report/report.md` (`report`)."""
+
+
+class StagesSpec(Model):
+    """The pipeline's stages, run in this order; each can be disabled and given its own flags."""
+
+    tokenizer: TokenizerStage = Field(default_factory=TokenizerStage, description="BPE tokenizer training.")
+    pretrain: PretrainStage = Field(default_factory=PretrainStage, description="Base model pretraining.")
+    base_eval: BaseEvalStage = Field(default_factory=BaseEvalStage, description="Base model evaluation.")
+    midtrain: PostTrainStage = Field(default_factory=PostTrainStage, description="Midtraining on the conversation mixture.")
+    sft: PostTrainStage = Field(default_factory=PostTrainStage, description="Supervised finetuning.")
+    rl: PostTrainStage = Field(default_factory=PostTrainStage, description="Reinforcement learning on GSM8K.")
+    eval: EvalStage = Field(default_factory=EvalStage, description="Chat model evaluation.")
+    report: ReportStage = Field(default_factory=ReportStage, description="The run report.")
+
+
+class ServingSpec(Model):
+    """The chat service (a KubeRay RayService) started after the last training stage."""
+
+    enabled: bool = Field(True, description="Serve the final checkpoint once training has finished.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest Ray Serve replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most Ray Serve replicas.")
+    gpus_per_replica: float = Field(1, ge=0, le=64, description="GPUs per replica (fractions share a GPU); 0 serves on CPU.")
+    cpus_per_replica: float = Field(1, ge=0, le=512, description="CPUs per replica.")
+    target_ongoing_requests: float = Field(2, gt=0, description="Autoscaling target of concurrent requests per replica.")
+    ray_version: str = Field(DEFAULT_RAY_VERSION, max_length=64, description="Ray version of the serving image.")
+    image: str = Field("", max_length=1024, description="Serving image (Ray + nanorun); empty uses spec.image.")
+
+
+class RetrySpec(Model):
+    """What happens when a stage's job fails (it resumes from its last checkpoint)."""
+
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts per stage before the run fails.")
+    backoff_seconds: int = Field(30, ge=0, le=86400, description="Wait before the second attempt; doubles for each further one.")
+
+
+class LLMRunSpec(Model):
+    """Train a chat model from scratch: tokenizer, pretraining, post-training, evaluation, serving."""
+
+    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=1024, description="Trainer image, used by every stage.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the trainer image.")
+    storage: StorageSpec = Field(description="Where the run keeps its files.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Pretraining data.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model size and shape; may not change once a stage has run.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer settings; may not change once a stage has run.")
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Nodes, GPUs and scheduling of the training jobs.")
+    stages: StagesSpec = Field(default_factory=StagesSpec, description="Which stages run, and their flags.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat service.")
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Retries of failed stages.")
+    suspend: bool = Field(False, description="Suspend the running job (its pods stop; it resumes from its checkpoint when unset).")
+    metrics_port: int = Field(9400, ge=1, le=65535, description="Port of each training process's Prometheus metrics.")
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+class Condition(Model):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Ready, Progressing or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase reason.")
+    message: str = Field("", description="Human-readable details.")
+    last_transition_time: str = Field("", description="When status last changed (RFC 3339).")
+
+
+class StageMetrics(Model):
+    """Numbers read from the stage's progress.json and done.json."""
+
+    step: int | None = Field(None, description="Current step.")
+    total_steps: int | None = Field(None, description="Total steps.")
+    loss: float | None = Field(None, description="Training loss.")
+    val_bpb: float | None = Field(None, description="Validation bits per byte.")
+    tokens_per_second: float | None = Field(None, description="Training throughput.")
+    mfu: float | None = Field(None, description="Model FLOPs utilisation, 0..1.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds to the end of the stage.")
+
+
+class StageStatus(Model):
+    """One stage's record."""
+
+    name: str = Field(description="Stage key (tokenizer, pretrain, ...).")
+    phase: Phase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    job: str = Field("", description="The current attempt's PyTorchJob.")
+    attempts: int = Field(0, description="Jobs created for this stage so far.")
+    start_time: str = Field("", description="When the first attempt started (RFC 3339).")
+    completion_time: str = Field("", description="When the stage succeeded or finally failed (RFC 3339).")
+    duration_seconds: float | None = Field(None, description="Seconds from start to completion.")
+    outputs: dict[str, str] = Field(default_factory=dict, description="What the stage produced, e.g. its checkpoint URI.")
+    metrics: StageMetrics = Field(default_factory=StageMetrics, description="Latest metrics of the stage.")
+    message: str = Field("", description="Why the last attempt failed, if it did.")
+
+
+class ServingStatus(Model):
+    """The chat service."""
+
+    ray_service: str = Field("", description="Name of the RayService.")
+    ready: bool = Field(False, description="Whether the RayService reports Ready.")
+    url: str = Field("", description="In-cluster URL of the OpenAI-compatible API.")
+    checkpoint: str = Field("", description="Checkpoint being served.")
+
+
+class LLMRunStatus(Model):
+    """Observed state, written by the operator."""
+
+    phase: Phase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    stage: str = Field("", description="Stage running now (or the last one).")
+    progress: str = Field("", description="step/total of the current stage.")
+    loss: float | None = Field(None, description="Latest training loss of the current stage.")
+    stages: list[StageStatus] = Field(default_factory=list, max_length=16, description="Per-stage records, in plan order.")
+    checkpoint: str = Field("", description="Latest final checkpoint of the pipeline.")
+    serving: ServingStatus = Field(default_factory=ServingStatus, description="The chat service.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Ready, Progressing, Degraded.")
+    observed_generation: int = Field(0, description="metadata.generation this status reflects.")
+
+
+# --- cross-field rules: CEL for the API server, Python for local runs ----------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check that needs more than one field. `path` is where the CEL rule sits in the schema
+    ("" = the whole object, "spec", "spec.serving"...); `check` is the same test in Python, on the
+    spec (and, for transition rules, the old spec and whether any stage has run)."""
+
+    path: str
+    cel: str
+    message: str
+    check: Callable[..., bool]
+    transition: bool = False
+
+
+def _procs_per_node(s: LLMRunSpec) -> int:
+    return s.compute.gpus_per_node or 1
+
+
+def _batch_divisible(s: LLMRunSpec) -> bool:
+    p = s.stages.pretrain
+    if p.total_batch_size is None:
+        return True
+    unit = p.device_batch_size * s.model.max_seq_len * s.compute.nodes * _procs_per_node(s)
+    return p.total_batch_size % unit == 0
+
+
+CHECKPOINT_STAGES = ("pretrain", "midtrain", "sft", "rl")
+_STAGE_KEYS = ("tokenizer", "pretrain", "base_eval", "midtrain", "sft", "rl", "eval", "report")
+_STAGE_CEL_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
+_RAN = "has(oldSelf.status) && has(oldSelf.status.stages) && oldSelf.status.stages.exists(s, s.attempts > 0)"
+
+RULES: list[Rule] = [
+    Rule(
+        "spec",
+        "!has(self.stages.pretrain.totalBatchSize) || self.stages.pretrain.totalBatchSize % "
+        "(self.stages.pretrain.deviceBatchSize * self.model.maxSeqLen * self.compute.nodes * "
+        "(self.compute.gpusPerNode > 0 ? self.compute.gpusPerNode : 1)) == 0",
+        "stages.pretrain.totalBatchSize must be a multiple of deviceBatchSize × model.maxSeqLen × "
+        "compute.nodes × compute.gpusPerNode (tokens of one micro-step over all processes)",
+        _batch_divisible,
+    ),
+    Rule(
+        "spec.serving",
+        "self.minReplicas <= self.maxReplicas",
+        "serving.minReplicas must not exceed serving.maxReplicas",
+        lambda s: s.serving.min_replicas <= s.serving.max_replicas,
+    ),
+    Rule(
+        "spec",
+        " || ".join(f"self.stages.{k}.enabled" for k in _STAGE_CEL_KEYS),
+        "at least one stage must be enabled",
+        lambda s: any(getattr(s.stages, k).enabled for k in _STAGE_KEYS),
+    ),
+    Rule(
+        "spec",
+        "!self.serving.enabled || " + " || ".join(f"self.stages.{k}.enabled" for k in CHECKPOINT_STAGES),
+        "serving.enabled needs a stage that produces a model (pretrain, midtrain, sft or rl); "
+        "enable one or set serving.enabled: false",
+        lambda s: not s.serving.enabled or any(getattr(s.stages, k).enabled for k in CHECKPOINT_STAGES),
+    ),
+    Rule(
+        "",
+        f"!({_RAN}) || self.spec.model == oldSelf.spec.model",
+        "spec.model may not change once a stage has run (its checkpoints have that shape); create a new LLMRun",
+        lambda new, old, ran: not ran or new.model == old.model,
+        transition=True,
+    ),
+    Rule(
+        "",
+        f"!({_RAN}) || self.spec.tokenizer == oldSelf.spec.tokenizer",
+        "spec.tokenizer may not change once a stage has run (the model's vocabulary depends on it); create a new LLMRun",
+        lambda new, old, ran: not ran or new.tokenizer == old.tokenizer,
+        transition=True,
+    ),
+    Rule(
+        "",
+        f"!({_RAN}) || self.spec.storage.uri == oldSelf.spec.storage.uri",
+        "spec.storage.uri may not change once a stage has run (the run's files are there); create a new LLMRun",
+        lambda new, old, ran: not ran or new.storage.uri == old.storage.uri,
+        transition=True,
+    ),
+]
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; the message lists every problem, one per line."""
+
+
+def _format_pydantic(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"spec.{where}: {msg}" if where != "spec" else f"spec: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict[str, Any]) -> LLMRunSpec:
+    """Validate a spec (the YAML's `spec:` mapping) and apply the cross-field rules.
+
+    Raises SpecError with the same rule messages the API server gives for the CRD's CEL rules.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("spec: must be a mapping")
+    try:
+        spec = LLMRunSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_pydantic(err)) from None
+    broken = [r.message for r in RULES if not r.transition and not r.check(spec)]
+    if broken:
+        raise SpecError("\n".join(f"spec: {m}" for m in broken))
+    return spec
+
+
+def check_update(old: LLMRunSpec, new: LLMRunSpec, stage_has_run: bool) -> list[str]:
+    """Messages of the transition rules (immutability) a change from `old` to `new` breaks."""
+    return [r.message for r in RULES if r.transition and not r.check(new, old, stage_has_run)]
+
+
+def spec_to_dict(spec: LLMRunSpec) -> dict[str, Any]:
+    """The spec as the API server stores it: camelCase, unset optional fields left out."""
+    return spec.model_dump(by_alias=True, exclude_none=True)

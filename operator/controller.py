@@ -1,0 +1,287 @@
+"""The reconcile loop: a work queue of LLMRuns, workers that reconcile one at a time per run, and
+the API calls that carry out each decision.
+
+kopf feeds it (see handlers.py): every watch event of an LLMRun or of one of its children queues
+that run (deduplicated), a resync queues every run periodically (progress files change without
+events), and a retry due after a backoff queues it at that time. A worker takes a snapshot of the
+run and its children from kopf's indexes, runs the pure `reconcile()` in a thread, and applies it:
+creates (409 = already there), patches, status, Events, metrics. Errors (API, storage) are logged,
+counted and retried with a growing delay; they never stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanorun.operator import metrics
+from nanorun.operator.api import GROUP, PLURAL, VERSION
+from nanorun.operator.jobs import PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION, RunRef
+from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
+from nanorun.operator.reconcile import Decision, Event, reconcile
+from nanorun.operator.status import now_utc, parse_time, rfc3339
+from nanorun.trainer import progress as stage_files
+
+log = logging.getLogger("nanorun.operator")
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass
+class Settings:
+    resync_seconds: float = field(default_factory=lambda: _env_float("NANORUN_RESYNC_SECONDS", 15.0))
+    workers: int = field(default_factory=lambda: int(_env_float("NANORUN_WORKERS", 4)))
+    error_backoff_seconds: float = field(default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0))
+    max_error_backoff_seconds: float = 300.0
+
+
+def api_client():
+    """A kubernetes ApiClient from the in-cluster service account, else KUBECONFIG."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration)
+
+
+class StorageUnavailable(RuntimeError):
+    """The run's storage could not be read; the reconcile went on without it and is retried."""
+
+
+def _status_code(err: Exception) -> int | None:
+    return getattr(err, "status", None)
+
+
+class Controller:
+    """One per operator process. Indexes are kopf's read-only live views, attached on first use."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.runs: Mapping[Key, Any] | None = None
+        self.jobs: Mapping[Key, Any] | None = None
+        self.rayservices: Mapping[Key, Any] | None = None
+        self._queue: asyncio.Queue[Key] | None = None
+        self._queued: set[Key] = set()
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._errors: dict[Key, int] = {}
+        self._written: dict[Key, dict[str, Any]] = {}  # newest body we patched, until the index catches up
+        self._tasks: list[asyncio.Task] = []
+        self._api = None
+
+    # --- wiring ---------------------------------------------------------------------------------
+
+    def attach(self, runs: Mapping, jobs: Mapping, rayservices: Mapping) -> None:
+        self.runs, self.jobs, self.rayservices = runs, jobs, rayservices
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.settings.workers)]
+        self._tasks.append(asyncio.create_task(self._resync()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    @property
+    def api(self):
+        if self._api is None:
+            self._api = api_client()
+        return self._api
+
+    def enqueue(self, key: Key) -> None:
+        if self._queue is not None and key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def enqueue_later(self, key: Key, seconds: float) -> None:
+        asyncio.get_running_loop().call_later(max(0.0, seconds), self.enqueue, key)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            if self.runs is None:
+                continue
+            keys = list(self.runs.keys())
+            metrics.set_runs_by_phase([((self._body(k) or {}).get("status") or {}).get("phase") or "Pending" for k in keys])
+            for key in keys:
+                self.enqueue(key)
+
+    async def _worker(self, n: int) -> None:
+        assert self._queue is not None
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                await self._reconcile_key(key)
+
+    def _body(self, key: Key) -> dict[str, Any] | None:
+        """The newest body of a run: kopf's index, or what we last wrote if that is newer."""
+        store = self.runs.get(key) if self.runs is not None else None
+        indexed = next(iter(store), None) if store else None
+        written = self._written.get(key)
+        if indexed is None:
+            return None
+        if written is not None and written["metadata"].get("uid") == indexed["metadata"].get("uid"):
+            try:
+                if int(written["metadata"]["resourceVersion"]) > int(indexed["metadata"]["resourceVersion"]):
+                    return written
+            except (KeyError, ValueError):
+                pass
+        self._written.pop(key, None)
+        return indexed
+
+    async def _reconcile_key(self, key: Key) -> None:
+        body = self._body(key)
+        if body is None:  # deleted
+            metrics.forget_run(*key)
+            self._errors.pop(key, None)
+            self._locks.pop(key, None)
+            return
+        jobs = [copy.deepcopy(j) for j in (self.jobs.get(key, []) if self.jobs is not None else [])]
+        rs_store = self.rayservices.get(key, []) if self.rayservices is not None else []
+        rayservice = copy.deepcopy(next(iter(rs_store), None))
+        try:
+            decision = await asyncio.to_thread(self._decide_and_apply, key, body, jobs, rayservice)
+        except Exception as err:  # API or storage trouble: count it, retry later with a growing delay
+            n = self._errors[key] = self._errors.get(key, 0) + 1
+            delay = min(self.settings.max_error_backoff_seconds, self.settings.error_backoff_seconds * 2 ** (n - 1))
+            metrics.RECONCILE_ERRORS.inc()
+            metrics.RECONCILES.labels(result="error").inc()
+            log.warning("reconcile of %s/%s failed (retry in %.0fs): %s", *key, delay, err)
+            self.enqueue_later(key, delay)
+            return
+        self._errors.pop(key, None)
+        invalid = any(c.get("reason") == "InvalidSpec" and c.get("status") == "True" for c in decision.status.get("conditions", []))
+        result = "invalid" if invalid else "requeue" if decision.requeue_after else "ok"
+        metrics.RECONCILES.labels(result=result).inc()
+        if decision.requeue_after:
+            self.enqueue_later(key, decision.requeue_after + 0.05)
+
+    # --- applying a decision (runs in a worker thread) -----------------------------------------
+
+    def _decide_and_apply(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]],
+                          rayservice: dict[str, Any] | None) -> Decision:
+        namespace, name = key
+        meta = body["metadata"]
+        run = RunRef(name=name, namespace=namespace, uid=meta.get("uid", ""))
+        uri = ((body.get("spec") or {}).get("storage") or {}).get("uri", "")
+
+        storage_errors: list[str] = []
+
+        def read_stage(stage: str):
+            # Storage trouble must not stop the pipeline: decide without the files, retry later.
+            try:
+                return stage_files.read_progress(uri, stage), stage_files.read_done(uri, stage)
+            except Exception as err:
+                storage_errors.append(f"reading {uri}/{stage}: {err}")
+                return None, None
+
+        decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc())
+        self._apply_children(run, body, decision)
+        self._apply_status(key, body, decision)
+        for event in decision.events:
+            self._post_event(run, event)
+        for stage, seconds in decision.finished_stages:
+            metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
+        status = decision.status
+        metrics.set_stage(namespace, name, status.get("stage", ""), status.get("phase", "Pending"))
+        if storage_errors:
+            raise StorageUnavailable("; ".join(storage_errors))
+        return decision
+
+    def _custom(self):
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.api)
+
+    def _apply_children(self, run: RunRef, body: dict[str, Any], d: Decision) -> None:
+        api = self._custom()
+        for manifest, event in d.create_jobs:
+            try:
+                api.create_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,
+                                                    PYTORCHJOB_PLURAL, manifest)
+            except Exception as err:
+                if _status_code(err) == 409:
+                    continue  # already there: a previous reconcile (or operator process) created it
+                raise
+            self._post_event(run, event)
+            if manifest["metadata"]["labels"].get("nanorun.io/attempt") == "1" and not any(
+                    (r.get("attempts") or 0) > 0 for r in ((body.get("status") or {}).get("stages") or [])):
+                created = parse_time(body["metadata"].get("creationTimestamp"))
+                if created is not None:
+                    metrics.TIME_TO_FIRST_JOB.observe(max(0.0, (now_utc() - created).total_seconds()))
+        for job, patch in d.patch_jobs:
+            api.patch_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,
+                                               PYTORCHJOB_PLURAL, job, patch)
+        rs = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, run.namespace, RAYSERVICE_PLURAL)
+        if d.create_rayservice is not None:
+            try:
+                api.create_namespaced_custom_object(*rs, d.create_rayservice)
+            except Exception as err:
+                if _status_code(err) != 409:
+                    raise
+        if d.patch_rayservice is not None:
+            name = d.status["serving"]["rayService"]
+            api.patch_namespaced_custom_object(*rs, name, d.patch_rayservice)
+        if d.delete_rayservice is not None:
+            try:
+                api.delete_namespaced_custom_object(*rs, d.delete_rayservice)
+            except Exception as err:
+                if _status_code(err) != 404:
+                    raise
+
+    def _apply_status(self, key: Key, body: dict[str, Any], d: Decision) -> None:
+        old = body.get("status") or {}
+        new = dict(d.status)
+        # A merge patch keeps keys it does not mention; null removes the ones we no longer set.
+        for managed in ("loss", "checkpoint", "progress", "stage"):
+            new.setdefault(managed, None)
+        if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
+                k not in old for k, v in new.items() if v is None):
+            return
+        patched = self._custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, key[0], PLURAL, key[1], {"status": new})
+        self._written[key] = patched
+
+    def _post_event(self, run: RunRef, event: Event) -> None:
+        from kubernetes import client
+
+        now = rfc3339(now_utc())
+        body = {
+            "metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun", "name": run.name,
+                               "namespace": run.namespace, "uid": run.uid},
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "type": event.type,
+            "source": {"component": "nanorun-operator"},
+            "reportingComponent": "nanorun-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            client.CoreV1Api(self.api).create_namespaced_event(run.namespace, body)
+        except Exception as err:  # an Event is best effort: never fail a reconcile over one
+            log.info("could not post event %s for %s/%s: %s", event.reason, run.namespace, run.name, err)

@@ -1,0 +1,186 @@
+"""The LLMRun CustomResourceDefinition, generated from the pydantic models in `api.py`.
+
+    nanorun crd                                  print the CRD (YAML)
+    python -m nanorun.operator.crd --write       regenerate the committed copies:
+        manifests/crd/nanorun.io_llmruns.yaml, charts/nanorun/crds/nanorun.io_llmruns.yaml,
+        docs/configuration.md
+
+The pydantic JSON schema becomes a Kubernetes structural schema: references inlined, optional
+fields without null branches, `default: {}` on sections so their fields' defaults apply, free-form
+objects marked `x-kubernetes-preserve-unknown-fields`, and the cross-field `Rule`s attached as CEL
+`x-kubernetes-validations`. `.status` keeps unknown fields because kopf stores its state there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from nanorun.operator import api
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+CRD_FILE = f"{api.GROUP}_{api.PLURAL}.yaml"
+CRD_PATHS = [REPO_ROOT / "manifests" / "crd" / CRD_FILE, REPO_ROOT / "charts" / "nanorun" / "crds" / CRD_FILE]
+DOCS_PATH = REPO_ROOT / "docs" / "configuration.md"
+
+_DROP = {"title", "additionalProperties", "$defs"}
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """One pydantic JSON-schema node → one structural OpenAPI v3 node."""
+    node = dict(node)
+    description = node.get("description")
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**target, **node}
+    if "anyOf" in node:  # `X | None` → X: absent means unset
+        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+        assert len(branches) == 1, f"unsupported union: {branches}"
+        node = {**_structural(branches[0], defs), **node}
+    if node.get("default", 0) is None:
+        node.pop("default")
+    out: dict[str, Any] = {}
+    extra = node.get("additionalProperties")
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out["properties"] = {k: _structural(v, defs) for k, v in value.items()}
+        elif key == "items":
+            out["items"] = _structural(value, defs)
+        elif key == "exclusiveMinimum":  # JSON Schema 2020 → OpenAPI v3.0 form
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        else:
+            out[key] = value
+    if description:
+        out["description"] = description
+    if node.get("type") == "object" and "properties" not in node:
+        if isinstance(extra, dict) and extra:
+            out["additionalProperties"] = _structural(extra, defs)
+        else:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    if "properties" in out:  # sections default to {} so their fields' defaults apply
+        required = set(out.get("required", []))
+        for name, prop in out["properties"].items():
+            if "properties" in prop and name not in required and "default" not in prop:
+                prop["default"] = {}
+    return out
+
+
+def model_schema(model: type[api.Model]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True)
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema
+    for part in filter(None, path.split(".")):
+        node = node["properties"][part]
+    return node
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The CRD's openAPIV3Schema: spec and status from the models, rules attached."""
+    spec = model_schema(api.LLMRunSpec)
+    status = model_schema(api.LLMRunStatus)
+    status["x-kubernetes-preserve-unknown-fields"] = True
+    status.pop("default", None)
+    schema: dict[str, Any] = {
+        "type": "object",
+        "description": "LLMRun trains a chat model from scratch (tokenizer, pretraining, post-training, "
+        "evaluation) as one Kubeflow PyTorchJob per stage, then serves it with a KubeRay RayService.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    for rule in api.RULES:
+        entry = {"rule": rule.cel, "message": rule.message}
+        _at(schema, rule.path).setdefault("x-kubernetes-validations", []).append(entry)
+    return schema
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the run."},
+    {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage."},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "step/total of the current stage."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.loss", "description": "Latest training loss."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "nanorun"}},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["nanorun"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `python -m nanorun.operator.crd --write` from nanorun/operator/api.py; do not edit.\n"
+
+
+def crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=1000, allow_unicode=True)
+
+
+def generated_files() -> dict[Path, str]:
+    """Every generated file and the content it must have."""
+    from nanorun.operator.reference import configuration_markdown
+
+    text = crd_yaml()
+    files = {path: text for path in CRD_PATHS}
+    files[DOCS_PATH] = configuration_markdown()
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanorun crd", description="Print the LLMRun CRD, or regenerate the committed copies.")
+    parser.add_argument("--write", action="store_true", help="write the CRD copies and docs/configuration.md")
+    args = parser.parse_args(argv)
+    if not args.write:
+        sys.stdout.write(crd_yaml())
+        return 0
+    for path, content in generated_files().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""kopf registrations: what the operator watches and how it feeds the reconcile loop.
+
+    kopf run -m nanorun.operator.handlers --standalone -A     (or `nanorun operator`)
+
+Indexes keep a live, read-only view of every LLMRun and of the PyTorchJobs and RayServices
+labelled `nanorun.io/run`, keyed by (namespace, run); kopf fills them all before any handler runs,
+so after a restart the operator sees every child before it decides anything. Watch events queue
+the run they concern; the `Controller` (controller.py) reconciles it. The only finalizer is for
+`storage.cleanupOnDelete`: it deletes the run's files, then lets the LLMRun go; its children go
+with it through owner references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from typing import Any
+
+import kopf
+from nanorun.operator.api import GROUP, PLURAL, VERSION
+from nanorun.operator.controller import Controller
+from nanorun.operator.jobs import LABEL_RUN, PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
+from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
+from nanorun.trainer import storage
+
+LLMRUNS = (GROUP, VERSION, PLURAL)
+PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
+RAYSERVICES = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL)
+CLEANUP_FINALIZER = "nanorun.io/cleanup"
+
+log = logging.getLogger("nanorun.operator")
+CONTROLLER = Controller()
+
+
+def _plain(body: kopf.Body, keys: tuple[str, ...] = ("apiVersion", "kind", "metadata", "spec", "status")) -> dict[str, Any]:
+    """A plain copy of what the reconcile reads, without managedFields and kopf's annotations
+    (they can be larger than the rest, and the indexes hold every object)."""
+    out = copy.deepcopy({k: body[k] for k in keys if k in body})
+    meta = out.get("metadata", {})
+    meta.pop("managedFields", None)
+    meta.pop("annotations", None)
+    return out
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = CLEANUP_FINALIZER
+    settings.posting.level = logging.WARNING  # the operator posts its own Events on transitions
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    CONTROLLER.start()
+
+
+@kopf.on.cleanup()
+async def shutdown(**_: Any) -> None:
+    await CONTROLLER.stop()
+
+
+@kopf.index(*LLMRUNS)
+def llmruns_by_key(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index(*PYTORCHJOBS, labels={LABEL_RUN: kopf.PRESENT})
+def pytorchjobs_by_run(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    job = _plain(body, ("metadata", "status"))
+    job["spec"] = {"runPolicy": copy.deepcopy(body.get("spec", {}).get("runPolicy", {}))}
+    return {(namespace, labels[LABEL_RUN]): job}
+
+
+@kopf.index(*RAYSERVICES, labels={LABEL_RUN: kopf.PRESENT})
+def rayservices_by_run(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_RUN]): _plain(body, ("metadata", "spec", "status"))}
+
+
+def _attach(kwargs: dict[str, Any]) -> None:
+    if CONTROLLER.runs is None:
+        CONTROLLER.attach(kwargs["llmruns_by_key"], kwargs["pytorchjobs_by_run"], kwargs["rayservices_by_run"])
+
+
+@kopf.on.event(*LLMRUNS)
+async def llmrun_event(namespace: str, name: str, type: str | None, **kwargs: Any) -> None:
+    _attach(kwargs)
+    CONTROLLER.enqueue((namespace, name))
+
+
+@kopf.on.event(*PYTORCHJOBS, labels={LABEL_RUN: kopf.PRESENT})
+async def pytorchjob_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+    _attach(kwargs)
+    CONTROLLER.enqueue((namespace, labels[LABEL_RUN]))
+
+
+@kopf.on.event(*RAYSERVICES, labels={LABEL_RUN: kopf.PRESENT})
+async def rayservice_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+    _attach(kwargs)
+    CONTROLLER.enqueue((namespace, labels[LABEL_RUN]))
+
+
+def _cleanup_requested(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("storage") or {}).get("cleanupOnDelete"))
+
+
+@kopf.on.delete(*LLMRUNS, when=_cleanup_requested)
+async def delete_run_files(spec: kopf.Spec, namespace: str, name: str, **_: Any) -> None:
+    """storage.cleanupOnDelete: remove `<storage.uri>/` before the LLMRun goes."""
+    uri = (spec.get("storage") or {}).get("uri", "")
+    if not storage.is_s3(uri):
+        log.info("%s/%s: storage %r is not s3://, nothing the operator can delete", namespace, name, uri)
+        return
+    try:
+        deleted = await asyncio.to_thread(storage.delete_prefix, uri)
+    except Exception as err:
+        raise kopf.TemporaryError(f"could not delete {uri}: {err}; retrying", delay=30) from err
+    log.info("%s/%s: deleted %d objects under %s", namespace, name, deleted, uri)

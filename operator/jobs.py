@@ -1,0 +1,170 @@
+"""The PyTorchJob (kubeflow.org/v1) of one attempt at one stage: a pure function of the spec.
+
+    job = pytorchjob_for_stage(run, spec, planned_stage, attempt=1)
+
+Named `<run>-<stage>-<attempt>` (DNS-1035, deterministic, so a second create is a 409), owned by
+the LLMRun, labelled `nanorun.io/{run,stage,attempt}`. The container `pytorch` runs
+
+    torchrun -m nanorun.trainer.<stage> --run-dir <storage.uri> ... --metrics-port N
+
+(`python -m` for single-process stages) on a Master plus nodes-1 Workers; torchrun reads the PET_*
+variables the training operator injects. S3 credentials come from the referenced Secret.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec
+from nanorun.operator.plan import PlannedStage, processes_per_node
+
+PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONTAINER_NAME = "pytorch"  # the training operator requires this name
+RENDEZVOUS_PORT = 23456  # the training operator's default `pytorchjob-port`
+MAX_NAME = 63  # DNS-1035 label; the training operator's Services are named after the job
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What a child needs to know about its LLMRun."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+def dns_name(*parts: str) -> str:
+    """Join parts into a DNS-1035 label; a too-long first part is cut and keeps a short hash."""
+    tail = "-".join(re.sub(r"[^a-z0-9-]", "-", p.lower()) for p in parts[1:])
+    head = re.sub(r"[^a-z0-9-]", "-", parts[0].lower()).strip("-")
+    room = MAX_NAME - len(tail) - 1
+    if len(head) > room:
+        digest = hashlib.sha256(parts[0].encode()).hexdigest()[:6]
+        head = f"{head[: room - 7].rstrip('-')}-{digest}"
+    name = f"{head}-{tail}" if tail else head
+    if not name[0].isalpha():
+        name = "r" + name[1:]
+    return name
+
+
+def job_name(run: str, stage: str, attempt: int) -> str:
+    """`<run>-<stage>-<attempt>`, e.g. `speedrun-base-train-1`."""
+    return dns_name(run, stage.replace("_", "-"), str(attempt))
+
+
+def storage_env(spec: LLMRunSpec) -> list[dict[str, Any]]:
+    """S3 endpoint and credentials for a pod: the same variables the operator itself reads."""
+    env: list[dict[str, Any]] = []
+    if spec.storage.endpoint:
+        env += [{"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint},
+                {"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint}]
+    if spec.storage.credentials_secret:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}}
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    return env
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _resources(spec: LLMRunSpec, gpus: int) -> dict[str, Any]:
+    c = spec.compute
+    amounts: dict[str, Any] = {}
+    if c.cpu:
+        amounts["cpu"] = c.cpu
+    if c.memory:
+        amounts["memory"] = c.memory
+    limits = dict(amounts)
+    if gpus:
+        limits[c.gpu_resource] = gpus
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return _merge(out, c.resources)
+
+
+def command_for_stage(spec: LLMRunSpec, stage: PlannedStage) -> list[str]:
+    launcher = ["torchrun", "-m"] if stage.distributed else ["python", "-m"]
+    return [*launcher, stage.module, "--run-dir", spec.storage.uri, *stage.args,
+            "--metrics-port", str(spec.metrics_port)]
+
+
+def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int) -> dict[str, Any]:
+    """The PyTorchJob manifest for one attempt (from 1) at one planned stage."""
+    name = job_name(run.name, stage.stage, attempt)
+    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.stage, LABEL_ATTEMPT: str(attempt),
+              "app.kubernetes.io/name": "nanorun-trainer", "app.kubernetes.io/managed-by": "nanorun"}
+    if spec.compute.queue:
+        labels[KUEUE_QUEUE_LABEL] = spec.compute.queue
+    nodes = spec.compute.nodes if stage.distributed else 1
+    nproc = processes_per_node(spec) if stage.distributed else 1
+    gpus = spec.compute.gpus_per_node if stage.distributed else 0
+    env = [{"name": "NANORUN_RUN", "value": run.name}, {"name": "NANORUN_STAGE", "value": stage.stage},
+           *storage_env(spec)]
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": command_for_stage(spec, stage),
+        "env": env,
+        "ports": [{"name": "pytorchjob-port", "containerPort": RENDEZVOUS_PORT},
+                  {"name": "metrics", "containerPort": spec.metrics_port}],
+    }
+    resources = _resources(spec, gpus)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never"}
+    if spec.compute.shm_size:
+        container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+        pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.compute.shm_size}}]
+    for key, value in (("nodeSelector", spec.compute.node_selector), ("tolerations", spec.compute.tolerations),
+                       ("affinity", spec.compute.affinity), ("priorityClassName", spec.compute.priority_class_name)):
+        if value:
+            pod[key] = copy.deepcopy(value)
+    template = {
+        "metadata": {"labels": {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL},
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port)}},
+        "spec": pod,
+    }
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
+    if nodes > 1:
+        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
+    return {
+        "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
+        "kind": "PyTorchJob",
+        "metadata": {
+            "name": name,
+            "namespace": run.namespace,
+            "labels": labels,
+            "annotations": {"nanorun.io/run-dir": spec.storage.uri, "nanorun.io/stage-key": stage.key},
+            "ownerReferences": [run.owner_reference()],
+        },
+        "spec": {
+            "pytorchReplicaSpecs": replicas,
+            "nprocPerNode": str(nproc),
+            "runPolicy": {
+                # One pod failure fails the attempt; the operator retries the stage from its checkpoint.
+                "backoffLimit": 0,
+                "cleanPodPolicy": "Running",
+                "ttlSecondsAfterFinished": spec.compute.ttl_seconds_after_finished,
+                # With a Kueue queue the job starts suspended and Kueue admits it.
+                "suspend": bool(spec.suspend or spec.compute.queue),
+            },
+        },
+    }

@@ -1,0 +1,66 @@
+"""The operator's Prometheus metrics (names shared with the Grafana dashboard; keep them exact).
+
+    llmrun_reconciles_total{result}              reconciles by result: ok | requeue | invalid | error
+    llmrun_reconcile_errors_total                reconciles that raised (API or storage trouble)
+    llmrun_runs{phase}                           LLMRuns by phase
+    llmrun_stage_duration_seconds{stage}         seconds from a stage's first job to its success
+    llmrun_time_to_first_job_seconds             seconds from LLMRun creation to its first PyTorchJob
+    llmrun_stage_info{namespace,run,stage,phase} 1 for each run's current stage (the stage timeline)
+
+`serve(port)` exposes them over HTTP (`nanorun operator --metrics-port`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from nanorun.operator.api import Phase
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import Counter as PromCounter
+
+REGISTRY = CollectorRegistry()
+PHASES: tuple[str, ...] = Phase.__args__
+
+RECONCILES = PromCounter("llmrun_reconciles_total", "LLMRun reconciles by result.", ["result"], registry=REGISTRY)
+RECONCILE_ERRORS = PromCounter("llmrun_reconcile_errors_total", "LLMRun reconciles that failed with an error.", registry=REGISTRY)
+RUNS = Gauge("llmrun_runs", "LLMRuns by phase.", ["phase"], registry=REGISTRY)
+STAGE_DURATION = Histogram(
+    "llmrun_stage_duration_seconds", "Seconds from a stage's first job to its success.", ["stage"], registry=REGISTRY,
+    buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800),
+)
+TIME_TO_FIRST_JOB = Histogram(
+    "llmrun_time_to_first_job_seconds", "Seconds from LLMRun creation to its first PyTorchJob.", registry=REGISTRY,
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+)
+STAGE_INFO = Gauge("llmrun_stage_info", "1 for the stage each run is at, with its phase.",
+                   ["namespace", "run", "stage", "phase"], registry=REGISTRY)
+
+_stage_labels: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+
+
+def set_runs_by_phase(phases: list[str]) -> None:
+    counts = Counter(phases)
+    for phase in PHASES:
+        RUNS.labels(phase=phase).set(counts.get(phase, 0))
+
+
+def set_stage(namespace: str, run: str, stage: str, phase: str) -> None:
+    """Point the run's stage_info series at (stage, phase), dropping its previous one."""
+    labels = (namespace, run, stage, phase)
+    previous = _stage_labels.get((namespace, run))
+    if previous == labels:
+        return
+    if previous is not None:
+        STAGE_INFO.remove(*previous)
+    STAGE_INFO.labels(*labels).set(1)
+    _stage_labels[(namespace, run)] = labels
+
+
+def forget_run(namespace: str, run: str) -> None:
+    previous = _stage_labels.pop((namespace, run), None)
+    if previous is not None:
+        STAGE_INFO.remove(*previous)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr, registry=REGISTRY)

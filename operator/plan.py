@@ -1,0 +1,105 @@
+"""The stage plan: THE list of pipeline stages and the flags each one gets from an LLMRun spec.
+
+Both executors read it: the operator turns each planned stage into a PyTorchJob, `nanorun run`
+into a local process. A stage runs as
+
+    python -m nanorun.trainer.<stage> --run-dir <storage.uri> <args...>
+
+under torchrun on nodes × processes-per-node processes when `distributed`, else as one process.
+
+    for s in stage_plan(spec): print(s.key, s.stage, s.args)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nanorun.operator.api import CHECKPOINT_STAGES, LLMRunSpec
+
+# spec.stages key → trainer module, in pipeline order; (distributed?) is whether it runs on every GPU.
+STAGES: list[tuple[str, str, bool]] = [
+    ("tokenizer", "tok_train", False),
+    ("pretrain", "base_train", True),
+    ("baseEval", "base_eval", True),
+    ("midtrain", "mid_train", True),
+    ("sft", "chat_sft", True),
+    ("rl", "chat_rl", True),
+    ("eval", "chat_eval", True),
+    ("report", "report", False),
+]
+STAGE_KEYS = [key for key, _, _ in STAGES]
+MODULE_OF = {key: module for key, module, _ in STAGES}
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    key: str  # spec.stages key, e.g. "pretrain"
+    stage: str  # trainer module, e.g. "base_train"
+    args: list[str] = field(default_factory=list)  # flags after `--run-dir URI`
+    distributed: bool = False
+
+    @property
+    def module(self) -> str:
+        return f"nanorun.trainer.{self.stage}"
+
+
+def _flags(pairs: list[tuple[str, object]]) -> list[str]:
+    """`--flag value` for every pair whose value is set (None means: the stage's own default)."""
+    out: list[str] = []
+    for flag, value in pairs:
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
+    m, t, s = spec.model, spec.tokenizer, spec.stages
+    if key == "tokenizer":
+        return _flags([("--data", spec.data.pretrain), ("--vocab-size", t.vocab_size),
+                       ("--max-chars", t.max_chars), ("--doc-cap", t.doc_cap)])
+    if key == "pretrain":
+        p = s.pretrain
+        return _flags([
+            ("--data", spec.data.pretrain), ("--shards", spec.data.shards or None),
+            ("--depth", m.depth), ("--max-seq-len", m.max_seq_len), ("--head-dim", m.head_dim),
+            ("--aspect-ratio", m.aspect_ratio), ("--n-kv-head", m.n_kv_head), ("--window-pattern", m.window_pattern),
+            ("--device-batch-size", p.device_batch_size), ("--total-batch-size", p.total_batch_size),
+            ("--num-iterations", p.num_iterations), ("--target-param-data-ratio", p.target_param_data_ratio),
+            ("--embedding-lr", p.embedding_lr), ("--unembedding-lr", p.unembedding_lr),
+            ("--matrix-lr", p.matrix_lr), ("--scalar-lr", p.scalar_lr), ("--weight-decay", p.weight_decay),
+            ("--eval-every", p.eval_every), ("--save-every", p.save_every),
+        ])
+    if key == "baseEval":
+        return _flags([("--device-batch-size", s.base_eval.device_batch_size), ("--max-per-task", s.base_eval.max_per_task)])
+    if key in ("midtrain", "sft", "rl"):
+        st = getattr(s, key)
+        return _flags([("--num-iterations", st.num_iterations), ("--device-batch-size", st.device_batch_size)])
+    if key == "eval":
+        return _flags([("--max-problems", s.eval.max_problems)])
+    return []
+
+
+def stage_spec(spec: LLMRunSpec, key: str):
+    """The spec.stages entry of a stage key (`baseEval` is `base_eval` in Python)."""
+    return getattr(spec.stages, "base_eval" if key == "baseEval" else key)
+
+
+def stage_plan(spec: LLMRunSpec) -> list[PlannedStage]:
+    """The enabled stages of a run, in order, with their flags (extraArgs last, so they win)."""
+    plan = []
+    for key, module, distributed in STAGES:
+        st = stage_spec(spec, key)
+        if st.enabled:
+            plan.append(PlannedStage(key, module, _stage_args(key, spec) + list(st.extra_args), distributed))
+    return plan
+
+
+def final_model_stage(spec: LLMRunSpec) -> str | None:
+    """The last enabled stage that produces a model checkpoint (what serving loads)."""
+    enabled = [k for k in CHECKPOINT_STAGES if stage_spec(spec, k).enabled]
+    return enabled[-1] if enabled else None
+
+
+def processes_per_node(spec: LLMRunSpec) -> int:
+    """Training processes per node: one per GPU, or one on a CPU-only node."""
+    return spec.compute.gpus_per_node or 1

@@ -1,0 +1,127 @@
+"""The RayService (ray.io/v1) serving a run's chat model: a pure function of the spec.
+
+    svc = rayservice_for_run(run, spec, checkpoint="s3://.../chat_sft/checkpoints/step_000700")
+
+Named `<run>-chat`, owned by the LLMRun. Its serveConfigV2 runs the nanorun serving application
+(`nanorun.serving.SERVE_IMPORT_PATH`) with the checkpoint in the deployment's `user_config`: a new
+checkpoint changes only `user_config`, which Ray Serve applies by calling the replicas'
+`reconfigure()` without restarting them. Replicas, autoscaling and GPUs come from spec.serving.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+from nanorun.operator.api import LLMRunSpec
+from nanorun.operator.jobs import LABEL_RUN, RunRef, dns_name, storage_env
+from nanorun.serving import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME, SERVE_IMPORT_PATH
+
+RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL = "ray.io", "v1", "rayservices"
+SERVE_PORT = 8000
+
+
+def rayservice_name(run: str) -> str:
+    return dns_name(run, "chat")
+
+
+def service_url(run: str, namespace: str) -> str:
+    """KubeRay exposes the Serve endpoints as the Service `<rayservice>-serve-svc`."""
+    return f"http://{rayservice_name(run)}-serve-svc.{namespace}.svc:{SERVE_PORT}"
+
+
+def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None) -> dict[str, Any]:
+    """Ray Serve's multi-application config. `args_checkpoint` is the checkpoint the application
+    was first built with: `args` must not change when only the checkpoint rolls, or Serve would
+    redeploy the application instead of reconfiguring its replicas."""
+    s = spec.serving
+    actor: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
+    if s.gpus_per_replica:
+        actor["num_gpus"] = s.gpus_per_replica
+    return {
+        "applications": [{
+            "name": SERVE_APP_NAME,
+            "route_prefix": "/",
+            "import_path": SERVE_IMPORT_PATH,
+            "args": {"checkpoint": args_checkpoint or checkpoint},
+            "deployments": [{
+                "name": SERVE_DEPLOYMENT_NAME,
+                "autoscaling_config": {
+                    "min_replicas": s.min_replicas,
+                    "max_replicas": s.max_replicas,
+                    "target_ongoing_requests": s.target_ongoing_requests,
+                },
+                "ray_actor_options": actor,
+                "user_config": {"checkpoint": checkpoint},
+            }],
+        }],
+    }
+
+
+def _container(name: str, spec: LLMRunSpec, cpus: float, gpus: float, ports: list[dict[str, Any]]) -> dict[str, Any]:
+    limits: dict[str, Any] = {"cpu": str(max(1, math.ceil(cpus)))}
+    if gpus:
+        limits[spec.compute.gpu_resource] = math.ceil(gpus)
+    if spec.compute.memory:
+        limits["memory"] = spec.compute.memory
+    return {
+        "name": name,
+        "image": spec.serving.image or spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "env": storage_env(spec),
+        "ports": ports,
+        "resources": {"requests": dict(limits), "limits": limits},
+    }
+
+
+def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None) -> dict[str, Any]:
+    """The RayService manifest serving `checkpoint`."""
+    s = spec.serving
+    labels = {LABEL_RUN: run.name, "app.kubernetes.io/name": "nanorun-chat", "app.kubernetes.io/managed-by": "nanorun"}
+    head_ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+                  {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": SERVE_PORT},
+                  {"name": "metrics", "containerPort": 8080}]
+    worker_pod: dict[str, Any] = {"containers": [_container("ray-worker", spec, s.cpus_per_replica, s.gpus_per_replica, [])]}
+    for key, value in (("nodeSelector", spec.compute.node_selector), ("tolerations", spec.compute.tolerations)):
+        if value:
+            worker_pod[key] = value
+    return {
+        "apiVersion": f"{RAYSERVICE_GROUP}/{RAYSERVICE_VERSION}",
+        "kind": "RayService",
+        "metadata": {
+            "name": rayservice_name(run.name),
+            "namespace": run.namespace,
+            "labels": labels,
+            "ownerReferences": [run.owner_reference()],
+        },
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(spec, checkpoint, args_checkpoint), sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": s.ray_version,
+                "enableInTreeAutoscaling": True,
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+                    "template": {"metadata": {"labels": labels},
+                                 "spec": {"containers": [_container("ray-head", spec, 2, 0, head_ports)]}},
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "chat",
+                    "replicas": s.min_replicas,
+                    "minReplicas": s.min_replicas,
+                    "maxReplicas": s.max_replicas,
+                    "rayStartParams": {},
+                    "template": {"metadata": {"labels": labels}, "spec": worker_pod},
+                }],
+            },
+        },
+    }
+
+
+def served_checkpoints(rayservice: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(user_config checkpoint, args checkpoint) of an existing RayService."""
+    try:
+        app = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]
+        return app["deployments"][0]["user_config"]["checkpoint"], app["args"]["checkpoint"]
+    except (KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None, None

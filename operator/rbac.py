@@ -1,0 +1,27 @@
+"""Exactly the API access the operator uses (its ClusterRole). The helm chart renders its role
+from this list, and the operator tests run the operator under a ServiceAccount bound to a role
+made of exactly these rules.
+
+    from nanorun.operator.rbac import OPERATOR_RBAC_RULES
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
+    # LLMRuns: kopf lists and watches them; patch adds/removes the cleanup finalizer and kopf's
+    # bookkeeping annotations.
+    {"apiGroups": ["nanorun.io"], "resources": ["llmruns"], "verbs": ["list", "watch", "patch"]},
+    # The operator writes the status (phase, stages, conditions) as a merge patch.
+    {"apiGroups": ["nanorun.io"], "resources": ["llmruns/status"], "verbs": ["patch"]},
+    # One PyTorchJob per stage attempt: created, watched, patched (runPolicy.suspend).
+    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["list", "watch", "create", "patch"]},
+    # The chat RayService: created, watched, patched (serving changes), deleted when serving is turned off.
+    {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    # Kubernetes Events on every transition (the operator's and kopf's own).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # kopf lists namespaces when it watches the whole cluster, and watches CRDs to notice new resources.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]

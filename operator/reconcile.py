@@ -1,0 +1,305 @@
+"""One reconcile of one LLMRun, as a pure decision: what to create, patch and report.
+
+    decision = reconcile(run, body, jobs, rayservice, read_stage, now)
+
+Level-triggered: the decision depends only on the LLMRun (spec and the status written before) and
+its children (PyTorchJobs, RayService) as they are now, plus the stage files in storage, so
+running it twice, or after an operator restart, decides the same thing. Children have
+deterministic names, so creating one that is already there is a 409 and changes nothing.
+
+Per planned stage, in order: a Succeeded stage is skipped; the first unfinished stage gets its job
+(attempt 1), is followed while it runs, is retried after a failure (attempt+1 after a doubling
+backoff) up to retry.maxAttempts, and fails the run after that. When every stage has succeeded,
+the RayService is created or patched to serve the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanorun.operator import plan as plan_mod
+from nanorun.operator.api import LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
+from nanorun.operator.jobs import LABEL_ATTEMPT, LABEL_STAGE, RunRef, job_name, pytorchjob_for_stage
+from nanorun.operator.rayservice import rayservice_for_run, rayservice_name, served_checkpoints, service_url
+from nanorun.operator.status import (
+    job_state,
+    metrics_from,
+    outputs_from,
+    parse_time,
+    rayservice_ready,
+    rfc3339,
+    set_condition,
+)
+from nanorun.trainer import storage
+from nanorun.trainer.progress import Done, Progress
+
+# (progress, done) of a stage module; may raise on storage errors (the caller retries later).
+ReadStage = Callable[[str], tuple[Progress | None, Done | None]]
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    create_jobs: list[tuple[dict[str, Any], Event]] = field(default_factory=list)  # (manifest, event if created)
+    patch_jobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, merge patch)
+    create_rayservice: dict[str, Any] | None = None
+    patch_rayservice: dict[str, Any] | None = None  # merge patch of the existing one
+    delete_rayservice: str | None = None
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds until something is due (a retry after backoff)
+    finished_stages: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds), newly
+
+
+def _attempt(job: dict[str, Any]) -> int:
+    try:
+        return int(job["metadata"]["labels"][LABEL_ATTEMPT])
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _invalid(old: dict[str, Any], message: str, generation: int, now: dt.datetime) -> Decision:
+    """A spec the operator cannot act on: say so in Degraded, touch nothing else, do not retry."""
+    status = dict(old)
+    conditions = list(status.get("conditions") or [])
+    conditions = set_condition(conditions, "Degraded", True, "InvalidSpec", message, now)
+    conditions = set_condition(conditions, "Progressing", False, "InvalidSpec", "fix the spec to continue", now)
+    conditions = set_condition(conditions, "Ready", False, "InvalidSpec", message, now)
+    status.update(conditions=conditions, observedGeneration=generation, phase=status.get("phase") or "Pending")
+    events = [] if any(c.get("reason") == "InvalidSpec" and c.get("message") == message
+                       for c in old.get("conditions") or []) else [Event("Warning", "InvalidSpec", message)]
+    return Decision(status=status, events=events)
+
+
+def _old_status(old: dict[str, Any]) -> LLMRunStatus:
+    known = {k: v for k, v in old.items() if k in LLMRunStatus.model_fields or k in
+             {f.alias for f in LLMRunStatus.model_fields.values()}}
+    try:
+        return LLMRunStatus.model_validate(known)
+    except ValueError:
+        return LLMRunStatus()
+
+
+def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], rayservice: dict[str, Any] | None,
+              read_stage: ReadStage, now: dt.datetime) -> Decision:
+    """Decide what one reconcile of `body` (the LLMRun) does, given its children."""
+    meta = body.get("metadata") or {}
+    generation = int(meta.get("generation") or 0)
+    old_raw = dict(body.get("status") or {})
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except SpecError as err:
+        return _invalid(old_raw, str(err), generation, now)
+    old = _old_status(old_raw)
+    d = Decision(status={})
+    records = _stage_records(run, spec, old, jobs, read_stage, now, d)
+    current = next((r for r in records if r.phase != "Succeeded"), None)
+    failed = next((r for r in records if r.phase == "Failed"), None)
+
+    if failed:
+        phase = "Failed"
+    elif current is None:
+        phase = "Succeeded"
+    elif current.phase == "Suspended" or (spec.suspend and current.attempts == 0):
+        phase = "Suspended"
+    elif current.attempts:
+        phase = "Running"
+    else:
+        phase = "Pending"
+
+    shown = failed or current or (records[-1] if records else None)
+    status = LLMRunStatus(
+        phase=phase,
+        stage=shown.name if shown else "",
+        progress=_progress(shown, phase),
+        loss=shown.metrics.loss if shown else None,
+        stages=records,
+        checkpoint=_final_checkpoint(spec, records),
+        serving=old.serving,
+        observed_generation=generation,
+    )
+    serving_ready = _serving(run, spec, status, rayservice, d) if phase == "Succeeded" else False
+    if phase != "Succeeded" and rayservice is not None and not spec.serving.enabled:
+        d.delete_rayservice = rayservice_name(run.name)
+    out = status.model_dump(by_alias=True, exclude_none=True)
+    out["conditions"] = _conditions(old_raw.get("conditions") or [], spec, phase, current, failed, serving_ready, now)
+    if old.phase != phase:
+        kind = "Warning" if phase == "Failed" else "Normal"
+        d.events.append(Event(kind, f"Run{phase}", f"run is {phase}" + (f" at stage {shown.name}" if shown else "")))
+    d.status = out
+    return d
+
+
+def _progress(rec: StageStatus | None, phase: str) -> str:
+    if phase == "Succeeded":
+        return "done"
+    if rec is None or not rec.metrics.total_steps:
+        return ""
+    return f"{rec.metrics.step or 0}/{rec.metrics.total_steps}"
+
+
+def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[dict[str, Any]],
+                   read_stage: ReadStage, now: dt.datetime, d: Decision) -> list[StageStatus]:
+    old_records = {r.name: r for r in old.stages}
+    records: list[StageStatus] = []
+    blocked = False  # an earlier stage has not succeeded: later ones wait
+    for ps in plan_mod.stage_plan(spec):
+        rec = old_records.get(ps.key, StageStatus(name=ps.key)).model_copy(deep=True)
+        if rec.phase == "Succeeded" or blocked:
+            if blocked and rec.phase != "Succeeded":
+                rec.phase = "Pending"
+            records.append(rec)
+            continue
+        blocked = True
+        stage_jobs = sorted((j for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage), key=_attempt)
+        latest = stage_jobs[-1] if stage_jobs else None
+        rec.attempts = max(rec.attempts, _attempt(latest) if latest else 0)
+        progress, done = read_stage(ps.stage)
+        rec.metrics = metrics_from(progress, done)
+        if latest is not None and _attempt(latest) == rec.attempts:
+            _follow_job(run, spec, ps, rec, latest, done, now, d)
+        elif rec.attempts and done is not None:
+            # The job is gone (TTL) but the stage wrote done.json: storage says it finished.
+            _succeed(ps, rec, done, now, d)
+        elif spec.suspend:
+            rec.phase = "Suspended" if rec.attempts else "Pending"
+        else:
+            # No job yet for this attempt (or it vanished): create it; a 409 means it is there.
+            rec.attempts = max(rec.attempts, 1)
+            _start_attempt(run, spec, ps, rec, now, d)
+        if rec.phase == "Succeeded":
+            blocked = False
+        records.append(rec)
+    return records
+
+
+def _start_attempt(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
+                   now: dt.datetime, d: Decision) -> None:
+    rec.job = job_name(run.name, ps.stage, rec.attempts)
+    rec.phase = "Running"
+    rec.start_time = rec.start_time or rfc3339(now)
+    if rec.attempts == 1:
+        event = Event("Normal", "StageStarted", f"stage {ps.key}: created PyTorchJob {rec.job}")
+    else:
+        event = Event("Normal", "StageRetried", f"stage {ps.key}: attempt {rec.attempts}, PyTorchJob {rec.job}")
+    d.create_jobs.append((pytorchjob_for_stage(run, spec, ps, rec.attempts), event))
+
+
+def _succeed(ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, when: dt.datetime, d: Decision) -> None:
+    rec.phase = "Succeeded"
+    rec.message = ""
+    rec.completion_time = rfc3339(when)
+    start = parse_time(rec.start_time)
+    rec.duration_seconds = round((when - start).total_seconds(), 3) if start else None
+    rec.outputs = outputs_from(done)
+    d.finished_stages.append((ps.stage, rec.duration_seconds or 0.0))
+    d.events.append(Event("Normal", "StageSucceeded", f"stage {ps.key} succeeded after {rec.attempts} attempt(s)"))
+
+
+def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, job: dict[str, Any],
+                done: Done | None, now: dt.datetime, d: Decision) -> None:
+    state = job_state(job)
+    rec.job = job["metadata"]["name"]
+    rec.start_time = rec.start_time or job["metadata"].get("creationTimestamp") or rfc3339(now)
+    if state.phase == "Succeeded":
+        _succeed(ps, rec, done, state.since or now, d)
+        return
+    if state.phase == "Failed":
+        why = f"{state.reason}: {state.message}".strip(": ") or "job failed"
+        if rec.attempts >= spec.retry.max_attempts:
+            was = rec.phase
+            rec.phase = "Failed"
+            rec.message = f"attempt {rec.attempts}/{spec.retry.max_attempts} failed: {why}"
+            rec.completion_time = rec.completion_time or rfc3339(state.since or now)
+            if was != "Failed":
+                d.events.append(Event("Warning", "StageFailed", f"stage {ps.key}: {rec.message}"))
+            return
+        backoff = spec.retry.backoff_seconds * 2 ** (rec.attempts - 1)
+        due = (state.since or now) + dt.timedelta(seconds=backoff)
+        rec.message = f"attempt {rec.attempts}/{spec.retry.max_attempts} failed: {why}"
+        if spec.suspend:
+            rec.phase = "Suspended"
+        elif now >= due:
+            rec.attempts += 1
+            _start_attempt(run, spec, ps, rec, now, d)
+        else:
+            rec.phase = "Running"
+            d.requeue_after = (due - now).total_seconds()
+        return
+    # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.
+    suspended = bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    if spec.suspend and not suspended:
+        d.patch_jobs.append((rec.job, {"spec": {"runPolicy": {"suspend": True}}}))
+        d.events.append(Event("Normal", "StageSuspended", f"stage {ps.key}: suspended PyTorchJob {rec.job}"))
+        suspended = True
+    elif not spec.suspend and suspended and not spec.compute.queue:  # with a queue, Kueue resumes it
+        d.patch_jobs.append((rec.job, {"spec": {"runPolicy": {"suspend": False}}}))
+        d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: resumed PyTorchJob {rec.job}"))
+        suspended = False
+    rec.phase = "Suspended" if suspended and spec.suspend else "Running"
+
+
+def _final_checkpoint(spec: LLMRunSpec, records: list[StageStatus]) -> str:
+    """The checkpoint of the last model-producing stage that finished (done.json's, else its dir)."""
+    by_key = {r.name: r for r in records}
+    for key in reversed(plan_mod.CHECKPOINT_STAGES):
+        rec = by_key.get(key)
+        if rec is not None and rec.phase == "Succeeded":
+            return rec.outputs.get("checkpoint") or storage.join(spec.storage.uri, plan_mod.MODULE_OF[key], "checkpoints")
+    return ""
+
+
+def _serving(run: RunRef, spec: LLMRunSpec, status: LLMRunStatus, existing: dict[str, Any] | None, d: Decision) -> bool:
+    """Create, patch or delete the RayService; fill status.serving. Returns whether it is ready."""
+    name = rayservice_name(run.name)
+    if not spec.serving.enabled:
+        if existing is not None:
+            d.delete_rayservice = name
+        status.serving = status.serving.model_copy(update={"ray_service": "", "ready": False, "url": "", "checkpoint": ""})
+        return False
+    _, args_checkpoint = served_checkpoints(existing) if existing else (None, None)
+    desired = rayservice_for_run(run, spec, status.checkpoint, args_checkpoint)
+    if existing is None:
+        d.create_rayservice = desired
+        d.events.append(Event("Normal", "ServingCreated", f"created RayService {name} for {status.checkpoint}"))
+    elif existing.get("spec") != desired["spec"]:
+        d.patch_rayservice = {"spec": desired["spec"]}
+        d.events.append(Event("Normal", "ServingUpdated", f"updated RayService {name}"))
+    ready = rayservice_ready(existing) and d.patch_rayservice is None
+    status.serving = status.serving.model_copy(update={
+        "ray_service": name, "ready": ready, "url": service_url(run.name, run.namespace), "checkpoint": status.checkpoint})
+    return ready
+
+
+def _conditions(old: list[dict[str, Any]], spec: LLMRunSpec, phase: str, current: StageStatus | None,
+                failed: StageStatus | None, serving_ready: bool, now: dt.datetime) -> list[dict[str, Any]]:
+    c = list(old)
+    if failed:
+        c = set_condition(c, "Degraded", True, "StageFailed", f"stage {failed.name}: {failed.message}", now)
+    elif current is not None and current.message:
+        c = set_condition(c, "Degraded", True, "AttemptFailed", f"stage {current.name}: {current.message}; retrying", now)
+    else:
+        c = set_condition(c, "Degraded", False, "AsExpected", "", now)
+    if phase in ("Running", "Pending"):
+        c = set_condition(c, "Progressing", True, "StageRunning", f"stage {current.name if current else ''}", now)
+    elif phase == "Suspended":
+        c = set_condition(c, "Progressing", False, "Suspended", "spec.suspend is true", now)
+    else:
+        c = set_condition(c, "Progressing", False, phase, f"run {phase.lower()}", now)
+    if phase == "Succeeded" and (serving_ready or not spec.serving.enabled):
+        reason = "Serving" if spec.serving.enabled else "Trained"
+        c = set_condition(c, "Ready", True, reason, "training finished" + (", chat service ready" if spec.serving.enabled else ""), now)
+    elif phase == "Succeeded":
+        c = set_condition(c, "Ready", False, "ServingNotReady", "training finished; waiting for the RayService", now)
+    else:
+        c = set_condition(c, "Ready", False, phase, f"run is {phase}", now)
+    return c

@@ -1,0 +1,293 @@
+"""The Ray Serve chat application: OpenAI-compatible API, web UI and metrics over one checkpoint.
+
+    from ray import serve
+    from nanorun.serving.app import build_app
+    serve.run(build_app({"checkpoint": "s3://bucket/runs/d20/chat_sft"}), route_prefix="/")
+
+or, on a cluster, a RayService whose serveConfigV2 names `nanorun.serving.SERVE_IMPORT_PATH`.
+
+Routes: `POST /v1/chat/completions` (stream true: server-sent events in OpenAI's chunk format
+ending with `data: [DONE]`; false: one JSON with `usage`), `GET /v1/models`, `GET /healthz`,
+`GET /metrics` (Prometheus, names in `nanorun.serving.metrics`), and the web UI at `/`.
+
+- One deployment, `ChatDeployment`, holds the model and a continuous-batching `Scheduler`
+  (`nanorun.serving.batching`): concurrent requests decode together.
+- The checkpoint is the deployment's `user_config` (`{"checkpoint": URI, "tokenizer": URI?}`):
+  `reconfigure()` loads a new one into the running replica, requests in flight finish on the old
+  model, new ones go to the new model; the replica is not restarted.
+- Bad input is a 400 with OpenAI's error body, never a 500. A conversation longer than the context
+  is trimmed from its oldest turns, and the response says so in the `x-nanorun-notice` header.
+- `build_app(args)` takes `checkpoint`, `tokenizer`, `slots`, `device`, `num_gpus`, `num_cpus`,
+  `max_ongoing_requests` and `autoscaling_config` (Ray Serve's fields, e.g. min/max_replicas and
+  target_ongoing_requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from nanorun.serving import SERVE_DEPLOYMENT_NAME
+from nanorun.serving.api import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    completion_id,
+    error_body,
+    now,
+    validation_error_body,
+)
+from nanorun.serving.metrics import ServeMetrics
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("nanorun.serving")
+
+MODEL_ID = "nanorun"
+STATIC_DIR = Path(__file__).parent / "static"
+CHAT_PATH = "/v1/chat/completions"
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request"},
+    503: {"model": ErrorResponse, "description": "no model loaded yet"},
+}
+
+metrics = ServeMetrics()  # one per process; each Ray Serve replica is its own process
+api = FastAPI(title="nanorun chat", version="0.1.0",
+              description="OpenAI-compatible chat completions over a nanorun checkpoint, with continuous "
+                          "batching. Limits: see nanorun.serving.api.")
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(validation_error_body(list(exc.errors())), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next: Any) -> Response:
+    response = await call_next(request)
+    if request.url.path.endswith(CHAT_PATH):
+        metrics.requests.labels(status=str(response.status_code)).inc()
+    return response
+
+
+class AppArgs(BaseModel):
+    """`build_app`'s arguments (RayService serveConfigV2 `args`, or `nanorun serve` flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(default=None, description="checkpoint, stage or run URI (path or s3://)")
+    tokenizer: str | None = Field(default=None, description="tokenizer dir; default <run-dir>/tok_train")
+    slots: int = Field(default=16, ge=1, le=1024, description="KV-cache rows: requests decoded together")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus: float = Field(default=0, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+
+
+class LoadedModel:
+    """A model, its tokenizer and the scheduler that batches requests over it."""
+
+    def __init__(self, checkpoint: str, tokenizer: str | None, slots: int, device: str) -> None:
+        from nanorun.serving.batching import Scheduler
+        from nanorun.trainer.engine import default_device, load_chat_model
+
+        torch_device = default_device() if device == "auto" else device
+        self.model, self.tokenizer, self.info = load_chat_model(checkpoint, tokenizer, torch_device)
+        self.source = (checkpoint, tokenizer)
+        self.scheduler = Scheduler(self.model, self.tokenizer, slots=slots, metrics=metrics).start()
+        log.info("loaded %s (tokenizer %s) on %s", self.info["checkpoint"], self.info["tokenizer"], torch_device)
+
+
+@serve.deployment(name=SERVE_DEPLOYMENT_NAME, max_ongoing_requests=64, health_check_period_s=10)
+@serve.ingress(api)
+class ChatDeployment:
+    def __init__(self, slots: int = 16, device: str = "auto", checkpoint: str | None = None,
+                 tokenizer: str | None = None) -> None:
+        self.slots = slots
+        self.device = device
+        self.loaded: LoadedModel | None = None
+        self.lock = asyncio.Lock()
+        if checkpoint:
+            self.loaded = LoadedModel(checkpoint, tokenizer, slots, device)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load `user_config["checkpoint"]` (and optional `"tokenizer"`) into this running replica."""
+        checkpoint = (user_config or {}).get("checkpoint")
+        tokenizer = (user_config or {}).get("tokenizer")
+        if not checkpoint:
+            return
+        async with self.lock:
+            if self.loaded is not None and self.loaded.source == (checkpoint, tokenizer):
+                return
+            fresh = await asyncio.to_thread(LoadedModel, checkpoint, tokenizer, self.slots, self.device)
+            old, self.loaded = self.loaded, fresh
+        if old is not None:  # requests in flight on the old model finish, then its thread ends
+            threading.Thread(target=old.scheduler.close, daemon=True).start()
+
+    def _require(self) -> LoadedModel:
+        if self.loaded is None:
+            raise _NotReady()
+        return self.loaded
+
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> FileResponse:
+        if name not in {p.name for p in STATIC_DIR.iterdir()}:
+            raise StarletteHTTPException(404, f"no static file {name!r}")
+        return FileResponse(STATIC_DIR / name)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        if self.loaded is None:
+            return {"status": "waiting for a checkpoint (user_config.checkpoint)", "ready": False}
+        return {"status": "ok", "ready": True, **self.loaded.info, **self.loaded.scheduler.stats()}
+
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus(self) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        cards = [ModelCard(id=MODEL_ID, created=now())] if self.loaded else []
+        return ModelList(data=cards)
+
+    @api.post(CHAT_PATH, response_model=ChatCompletion, responses=ERROR_RESPONSES)
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        from nanorun.serving.batching import SamplingParams
+        from nanorun.trainer.conversation import ConversationError
+        from nanorun.trainer.engine import ContextOverflowError, fit_conversation
+
+        start = time.monotonic()
+        try:
+            loaded = self._require()
+        except _NotReady:
+            return _error(503, "no model is loaded yet: set the deployment's user_config.checkpoint",
+                          "service_unavailable", code="not_ready")
+        sampling = body.sampling()
+        context = loaded.scheduler.context
+        reserve = min(sampling["max_tokens"], context // 2)  # room left to answer in
+        try:
+            prompt, notice = fit_conversation(loaded.tokenizer, body.conversation(), context - reserve)
+        except (ConversationError, ContextOverflowError) as e:
+            return _error(400, str(e), param="messages")
+        params = SamplingParams(**sampling)
+        headers = {"x-nanorun-notice": notice} if notice else {}
+        events = loaded.scheduler.stream(prompt, params)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(events, start, include_usage), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", **headers})
+        return await _complete(events, start, headers)
+
+
+class _NotReady(Exception):
+    pass
+
+
+async def _complete(events: AsyncIterator[Any], start: float, headers: dict[str, str]) -> JSONResponse:
+    parts: list[str] = []
+    last = None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if not parts and event.token is not None:
+                metrics.time_to_first_token.observe(time.monotonic() - start)
+            parts.append(event.text)
+            last = event
+    metrics.request_seconds.observe(time.monotonic() - start)
+    if last is None or last.finish_reason == "error":
+        return _error(500, last.error if last else "generation ended early", "server_error")
+    result = ChatCompletion(
+        id=completion_id(), created=now(), model=MODEL_ID,
+        choices=[Choice(message=AssistantMessage(content="".join(parts)), finish_reason=last.finish_reason)],
+        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                    total_tokens=last.prompt_tokens + last.completion_tokens),
+    )
+    return JSONResponse(result.model_dump(), headers=headers)
+
+
+def _data(payload: BaseModel | dict[str, Any]) -> str:
+    text = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {text}\n\n"
+
+
+async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [DONE]."""
+    cid, created = completion_id(), now()
+
+    def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=cid, created=created, model=MODEL_ID,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+    first = True
+    try:
+        yield _data(chunk(Delta(role="assistant", content="")))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if first and event.token is not None:
+                    metrics.time_to_first_token.observe(time.monotonic() - start)
+                    first = False
+                if event.finish_reason == "error":
+                    yield _data(error_body(event.error or "generation failed", "server_error"))
+                    break
+                if event.text:
+                    yield _data(chunk(Delta(content=event.text)))
+                if event.finish_reason is not None:
+                    yield _data(chunk(Delta(), event.finish_reason))
+                    if include_usage:
+                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                                      total_tokens=event.prompt_tokens + event.completion_tokens)
+                        yield _data(ChatCompletionChunk(id=cid, created=created, model=MODEL_ID, choices=[],
+                                                        usage=usage))
+        yield "data: [DONE]\n\n"
+    finally:
+        metrics.request_seconds.observe(time.monotonic() - start)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Ray Serve application for `args` (see `AppArgs`); named by `SERVE_IMPORT_PATH`."""
+    config = AppArgs(**(args or {}))
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": config.num_gpus, "num_cpus": config.num_cpus},
+        # a replica batches `slots` requests; a few more wait in its scheduler queue
+        "max_ongoing_requests": config.max_ongoing_requests or 2 * config.slots,
+    }
+    if config.autoscaling_config:
+        options["autoscaling_config"] = {"target_ongoing_requests": config.slots, **config.autoscaling_config}
+    if config.checkpoint:
+        options["user_config"] = {"checkpoint": config.checkpoint, "tokenizer": config.tokenizer}
+    return ChatDeployment.options(**options).bind(slots=config.slots, device=config.device)

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the chat service: the single source of the `nanorun_serve_*` names.
+
+Each replica keeps its own `prometheus_client` registry and serves it on `GET /metrics` of the app
+(see docs/serving.md for how the series reach Prometheus on a cluster):
+
+    nanorun_serve_requests_total{status}            counter: finished requests by HTTP status / outcome
+    nanorun_serve_time_to_first_token_seconds       histogram: request start to first generated token
+    nanorun_serve_generated_tokens_total            counter: tokens generated (rate() = tokens/s)
+    nanorun_serve_request_seconds                   histogram: whole-request latency
+    nanorun_serve_inflight_requests                 gauge: requests holding a KV-cache row
+    nanorun_serve_queued_requests                   gauge: requests waiting for a free row
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REQUESTS = "nanorun_serve_requests"  # prometheus_client adds the _total suffix of a counter
+TIME_TO_FIRST_TOKEN = "nanorun_serve_time_to_first_token_seconds"
+GENERATED_TOKENS = "nanorun_serve_generated_tokens"
+REQUEST_SECONDS = "nanorun_serve_request_seconds"
+INFLIGHT = "nanorun_serve_inflight_requests"
+QUEUED = "nanorun_serve_queued_requests"
+
+SERIES = (  # the names Prometheus sees, as the dashboard queries them
+    "nanorun_serve_requests_total",
+    TIME_TO_FIRST_TOKEN,
+    "nanorun_serve_generated_tokens_total",
+    REQUEST_SECONDS,
+    INFLIGHT,
+    QUEUED,
+)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServeMetrics:
+    """The service's metrics in a registry of their own (so several apps in one process never clash)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(REQUESTS, "Chat completion requests by outcome (HTTP status code)",
+                                ["status"], registry=self.registry)
+        self.time_to_first_token = Histogram(TIME_TO_FIRST_TOKEN, "Seconds from request to first token",
+                                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.generated_tokens = Counter(GENERATED_TOKENS, "Tokens generated for clients", registry=self.registry)
+        self.request_seconds = Histogram(REQUEST_SECONDS, "Seconds per chat completion request",
+                                         buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inflight = Gauge(INFLIGHT, "Requests being generated (holding a KV-cache row)",
+                              registry=self.registry)
+        self.queued = Gauge(QUEUED, "Requests waiting for a free KV-cache row", registry=self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text exposition."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

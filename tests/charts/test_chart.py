@@ -1,0 +1,263 @@
+"""The helm chart, rendered with helm (no cluster): lint, the operator Deployment's conventions,
+flags the operator accepts, RBAC rules equal to the operator's own list, monitors only where the
+prometheus-operator API exists and matching the pods the operator creates, the dashboard
+ConfigMap, the helm test, and values.schema.json refusing bad values with helm's own error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from nanorun.operator.api import parse_spec
+from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
+from nanorun.operator.main import parse_args
+from nanorun.operator.plan import stage_plan
+from nanorun.operator.rayservice import rayservice_for_run
+from nanorun.operator.rbac import OPERATOR_RBAC_RULES
+from tests.charts import rbac_rules
+from tests.charts.conftest import (
+    CHART,
+    CI_VALUES,
+    MONITORING_API,
+    REPO,
+    Render,
+    find,
+    only,
+    run_helm,
+    template_args,
+)
+
+PRODUCTION = CHART / "ci" / "production-values.yaml"
+NAMESPACED = CHART / "ci" / "namespaced-values.yaml"
+MINIMAL = CHART / "ci" / "minimal-values.yaml"
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    return pod["containers"][0]
+
+
+def flag(args: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    assert len(values) == 1, f"{name} given {len(values)} times in {args}"
+    return values[0]
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_chart_lints_strictly(helm_bin: str, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART), "--kube-version", "1.36.3"]
+    if values:
+        args += ["--values", str(values)]
+    out = run_helm(helm_bin, *args, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_operator_runs_as_one_recreated_non_root_replica_with_a_liveness_probe(render: Render) -> None:
+    objects = render()
+    deployment = only(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    c = container(objects)
+    assert c["command"] == ["nanorun", "operator"]
+    security = c["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # read-only root: the only writable path is an emptyDir on /tmp
+    assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
+    probe = c["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert probe["path"] == "/healthz"
+    assert ports[probe["port"]] == int(flag(c["args"], "--liveness-port"))
+    assert "readinessProbe" not in c  # kopf's advice: liveness only
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert pod["serviceAccountName"] == only(objects, "ServiceAccount")["metadata"]["name"]
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_operator_flags_are_ones_nanorun_operator_accepts(render: Render, values: Path | None) -> None:
+    objects = render(values=[values] if values else [])
+    c = container(objects)
+    args = parse_args(c["args"])  # argparse exits on an unknown flag
+    settings = yaml.safe_load(values.read_text()) if values else {}
+    assert args.namespace == settings.get("operator", {}).get("watchNamespaces", [])
+    service = only(objects, "Service")
+    metrics_port = {p["name"]: p["containerPort"] for p in c["ports"]}[service["spec"]["ports"][0]["targetPort"]]
+    assert args.metrics_port == metrics_port
+
+
+def test_s3_credentials_come_from_the_referenced_secret(render: Render) -> None:
+    c = container(render(values=[PRODUCTION]))
+    assert c["envFrom"] == [{"secretRef": {"name": "nanorun-s3"}}]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["AWS_ENDPOINT_URL"] == "https://minio.storage.svc.cluster.local:9000"
+    assert env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env["TZ"] == "UTC"
+    default = container(render())
+    assert "envFrom" not in default
+    assert not {e["name"] for e in default["env"]} & {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"}
+
+
+def test_rbac_files_are_generated_from_the_operator_rules() -> None:
+    assert rbac_rules.CHART_RULES.read_text() == rbac_rules.chart_rules_text(), (
+        "charts/nanorun/files/rbac-rules.yaml is stale: run `python -m tests.charts.rbac_rules --write`")
+    assert rbac_rules.MANIFEST_ROLE.read_text() == rbac_rules.manifest_role_text(), (
+        "manifests/rbac/clusterrole.yaml is stale: run `python -m tests.charts.rbac_rules --write`")
+
+
+def test_cluster_role_has_exactly_the_operator_rules(render: Render) -> None:
+    objects = render()
+    role = only(objects, "ClusterRole")
+    assert role["rules"] == OPERATOR_RBAC_RULES
+    binding = only(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = only(objects, "ServiceAccount")["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": "nanorun-system"}]
+    assert not find(objects, "Role") and not find(objects, "RoleBinding")
+
+
+def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluster_wide(render: Render) -> None:
+    objects = render(values=[NAMESPACED])
+    roles = {r["metadata"]["name"]: r["rules"] for r in find(objects, "ClusterRole")}
+    assert sorted(rule for rules in roles.values() for rule in map(json.dumps, rules)) == sorted(
+        map(json.dumps, OPERATOR_RBAC_RULES))
+    cluster_binding = only(objects, "ClusterRoleBinding")
+    cluster_rules = roles[cluster_binding["roleRef"]["name"]]
+    assert {r for rule in cluster_rules for r in rule["resources"]} == {"namespaces", "customresourcedefinitions"}
+    bindings = find(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        namespaced = roles[binding["roleRef"]["name"]]
+        assert {r for rule in namespaced for r in rule["resources"]} == {
+            "llmruns", "llmruns/status", "pytorchjobs", "rayservices", "events"}
+
+
+def test_bring_your_own_service_account_renders_no_rbac(render: Render) -> None:
+    objects = render(values=[MINIMAL])
+    assert not find(objects, "ServiceAccount") and not find(objects, "ClusterRole")
+    assert not find(objects, "ClusterRoleBinding") and not find(objects, "ConfigMap")
+    assert only(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operators"
+
+
+def test_monitors_render_only_where_the_prometheus_operator_api_exists(render: Render) -> None:
+    without = render()
+    assert not find(without, "ServiceMonitor") and not find(without, "PodMonitor")
+    with_api = render(api_versions=[MONITORING_API])
+    assert len(find(with_api, "ServiceMonitor")) == 1 and len(find(with_api, "PodMonitor")) == 1
+    assert all(o["apiVersion"] == MONITORING_API for o in with_api if o["kind"].endswith("Monitor"))
+    disabled = render(values=[MINIMAL], api_versions=[MONITORING_API])
+    assert not find(disabled, "ServiceMonitor") and not find(disabled, "PodMonitor")
+
+
+def test_service_monitor_scrapes_the_operator_service(render: Render) -> None:
+    objects = render(values=[PRODUCTION], api_versions=[MONITORING_API])
+    monitor, service = only(objects, "ServiceMonitor"), only(objects, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["nanorun-system"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "1m"
+    assert endpoint["honorLabels"] is True  # llmrun_stage_info's namespace label is the run's
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "Exists", expr
+        if expr["key"] not in labels:
+            return False
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def operator_pods() -> dict[str, dict[str, Any]]:
+    """Pod templates the operator creates for the tiny example: a trainer and the Ray head/worker."""
+    doc = yaml.safe_load((REPO / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
+    spec = parse_spec(doc["spec"])
+    run = RunRef(name="tiny", namespace="ml", uid="0")
+    job = pytorchjob_for_stage(run, spec, stage_plan(spec)[1], attempt=1)
+    pods = {"trainer": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]}
+    cluster = rayservice_for_run(run, spec, "s3://nanorun/runs/tiny/chat_sft")["spec"]["rayClusterConfig"]
+    pods["ray-head"] = cluster["headGroupSpec"]["template"]
+    for group in cluster.get("workerGroupSpecs", []):
+        pods[f"ray-{group['groupName']}"] = group["template"]
+    return pods
+
+
+def test_pod_monitor_scrapes_trainer_and_serving_pods_the_operator_creates(render: Render) -> None:
+    objects = render(values=[PRODUCTION], api_versions=[MONITORING_API])
+    monitor = only(objects, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml-training", "ml-serving"]}
+    endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
+    pods = operator_pods()
+    for name, template in pods.items():
+        assert matches(monitor["spec"]["selector"], template["metadata"]["labels"]), f"{name} pods not selected"
+    trainer_ports = {p["name"] for c in pods["trainer"]["spec"]["containers"] for p in c.get("ports", [])}
+    head_ports = {p["name"] for c in pods["ray-head"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert "metrics" in endpoints and "metrics" in trainer_ports  # llm_train_* on --metrics-port
+    assert "serve" in endpoints and "serve" in head_ports  # the chat app's GET /metrics
+    for endpoint in endpoints.values():
+        assert endpoint["path"] == "/metrics"
+        assert {"sourceLabels": ["__meta_kubernetes_pod_label_nanorun_io_run"], "targetLabel": "run"} in (
+            endpoint["relabelings"])
+
+
+def test_dashboard_configmap_carries_the_dashboard_for_the_grafana_sidecar(render: Render) -> None:
+    objects = render(values=[PRODUCTION])
+    (configmap,) = find(objects, "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "nanorun"}
+    dashboard = json.loads(configmap["data"]["nanorun.json"])
+    assert dashboard == json.loads((CHART / "files" / "dashboards" / "nanorun.json").read_text())
+    assert len(configmap["data"]["nanorun.json"]) < 1024 * 1024  # ConfigMap size limit
+
+
+def test_helm_test_pod_scrapes_the_operator_service(render: Render) -> None:
+    objects = render()
+    pods = find(objects, "Pod")
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    service = only(objects, "Service")
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert f"http://{service['metadata']['name']}.nanorun-system.svc:{service['spec']['ports'][0]['port']}/metrics" in (
+        script)
+    assert pod["spec"]["containers"][0]["image"] == container(objects)["image"]
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_chart_ships_the_generated_llmrun_crd() -> None:
+    crds = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert crds == ["nanorun.io_llmruns.yaml"]
+    assert (CHART / "crds" / crds[0]).read_text() == (REPO / "manifests" / "crd" / crds[0]).read_text()
+
+
+@pytest.mark.parametrize(
+    ("setting", "offending"),
+    [
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("operator.metricsPort=70000", "metricsPort"),
+        ("operator.livenessPort=http", "livenessPort"),
+        ("operator.replicas=2", "replicas"),
+        ("operator.watchNamespaces={Team_A}", "watchNamespaces"),
+        ("operator.storage.endpoint=minio:9000", "endpoint"),
+        ("metrics.serviceMonitor.interval=often", "interval"),
+        ("metrics.podMonitor.additionalLabels.release=null", "release"),
+        ("service.type=Ingress", "type"),
+        ("grafana.dashboard.enabled=yes", "enabled"),
+    ],
+)
+def test_values_schema_rejects_bad_values(helm_bin: str, setting: str, offending: str) -> None:
+    out = run_helm(helm_bin, *template_args(sets=[setting]), check=False)
+    assert out.returncode != 0, f"--set {setting} was accepted"
+    assert "values don't meet the specifications of the schema" in out.stderr, out.stderr
+    assert offending in out.stderr, out.stderr

@@ -1,0 +1,2 @@
+"""Stand-ins for the cluster components nanorun does not ship (they play them against the real test
+API server)."""

@@ -1,0 +1,422 @@
+"""A real Kubernetes control plane on this machine: etcd + kube-apiserver, like envtest.
+
+The binaries come from `tests/kube/build.sh` (`make setup-kube`). `ControlPlane` generates a CA, a
+serving certificate, an admin client certificate (group `system:masters`) and a service-account
+signing key, starts etcd and kube-apiserver on free loopback ports with RBAC authorization, waits
+for `/readyz` and writes an admin kubeconfig. `install_crds` server-side applies the CRDs nanorun
+works with (ours from `manifests/crd/`, plus the upstream PyTorchJob and RayService CRDs fetched by
+the build) and waits until each is Established. There is no scheduler, controller-manager or
+kubelet: pods never run and nothing is garbage collected.
+
+The pytest fixture `kube` (tests/fixtures/kube.py) uses this module; so does the command line,
+which keeps a control plane running in the background for trying the operator by hand:
+
+    python -m tests.kube.cluster up       # or `make kube-up`; writes .kube/config
+    python -m tests.kube.cluster status
+    python -m tests.kube.cluster down     # or `make kube-down`
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
+BINARIES = ("kube-apiserver", "etcd", "kubectl", "helm")
+SERVICE_CIDR = "10.0.0.0/24"
+READY_TIMEOUT_S = 60.0
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be built, started or reached; the message says what to do."""
+
+
+def bin_dir() -> Path:
+    """The cache folder holding the binaries for the pinned versions (it may not exist yet)."""
+    out = subprocess.run([str(REPO / "tests/kube/bin-dir.sh")], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def require_binaries() -> Path:
+    """The binary folder, or a ControlPlaneError telling how to build it."""
+    folder = bin_dir()
+    missing = [name for name in BINARIES if not (folder / name).is_file()]
+    if missing or not (folder.parent / "complete").exists():
+        raise ControlPlaneError(
+            f"the test Kubernetes binaries are not built ({', '.join(missing) or 'incomplete build'} "
+            f"missing in {folder}); run `make setup-kube` (builds kube-apiserver, etcd, kubectl and "
+            "helm from Go modules, about 15-25 minutes the first time)"
+        )
+    return folder
+
+
+def crd_files() -> list[Path]:
+    """Every CRD to install: the repository's own (manifests/crd/*.yaml) and the upstream ones."""
+    ours = sorted((REPO / "manifests/crd").glob("*.yaml"))
+    upstream = sorted((bin_dir().parent / "crds").glob("*.yaml"))
+    return ours + upstream
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- certificates ---------------------------------------------------------------------------
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _certificate(subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool, extensions=()) -> bytes:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=False)
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def write_pki(folder: Path) -> None:
+    """CA, apiserver serving cert, admin client cert (system:masters) and service-account key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nanorun-test-ca")])
+    ca = _certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
+
+    serving_key = ec.generate_private_key(ec.SECP256R1())
+    # The first service IP is what in-cluster clients dial as kubernetes.default.
+    names = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")]
+    ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
+    serving = _certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]), serving_key, ca_name, ca_key,
+        ca=False, extensions=[x509.SubjectAlternativeName(names + ips)],
+    )
+    admin_key = ec.generate_private_key(ec.SECP256R1())
+    admin = _certificate(
+        x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, "nanorun-admin"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+        ]),
+        admin_key, ca_name, ca_key, ca=False,
+    )
+    sa_key = ec.generate_private_key(ec.SECP256R1())
+    files = {
+        "ca.crt": ca, "ca.key": _pem_key(ca_key),
+        "apiserver.crt": serving, "apiserver.key": _pem_key(serving_key),
+        "admin.crt": admin, "admin.key": _pem_key(admin_key),
+        "sa.key": _pem_key(sa_key),
+        "sa.pub": sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    }
+    for name, data in files.items():
+        path = folder / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+
+
+def kubeconfig(server: str, pki: Path) -> str:
+    """An admin kubeconfig with the CA and client certificate embedded (one self-contained file)."""
+    import base64
+
+    def b64(name: str) -> str:
+        return base64.b64encode((pki / name).read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "nanorun-test", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
+        "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")}}],
+        "contexts": [{"name": "nanorun-test", "context": {"cluster": "nanorun-test", "user": "admin", "namespace": "default"}}],
+        "current-context": "nanorun-test",
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it when the parent process dies, so a test
+    run that is killed outright leaks no servers."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _spawn(argv: list[str], log: Path, *, detach: bool) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=detach, preexec_fn=None if detach else _die_with_parent,
+        )
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds, for a process that is not our child (one
+    `up` started); a pid that is already gone is fine."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@dataclass
+class ControlPlane:
+    """etcd + kube-apiserver with their state in `workdir` (certificates, data, logs, kubeconfig).
+
+    `detach=False` (tests): the servers die with this process. `detach=True` (`make kube-up`): they
+    run in their own session and outlive it; `stop` or `down` ends them by pid.
+    """
+
+    workdir: Path
+    detach: bool = False
+    bin_dir: Path = field(default_factory=require_binaries)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    etcd_url: str = ""
+    server: str = ""
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.workdir / "config"
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_pki(self.pki)
+        try:
+            self._start_etcd()
+            self._start_apiserver()
+        except BaseException:
+            self.stop()
+            raise
+        self.kubeconfig_path.write_text(kubeconfig(self.server, self.pki))
+        self.kubeconfig_path.chmod(0o600)
+
+    def _start_etcd(self) -> None:
+        client, peer = free_port(), free_port()
+        data = self.workdir / "etcd-data"
+        shutil.rmtree(data, ignore_errors=True)
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        self.processes["etcd"] = _spawn([
+            str(self.bin_dir / "etcd"), "--name=nanorun-test", f"--data-dir={data}",
+            f"--listen-client-urls={self.etcd_url}", f"--advertise-client-urls={self.etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=nanorun-test=http://127.0.0.1:{peer}",
+            # Test data is disposable: skipping fsync keeps etcd fast on a busy shared disk.
+            "--unsafe-no-fsync", "--log-level=warn",
+        ], self.workdir / "etcd.log", detach=self.detach)
+        self._wait_until(f"{self.etcd_url}/health", "etcd", context=None)
+
+    def _start_apiserver(self) -> None:
+        port = free_port()
+        pki = self.pki
+        self.server = f"https://127.0.0.1:{port}"
+        self.processes["kube-apiserver"] = _spawn([
+            str(self.bin_dir / "kube-apiserver"),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Nothing runs the token controller, so pods must not wait for a default ServiceAccount.
+            "--disable-admission-plugins=ServiceAccount",
+            "--allow-privileged=true", "--profiling=false",
+        ], self.workdir / "kube-apiserver.log", detach=self.detach)
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        self._wait_until(f"{self.server}/readyz", "kube-apiserver", context=ctx)
+
+    def _wait_until(self, url: str, name: str, context: ssl.SSLContext | None) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        log = self.workdir / f"{name}.log"
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise ControlPlaneError(f"{name} exited with {self.processes[name].returncode}; "
+                                        f"last lines of {log}:\n{_log_tail(log)}")
+            try:
+                with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ControlPlaneError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s at {url}; "
+                                f"last lines of {log}:\n{_log_tail(log)}")
+
+    def stop(self) -> None:
+        """Stops kube-apiserver, then etcd."""
+        for name in ("kube-apiserver", "etcd"):
+            proc = self.processes.pop(name, None)
+            if proc is None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def env(self) -> dict[str, str]:
+        """os.environ for subprocesses: this kubeconfig, the binaries first on PATH, kubectl's and
+        helm's caches and config inside the workdir (nothing touches ~/.kube or ~/.config/helm)."""
+        env = dict(os.environ)
+        env.update(
+            KUBECONFIG=str(self.kubeconfig_path),
+            PATH=f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}",
+            KUBECACHEDIR=str(self.workdir / "cache"),
+            HELM_CACHE_HOME=str(self.workdir / "helm/cache"),
+            HELM_CONFIG_HOME=str(self.workdir / "helm/config"),
+            HELM_DATA_HOME=str(self.workdir / "helm/data"),
+        )
+        return env
+
+
+def install_crds(files: list[Path], env: dict[str, str], timeout_s: int = 60) -> None:
+    """Server-side apply (the upstream CRDs exceed client-side apply's annotation limit), then
+    wait until every CRD is Established so its API can be used right away."""
+    if not files:
+        return
+    file_args = [arg for f in files for arg in ("-f", str(f))]
+    for argv in (
+        ["kubectl", "apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", *file_args],
+        ["kubectl", "wait", "--for=condition=Established", f"--timeout={timeout_s}s", *file_args],
+    ):
+        out = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise ControlPlaneError(f"{' '.join(argv[:3])} failed installing CRDs:\n{out.stderr.strip()}")
+
+
+# --- command line (make kube-up / kube-down) --------------------------------------------------
+
+
+def _running_pids(state: Path) -> dict[str, int]:
+    """Pids from <state>/*.pid that are still alive and still run our binaries."""
+    pids = {}
+    for name in ("kube-apiserver", "etcd"):
+        try:
+            pid = int((state / f"{name}.pid").read_text())
+            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (FileNotFoundError, ValueError):
+            continue
+        if Path(exe).name == name:
+            pids[name] = pid
+    return pids
+
+
+def up(state: Path) -> int:
+    running = _running_pids(state)
+    if len(running) == 2:
+        print(f"already running ({state / 'config'}); `make kube-down` stops it")
+        return 0
+    if running:  # half a control plane (one process died): start over
+        down(state)
+    plane = ControlPlane(state, detach=True)
+    started = time.monotonic()
+    plane.start()
+    for name, proc in plane.processes.items():
+        (state / f"{name}.pid").write_text(f"{proc.pid}\n")
+    try:
+        install_crds(crd_files(), plane.env())
+    except ControlPlaneError:
+        down(state)
+        raise
+    print(f"kube-apiserver ready at {plane.server} in {time.monotonic() - started:.1f} s; CRDs installed\n"
+          f"  export KUBECONFIG={plane.kubeconfig_path}\n"
+          f"  export PATH={plane.bin_dir}:$PATH    # kubectl, helm")
+    return 0
+
+
+def down(state: Path) -> int:
+    pids = _running_pids(state)
+    for name in ("kube-apiserver", "etcd"):
+        if name in pids:
+            stop_pid(pids[name])
+        (state / f"{name}.pid").unlink(missing_ok=True)
+    print(f"stopped {', '.join(pids) or 'nothing (not running)'}")
+    return 0
+
+
+def status(state: Path) -> int:
+    pids = _running_pids(state)
+    for name in ("etcd", "kube-apiserver"):
+        print(f"{name}: {f'running (pid {pids[name]})' if name in pids else 'not running'}")
+    return 0 if len(pids) == 2 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.kube.cluster", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                        help="where the kubeconfig, pid files, logs and etcd data live (default: .kube/)")
+    args = parser.parse_args(argv)
+    try:
+        return {"up": up, "down": down, "status": status}[args.command](args.state_dir.resolve())
+    except ControlPlaneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The reconcile decision as a pure function: the state machine without a cluster.
+
+Bodies and child objects are plain dicts shaped like the API server's; storage is a dict of
+(progress, done) per stage module.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import yaml
+from nanorun.operator.jobs import RunRef
+from nanorun.operator.reconcile import reconcile
+from nanorun.trainer.progress import Done, Progress
+
+RUN = RunRef("r1", "ns", "uid-1")
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+ALL_OFF = {k: {"enabled": False} for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")}
+
+
+def body(stages=("tokenizer", "pretrain"), status=None, **spec):
+    enabled = {**ALL_OFF, **{k: {"enabled": True} for k in stages}}
+    return {"metadata": {"name": "r1", "namespace": "ns", "uid": "uid-1", "generation": 2,
+                         "creationTimestamp": "2026-01-01T11:59:00Z"},
+            "spec": {"storage": {"uri": "s3://b/r1"}, "stages": enabled, "retry": {"maxAttempts": 2, "backoffSeconds": 10},
+                     **spec},
+            "status": status or {}}
+
+
+def job(name, stage, attempt, condition=None, at="2026-01-01T12:00:00Z", suspend=False, reason="", message=""):
+    conditions = [{"type": "Created", "status": "True"}]
+    if condition:
+        conditions.append({"type": condition, "status": "True", "reason": reason, "message": message,
+                           "lastTransitionTime": at})
+    return {"metadata": {"name": name, "labels": {"nanorun.io/run": "r1", "nanorun.io/stage": stage,
+                                                  "nanorun.io/attempt": str(attempt)},
+                         "creationTimestamp": "2026-01-01T12:00:00Z"},
+            "spec": {"runPolicy": {"suspend": suspend}}, "status": {"conditions": conditions}}
+
+
+def storage(files=None):
+    files = files or {}
+    return lambda stage: files.get(stage, (None, None))
+
+
+def cond(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_a_new_run_creates_the_first_stage_job():
+    d = reconcile(RUN, body(), [], None, storage(), T0)
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-1"]
+    assert [e.reason for _, e in d.create_jobs] == ["StageStarted"]
+    s = d.status
+    assert (s["phase"], s["stage"], s["observedGeneration"]) == ("Running", "tokenizer", 2)
+    assert [(r["name"], r["phase"], r["attempts"]) for r in s["stages"]] == [("tokenizer", "Running", 1), ("pretrain", "Pending", 0)]
+    assert cond(s, "Progressing")["status"] == "True" and cond(s, "Ready")["status"] == "False"
+
+
+def test_deciding_again_before_the_job_is_seen_names_the_same_job():
+    first = reconcile(RUN, body(), [], None, storage(), T0)
+    again = reconcile(RUN, body(status=first.status), [], None, storage(), T0 + dt.timedelta(seconds=1))
+    assert [m["metadata"]["name"] for m, _ in again.create_jobs] == ["r1-tok-train-1"]  # a 409 at the API
+    assert again.status["stages"][0]["attempts"] == 1
+
+
+def test_a_running_job_shows_progress_and_loss():
+    files = {"tok_train": (Progress(stage="tok_train", step=30, total_steps=120, loss=3.25, tokens_per_sec=5e5,
+                                    mfu=0.41, eta_seconds=90), None)}
+    d = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Running")], None, storage(files), T0)
+    assert d.create_jobs == []
+    s = d.status
+    assert (s["progress"], s["loss"]) == ("30/120", 3.25)
+    assert s["stages"][0]["metrics"] == {"step": 30, "totalSteps": 120, "loss": 3.25, "tokensPerSecond": 5e5,
+                                         "mfu": 0.41, "etaSeconds": 90}
+
+
+def test_a_succeeded_stage_records_its_outputs_and_starts_the_next():
+    done = Done(stage="tok_train", seconds=5, metrics={"loss": 1.0}, outputs={"tokenizer": "s3://b/r1/tok_train/tokenizer.tiktoken"})
+    d = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Succeeded", at="2026-01-01T12:05:00Z")],
+                  None, storage({"tok_train": (None, done)}), T0 + dt.timedelta(minutes=6))
+    tok, pre = d.status["stages"]
+    assert (tok["phase"], tok["completionTime"], tok["outputs"]) == ("Succeeded", "2026-01-01T12:05:00Z", done.outputs)
+    assert tok["durationSeconds"] == 300.0
+    assert d.finished_stages == [("tok_train", 300.0)]
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-base-train-1"]
+    assert pre["phase"] == "Running" and d.status["stage"] == "pretrain"
+
+
+def test_a_failed_attempt_waits_for_the_backoff_then_retries():
+    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", at="2026-01-01T12:00:00Z", reason="PyTorchJobFailed",
+                 message="pytorch-master-0 exited with code 137")
+    early = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=4))
+    assert early.create_jobs == [] and 5.9 < early.requeue_after <= 6
+    assert cond(early.status, "Degraded")["reason"] == "AttemptFailed"
+    late = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=11))
+    assert [(m["metadata"]["name"], e.reason) for m, e in late.create_jobs] == [("r1-tok-train-2", "StageRetried")]
+    assert late.status["stages"][0]["attempts"] == 2
+
+
+def test_the_run_fails_with_the_jobs_reason_after_the_last_attempt():
+    jobs = [job("r1-tok-train-1", "tok_train", 1, "Failed"),
+            job("r1-tok-train-2", "tok_train", 2, "Failed", reason="PyTorchJobFailed", message="OOMKilled")]
+    d = reconcile(RUN, body(), jobs, None, storage(), T0 + dt.timedelta(hours=1))
+    assert d.create_jobs == [] and d.status["phase"] == "Failed"
+    degraded = cond(d.status, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "StageFailed"
+    assert "attempt 2/2 failed: PyTorchJobFailed: OOMKilled" in degraded["message"]
+    assert {"StageFailed", "RunFailed"} <= {e.reason for e in d.events}
+    # Reconciling the failed run again repeats no event and creates nothing.
+    again = reconcile(RUN, body(status=d.status), jobs, None, storage(), T0 + dt.timedelta(hours=2))
+    assert again.create_jobs == [] and again.events == []
+
+
+def test_suspend_patches_the_running_job_and_resume_unpatches_it():
+    running = job("r1-tok-train-1", "tok_train", 1, "Running")
+    d = reconcile(RUN, body(suspend=True), [running], None, storage(), T0)
+    assert d.patch_jobs == [("r1-tok-train-1", {"spec": {"runPolicy": {"suspend": True}}})]
+    assert d.status["phase"] == "Suspended"
+    suspended = job("r1-tok-train-1", "tok_train", 1, "Running", suspend=True)
+    d = reconcile(RUN, body(suspend=True, status=d.status), [suspended], None, storage(), T0)
+    assert d.patch_jobs == [] and d.status["phase"] == "Suspended"
+    d = reconcile(RUN, body(status=d.status), [suspended], None, storage(), T0)
+    assert d.patch_jobs == [("r1-tok-train-1", {"spec": {"runPolicy": {"suspend": False}}})]
+    assert d.status["phase"] == "Running"
+
+
+def test_a_suspended_run_starts_no_job():
+    d = reconcile(RUN, body(suspend=True), [], None, storage(), T0)
+    assert d.create_jobs == [] and d.status["phase"] == "Suspended"
+
+
+def test_a_job_deleted_after_success_is_not_run_again_when_done_json_exists():
+    status = reconcile(RUN, body(), [], None, storage(), T0).status
+    done = Done(stage="tok_train", seconds=1)
+    d = reconcile(RUN, body(status=status), [], None, storage({"tok_train": (None, done)}), T0)
+    assert d.status["stages"][0]["phase"] == "Succeeded"
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-base-train-1"]
+
+
+def finished_run(serving=None):
+    jobs = [job("r1-tok-train-1", "tok_train", 1, "Succeeded"), job("r1-base-train-1", "base_train", 1, "Succeeded")]
+    files = {"base_train": (None, Done(stage="base_train", seconds=9, outputs={"checkpoint": "s3://b/r1/base_train/checkpoints/step_000009"}))}
+    spec = {"serving": serving} if serving else {}
+    return jobs, storage(files), spec
+
+
+def test_a_finished_run_creates_its_rayservice_and_is_ready_when_it_is():
+    jobs, files, spec = finished_run()
+    d = reconcile(RUN, body(**spec), jobs, None, files, T0)
+    assert d.status["phase"] == "Succeeded" and d.status["progress"] == "done"
+    assert d.status["checkpoint"] == "s3://b/r1/base_train/checkpoints/step_000009"
+    svc = d.create_rayservice
+    assert svc["metadata"]["name"] == "r1-chat"
+    app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
+    assert app["deployments"][0]["user_config"] == {"checkpoint": d.status["checkpoint"]}
+    assert cond(d.status, "Ready")["reason"] == "ServingNotReady"
+    svc = copy.deepcopy(svc)
+    svc["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    d = reconcile(RUN, body(status=d.status, **spec), jobs, svc, files, T0)
+    assert d.create_rayservice is None and d.patch_rayservice is None
+    assert cond(d.status, "Ready")["status"] == "True"
+    assert d.status["serving"] == {"rayService": "r1-chat", "ready": True, "url": "http://r1-chat-serve-svc.ns.svc:8000",
+                                   "checkpoint": "s3://b/r1/base_train/checkpoints/step_000009"}
+
+
+def test_a_serving_change_patches_the_rayservice():
+    jobs, files, _ = finished_run()
+    existing = reconcile(RUN, body(), jobs, None, files, T0).create_rayservice
+    d = reconcile(RUN, body(serving={"maxReplicas": 5}), jobs, existing, files, T0)
+    assert d.create_rayservice is None
+    patched = yaml.safe_load(d.patch_rayservice["spec"]["serveConfigV2"])
+    assert patched["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 5
+    d = reconcile(RUN, body(serving={"enabled": False}, stages=("tokenizer", "pretrain")), jobs, existing, files, T0)
+    assert d.delete_rayservice == "r1-chat" and cond(d.status, "Ready")["reason"] == "Trained"
+
+
+def test_an_invalid_spec_is_degraded_and_touches_nothing():
+    bad = body(serving={"minReplicas": 4, "maxReplicas": 2})
+    d = reconcile(RUN, bad, [], None, storage(), T0)
+    assert d.create_jobs == [] and d.create_rayservice is None
+    degraded = cond(d.status, "Degraded")
+    assert degraded["reason"] == "InvalidSpec" and "serving.minReplicas must not exceed" in degraded["message"]
+    assert [e.reason for e in d.events] == ["InvalidSpec"]
+    assert reconcile(RUN, body(serving={"minReplicas": 4, "maxReplicas": 2}, status=d.status), [], None, storage(), T0).events == []
+
+
+def test_condition_times_move_only_when_the_status_flips():
+    first = reconcile(RUN, body(), [], None, storage(), T0)
+    later = reconcile(RUN, body(status=first.status), [job("r1-tok-train-1", "tok_train", 1, "Running")], None,
+                      storage(), T0 + dt.timedelta(minutes=5))
+    assert cond(later.status, "Progressing")["lastTransitionTime"] == cond(first.status, "Progressing")["lastTransitionTime"]

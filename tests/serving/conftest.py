@@ -1,0 +1,89 @@
+"""One Ray Serve chat service for the whole test session (starting Ray costs ~20 s on 2 cores).
+
+`chat_service` starts a local Ray instance (2 CPUs, a small object store), starts Serve's HTTP proxy
+on a free port, and deploys the chat application from a Serve config the way a RayService does
+(`import_path` = `nanorun.serving.SERVE_IMPORT_PATH`, the checkpoint in `args` and `user_config`),
+serving the random tiny model of `tiny_chat_run`. It yields a `ChatService` with the base URL and a
+`redeploy(checkpoint)` that changes only `user_config`, as a checkpoint rollout does.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from nanorun.serving import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME, SERVE_IMPORT_PATH
+
+SLOTS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config(args_checkpoint: str, checkpoint: str) -> dict:
+    return {"applications": [{
+        "name": SERVE_APP_NAME,
+        "route_prefix": "/",
+        "import_path": SERVE_IMPORT_PATH,
+        "args": {"checkpoint": args_checkpoint, "slots": SLOTS, "device": "cpu"},
+        "deployments": [{
+            "name": SERVE_DEPLOYMENT_NAME,
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": 1},
+            "user_config": {"checkpoint": checkpoint},
+        }],
+    }]}
+
+
+@dataclass
+class ChatService:
+    url: str
+    args_checkpoint: str
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/healthz", timeout=30).json()
+
+    def deploy(self, checkpoint: str) -> None:
+        """Apply a Serve config whose only change is `user_config.checkpoint` and wait until the
+        replica reports that checkpoint (what the operator does when a new checkpoint lands)."""
+        from ray import serve
+        from ray.serve.schema import ServeDeploySchema
+
+        client = serve.context._get_global_client()
+        client.deploy_apps(ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint)), _blocking=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                health = self.health()
+                if health.get("ready") and checkpoint in health.get("checkpoint", ""):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"the service did not load {checkpoint}: {self.health()}")
+
+
+@pytest.fixture(scope="session")
+def chat_service(tiny_chat_run) -> Iterator[ChatService]:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    service = ChatService(url=f"http://127.0.0.1:{port}", args_checkpoint=tiny_chat_run)
+    try:
+        service.deploy(tiny_chat_run)
+        yield service
+    finally:
+        serve.shutdown()
+        ray.shutdown()

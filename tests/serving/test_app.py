@@ -1,0 +1,221 @@
+"""The chat service under Ray Serve, driven over HTTP by the `openai` client and httpx: completions
+(plain and streamed), concurrency, validation, disconnects, metrics and checkpoint rollout."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nanorun.serving.api import MAX_MESSAGE_CHARS, MAX_MESSAGES
+from nanorun.serving.metrics import SERIES
+
+pytestmark = pytest.mark.slow  # starts Ray once per session (~20 s)
+
+HELLO = [{"role": "user", "content": "Hello! What can you do?"}]
+
+
+@pytest.fixture(scope="module")
+def client(chat_service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{chat_service.url}/v1", api_key="not-needed", max_retries=0, timeout=60)
+
+
+def metric_values(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_openai_client_gets_a_completion_with_usage(client):
+    reply = client.chat.completions.create(model="nanorun", messages=HELLO, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= reply.usage.completion_tokens <= 12
+    assert reply.usage.prompt_tokens > 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streaming_delivers_the_same_text_as_a_plain_request(client, chat_service):
+    kwargs = dict(model="nanorun", messages=HELLO, max_tokens=20, temperature=0)
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+    with httpx.stream("POST", f"{chat_service.url}/v1/chat/completions", timeout=60,
+                      json={"messages": HELLO, "max_tokens": 5, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = [line for line in response.iter_lines() if line]
+    assert all(f.startswith("data: ") for f in frames)
+    assert frames[-1] == "data: [DONE]"
+    assert json.loads(frames[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_sixteen_concurrent_clients_all_complete_and_decode_together(client, chat_service):
+    steps_before = chat_service.health()["decode_steps"]
+
+    def ask(i: int):
+        return client.chat.completions.create(
+            model="nanorun", messages=[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
+            max_tokens=32, temperature=0.9, seed=i)
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, range(16)))
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
+    generated = sum(r.usage.completion_tokens for r in replies)
+    steps = chat_service.health()["decode_steps"] - steps_before
+    assert generated > 16 * 8
+    # one at a time would need a decode step per generated token; batched, the steps are shared
+    assert steps < generated / 3, (steps, generated)
+
+
+def test_greedy_replies_do_not_depend_on_what_else_is_in_the_batch(client):
+    def ask(content: str):
+        return client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": content}],
+                                              max_tokens=24, temperature=0).choices[0].message.content
+
+    prompts = [f"Tell me about item {i}" + " please" * i for i in range(8)]
+    alone = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+
+
+INVALID = [
+    ({"messages": HELLO, "temperature": 2.5}, "temperature"),
+    ({"messages": HELLO, "temperature": -0.1}, "temperature"),
+    ({"messages": HELLO, "top_k": 201}, "top_k"),
+    ({"messages": HELLO, "top_k": -1}, "top_k"),
+    ({"messages": HELLO, "top_p": 0}, "top_p"),
+    ({"messages": HELLO, "top_p": 1.5}, "top_p"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HELLO, "max_tokens": 4097}, "max_tokens"),
+    ({"messages": HELLO, "n": 2}, "n"),
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}] * 2
+      + [{"role": "user", "content": "z" * 7000}] * 1 + [{"role": "assistant", "content": "w" * 5000},
+                                                         {"role": "user", "content": "v"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * (MAX_MESSAGES // 2)
+      + [{"role": "user", "content": "c"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": HELLO, "stream": "maybe"}, "stream"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), INVALID, ids=[p + str(i) for i, (_, p) in enumerate(INVALID)])
+def test_invalid_requests_get_a_400_with_an_openai_error_body(chat_service, body, param):
+    response = httpx.post(f"{chat_service.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"].startswith(param)
+    assert len(error["message"]) > 10
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b"[1, 2]", b"\xff\xfe", b'{"messages": [}'])
+def test_malformed_bodies_are_a_400_not_a_500(chat_service, payload):
+    response = httpx.post(f"{chat_service.url}/v1/chat/completions", content=payload, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_openai_client_raises_bad_request_with_the_reason(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="nanorun", messages=HELLO, temperature=3.0)
+
+
+def test_unknown_routes_answer_in_openai_error_format(chat_service):
+    response = httpx.get(f"{chat_service.url}/v1/nothing-here", timeout=30)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_models_health_and_web_ui_are_served(chat_service):
+    models = httpx.get(f"{chat_service.url}/v1/models", timeout=30).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "nanorun"
+    health = chat_service.health()
+    assert health["ready"] and health["slots"] == 16 and health["checkpoint"].endswith("step_000001")
+    page = httpx.get(f"{chat_service.url}/", timeout=30)
+    assert page.status_code == 200 and "nanorun chat" in page.text
+    script = httpx.get(f"{chat_service.url}/static/chat.js", timeout=30)
+    assert script.status_code == 200 and "v1/chat/completions" in script.text
+    assert httpx.get(f"{chat_service.url}/static/..%2Fapp.py", timeout=30).status_code == 404
+
+
+def test_a_long_conversation_is_trimmed_and_the_response_says_so(chat_service):
+    messages = []
+    for i in range(40):
+        messages += [{"role": "user", "content": f"message {i} " + "lorem ipsum " * 20},
+                     {"role": "assistant", "content": "ok " * 30}]
+    messages.append({"role": "user", "content": "last"})
+    response = httpx.post(f"{chat_service.url}/v1/chat/completions", timeout=60,
+                          json={"messages": messages, "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    assert "dropped the" in response.headers["x-nanorun-notice"]
+
+
+def test_client_disconnect_frees_its_slot(chat_service):
+    url = chat_service.url
+    before = metric_values(url)[("nanorun_serve_generated_tokens_total", ())]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"messages": HELLO, "max_tokens": 4000, "temperature": 1.0, "top_k": 0, "stream": True}
+                      ) as response:
+        lines = response.iter_lines()
+        next(lines), next(lines)  # the role chunk and the first token, then hang up
+    deadline = time.monotonic() + 10
+    while chat_service.health()["inflight"] != 0:
+        assert time.monotonic() < deadline, "the disconnected request still holds its row"
+        time.sleep(0.05)
+    generated = metric_values(url)[("nanorun_serve_generated_tokens_total", ())] - before
+    context_room = chat_service.health()["context"] - 20
+    assert generated < context_room  # it stopped early instead of generating to the end
+
+
+def test_metrics_expose_every_serving_series(client, chat_service):
+    client.chat.completions.create(model="nanorun", messages=HELLO, max_tokens=3)
+    httpx.post(f"{chat_service.url}/v1/chat/completions", json={"messages": HELLO, "top_k": 999}, timeout=30)
+    values = metric_values(chat_service.url)
+    names = {name for name, _ in values}
+    for series in SERIES:
+        assert series in names or f"{series}_count" in names, series
+    assert values[("nanorun_serve_requests_total", (("status", "200"),))] >= 1
+    assert values[("nanorun_serve_requests_total", (("status", "400"),))] >= 1
+    assert values[("nanorun_serve_generated_tokens_total", ())] >= 3
+    assert values[("nanorun_serve_time_to_first_token_seconds_count", ())] >= 1
+    assert values[("nanorun_serve_request_seconds_count", ())] >= 1
+    assert values[("nanorun_serve_inflight_requests", ())] == 0
+
+
+def test_a_new_checkpoint_is_loaded_without_restarting_the_replica(client, chat_service, tiny_chat_run,
+                                                                   tiny_chat_run_v2):
+    kwargs = dict(model="nanorun", messages=HELLO, max_tokens=24, temperature=0)
+    pid = chat_service.health()["pid"]
+    before = client.chat.completions.create(**kwargs).choices[0].message.content
+    try:
+        chat_service.deploy(tiny_chat_run_v2)
+        health = chat_service.health()
+        assert health["pid"] == pid  # reconfigure(), not a new replica
+        assert health["checkpoint"].startswith(tiny_chat_run_v2)
+        assert client.chat.completions.create(**kwargs).choices[0].message.content != before
+    finally:
+        chat_service.deploy(tiny_chat_run)
+    assert client.chat.completions.create(**kwargs).choices[0].message.content == before

@@ -1,0 +1,130 @@
+"""Checkpoints: safetensors weights + sharded optimizer state + meta + commit marker, local and S3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanorun.trainer import storage
+from nanorun.trainer.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    final_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_optimizer,
+    read_meta,
+    save_checkpoint,
+)
+from nanorun.trainer.gpt import GPT, GPTConfig
+from nanorun.trainer.progress import Done, write_done
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32, head_dim=32, window_pattern="L"))
+    model.init_weights()
+    return model
+
+
+def optimizer_for(model: GPT):
+    return model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.3, weight_decay=0.1)
+
+
+def train_steps(model: GPT, opt, steps: int, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 300, (2, 32), generator=gen)
+        model(x, x).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+
+def test_model_round_trips_through_safetensors_with_meta(tmp_path):
+    model = tiny_model()
+    uri = save_checkpoint(str(tmp_path / "base_train"), 7, model, None, {"note": "hello"})
+    assert uri.endswith("checkpoints/step_000007")
+    assert b"pickle" not in (tmp_path / "base_train/checkpoints/step_000007/model.safetensors").read_bytes()[:64]
+    loaded, meta = load_model(uri, "cpu")
+    assert not loaded.training
+    assert meta["step"] == 7 and meta["note"] == "hello" and meta["model_config"] == model.config.to_dict()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 300, (1, 16))
+    assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_optimizer_state_resumes_the_same_trajectory(tmp_path):
+    model, opt = tiny_model(), None
+    opt = optimizer_for(model)
+    train_steps(model, opt, 3)
+    uri = save_checkpoint(str(tmp_path), 3, model, opt, {})
+    train_steps(model, opt, 2, seed=2)
+
+    resumed, _ = load_model(uri, "cpu")
+    resumed.train()
+    opt2 = optimizer_for(resumed)
+    load_optimizer(uri, opt2)
+    train_steps(resumed, opt2, 2, seed=2)
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    good = save_checkpoint(stage, 10, model, None, {})
+    half = checkpoint_dir(stage, 20)  # a save killed before its commit marker
+    storage.write_bytes(storage.join(half, "model.safetensors"), b"\x00" * 100)
+    storage.write_json(storage.join(half, "meta.json"), {"step": 20})
+    assert latest_checkpoint(stage) == good
+    with pytest.raises(CheckpointError, match="not a committed checkpoint"):
+        load_model(half, "cpu")
+
+
+def test_saving_again_replaces_a_half_written_directory_of_the_same_step(tmp_path):
+    stage = str(tmp_path)
+    half = checkpoint_dir(stage, 5)
+    storage.write_bytes(storage.join(half, "junk.bin"), b"junk")
+    save_checkpoint(stage, 5, tiny_model(), None, {})
+    assert not storage.exists(storage.join(half, "junk.bin"))
+    assert latest_checkpoint(stage) == half
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    model = tiny_model()
+    for step in range(1, 6):
+        save_checkpoint(str(tmp_path), step, model, None, {}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]
+
+
+def test_final_checkpoint_follows_done_json_and_explains_when_missing(tmp_path):
+    run = str(tmp_path)
+    with pytest.raises(CheckpointError, match="has not finished"):
+        final_checkpoint(run, "base_train")
+    uri = save_checkpoint(storage.join(run, "base_train"), 3, tiny_model(), None, {})
+    write_done(run, Done(stage="base_train", seconds=1.0, outputs={"checkpoint": uri}))
+    assert final_checkpoint(run, "base_train") == uri
+
+
+def test_s3_checkpoint_with_optimizer_round_trips(s3_run_dir):
+    stage = storage.join(s3_run_dir, "base_train")
+    model = tiny_model()
+    opt = optimizer_for(model)
+    train_steps(model, opt, 2)
+    uri = save_checkpoint(stage, 2, model, opt, {"dataloader": {"count": 1}})
+    assert uri.startswith("s3://") and latest_checkpoint(stage) == uri
+    assert json.loads(storage.read_text(storage.join(uri, "COMMITTED")))["step"] == 2
+    assert any(f.endswith("/optim/.metadata") for f in storage.list_files(uri))
+    loaded, meta = load_model(uri, "cpu")
+    opt2 = optimizer_for(loaded)
+    load_optimizer(uri, opt2)
+    assert read_meta(uri)["dataloader"] == {"count": 1}
+    train_steps(model, opt, 1, seed=5)
+    loaded.train()
+    train_steps(loaded, opt2, 1, seed=5)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

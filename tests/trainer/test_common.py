@@ -1,0 +1,120 @@
+"""Shared stage setup: process env, status files, metrics endpoint, SIGTERM agreement across ranks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.request
+
+import pytest
+
+from nanorun.trainer import storage
+from nanorun.trainer.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.progress import Done, read_done, read_progress, write_done
+from tests.fixtures.s3 import free_port
+
+TRAINER_METRICS = [
+    "llm_train_step", "llm_train_total_steps", "llm_train_loss", "llm_train_val_bpb", "llm_train_tokens_total",
+    "llm_train_tokens_per_second", "llm_train_mfu_ratio", "llm_train_learning_rate", "llm_train_grad_norm",
+    "llm_train_eta_seconds", "llm_train_step_seconds_bucket",
+]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def restore_sigterm():
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, monkeypatch, restore_sigterm):
+    monkeypatch.setenv("NANORUN_RUN", "demo")
+    port = free_port()
+    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--metrics-port", str(port), "--device", "cpu"]))
+    assert (ctx.rank, ctx.world_size, ctx.is_master, ctx.device.type, ctx.already_done) == (0, 1, True, "cpu", None)
+    ctx.progress(flush=True, step=5, total_steps=10, loss=2.5, lr=0.01, grad_norm=0.7, tokens=1000, step_seconds=0.2,
+                 tokens_per_sec=5000.0, eta_seconds=1.0)
+    progress = read_progress(str(tmp_path), "base_train")
+    assert (progress.step, progress.total_steps, progress.loss, progress.extra["lr"]) == (5, 10, 2.5, 0.01)
+    ctx.progress(flush=True, step=6, val_bpb=1.5)
+    progress = read_progress(str(tmp_path), "base_train")
+    assert (progress.step, progress.loss, progress.val_bpb) == (6, 2.5, 1.5)  # merged, not replaced
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in TRAINER_METRICS:
+        assert f'{name}{{' in body, name
+    assert 'llm_train_step{rank="0",run="demo",stage="base_train"} 6.0' in body
+    assert 'llm_train_tokens_total{rank="0",run="demo",stage="base_train"} 1000.0' in body
+
+    ctx.record(step=6, loss=2.5)
+    ctx.done({"val_bpb": 1.5}, {"checkpoint": "somewhere"})
+    assert read_done(str(tmp_path), "base_train").metrics == {"val_bpb": 1.5}
+    assert storage.read_text(str(tmp_path / "base_train" / "history.jsonl")).strip() == '{"loss": 2.5, "step": 6}'
+    teardown(ctx)
+
+
+def test_a_finished_stage_reports_already_done(tmp_path):
+    write_done(str(tmp_path), Done(stage="base_train", seconds=3.0, outputs={"checkpoint": "x"}))
+    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    assert ctx.already_done is not None and ctx.already_done.outputs == {"checkpoint": "x"}
+    assert ctx.metrics is None  # no server, no signal handler: the stage only exits
+    teardown(ctx)
+
+
+def test_sigterm_sets_the_stop_flag_instead_of_killing(tmp_path, restore_sigterm):
+    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    assert not ctx.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert ctx.should_stop()
+    teardown(ctx)
+
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import argparse, os, signal, sys
+    from nanorun.trainer.common import add_common_args, setup_stage, teardown
+    p = argparse.ArgumentParser(); add_common_args(p)
+    ctx = setup_stage("base_train", p.parse_args(sys.argv[1:]))
+    before = ctx.should_stop()
+    if ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)   # only rank 1 is told to stop
+    after = ctx.should_stop()
+    print(f"rank={ctx.rank} world={ctx.world_size} local={ctx.local_rank} before={before} after={after}")
+    teardown(ctx)
+    """
+)
+
+
+def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, "--run-dir", str(tmp_path), "--device", "cpu"],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert "rank=0 world=2 local=0 before=False after=True" in outs[0][0]
+    assert "rank=1 world=2 local=1 before=False after=True" in outs[1][0]
+
+
+def test_world_size_without_master_address_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(SystemExit, match="MASTER_ADDR, MASTER_PORT is not set"):
+        setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))

@@ -1,0 +1,102 @@
+"""The `base_eval` stage: validation bits per byte, sample completions and CORE of the base model.
+
+    python -m nanorun.trainer.base_eval --run-dir URI [--eval-bundle auto|DIR|ZIP] [--max-per-task 500]
+    torchrun --nproc_per_node=8 -m nanorun.trainer.base_eval --run-dir URI
+
+Evaluates the checkpoint `<run-dir>/base_train/done.json` points at. Writes `<run-dir>/base_eval/`:
+`core.csv` (per-task accuracy and centred accuracy, then CORE), `samples.json`, and done.json with
+`val_bpb`, `core` and the per-task centred results. The DCLM eval bundle is downloaded when the
+machine is online (`--eval-bundle auto`); offline, CORE is skipped with a note unless a local bundle
+is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from nanorun.trainer import core_eval, storage
+from nanorun.trainer.base_train import SAMPLE_PROMPTS, greedy_sample
+from nanorun.trainer.checkpoint import final_checkpoint, load_model
+from nanorun.trainer.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.dataloader import validation_batches
+from nanorun.trainer.loss_eval import evaluate_bpb
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.base_eval", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--source-stage", default="base_train", help="stage whose final checkpoint is evaluated")
+    p.add_argument("--data", default=None, help="shards for bpb (default: the training run's; last = validation)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass for bpb")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens for bpb")
+    p.add_argument("--max-per-task", type=int, default=500, help="CORE examples per task (-1 = all)")
+    p.add_argument("--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)")
+    p.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = setup_stage("base_eval", args)
+    if ctx.already_done:
+        return teardown(ctx)
+    from nanorun.trainer.tokenizer import Tokenizer
+
+    checkpoint = final_checkpoint(ctx.run_dir, args.source_stage)
+    model, meta = load_model(checkpoint, ctx.device)
+    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
+    ctx.print0(f"evaluating {checkpoint} (step {meta['step']})")
+    metrics: dict = {"step": meta["step"]}
+    outputs: dict = {"checkpoint": checkpoint}
+
+    # -- validation bits per byte
+    if args.data:
+        from nanorun.trainer.dataset import resolve_shards
+
+        val_shard = resolve_shards(args.data, ctx.run_dir)[-1]
+    else:
+        val_shard = meta["shards"][-1]
+    T = model.config.sequence_len
+    B = args.device_batch_size
+    steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
+    batches = validation_batches(tokenizer, val_shard, B, T, ctx.rank, ctx.world_size, ctx.device)
+    metrics["val_bpb"] = evaluate_bpb(model, batches, steps, tokenizer.token_bytes())
+    batches.close()
+    ctx.print0(f"val bpb: {metrics['val_bpb']:.4f} ({steps * B * T * ctx.world_size:,} tokens of {val_shard})")
+    ctx.progress(flush=True, step=1, total_steps=3, val_bpb=metrics["val_bpb"])
+
+    # -- samples
+    if ctx.is_master:
+        samples = [{"prompt": p, "completion": greedy_sample(model, tokenizer, p, args.sample_tokens, ctx.device)}
+                   for p in SAMPLE_PROMPTS]
+        for s in samples:
+            ctx.print0(f"  {s['completion']!r}")
+        uri = storage.join(ctx.stage_dir, "samples.json")
+        storage.write_json(uri, samples)
+        outputs["samples"] = uri
+    ctx.progress(flush=True, step=2, total_steps=3)
+
+    # -- CORE
+    bundle = core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
+    if bundle is not None:
+        ctx.print0(f"CORE on {bundle}:")
+        with torch.no_grad():
+            core = core_eval.evaluate_core(model, tokenizer, bundle, ctx.device, args.max_per_task, log=ctx.print0)
+        metrics.update(core=core["core"], core_tasks=core["centered"])
+        ctx.print0(f"CORE: {core['core']:.4f}")
+        if ctx.is_master:
+            uri = storage.join(ctx.stage_dir, "core.csv")
+            storage.write_text(uri, core_eval.write_csv(core))
+            outputs["core_csv"] = uri
+    else:
+        metrics["core"] = None
+    ctx.progress(flush=True, step=3, total_steps=3)
+    ctx.done(metrics, outputs)
+    return teardown(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The `base_train` stage: pretrain the GPT on parquet shards with Muon + AdamW.
+
+    python -m nanorun.trainer.base_train --run-dir URI [--data bundled|URI] [--depth 20] ...
+    torchrun --nproc_per_node=8 -m nanorun.trainer.base_train --run-dir s3://bucket/runs/d20 ...
+
+Same code on a laptop CPU, one GPU and several 8-GPU nodes (a PyTorchJob): one process, or one per
+device under torchrun. Reads the tokenizer from `<run-dir>/tok_train/`, writes
+`<run-dir>/base_train/` (progress.json, history.jsonl, checkpoints/, done.json).
+
+Everything derived from `--depth` is computed in `plan_run`, nanochat's recipe (REFERENCE §2):
+  - horizon: --num-iterations, else --target-flops, else --target-param-data-ratio x scaling params;
+  - total batch: 2^19 tokens at the d12 reference horizon, x (D / D_ref)^0.383, a power of two;
+  - learning rates x sqrt(B / 2^19); Muon weight decay x sqrt(B / 2^19) x D_ref / D;
+  - gradient accumulation = total batch / (device batch x seq len x world size).
+The plan is stored in every checkpoint and a resumed run uses the stored plan, so changing flags
+cannot silently change a run half-way. Resume is automatic from the newest committed checkpoint,
+on any world size that divides the run's data streams (see dataloader.py), with exactly the batches
+the uninterrupted run would have seen. SIGTERM saves a checkpoint and exits 143 (retryable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanorun.trainer import checkpoint as ckpt
+from nanorun.trainer import core_eval
+from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, peak_flops, setup_stage, teardown
+from nanorun.trainer.dataloader import PackedBatches, default_streams, merge_states, validation_batches
+from nanorun.trainer.loss_eval import evaluate_bpb
+
+B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
+D_REF_DEPTH = 12
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.base_train", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--data", default="bundled", help="pretraining shards: 'bundled', a dir/prefix URI, or hf URL")
+    m = p.add_argument_group("model")
+    m.add_argument("--depth", type=int, default=20, help="transformer layers; width and heads follow from it")
+    m.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect ratio")
+    m.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    m.add_argument("--window-pattern", default="SSSL", help="per-layer sliding-window pattern (S short, L long)")
+    h = p.add_argument_group("horizon (first one set wins)")
+    h.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
+    h.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs to spend (-1 = off)")
+    h.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--device-batch-size", type=int, default=32, help="rows per forward/backward on one device")
+    o.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto)")
+    o.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding")
+    o.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of the LM head")
+    o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    o.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars")
+    o.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the d12 reference")
+    o.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
+    o.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of linear LR warmdown")
+    o.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-streams", type=int, default=-1, help="independent data streams (-1 = 8, or a multiple of the world size)")
+    d.add_argument("--doc-buffer", type=int, default=256, help="tokenized documents per stream for best-fit packing")
+    e = p.add_argument_group("evaluation and checkpoints")
+    e.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
+    e.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    e.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps (-1 = off)")
+    e.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = off; base_eval runs it)")
+    e.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
+    e.add_argument("--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)")
+    e.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    e.add_argument("--keep-checkpoints", type=int, default=3, help="committed checkpoints to keep")
+    return p
+
+
+def model_config(args: argparse.Namespace, vocab_size: int, depth: int | None = None):
+    from nanorun.trainer.gpt import GPTConfig
+
+    return GPTConfig.from_depth(
+        depth or args.depth, vocab_size, args.max_seq_len, aspect_ratio=args.aspect_ratio,
+        head_dim=args.head_dim, window_pattern=args.window_pattern,
+    )
+
+
+def scaling_params(config) -> int:
+    from nanorun.trainer.gpt import GPT
+
+    with torch.device("meta"):
+        return GPT(config).num_scaling_params()
+
+
+def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_size: int) -> dict[str, Any]:
+    """Horizon, batch size, learning rates and weight decay, derived from the model (nanochat's recipe)."""
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 12
+    target_tokens = ratio * scaling_params(config)
+    d_ref = ratio * scaling_params(model_config(args, config.vocab_size, depth=D_REF_DEPTH))
+    total_batch = args.total_batch_size
+    if total_batch <= 0:
+        total_batch = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
+    if total_batch % args.max_seq_len:
+        raise SystemExit(f"--total-batch-size {total_batch} must be a multiple of --max-seq-len {args.max_seq_len}")
+    if args.num_iterations > 0:
+        steps = args.num_iterations
+    elif args.target_flops > 0:
+        steps = round(args.target_flops / (flops_per_token * total_batch))
+    else:
+        steps = int(target_tokens // total_batch)
+    lr_scale = math.sqrt(total_batch / B_REF)
+    streams = args.data_streams if args.data_streams > 0 else default_streams(world_size)
+    return {
+        "num_iterations": max(1, steps),
+        "total_batch_size": total_batch,
+        "rows_per_step": total_batch // args.max_seq_len,
+        "seq_len": args.max_seq_len,
+        "data_streams": streams,
+        "doc_buffer": args.doc_buffer,
+        "lr": {
+            "matrix_lr": args.matrix_lr * lr_scale,
+            "embedding_lr": args.embedding_lr * lr_scale,
+            "unembedding_lr": args.unembedding_lr * lr_scale,
+            "scalar_lr": args.scalar_lr * lr_scale,
+            "weight_decay": args.weight_decay * lr_scale * d_ref / target_tokens,
+        },
+        "warmup_steps": args.warmup_steps,
+        "warmdown_ratio": args.warmdown_ratio,
+        "final_lr_frac": args.final_lr_frac,
+    }
+
+
+@torch.no_grad()
+def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_tokens: int, device: torch.device) -> str:
+    """Greedy continuation of `prompt` (full forward per token: fine for a few short samples)."""
+    ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        nxt = model(x[:, -model.config.sequence_len :])[0, -1].argmax()
+        x = torch.cat([x, nxt.view(1, 1)], dim=1)
+    return tokenizer.decode(x[0, 1:].tolist())
+
+
+def global_mean(value: torch.Tensor, world_size: int) -> float:
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return value.item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = setup_stage("base_train", args)
+    if ctx.already_done:
+        return teardown(ctx)
+    from nanorun.trainer.dataset import resolve_shards
+    from nanorun.trainer.gpt import GPT, GPTConfig
+    from nanorun.trainer.optim import lr_multiplier, muon_momentum
+    from nanorun.trainer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
+
+    # -- model, plan and optimizer: fresh, or as the newest committed checkpoint left them
+    resume_uri = ckpt.latest_checkpoint(ctx.stage_dir)
+    meta = ckpt.read_meta(resume_uri) if resume_uri else None
+    config = GPTConfig.from_dict(meta["model_config"]) if meta else model_config(args, tokenizer.vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=ctx.device)
+    model.init_weights()
+    if meta:
+        ckpt.load_weights(resume_uri, model)
+    elif ctx.distributed:  # no DDP wrapper: make sure every rank starts from rank 0's weights
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    flops_per_token = model.estimate_flops()
+    plan = meta["plan"] if meta else plan_run(args, config, flops_per_token, ctx.world_size)
+    shards = meta["shards"] if meta else resolve_shards(args.data, ctx.run_dir)
+    if len(shards) < 2:
+        raise SystemExit(f"--data {args.data} resolved to {len(shards)} shard(s); need 2+ (the last is validation)")
+    optimizer = model.setup_optimizer(**plan["lr"])
+    if meta:
+        ckpt.load_optimizer(resume_uri, optimizer)
+        ckpt.restore_rng(meta.get("rng"))
+    base_lr = [g["lr"] for g in optimizer.param_groups]
+    base_wd = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
+    train_model = torch.compile(model, dynamic=False) if ctx.device_type == "cuda" else model
+
+    num_iterations, T = plan["num_iterations"], plan["seq_len"]
+    B = min(args.device_batch_size, plan["rows_per_step"] // ctx.world_size)
+    loader = PackedBatches.for_shards(
+        tokenizer, shards[:-1], device_batch_size=B, seq_len=T, rows_per_step=plan["rows_per_step"],
+        streams=plan["data_streams"], rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+        buffer_size=plan["doc_buffer"], state=meta["dataloader"] if meta else None,
+    )
+    accum = plan["rows_per_step"] // (B * ctx.world_size)
+    step = meta["step"] if meta else 0
+    loop = meta["loop"] if meta else {"min_val_bpb": None, "smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0}
+    ctx.load_history(before_step=step)
+    ctx.print0(f"model: depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} parameters, "
+               f"{flops_per_token:.3e} FLOPs/token")
+    ctx.print0(f"plan: {num_iterations} steps x {plan['total_batch_size']:,} tokens; device batch {B} x {T}, "
+               f"{accum} accumulation step(s) x {ctx.world_size} rank(s); lr {plan['lr']}")
+    if meta:
+        ctx.print0(f"resuming from {resume_uri} (step {step}, saved on {meta['world_size']} rank(s))")
+
+    peak = peak_flops(ctx.device)
+    val_bpb, last_ckpt, preempted, first_step = meta.get("val_bpb") if meta else None, resume_uri, False, step
+    bundle = None
+    while True:
+        last_step = step == num_iterations
+        periodic = not preempted and step > first_step  # no evaluations while being preempted or right after resuming
+        if last_step or (periodic and args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
+            batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
+            val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+            batches.close()
+            loop["min_val_bpb"] = val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
+            ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
+            ctx.progress(flush=True, step=step, total_steps=num_iterations, val_bpb=val_bpb)
+            ctx.record(step=step, val_bpb=val_bpb)
+            model.train()
+        if args.core_metric_every > 0 and (last_step or (periodic and step % args.core_metric_every == 0)):
+            bundle = bundle or core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
+            if bundle is not None:
+                model.eval()
+                core = core_eval.evaluate_core(model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task)
+                loop["core"] = core["core"]
+                ctx.print0(f"step {step:06d} | CORE {core['core']:.4f}")
+                ctx.record(step=step, core=core["core"])
+                model.train()
+        if ctx.is_master and args.sample_every > 0 and (last_step or (periodic and step % args.sample_every == 0)):
+            model.eval()
+            for prompt in SAMPLE_PROMPTS:
+                ctx.print0("  sample:", repr(greedy_sample(model, tokenizer, prompt, 16, ctx.device)))
+            model.train()
+        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0) or preempted:
+            last_ckpt = save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints)
+            ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
+            ctx.flush_history()
+        if preempted:
+            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE} so the job is retried")
+            loader.close()
+            teardown(ctx)
+            return PREEMPTED_EXIT_CODE
+        if last_step:
+            break
+
+        # -- one optimizer step: accumulate gradients over this rank's micro-batches
+        t0 = time.time()
+        batches = loader.step_batches()
+        loss_sum = torch.zeros((), device=ctx.device)
+        for x, y in batches:
+            loss = train_model(x, y)
+            loss_sum += loss.detach()
+            (loss / accum).backward()
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        ).item()
+        lrm = lr_multiplier(step, num_iterations, plan["warmup_steps"], plan["warmdown_ratio"], plan["final_lr_frac"])
+        for g, lr, wd in zip(optimizer.param_groups, base_lr, base_wd):
+            g["lr"] = lr * lrm
+            if g.get("kind") == "muon":
+                g["momentum"] = muon_momentum(step)
+                g["weight_decay"] = wd * 0.5 * (1 + math.cos(math.pi * step / num_iterations))
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = global_mean(loss_sum / len(batches), ctx.world_size)
+        if ctx.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+
+        # -- numbers: loss, throughput, MFU, ETA
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+        smooth = loop["smooth_loss"] / (1 - 0.9**step)
+        if step > 3:  # the first steps include compilation and warm-up
+            loop["train_seconds"] += dt
+            loop["timed_steps"] += 1
+        avg = loop["train_seconds"] / loop["timed_steps"] if loop["timed_steps"] else dt
+        tok_s = plan["total_batch_size"] / dt
+        mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
+        eta = avg * (num_iterations - step)
+        ctx.print0(
+            f"step {step:06d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
+            f"grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
+            + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | eta {eta / 60:.1f} min"
+        )
+        ctx.progress(
+            step=step, total_steps=num_iterations, loss=smooth, tokens_per_sec=tok_s, mfu=mfu, eta_seconds=eta,
+            lr=plan["lr"]["matrix_lr"] * lrm, grad_norm=grad_norm, tokens=plan["total_batch_size"], step_seconds=dt,
+        )
+        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=grad_norm, tokens_per_sec=tok_s, seconds=dt)
+        preempted = ctx.should_stop()
+
+    loader.close()
+    metrics = {"val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "core": loop.get("core"), "steps": num_iterations,
+               "tokens": num_iterations * plan["total_batch_size"], "params": model.num_params(),
+               "train_seconds": loop["train_seconds"], "flops": flops_per_token * num_iterations * plan["total_batch_size"]}
+    ctx.done(metrics, {"checkpoint": last_ckpt})
+    ctx.print0(f"base_train done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
+    return teardown(ctx)
+
+
+def save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, keep) -> str:
+    states = [loader.state_dict()]
+    if ctx.distributed:
+        states = [None] * ctx.world_size
+        dist.all_gather_object(states, loader.state_dict())
+    meta = {"plan": plan, "shards": shards, "loop": loop, "val_bpb": val_bpb, "dataloader": merge_states(states),
+            "model_config": model.config.to_dict()}
+    return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, meta, keep_last=keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The `chat_rl` stage: on-policy reinforcement learning on math word problems (GRPO-style).
+
+    python -m nanorun.trainer.chat_rl --run-dir URI [--task GSM8K|Arithmetic] [--num-iterations N] ...
+    torchrun --nproc_per_node=8 -m nanorun.trainer.chat_rl --run-dir s3://bucket/runs/d20
+
+Starts from chat_sft's final checkpoint (or resumes from its own). Each step, every rank takes its
+share of `--examples-per-step` problems and samples a group of `--num-samples` replies per problem
+with the engine (calculator included). The reward is 1 for a right final answer, else 0; a reply's
+advantage is its reward minus its group's mean (no std division, no KL, no clipping: nanochat's
+simplified GRPO, i.e. REINFORCE with a group baseline). The loss is the advantage-weighted negative
+log-likelihood of the sampled tokens (forced tool outputs and the prompt excluded), normalised per
+token within each group. Every `--eval-every` steps and at the end, pass@1 and pass@k on held-out
+problems. GSM8K needs a download; offline it falls back to the synthetic arithmetic problems.
+LR: pretraining's times `--init-lr-frac` (0.05), linear to zero. Writes `<run-dir>/chat_rl/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+from nanorun.trainer import storage
+from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
+from nanorun.trainer.conversation import render_for_completion
+from nanorun.trainer.finetune import add_finetune_args, grad_norm, save, set_learning_rate, start_training
+from nanorun.trainer.tasks.common import Task, rank_and_world, sum_across_ranks
+from nanorun.trainer.tasks.mixtures import rl_tasks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.chat_rl", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    add_finetune_args(p, source="chat_sft", init_lr_frac=0.05)
+    p.add_argument("--task", default="GSM8K", choices=["GSM8K", "Arithmetic"], help="problems to learn from")
+    p.add_argument(
+        "--examples-per-step", type=int, default=16, help="problems per optimizer step (all ranks)"
+    )
+    p.add_argument("--num-samples", type=int, default=16, help="replies sampled per problem (the group)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    p.add_argument("--eval-examples", type=int, default=400, help="held-out problems per pass@k evaluation")
+    return p
+
+
+def rollout(
+    engine,
+    tokenizer,
+    task: Task,
+    index: int,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+) -> tuple[list[list[int]], list[list[int]], list[float], int]:
+    """(completions, masks, rewards, prompt length) of one group of samples for problem `index`."""
+    conversation = task[index]
+    prompt = render_for_completion(tokenizer, conversation)
+    completions, masks = engine.generate_batch(
+        prompt,
+        num_samples=num_samples,
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+    )
+    rewards = [task.reward(conversation, tokenizer.decode(c[len(prompt) :])) for c in completions]
+    return completions, masks, rewards, len(prompt)
+
+
+def group_loss(
+    model,
+    completions: list[list[int]],
+    masks: list[list[int]],
+    rewards: list[float],
+    pad: int,
+    device,
+    batch_size: int,
+    scale: float,
+) -> float:
+    """Backpropagate the policy-gradient loss of one group; returns the loss value.
+
+    advantage = reward - group mean; loss = -sum(advantage * log p(sampled token)) / sampled tokens.
+    """
+    advantages = torch.tensor(rewards, dtype=torch.float32) - sum(rewards) / len(rewards)
+    width = max(len(c) for c in completions) - 1
+    x = torch.full((len(completions), width), pad, dtype=torch.long)
+    y = torch.full((len(completions), width), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(zip(completions, masks, strict=True)):
+        targets = torch.tensor(ids[1:])
+        targets[torch.tensor(mask[1:]) == 0] = -1  # prompt and forced tool outputs: not the policy's choice
+        x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        y[row, : len(ids) - 1] = targets
+    sampled = int((y >= 0).sum())
+    if sampled == 0 or not advantages.any():
+        return 0.0  # every sample got the same reward: nothing to learn from this group
+    total = 0.0
+    for i in range(0, len(completions), batch_size):
+        xb, yb, ab = (
+            x[i : i + batch_size].to(device),
+            y[i : i + batch_size].to(device),
+            advantages[i : i + batch_size].to(device),
+        )
+        logp = -model(xb, yb, loss_reduction="none")  # (B, T), 0 where the target is -1
+        loss = -(logp * ab[:, None]).sum() / sampled * scale
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def pass_at_k(
+    engine, tokenizer, task: Task, k: int, n: int, max_new_tokens: int, temperature: float, top_k: int, device
+) -> dict[str, float]:
+    """pass@1 and pass@k over the first `n` problems (k samples each), sharded over ranks."""
+    rank, world = rank_and_world()
+    hits1 = hitsk = total = 0
+    for i in range(rank, min(n, len(task)), world):
+        _, _, rewards, _ = rollout(
+            engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k, seed=10_000 + i
+        )
+        hits1 += int(rewards[0] > 0)
+        hitsk += int(any(r > 0 for r in rewards))
+        total += 1
+    hits1, hitsk, total = sum_across_ranks([hits1, hitsk, total], device)
+    return {"pass@1": hits1 / max(total, 1), f"pass@{k}": hitsk / max(total, 1)}
+
+
+def rl_step(
+    model,
+    optimizer,
+    engine,
+    tokenizer,
+    task: Task,
+    indices: list[int],
+    args: Any,
+    step: int,
+    base_lrs: list[float],
+    lrm: float,
+    device,
+) -> dict[str, float]:
+    """One on-policy step over this rank's problems `indices`; returns the rank's mean reward and loss."""
+    pad = tokenizer.encode_special("<|assistant_end|>")
+    rewards_all, loss_sum, sampled_tokens = [], 0.0, 0
+    for index in indices:
+        model.eval()
+        completions, masks, rewards, prompt_len = rollout(
+            engine, tokenizer, task, index, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+            seed=step * 1_000_003 + index,
+        )  # fmt: skip
+        model.train()
+        loss_sum += group_loss(
+            model, completions, masks, rewards, pad, device, args.device_batch_size, 1 / len(indices)
+        )
+        rewards_all += rewards
+        sampled_tokens += sum(sum(m[prompt_len:]) for m in masks)
+    norm = grad_norm(model)
+    set_learning_rate(optimizer, base_lrs, lrm)
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    reward = sum(rewards_all) / max(len(rewards_all), 1)
+    return {"reward": reward, "loss": loss_sum, "sampled_tokens": sampled_tokens, "grad_norm": norm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = setup_stage("chat_rl", args)
+    if ctx.already_done:
+        return teardown(ctx)
+    from nanorun.trainer.engine import Engine
+    from nanorun.trainer.tokenizer import Tokenizer
+
+    if args.examples_per_step % ctx.world_size:
+        raise SystemExit(
+            f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {ctx.world_size}"
+        )
+    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
+    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
+    engine = Engine(model, tokenizer)
+    train, test, report = rl_tasks(storage.join(ctx.run_dir, "task_data"), args.task)
+    ctx.print0(str(report))
+    steps = start.loop.get("num_iterations") or (
+        args.num_iterations if args.num_iterations > 0 else max(1, len(train) // args.examples_per_step)
+    )
+    step, loop = start.step, {"num_iterations": steps}
+    ctx.load_history(before_step=step)
+    ctx.print0(
+        f"chat_rl: from {start.checkpoint} ({'resumed' if start.resumed else start.source_stage}), {steps} steps x "
+        f"{args.examples_per_step} problems x {args.num_samples} samples"
+    )
+
+    evals: dict[str, float] = start.loop.get("evals", {})
+    last_ckpt, preempted, t_start = start.checkpoint if start.resumed else None, False, time.time()
+    while True:
+        last_step = step == steps
+        if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
+            model.eval()
+            evals = pass_at_k(engine, tokenizer, test, args.num_samples, args.eval_examples, args.max_new_tokens,
+                              args.temperature, args.top_k, ctx.device)  # fmt: skip
+            ctx.print0(f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+            ctx.record(step=step, **evals)
+            model.train()
+        if (
+            last_step
+            or preempted
+            or (args.save_every > 0 and step > start.step and step % args.save_every == 0)
+        ):
+            last_ckpt = save(
+                ctx, step, model, optimizer, start, {"loop": {**loop, "evals": evals}}, args.keep_checkpoints
+            )
+            ctx.progress(flush=True, step=step, total_steps=steps, last_checkpoint=last_ckpt)
+            ctx.flush_history()
+        if preempted:
+            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
+            teardown(ctx)
+            return PREEMPTED_EXIT_CODE
+        if last_step:
+            break
+
+        t0 = time.time()
+        first = step * args.examples_per_step
+        indices = [(first + i) % len(train) for i in range(ctx.rank, args.examples_per_step, ctx.world_size)]
+        lrm = 1.0 - step / steps
+        out = rl_step(
+            model, optimizer, engine, tokenizer, train, indices, args, step, start.base_lrs, lrm, ctx.device
+        )
+        reward, loss, tokens = sum_across_ranks(
+            [out["reward"], out["loss"], out["sampled_tokens"]], ctx.device
+        )
+        reward, loss = reward / ctx.world_size, loss / ctx.world_size
+        step += 1
+        dt = time.time() - t0
+        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
+        ctx.print0(
+            f"step {step:06d}/{steps} | reward {reward:.4f} | loss {loss:.4f} | lrm {lrm:.3f} | {dt:.1f} s"
+        )
+        ctx.progress(
+            step=step, total_steps=steps, loss=loss, reward=reward, tokens_per_sec=tokens / dt, eta_seconds=eta,
+            lr=start.base_lrs[-1] * lrm, grad_norm=out["grad_norm"], tokens=int(tokens), step_seconds=dt,
+        )  # fmt: skip
+        ctx.record(step=step, reward=reward, loss=loss, lrm=lrm)
+        preempted = ctx.should_stop()
+
+    metrics = {**evals, "steps": steps, "task": train.name, "tasks": report.used}
+    ctx.done(metrics, {"checkpoint": last_ckpt})
+    ctx.print0(f"chat_rl done: {evals}, checkpoint {last_ckpt}")
+    return teardown(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The `chat_sft` stage: supervised finetuning on conversations, shaped the way the model is prompted.
+
+    python -m nanorun.trainer.chat_sft --run-dir URI [--num-iterations N] [--examples-per-step 32] ...
+    torchrun --nproc_per_node=8 -m nanorun.trainer.chat_sft --run-dir s3://bucket/runs/d20
+
+Starts from mid_train's final checkpoint, or base_train's when there was no midtraining (or resumes
+from its own). Unlike midtraining, rows are not packed: each row is one conversation, padded to the
+longest in its micro-batch, and the loss covers only what the assistant must produce (the
+conversation mask; padding and everything else are -1 targets). Each optimizer step sees
+`--examples-per-step` conversations, split over ranks and micro-batches of `--device-batch-size`.
+LR: pretraining's times `--init-lr-frac`, linear to zero over the last `--warmdown-ratio` of steps;
+Muon momentum 0.85 -> 0.95 over the first 300 steps. Validation: bits per byte of the assistant
+tokens of held-out conversations. Writes `<run-dir>/chat_sft/`; SIGTERM saves and exits 143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from nanorun.trainer import storage
+from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
+from nanorun.trainer.conversation import render_conversation
+from nanorun.trainer.finetune import (
+    add_finetune_args,
+    grad_norm,
+    mean_across_ranks,
+    save,
+    set_learning_rate,
+    start_training,
+)
+from nanorun.trainer.loss_eval import evaluate_bpb
+from nanorun.trainer.optim import lr_multiplier, muon_momentum
+from nanorun.trainer.tasks.common import Task
+from nanorun.trainer.tasks.mixtures import sft_mixture
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.chat_sft", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    add_finetune_args(p, source="mid_train,base_train", init_lr_frac=0.8)
+    p.add_argument(
+        "--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)"
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, default=-1, help="longest row in tokens (-1 = the model's context)"
+    )
+    p.add_argument(
+        "--warmdown-ratio", type=float, default=0.5, help="fraction of steps of linear LR decay to 0"
+    )
+    p.add_argument("--eval-examples", type=int, default=64, help="held-out conversations per validation")
+    return p
+
+
+def sft_batch(
+    tokenizer, conversations: list[dict], max_len: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of padded rows; targets are -1 wherever the mask is 0 and on padding."""
+    pad = tokenizer.encode_special("<|assistant_end|>")
+    rendered = [render_conversation(tokenizer, c, max_tokens=max_len + 1) for c in conversations]
+    width = max(len(ids) for ids, _ in rendered) - 1
+    x = torch.full((len(rendered), width), pad, dtype=torch.long)
+    y = torch.full((len(rendered), width), -1, dtype=torch.long)
+    for row, (ids, mask) in enumerate(rendered):
+        n = len(ids) - 1
+        x[row, :n] = torch.tensor(ids[:-1])
+        targets = torch.tensor(ids[1:])
+        targets[torch.tensor(mask[1:]) == 0] = -1
+        y[row, :n] = targets
+    return x.to(device), y.to(device)
+
+
+def step_examples(task: Task, step: int, per_step: int, rank: int, world: int) -> list[dict]:
+    """This rank's conversations of optimizer step `step` (the data wraps around after an epoch)."""
+    first = step * per_step
+    return [task[(first + i) % len(task)] for i in range(rank, per_step, world)]
+
+
+def validation_bpb(model, tokenizer, task: Task, n: int, B: int, T: int, ctx, token_bytes) -> float:
+    mine = [task[i % len(task)] for i in range(ctx.rank, n, ctx.world_size)]
+    batches = [sft_batch(tokenizer, mine[i : i + B], T, ctx.device) for i in range(0, len(mine), B)]
+    return evaluate_bpb(model, batches, len(batches), token_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = setup_stage("chat_sft", args)
+    if ctx.already_done:
+        return teardown(ctx)
+    from nanorun.trainer.tokenizer import Tokenizer
+
+    if args.examples_per_step % ctx.world_size:
+        raise SystemExit(
+            f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {ctx.world_size}"
+        )
+    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
+    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
+    train, val, report = sft_mixture(storage.join(ctx.run_dir, "task_data"), limit=args.limit)
+    ctx.print0(str(report))
+    T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+    per_rank = args.examples_per_step // ctx.world_size
+    B = min(args.device_batch_size, per_rank)
+    steps = start.loop.get("num_iterations") or (
+        args.num_iterations if args.num_iterations > 0 else max(1, len(train) // args.examples_per_step)
+    )
+    step, loop = start.step, {"num_iterations": steps}
+    ctx.load_history(before_step=step)
+    ctx.print0(
+        f"chat_sft: from {start.checkpoint} ({'resumed' if start.resumed else start.source_stage}), {steps} steps x "
+        f"{args.examples_per_step} conversations ({len(train)} in the mixture)"
+    )
+
+    val_bpb, last_ckpt, preempted, t_start = (
+        None,
+        start.checkpoint if start.resumed else None,
+        False,
+        time.time(),
+    )
+    while True:
+        last_step = step == steps
+        if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
+            model.eval()
+            val_bpb = validation_bpb(model, tokenizer, val, args.eval_examples, B, T, ctx, token_bytes)
+            ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
+            ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
+            ctx.record(step=step, val_bpb=val_bpb)
+            model.train()
+        if (
+            last_step
+            or preempted
+            or (args.save_every > 0 and step > start.step and step % args.save_every == 0)
+        ):
+            last_ckpt = save(
+                ctx, step, model, optimizer, start, {"loop": loop, "val_bpb": val_bpb}, args.keep_checkpoints
+            )
+            ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
+            ctx.flush_history()
+        if preempted:
+            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
+            teardown(ctx)
+            return PREEMPTED_EXIT_CODE
+        if last_step:
+            break
+
+        t0 = time.time()
+        examples = step_examples(train, step, args.examples_per_step, ctx.rank, ctx.world_size)
+        micro = [sft_batch(tokenizer, examples[i : i + B], T, ctx.device) for i in range(0, len(examples), B)]
+        # weight each micro-batch by its share of this rank's trained tokens: a token-level mean per rank
+        trained = sum(int((y >= 0).sum()) for _, y in micro)
+        loss_sum, tokens = 0.0, 0
+        for x, y in micro:
+            n = int((y >= 0).sum())
+            if n == 0:
+                continue
+            loss = model(x, y)
+            (loss * n / trained).backward()
+            loss_sum += loss.item() * n
+            tokens += n
+        norm = grad_norm(model)
+        lrm = lr_multiplier(step, steps, 0, args.warmdown_ratio, 0.0)
+        set_learning_rate(optimizer, start.base_lrs, lrm, momentum=muon_momentum(step))
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = mean_across_ranks(loss_sum / max(tokens, 1), ctx.device)
+        step += 1
+        dt = time.time() - t0
+        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
+        ctx.print0(
+            f"step {step:06d}/{steps} | loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens | {dt * 1000:.0f} ms"
+        )
+        ctx.progress(
+            step=step, total_steps=steps, loss=train_loss, tokens_per_sec=tokens * ctx.world_size / dt, eta_seconds=eta,
+            lr=start.base_lrs[-1] * lrm, grad_norm=norm, tokens=tokens, step_seconds=dt,
+        )  # fmt: skip
+        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm)
+        preempted = ctx.should_stop()
+
+    metrics = {
+        "val_bpb": val_bpb,
+        "steps": steps,
+        "examples": steps * args.examples_per_step,
+        "tasks": report.used,
+    }
+    ctx.done(metrics, {"checkpoint": last_ckpt})
+    ctx.print0(f"chat_sft done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
+    return teardown(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

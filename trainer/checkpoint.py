@@ -1,0 +1,246 @@
+"""Checkpoints per the stage contract, on a local disk or S3, resumable on any number of ranks.
+
+    <run-dir>/<stage>/checkpoints/step_NNNNNN/
+        model.safetensors   weights (fp32 master copy; never pickle), written by rank 0
+        optim/              optimizer state in torch.distributed.checkpoint format: every rank writes
+                            its own shard, keyed by parameter name, so a run saved on N ranks loads
+                            on M ranks (nanochat's per-rank optimizer files need the same GPU count)
+        meta.json           model config, step, data-loader state, RNG, loop state, metrics
+        COMMITTED           the commit marker, written last: a directory without it is ignored
+
+`save_checkpoint` is collective when an optimizer is given (every rank writes its shard); call it
+on every rank. On S3 each rank writes to a local temporary directory and uploads its own files.
+Local run directories shared by several nodes must be on a shared filesystem.
+
+    latest_checkpoint(stage_dir)          newest committed checkpoint, or None
+    load_model(uri, device)               (GPT in eval mode, meta)
+    load_optimizer(uri, optimizer)        restore the sharded optimizer state (any world size)
+    final_checkpoint(run_dir, stage)      the checkpoint a finished stage's done.json points at
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import random
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from nanorun.trainer import storage
+from nanorun.trainer.progress import read_done
+
+COMMIT_MARKER = "COMMITTED"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+OPTIM_DIR = "optim"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unusable; the message says which and what to do."""
+
+
+def checkpoint_dir(stage_dir_uri: str, step: int) -> str:
+    return storage.join(stage_dir_uri, "checkpoints", f"step_{step:06d}")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+
+
+def is_committed(checkpoint_uri: str) -> bool:
+    return storage.exists(storage.join(checkpoint_uri, COMMIT_MARKER))
+
+
+def list_checkpoints(stage_dir_uri: str) -> list[tuple[int, str]]:
+    """(step, uri) of every checkpoint directory, committed or not, oldest first."""
+    root = storage.join(stage_dir_uri, "checkpoints")
+    out = []
+    for name in storage.list_dirs(root):
+        m = STEP_DIR.match(name)
+        if m:
+            out.append((int(m.group(1)), storage.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(stage_dir_uri: str) -> str | None:
+    """The newest committed checkpoint of a stage, or None (half-written ones are skipped)."""
+    for _, uri in reversed(list_checkpoints(stage_dir_uri)):
+        if is_committed(uri):
+            return uri
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": base64.b64encode(pickle.dumps(random.getstate())).decode(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def restore_rng(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    random.setstate(pickle.loads(base64.b64decode(state["python"])))  # our own bytes, from meta.json
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _dcp(fn: Any, state: dict, **kwargs: Any) -> None:
+    with warnings.catch_warnings():  # one process without a process group is a supported case, not news
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, **kwargs)
+
+
+def _save_optimizer(optimizer: Any, ckpt_uri: str) -> None:
+    state = optimizer.sharded_state_dict()
+    target = storage.join(ckpt_uri, OPTIM_DIR)
+    if not storage.is_s3(target):
+        _dcp(dcp.save, state, storage_writer=dcp.FileSystemWriter(target))
+        return
+    with tempfile.TemporaryDirectory(prefix="nanorun-optim-") as tmp:
+        _dcp(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp))
+        for path in storage.walk_local(tmp):  # this rank's shard (+ the metadata on rank 0)
+            storage.upload_from(path, storage.join(target, path.relative_to(tmp).as_posix()))
+
+
+def save_checkpoint(
+    stage_dir_uri: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any | None,
+    meta: dict[str, Any],
+    keep_last: int = 3,
+) -> str:
+    """Write checkpoint `step` (collective), commit it, prune to the newest `keep_last`; returns its URI."""
+    uri = checkpoint_dir(stage_dir_uri, step)
+    if is_committed(uri):  # e.g. SIGTERM right after a periodic save of the same step
+        return uri
+    if _rank() == 0 and storage.list_files(uri):
+        storage.delete_prefix(uri)  # leftovers of an interrupted save of this step
+    _barrier()
+    if optimizer is not None:
+        _save_optimizer(optimizer, uri)
+    _barrier()
+    if _rank() == 0:
+        module = _unwrap(model)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_safetensors(tensors))
+        full_meta = {
+            "step": step,
+            "saved_at": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "has_optimizer": optimizer is not None,
+            "rng": rng_state(),
+            **meta,
+        }
+        if "model_config" not in full_meta and hasattr(module, "config"):
+            full_meta["model_config"] = module.config.to_dict()
+        storage.write_json(storage.join(uri, META_FILE), full_meta)
+        storage.write_json(storage.join(uri, COMMIT_MARKER), {"step": step, "committed_at": time.time()})
+        _prune(stage_dir_uri, keep_last, newest=step)
+    _barrier()
+    return uri
+
+
+def _prune(stage_dir_uri: str, keep_last: int, newest: int) -> None:
+    committed = [(s, u) for s, u in list_checkpoints(stage_dir_uri) if is_committed(u)]
+    doomed = [u for _, u in committed[:-keep_last]] if keep_last > 0 else []
+    # half-written directories older than the one just committed are garbage from interrupted saves
+    doomed += [u for s, u in list_checkpoints(stage_dir_uri) if s < newest and not is_committed(u)]
+    for u in doomed:
+        storage.delete_prefix(u)
+
+
+def read_meta(checkpoint_uri: str) -> dict[str, Any]:
+    if not is_committed(checkpoint_uri):
+        raise CheckpointError(
+            f"{checkpoint_uri} is not a committed checkpoint (no {COMMIT_MARKER} marker): it was never "
+            "completely written; use latest_checkpoint() or a step that finished saving"
+        )
+    return storage.read_json(storage.join(checkpoint_uri, META_FILE))
+
+
+def load_weights(checkpoint_uri: str, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's weights into `model` (strict: every parameter must match)."""
+    tensors = load_safetensors(storage.read_bytes(storage.join(checkpoint_uri, WEIGHTS_FILE)))
+    _unwrap(model).load_state_dict(tensors, strict=True, assign=False)
+
+
+def load_model(
+    checkpoint_uri: str, device: torch.device | str, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the GPT a checkpoint describes and load its weights; returns (model in eval mode, meta)."""
+    from nanorun.trainer.gpt import GPT, GPTConfig
+
+    meta = read_meta(checkpoint_uri)
+    if "model_config" not in meta:
+        raise CheckpointError(f"{checkpoint_uri}/meta.json has no model_config; it is not a GPT checkpoint")
+    config = GPTConfig.from_dict(meta["model_config"])
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the buffers a state dict does not carry (rotary tables)
+    load_weights(checkpoint_uri, model)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return model, meta
+
+
+def load_optimizer(checkpoint_uri: str, optimizer: Any) -> None:
+    """Restore the optimizer state saved at `checkpoint_uri`, resharded for the current world size."""
+    meta = read_meta(checkpoint_uri)
+    if not meta.get("has_optimizer", True):
+        raise CheckpointError(f"{checkpoint_uri} was saved without optimizer state")
+    state = optimizer.sharded_state_dict()
+    source = storage.join(checkpoint_uri, OPTIM_DIR)
+    if storage.is_s3(source):
+        with tempfile.TemporaryDirectory(prefix="nanorun-optim-") as tmp:
+            for uri in storage.list_files(source):
+                storage.download_to(uri, Path(tmp) / uri[len(source) + 1 :])
+            _dcp(dcp.load, state, storage_reader=dcp.FileSystemReader(tmp))
+    else:
+        _dcp(dcp.load, state, storage_reader=dcp.FileSystemReader(source))
+    optimizer.load_sharded_state_dict(state)
+
+
+def final_checkpoint(run_dir: str, stage: str) -> str:
+    """The checkpoint a finished stage's done.json points at (a clear error when there is none)."""
+    done = read_done(run_dir, stage)
+    if done is None:
+        raise CheckpointError(
+            f"stage {stage!r} has not finished in {run_dir}: no {storage.join(run_dir, stage, 'done.json')}; "
+            f"run `python -m nanorun.trainer.{stage} --run-dir {run_dir}` first"
+        )
+    uri = done.outputs.get("checkpoint")
+    if not uri:
+        raise CheckpointError(f"{stage}/done.json in {run_dir} names no checkpoint (outputs: {json.dumps(done.outputs)})")
+    if not is_committed(uri):
+        raise CheckpointError(f"{stage}/done.json points at {uri}, which is missing or not committed")
+    return uri

@@ -1,0 +1,260 @@
+"""Shared setup of every stage: processes, device, seeds, metrics, status files, preemption.
+
+A stage's file is about what the stage does; everything every stage needs lives here:
+
+    parser = argparse.ArgumentParser(...)
+    add_common_args(parser)                 # --run-dir, --metrics-port, --device, --seed
+    ctx = setup_stage("base_train", parser.parse_args())
+    if ctx.already_done:                    # the stage finished before: a no-op (idempotent)
+        return teardown(ctx)
+    ...                                     # the loop: ctx.progress(...), ctx.should_stop()
+    ctx.done(metrics, outputs)
+    teardown(ctx)
+
+Processes: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` are read exactly as
+torchrun and a Kubeflow PyTorchJob inject them; with WORLD_SIZE > 1 the default process group is
+created (NCCL on CUDA, gloo on CPU). Without them the stage is one plain process.
+
+Preemption: SIGTERM (what Kubernetes sends before killing a pod) only sets a flag.
+`ctx.should_stop()` agrees on it across ranks, so every rank leaves the loop after the same step;
+the stage then saves a checkpoint and exits with `PREEMPTED_EXIT_CODE` (143 = 128 + SIGTERM, which
+a PyTorchJob's ExitCode restart policy treats as retryable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanorun.trainer import storage
+from nanorun.trainer.metrics import TrainMetrics, WandbLogger
+from nanorun.trainer.progress import Done, Progress, read_done, write_done, write_progress
+
+PREEMPTED_EXIT_CODE = 143
+PROGRESS_MIN_INTERVAL_S = 2.0  # progress.json is rewritten at most this often, unless flushed
+HISTORY_MIN_INTERVAL_S = 30.0  # history.jsonl likewise (it grows with the run)
+HISTORY_FILE = "history.jsonl"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("stage")
+    g.add_argument("--run-dir", required=True, help="run directory: a local path or s3://bucket/prefix")
+    g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on PORT+LOCAL_RANK")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
+    g.add_argument("--seed", type=int, default=42, help="random seed (the same on every rank)")
+
+
+@dataclass
+class StageContext:
+    stage: str
+    run_dir: str
+    stage_dir: str
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    device_type: str
+    is_master: bool
+    dtype: torch.dtype  # compute dtype: bf16 on CUDA with bf16 support, fp32 otherwise
+    already_done: Done | None = None  # set when <stage>/done.json exists: the stage is a no-op
+    metrics: TrainMetrics | None = None
+    wandb: WandbLogger | None = None
+    started_at: float = field(default_factory=time.time)
+    _progress: Progress | None = None
+    _progress_written_at: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    _history_written_at: float = 0.0
+    _stop_flag: list[bool] = field(default_factory=lambda: [False])
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def print0(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_master:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_flag[0]
+
+    def request_stop(self) -> None:
+        self._stop_flag[0] = True
+
+    def should_stop(self) -> bool:
+        """True on every rank when SIGTERM reached any rank (a collective: call it on all ranks)."""
+        if not self.distributed:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def progress(self, flush: bool = False, **fields: Any) -> None:
+        """Record progress: metrics on this rank; rank 0 also (re)writes progress.json.
+
+        Known `Progress` fields (step, total_steps, loss, val_bpb, tokens_per_sec, mfu, eta_seconds,
+        last_checkpoint, message) are merged into the stage's progress; anything else goes to
+        `extra` (and to a metric where one exists: lr, grad_norm, tokens, step_seconds).
+        """
+        if self.metrics is not None:
+            self.metrics.update(fields)
+        if not self.is_master:
+            return
+        if self.wandb is not None:
+            self.wandb.log(fields, step=fields.get("step"))
+        p = self._progress or Progress(stage=self.stage, world_size=self.world_size)
+        for key, value in fields.items():
+            if key in ("tokens", "step_seconds"):
+                continue
+            if key in Progress.__dataclass_fields__ and key not in ("stage", "extra", "updated_at"):
+                setattr(p, key, value)
+            else:
+                p.extra[key] = value
+        p.elapsed_seconds = time.time() - self.started_at
+        self._progress = p
+        now = time.time()
+        if flush or now - self._progress_written_at >= PROGRESS_MIN_INTERVAL_S:
+            write_progress(self.run_dir, p)
+            self._progress_written_at = now
+
+    def load_history(self, before_step: int) -> None:
+        """On resume: keep the history records of the steps before `before_step`."""
+        uri = storage.join(self.stage_dir, HISTORY_FILE)
+        if self.is_master and storage.exists(uri):
+            lines = storage.read_text(uri).splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            self.history = [r for r in records if r.get("step", 0) < before_step]
+
+    def record(self, flush: bool = False, **fields: Any) -> None:
+        """Append one record (a step's numbers) to `<stage>/history.jsonl`, the curves of the run."""
+        if not self.is_master:
+            return
+        self.history.append(fields)
+        if flush or time.time() - self._history_written_at >= HISTORY_MIN_INTERVAL_S:
+            self.flush_history()
+
+    def flush_history(self) -> None:
+        if self.is_master and self.history:
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+            storage.write_text(storage.join(self.stage_dir, HISTORY_FILE), text)
+            self._history_written_at = time.time()
+
+    def done(self, metrics: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """Mark the stage finished (rank 0 writes done.json, after a final progress.json)."""
+        self.barrier()
+        if self.is_master:
+            self.flush_history()
+            if self._progress is not None:
+                self.progress(flush=True, message="done")
+            write_done(
+                self.run_dir,
+                Done(stage=self.stage, seconds=time.time() - self.started_at, metrics=metrics, outputs=outputs),
+            )
+        self.barrier()
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda was requested but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU. Unknown devices: None.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None  # MFU is a GPU notion; a CPU has no comparable tensor-core peak
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
+    """Start a stage process: distributed init, device, seeds, metrics server, SIGTERM handler."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise SystemExit(f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set (launch with torchrun)")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30), **kwargs
+        )
+    seed_everything(args.seed)
+    run_dir = str(args.run_dir).rstrip("/")
+    ctx = StageContext(
+        stage=stage,
+        run_dir=run_dir,
+        stage_dir=storage.join(run_dir, stage),
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        device=device,
+        device_type=device.type,
+        is_master=rank == 0,
+        dtype=compute_dtype(device),
+    )
+    ctx.already_done = read_done(run_dir, stage)
+    if ctx.already_done is not None:
+        ctx.print0(f"{stage}: already done ({storage.join(ctx.stage_dir, 'done.json')}); nothing to do")
+        return ctx
+    ctx.metrics = TrainMetrics(stage, rank)
+    if args.metrics_port is not None:
+        port = ctx.metrics.serve(args.metrics_port + local_rank if args.metrics_port else 0)
+        print(f"[rank {rank}] metrics on http://0.0.0.0:{port}/metrics", flush=True)
+    if ctx.is_master:
+        ctx.wandb = WandbLogger(project="nanorun", name=f"{os.environ.get('NANORUN_RUN', 'local')}-{stage}")
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        print(f"[rank {rank}] SIGTERM: will checkpoint after this step and exit", file=sys.stderr, flush=True)
+        ctx.request_stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    ctx.print0(f"{stage}: rank {rank}/{world_size} on {device} ({ctx.dtype}), run dir {run_dir}")
+    return ctx
+
+
+def teardown(ctx: StageContext) -> int:
+    """Release the process group and loggers; returns 0 so a stage can `return teardown(ctx)`."""
+    if ctx.wandb is not None:
+        ctx.wandb.finish()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,141 @@
+"""What the post-training stages (`mid_train`, `chat_sft`, `chat_rl`) share: where they start from,
+their optimizer and learning-rate schedule, and their checkpoints.
+
+    model, optimizer, start = start_training(ctx, sources=("mid_train", "base_train"), init_lr_frac=0.8)
+    ...                                   # the stage's own loop
+    set_learning_rate(optimizer, start.base_lrs, lrm, step)
+    save(ctx, step, model, optimizer, {"loop": loop}, keep_last=3)
+
+- A stage resumes from its own newest committed checkpoint (model, optimizer, step, loop state);
+  otherwise it starts from the final checkpoint of the first finished stage in `sources`.
+- Learning rates are the pretraining run's (stored in every checkpoint's meta) times
+  `--init-lr-frac`, so post-training inherits the scaling base_train derived from the model size.
+- Each checkpoint records `lr` and `source`, so the next stage inherits them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from nanorun.trainer import checkpoint as ckpt
+from nanorun.trainer.progress import is_done
+
+# nanochat's base learning rates, for a source checkpoint that does not record its own
+DEFAULT_LR = {
+    "matrix_lr": 0.02,
+    "embedding_lr": 0.3,
+    "unembedding_lr": 0.004,
+    "scalar_lr": 0.5,
+    "weight_decay": 0.0,
+}
+
+
+def add_finetune_args(parser: argparse.ArgumentParser, *, source: str, init_lr_frac: float) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument(
+        "--source", default=source, help="stage(s) to start from, first finished wins (comma-separated)"
+    )
+    g.add_argument(
+        "--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the data)"
+    )
+    g.add_argument("--device-batch-size", type=int, default=8, help="rows per forward/backward on one device")
+    g.add_argument(
+        "--init-lr-frac", type=float, default=init_lr_frac, help="LRs as a fraction of pretraining's"
+    )
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    g.add_argument("--eval-every", type=int, default=-1, help="evaluate every N steps (-1 = only at the end)")
+    g.add_argument(
+        "--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)"
+    )
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="committed checkpoints to keep")
+    g.add_argument(
+        "--limit", type=int, default=None, help="at most N examples per downloaded task (small runs)"
+    )
+
+
+@dataclass
+class Start:
+    step: int  # the first step to run (0 for a fresh start)
+    checkpoint: str  # where the weights came from
+    source_stage: str  # the stage post-training started from (kept across resumes)
+    lr: dict[str, float]  # pretraining's learning rates (before --init-lr-frac)
+    base_lrs: list[float] = field(default_factory=list)  # per parameter group, at multiplier 1
+    loop: dict[str, Any] = field(default_factory=dict)  # the stage's own loop state, from its checkpoint
+    resumed: bool = False
+
+
+def source_checkpoint(run_dir: str, sources: tuple[str, ...] | str) -> tuple[str, str]:
+    """(stage, final checkpoint) of the first finished stage in `sources`."""
+    stages = tuple(s.strip() for s in sources.split(",")) if isinstance(sources, str) else sources
+    for stage in stages:
+        if is_done(run_dir, stage):
+            return stage, ckpt.final_checkpoint(run_dir, stage)
+    raise SystemExit(
+        f"none of the source stages {', '.join(stages)} has finished in {run_dir}; run one of them first "
+        f"(e.g. `python -m nanorun.trainer.{stages[-1]} --run-dir {run_dir}`)"
+    )
+
+
+def start_training(
+    ctx: Any, sources: tuple[str, ...] | str, init_lr_frac: float, weight_decay: float = 0.0
+) -> tuple[torch.nn.Module, Any, Start]:
+    """The model (train mode, on ctx.device), its MuonAdamW optimizer and where this run starts."""
+    resume = ckpt.latest_checkpoint(ctx.stage_dir)
+    if resume:
+        model, meta = ckpt.load_model(resume, ctx.device)
+        start = Start(
+            meta["step"], resume, meta["source"], meta["lr"], loop=meta.get("loop", {}), resumed=True
+        )
+    else:
+        stage, uri = source_checkpoint(ctx.run_dir, sources)
+        model, meta = ckpt.load_model(uri, ctx.device)
+        lr = meta.get("lr") or meta.get("plan", {}).get("lr") or DEFAULT_LR
+        start = Start(0, uri, stage, dict(lr))
+    model.train()
+    lr = {k: v * init_lr_frac for k, v in start.lr.items() if k != "weight_decay"}
+    optimizer = model.setup_optimizer(**lr, weight_decay=weight_decay)
+    start.base_lrs = [g["lr"] for g in optimizer.param_groups]
+    if resume:
+        ckpt.load_optimizer(resume, optimizer)
+        ckpt.restore_rng(meta.get("rng"))
+    return model, optimizer, start
+
+
+def set_learning_rate(
+    optimizer: Any, base_lrs: list[float], multiplier: float, momentum: float | None = None
+) -> None:
+    for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = lr * multiplier
+        if momentum is not None and group.get("kind") == "muon":
+            group["momentum"] = momentum
+
+
+def save(
+    ctx: Any,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    start: Start,
+    meta: dict[str, Any],
+    keep_last: int,
+) -> str:
+    full = {"source": start.source_stage, "lr": start.lr, "model_config": model.config.to_dict(), **meta}
+    return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, full, keep_last=keep_last)
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()

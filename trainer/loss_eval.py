@@ -1,0 +1,46 @@
+"""Bits per byte: the validation number that compares models with different tokenizers.
+
+    bpb = sum of the loss in nats over target tokens / (ln 2 * sum of their UTF-8 byte lengths)
+
+Special tokens (byte length 0) and ignored targets (-1) count neither nats nor bytes, so the number
+does not depend on how many BOS tokens a batch happens to hold. Summed over every rank when a
+process group is up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    token_bytes: torch.Tensor | Sequence[int],
+) -> float:
+    """Bits per byte of `model` over `steps` (inputs, targets) batches; inf when no byte was scored."""
+    device = next(model.parameters()).device
+    token_bytes = torch.as_tensor(token_bytes, dtype=torch.float64, device=device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    batch_iter = iter(batches)
+    for _ in range(steps):
+        x, y = next(batch_iter)
+        x, y = x.to(device), y.to(device)
+        nats = model(x, y, loss_reduction="none").reshape(-1)  # per-token loss in nats (0 where y == -1)
+        targets = y.reshape(-1)
+        valid = targets >= 0
+        nbytes = torch.where(valid, token_bytes[targets.clamp(min=0)], torch.zeros_like(nats, dtype=torch.float64))
+        total_nats += (nats.double() * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    if dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

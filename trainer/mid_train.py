@@ -1,0 +1,243 @@
+"""The `mid_train` stage: continue pretraining on conversations, so the base model learns the chat
+format, multiple-choice answers, tool calls and who it is.
+
+    python -m nanorun.trainer.mid_train --run-dir URI [--num-iterations N] [--limit N] ...
+    torchrun --nproc_per_node=8 -m nanorun.trainer.mid_train --run-dir s3://bucket/runs/d20
+
+Starts from base_train's final checkpoint (or resumes from its own). The mixture is SmolTalk, MMLU
+auxiliary_train, GSM8K, the identity set and the spelling tasks (offline: the tasks that need no
+download, see tasks/mixtures.py). Conversations are rendered with the chat special tokens and packed
+into rows exactly like pretraining (best-fit, every row starts at a document boundary, no padding),
+and every token is trained. The LR is pretraining's times `--init-lr-frac`, constant, then linear to
+zero over the last 20% of steps. Writes `<run-dir>/mid_train/` (progress.json, history.jsonl,
+checkpoints/, done.json); SIGTERM saves a checkpoint and exits 143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+from nanorun.trainer import storage
+from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
+from nanorun.trainer.conversation import render_conversation
+from nanorun.trainer.dataloader import PackedBatches, SequenceDocuments, default_streams, merge_states
+from nanorun.trainer.finetune import (
+    add_finetune_args,
+    grad_norm,
+    mean_across_ranks,
+    save,
+    set_learning_rate,
+    start_training,
+)
+from nanorun.trainer.loss_eval import evaluate_bpb
+from nanorun.trainer.optim import lr_multiplier
+from nanorun.trainer.tasks.common import Task
+from nanorun.trainer.tasks.mixtures import midtrain_mixture
+
+WARMDOWN_RATIO = 0.2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nanorun.trainer.mid_train", description=__doc__.split("\n")[0]
+    )
+    add_common_args(p)
+    add_finetune_args(p, source="base_train", init_lr_frac=1.0)
+    p.add_argument(
+        "--max-seq-len", type=int, default=-1, help="row length in tokens (-1 = the model's context)"
+    )
+    p.add_argument(
+        "--total-batch-size", type=int, default=-1, help="tokens per step (-1 = one device batch per rank)"
+    )
+    p.add_argument("--eval-tokens", type=int, default=2 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--data-streams", type=int, default=-1, help="independent data streams (-1 = auto)")
+    return p
+
+
+def packed(
+    tokenizer,
+    task: Task,
+    seq_len: int,
+    rows: int,
+    streams: int,
+    rank: int,
+    world: int,
+    B: int,
+    device,
+    state=None,
+) -> PackedBatches:
+    def document(i: int) -> list[int]:
+        return render_conversation(tokenizer, task[i], max_tokens=seq_len + 1)[0]
+
+    return PackedBatches(
+        lambda k: SequenceDocuments(document, len(task), k, streams),
+        device_batch_size=B, seq_len=seq_len, rows_per_step=rows, streams=streams, rank=rank,
+        world_size=world, device=device, buffer_size=64, state=state,
+    )  # fmt: skip
+
+
+def validation(tokenizer, task: Task, seq_len: int, B: int, rank: int, world: int, device) -> Iterator:
+    """The same validation rows on any world size: one stream, rank r keeps rows r, r+w, ..."""
+    loader = packed(tokenizer, task, seq_len, B * world, 1, 0, 1, B * world, "cpu")
+    try:
+        while True:
+            ((x, y),) = loader.step_batches()
+            yield x[rank::world].to(device), y[rank::world].to(device)
+    finally:
+        loader.close()
+
+
+def estimate_tokens(tokenizer, task: Task, seq_len: int, sample: int = 500) -> float:
+    """Tokens in one epoch of `task`, from a sample of its conversations."""
+    indices = random.Random(0).sample(range(len(task)), min(sample, len(task)))
+    lengths = [len(render_conversation(tokenizer, task[i], max_tokens=seq_len + 1)[0]) for i in indices]
+    return sum(lengths) / len(lengths) * len(task)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = setup_stage("mid_train", args)
+    if ctx.already_done:
+        return teardown(ctx)
+    from nanorun.trainer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
+    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
+    train, val, report = midtrain_mixture(storage.join(ctx.run_dir, "task_data"), limit=args.limit)
+    ctx.print0(str(report))
+
+    plan = start.loop.get("plan")
+    if plan is None:  # a fresh start derives the plan once; a resumed run keeps it
+        T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+        total = (
+            args.total_batch_size
+            if args.total_batch_size > 0
+            else args.device_batch_size * T * ctx.world_size
+        )
+        rows = total // T
+        streams = args.data_streams if args.data_streams > 0 else default_streams(ctx.world_size)
+        if rows % streams:
+            streams = ctx.world_size
+        steps = (
+            args.num_iterations
+            if args.num_iterations > 0
+            else max(1, int(estimate_tokens(tokenizer, train, T) // total))
+        )
+        plan = {
+            "seq_len": T,
+            "rows_per_step": rows,
+            "total_batch_size": rows * T,
+            "streams": streams,
+            "num_iterations": steps,
+        }
+    T, rows, steps = plan["seq_len"], plan["rows_per_step"], plan["num_iterations"]
+    B = min(args.device_batch_size, rows // ctx.world_size)
+    accum = rows // (B * ctx.world_size)
+    loader = packed(
+        tokenizer,
+        train,
+        T,
+        rows,
+        plan["streams"],
+        ctx.rank,
+        ctx.world_size,
+        B,
+        ctx.device,
+        start.loop.get("dataloader"),
+    )
+    step, loop = start.step, {"plan": plan, "smooth_loss": start.loop.get("smooth_loss", 0.0)}
+    ctx.load_history(before_step=step)
+    ctx.print0(
+        f"mid_train: from {start.checkpoint} ({'resumed' if start.resumed else start.source_stage}), {steps} steps x "
+        f"{plan['total_batch_size']:,} tokens; device batch {B} x {T}, {accum} accumulation step(s)"
+    )
+
+    val_bpb, last_ckpt, preempted, t_start = (
+        None,
+        start.checkpoint if start.resumed else None,
+        False,
+        time.time(),
+    )
+    while True:
+        last_step = step == steps
+        if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
+            val_bpb = evaluate_bpb(
+                model,
+                validation(tokenizer, val, T, B, ctx.rank, ctx.world_size, ctx.device),
+                eval_steps,
+                token_bytes,
+            )
+            ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
+            ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
+            ctx.record(step=step, val_bpb=val_bpb)
+            model.train()
+        if (
+            last_step
+            or preempted
+            or (args.save_every > 0 and step > start.step and step % args.save_every == 0)
+        ):
+            states = [loader.state_dict()]
+            if ctx.distributed:
+                import torch.distributed as dist
+
+                states = [None] * ctx.world_size
+                dist.all_gather_object(states, loader.state_dict())
+            meta = {"loop": {**loop, "dataloader": merge_states(states)}, "val_bpb": val_bpb}
+            last_ckpt = save(ctx, step, model, optimizer, start, meta, args.keep_checkpoints)
+            ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
+            ctx.flush_history()
+        if preempted:
+            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
+            loader.close()
+            teardown(ctx)
+            return PREEMPTED_EXIT_CODE
+        if last_step:
+            break
+
+        t0 = time.time()
+        loss_sum = 0.0
+        for x, y in loader.step_batches():
+            loss = model(x, y)
+            loss_sum += loss.item()
+            (loss / accum).backward()
+        norm = grad_norm(model)
+        lrm = lr_multiplier(step, steps, 0, WARMDOWN_RATIO, 0.0)
+        set_learning_rate(optimizer, start.base_lrs, lrm)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = mean_across_ranks(loss_sum / accum, ctx.device)
+        step += 1
+        dt = time.time() - t0
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** (step - start.step))
+        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
+        ctx.print0(f"step {step:06d}/{steps} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms")
+        ctx.progress(
+            step=step, total_steps=steps, loss=smooth, tokens_per_sec=plan["total_batch_size"] / dt, eta_seconds=eta,
+            lr=start.base_lrs[-1] * lrm, grad_norm=norm, tokens=plan["total_batch_size"], step_seconds=dt,
+        )  # fmt: skip
+        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm)
+        preempted = ctx.should_stop()
+
+    loader.close()
+    metrics = {
+        "val_bpb": val_bpb,
+        "steps": steps,
+        "tokens": steps * plan["total_batch_size"],
+        "tasks": report.used,
+    }
+    ctx.done(metrics, {"checkpoint": last_ckpt})
+    ctx.print0(f"mid_train done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
+    return teardown(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
