@@ -241,6 +241,7 @@ class Controller:
             except Exception as err:
                 if _status_code(err) != 409:
                     raise
+                d.events = [e for e in d.events if e.reason != "ServingCreated"]  # it was already there
         if d.patch_rayservice is not None:
             name = d.status["serving"]["rayService"]
             api.patch_namespaced_custom_object(*rs, name, d.patch_rayservice)

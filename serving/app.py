@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -173,8 +174,9 @@ class ChatDeployment:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         if self.loaded is None:
-            return {"status": "waiting for a checkpoint (user_config.checkpoint)", "ready": False}
-        return {"status": "ok", "ready": True, **self.loaded.info, **self.loaded.scheduler.stats()}
+            return {"status": "waiting for a checkpoint (user_config.checkpoint)", "ready": False, "pid": os.getpid()}
+        return {"status": "ok", "ready": True, "pid": os.getpid(), **self.loaded.info,
+                **self.loaded.scheduler.stats()}
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus(self) -> Response:

@@ -321,7 +321,7 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmdown_ratio
     warmdown_steps = round(warmdown_ratio * total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if step <= total_steps - warmdown_steps:
+    if warmdown_steps == 0 or step <= total_steps - warmdown_steps:
         return 1.0
     remaining = max(0.0, (total_steps - step) / warmdown_steps)  # 1 -> 0 across the warmdown
     return remaining + (1 - remaining) * final_lr_frac

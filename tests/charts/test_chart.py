@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import yaml
-
 from nanorun.operator.api import parse_spec
 from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
 from nanorun.operator.main import parse_args
 from nanorun.operator.plan import stage_plan
 from nanorun.operator.rayservice import rayservice_for_run
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
+
 from tests.charts import rbac_rules
 from tests.charts.conftest import (
     CHART,

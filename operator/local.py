@@ -1,0 +1,312 @@
+"""`nanorun run FILE`: run an LLMRun file on this machine, no cluster.
+
+    nanorun run examples/tiny.yaml                       # storage from the file's spec.storage.uri
+    nanorun run examples/tiny.yaml --run-dir s3://b/r    # override the run directory
+    nanorun run examples/tiny.yaml --serve               # then serve the chat model and print its URL
+    nanorun run examples/tiny.yaml --dry-run             # print the stage commands and stop
+
+The same stage plan the operator turns into PyTorchJobs (`nanorun.operator.plan.stage_plan`) runs
+here as local processes: `python -m nanorun.trainer.<stage> --run-dir URI ...`, under torchrun when
+a distributed stage has several processes (one per local GPU, capped by compute.gpusPerNode).
+A progress bar per stage is fed by the stage's progress.json; a summary table follows.
+
+- A stage with a done.json is skipped; an interrupted one resumes from its newest checkpoint (the
+  stage does that itself), so re-running the same command continues the run.
+- Ctrl-C sends SIGTERM to the running stage, which saves a checkpoint and exits; re-run to resume.
+- The file is validated with the same rules and messages as the CRD on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec, SpecError, parse_spec
+from nanorun.operator.plan import PlannedStage, stage_plan
+from nanorun.trainer import progress as stage_files
+from nanorun.trainer import storage
+
+STOP_GRACE_SECONDS = 300  # how long a stage may take to write its SIGTERM checkpoint
+POLL_SECONDS = 0.5
+SUMMARY_METRICS = ("loss", "val_bpb", "core", "chatcore", "mean_reward", "compression_ratio", "tokens_per_sec")
+
+
+class RunFileError(ValueError):
+    """The LLMRun file cannot be run (unreadable, wrong kind, invalid spec)."""
+
+
+@dataclass
+class RunFile:
+    name: str
+    spec: LLMRunSpec
+
+
+@dataclass
+class StageOutcome:
+    stage: PlannedStage
+    status: str  # done (earlier run) | ran | failed | stopped
+    seconds: float
+    metrics: dict[str, Any]
+
+
+def load_run_file(path: str) -> RunFile:
+    """Read and validate an LLMRun YAML file: the same checks (and messages) as the CRD."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise RunFileError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise RunFileError(f"{path}: expected an LLMRun object (apiVersion: {API_VERSION}, kind: {KIND})")
+    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
+        raise RunFileError(f"{path}: expected apiVersion: {API_VERSION} and kind: {KIND}, "
+                           f"got {doc.get('apiVersion')!r} / {doc.get('kind')!r}")
+    name = (doc.get("metadata") or {}).get("name") or Path(path).stem
+    try:
+        spec = parse_spec(doc.get("spec"))
+    except SpecError as e:
+        raise RunFileError(f"{path}: the LLMRun {name!r} is invalid:\n{e}") from None
+    return RunFile(name=name, spec=spec)
+
+
+def local_gpu_count() -> int:
+    """GPUs visible on this machine, without importing torch (the operator package never does)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def processes_for(stage: PlannedStage, spec: LLMRunSpec, override: int | None) -> int:
+    if not stage.distributed:
+        return 1
+    if override:
+        return override
+    return max(1, min(spec.compute.gpus_per_node, local_gpu_count()))
+
+
+def stage_command(stage: PlannedStage, run_dir: str, nproc: int, metrics_port: int | None) -> list[str]:
+    launcher = [sys.executable, "-m", stage.module]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={nproc}", "-m", stage.module]
+    cmd = launcher + ["--run-dir", run_dir, *stage.args]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    return cmd
+
+
+def _fmt_metric(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _progress_fields(p: stage_files.Progress | None) -> str:
+    if p is None:
+        return ""
+    parts = []
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.3f}")
+    if p.val_bpb is not None:
+        parts.append(f"bpb {p.val_bpb:.3f}")
+    if p.tokens_per_sec:
+        parts.append(f"{p.tokens_per_sec:,.0f} tok/s")
+    if p.eta_seconds is not None and p.step < p.total_steps:
+        parts.append(f"ETA {int(p.eta_seconds) // 60}m{int(p.eta_seconds) % 60:02d}s")
+    return "  ".join(parts)
+
+
+class LocalRun:
+    def __init__(self, run: RunFile, run_dir: str, log_dir: Path, console: Console,
+                 nproc: int | None = None, metrics_port: int | None = None):
+        self.run, self.run_dir, self.log_dir, self.console = run, run_dir, log_dir, console
+        self.nproc, self.metrics_port = nproc, metrics_port
+        self.stop_requested = False
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, NANORUN_RUN=self.run.name, PYTHONUNBUFFERED="1")
+        endpoint = self.run.spec.storage.endpoint
+        if endpoint and "AWS_ENDPOINT_URL" not in env:
+            env["AWS_ENDPOINT_URL"] = endpoint
+        return env
+
+    def execute(self) -> list[StageOutcome]:
+        outcomes: list[StageOutcome] = []
+        for stage in stage_plan(self.run.spec):
+            done = stage_files.read_done(self.run_dir, stage.stage)
+            if done is not None:
+                self.console.print(f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]")
+                outcomes.append(StageOutcome(stage, "done", done.seconds, done.metrics))
+                continue
+            outcome = self.run_stage(stage)
+            outcomes.append(outcome)
+            if outcome.status != "ran":
+                break
+        return outcomes
+
+    def run_stage(self, stage: PlannedStage) -> StageOutcome:
+        nproc = processes_for(stage, self.run.spec, self.nproc)
+        cmd = stage_command(stage, self.run_dir, nproc, self.metrics_port)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{stage.stage}.log"
+        start = time.time()
+        with open(log_path, "ab") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            # A new session: the terminal's Ctrl-C reaches only us; we forward SIGTERM so the stage
+            # checkpoints before it exits (a SIGINT would interrupt it mid-step).
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                    start_new_session=True)
+            rc = self._watch(stage, proc, nproc)
+        seconds = time.time() - start
+        if rc == 0:
+            done = stage_files.read_done(self.run_dir, stage.stage)
+            return StageOutcome(stage, "ran", seconds, done.metrics if done else {})
+        status = "stopped" if self.stop_requested else "failed"
+        if status == "failed":
+            tail = deque(log_path.read_text(errors="replace").splitlines(), maxlen=25)
+            self.console.print(f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:")
+            self.console.print("\n".join(tail), markup=False, highlight=False)
+        return StageOutcome(stage, status, seconds, {})
+
+    def _watch(self, stage: PlannedStage, proc: subprocess.Popen, nproc: int) -> int:
+        label = f"{stage.stage}" + (f" ×{nproc}" if nproc > 1 else "")
+        columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), TaskProgressColumn(),
+                   TextColumn("{task.completed:>6.0f}/{task.total:<6.0f}"), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=self.console, transient=False) as bars:
+            task = bars.add_task(label, total=None, info="starting")
+            deadline = None
+            while True:
+                try:
+                    rc = proc.wait(timeout=POLL_SECONDS)
+                    p = stage_files.read_progress(self.run_dir, stage.stage)
+                    if p and p.total_steps:
+                        bars.update(task, total=p.total_steps, completed=p.step, info=_progress_fields(p))
+                    if rc == 0:
+                        total = bars.tasks[0].total or 1
+                        bars.update(task, total=total, completed=total, info=_progress_fields(p) or "done")
+                    return rc
+                except subprocess.TimeoutExpired:
+                    pass
+                except KeyboardInterrupt:
+                    if not self.stop_requested:
+                        self.stop_requested = True
+                        deadline = time.time() + STOP_GRACE_SECONDS
+                        bars.update(task, info="stopping: saving a checkpoint (Ctrl-C again to kill)")
+                        _signal_group(proc, signal.SIGTERM)
+                    else:
+                        _signal_group(proc, signal.SIGKILL)
+                    continue
+                if deadline and time.time() > deadline:
+                    _signal_group(proc, signal.SIGKILL)
+                p = stage_files.read_progress(self.run_dir, stage.stage)
+                if p and p.total_steps:
+                    bars.update(task, total=p.total_steps, completed=p.step, info=_progress_fields(p))
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def summary_table(outcomes: list[StageOutcome]) -> Table:
+    table = Table(title="nanorun run")
+    for col in ("stage", "status", "time", "metrics"):
+        table.add_column(col)
+    for o in outcomes:
+        shown = {k: v for k, v in o.metrics.items() if k in SUMMARY_METRICS and v is not None}
+        if not shown:
+            shown = {k: v for k, v in list(o.metrics.items())[:4] if isinstance(v, int | float)}
+        metrics = "  ".join(f"{k}={_fmt_metric(v)}" for k, v in shown.items())
+        table.add_row(o.stage.stage, o.status, f"{o.seconds:.0f}s", metrics)
+    return table
+
+
+def default_log_dir(run_dir: str, name: str) -> Path:
+    if storage.is_s3(run_dir):
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanorun" / "logs" / name
+    return Path(run_dir) / "logs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanorun run", description="Run an LLMRun file on this machine.")
+    p.add_argument("file", help="LLMRun YAML file (apiVersion: nanorun.io/v1alpha1, kind: LLMRun)")
+    p.add_argument("--run-dir", default=None, help="run directory (local path or s3://); overrides spec.storage.uri")
+    p.add_argument("--serve", action="store_true", help="serve the chat model when training has finished")
+    p.add_argument("--host", default="127.0.0.1", help="address the chat service listens on (with --serve)")
+    p.add_argument("--port", type=int, default=8000, help="port of the chat service (with --serve)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes for distributed stages (default: local GPUs, capped by compute.gpusPerNode; 1 on CPU)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port of the stages")
+    p.add_argument("--log-dir", default=None, help="where stage logs go (default: <run-dir>/logs)")
+    p.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        run = load_run_file(args.file)
+    except RunFileError as e:
+        console.print(f"[red]nanorun run:[/red] {e}", markup=True, highlight=False)
+        return 2
+    run_dir = args.run_dir or run.spec.storage.uri
+    if not storage.is_s3(run_dir):
+        run_dir = str(Path(run_dir).expanduser().resolve())
+    plan = stage_plan(run.spec)
+    if args.dry_run:
+        for stage in plan:
+            nproc = processes_for(stage, run.spec, args.nproc_per_node)
+            print(" ".join(stage_command(stage, run_dir, nproc, args.metrics_port)))
+        return 0
+
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir, run.name)
+    console.print(f"[bold]nanorun run[/bold] {run.name}: {len(plan)} stages → {run_dir}  (logs in {log_dir})")
+    local = LocalRun(run, run_dir, log_dir, console, nproc=args.nproc_per_node, metrics_port=args.metrics_port)
+    outcomes = local.execute()
+    console.print(summary_table(outcomes))
+    last = outcomes[-1].status if outcomes else "ran"
+    if last == "stopped":
+        console.print("Stopped. The stage saved a checkpoint; run the same command again to resume.")
+        return 130
+    if last == "failed":
+        console.print("A stage failed; fix the cause and run the same command again to resume.")
+        return 1
+    report = storage.join(run_dir, "report", "report.md")
+    if storage.exists(report):
+        console.print(f"Report: {report}")
+    if args.serve and run.spec.serving.enabled:
+        from nanorun.serving.cli import main as serve_main
+
+        return serve_main(["--checkpoint", run_dir, "--host", args.host, "--port", str(args.port)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

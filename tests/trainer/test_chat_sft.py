@@ -1,0 +1,49 @@
+"""chat_sft: padded rows with masked targets; the loss falls on fixture conversations."""
+
+from __future__ import annotations
+
+import torch
+from nanorun.trainer.chat_sft import sft_batch
+from nanorun.trainer.conversation import render_conversation
+from nanorun.trainer.gpt import GPT, GPTConfig
+from nanorun.trainer.tasks.customjson import IDENTITY_PATH, CustomJSON
+
+from tests.tasks.byte_tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def test_rows_are_padded_and_only_assistant_tokens_are_targets():
+    short = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    long = {"messages": [{"role": "user", "content": "ccc"}, {"role": "assistant", "content": "dd"}]}
+    x, y = sft_batch(TOK, [short, long], max_len=64, device="cpu")
+    ids_long, mask_long = render_conversation(TOK, long)
+    assert x.shape == y.shape == (2, len(ids_long) - 1)
+    assert x[1].tolist() == ids_long[:-1]
+    assert y[1].tolist() == [t if m else -1 for t, m in zip(ids_long[1:], mask_long[1:], strict=True)]
+    ids_short, _ = render_conversation(TOK, short)
+    pad = TOK.encode_special("<|assistant_end|>")
+    assert x[0, len(ids_short) - 1 :].tolist() == [pad] * (x.shape[1] - len(ids_short) + 1)
+    assert (y[0, len(ids_short) - 1 :] == -1).all()  # padding is never a target
+    assert [t for t in y[0].tolist() if t >= 0] == TOK.encode("b") + [pad]  # "b" and <|assistant_end|>
+
+
+def test_sft_loss_falls_on_fixture_conversations():
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(sequence_len=256, vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    )
+    model.init_weights()
+    optimizer = model.setup_optimizer(
+        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.02, scalar_lr=0.1, weight_decay=0.0
+    )
+    identity = CustomJSON(IDENTITY_PATH)
+    x, y = sft_batch(TOK, [identity[i] for i in range(4)], max_len=256, device="cpu")
+    losses = []
+    for _ in range(15):
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
