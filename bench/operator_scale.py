@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after the standard library: the repo has an `operator/` folder
 
 from kubernetes import client, config, watch  # noqa: E402
 from nanorun.operator.api import GROUP, PLURAL, VERSION  # noqa: E402

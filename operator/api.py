@@ -299,8 +299,8 @@ RULES: list[Rule] = [
         _batch_divisible,
     ),
     Rule(
-        "spec.serving",
-        "self.minReplicas <= self.maxReplicas",
+        "spec",
+        "self.serving.minReplicas <= self.serving.maxReplicas",
         "serving.minReplicas must not exceed serving.maxReplicas",
         lambda s: s.serving.min_replicas <= s.serving.max_replicas,
     ),

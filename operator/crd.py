@@ -41,7 +41,12 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "anyOf" in node:  # `X | None` → X: absent means unset
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         assert len(branches) == 1, f"unsupported union: {branches}"
-        node = {**_structural(branches[0], defs), **node}
+        inner = _structural(branches[0], defs)
+        if node.get("default") is not None:
+            inner["default"] = node["default"]
+        if description:
+            inner["description"] = description
+        return inner
     if node.get("default", 0) is None:
         node.pop("default")
     out: dict[str, Any] = {}

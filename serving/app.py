@@ -22,8 +22,8 @@ ending with `data: [DONE]`; false: one JSON with `usage`), `GET /v1/models`, `GE
   target_ongoing_requests).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
+# (Ray Serve's ingress rebuilds the methods, and string annotations would not resolve).
 import asyncio
 import contextlib
 import json
@@ -56,7 +56,7 @@ from nanorun.serving.api import (
     now,
     validation_error_body,
 )
-from nanorun.serving.metrics import ServeMetrics
+from nanorun.serving.metrics import serve_metrics
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -71,7 +71,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
 }
 
-metrics = ServeMetrics()  # one per process; each Ray Serve replica is its own process
 api = FastAPI(title="nanorun chat", version="0.1.0",
               description="OpenAI-compatible chat completions over a nanorun checkpoint, with continuous "
                           "batching. Limits: see nanorun.serving.api.")
@@ -97,7 +96,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _count_requests(request: Request, call_next: Any) -> Response:
     response = await call_next(request)
     if request.url.path.endswith(CHAT_PATH):
-        metrics.requests.labels(status=str(response.status_code)).inc()
+        serve_metrics().requests.labels(status=str(response.status_code)).inc()
     return response
 
 
@@ -126,8 +125,73 @@ class LoadedModel:
         torch_device = default_device() if device == "auto" else device
         self.model, self.tokenizer, self.info = load_chat_model(checkpoint, tokenizer, torch_device)
         self.source = (checkpoint, tokenizer)
-        self.scheduler = Scheduler(self.model, self.tokenizer, slots=slots, metrics=metrics).start()
+        self.scheduler = Scheduler(self.model, self.tokenizer, slots=slots, metrics=serve_metrics()).start()
         log.info("loaded %s (tokenizer %s) on %s", self.info["checkpoint"], self.info["tokenizer"], torch_device)
+
+
+# Everything the routes use is defined above the deployment: Ray Serve's ingress takes a copy of
+# this module's globals when it wraps the class, so later definitions would not be visible to it.
+class _NotReady(Exception):
+    pass
+
+
+async def _complete(events: AsyncIterator[Any], start: float, headers: dict[str, str]) -> JSONResponse:
+    parts: list[str] = []
+    last = None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if not parts and event.token is not None:
+                serve_metrics().time_to_first_token.observe(time.monotonic() - start)
+            parts.append(event.text)
+            last = event
+    serve_metrics().request_seconds.observe(time.monotonic() - start)
+    if last is None or last.finish_reason == "error":
+        return _error(500, last.error if last else "generation ended early", "server_error")
+    result = ChatCompletion(
+        id=completion_id(), created=now(), model=MODEL_ID,
+        choices=[Choice(message=AssistantMessage(content="".join(parts)), finish_reason=last.finish_reason)],
+        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                    total_tokens=last.prompt_tokens + last.completion_tokens),
+    )
+    return JSONResponse(result.model_dump(), headers=headers)
+
+
+def _data(payload: BaseModel | dict[str, Any]) -> str:
+    text = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {text}\n\n"
+
+
+async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [DONE]."""
+    cid, created = completion_id(), now()
+
+    def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=cid, created=created, model=MODEL_ID,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+    first = True
+    try:
+        yield _data(chunk(Delta(role="assistant", content="")))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if first and event.token is not None:
+                    serve_metrics().time_to_first_token.observe(time.monotonic() - start)
+                    first = False
+                if event.finish_reason == "error":
+                    yield _data(error_body(event.error or "generation failed", "server_error"))
+                    break
+                if event.text:
+                    yield _data(chunk(Delta(content=event.text)))
+                if event.finish_reason is not None:
+                    yield _data(chunk(Delta(), event.finish_reason))
+                    if include_usage:
+                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                                      total_tokens=event.prompt_tokens + event.completion_tokens)
+                        yield _data(ChatCompletionChunk(id=cid, created=created, model=MODEL_ID, choices=[],
+                                                        usage=usage))
+        yield "data: [DONE]\n\n"
+    finally:
+        serve_metrics().request_seconds.observe(time.monotonic() - start)
 
 
 @serve.deployment(name=SERVE_DEPLOYMENT_NAME, max_ongoing_requests=64, health_check_period_s=10)
@@ -180,7 +244,7 @@ class ChatDeployment:
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus(self) -> Response:
-        body, content_type = metrics.render()
+        body, content_type = serve_metrics().render()
         return Response(body, media_type=content_type)
 
     @api.get("/v1/models", response_model=ModelList)
@@ -215,69 +279,6 @@ class ChatDeployment:
             return StreamingResponse(_sse(events, start, include_usage), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", **headers})
         return await _complete(events, start, headers)
-
-
-class _NotReady(Exception):
-    pass
-
-
-async def _complete(events: AsyncIterator[Any], start: float, headers: dict[str, str]) -> JSONResponse:
-    parts: list[str] = []
-    last = None
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if not parts and event.token is not None:
-                metrics.time_to_first_token.observe(time.monotonic() - start)
-            parts.append(event.text)
-            last = event
-    metrics.request_seconds.observe(time.monotonic() - start)
-    if last is None or last.finish_reason == "error":
-        return _error(500, last.error if last else "generation ended early", "server_error")
-    result = ChatCompletion(
-        id=completion_id(), created=now(), model=MODEL_ID,
-        choices=[Choice(message=AssistantMessage(content="".join(parts)), finish_reason=last.finish_reason)],
-        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                    total_tokens=last.prompt_tokens + last.completion_tokens),
-    )
-    return JSONResponse(result.model_dump(), headers=headers)
-
-
-def _data(payload: BaseModel | dict[str, Any]) -> str:
-    text = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {text}\n\n"
-
-
-async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's streaming format: a role chunk, content chunks, a finish chunk, [DONE]."""
-    cid, created = completion_id(), now()
-
-    def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=cid, created=created, model=MODEL_ID,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)])
-
-    first = True
-    try:
-        yield _data(chunk(Delta(role="assistant", content="")))
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if first and event.token is not None:
-                    metrics.time_to_first_token.observe(time.monotonic() - start)
-                    first = False
-                if event.finish_reason == "error":
-                    yield _data(error_body(event.error or "generation failed", "server_error"))
-                    break
-                if event.text:
-                    yield _data(chunk(Delta(content=event.text)))
-                if event.finish_reason is not None:
-                    yield _data(chunk(Delta(), event.finish_reason))
-                    if include_usage:
-                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                      total_tokens=event.prompt_tokens + event.completion_tokens)
-                        yield _data(ChatCompletionChunk(id=cid, created=created, model=MODEL_ID, choices=[],
-                                                        usage=usage))
-        yield "data: [DONE]\n\n"
-    finally:
-        metrics.request_seconds.observe(time.monotonic() - start)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the chat service: the single source of the `nanorun_serve_*` names.
 
-Each replica keeps its own `prometheus_client` registry and serves it on `GET /metrics` of the app
-(see docs/serving.md for how the series reach Prometheus on a cluster):
+Each replica process keeps one `ServeMetrics` (`serve_metrics()`), in a `prometheus_client`
+registry of its own, and serves it on `GET /metrics` of the app (see docs/serving.md for how the
+series reach Prometheus on a cluster):
 
     nanorun_serve_requests_total{status}            counter: finished requests by HTTP status / outcome
     nanorun_serve_time_to_first_token_seconds       histogram: request start to first generated token
@@ -54,3 +55,14 @@ class ServeMetrics:
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+_PROCESS_METRICS = ServeMetrics()
+
+
+def serve_metrics() -> ServeMetrics:
+    """This process's metrics: one per Ray Serve replica process.
+
+    The app reaches them through this function, never through a module global of its own: Ray
+    Serve's ingress serialises the route methods by value, which would give them a private copy."""
+    return _PROCESS_METRICS

@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.kube",
     "tests.fixtures.tiny_run",
+    "tests.fixtures.chat_model",
     "tests.fixtures.metrics",
 ]

@@ -201,7 +201,7 @@ def test_trainer_image_builds_the_rust_binding_on_a_cuda_pytorch_base() -> None:
 
 def test_operator_image_is_slim_python_without_torch() -> None:
     stages = parse_dockerfile(DOCKERFILES["operator"])
-    assert all(re.fullmatch(r"python:[\d.]+-slim-\w+", s.base) for s in external_bases(stages))
+    assert all(re.fullmatch(r"python:[\d.]+-slim-\w+", base) for base in external_bases(stages))
     installs = " ".join(r for s in stages for r in s.args_of("RUN") if "pip install" in r)
     assert '[operator]"' in installs
     assert not re.search(r"\[(trainer|serving|dev)", installs) and "torch" not in installs

@@ -16,7 +16,6 @@ import argparse
 import sys
 
 import torch
-
 from nanorun.trainer import core_eval, storage
 from nanorun.trainer.base_train import SAMPLE_PROMPTS, greedy_sample
 from nanorun.trainer.checkpoint import final_checkpoint, load_model

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from nanorun.trainer import checkpoint as ckpt
 from nanorun.trainer import core_eval
 from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, peak_flops, setup_stage, teardown
@@ -50,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanorun.trainer.base_train", description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--data", default="bundled", help="pretraining shards: 'bundled', a dir/prefix URI, or hf URL")
+    p.add_argument("--shards", type=int, default=-1, help="use the first N shards (the last of them validates; -1 = all)")
     m = p.add_argument_group("model")
     m.add_argument("--depth", type=int, default=20, help="transformer layers; width and heads follow from it")
     m.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect ratio")
     m.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     m.add_argument("--window-pattern", default="SSSL", help="per-layer sliding-window pattern (S short, L long)")
+    m.add_argument("--n-kv-head", type=int, default=None, help="key/value heads (grouped-query attention; default = heads)")
     h = p.add_argument_group("horizon (first one set wins)")
     h.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
     h.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs to spend (-1 = off)")
@@ -91,7 +92,8 @@ def model_config(args: argparse.Namespace, vocab_size: int, depth: int | None = 
 
     return GPTConfig.from_depth(
         depth or args.depth, vocab_size, args.max_seq_len, aspect_ratio=args.aspect_ratio,
-        head_dim=args.head_dim, window_pattern=args.window_pattern,
+        head_dim=args.head_dim, n_kv_head=args.n_kv_head if depth is None else None,
+        window_pattern=args.window_pattern,
     )
 
 
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = model.estimate_flops()
     plan = meta["plan"] if meta else plan_run(args, config, flops_per_token, ctx.world_size)
     shards = meta["shards"] if meta else resolve_shards(args.data, ctx.run_dir)
+    if not meta and args.shards > 0:
+        shards = shards[: args.shards]
     if len(shards) < 2:
         raise SystemExit(f"--data {args.data} resolved to {len(shards)} shard(s); need 2+ (the last is validation)")
     optimizer = model.setup_optimizer(**plan["lr"])
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
         ).item()
         lrm = lr_multiplier(step, num_iterations, plan["warmup_steps"], plan["warmdown_ratio"], plan["final_lr_frac"])
-        for g, lr, wd in zip(optimizer.param_groups, base_lr, base_wd):
+        for g, lr, wd in zip(optimizer.param_groups, base_lr, base_wd, strict=True):
             g["lr"] = lr * lrm
             if g.get("kind") == "muon":
                 g["momentum"] = muon_momentum(step)

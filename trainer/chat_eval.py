@@ -27,7 +27,7 @@ from typing import Any
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
 from nanorun.trainer.progress import is_done
-from nanorun.trainer.tasks.common import run_categorical_eval, run_generative_eval
+from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generative_eval
 from nanorun.trainer.tasks.hf import TaskDataUnavailable
 from nanorun.trainer.tasks.mixtures import CHATCORE_TASKS, EVAL_TASKS, RANDOM_BASELINE
 
@@ -81,7 +81,21 @@ def sources_to_evaluate(run_dir: str, source: str) -> list[str]:
     return chosen
 
 
-def evaluate_source(ctx, args, source: str, tasks: list[str], tokenizer) -> dict[str, Any]:
+def load_tasks(ctx, names: list[str]) -> tuple[dict[str, Task], dict[str, str]]:
+    """(tasks that could be loaded, {skipped task: reason})."""
+    tasks, skipped = {}, {}
+    for name in names:
+        try:
+            tasks[name] = EVAL_TASKS[name](storage.join(ctx.run_dir, "task_data"))
+        except TaskDataUnavailable as err:
+            skipped[name] = err.reason
+            ctx.print0(f"skipping {name}: {err}")
+    return tasks, skipped
+
+
+def evaluate_source(
+    ctx, args, source: str, tasks: dict[str, Task], skipped: dict[str, str], tokenizer
+) -> dict[str, Any]:
     from nanorun.trainer.checkpoint import final_checkpoint, load_model
     from nanorun.trainer.engine import Engine
 
@@ -90,19 +104,12 @@ def evaluate_source(ctx, args, source: str, tasks: list[str], tokenizer) -> dict
     engine = Engine(model, tokenizer)
     results_dir = storage.join(ctx.stage_dir, "results", source)
     results: dict[str, float] = {}
-    skipped: dict[str, str] = {}
     samples: list[dict[str, Any]] = []
-    for name in tasks:
+    for name, task in tasks.items():
         saved = storage.read_json_or_none(storage.join(results_dir, f"{name}.json"))
         if saved is not None:  # evaluated before an interruption
             results[name] = saved["accuracy"]
             samples += saved.get("samples", [])
-            continue
-        try:
-            task = EVAL_TASKS[name](storage.join(ctx.run_dir, "task_data"))
-        except TaskDataUnavailable as err:
-            skipped[name] = str(err).split(". ")[0]
-            ctx.print0(f"{source}: skipping {name}: {skipped[name]}")
             continue
         t0 = time.time()
         task_samples: list[dict[str, Any]] = []
@@ -155,16 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         return teardown(ctx)
     from nanorun.trainer.tokenizer import Tokenizer
 
-    tasks = [t.strip() for t in args.tasks.split("|") if t.strip()]
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    names = [t.strip() for t in args.tasks.split("|") if t.strip()]
+    unknown = [t for t in names if t not in EVAL_TASKS]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {'|'.join(EVAL_TASKS)}")
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     sources = sources_to_evaluate(ctx.run_dir, args.source)
+    tasks, skipped = load_tasks(ctx, names)
     summaries = {}
     for i, source in enumerate(sources):
         ctx.progress(flush=True, step=i, total_steps=len(sources), message=f"evaluating {source}")
-        summaries[source] = evaluate_source(ctx, args, source, tasks, tokenizer)
+        summaries[source] = evaluate_source(ctx, args, source, tasks, skipped, tokenizer)
         s = summaries[source]
         chat = (
             "n/a"

@@ -34,11 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-
 from nanorun.trainer import storage
 from nanorun.trainer.progress import read_done
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 COMMIT_MARKER = "COMMITTED"
 WEIGHTS_FILE = "model.safetensors"

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from nanorun.trainer import storage
 from nanorun.trainer.metrics import TrainMetrics, WandbLogger
 from nanorun.trainer.progress import Done, Progress, read_done, write_done, write_progress
@@ -133,12 +132,13 @@ class StageContext:
             self._progress_written_at = now
 
     def load_history(self, before_step: int) -> None:
-        """On resume: keep the history records of the steps before `before_step`."""
+        """On resume from the checkpoint of step `before_step`: keep the records written before that
+        checkpoint was saved (steps up to and including `before_step`), drop those of later steps."""
         uri = storage.join(self.stage_dir, HISTORY_FILE)
         if self.is_master and storage.exists(uri):
             lines = storage.read_text(uri).splitlines()
             records = [json.loads(line) for line in lines if line.strip()]
-            self.history = [r for r in records if r.get("step", 0) < before_step]
+            self.history = [r for r in records if r.get("step", 0) <= before_step]
 
     def record(self, flush: bool = False, **fields: Any) -> None:
         """Append one record (a step's numbers) to `<stage>/history.jsonl`, the curves of the run."""

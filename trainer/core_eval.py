@@ -206,9 +206,9 @@ def score_item(model: torch.nn.Module, tokenizer: Any, task: CoreTask, idx: int,
     max_len = getattr(getattr(model, "config", None), "sequence_len", None)
     if max_len:  # keep the end of over-long prompts: the scored span is at the end
         crop = [max(0, len(s) - max_len) for s in seqs]
-        seqs = [s[c:] for s, c in zip(seqs, crop)]
-        starts = [max(1, st - c) for st, c in zip(starts, crop)]
-        ends = [e - c for e, c in zip(ends, crop)]
+        seqs = [s[c:] for s, c in zip(seqs, crop, strict=True)]
+        starts = [max(1, st - c) for st, c in zip(starts, crop, strict=True)]
+        ends = [e - c for e, c in zip(ends, crop, strict=True)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.bos_token_id, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -220,7 +220,9 @@ def score_item(model: torch.nn.Module, tokenizer: Any, task: CoreTask, idx: int,
     if task.task_type == "language_modeling":
         s, e = starts[0], ends[0]
         return bool(torch.equal(logits[0, s - 1 : e - 1].argmax(-1), ids[0, s:e]))
-    mean_losses = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
+    mean_losses = [
+        losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+    ]
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
 

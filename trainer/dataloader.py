@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -43,7 +44,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-
 from nanorun.trainer import storage
 
 TOKENIZE_BATCH = 128  # documents per encode_batch call
@@ -128,6 +128,10 @@ class ShardCache:
         if storage.is_s3(uri) or uri.startswith(("http://", "https://")):
             self._future(uri)
 
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
 
 def open_shard(uri: str, cache: ShardCache) -> pq.ParquetFile:
     path = cache.local_path(uri)
@@ -196,7 +200,7 @@ class ParquetDocuments:
 
     def _encode(self, batch: list[tuple[Position, str]]) -> list[tuple[Position, list[int]]]:
         ids = self.tokenizer.encode_batch([t for _, t in batch], prepend=self.tokenizer.bos_token_id, num_threads=4)
-        return [(pos, tok) for (pos, _), tok in zip(batch, ids)]
+        return [(pos, tok) for (pos, _), tok in zip(batch, ids, strict=True)]
 
     def fetch(self, positions: Sequence[Position]) -> list[list[int]]:
         texts: dict[tuple[int, int], list[str]] = {}
@@ -251,7 +255,7 @@ class PackedStream:
     def _run(self) -> None:
         try:
             positions = [list(p) for p in self.state["buffer"]]
-            buffer = list(zip(positions, self.source.fetch(positions)))
+            buffer = list(zip(positions, self.source.fetch(positions), strict=True))
             last = self.state["next_after"]
             docs = self.source.documents(last)
             while not self.stop.is_set():
@@ -327,6 +331,7 @@ class PackedBatches:
                 f"{rows_per_rank} rows per rank per step is not a multiple of the device batch size {device_batch_size}"
             )
         self.B, self.T, self.device = device_batch_size, seq_len, torch.device(device)
+        self.cache: ShardCache | None = None
         self.streams = streams
         self.owned = list(range(rank, streams, world_size))
         saved = (state or {}).get("streams", {})
@@ -341,7 +346,9 @@ class PackedBatches:
     def for_shards(cls, tokenizer: Any, shards: Sequence[str], **kwargs: Any) -> PackedBatches:
         cache = ShardCache()
         streams = kwargs["streams"]
-        return cls(lambda k: ParquetDocuments(tokenizer, shards, k, streams, cache), **kwargs)
+        loader = cls(lambda k: ParquetDocuments(tokenizer, shards, k, streams, cache), **kwargs)
+        loader.cache = cache
+        return loader
 
     def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's rows of the next step, as (inputs, targets) micro-batches of B rows."""
@@ -362,6 +369,8 @@ class PackedBatches:
     def close(self) -> None:
         for p in self.packers.values():
             p.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def merge_states(states: Sequence[dict]) -> dict:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from nanorun.trainer.attention import cached_attention, causal_attention
 
 # Queries and keys leave QK-norm with unit RMS; a fixed gain sharpens attention a little (nanochat).
@@ -326,7 +325,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         dtype = self.compute_dtype
         if kv_cache is None:
-            if T > self.cos.size(0):
+            if self.cos.size(0) < T:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)})")
             cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]
         else:

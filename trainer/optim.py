@@ -171,7 +171,7 @@ class MuonAdamW(torch.optim.Optimizer):
         reductions = [self._start_reduce(gi, group) for gi, group in enumerate(self.param_groups)]
         # Phase 2: as each reduction lands, update the local shard and start its all-gather.
         gathers = [self._update(gi, group, reduced)
-                   for gi, (group, reduced) in enumerate(zip(self.param_groups, reductions))]
+                   for gi, (group, reduced) in enumerate(zip(self.param_groups, reductions, strict=True))]
         # Phase 3: wait for the gathers and write the full parameters back.
         for finish in gathers:
             finish()
@@ -209,7 +209,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """Update this rank's part of the group; returns a callable that finishes the all-gather."""
         if group["kind"] == "adamw":
             pending = []
-            for p, (work, grad) in zip(group["params"], reduced):
+            for p, (work, grad) in zip(group["params"], reduced, strict=True):
                 if work is not None:
                     work.wait()
                     grad.div_(self.world)
@@ -272,11 +272,16 @@ class MuonAdamW(torch.optim.Optimizer):
         Sharded AdamW buffers are DTensors (Shard(0) over a 1-D mesh); every other entry is a plain
         tensor present only on the rank that owns it (replicated ones on every rank). Pass this dict to
         torch.distributed.checkpoint.save, or load into it and hand it to load_sharded_state_dict.
+        The tensors share storage with the live state; a fresh optimizer's dict is the load template:
+
+            sd = optimizer.sharded_state_dict()
+            torch.distributed.checkpoint.load(sd, checkpoint_id=path)
+            optimizer.load_sharded_state_dict(sd)
         """
         state: dict[str, dict[str, Tensor]] = {}
         for gi, group in enumerate(self.param_groups):
             if group["kind"] == "adamw":
-                for name, p in zip(group["names"], group["params"]):
+                for name, p in zip(group["names"], group["params"], strict=True):
                     buffers = self._adamw_state(p)
                     state[name] = {k: self._as_global(t, p) if self._sharded(p) else t
                                    for k, t in buffers.items()}

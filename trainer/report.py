@@ -135,8 +135,8 @@ def metrics_table(run_dir: str) -> dict[str, dict[str, float | None]]:
         done = read_done(run_dir, stage)
         if done is not None and done.metrics.get("val_bpb") is not None:
             table["val bpb"][column] = done.metrics["val_bpb"]
-        if column == "RL" and done is not None and done.metrics.get("pass@1") is not None:
-            table["GSM8K"]["RL"] = done.metrics["pass@1"]  # chat_rl's own held-out pass@1
+        if column == "RL" and done is not None and done.metrics.get("task") == "GSM8K":
+            table["GSM8K"]["RL"] = done.metrics.get("pass@1")  # chat_rl's own held-out pass@1
         evaluated = storage.read_json_or_none(storage.join(run_dir, "chat_eval", f"{stage}.json"))
         if evaluated:
             for task, accuracy in evaluated["results"].items():

@@ -2,7 +2,10 @@
 //!
 //! Two phases:
 //! 1. `ChunkCounter` splits text with the split regex and counts unique chunks, in parallel (rayon)
-//!    per batch; only the counts are kept, never the corpus.
+//!    per batch; only the counts are kept, never the corpus. The regex engine is PCRE2 with its JIT
+//!    (Perl syntax: look-arounds, possessive quantifiers, `\p{..}` classes in UTF + UCP mode): on the
+//!    GPT-4 pattern it is several times faster than a backtracking VM, and splitting is most of the
+//!    time of a training run.
 //! 2. `train_merges` turns the unique chunks into byte-id words and merges pairs until the vocab is
 //!    full. Pair counts are updated incrementally from each merge's local changes, and the next pair
 //!    comes from a max-heap with lazy re-validation, so no merge recounts the corpus.
@@ -13,7 +16,7 @@
 //! threads.
 
 use ahash::AHashMap;
-use fancy_regex::Regex;
+use pcre2::bytes::{Regex, RegexBuilder};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -24,6 +27,26 @@ pub type Pair = (u32, u32);
 pub const MAX_VOCAB: usize = 1 << 17;
 
 /// Counts unique regex chunks over batches of text.
+/// Compiles a split pattern (UTF-8 + Unicode properties, JIT when the platform has it).
+pub fn compile(pattern: &str) -> Result<Regex, String> {
+    RegexBuilder::new()
+        .utf(true)
+        .ucp(true)
+        .jit_if_available(true)
+        // Long whitespace or punctuation runs backtrack deeply; the default 32 KiB JIT stack is too small.
+        .max_jit_stack_size(Some(64 << 20))
+        .build(pattern)
+        .map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))
+}
+
+/// Splits `text` into chunks with `regex`.
+pub fn split<'t>(regex: &Regex, text: &'t str) -> Result<Vec<&'t str>, String> {
+    regex
+        .find_iter(text.as_bytes())
+        .map(|m| m.map(|m| &text[m.start()..m.end()]).map_err(|e| format!("split regex failed: {e}")))
+        .collect()
+}
+
 pub struct ChunkCounter {
     regex: Regex,
     counts: AHashMap<String, i64>,
@@ -32,8 +55,7 @@ pub struct ChunkCounter {
 
 impl ChunkCounter {
     pub fn new(pattern: &str) -> Result<Self, String> {
-        let regex = Regex::new(pattern).map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))?;
-        Ok(Self { regex, counts: AHashMap::new(), chars_seen: 0 })
+        Ok(Self { regex: compile(pattern)?, counts: AHashMap::new(), chars_seen: 0 })
     }
 
     /// Counts the chunks of every text in `batch` (in parallel) and adds them to the totals.
@@ -42,9 +64,10 @@ impl ChunkCounter {
         let local: AHashMap<&str, i64> = batch
             .par_iter()
             .try_fold(AHashMap::new, |mut map: AHashMap<&str, i64>, text| {
-                for m in regex.find_iter(text) {
+                for m in regex.find_iter(text.as_bytes()) {
                     let m = m.map_err(|e| format!("split regex failed on a text: {e}"))?;
-                    *map.entry(m.as_str()).or_insert(0) += 1;
+                    // UTF mode only matches on character boundaries, so the slice is valid str.
+                    *map.entry(&text[m.start()..m.end()]).or_insert(0) += 1;
                 }
                 Ok::<_, String>(map)
             })

@@ -21,7 +21,7 @@ use pyo3::types::PyDict;
 /// Args:
 ///     texts: any iterable of str; it is read once, batch by batch, never held in memory whole.
 ///     vocab_size: 256 byte tokens plus the number of merges to learn (at most 2**17).
-///     pattern: the split regex (fancy-regex syntax: look-arounds and possessive quantifiers work).
+///     pattern: the split regex (PCRE2 syntax: look-arounds and possessive quantifiers work).
 ///     batch_size: texts pulled from the iterator per parallel counting round.
 ///     num_threads: rayon threads; 0 means one per core. The result does not depend on it.
 ///
@@ -99,13 +99,9 @@ fn train<'py>(
 /// Splits `text` with `pattern` exactly as `train` does (for tests and debugging).
 #[pyfunction]
 fn split(pattern: &str, text: &str) -> PyResult<Vec<String>> {
-    let regex = fancy_regex::Regex::new(pattern)
-        .map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))?;
-    regex
-        .find_iter(text)
-        .map(|m| m.map(|m| m.as_str().to_owned()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| PyRuntimeError::new_err(format!("split regex failed: {e}")))
+    let regex = bpe::compile(pattern).map_err(PyValueError::new_err)?;
+    let chunks = bpe::split(&regex, text).map_err(PyRuntimeError::new_err)?;
+    Ok(chunks.into_iter().map(str::to_owned).collect())
 }
 
 #[pymodule]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-
 from nanorun.serving import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME, SERVE_IMPORT_PATH
 
 SLOTS = 16

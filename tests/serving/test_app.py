@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from nanorun.serving.api import MAX_MESSAGE_CHARS, MAX_MESSAGES
 from nanorun.serving.metrics import SERIES
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow  # starts Ray once per session (~20 s)
 
@@ -177,7 +176,7 @@ def test_client_disconnect_frees_its_slot(chat_service):
     url = chat_service.url
     before = metric_values(url)[("nanorun_serve_generated_tokens_total", ())]
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                      json={"messages": HELLO, "max_tokens": 4000, "temperature": 1.0, "top_k": 0, "stream": True}
+                      json={"messages": HELLO, "max_tokens": 4000, "temperature": 1.0, "top_k": 50, "stream": True}
                       ) as response:
         lines = response.iter_lines()
         next(lines), next(lines)  # the role chunk and the first token, then hang up

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nanorun.trainer import core_eval, storage
 from nanorun.trainer.progress import read_done
+
 from tests.fixtures.tiny_run import check, run_stage, small_tokenizer
 
 BUNDLE = Path(__file__).parent / "fixtures" / "eval_bundle"

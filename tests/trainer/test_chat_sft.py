@@ -38,9 +38,9 @@ def test_sft_loss_falls_on_fixture_conversations():
         matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.02, scalar_lr=0.1, weight_decay=0.0
     )
     identity = CustomJSON(IDENTITY_PATH)
-    x, y = sft_batch(TOK, [identity[i] for i in range(4)], max_len=256, device="cpu")
+    x, y = sft_batch(TOK, [identity[i] for i in range(2)], max_len=256, device="cpu")
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         loss = model(x, y)
         loss.backward()
         optimizer.step()

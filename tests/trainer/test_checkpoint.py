@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from nanorun.trainer import storage
 from nanorun.trainer.checkpoint import (
     CheckpointError,
@@ -51,7 +50,7 @@ def test_model_round_trips_through_safetensors_with_meta(tmp_path):
     loaded, meta = load_model(uri, "cpu")
     assert not loaded.training
     assert meta["step"] == 7 and meta["note"] == "hello" and meta["model_config"] == model.config.to_dict()
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     x = torch.randint(0, 300, (1, 16))
     assert torch.equal(model.eval()(x), loaded(x))
@@ -69,7 +68,7 @@ def test_optimizer_state_resumes_the_same_trajectory(tmp_path):
     opt2 = optimizer_for(resumed)
     load_optimizer(uri, opt2)
     train_steps(resumed, opt2, 2, seed=2)
-    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -126,5 +125,5 @@ def test_s3_checkpoint_with_optimizer_round_trips(s3_run_dir):
     train_steps(model, opt, 1, seed=5)
     loaded.train()
     train_steps(loaded, opt2, 1, seed=5)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

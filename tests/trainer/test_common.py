@@ -11,10 +11,10 @@ import textwrap
 import urllib.request
 
 import pytest
-
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
 from nanorun.trainer.progress import Done, read_done, read_progress, write_done
+
 from tests.fixtures.s3 import free_port
 
 TRAINER_METRICS = [
@@ -105,7 +105,7 @@ def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
         for r in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     assert "rank=0 world=2 local=0 before=False after=True" in outs[0][0]
     assert "rank=1 world=2 local=1 before=False after=True" in outs[1][0]

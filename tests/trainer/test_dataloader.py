@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from nanorun.trainer import storage
 from nanorun.trainer.dataloader import (
     DataError,
@@ -20,6 +19,7 @@ from nanorun.trainer.dataloader import (
     merge_states,
     validation_batches,
 )
+
 from tests.fixtures.tiny_run import real_english_documents, small_tokenizer
 
 T = 64
@@ -69,7 +69,7 @@ def test_rows_start_with_bos_are_full_and_hold_document_pieces(tok, shards):
     encoded = {tuple(t) for t in tok.encode_batch(real_english_documents()[:600], prepend=tok.bos_token_id)}
     for row in rows.tolist():  # every BOS-delimited piece is a whole document or a document's prefix
         starts = [i for i, t in enumerate(row) if t == tok.bos_token_id] + [len(row)]
-        for a, b in zip(starts, starts[1:]):
+        for a, b in zip(starts, starts[1:], strict=False):
             piece = tuple(row[a:b])
             assert any(doc[: len(piece)] == piece for doc in encoded)
 
@@ -98,7 +98,7 @@ def test_resume_from_state_sees_exactly_the_same_batches(tok, shards):
     resumed = loader(tok, shards, state=state)
     got += take(resumed, 5)
     resumed.close()
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 def test_two_ranks_together_see_the_one_rank_batches_and_resume_on_one(tok, shards):
@@ -113,7 +113,7 @@ def test_two_ranks_together_see_the_one_rank_batches_and_resume_on_one(tok, shar
     for ld in ranks:
         ld.close()
     single = loader(tok, shards, state=state)  # 2 ranks -> 1 rank
-    assert all(torch.equal(a, b) for a, b in zip(take(single, 3), expected[3:]))
+    assert all(torch.equal(a, b) for a, b in zip(take(single, 3), expected[3:], strict=True))
     single.close()
 
 
@@ -123,7 +123,7 @@ def test_streams_read_interleaved_row_groups(tok, shards):
     state = ld.state_dict()
     ld.close()
     for k, s in state["streams"].items():
-        for epoch, shard, offset, rg, row in [s["next_after"], *s["buffer"]]:
+        for _epoch, _shard, offset, rg, _row in [s["next_after"], *s["buffer"]]:
             assert (offset + rg) % 2 == int(k)
 
 
@@ -163,7 +163,7 @@ def test_s3_shards_stream_the_same_rows_as_local(tok, shards, s3_bucket):
         storage.upload_from(path, uri)
         uris.append(uri)
     local, remote = loader(tok, shards), loader(tok, uris)
-    assert all(torch.equal(a, b) for a, b in zip(take(local, 3), take(remote, 3)))
+    assert all(torch.equal(a, b) for a, b in zip(take(local, 3), take(remote, 3), strict=True))
     local.close()
     remote.close()
 
@@ -185,7 +185,7 @@ def test_https_style_shards_download_from_a_web_server(tok, shards):
         base = f"http://127.0.0.1:{server.server_port}"
         urls = [f"{base}/{Path(p).name}" for p in shards]
         local, remote = loader(tok, shards), loader(tok, urls)
-        assert all(torch.equal(a, b) for a, b in zip(take(local, 2), take(remote, 2)))
+        assert all(torch.equal(a, b) for a, b in zip(take(local, 2), take(remote, 2), strict=True))
         local.close()
         remote.close()
         missing = loader(tok, [f"{base}/missing.parquet"], streams=1)

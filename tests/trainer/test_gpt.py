@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nanorun.trainer.attention import band_mask, causal_attention
 from nanorun.trainer.gpt import GPT, GPTConfig, expected_param_counts
 
@@ -129,7 +128,7 @@ def test_meta_device_build_then_init_equals_a_direct_build():
     model.to_empty(device="cpu")
     torch.manual_seed(3)
     model.init_weights()
-    for (name, a), b in zip(direct.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(direct.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     idx = torch.randint(0, 100, (2, 12))
     torch.testing.assert_close(model(idx), direct(idx))
@@ -213,3 +212,31 @@ def test_loss_falls_on_a_repeated_batch():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(100), rel=0.1)  # near-uniform predictions at init
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_fp8_linears_track_full_precision_and_switch_back():
+    from nanorun.trainer.fp8 import Float8Linear, disable_fp8, enable_fp8
+
+    # On CPU the FP8 quantisation is emulated (no FP8 tensor cores); the scaling logic is the same.
+    model = scramble(tiny_model())
+    idx = torch.randint(0, 100, (2, 16))
+    targets = torch.randint(0, 100, (2, 16))
+    keys = list(model.state_dict())
+    reference_loss = model(idx, targets)
+    reference_loss.backward()
+    reference_grad = model.blocks[0].mlp.c_fc.weight.grad.clone()
+    model.zero_grad()
+
+    assert enable_fp8(model, min_dim=16) == 2 * 6  # q, k, v, attn out, MLP in, MLP out per block
+    assert type(model.blocks[0].attn.ve_gate) is not Float8Linear  # 12-wide: too small
+    assert type(model.lm_head) is not Float8Linear
+    assert list(model.state_dict()) == keys
+    loss = model(idx, targets)
+    loss.backward()
+    grad = model.blocks[0].mlp.c_fc.weight.grad
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=0.02)
+    assert loss.item() != reference_loss.item()  # it really quantised
+    assert F.cosine_similarity(grad.flatten(), reference_grad.flatten(), dim=0) > 0.98
+
+    disable_fp8(model)
+    torch.testing.assert_close(model(idx, targets), reference_loss)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from nanorun.trainer.gpt import GPT, GPTConfig, KVCache
 
 

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-
 from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize
 
@@ -113,7 +112,10 @@ def test_two_processes_take_the_same_step_as_one(two_rank_run):
 
 
 def test_distributed_state_is_sharded_across_ranks(two_rank_run):
-    layouts = [json.load(open(os.path.join(two_rank_run, f"layout_rank{r}.json"))) for r in (0, 1)]
+    layouts = []
+    for rank in (0, 1):
+        with open(os.path.join(two_rank_run, f"layout_rank{rank}.json")) as f:
+            layouts.append(json.load(f))
     assert [layout["wte_rows"] for layout in layouts] == [64, 64]  # 128 padded rows, half each
     owned = [set(layout["muon_keys"]) for layout in layouts]
     assert not owned[0] & owned[1]
@@ -121,11 +123,13 @@ def test_distributed_state_is_sharded_across_ranks(two_rank_run):
     assert owned[0] | owned[1] == all_matrices
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_state_saved_at_two_ranks_resumes_at_one(two_rank_run):
     model = make_model()
     model.load_state_dict(torch.load(os.path.join(two_rank_run, "params_saved.pt")))
     optimizer = make_optimizer(model)
-    state = optimizer.sharded_state_dict()
+    # Load into a template that shares no storage with `optimizer`, so only the load call restores it.
+    state = make_optimizer(make_model()).sharded_state_dict()
     dcp.load(state, checkpoint_id=os.path.join(two_rank_run, "optimizer"))
     optimizer.load_sharded_state_dict(state)
     assert optimizer.steps_taken == STEPS_BEFORE_SAVE
@@ -202,7 +206,7 @@ def test_lr_schedule_warms_up_holds_then_decays_linearly():
     assert all(v == 1.0 for v in lrm[10:51])
     assert lrm[75] == pytest.approx(0.55)
     assert lrm[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrm[10:], lrm[11:]))
+    assert all(a >= b for a, b in zip(lrm[10:-1], lrm[11:], strict=True))
     assert lr_multiplier(500, 100, 0, 0.0, 0.0) == 1.0  # no warmdown: constant
     with pytest.raises(ValueError, match="schedule"):
         lr_multiplier(0, 0, 0, 0.5, 0.0)

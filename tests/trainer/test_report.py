@@ -41,7 +41,10 @@ def fake_run(run_dir: str) -> None:
     )
     stage("chat_sft", 300, {"val_bpb": 0.6555}, history=[{"step": 1, "loss": 1.9}, {"step": 2, "loss": 1.7}])
     stage(
-        "chat_rl", 1800, {"pass@1": 0.0758}, history=[{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.3}]
+        "chat_rl",
+        1800,
+        {"pass@1": 0.0758, "task": "GSM8K"},
+        history=[{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.3}],
     )
     storage.write_json(
         storage.join(run_dir, "chat_eval", "chat_sft.json"),

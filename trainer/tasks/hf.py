@@ -27,7 +27,11 @@ MANIFEST = "files.json"
 
 
 class TaskDataUnavailable(RuntimeError):
-    """A dataset could not be downloaded and is not in the cache."""
+    """A dataset could not be downloaded and is not in the cache. `reason` is the one-line version."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _endpoint() -> str:
@@ -79,13 +83,18 @@ def download_split(repo: str, config: str, split: str, cache: str) -> list[str]:
         f"mirror, or copy the split's parquet files into {prefix}/."
     )
     if _offline():
-        raise TaskDataUnavailable(hint.format(reason=" (HF_HUB_OFFLINE is set)"))
+        raise TaskDataUnavailable(
+            hint.format(reason=" (HF_HUB_OFFLINE is set)"), "not cached; HF_HUB_OFFLINE is set"
+        )
     try:
         blobs = [_get(url) for url in parquet_urls(repo, config, split)]  # all or nothing reaches the cache
     except Exception as err:  # network, HTTP status, DNS: all mean "not available from here"
         if isinstance(err, TaskDataUnavailable):
             raise
-        raise TaskDataUnavailable(hint.format(reason=f" ({type(err).__name__}: {err})")) from err
+        reason = f"{type(err).__name__}: {err}"
+        raise TaskDataUnavailable(
+            hint.format(reason=f" ({reason})"), f"not cached; download failed ({reason})"
+        ) from err
     names = [f"{n:04d}.parquet" for n in range(len(blobs))]
     for name, data in zip(names, blobs, strict=True):
         storage.write_bytes(storage.join(prefix, name), data)

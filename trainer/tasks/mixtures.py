@@ -45,7 +45,7 @@ def _collect(
         try:
             task = make()
         except TaskDataUnavailable as err:
-            report.skipped[name] = str(err).split(". ")[0]
+            report.skipped[name] = err.reason
             continue
         report.used.append(
             f"{name} ({len(task)})" + (f" x{repeat[name]}" if repeat and repeat.get(name, 1) > 1 else "")
@@ -126,7 +126,7 @@ def rl_tasks(cache: str, task: str = "GSM8K") -> tuple[Task, Task, MixtureReport
             report.used.append(f"GSM8K ({len(train)})")
             return train, test, report
         except TaskDataUnavailable as err:
-            report.skipped["GSM8K"] = str(err).split(". ")[0]
+            report.skipped["GSM8K"] = err.reason
     elif task != "Arithmetic":
         raise ValueError(f"unknown RL task {task!r}: GSM8K or Arithmetic")
     train, test = Arithmetic("train", size=10_000), Arithmetic("test", size=500)

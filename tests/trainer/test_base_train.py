@@ -1,0 +1,161 @@
+"""The base_train stage end to end: contract files, resume equivalence, 1 vs 2 ranks, preemption, S3."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nanorun.trainer import storage
+from nanorun.trainer.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    read_meta,
+)
+from nanorun.trainer.progress import read_done, read_progress
+
+from tests.fixtures.tiny_run import check, run_stage
+
+FLAGS = [
+    "--depth", "2", "--max-seq-len", "128", "--head-dim", "64", "--window-pattern", "L",
+    "--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations", "6", "--warmup-steps", "1",
+    "--eval-every", "-1", "--eval-tokens", "1024", "--sample-every", "-1", "--save-every", "3",
+    "--data-streams", "2", "--doc-buffer", "16", "--device", "cpu",
+]
+
+
+def losses(run: Path | str) -> dict[int, float]:
+    lines = storage.read_text(storage.join(str(run), "base_train", "history.jsonl")).splitlines()
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def fresh_run(tiny_base_run: str, dest: Path) -> tuple[str, str]:
+    """A run dir holding only the tiny run's tokenizer; returns (run dir, data dir)."""
+    shutil.copytree(Path(tiny_base_run) / "tok_train", dest / "tok_train")
+    return str(dest), str(Path(tiny_base_run).parent / "data")
+
+
+def forget_after(run: Path, step: int) -> None:
+    """What a crash right after checkpoint `step` leaves behind: no later checkpoint, no done.json."""
+    (run / "base_train" / "done.json").unlink()
+    for s, uri in list_checkpoints(str(run / "base_train")):
+        if s > step:
+            shutil.rmtree(uri)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_base_run, tmp_path_factory) -> Path:
+    run, data = fresh_run(tiny_base_run, tmp_path_factory.mktemp("straight"))
+    check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))
+    return Path(run)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_base_run, tmp_path_factory) -> Path:
+    run, data = fresh_run(tiny_base_run, tmp_path_factory.mktemp("two_ranks"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data, *FLAGS],
+        capture_output=True, text=True, timeout=300,
+    )
+    check(proc)
+    return Path(run)
+
+
+def test_tiny_run_loss_falls_on_real_text_and_writes_the_stage_contract(tiny_base_run):
+    curve = losses(tiny_base_run)
+    assert len(curve) == 40
+    assert sum(curve[s] for s in range(36, 41)) / 5 < curve[1] - 1.0
+    done = read_done(tiny_base_run, "base_train")
+    assert done.metrics["steps"] == 40 and math.isfinite(done.metrics["val_bpb"])
+    assert done.outputs["checkpoint"] == latest_checkpoint(storage.join(tiny_base_run, "base_train"))
+    progress = read_progress(tiny_base_run, "base_train")
+    assert (progress.step, progress.total_steps, progress.last_checkpoint) == (40, 40, done.outputs["checkpoint"])
+    model, meta = load_model(done.outputs["checkpoint"], "cpu")
+    assert meta["step"] == 40 and model.config.n_layer == 2
+    again = check(run_stage("base_train", "--run-dir", tiny_base_run))  # finished: a no-op
+    assert "already done" in again.stdout
+
+
+def test_resume_after_a_crash_sees_identical_losses(straight, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    forget_after(run, 3)
+    out = check(run_stage("base_train", "--run-dir", str(run), "--data", "ignored-on-resume", *FLAGS))
+    assert "resuming from" in out.stdout and "step 3" in out.stdout
+    assert losses(run) == losses(straight)  # bit for bit: same weights, optimizer state and batches
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(straight, two_ranks):
+    one, two = losses(straight), losses(two_ranks)
+    assert one.keys() == two.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), step
+
+
+def test_resume_on_fewer_ranks_continues_the_same_run(straight, two_ranks, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_ranks, run)
+    forget_after(run, 3)
+    assert read_meta(checkpoint_dir(str(run / "base_train"), 3))["world_size"] == 2
+    check(run_stage("base_train", "--run-dir", str(run), *FLAGS))  # one process now
+    one, resumed = losses(straight), losses(run)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), step
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, tmp_path):
+    run, data = fresh_run(tiny_base_run, tmp_path)
+    flags = [f if f != "6" else "1000" for f in FLAGS]  # a long horizon: it must be stopped
+    proc = subprocess.Popen([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data,
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        progress = read_progress(run, "base_train")
+        if progress is not None and progress.step >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "preempted: saved" in out
+    latest = latest_checkpoint(storage.join(run, "base_train"))
+    model, meta = load_model(latest, "cpu")
+    assert meta["step"] >= 2 and meta["has_optimizer"]
+    assert read_done(run, "base_train") is None
+
+
+def test_s3_run_dir_and_shards(tiny_base_run, s3_run_dir):
+    for f in (Path(tiny_base_run) / "tok_train").iterdir():
+        storage.upload_from(f, storage.join(s3_run_dir, "tok_train", f.name))
+    data = storage.join(s3_run_dir.rsplit("/", 1)[0], "data")
+    for f in sorted((Path(tiny_base_run).parent / "data").iterdir()):
+        storage.upload_from(f, storage.join(data, f.name))
+    flags = [f if f != "6" else "4" for f in FLAGS]
+    check(run_stage("base_train", "--run-dir", s3_run_dir, "--data", data, *flags))
+    done = read_done(s3_run_dir, "base_train")
+    assert done.outputs["checkpoint"].startswith("s3://") and done.metrics["steps"] == 4
+    assert [s for s, _ in list_checkpoints(storage.join(s3_run_dir, "base_train"))] == [3, 4]
+    model, meta = load_model(done.outputs["checkpoint"], "cpu")
+    assert all(shard.startswith("s3://") for shard in meta["shards"])
+
+
+def test_corrupt_training_shard_fails_with_its_name(tiny_base_run, tmp_path):
+    run, data = fresh_run(tiny_base_run, tmp_path / "run")
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    first = sorted(bad.iterdir())[0]
+    first.write_bytes(b"PAR1" + b"\x00" * 64)
+    proc = run_stage("base_train", "--run-dir", run, "--data", str(bad), *FLAGS)
+    assert proc.returncode != 0
+    assert f"shard {first} is corrupt" in proc.stderr
+    assert latest_checkpoint(storage.join(run, "base_train")) is None
