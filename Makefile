@@ -22,12 +22,16 @@ $(STAMP)/python: pyproject.toml | $(PY)
 
 setup-python: $(STAMP)/python
 
-RUST_SRC := $(shell find rustbpe -name '*.rs' -o -name 'Cargo.toml' -o -name 'Cargo.lock' -o -name 'pyproject.toml' 2>/dev/null | grep -v target)
-$(STAMP)/rust: $(RUST_SRC) $(STAMP)/python
+# The Rust BPE trainer, built in release mode into rustbpe/python/nanorun/ (an editable install that
+# joins the `nanorun` namespace as `nanorun._bpe`). The built module itself is the target, so a missing
+# one is rebuilt even when the venv survived; nothing is rebuilt when no Rust source changed.
+RUST_SRC := $(shell find rustbpe -name '*.rs' -o -name 'Cargo.toml' -o -name 'Cargo.lock' -o -name 'pyproject.toml' -o -name 'config.toml' 2>/dev/null | grep -v target)
+BPE_MODULE := rustbpe/python/nanorun/_bpe.abi3.so
+$(BPE_MODULE): $(RUST_SRC) $(STAMP)/python
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q -m rustbpe/Cargo.toml
 	@touch $@
 
-setup-rust: $(STAMP)/rust
+setup-rust: $(BPE_MODULE)
 
 # kube-apiserver, etcd, kubectl and helm built from Go modules into .cache/kube/<key>/, keyed by the
 # pins in tests/kube (go.mod, versions.env); a no-op when that build exists. See docs/testing.md.
@@ -61,4 +65,4 @@ kube-down:
 	$(PY) -m tests.kube.cluster down
 
 clean:
-	rm -rf $(VENV) rustbpe/target .runs
+	rm -rf $(VENV) rustbpe/target $(BPE_MODULE) .runs

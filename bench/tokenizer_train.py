@@ -35,12 +35,11 @@ def train_nanorun(data: str, vocab_size: int, max_chars: int | None) -> dict:
 
 
 def train_hf(data: str, vocab_size: int, max_chars: int | None) -> dict:
+    from nanorun.trainer.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
     from tokenizers import Regex, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
-
-    from nanorun.trainer.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 
     tok = HFTokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([

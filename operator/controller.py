@@ -16,6 +16,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,8 @@ def _env_float(name: str, default: float) -> float:
 @dataclass
 class Settings:
     resync_seconds: float = field(default_factory=lambda: _env_float("NANORUN_RESYNC_SECONDS", 15.0))
-    workers: int = field(default_factory=lambda: int(_env_float("NANORUN_WORKERS", 4)))
+    # Reconciles mostly wait on the API server and storage, so more threads than cores pay off.
+    workers: int = field(default_factory=lambda: int(_env_float("NANORUN_WORKERS", 16)))
     error_backoff_seconds: float = field(default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0))
     max_error_backoff_seconds: float = 300.0
 
@@ -83,6 +85,7 @@ class Controller:
         self._written: dict[Key, dict[str, Any]] = {}  # newest body we patched, until the index catches up
         self._tasks: list[asyncio.Task] = []
         self._api = None
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- wiring ---------------------------------------------------------------------------------
 
@@ -91,6 +94,7 @@ class Controller:
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="reconcile")
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.settings.workers)]
         self._tasks.append(asyncio.create_task(self._resync()))
 
@@ -99,6 +103,8 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def api(self):
@@ -162,7 +168,8 @@ class Controller:
         rs_store = self.rayservices.get(key, []) if self.rayservices is not None else []
         rayservice = copy.deepcopy(next(iter(rs_store), None))
         try:
-            decision = await asyncio.to_thread(self._decide_and_apply, key, body, jobs, rayservice)
+            loop = asyncio.get_running_loop()
+            decision = await loop.run_in_executor(self._pool, self._decide_and_apply, key, body, jobs, rayservice)
         except Exception as err:  # API or storage trouble: count it, retry later with a growing delay
             n = self._errors[key] = self._errors.get(key, 0) + 1
             delay = min(self.settings.max_error_backoff_seconds, self.settings.error_backoff_seconds * 2 ** (n - 1))

@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec, SpecError, parse_spec
 from nanorun.operator.plan import PlannedStage, stage_plan
 from nanorun.trainer import progress as stage_files
 from nanorun.trainer import storage
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 STOP_GRACE_SECONDS = 300  # how long a stage may take to write its SIGTERM checkpoint
 POLL_SECONDS = 0.5

@@ -271,13 +271,22 @@ def _serving(run: RunRef, spec: LLMRunSpec, status: LLMRunStatus, existing: dict
     if existing is None:
         d.create_rayservice = desired
         d.events.append(Event("Normal", "ServingCreated", f"created RayService {name} for {status.checkpoint}"))
-    elif existing.get("spec") != desired["spec"]:
+    elif not _contains(existing.get("spec") or {}, desired["spec"]):
         d.patch_rayservice = {"spec": desired["spec"]}
         d.events.append(Event("Normal", "ServingUpdated", f"updated RayService {name}"))
     ready = rayservice_ready(existing) and d.patch_rayservice is None
     status.serving = status.serving.model_copy(update={
         "ray_service": name, "ready": ready, "url": service_url(run.name, run.namespace), "checkpoint": status.checkpoint})
     return ready
+
+
+def _contains(actual: Any, wanted: Any) -> bool:
+    """Whether `actual` has everything `wanted` sets (the API server adds defaults of its own)."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(k in actual and _contains(actual[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(actual, list) and len(actual) == len(wanted) and all(map(_contains, actual, wanted))
+    return actual == wanted
 
 
 def _conditions(old: list[dict[str, Any]], spec: LLMRunSpec, phase: str, current: StageStatus | None,

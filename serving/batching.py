@@ -230,7 +230,9 @@ class Scheduler:
         self._release([i for i, r in enumerate(self.active) if self._finished(r)])
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        greedy = torch.argmax(logits, dim=-1).tolist()  # one batched op covers every temperature-0 row
+        greedy: list[int] = []
+        if any(r.params.temperature <= 0.0 for r in requests):
+            greedy = torch.argmax(logits, dim=-1).tolist()  # one batched op covers every greedy row
         out = []
         for i, r in enumerate(requests):
             p = r.params

@@ -4,6 +4,8 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.kube",
     "tests.fixtures.tiny_run",
+    "tests.fixtures.post_training",
+    "tests.fixtures.hub",
     "tests.fixtures.chat_model",
     "tests.fixtures.metrics",
 ]

@@ -20,6 +20,7 @@ their documents.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import random
@@ -176,10 +177,12 @@ def fetch_deb(candidates: list[str], cache: Path) -> Path:
                         "--source FILE.deb, or pass --source DIR with your own text files.")
     errors = []
     for name in candidates:
-        proc = subprocess.run(["apt-get", "download", "-q", name], cwd=cache, capture_output=True, text=True)
-        found = sorted(cache.glob(f"{name}_*.deb"))
-        if proc.returncode == 0 and found:
-            return found[-1]
+        # Download into a private directory, then rename: a concurrent build never sees half a file.
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            proc = subprocess.run(["apt-get", "download", "-q", name], cwd=tmp, capture_output=True, text=True)
+            found = sorted(Path(tmp).glob(f"{name}_*.deb"))
+            if proc.returncode == 0 and found:
+                return Path(shutil.move(str(found[-1]), cache / found[-1].name))
         errors.append(f"{name}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     raise DataError("could not download any of " + ", ".join(candidates) + " with apt-get (" + "; ".join(errors) +
                     "). Run `apt-get update` first, or pass --source FILE.deb / --source DIR.")
@@ -289,6 +292,90 @@ def prepare(out: str, sources: list[str] | None = None, shard_chars: int = 4_000
     return manifest
 
 
+# ---- downloading public shards --------------------------------------------------------------------
+
+
+def download_one(client, url: str, out: str, retries: int, part_dir: Path) -> str:
+    """Downloads one shard to `out`, resuming a partial file with a Range request; checks its size
+    against Content-Length, its sha256 against the server's X-Linked-ETag (Hugging Face sends one for
+    LFS files) and its parquet magic bytes. Retries transient failures with exponential backoff."""
+    import httpx
+
+    name = url.rsplit("/", 1)[1]
+    dest = storage.join(out, name)
+    if storage.exists(dest):
+        return dest
+    part = part_dir / (name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with client.stream("GET", url, headers=headers) as resp:
+                if resp.status_code in (401, 403, 404):
+                    raise DataError(f"{url}: HTTP {resp.status_code} (no such shard, or access denied)")
+                if resp.status_code == 416:  # the part file is already complete
+                    resp.read()
+                    expected = have
+                else:
+                    resp.raise_for_status()
+                    if resp.status_code != 206:
+                        have = 0  # the server ignored the Range header: start over
+                    length = int(resp.headers.get("content-length", -1))
+                    expected = have + length if length >= 0 else -1
+                    with open(part, "ab" if have else "wb") as f:
+                        for chunk in resp.iter_bytes(1 << 20):
+                            f.write(chunk)
+                sha = (resp.headers.get("x-linked-etag") or "").strip('"')
+            size = part.stat().st_size
+            if expected >= 0 and size != expected:
+                raise OSError(f"{url}: got {size} bytes, expected {expected}")
+            with open(part, "rb") as f:
+                data = f.read()
+            if len(sha) == 64 and hashlib.sha256(data).hexdigest() != sha:
+                part.unlink()
+                raise OSError(f"{url}: sha256 mismatch (corrupt download); starting over")
+            if data[:4] != b"PAR1" or data[-4:] != b"PAR1":
+                part.unlink()
+                raise OSError(f"{url}: not a parquet file; starting over")
+            storage.upload_from(part, dest)
+            part.unlink()
+            return dest
+        except DataError:
+            raise
+        except (httpx.HTTPError, OSError) as err:
+            if attempt == retries:
+                raise DataError(f"{url}: failed after {retries + 1} attempts: {err}") from err
+            time.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+def download_shards(urls: list[str], out: str, workers: int = 4, retries: int = 5) -> list[str]:
+    """Downloads `urls` into `out` (dir or s3://) in parallel; already-present shards are skipped and
+    partial ones resumed. Fails fast, before any download, when the host cannot be reached."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    # Partial files live beside a local `out`; for S3 in the user cache, one folder per destination.
+    key = hashlib.sha1(out.encode()).hexdigest()[:12]
+    part_dir = user_cache_dir() / "partial" / key if storage.is_s3(out) else Path(out) / ".partial"
+    timeout = httpx.Timeout(60.0, connect=10.0)
+    with httpx.Client(follow_redirects=True, timeout=timeout) as client:
+        try:
+            client.head(urls[0])
+        except (httpx.ConnectError, httpx.ConnectTimeout) as err:
+            host = urlsplit(urls[0]).netloc
+            raise DataError(f"cannot reach {host} ({err}): this machine looks offline. Download the shards "
+                            "elsewhere (or pass --base-url for a mirror), or build the bundled corpus with "
+                            "`nanorun data prepare --out URI`.") from err
+        part_dir.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            paths = list(pool.map(lambda u: download_one(client, u, out, retries, part_dir), urls))
+    shutil.rmtree(part_dir, ignore_errors=True)
+    return paths
+
+
 # ---- the command line -----------------------------------------------------------------------------
 
 
@@ -312,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
             m = prepare(args.out, args.source, args.shard_chars)
             print(f"{len(m['shards'])} shards, {m['documents']} documents, {m['chars'] / 1e6:.1f}M chars in {args.out}")
         else:
-            from nanorun.trainer.download import download_shards
-
             repo, total = HF_DATASETS[args.dataset]
             urls = hf_shard_urls(repo, total, args.shards)
             if args.base_url:

@@ -81,6 +81,14 @@ def packed(
     )  # fmt: skip
 
 
+def close_loader(loader: PackedBatches) -> None:
+    """Stop the packing threads and wait for them: a thread still inside torch when the interpreter
+    exits aborts the process ("terminate called without an active exception")."""
+    loader.close()
+    for packer in loader.packers.values():
+        packer.thread.join(timeout=60)
+
+
 def validation(tokenizer, task: Task, seq_len: int, B: int, rank: int, world: int, device) -> Iterator:
     """The same validation rows on any world size: one stream, rank r keeps rows r, r+w, ..."""
     loader = packed(tokenizer, task, seq_len, B * world, 1, 0, 1, B * world, "cpu")
@@ -89,7 +97,7 @@ def validation(tokenizer, task: Task, seq_len: int, B: int, rank: int, world: in
             ((x, y),) = loader.step_batches()
             yield x[rank::world].to(device), y[rank::world].to(device)
     finally:
-        loader.close()
+        close_loader(loader)
 
 
 def estimate_tokens(tokenizer, task: Task, seq_len: int, sample: int = 500) -> float:
@@ -169,12 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
-            val_bpb = evaluate_bpb(
-                model,
-                validation(tokenizer, val, T, B, ctx.rank, ctx.world_size, ctx.device),
-                eval_steps,
-                token_bytes,
-            )
+            batches = validation(tokenizer, val, T, B, ctx.rank, ctx.world_size, ctx.device)
+            val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+            batches.close()  # stops and joins its packing thread
             ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
             ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
             ctx.record(step=step, val_bpb=val_bpb)
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.flush_history()
         if preempted:
             ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
-            loader.close()
+            close_loader(loader)
             teardown(ctx)
             return PREEMPTED_EXIT_CODE
         if last_step:
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm)
         preempted = ctx.should_stop()
 
-    loader.close()
+    close_loader(loader)
     metrics = {
         "val_bpb": val_bpb,
         "steps": steps,

@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import tiktoken
-
 from nanorun.trainer import storage
 
 SPECIAL_TOKENS = [

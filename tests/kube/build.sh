@@ -30,19 +30,34 @@ rm -rf "$tmp"
 mkdir -p "$tmp/bin" "$tmp/crds"
 started=$(date +%s)
 
+# CRDs first: quick, and an unavailable module fails before the long build. A module's zip holds
+# the files of its folder, CRD YAML included; `go mod download` verifies it against the checksum
+# database.
+crd_from_module() {  # MODULE VERSION PATH-IN-MODULE
+  local info dir
+  info="$(go mod download -json "$1@$2")"
+  dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' <<<"$info")"
+  if [ -z "$dir" ] || [ ! -f "$dir/$3" ]; then
+    echo "error: could not get $3 from Go module $1@$2:" >&2
+    echo "$info" >&2
+    exit 1
+  fi
+  cp "$dir/$3" "$tmp/crds/"
+}
+crd_from_module "$TRAINING_OPERATOR_MODULE" "$TRAINING_OPERATOR_VERSION" "$TRAINING_OPERATOR_CRD"
+crd_from_module "$KUBERAY_MODULE" "$KUBERAY_VERSION" "$KUBERAY_CRD"
+chmod -R u+w "$tmp/crds"
+
 echo "building kube-apiserver, etcd, kubectl ($(go version | cut -d' ' -f3), cache $repo/.cache/kube)"
-(cd "$here" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kubectl)
+# Stamp the Kubernetes version (as Kubernetes' own build does), so /version reports v1.36.3, not
+# v0.0.0-master, and version checks such as a helm chart's kubeVersion see a real release.
+kube_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\)$/\1/p' "$here/go.mod")"
+version_pkg=k8s.io/component-base/version
+version_flags="-X $version_pkg.gitVersion=v$kube_version -X $version_pkg.gitMajor=${kube_version%%.*}"
+version_flags+=" -X $version_pkg.gitMinor=$(cut -d. -f2 <<<"$kube_version")"
+(cd "$here" && go build -trimpath -ldflags="-s -w $version_flags" -o "$tmp/bin/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kubectl)
 echo "building helm $HELM_VERSION"
 GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-
-# A module's zip holds the files of its folder, CRD YAML included; `go mod download` verifies it
-# against the checksum database.
-module_dir() {
-  go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
-}
-cp "$(module_dir "$TRAINING_OPERATOR_MODULE" "$TRAINING_OPERATOR_VERSION")/$TRAINING_OPERATOR_CRD" "$tmp/crds/"
-cp "$(module_dir "$KUBERAY_MODULE" "$KUBERAY_VERSION")/$KUBERAY_CRD" "$tmp/crds/"
-chmod -R u+w "$tmp/crds"
 
 touch "$tmp/complete"
 # Drop builds for older pins (the module and build caches stay), then publish this one.

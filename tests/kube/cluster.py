@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
-import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -34,11 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tests.kube.pki import kubeconfig, write_pki
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
@@ -81,89 +76,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# --- certificates ---------------------------------------------------------------------------
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _certificate(subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool, extensions=()) -> bytes:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    for ext in extensions:
-        builder = builder.add_extension(ext, critical=False)
-    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def write_pki(folder: Path) -> None:
-    """CA, apiserver serving cert, admin client cert (system:masters) and service-account key."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nanorun-test-ca")])
-    ca = _certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
-
-    serving_key = ec.generate_private_key(ec.SECP256R1())
-    # The first service IP is what in-cluster clients dial as kubernetes.default.
-    names = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")]
-    ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
-    serving = _certificate(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]), serving_key, ca_name, ca_key,
-        ca=False, extensions=[x509.SubjectAlternativeName(names + ips)],
-    )
-    admin_key = ec.generate_private_key(ec.SECP256R1())
-    admin = _certificate(
-        x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, "nanorun-admin"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-        ]),
-        admin_key, ca_name, ca_key, ca=False,
-    )
-    sa_key = ec.generate_private_key(ec.SECP256R1())
-    files = {
-        "ca.crt": ca, "ca.key": _pem_key(ca_key),
-        "apiserver.crt": serving, "apiserver.key": _pem_key(serving_key),
-        "admin.crt": admin, "admin.key": _pem_key(admin_key),
-        "sa.key": _pem_key(sa_key),
-        "sa.pub": sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-    }
-    for name, data in files.items():
-        path = folder / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-
-
-def kubeconfig(server: str, pki: Path) -> str:
-    """An admin kubeconfig with the CA and client certificate embedded (one self-contained file)."""
-    import base64
-
-    def b64(name: str) -> str:
-        return base64.b64encode((pki / name).read_bytes()).decode()
-
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "nanorun-test", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
-        "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")}}],
-        "contexts": [{"name": "nanorun-test", "context": {"cluster": "nanorun-test", "user": "admin", "namespace": "default"}}],
-        "current-context": "nanorun-test",
-    }
-    return yaml.safe_dump(config, sort_keys=False)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -333,19 +245,36 @@ class ControlPlane:
         return env
 
 
-def install_crds(files: list[Path], env: dict[str, str], timeout_s: int = 60) -> None:
+def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0) -> None:
     """Server-side apply (the upstream CRDs exceed client-side apply's annotation limit), then
     wait until every CRD is Established so its API can be used right away."""
     if not files:
         return
     file_args = [arg for f in files for arg in ("-f", str(f))]
-    for argv in (
+    applied = subprocess.run(
         ["kubectl", "apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", *file_args],
-        ["kubectl", "wait", "--for=condition=Established", f"--timeout={timeout_s}s", *file_args],
-    ):
-        out = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise ControlPlaneError(f"{' '.join(argv[:3])} failed installing CRDs:\n{out.stderr.strip()}")
+        env=env, capture_output=True, text=True,
+    )
+    if applied.returncode != 0:
+        raise ControlPlaneError(f"installing CRDs failed:\n{applied.stderr.strip()}")
+    # Polled rather than `kubectl wait`, which fails outright while a new CRD has no conditions yet.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["kubectl", "get", *file_args, "-o", "json"], env=env, capture_output=True, text=True)
+        pending = ["?"]
+        if out.returncode == 0:
+            got = json.loads(out.stdout)
+            pending = [crd["metadata"]["name"] for crd in got.get("items", [got]) if not _established(crd)]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(f"CRDs not Established after {timeout_s:.0f} s: {pending} {out.stderr.strip()}")
+        time.sleep(0.2)
+
+
+def _established(crd: dict) -> bool:
+    conditions = crd.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 # --- command line (make kube-up / kube-down) --------------------------------------------------
@@ -375,6 +304,7 @@ def up(state: Path) -> int:
     plane = ControlPlane(state, detach=True)
     started = time.monotonic()
     plane.start()
+    ready = time.monotonic()
     for name, proc in plane.processes.items():
         (state / f"{name}.pid").write_text(f"{proc.pid}\n")
     try:
@@ -382,7 +312,8 @@ def up(state: Path) -> int:
     except ControlPlaneError:
         down(state)
         raise
-    print(f"kube-apiserver ready at {plane.server} in {time.monotonic() - started:.1f} s; CRDs installed\n"
+    print(f"kube-apiserver ready at {plane.server} in {ready - started:.1f} s, "
+          f"CRDs established {time.monotonic() - ready:.1f} s later\n"
           f"  export KUBECONFIG={plane.kubeconfig_path}\n"
           f"  export PATH={plane.bin_dir}:$PATH    # kubectl, helm")
     return 0

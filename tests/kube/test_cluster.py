@@ -54,6 +54,7 @@ def test_up_then_down_serves_the_api_and_leaves_no_process(kube, tmp_path):
 
 STARTER = """
 import json, sys, time
+from pathlib import Path
 from tests.kube.cluster import ControlPlane
 plane = ControlPlane(Path(sys.argv[1]))
 plane.start()

@@ -106,8 +106,8 @@ def training_operator(kube, kube_namespace, fake_runner) -> Iterator[TrainingOpe
     assert harness.errors == []
 
 
-def llmrun(name: str, run_dir: str, stages: tuple[str, ...] = ("tokenizer", "pretrain"), **spec: Any) -> dict[str, Any]:
-    """A small LLMRun manifest with only `stages` enabled and quick retries."""
+def llmrun(name: str, run_dir: str, enabled: tuple[str, ...] = ("tokenizer", "pretrain"), **spec: Any) -> dict[str, Any]:
+    """A small LLMRun manifest with only the `enabled` stages on and quick retries."""
     keys = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
     body = {
         "image": "nanorun-trainer:test",
@@ -115,7 +115,7 @@ def llmrun(name: str, run_dir: str, stages: tuple[str, ...] = ("tokenizer", "pre
         "model": {"depth": 2, "maxSeqLen": 64},
         "tokenizer": {"vocabSize": 512, "maxChars": 10000},
         "compute": {"gpusPerNode": 0},
-        "stages": {k: {"enabled": k in stages} for k in keys},
+        "stages": {k: {"enabled": k in enabled} for k in keys},
         "serving": {"gpusPerReplica": 0},
         "retry": {"maxAttempts": 2, "backoffSeconds": 0},
     }

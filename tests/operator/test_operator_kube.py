@@ -37,7 +37,7 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
         kube, kube_namespace, s3_server, s3_run_dir, custom_api, training_operator, fake_runner, operator_process):
     ns = kube_namespace
     make_secret(kube, ns, s3_server)
-    manifest = llmrun("tiny", s3_run_dir, stages=("tokenizer", "pretrain", "sft"),
+    manifest = llmrun("tiny", s3_run_dir, enabled=("tokenizer", "pretrain", "sft"),
                       storage={"credentialsSecret": "s3-creds", "endpoint": s3_server})
     created = create_llmrun(custom_api, ns, manifest)
     run = wait_for("Succeeded", phase_is(custom_api, ns, "tiny", "Succeeded"), operator=operator_process)
@@ -124,7 +124,7 @@ def test_suspend_pauses_the_running_job_and_resume_lets_it_finish(kube_namespace
                                                                   training_operator, operator_process):
     ns = kube_namespace
     training_operator.runner.steps, training_operator.runner.step_seconds = 30, 0.1
-    create_llmrun(custom_api, ns, llmrun("pause", s3_run_dir, stages=("pretrain",)))
+    create_llmrun(custom_api, ns, llmrun("pause", s3_run_dir, enabled=("pretrain",)))
     wait_for("the job to run", lambda: storage.exists(storage.join(s3_run_dir, "base_train", "progress.json")),
              operator=operator_process)
     custom_api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": True}})
@@ -148,7 +148,7 @@ def test_killing_the_operator_at_random_points_never_duplicates_or_loses_a_job(
     fake_runner.steps, fake_runner.step_seconds = 4, 0.15
     fake_runner.fail[("base_train", 1)] = "preempted"
     stages = ("tokenizer", "pretrain", "midtrain", "sft", "report")
-    create_llmrun(custom_api, ns, llmrun("crashy", s3_run_dir, stages=stages, retry={"maxAttempts": 3}))
+    create_llmrun(custom_api, ns, llmrun("crashy", s3_run_dir, enabled=stages, retry={"maxAttempts": 3}))
     rng = random.Random(5)
     kills = 0
     deadline = time.monotonic() + 120
@@ -175,8 +175,8 @@ def test_deleting_a_run_removes_its_files_only_when_cleanup_is_asked(kube_namesp
                                                                      training_operator, operator_process):
     ns = kube_namespace
     keep, clean = f"s3://{s3_bucket}/runs/keep", f"s3://{s3_bucket}/runs/clean"
-    create_llmrun(custom_api, ns, llmrun("keep", keep, stages=("tokenizer",), serving={"enabled": False}))
-    create_llmrun(custom_api, ns, llmrun("clean", clean, stages=("tokenizer",), serving={"enabled": False},
+    create_llmrun(custom_api, ns, llmrun("keep", keep, enabled=("tokenizer",), serving={"enabled": False}))
+    create_llmrun(custom_api, ns, llmrun("clean", clean, enabled=("tokenizer",), serving={"enabled": False},
                                          storage={"cleanupOnDelete": True}))
     for name in ("keep", "clean"):
         wait_for(f"{name} Succeeded", phase_is(custom_api, ns, name, "Succeeded"), operator=operator_process)
@@ -201,7 +201,7 @@ def test_deleting_a_run_removes_its_files_only_when_cleanup_is_asked(kube_namesp
 def test_a_serving_change_patches_the_rayservice(kube_namespace, s3_run_dir, custom_api, training_operator,
                                                  operator_process):
     ns = kube_namespace
-    create_llmrun(custom_api, ns, llmrun("svc", s3_run_dir, stages=("pretrain",)))
+    create_llmrun(custom_api, ns, llmrun("svc", s3_run_dir, enabled=("pretrain",)))
     wait_for("Succeeded", phase_is(custom_api, ns, "svc", "Succeeded"), operator=operator_process)
 
     def rayservice():

@@ -191,3 +191,12 @@ def test_condition_times_move_only_when_the_status_flips():
     later = reconcile(RUN, body(status=first.status), [job("r1-tok-train-1", "tok_train", 1, "Running")], None,
                       storage(), T0 + dt.timedelta(minutes=5))
     assert cond(later.status, "Progressing")["lastTransitionTime"] == cond(first.status, "Progressing")["lastTransitionTime"]
+
+
+def test_server_side_defaults_on_the_rayservice_are_not_a_change():
+    jobs, files, _ = finished_run()
+    existing = copy.deepcopy(reconcile(RUN, body(), jobs, None, files, T0).create_rayservice)
+    existing["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = "ClusterIP"  # a default the server adds
+    existing["spec"]["upgradeStrategy"] = {"type": "NewCluster"}
+    d = reconcile(RUN, body(), jobs, existing, files, T0)
+    assert d.patch_rayservice is None and d.create_rayservice is None

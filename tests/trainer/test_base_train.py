@@ -21,7 +21,7 @@ from nanorun.trainer.checkpoint import (
 )
 from nanorun.trainer.progress import read_done, read_progress
 
-from tests.fixtures.tiny_run import check, run_stage
+from tests.fixtures.tiny_run import check, run_stage, stage_env
 
 FLAGS = [
     "--depth", "2", "--max-seq-len", "128", "--head-dim", "64", "--window-pattern", "L",
@@ -117,7 +117,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, 
     run, data = fresh_run(tiny_base_run, tmp_path)
     flags = [f if f != "6" else "1000" for f in FLAGS]  # a long horizon: it must be stopped
     proc = subprocess.Popen([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data,
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stage_env())
     deadline = time.time() + 180
     while time.time() < deadline:
         progress = read_progress(run, "base_train")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 
+import pytest
 import torch
 from nanorun.trainer.chat_rl import group_loss, rl_step
 from nanorun.trainer.engine import Engine
 from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.tasks.common import Task
 
+from tests.fixtures.post_training import RL_FLAGS, assert_idempotent, assert_resumes_exactly
 from tests.tasks.byte_tokenizer import ByteTokenizer
 
 
@@ -99,3 +103,25 @@ def test_advantage_raises_the_likelihood_of_the_better_sample_only_on_sampled_to
     optimizer.step()
     after = logp(completions[0], 2), logp(completions[1], 2)
     assert after[0] > before[0] and after[1] < before[1]
+
+
+@pytest.mark.slow
+def test_chat_rl_falls_back_to_arithmetic_offline_and_reports_pass_at_k(tiny_rl_run):
+    done = json.loads((Path(tiny_rl_run) / "chat_rl" / "done.json").read_text())
+    assert done["metrics"]["task"] == "Arithmetic" and done["metrics"]["steps"] == 2
+    assert 0.0 <= done["metrics"]["pass@1"] <= done["metrics"]["pass@4"] <= 1.0
+    history = [
+        json.loads(line)
+        for line in (Path(tiny_rl_run) / "chat_rl" / "history.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in history if "reward" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_interrupted_chat_rl_resumes_to_the_same_weights(tiny_rl_run, tmp_path):
+    assert_resumes_exactly("chat_rl", tiny_rl_run, tmp_path / "run", RL_FLAGS, resume_step=1, final_step=2)
+
+
+@pytest.mark.slow
+def test_finished_chat_rl_is_a_no_op(tiny_rl_run, tmp_path):
+    assert_idempotent("chat_rl", tiny_rl_run, tmp_path / "run", RL_FLAGS)

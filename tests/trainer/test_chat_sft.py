@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from nanorun.trainer.chat_sft import sft_batch
 from nanorun.trainer.conversation import render_conversation
 from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.tasks.customjson import IDENTITY_PATH, CustomJSON
 
+from tests.fixtures.post_training import SFT_FLAGS, assert_idempotent, assert_resumes_exactly, run_post_stage
 from tests.tasks.byte_tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -47,3 +52,33 @@ def test_sft_loss_falls_on_fixture_conversations():
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_chat_sft_starts_from_mid_train_and_its_loss_falls(tiny_sft_run):
+    done = json.loads((Path(tiny_sft_run) / "chat_sft" / "done.json").read_text())
+    assert done["outputs"]["checkpoint"].endswith("chat_sft/checkpoints/step_000004")
+    meta = json.loads((Path(done["outputs"]["checkpoint"]) / "meta.json").read_text())
+    assert meta["source"] == "mid_train"
+    losses = [
+        json.loads(line)["loss"]
+        for line in (Path(tiny_sft_run) / "chat_sft" / "history.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
+    assert len(losses) == 4 and min(losses[2:]) < losses[0]
+
+
+@pytest.mark.slow
+def test_interrupted_chat_sft_resumes_to_the_same_weights(tiny_sft_run, tmp_path):
+    assert_resumes_exactly("chat_sft", tiny_sft_run, tmp_path / "run", SFT_FLAGS, resume_step=2, final_step=4)
+
+
+@pytest.mark.slow
+def test_finished_chat_sft_is_a_no_op(tiny_sft_run, tmp_path):
+    assert_idempotent("chat_sft", tiny_sft_run, tmp_path / "run", SFT_FLAGS)
+
+
+def test_chat_sft_without_a_finished_source_stage_says_what_to_run(tmp_path):
+    proc = run_post_stage("chat_sft", str(tmp_path / "run"), ["--device", "cpu"])
+    assert proc.returncode != 0
+    assert "none of the source stages mid_train, base_train has finished" in proc.stderr + proc.stdout

@@ -1,10 +1,11 @@
 """MuonAdamW: orthogonalisation, schedules, and the ZeRO-2 distributed step (gloo, 2 processes on CPU):
-same update as one process, and optimizer state saved at world 2 resumes at world 1."""
+same update as one process, and optimizer state saved at one world size resumes at the other."""
 
 import json
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,17 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
         train(model, optimizer, 1, rank, world)
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(out, "params_next.pt"))
+
+        # Resume the one-process run (saved by the fixture) on these two ranks.
+        model = make_model()
+        model.load_state_dict(torch.load(os.path.join(out, "world1_params.pt")))
+        optimizer = make_optimizer(model)
+        state = make_optimizer(make_model()).sharded_state_dict()
+        dcp.load(state, checkpoint_id=os.path.join(out, "world1_optimizer"))
+        optimizer.load_sharded_state_dict(state)
+        train(model, optimizer, 1, rank, world)
+        if rank == 0:
+            torch.save(model.state_dict(), os.path.join(out, "world1_resumed_on_two.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -93,7 +105,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> str:
+    """A one-process run (3 steps, save, 1 step), then the same on two ranks, which also resume the
+    one-process checkpoint. Every result lands as a file in the returned directory."""
     out = str(tmp_path_factory.mktemp("two_ranks"))
+    model = make_model()
+    optimizer = make_optimizer(model)
+    train(model, optimizer, STEPS_BEFORE_SAVE)
+    torch.save(model.state_dict(), os.path.join(out, "world1_params.pt"))
+    with warnings.catch_warnings():  # saving from one process without a process group is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(optimizer.sharded_state_dict(), checkpoint_id=os.path.join(out, "world1_optimizer"))
+    train(model, optimizer, 1)
+    torch.save(model.state_dict(), os.path.join(out, "world1_next.pt"))
     mp.spawn(distributed_worker, args=(2, free_port(), out), nprocs=2, join=True)
     return out
 
@@ -103,14 +126,17 @@ def assert_same_params(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[name], value, atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # starts two processes (one shared run for these tests)
 def test_two_processes_take_the_same_step_as_one(two_rank_run):
-    model = make_model()
-    train(model, make_optimizer(model), STEPS_BEFORE_SAVE)
+    one_rank = torch.load(os.path.join(two_rank_run, "world1_params.pt"))
     two_ranks = torch.load(os.path.join(two_rank_run, "params_saved.pt"))
-    assert_same_params(model.state_dict(), two_ranks)
+    assert_same_params(two_ranks, one_rank)
     assert not torch.equal(two_ranks["wte.weight"], make_model().wte.weight)  # it did train
+    assert_same_params(torch.load(os.path.join(two_rank_run, "params_next.pt")),
+                       torch.load(os.path.join(two_rank_run, "world1_next.pt")))
 
 
+@pytest.mark.slow  # starts two processes (one shared run for these tests)
 def test_distributed_state_is_sharded_across_ranks(two_rank_run):
     layouts = []
     for rank in (0, 1):
@@ -123,6 +149,7 @@ def test_distributed_state_is_sharded_across_ranks(two_rank_run):
     assert owned[0] | owned[1] == all_matrices
 
 
+@pytest.mark.slow  # starts two processes (one shared run for these tests)
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_state_saved_at_two_ranks_resumes_at_one(two_rank_run):
     model = make_model()
@@ -141,6 +168,12 @@ def test_state_saved_at_two_ranks_resumes_at_one(two_rank_run):
     fresh.load_state_dict(torch.load(os.path.join(two_rank_run, "params_saved.pt")))
     train(fresh, make_optimizer(fresh), 1)
     assert not torch.allclose(fresh.blocks[0].mlp.c_fc.weight, model.blocks[0].mlp.c_fc.weight, atol=1e-4)
+
+
+@pytest.mark.slow  # starts two processes (one shared run for these tests)
+def test_state_saved_at_one_rank_resumes_at_two(two_rank_run):
+    resumed = torch.load(os.path.join(two_rank_run, "world1_resumed_on_two.pt"))
+    assert_same_params(resumed, torch.load(os.path.join(two_rank_run, "world1_next.pt")))
 
 
 def test_loading_state_for_a_different_model_is_a_clear_error():

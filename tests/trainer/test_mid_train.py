@@ -1,0 +1,35 @@
+"""mid_train on a tiny base run: offline mixture, packed rows, exact resume, idempotent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.post_training import MID_FLAGS, assert_idempotent, assert_resumes_exactly
+
+pytestmark = pytest.mark.slow
+
+
+def test_mid_train_trains_on_the_offline_mixture_and_records_its_curves(tiny_mid_run):
+    done = json.loads((Path(tiny_mid_run) / "mid_train" / "done.json").read_text())
+    assert done["outputs"]["checkpoint"].endswith("mid_train/checkpoints/step_000004")
+    assert done["metrics"]["steps"] == 4 and done["metrics"]["val_bpb"] > 0
+    assert any(t.startswith("identity") for t in done["metrics"]["tasks"])
+    history = [
+        json.loads(line)
+        for line in (Path(tiny_mid_run) / "mid_train" / "history.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+    assert any("val_bpb" in r for r in history)
+
+
+def test_interrupted_mid_train_resumes_to_the_same_weights(tiny_mid_run, tmp_path):
+    assert_resumes_exactly(
+        "mid_train", tiny_mid_run, tmp_path / "run", MID_FLAGS, resume_step=2, final_step=4
+    )
+
+
+def test_finished_mid_train_is_a_no_op(tiny_mid_run, tmp_path):
+    assert_idempotent("mid_train", tiny_mid_run, tmp_path / "run", MID_FLAGS)

@@ -1,0 +1,69 @@
+"""The tok_train stage: writes the stage-contract files, is a no-op when done, works on local and S3
+run dirs (the S3 run goes through `python -m`, like the operator's job)."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import pytest
+from nanorun.trainer import storage, tok_train
+from nanorun.trainer.dataset import prepare
+from nanorun.trainer.progress import read_done, read_progress
+from nanorun.trainer.tokenizer import Tokenizer
+
+from tests.fixtures.s3 import free_port
+from tests.fixtures.tiny_run import check, real_english_documents, run_stage
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    src = tmp_path_factory.mktemp("text")
+    for i, doc in enumerate(real_english_documents()):
+        (src / f"doc_{i:04d}.txt").write_text(doc)
+    out = str(tmp_path_factory.mktemp("shards"))
+    prepare(out, [str(src)], shard_chars=120_000)
+    return out
+
+
+def test_stage_writes_tokenizer_progress_and_done(data_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    port = free_port()
+    assert tok_train.main(["--run-dir", run_dir, "--data", data_dir, "--vocab-size", "700",
+                           "--max-chars", "300000", "--doc-cap", "2000", "--metrics-port", str(port)]) == 0
+    done = read_done(run_dir, "tok_train")
+    m = done.metrics
+    assert 300_000 <= m["chars_seen"] < 302_000 and m["vocab_size"] == 700
+    assert m["compression_ratio"] > 2.0 and m["val_tokens"] > 0 and done.seconds > 0
+    assert read_progress(run_dir, "tok_train").message == "done"
+    tok = Tokenizer.from_run_dir(run_dir)
+    assert tok.vocab_size == 700 and done.outputs["tokenizer"] == os.path.join(run_dir, "tok_train")
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert 'llm_train_total_steps{rank="0",run="local",stage="tok_train"} 300000.0' in scrape
+
+
+def test_second_run_is_a_no_op(data_dir, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    args = ["--run-dir", run_dir, "--data", data_dir, "--vocab-size", "300", "--max-chars", "50000"]
+    assert tok_train.main(args) == 0
+    files = {f: os.path.getmtime(f) for f in storage.list_files(run_dir)}
+    assert tok_train.main(args) == 0
+    assert "already done" in capsys.readouterr().out
+    assert {f: os.path.getmtime(f) for f in storage.list_files(run_dir)} == files
+
+
+def test_stage_runs_with_an_s3_run_dir_and_s3_data(data_dir, s3_run_dir):
+    data = f"{s3_run_dir}/data"
+    for path in storage.list_files(data_dir):
+        storage.upload_from(path, storage.join(data, os.path.relpath(path, data_dir)))
+    check(run_stage("tok_train", "--run-dir", s3_run_dir, "--data", data, "--vocab-size", "400", "--max-chars", "100000"))
+    assert read_done(s3_run_dir, "tok_train").metrics["vocab_size"] == 400
+    assert Tokenizer.from_run_dir(s3_run_dir).encode("hello") != []
+    again = check(run_stage("tok_train", "--run-dir", s3_run_dir, "--data", data))
+    assert "already done" in again.stdout
+
+
+def test_missing_data_fails_with_a_clear_message(tmp_path):
+    proc = run_stage("tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "nothing"))
+    assert proc.returncode == 1 and "nanorun data prepare" in proc.stderr
+    assert read_done(str(tmp_path / "run"), "tok_train") is None
