@@ -50,12 +50,17 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_operator(namespace: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_operator(namespace: str, env: dict[str, str], log: Path, verbose: bool) -> subprocess.Popen:
     liveness = free_port()
+    argv = [sys.executable, "-m", "nanorun.operator.cli", "operator", "-n", namespace,
+            "--liveness-port", str(liveness), "--metrics-port", "0"] + (["--verbose"] if verbose else [])
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nanorun.operator.cli", "operator", "-n", namespace,
-                                 "--liveness-port", str(liveness), "--metrics-port", "0"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -66,11 +71,11 @@ def start_operator(namespace: str, env: dict[str, str], log: Path) -> subprocess
     raise RuntimeError(f"operator not live; see {log}")
 
 
-def measure(n: int, api_client, env: dict[str, str], workdir: Path) -> dict:
+def measure(n: int, api_client, env: dict[str, str], workdir: Path, logs: Path, verbose: bool) -> dict:
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     ns = f"scale-{n}-{int(time.time())}"
     core.create_namespace({"metadata": {"name": ns}})
-    operator = start_operator(ns, env, workdir / f"operator-{n}.log")
+    operator = start_operator(ns, env, logs / f"operator-{n}.log", verbose)
     created: dict[str, float] = {}
     first_job: dict[str, float] = {}
     done = threading.Event()
@@ -94,6 +99,7 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path) -> dict:
         custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest(name, str(workdir / name)))
         created[name] = time.monotonic()
 
+    cpu0 = cpu_seconds(operator.pid)
     t0 = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, range(n)))
@@ -109,6 +115,8 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path) -> dict:
         "p99_seconds": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None,
         "create_rate_per_second": round(n / create_seconds, 1),
         "operator_peak_rss_mb": round(peak_rss_mb(operator.pid), 1),
+        "operator_cpu_seconds": round(cpu_seconds(operator.pid) - cpu0, 1),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "cpus": os.cpu_count(),
     }
     operator.terminate()
@@ -119,6 +127,8 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, action="append", help="N (repeatable); default 200 and 1000")
+    parser.add_argument("--logs", type=Path, default=None, help="keep the operator logs in this folder")
+    parser.add_argument("--verbose", action="store_true", help="run the operator with debug logging")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nanorun-scale-") as tmp:
         workdir = Path(tmp)
@@ -130,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             api_client = config.new_client_from_config(config_file=str(plane.kubeconfig_path))
             api_client.configuration.connection_pool_maxsize = 32
             for n in args.runs or [200, 1000]:
-                print(json.dumps(measure(n, api_client, env, workdir)), flush=True)
+                logs = args.logs or workdir
+                logs.mkdir(parents=True, exist_ok=True)
+                print(json.dumps(measure(n, api_client, env, workdir, logs, args.verbose)), flush=True)
         finally:
             plane.stop()
     return 0

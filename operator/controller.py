@@ -15,6 +15,7 @@ import asyncio
 import copy
 import logging
 import os
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ def api_client():
     except config.ConfigException:
         config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = 32
+    configuration.connection_pool_maxsize = 64
     return client.ApiClient(configuration)
 
 
@@ -93,6 +94,7 @@ class Controller:
         self.runs, self.jobs, self.rayservices = runs, jobs, rayservices
 
     def start(self) -> None:
+        self._clients()
         self._queue = asyncio.Queue()
         self._pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="reconcile")
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.settings.workers)]
@@ -106,10 +108,14 @@ class Controller:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    @property
-    def api(self):
+    def _clients(self):
+        """(CustomObjectsApi, CoreV1Api), made once: the first import of the API modules takes
+        seconds, which must not land on the first run's reconcile."""
         if self._api is None:
-            self._api = api_client()
+            from kubernetes import client
+
+            api = api_client()
+            self._api = (client.CustomObjectsApi(api), client.CoreV1Api(api))
         return self._api
 
     def enqueue(self, key: Key) -> None:
@@ -204,11 +210,17 @@ class Controller:
                 storage_errors.append(f"reading {uri}/{stage}: {err}")
                 return None, None
 
+        t0 = time.perf_counter()
         decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc())
+        t1 = time.perf_counter()
         self._apply_children(run, body, decision)
+        t2 = time.perf_counter()
         self._apply_status(key, body, decision)
+        t3 = time.perf_counter()
         for event in decision.events:
             self._post_event(run, event)
+        log.debug("reconciled %s/%s: decide %.3fs, children %.3fs, status %.3fs, events %.3fs", namespace, name,
+                  t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
         for stage, seconds in decision.finished_stages:
             metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
         status = decision.status
@@ -217,13 +229,8 @@ class Controller:
             raise StorageUnavailable("; ".join(storage_errors))
         return decision
 
-    def _custom(self):
-        from kubernetes import client
-
-        return client.CustomObjectsApi(self.api)
-
     def _apply_children(self, run: RunRef, body: dict[str, Any], d: Decision) -> None:
-        api = self._custom()
+        api = self._clients()[0]
         for manifest, event in d.create_jobs:
             try:
                 api.create_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,
@@ -268,13 +275,11 @@ class Controller:
         if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
                 k not in old for k, v in new.items() if v is None):
             return
-        patched = self._custom().patch_namespaced_custom_object_status(
+        patched = self._clients()[0].patch_namespaced_custom_object_status(
             GROUP, VERSION, key[0], PLURAL, key[1], {"status": new})
         self._written[key] = patched
 
     def _post_event(self, run: RunRef, event: Event) -> None:
-        from kubernetes import client
-
         now = rfc3339(now_utc())
         body = {
             "metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
@@ -290,6 +295,6 @@ class Controller:
             "count": 1,
         }
         try:
-            client.CoreV1Api(self.api).create_namespaced_event(run.namespace, body)
+            self._clients()[1].create_namespaced_event(run.namespace, body)
         except Exception as err:  # an Event is best effort: never fail a reconcile over one
             log.info("could not post event %s for %s/%s: %s", event.reason, run.namespace, run.name, err)

@@ -19,6 +19,7 @@ A progress bar per stage is fed by the stage's progress.json; a summary table fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -138,11 +139,24 @@ def _progress_fields(p: stage_files.Progress | None) -> str:
 
 
 class LocalRun:
+    """Runs the planned stages one after another as child processes, watching their progress.json.
+
+    Ctrl-C (SIGINT) or a SIGTERM to `nanorun run` asks the running stage to stop: it gets SIGTERM,
+    saves a checkpoint and exits; a second Ctrl-C kills it (it then resumes from an older checkpoint).
+    """
+
     def __init__(self, run: RunFile, run_dir: str, log_dir: Path, console: Console,
                  nproc: int | None = None, metrics_port: int | None = None):
         self.run, self.run_dir, self.log_dir, self.console = run, run_dir, log_dir, console
         self.nproc, self.metrics_port = nproc, metrics_port
         self.stop_requested = False
+        self.kill_requested = False
+
+    def request_stop(self, signum: int = signal.SIGINT, frame: Any = None) -> None:
+        """Signal handler: the first call stops the stage with a checkpoint, a second one kills it."""
+        if self.stop_requested:
+            self.kill_requested = True
+        self.stop_requested = True
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, NANORUN_RUN=self.run.name, PYTHONUNBUFFERED="1")
@@ -159,6 +173,8 @@ class LocalRun:
                 self.console.print(f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]")
                 outcomes.append(StageOutcome(stage, "done", done.seconds, done.metrics))
                 continue
+            if self.stop_requested:
+                break
             outcome = self.run_stage(stage)
             outcomes.append(outcome)
             if outcome.status != "ran":
@@ -174,11 +190,16 @@ class LocalRun:
         with open(log_path, "ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
-            # A new session: the terminal's Ctrl-C reaches only us; we forward SIGTERM so the stage
+            # A new session: the terminal's Ctrl-C reaches only us, and we forward SIGTERM so the stage
             # checkpoints before it exits (a SIGINT would interrupt it mid-step).
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                     start_new_session=True)
-            rc = self._watch(stage, proc, nproc)
+            try:
+                rc = self._watch(stage, proc, nproc)
+            finally:
+                if proc.poll() is None:  # we are failing ourselves: leave no stage running behind
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
         seconds = time.time() - start
         if rc == 0:
             done = stage_files.read_done(self.run_dir, stage.stage)
@@ -193,44 +214,35 @@ class LocalRun:
     def _watch(self, stage: PlannedStage, proc: subprocess.Popen, nproc: int) -> int:
         label = f"{stage.stage}" + (f" ×{nproc}" if nproc > 1 else "")
         columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), TaskProgressColumn(),
-                   TextColumn("{task.completed:>6.0f}/{task.total:<6.0f}"), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"))
+                   TextColumn("{task.fields[steps]:>13}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
         with Progress(*columns, console=self.console, transient=False) as bars:
-            task = bars.add_task(label, total=None, info="starting")
-            deadline = None
+            task = bars.add_task(label, total=None, steps="", info="starting")
+            stopping_since: float | None = None
             while True:
                 try:
-                    rc = proc.wait(timeout=POLL_SECONDS)
-                    p = stage_files.read_progress(self.run_dir, stage.stage)
-                    if p and p.total_steps:
-                        bars.update(task, total=p.total_steps, completed=p.step, info=_progress_fields(p))
+                    rc: int | None = proc.wait(timeout=POLL_SECONDS)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                p = stage_files.read_progress(self.run_dir, stage.stage)
+                if p and p.total_steps:
+                    bars.update(task, total=p.total_steps, completed=p.step, steps=f"{p.step}/{p.total_steps}",
+                                info=_progress_fields(p))
+                if rc is not None:
                     if rc == 0:
                         total = bars.tasks[0].total or 1
                         bars.update(task, total=total, completed=total, info=_progress_fields(p) or "done")
                     return rc
-                except subprocess.TimeoutExpired:
-                    pass
-                except KeyboardInterrupt:
-                    if not self.stop_requested:
-                        self.stop_requested = True
-                        deadline = time.time() + STOP_GRACE_SECONDS
-                        bars.update(task, info="stopping: saving a checkpoint (Ctrl-C again to kill)")
-                        _signal_group(proc, signal.SIGTERM)
-                    else:
-                        _signal_group(proc, signal.SIGKILL)
-                    continue
-                if deadline and time.time() > deadline:
+                if self.stop_requested and stopping_since is None:
+                    stopping_since = time.time()
+                    bars.update(task, info="stopping: saving a checkpoint (Ctrl-C again to kill)")
+                    _signal_group(proc, signal.SIGTERM)
+                if self.kill_requested or (stopping_since and time.time() - stopping_since > STOP_GRACE_SECONDS):
                     _signal_group(proc, signal.SIGKILL)
-                p = stage_files.read_progress(self.run_dir, stage.stage)
-                if p and p.total_steps:
-                    bars.update(task, total=p.total_steps, completed=p.step, info=_progress_fields(p))
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def summary_table(outcomes: list[StageOutcome]) -> Table:
@@ -273,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run_file(args.file)
     except RunFileError as e:
-        console.print(f"[red]nanorun run:[/red] {e}", markup=True, highlight=False)
+        print(f"nanorun run: {e}", file=sys.stderr)  # plain text: no wrapping inside the CRD's messages
         return 2
     run_dir = args.run_dir or run.spec.storage.uri
     if not storage.is_s3(run_dir):
@@ -288,10 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir, run.name)
     console.print(f"[bold]nanorun run[/bold] {run.name}: {len(plan)} stages → {run_dir}  (logs in {log_dir})")
     local = LocalRun(run, run_dir, log_dir, console, nproc=args.nproc_per_node, metrics_port=args.metrics_port)
-    outcomes = local.execute()
+    handlers = {sig: signal.signal(sig, local.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        outcomes = local.execute()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     console.print(summary_table(outcomes))
     last = outcomes[-1].status if outcomes else "ran"
-    if last == "stopped":
+    if last == "stopped" or (local.stop_requested and len(outcomes) < len(plan)):
         console.print("Stopped. The stage saved a checkpoint; run the same command again to resume.")
         return 130
     if last == "failed":

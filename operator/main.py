@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["NANORUN_RESYNC_SECONDS"] = str(args.resync_seconds)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # kopf logs every handler call at INFO: thousands of lines with many runs
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import kopf
     from nanorun.operator import handlers
 

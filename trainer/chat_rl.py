@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {ctx.world_size}"
         )
-    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
+    tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     engine = Engine(model, tokenizer)
     train, test, report = rl_tasks(storage.join(ctx.run_dir, "task_data"), args.task)
     ctx.print0(str(report))

@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {ctx.world_size}"
         )
+    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
-    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     train, val, report = sft_mixture(storage.join(ctx.run_dir, "task_data"), limit=args.limit)
     ctx.print0(str(report))
     T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len

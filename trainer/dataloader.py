@@ -261,6 +261,8 @@ class PackedStream:
             while not self.stop.is_set():
                 block = torch.empty((self.rows, self.width), dtype=torch.long)
                 for r in range(self.rows):
+                    if self.stop.is_set():
+                        return
                     pos = 0
                     while pos < self.width:
                         while len(buffer) < self.buffer_size:
@@ -298,7 +300,10 @@ class PackedStream:
         return block
 
     def close(self) -> None:
+        """Stop the background thread and wait for it: a thread still inside torch or the tokenizer
+        when the interpreter exits can abort the process."""
         self.stop.set()
+        self.thread.join(timeout=30)
 
 
 class PackedBatches:

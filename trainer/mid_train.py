@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         return teardown(ctx)
     from nanorun.trainer.tokenizer import Tokenizer
 
+    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
-    model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     train, val, report = midtrain_mixture(storage.join(ctx.run_dir, "task_data"), limit=args.limit)
     ctx.print0(str(report))
 

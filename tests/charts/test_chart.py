@@ -6,12 +6,13 @@ ConfigMap, the helm test, and values.schema.json refusing bad values with helm's
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from nanorun.operator.api import parse_spec
+from nanorun.operator.api import DEFAULT_IMAGE, parse_spec
 from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
 from nanorun.operator.main import parse_args
 from nanorun.operator.plan import stage_plan
@@ -46,6 +47,16 @@ def flag(args: list[str], name: str) -> str:
     values = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
     assert len(values) == 1, f"{name} given {len(values)} times in {args}"
     return values[0]
+
+
+def test_chart_metadata_names_api_v2_a_kube_version_and_the_project_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["type"] == "application"
+    assert chart["kubeVersion"].startswith(">=1.28")  # CEL rules in the LLMRun CRD
+    assert chart["appVersion"] == version("nanorun")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["image"]["tag"] == ""  # the operator image follows appVersion
+    assert DEFAULT_IMAGE.endswith(f":{chart['appVersion']}")  # and the trainer image the same release
 
 
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")

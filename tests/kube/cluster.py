@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -82,8 +81,9 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills it when the parent process dies, so a test
-    run that is killed outright leaks no servers."""
+    """Runs in the child before exec: the kernel kills it when the thread that started it ends
+    (for pytest, the main thread, i.e. the test run), so a run that is killed outright leaks no
+    servers."""
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -150,15 +150,23 @@ class ControlPlane:
     def pki(self) -> Path:
         return self.workdir / "pki"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Starts etcd, then kube-apiserver, and waits until it is ready. A free port can be taken
+        by another process before the server binds it, so a failed start is retried on new ports."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_pki(self.pki)
-        try:
-            self._start_etcd()
-            self._start_apiserver()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_etcd()
+                self._start_apiserver()
+                break
+            except ControlPlaneError:
+                self.stop()
+                if attempt == attempts:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
         self.kubeconfig_path.write_text(kubeconfig(self.server, self.pki))
         self.kubeconfig_path.chmod(0o600)
 
@@ -252,29 +260,24 @@ def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0
         return
     file_args = [arg for f in files for arg in ("-f", str(f))]
     applied = subprocess.run(
-        ["kubectl", "apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", *file_args],
+        ["kubectl", "apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", "-o", "name",
+         *file_args],
         env=env, capture_output=True, text=True,
     )
     if applied.returncode != 0:
         raise ControlPlaneError(f"installing CRDs failed:\n{applied.stderr.strip()}")
     # Polled rather than `kubectl wait`, which fails outright while a new CRD has no conditions yet.
+    columns = 'custom-columns=NAME:.metadata.name,ESTABLISHED:.status.conditions[?(@.type=="Established")].status'
     deadline = time.monotonic() + timeout_s
     while True:
-        out = subprocess.run(["kubectl", "get", *file_args, "-o", "json"], env=env, capture_output=True, text=True)
-        pending = ["?"]
-        if out.returncode == 0:
-            got = json.loads(out.stdout)
-            pending = [crd["metadata"]["name"] for crd in got.get("items", [got]) if not _established(crd)]
-        if not pending:
+        out = subprocess.run(["kubectl", "get", *applied.stdout.split(), "--no-headers", "-o", columns],
+                             env=env, capture_output=True, text=True)
+        pending = [line.split()[0] for line in out.stdout.splitlines() if not line.endswith("True")]
+        if out.returncode == 0 and not pending:
             return
         if time.monotonic() > deadline:
             raise ControlPlaneError(f"CRDs not Established after {timeout_s:.0f} s: {pending} {out.stderr.strip()}")
         time.sleep(0.2)
-
-
-def _established(crd: dict) -> bool:
-    conditions = crd.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 # --- command line (make kube-up / kube-down) --------------------------------------------------

@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-
 from nanorun.operator.cli import main as nanorun_main
+
 from tests.serving.conftest import free_port
 
 

@@ -32,8 +32,9 @@ def page(chat_service):
 
 
 def test_chat_page_streams_a_reply_and_keeps_history(page, chat_service):
-    requests = []
+    requests, responses = [], []
     page.on("request", lambda r: requests.append(r) if r.url.endswith("/v1/chat/completions") else None)
+    page.on("response", lambda r: responses.append(r) if r.url.endswith("/v1/chat/completions") else None)
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "change")
     page.fill("#max-tokens", "24")
@@ -47,6 +48,7 @@ def test_chat_page_streams_a_reply_and_keeps_history(page, chat_service):
     assert reply.strip()
     body = requests[0].post_data_json
     assert body["stream"] is True and body["temperature"] == 0 and body["max_tokens"] == 24
+    assert responses[0].headers["content-type"].startswith("text/event-stream")  # the reply was streamed
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-ui-chat.png"), full_page=True)
     assert (ARTIFACTS / "web-ui-chat.png").stat().st_size > 1000
