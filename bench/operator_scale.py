@@ -81,13 +81,22 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path, logs: Path, 
     done = threading.Event()
 
     def watch_jobs() -> None:
-        w = watch.Watch()
-        for event in w.stream(custom.list_namespaced_custom_object, "kubeflow.org", "v1", ns, "pytorchjobs",
-                              timeout_seconds=600):
-            run = event["object"]["metadata"]["labels"]["nanorun.io/run"]
-            first_job.setdefault(run, time.monotonic())
-            if len(first_job) >= n:
-                w.stop()
+        deadline = time.monotonic() + 600
+        while len(first_job) < n and time.monotonic() < deadline:
+            try:  # list, then watch from there; a dropped or expired watch starts over
+                listed = custom.list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs")
+                for job in listed["items"]:
+                    first_job.setdefault(job["metadata"]["labels"]["nanorun.io/run"], time.monotonic())
+                w = watch.Watch()
+                for event in w.stream(custom.list_namespaced_custom_object, "kubeflow.org", "v1", ns, "pytorchjobs",
+                                      resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=60):
+                    labels = event["object"].get("metadata", {}).get("labels", {})
+                    if "nanorun.io/run" in labels:
+                        first_job.setdefault(labels["nanorun.io/run"], time.monotonic())
+                    if len(first_job) >= n:
+                        w.stop()
+            except Exception as err:
+                print(f"watch restarted: {err}", file=sys.stderr)
         done.set()
 
     watcher = threading.Thread(target=watch_jobs, daemon=True)
@@ -106,10 +115,12 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path, logs: Path, 
     create_seconds = time.monotonic() - t0
     done.wait(timeout=600)
     latencies = sorted(first_job[r] - created[r] for r in created if r in first_job)
+    listed = len(custom.list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs")["items"])
     result = {
         "bench": "operator_scale",
         "runs": n,
         "runs_with_first_job": len(latencies),
+        "jobs_at_end": listed,
         "seconds_until_all_have_a_job": round(max(first_job.values()) - t0, 2) if first_job else None,
         "p50_seconds": round(statistics.median(latencies), 3) if latencies else None,
         "p99_seconds": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None,

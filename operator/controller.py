@@ -45,7 +45,7 @@ def _env_float(name: str, default: float) -> float:
 class Settings:
     resync_seconds: float = field(default_factory=lambda: _env_float("NANORUN_RESYNC_SECONDS", 15.0))
     # Reconciles mostly wait on the API server and storage, so more threads than cores pay off.
-    workers: int = field(default_factory=lambda: int(_env_float("NANORUN_WORKERS", 16)))
+    workers: int = field(default_factory=lambda: int(_env_float("NANORUN_WORKERS", 48)))
     error_backoff_seconds: float = field(default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0))
     max_error_backoff_seconds: float = 300.0
 

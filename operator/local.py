@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,7 @@ class StageOutcome:
     status: str  # done (earlier run) | ran | failed | stopped
     seconds: float
     metrics: dict[str, Any]
+    cpu_seconds: float | None = None  # CPU time of the stage's processes (None: not run now)
 
 
 def load_run_file(path: str) -> RunFile:
@@ -186,7 +188,7 @@ class LocalRun:
         cmd = stage_command(stage, self.run_dir, nproc, self.metrics_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{stage.stage}.log"
-        start = time.time()
+        start, cpu_start = time.time(), _children_cpu_seconds()
         with open(log_path, "ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
@@ -200,16 +202,16 @@ class LocalRun:
                 if proc.poll() is None:  # we are failing ourselves: leave no stage running behind
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait()
-        seconds = time.time() - start
+        seconds, cpu = time.time() - start, _children_cpu_seconds() - cpu_start
         if rc == 0:
             done = stage_files.read_done(self.run_dir, stage.stage)
-            return StageOutcome(stage, "ran", seconds, done.metrics if done else {})
+            return StageOutcome(stage, "ran", seconds, done.metrics if done else {}, cpu)
         status = "stopped" if self.stop_requested else "failed"
         if status == "failed":
             tail = deque(log_path.read_text(errors="replace").splitlines(), maxlen=25)
             self.console.print(f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:")
             self.console.print("\n".join(tail), markup=False, highlight=False)
-        return StageOutcome(stage, status, seconds, {})
+        return StageOutcome(stage, status, seconds, {}, cpu)
 
     def _watch(self, stage: PlannedStage, proc: subprocess.Popen, nproc: int) -> int:
         label = f"{stage.stage}" + (f" ×{nproc}" if nproc > 1 else "")
@@ -240,6 +242,12 @@ class LocalRun:
                     _signal_group(proc, signal.SIGKILL)
 
 
+def _children_cpu_seconds() -> float:
+    """User + system CPU time of the finished (waited-for) child processes, their children included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
@@ -247,14 +255,15 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def summary_table(outcomes: list[StageOutcome]) -> Table:
     table = Table(title="nanorun run")
-    for col in ("stage", "status", "time", "metrics"):
+    for col in ("stage", "status", "time", "cpu", "metrics"):
         table.add_column(col)
     for o in outcomes:
         shown = {k: v for k, v in o.metrics.items() if k in SUMMARY_METRICS and v is not None}
         if not shown:
             shown = {k: v for k, v in list(o.metrics.items())[:4] if isinstance(v, int | float)}
         metrics = "  ".join(f"{k}={_fmt_metric(v)}" for k, v in shown.items())
-        table.add_row(o.stage.stage, o.status, f"{o.seconds:.0f}s", metrics)
+        cpu = f"{o.cpu_seconds:.0f}s" if o.cpu_seconds is not None else ""
+        table.add_row(o.stage.stage, o.status, f"{o.seconds:.0f}s", cpu, metrics)
     return table
 
 

@@ -124,6 +124,7 @@ def test_bundle_zip_is_extracted_once_and_bad_sources_explain_themselves(tmp_pat
         core_eval.load_tasks(broken)
 
 
+@pytest.mark.slow
 def test_base_eval_stage_reports_bpb_samples_and_core(tiny_base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)

@@ -71,6 +71,7 @@ def two_ranks(tiny_base_run, tmp_path_factory) -> Path:
     return Path(run)
 
 
+@pytest.mark.slow
 def test_tiny_run_loss_falls_on_real_text_and_writes_the_stage_contract(tiny_base_run):
     curve = losses(tiny_base_run)
     assert len(curve) == 40
@@ -95,6 +96,7 @@ def test_resume_after_a_crash_sees_identical_losses(straight, tmp_path):
     assert losses(run) == losses(straight)  # bit for bit: same weights, optimizer state and batches
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_same_global_batch(straight, two_ranks):
     one, two = losses(straight), losses(two_ranks)
     assert one.keys() == two.keys()
@@ -102,6 +104,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(straight, two_ranks
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), step
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_ranks_continues_the_same_run(straight, two_ranks, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_ranks, run)

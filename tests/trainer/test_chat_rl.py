@@ -38,6 +38,15 @@ class DigitsTask(Task):
         return sum(ch.isdigit() for ch in response) / len(response) if response else 0.0
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread, like the stage subprocesses: on a busy machine more only slow tiny models down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(vocab_size: int) -> GPT:
     torch.manual_seed(0)
     model = GPT(

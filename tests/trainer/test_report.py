@@ -9,6 +9,8 @@ import sys
 from nanorun.trainer import storage
 from nanorun.trainer.progress import Done, Progress, write_done, write_progress
 
+from tests.fixtures.tiny_run import stage_env
+
 
 def fake_run(run_dir: str) -> None:
     """Status files as the stages write them (values chosen so each shows up distinctly)."""
@@ -71,6 +73,7 @@ def run_report(run_dir: str, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
+        env=stage_env(),
     )
 
 
