@@ -143,14 +143,20 @@ def rl_step(
     device,
 ) -> dict[str, float]:
     """One on-policy step over this rank's problems `indices`; returns the rank's mean reward and loss."""
+    from nanorun.trainer.engine import ContextOverflowError
+
     pad = tokenizer.encode_special("<|assistant_end|>")
     rewards_all, loss_sum, sampled_tokens = [], 0.0, 0
     for index in indices:
         model.eval()
-        completions, masks, rewards, prompt_len = rollout(
-            engine, tokenizer, task, index, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-            seed=step * 1_000_003 + index,
-        )  # fmt: skip
+        try:
+            group = rollout(
+                engine, tokenizer, task, index, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                seed=step * 1_000_003 + index,
+            )  # fmt: skip
+        except ContextOverflowError:  # a problem longer than the model's context teaches nothing
+            continue
+        completions, masks, rewards, prompt_len = group
         model.train()
         loss_sum += group_loss(
             model, completions, masks, rewards, pad, device, args.device_batch_size, 1 / len(indices)

@@ -36,11 +36,8 @@ def test_generative_eval_is_pass_at_k_over_samples(fake_hub, tmp_path):
     gsm8k = GSM8K("train", cache=str(tmp_path))
     engine = ScriptedEngine(TOK, {"Tom has": ["#### 11", "#### 12"], "Ann had": ["#### 7", "#### 9"]})
     assert run_generative_eval(gsm8k, engine, TOK, num_samples=1)["accuracy"] == 0.0
-    assert run_generative_eval(gsm8k, engine, TOK, num_samples=2) == {
-        "accuracy": 0.5,
-        "correct": 1,
-        "total": 2,
-    }
+    result = run_generative_eval(gsm8k, engine, TOK, num_samples=2)
+    assert (result["accuracy"], result["correct"], result["total"]) == (0.5, 1, 2)
 
 
 def test_humaneval_eval_runs_the_generated_code(fake_hub, tmp_path):
@@ -99,3 +96,36 @@ def test_slices_mixtures_and_sequences_index_every_example_once():
     assert sequence[5] == b[0] and len(sequence) == 8
     with pytest.raises(IndexError):
         sequence[8]
+
+
+def test_a_question_longer_than_the_context_counts_as_failed_instead_of_crashing(fake_hub, tmp_path):
+    from nanorun.trainer.engine import ContextOverflowError
+
+    class ShortContextEngine(ScriptedEngine):
+        def generate_batch(self, tokens, **kwargs):
+            if "Ann had" in self.tokenizer.decode(tokens):
+                raise ContextOverflowError("prompt longer than the context")
+            return super().generate_batch(tokens, **kwargs)
+
+    gsm8k = GSM8K("train", cache=str(tmp_path))
+    engine = ShortContextEngine(TOK, {"Tom has": "#### 12"})
+    assert run_generative_eval(gsm8k, engine, TOK) == {
+        "accuracy": 0.5,
+        "correct": 1,
+        "total": 2,
+        "too_long": 1,
+    }
+
+
+def test_categorical_eval_keeps_the_end_of_prompts_longer_than_the_context(fake_hub, tmp_path):
+    import types
+
+    mmlu = MMLU("all", "test", cache=str(tmp_path))
+    model = ScriptedLogitsModel(TOK, {"2+2?": "B", "Italy?": "A"})
+    model.config = types.SimpleNamespace(sequence_len=60)  # shorter than the rendered prompts
+    seen = []
+    scripted_call = model.__call__
+    model_fn = lambda ids: (seen.append(ids.shape[1]), scripted_call(ids))[1]  # noqa: E731
+    model_fn.config = model.config
+    assert run_categorical_eval(mmlu, model_fn, TOK)["accuracy"] == 1.0
+    assert max(seen) == 60

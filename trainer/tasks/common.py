@@ -158,7 +158,10 @@ def run_categorical_eval(
     mine = list(range(rank, n, world))
     for b in range(0, len(mine), batch_size):
         conversations = [task[i] for i in mine[b : b + batch_size]]
+        # a prompt longer than the model's context keeps its end (the choices and the answer slot)
+        limit = getattr(getattr(model, "config", None), "sequence_len", None)
         prompts = [render_for_completion(tokenizer, c) for c in conversations]
+        prompts = [p[-limit:] if limit else p for p in prompts]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
         with torch.no_grad():
@@ -197,20 +200,26 @@ def run_generative_eval(
     `engine.generate_batch(prompt, num_samples=, max_tokens=, temperature=, top_k=, seed=)` returns
     (token lists including the prompt, masks). If `samples_out` is given, the first reply of each
     problem is appended to it (for the report)."""
+    from nanorun.trainer.engine import ContextOverflowError
+
     rank, world = rank_and_world()
     n = len(task) if max_problems is None else min(len(task), max_problems)
-    correct = total = 0
+    correct = total = too_long = 0
     for i in range(rank, n, world):
         conversation = task[i]
         prompt = render_for_completion(tokenizer, conversation)
-        completions, _ = engine.generate_batch(
-            prompt,
-            num_samples=num_samples,
-            max_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed + i,
-        )
+        try:
+            completions, _ = engine.generate_batch(
+                prompt,
+                num_samples=num_samples,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed + i,
+            )
+        except ContextOverflowError:  # the question alone fills the model's context: counted as failed
+            completions = [prompt]
+            too_long += 1
         replies = [tokenizer.decode(c[len(prompt) :]) for c in completions]
         passed = any(task.evaluate(conversation, r) for r in replies)
         correct += int(passed)
@@ -219,5 +228,10 @@ def run_generative_eval(
             samples_out.append(
                 {"task": task.name, "prompt": conversation["messages"], "reply": replies[0], "passed": passed}
             )
-    correct, total = sum_across_ranks([correct, total], device)
-    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+    correct, total, too_long = sum_across_ranks([correct, total, too_long], device)
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "correct": correct,
+        "total": total,
+        "too_long": too_long,
+    }

@@ -1,0 +1,234 @@
+"""`nanorun run FILE`, the local executor: validation with the CRD's messages, the printed plan,
+re-runs that skip finished stages, Ctrl-C that stops a stage with a checkpoint and a re-run that
+resumes from it, and a run directory on S3 (the moto server). The stages are the real modules,
+on tiny settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from nanorun.operator import local
+from nanorun.operator.api import GROUP, RULES, VERSION, parse_spec
+from nanorun.operator.plan import stage_plan
+from nanorun.trainer import checkpoint, storage
+from nanorun.trainer.progress import read_done, read_progress
+
+STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
+TOKENIZER = {"vocabSize": 512, "maxChars": 20000}
+TOKENIZER_STAGE = {"extraArgs": ["--eval-chars", "20000"]}
+# A pretraining stage of about a second a step on one CPU thread: width 64, context 64.
+TINY_PRETRAIN = {
+    "numIterations": 30, "deviceBatchSize": 4, "totalBatchSize": 256, "saveEvery": 4, "evalEvery": 30,
+    "extraArgs": ["--warmup-steps", "2", "--eval-tokens", "1024", "--sample-every", "-1",
+                  "--data-streams", "1", "--doc-buffer", "16"],
+}
+
+# One violation of each creation-time rule of the CRD, keyed by the start of the rule's message.
+VIOLATIONS = {
+    "stages.pretrain.totalBatchSize": {"stages": {"pretrain": {"deviceBatchSize": 4, "totalBatchSize": 1000}}},
+    "serving.minReplicas": {"serving": {"minReplicas": 3, "maxReplicas": 2}},
+    "at least one stage": {"stages": {k: {"enabled": False} for k in STAGE_KEYS}, "serving": {"enabled": False}},
+    "serving.enabled needs": {"stages": {k: {"enabled": k == "tokenizer"} for k in STAGE_KEYS},
+                              "serving": {"enabled": True}},
+}
+
+
+def llmrun_file(path: Path, name: str = "local", enabled: tuple[str, ...] = ("tokenizer",), **spec: Any) -> Path:
+    body: dict[str, Any] = {
+        "storage": {"uri": str(path.parent / "run")},
+        "model": {"depth": 2, "maxSeqLen": 64, "aspectRatio": 32, "headDim": 32, "windowPattern": "L"},
+        "tokenizer": TOKENIZER,
+        "compute": {"gpusPerNode": 0},
+        "stages": {k: {"enabled": k in enabled} for k in STAGE_KEYS},
+        "serving": {"enabled": False},
+    }
+    body["stages"]["tokenizer"].update(TOKENIZER_STAGE)
+    body["stages"]["pretrain"].update(TINY_PRETRAIN)
+    for key, value in spec.items():
+        if key == "stages":
+            for stage, fields in value.items():
+                body["stages"][stage] = {**body["stages"].get(stage, {}), **fields}
+        else:
+            body[key] = {**body[key], **value} if isinstance(body.get(key), dict) else value
+    path.write_text(yaml.safe_dump({"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun",
+                                    "metadata": {"name": name}, "spec": body}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # Stages inherit the environment; one OpenMP thread keeps tiny steps fast on a busy machine.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def run_local(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = local.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def test_every_creation_rule_of_the_crd_has_a_violation_here():
+    creation = [r.message for r in RULES if not r.transition]
+    assert sorted(next(m for m in creation if m.startswith(s)) for s in VIOLATIONS) == sorted(creation)
+
+
+@pytest.mark.parametrize("start", list(VIOLATIONS))
+def test_a_rule_violation_is_refused_with_the_crd_rule_message(tmp_path, capsys, start):
+    rule = next(r for r in RULES if r.message.startswith(start))
+    path = llmrun_file(tmp_path / "bad.yaml", **VIOLATIONS[start])
+    rc, out, err = run_local(capsys, str(path))
+    assert rc == 2
+    assert f"spec: {rule.message}" in err.splitlines()
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_schema_errors_name_the_field_and_every_problem_is_listed(tmp_path, capsys):
+    path = llmrun_file(tmp_path / "bad.yaml", compute={"nodes": 0}, model={"windowPattern": "SXL"})
+    rc, _, err = run_local(capsys, str(path))
+    assert rc == 2
+    assert any(line.startswith("spec.compute.nodes: ") for line in err.splitlines())
+    assert any(line.startswith("spec.model.windowPattern: ") for line in err.splitlines())
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("kind: [unclosed", "is not valid YAML"),
+    ("- a list", "expected an LLMRun object"),
+    ("apiVersion: v1\nkind: ConfigMap\n", "expected apiVersion: nanorun.io/v1alpha1 and kind: LLMRun"),
+])
+def test_a_file_that_is_no_llmrun_gets_a_clear_error(tmp_path, capsys, content, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    rc, _, err = run_local(capsys, str(path))
+    assert rc == 2 and expected in err and "Traceback" not in err
+
+
+def test_a_missing_file_gets_a_clear_error(tmp_path, capsys):
+    rc, _, err = run_local(capsys, str(tmp_path / "nope.yaml"))
+    assert rc == 2 and "cannot read" in err and "nope.yaml" in err
+
+
+@pytest.mark.kube
+def test_the_api_server_refuses_the_same_file_with_the_same_messages(kube, kube_namespace, tmp_path, capsys):
+    for start, violation in VIOLATIONS.items():
+        path = llmrun_file(tmp_path / "bad.yaml", name="bad", **violation)
+        _, _, err = run_local(capsys, str(path))
+        local_messages = [line.removeprefix("spec: ") for line in err.splitlines() if line.startswith("spec: ")]
+        assert local_messages, start
+        server = kube.kubectl("create", "--dry-run=server", "-n", kube_namespace, "-f", str(path), check=False)
+        assert server.returncode != 0
+        for message in local_messages:
+            assert message in server.stderr, f"{message!r} not in the API server's answer:\n{server.stderr}"
+
+
+# --- the plan ----------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_each_planned_stage_command_and_runs_nothing(tmp_path, capsys):
+    path = llmrun_file(tmp_path / "run.yaml", enabled=STAGE_KEYS, serving={"enabled": True})
+    spec = parse_spec(yaml.safe_load(path.read_text())["spec"])
+    rc, out, _ = run_local(capsys, str(path), "--dry-run", "--nproc-per-node", "2")
+    assert rc == 0
+    lines = out.strip().splitlines()
+    plan = stage_plan(spec)
+    run_dir = str(tmp_path / "run")
+    assert lines == [" ".join(local.stage_command(s, run_dir, 2 if s.distributed else 1, None)) for s in plan]
+    assert [line.split(" -m ")[-1].split()[0] for line in lines] == [s.module for s in plan]
+    assert "torch.distributed.run --standalone --nproc-per-node=2 -m nanorun.trainer.base_train" in lines[1]
+    assert "torch.distributed.run" not in lines[0] and "torch.distributed.run" not in lines[-1]
+    assert "--vocab-size 512" in lines[0] and "--num-iterations 30" in lines[1]
+    assert not (tmp_path / "run").exists()
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+def test_a_run_dir_on_s3_works_and_a_rerun_skips_the_finished_stage(tmp_path, capsys, s3_run_dir):
+    path = llmrun_file(tmp_path / "run.yaml")
+    logs = tmp_path / "logs"
+    rc, out, _ = run_local(capsys, str(path), "--run-dir", s3_run_dir, "--log-dir", str(logs))
+    assert rc == 0, out + (logs / "tok_train.log").read_text()
+    assert storage.exists(storage.join(s3_run_dir, "tok_train", "tokenizer.tiktoken"))
+    done = read_done(s3_run_dir, "tok_train")
+    assert done is not None and done.metrics["compression_ratio"] > 1
+    assert not (tmp_path / "run").exists()  # --run-dir overrides spec.storage.uri
+
+    rc, out, _ = run_local(capsys, str(path), "--run-dir", s3_run_dir, "--log-dir", str(logs))
+    assert rc == 0
+    assert "tok_train: already done" in out
+    assert (logs / "tok_train.log").read_text().count("\n$ ") == 1  # the stage was not started again
+    assert read_done(s3_run_dir, "tok_train") == done
+
+
+def stage_processes(run_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if str(run_dir) in cmdline and "nanorun.trainer.base_train" in cmdline:
+            found.append(proc)
+    return found
+
+
+def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} (nanorun run exit {proc.poll()}); stage log:\n{log.read_text()[-3000:] if log.exists() else ''}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path, capsys):
+    path = llmrun_file(tmp_path / "run.yaml", enabled=("tokenizer", "pretrain"))
+    run_dir = tmp_path / "run"
+    log = run_dir / "logs" / "base_train.log"
+    proc = subprocess.Popen([sys.executable, "-m", "nanorun.operator.cli", "run", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for("base_train step 5", lambda: (p := read_progress(str(run_dir), "base_train")) and p.step >= 5,
+                 timeout=180, proc=proc, log=log)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "run the same command again to resume" in out
+    assert stage_processes(run_dir) == []  # the stage is gone too
+    assert read_done(str(run_dir), "base_train") is None
+    latest = checkpoint.latest_checkpoint(str(run_dir / "base_train"))
+    stopped_at = checkpoint.read_meta(latest)["step"]
+    assert stopped_at >= 5  # the stop saved the step it had reached, not only the last periodic one
+    assert "preempted: saved" in log.read_text()
+
+    rc, out, _ = run_local(capsys, str(path))
+    assert rc == 0, out
+    assert "tok_train: already done" in out
+    second_attempt = log.read_text().split("\n$ ")[-1]
+    assert f"resuming from {latest} (step {stopped_at}," in second_attempt
+    assert f"step {stopped_at:06d}/" not in second_attempt  # no step is trained twice
+    done = read_done(str(run_dir), "base_train")
+    assert done is not None and done.outputs["checkpoint"].endswith("step_000030")
+
+
+def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
+    path = llmrun_file(tmp_path / "run.yaml", stages={"tokenizer": {"extraArgs": ["--vocab-size", "not-a-number"]}})
+    rc, out, _ = run_local(capsys, str(path))
+    assert rc == 1
+    assert "tok_train exited with code 2" in out and "invalid int value" in out
+    assert os.path.exists(tmp_path / "run" / "logs" / "tok_train.log")
