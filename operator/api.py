@@ -230,6 +230,8 @@ class StageStatus(Model):
     outputs: dict[str, str] = Field(default_factory=dict, description="What the stage produced, e.g. its checkpoint URI.")
     metrics: StageMetrics = Field(default_factory=StageMetrics, description="Latest metrics of the stage.")
     message: str = Field("", description="Why the last attempt failed, if it did.")
+    failed_attempt: int = Field(0, description="The last attempt known to have failed (kept when its job is gone).")
+    failure_time: str = Field("", description="When that attempt failed (RFC 3339).")
 
 
 class ServingStatus(Model):

@@ -133,9 +133,7 @@ class Controller:
             await asyncio.sleep(self.settings.resync_seconds)
             if self.runs is None:
                 continue
-            keys = list(self.runs.keys())
-            metrics.set_runs_by_phase([((self._body(k) or {}).get("status") or {}).get("phase") or "Pending" for k in keys])
-            for key in keys:
+            for key in list(self.runs.keys()):
                 self.enqueue(key)
 
     async def _worker(self, n: int) -> None:
@@ -225,6 +223,7 @@ class Controller:
             metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
         status = decision.status
         metrics.set_stage(namespace, name, status.get("stage", ""), status.get("phase", "Pending"))
+        metrics.set_run_phase(namespace, name, status.get("phase", "Pending"))
         if storage_errors:
             raise StorageUnavailable("; ".join(storage_errors))
         return decision

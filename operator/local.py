@@ -172,7 +172,8 @@ class LocalRun:
         for stage in stage_plan(self.run.spec):
             done = stage_files.read_done(self.run_dir, stage.stage)
             if done is not None:
-                self.console.print(f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]")
+                self.console.print(f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]",
+                                   soft_wrap=True)
                 outcomes.append(StageOutcome(stage, "done", done.seconds, done.metrics))
                 continue
             if self.stop_requested:
@@ -209,8 +210,9 @@ class LocalRun:
         status = "stopped" if self.stop_requested else "failed"
         if status == "failed":
             tail = deque(log_path.read_text(errors="replace").splitlines(), maxlen=25)
-            self.console.print(f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:")
-            self.console.print("\n".join(tail), markup=False, highlight=False)
+            self.console.print(f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:",
+                               soft_wrap=True)
+            self.console.print("\n".join(tail), markup=False, highlight=False, soft_wrap=True)
         return StageOutcome(stage, status, seconds, {}, cpu)
 
     def _watch(self, stage: PlannedStage, proc: subprocess.Popen, nproc: int) -> int:
@@ -307,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir, run.name)
-    console.print(f"[bold]nanorun run[/bold] {run.name}: {len(plan)} stages → {run_dir}  (logs in {log_dir})")
+    console.print(f"[bold]nanorun run[/bold] {run.name}: {len(plan)} stages → {run_dir}  (logs in {log_dir})",
+                  soft_wrap=True)
     local = LocalRun(run, run_dir, log_dir, console, nproc=args.nproc_per_node, metrics_port=args.metrics_port)
     handlers = {sig: signal.signal(sig, local.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = storage.join(run_dir, "report", "report.md")
     if storage.exists(report):
-        console.print(f"Report: {report}")
+        console.print(f"Report: {report}", soft_wrap=True)
     if args.serve and run.spec.serving.enabled:
         from nanorun.serving.cli import main as serve_main
 

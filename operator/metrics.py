@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from nanorun.operator.api import Phase
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client import Counter as PromCounter
@@ -38,10 +36,18 @@ STAGE_INFO = Gauge("llmrun_stage_info", "1 for the stage each run is at, with it
 _stage_labels: dict[tuple[str, str], tuple[str, str, str, str]] = {}
 
 
-def set_runs_by_phase(phases: list[str]) -> None:
-    counts = Counter(phases)
-    for phase in PHASES:
-        RUNS.labels(phase=phase).set(counts.get(phase, 0))
+_run_phase: dict[tuple[str, str], str] = {}
+
+
+def set_run_phase(namespace: str, run: str, phase: str) -> None:
+    """Record a run's phase; llmrun_runs{phase} counts them."""
+    previous = _run_phase.get((namespace, run))
+    if previous == phase:
+        return
+    _run_phase[(namespace, run)] = phase
+    if previous is not None:
+        RUNS.labels(phase=previous).dec()
+    RUNS.labels(phase=phase).inc()
 
 
 def set_stage(namespace: str, run: str, stage: str, phase: str) -> None:
@@ -60,6 +66,13 @@ def forget_run(namespace: str, run: str) -> None:
     previous = _stage_labels.pop((namespace, run), None)
     if previous is not None:
         STAGE_INFO.remove(*previous)
+    phase = _run_phase.pop((namespace, run), None)
+    if phase is not None:
+        RUNS.labels(phase=phase).dec()
+
+
+for _phase in PHASES:  # every phase is exported, 0 when no run is in it
+    RUNS.labels(phase=_phase).set(0)
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

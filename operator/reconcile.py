@@ -170,6 +170,10 @@ def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[
         elif rec.attempts and done is not None:
             # The job is gone (TTL) but the stage wrote done.json: storage says it finished.
             _succeed(ps, rec, done, now, d)
+        elif rec.attempts and rec.failed_attempt == rec.attempts:
+            # The failed job is gone (TTL) before its retry was due: the record remembers the failure.
+            _after_failure(run, spec, ps, rec, parse_time(rec.failure_time) or now,
+                           rec.message.split(": ", 1)[-1], now, d)
         elif spec.suspend:
             rec.phase = "Suspended" if rec.attempts else "Pending"
         else:
@@ -215,25 +219,7 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
         return
     if state.phase == "Failed":
         why = f"{state.reason}: {state.message}".strip(": ") or "job failed"
-        if rec.attempts >= spec.retry.max_attempts:
-            was = rec.phase
-            rec.phase = "Failed"
-            rec.message = f"attempt {rec.attempts}/{spec.retry.max_attempts} failed: {why}"
-            rec.completion_time = rec.completion_time or rfc3339(state.since or now)
-            if was != "Failed":
-                d.events.append(Event("Warning", "StageFailed", f"stage {ps.key}: {rec.message}"))
-            return
-        backoff = spec.retry.backoff_seconds * 2 ** (rec.attempts - 1)
-        due = (state.since or now) + dt.timedelta(seconds=backoff)
-        rec.message = f"attempt {rec.attempts}/{spec.retry.max_attempts} failed: {why}"
-        if spec.suspend:
-            rec.phase = "Suspended"
-        elif now >= due:
-            rec.attempts += 1
-            _start_attempt(run, spec, ps, rec, now, d)
-        else:
-            rec.phase = "Running"
-            d.requeue_after = (due - now).total_seconds()
+        _after_failure(run, spec, ps, rec, state.since or now, why, now, d)
         return
     # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.
     suspended = bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
@@ -246,6 +232,29 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
         d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: resumed PyTorchJob {rec.job}"))
         suspended = False
     rec.phase = "Suspended" if suspended and spec.suspend else "Running"
+
+
+def _after_failure(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
+                   failed_at: dt.datetime, why: str, now: dt.datetime, d: Decision) -> None:
+    """Attempt `rec.attempts` failed: retry after the backoff, or fail the stage after the last one.
+    The failure is kept in the record, so it counts even once the failed job is gone (TTL)."""
+    rec.failed_attempt, rec.failure_time = rec.attempts, rfc3339(failed_at)
+    rec.message = f"attempt {rec.attempts}/{spec.retry.max_attempts} failed: {why}"
+    if rec.attempts >= spec.retry.max_attempts:
+        if rec.phase != "Failed":
+            d.events.append(Event("Warning", "StageFailed", f"stage {ps.key}: {rec.message}"))
+        rec.phase = "Failed"
+        rec.completion_time = rec.completion_time or rfc3339(failed_at)
+        return
+    due = failed_at + dt.timedelta(seconds=spec.retry.backoff_seconds * 2 ** (rec.attempts - 1))
+    if spec.suspend:
+        rec.phase = "Suspended"
+    elif now >= due:
+        rec.attempts += 1
+        _start_attempt(run, spec, ps, rec, now, d)
+    else:
+        rec.phase = "Running"
+        d.requeue_after = (due - now).total_seconds()
 
 
 def _final_checkpoint(spec: LLMRunSpec, records: list[StageStatus]) -> str:

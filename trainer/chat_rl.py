@@ -118,10 +118,15 @@ def pass_at_k(
     """pass@1 and pass@k over the first `n` problems (k samples each), sharded over ranks."""
     rank, world = rank_and_world()
     hits1 = hitsk = total = 0
+    from nanorun.trainer.engine import ContextOverflowError
+
     for i in range(rank, min(n, len(task)), world):
-        _, _, rewards, _ = rollout(
-            engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k, seed=10_000 + i
-        )
+        try:
+            _, _, rewards, _ = rollout(
+                engine, tokenizer, task, i, k, max_new_tokens, temperature, top_k, seed=10_000 + i
+            )
+        except ContextOverflowError:  # longer than the model's context: not counted, as in training
+            continue
         hits1 += int(rewards[0] > 0)
         hitsk += int(any(r > 0 for r in rewards))
         total += 1

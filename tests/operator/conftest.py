@@ -1,5 +1,5 @@
 """Fixtures for operator tests against the real test API server: the operator as a real process
-(`nanorun operator`, so a test can kill it), the training-operator harness, and small helpers to
+(`nanorun operator`, so a test can kill it), the training-operator harness, and small functions to
 create LLMRuns and wait for their status."""
 
 from __future__ import annotations

@@ -82,3 +82,10 @@ def test_model_tokenizer_and_storage_freeze_once_a_stage_has_run(kube, kube_name
         assert check_update(old, new, stage_has_run=True) == [rule.message]
     # Other fields still change freely.
     custom_api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "frozen", {"spec": {"serving": {"maxReplicas": 4}}})
+
+
+def test_kubectl_explain_shows_the_field_descriptions(kube):
+    out = kube.kubectl("explain", "llmrun.spec.compute").stdout
+    assert "Nodes, GPUs and scheduling of the training jobs." in out
+    assert "gpusPerNode" in out and "GPUs per node, one training process each" in out
+    assert "llm" in kube.kubectl("api-resources", "--api-group=nanorun.io").stdout.split()

@@ -91,6 +91,7 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
     assert 'llmrun_stage_duration_seconds_count{stage="base_train"} 1.0' in text
     assert f'llmrun_stage_info{{namespace="{ns}",phase="Succeeded",run="tiny",stage="sft"}} 1.0' in text
     assert 'llmrun_reconciles_total{result="ok"}' in text
+    assert 'llmrun_runs{phase="Succeeded"} 1.0' in text and 'llmrun_runs{phase="Running"} 0.0' in text
 
 
 def test_a_failed_attempt_is_retried_and_the_run_gives_up_after_the_last(
@@ -223,3 +224,15 @@ def test_a_serving_change_patches_the_rayservice(kube_namespace, s3_run_dir, cus
     assert after["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 3
     assert after["metadata"]["uid"] == before["metadata"]["uid"]  # patched, not recreated
     assert dep["user_config"] == yaml.safe_load(before["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]["user_config"]
+
+
+def test_unreadable_storage_is_retried_without_stopping_the_run(kube_namespace, custom_api, operator_process):
+    ns = kube_namespace
+    create_llmrun(custom_api, ns, llmrun("nostore", "s3://Not_A_Bucket!/runs/x"))  # every read fails
+    wait_for("the first job", lambda: list_jobs(custom_api, ns), operator=operator_process)
+    wait_for("a counted error", lambda: "llmrun_reconcile_errors_total 0.0" not in operator_process.metrics(),
+             operator=operator_process)
+    assert "reconcile of" in operator_process.log() and "Invalid bucket name" in operator_process.log()
+    assert operator_process.proc.poll() is None  # still running
+    run = get_llmrun(custom_api, ns, "nostore")
+    assert run["status"]["phase"] == "Running" and run["status"]["stages"][0]["job"] == "nostore-tok-train-1"

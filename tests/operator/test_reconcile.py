@@ -200,3 +200,18 @@ def test_server_side_defaults_on_the_rayservice_are_not_a_change():
     existing["spec"]["upgradeStrategy"] = {"type": "NewCluster"}
     d = reconcile(RUN, body(), jobs, existing, files, T0)
     assert d.patch_rayservice is None and d.create_rayservice is None
+
+
+def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
+    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", at="2026-01-01T12:00:00Z", reason="PyTorchJobFailed",
+                 message="exit 1")
+    seen = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=2))
+    assert seen.create_jobs == []
+    # The job's TTL deleted it; the retry is due now.
+    d = reconcile(RUN, body(status=seen.status), [], None, storage(), T0 + dt.timedelta(seconds=11))
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-2"]
+    # And after the last attempt's job is gone too, the run stays failed instead of starting over.
+    last = job("r1-tok-train-2", "tok_train", 2, "Failed", at="2026-01-01T12:01:00Z", message="exit 1")
+    failed_run = reconcile(RUN, body(status=d.status), [last], None, storage(), T0 + dt.timedelta(minutes=2))
+    gone = reconcile(RUN, body(status=failed_run.status), [], None, storage(), T0 + dt.timedelta(days=2))
+    assert gone.create_jobs == [] and gone.status["phase"] == "Failed" and gone.events == []

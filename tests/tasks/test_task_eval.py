@@ -120,12 +120,15 @@ def test_a_question_longer_than_the_context_counts_as_failed_instead_of_crashing
 def test_categorical_eval_keeps_the_end_of_prompts_longer_than_the_context(fake_hub, tmp_path):
     import types
 
+    class ShortContextModel(ScriptedLogitsModel):
+        config = types.SimpleNamespace(sequence_len=90)  # the prompts have 111 and 136 tokens
+        widths: list[int] = []
+
+        def __call__(self, ids):
+            self.widths.append(ids.shape[1])
+            return super().__call__(ids)
+
     mmlu = MMLU("all", "test", cache=str(tmp_path))
-    model = ScriptedLogitsModel(TOK, {"2+2?": "B", "Italy?": "A"})
-    model.config = types.SimpleNamespace(sequence_len=60)  # shorter than the rendered prompts
-    seen = []
-    scripted_call = model.__call__
-    model_fn = lambda ids: (seen.append(ids.shape[1]), scripted_call(ids))[1]  # noqa: E731
-    model_fn.config = model.config
-    assert run_categorical_eval(mmlu, model_fn, TOK)["accuracy"] == 1.0
-    assert max(seen) == 60
+    model = ShortContextModel(TOK, {"- 4=B": "B", "- Rome=A": "A"})  # the choices are at the end: kept
+    assert run_categorical_eval(mmlu, model, TOK)["accuracy"] == 1.0
+    assert max(model.widths) == 90

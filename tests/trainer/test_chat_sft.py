@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,14 @@ from nanorun.trainer.conversation import render_conversation
 from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.tasks.customjson import IDENTITY_PATH, CustomJSON
 
-from tests.fixtures.post_training import SFT_FLAGS, assert_idempotent, assert_resumes_exactly
+from tests.fixtures.post_training import (
+    OFFLINE,
+    SFT_FLAGS,
+    assert_idempotent,
+    assert_resumes_exactly,
+    copy_run,
+)
+from tests.fixtures.tiny_run import stage_env
 from tests.tasks.byte_tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -92,3 +102,24 @@ def test_chat_sft_without_a_finished_source_stage_says_what_to_run(tmp_path):
 
     with pytest.raises(SystemExit, match="none of the source stages mid_train, base_train has finished"):
         source_checkpoint(str(tmp_path / "run"), "mid_train,base_train")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path):
+    run_dir = copy_run(tiny_mid_run, tmp_path / "run")
+    flags = ["--device", "cpu", "--num-iterations", "1000", *SFT_FLAGS[4:]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanorun.trainer.chat_sft", "--run-dir", run_dir, *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(**OFFLINE),
+    )  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("step 000002/1000"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    steps = sorted(p.name for p in (Path(run_dir) / "chat_sft" / "checkpoints").iterdir())
+    assert steps and (Path(run_dir) / "chat_sft" / "checkpoints" / steps[-1] / "COMMITTED").exists()
+    assert (
+        int(steps[-1].removeprefix("step_")) >= 2 and not (Path(run_dir) / "chat_sft" / "done.json").exists()
+    )
