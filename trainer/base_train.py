@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     m.add_argument("--window-pattern", default="SSSL", help="per-layer sliding-window pattern (S short, L long)")
+    m.add_argument("--fp8", action="store_true",
+                   help="FP8 matmuls in the block linears (GPUs with FP8 tensor cores, e.g. H100; ignored elsewhere)")
     m.add_argument("--n-kv-head", type=int, default=None, help="key/value heads (grouped-query attention; default = heads)")
     h = p.add_argument_group("horizon (first one set wins)")
     h.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
@@ -200,6 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.restore_rng(meta.get("rng"))
     base_lr = [g["lr"] for g in optimizer.param_groups]
     base_wd = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
+    if args.fp8:
+        from nanorun.trainer.fp8 import enable_fp8, native_fp8
+
+        if native_fp8(ctx.device):
+            # Before torch.compile, so the compiled graph holds the FP8 matmuls. Evaluation keeps them
+            # too: switching classes mid-run would force a recompile every evaluation.
+            ctx.print0(f"fp8: {enable_fp8(model)} block linears switched to FP8 matmuls")
+        else:
+            ctx.print0("fp8: this device has no FP8 tensor cores; training in the default precision")
     train_model = torch.compile(model, dynamic=False) if ctx.device_type == "cuda" else model
 
     num_iterations, T = plan["num_iterations"], plan["seq_len"]
