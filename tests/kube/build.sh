@@ -49,8 +49,8 @@ crd_from_module "$KUBERAY_MODULE" "$KUBERAY_VERSION" "$KUBERAY_CRD"
 chmod -R u+w "$tmp/crds"
 
 echo "building kube-apiserver, etcd, kubectl ($(go version | cut -d' ' -f3), cache $repo/.cache/kube)"
-# Stamp the Kubernetes version (as Kubernetes' own build does), so /version reports v1.36.3, not
-# v0.0.0-master, and version checks such as a helm chart's kubeVersion see a real release.
+# Stamp the Kubernetes version (as Kubernetes' own build does), so /version reports the pinned
+# release, not v0.0.0-master, and version checks such as a helm chart's kubeVersion see it.
 kube_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\)$/\1/p' "$here/go.mod")"
 version_pkg=k8s.io/component-base/version
 version_flags="-X $version_pkg.gitVersion=v$kube_version -X $version_pkg.gitMajor=${kube_version%%.*}"

@@ -82,3 +82,14 @@ def test_a_failed_download_leaves_no_partial_cache(fake_hub, tmp_path):
     with pytest.raises(TaskDataUnavailable, match="HTTPStatusError"):
         load_rows("openai/gsm8k", "main", "test", str(tmp_path))
     assert storage.list_files(str(tmp_path)) == []
+
+
+def test_parquet_files_copied_into_the_cache_by_hand_are_used_offline(offline, tmp_path):
+    from tests.fixtures.hub import ROWS, parquet_bytes
+
+    split_dir = tmp_path / "openai" / "gsm8k" / "main" / "test"
+    split_dir.mkdir(parents=True)
+    (split_dir / "test-00000-of-00001.parquet").write_bytes(
+        parquet_bytes(ROWS[("openai/gsm8k", "main", "test")])
+    )
+    assert GSM8K("test", cache=str(tmp_path))[0]["messages"][0]["content"].startswith("A box holds")
