@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *[str(p) for p in parts]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _s3_client_cached(endpoint: str | None, pid: int):
     import boto3
     from botocore.config import Config
