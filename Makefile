@@ -46,7 +46,9 @@ setup-system:
 	else echo "note: install chromium and prometheus (promtool) for the browser and metrics tests"; fi
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/ruff check .
+	cargo test -q --manifest-path rustbpe/Cargo.toml
+	$(VENV)/bin/pytest -q --durations=30
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

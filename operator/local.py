@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     report = storage.join(run_dir, "report", "report.md")
     if storage.exists(report):
         console.print(f"Report: {report}", soft_wrap=True)
-    if args.serve and run.spec.serving.enabled:
+    if args.serve and not run.spec.serving.enabled:
+        console.print("Not serving: spec.serving.enabled is false in the file.")
+    elif args.serve:
         from nanorun.serving.cli import main as serve_main
 
         return serve_main(["--checkpoint", run_dir, "--host", args.host, "--port", str(args.port)])

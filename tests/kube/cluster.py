@@ -193,6 +193,9 @@ class ControlPlane:
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+            # No pods dial the `kubernetes` Service here, and since v1.37 its endpoint reconciler
+            # refuses a loopback advertise address.
+            "--endpoint-reconciler-type=none",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
             "--authorization-mode=RBAC",
