@@ -13,6 +13,7 @@ A progress bar per stage is fed by the stage's progress.json; a summary table fo
 - A stage with a done.json is skipped; an interrupted one resumes from its newest checkpoint (the
   stage does that itself), so re-running the same command continues the run.
 - Ctrl-C sends SIGTERM to the running stage, which saves a checkpoint and exits; re-run to resume.
+- Without GPUs a stage gets OMP_NUM_THREADS = half the CPUs unless the variable is set already.
 - The file is validated with the same rules and messages as the CRD on a cluster.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
 import shutil
@@ -86,6 +88,7 @@ def load_run_file(path: str) -> RunFile:
     return RunFile(name=name, spec=spec)
 
 
+@functools.cache
 def local_gpu_count() -> int:
     """GPUs visible on this machine, without importing torch (the operator package never does)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -98,6 +101,15 @@ def local_gpu_count() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def cpu_threads_per_stage() -> int:
+    """Torch threads of a stage on a machine without GPUs: half the CPUs, at least one.
+
+    Small models gain little from more threads, and threads that spin-wait for a busy core make each
+    step several times slower (measured on a shared 2-core machine: 10 s a step with 2 threads, 1.5-4 s
+    with 1; docs/benchmarks.md). Set OMP_NUM_THREADS to choose otherwise."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def processes_for(stage: PlannedStage, spec: LLMRunSpec, override: int | None) -> int:
@@ -162,6 +174,8 @@ class LocalRun:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, NANORUN_RUN=self.run.name, PYTHONUNBUFFERED="1")
+        if "OMP_NUM_THREADS" not in env and local_gpu_count() == 0:
+            env["OMP_NUM_THREADS"] = str(cpu_threads_per_stage())
         endpoint = self.run.spec.storage.endpoint
         if endpoint and "AWS_ENDPOINT_URL" not in env:
             env["AWS_ENDPOINT_URL"] = endpoint

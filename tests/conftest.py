@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.hub",
     "tests.fixtures.chat_model",
     "tests.fixtures.metrics",
+    "tests.fixtures.threads",
 ]

@@ -18,14 +18,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 import torch
 from nanorun.trainer import storage
 from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
 from nanorun.trainer.conversation import render_for_completion
-from nanorun.trainer.finetune import add_finetune_args, grad_norm, save, set_learning_rate, start_training
+from nanorun.trainer.finetune import (
+    StepReport,
+    add_finetune_args,
+    check_examples_per_step,
+    epoch_steps,
+    finish,
+    grad_norm,
+    run_loop,
+    set_learning_rate,
+    start_training,
+)
 from nanorun.trainer.tasks.common import Task, rank_and_world, sum_across_ranks
 from nanorun.trainer.tasks.mixtures import rl_tasks
 
@@ -184,54 +193,24 @@ def main(argv: list[str] | None = None) -> int:
     from nanorun.trainer.engine import Engine
     from nanorun.trainer.tokenizer import Tokenizer
 
-    if args.examples_per_step % ctx.world_size:
-        raise SystemExit(
-            f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {ctx.world_size}"
-        )
+    check_examples_per_step(args.examples_per_step, ctx.world_size)
     model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     engine = Engine(model, tokenizer)
     train, test, report = rl_tasks(storage.join(ctx.run_dir, "task_data"), args.task)
     ctx.print0(str(report))
-    steps = start.loop.get("num_iterations") or (
-        args.num_iterations if args.num_iterations > 0 else max(1, len(train) // args.examples_per_step)
-    )
-    step, loop = start.step, {"num_iterations": steps}
-    ctx.load_history(before_step=step)
+    steps = epoch_steps(start, args, len(train))
+    loop = {"num_iterations": steps}
     ctx.print0(
-        f"chat_rl: from {start.checkpoint} ({'resumed' if start.resumed else start.source_stage}), {steps} steps x "
-        f"{args.examples_per_step} problems x {args.num_samples} samples"
+        f"chat_rl: {start.describe()}, {steps} steps x {args.examples_per_step} problems x "
+        f"{args.num_samples} samples"
     )
 
-    evals: dict[str, float] = start.loop.get("evals", {})
-    last_ckpt, preempted, t_start = start.checkpoint if start.resumed else None, False, time.time()
-    while True:
-        last_step = step == steps
-        if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
-            model.eval()
-            evals = pass_at_k(engine, tokenizer, test, args.num_samples, args.eval_examples, args.max_new_tokens,
-                              args.temperature, args.top_k, ctx.device)  # fmt: skip
-            ctx.print0(f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
-            ctx.record(step=step, **evals)
-            model.train()
-        if (
-            last_step
-            or preempted
-            or (args.save_every > 0 and step > start.step and step % args.save_every == 0)
-        ):
-            last_ckpt = save(
-                ctx, step, model, optimizer, start, {"loop": {**loop, "evals": evals}}, args.keep_checkpoints
-            )
-            ctx.progress(flush=True, step=step, total_steps=steps, last_checkpoint=last_ckpt)
-            ctx.flush_history()
-        if preempted:
-            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
-            teardown(ctx)
-            return PREEMPTED_EXIT_CODE
-        if last_step:
-            break
+    def evaluate(step: int) -> dict[str, float]:
+        return pass_at_k(engine, tokenizer, test, args.num_samples, args.eval_examples, args.max_new_tokens,
+                         args.temperature, args.top_k, ctx.device)  # fmt: skip
 
-        t0 = time.time()
+    def train_step(step: int) -> StepReport:
         first = step * args.examples_per_step
         indices = [(first + i) % len(train) for i in range(ctx.rank, args.examples_per_step, ctx.world_size)]
         lrm = 1.0 - step / steps
@@ -242,23 +221,21 @@ def main(argv: list[str] | None = None) -> int:
             [out["reward"], out["loss"], out["sampled_tokens"]], ctx.device
         )
         reward, loss = reward / ctx.world_size, loss / ctx.world_size
-        step += 1
-        dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
-        ctx.print0(
-            f"step {step:06d}/{steps} | reward {reward:.4f} | loss {loss:.4f} | lrm {lrm:.3f} | {dt:.1f} s"
-        )
-        ctx.progress(
-            step=step, total_steps=steps, loss=loss, reward=reward, tokens_per_sec=tokens / dt, eta_seconds=eta,
-            lr=start.base_lrs[-1] * lrm, grad_norm=out["grad_norm"], tokens=int(tokens), step_seconds=dt,
+        return StepReport(
+            lrm=lrm, loss=loss, grad_norm=out["grad_norm"], tokens=int(tokens), tokens_per_step=tokens,
+            log=f"reward {reward:.4f} | loss {loss:.4f} | lrm {lrm:.3f}",
+            record={"reward": reward, "loss": loss, "lrm": lrm}, extra={"reward": reward},
         )  # fmt: skip
-        ctx.record(step=step, reward=reward, loss=loss, lrm=lrm)
-        preempted = ctx.should_stop()
 
-    metrics = {**evals, "steps": steps, "task": train.name, "tasks": report.used}
-    ctx.done(metrics, {"checkpoint": last_ckpt})
-    ctx.print0(f"chat_rl done: {evals}, checkpoint {last_ckpt}")
-    return teardown(ctx)
+    outcome = run_loop(
+        ctx, args, model, optimizer, start, steps, evaluate=evaluate, train_step=train_step,
+        checkpoint_meta=lambda evals: {"loop": {**loop, "evals": evals}}, evals=start.loop.get("evals", {}),
+        log_seconds=True,
+    )  # fmt: skip
+    if outcome.preempted:
+        return teardown(ctx, PREEMPTED_EXIT_CODE)
+    metrics = {**outcome.evals, "steps": steps, "task": train.name, "tasks": report.used}
+    return finish(ctx, outcome, metrics, str(outcome.evals))
 
 
 if __name__ == "__main__":

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 from nanorun.trainer import storage
 from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
 from nanorun.trainer.conversation import render_conversation
 from nanorun.trainer.finetune import (
+    StepReport,
     add_finetune_args,
+    check_examples_per_step,
+    epoch_steps,
+    finish,
     grad_norm,
     mean_across_ranks,
-    save,
+    run_loop,
     set_learning_rate,
     start_training,
 )
@@ -91,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return teardown(ctx)
     from nanorun.trainer.tokenizer import Tokenizer
 
-    if args.examples_per_step % ctx.world_size:
-        raise SystemExit(
-            f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {ctx.world_size}"
-        )
+    check_examples_per_step(args.examples_per_step, ctx.world_size)
     model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
@@ -103,49 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
     per_rank = args.examples_per_step // ctx.world_size
     B = min(args.device_batch_size, per_rank)
-    steps = start.loop.get("num_iterations") or (
-        args.num_iterations if args.num_iterations > 0 else max(1, len(train) // args.examples_per_step)
-    )
-    step, loop = start.step, {"num_iterations": steps}
-    ctx.load_history(before_step=step)
+    steps = epoch_steps(start, args, len(train))
+    loop = {"num_iterations": steps}
     ctx.print0(
-        f"chat_sft: from {start.checkpoint} ({'resumed' if start.resumed else start.source_stage}), {steps} steps x "
-        f"{args.examples_per_step} conversations ({len(train)} in the mixture)"
+        f"chat_sft: {start.describe()}, {steps} steps x {args.examples_per_step} conversations "
+        f"({len(train)} in the mixture)"
     )
 
-    val_bpb, last_ckpt, preempted, t_start = (
-        None,
-        start.checkpoint if start.resumed else None,
-        False,
-        time.time(),
-    )
-    while True:
-        last_step = step == steps
-        if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
-            model.eval()
-            val_bpb = validation_bpb(model, tokenizer, val, args.eval_examples, B, T, ctx, token_bytes)
-            ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
-            ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
-            ctx.record(step=step, val_bpb=val_bpb)
-            model.train()
-        if (
-            last_step
-            or preempted
-            or (args.save_every > 0 and step > start.step and step % args.save_every == 0)
-        ):
-            last_ckpt = save(
-                ctx, step, model, optimizer, start, {"loop": loop, "val_bpb": val_bpb}, args.keep_checkpoints
-            )
-            ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
-            ctx.flush_history()
-        if preempted:
-            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
-            teardown(ctx)
-            return PREEMPTED_EXIT_CODE
-        if last_step:
-            break
+    def evaluate(step: int) -> dict[str, float]:
+        val_bpb = validation_bpb(model, tokenizer, val, args.eval_examples, B, T, ctx, token_bytes)
+        ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
+        return {"val_bpb": val_bpb}
 
-        t0 = time.time()
+    def train_step(step: int) -> StepReport:
         examples = step_examples(train, step, args.examples_per_step, ctx.rank, ctx.world_size)
         micro = [sft_batch(tokenizer, examples[i : i + B], T, ctx.device) for i in range(0, len(examples), B)]
         # weight each micro-batch by its share of this rank's trained tokens: a token-level mean per rank
@@ -165,28 +135,26 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss = mean_across_ranks(loss_sum / max(tokens, 1), ctx.device)
-        step += 1
-        dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
-        ctx.print0(
-            f"step {step:06d}/{steps} | loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens | {dt * 1000:.0f} ms"
-        )
-        ctx.progress(
-            step=step, total_steps=steps, loss=train_loss, tokens_per_sec=tokens * ctx.world_size / dt, eta_seconds=eta,
-            lr=start.base_lrs[-1] * lrm, grad_norm=norm, tokens=tokens, step_seconds=dt,
+        return StepReport(
+            lrm=lrm, loss=train_loss, grad_norm=norm, tokens=tokens, tokens_per_step=tokens * ctx.world_size,
+            log=f"loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens",
+            record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )  # fmt: skip
-        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm)
-        preempted = ctx.should_stop()
 
+    outcome = run_loop(
+        ctx, args, model, optimizer, start, steps, evaluate=evaluate, train_step=train_step,
+        checkpoint_meta=lambda evals: {"loop": loop, "val_bpb": evals.get("val_bpb")},
+    )  # fmt: skip
+    if outcome.preempted:
+        return teardown(ctx, PREEMPTED_EXIT_CODE)
+    val_bpb = outcome.evals["val_bpb"]
     metrics = {
         "val_bpb": val_bpb,
         "steps": steps,
         "examples": steps * args.examples_per_step,
         "tasks": report.used,
     }
-    ctx.done(metrics, {"checkpoint": last_ckpt})
-    ctx.print0(f"chat_sft done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
-    return teardown(ctx)
+    return finish(ctx, outcome, metrics, f"val bpb {val_bpb:.4f}")
 
 
 if __name__ == "__main__":

@@ -251,10 +251,10 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     return ctx
 
 
-def teardown(ctx: StageContext) -> int:
-    """Release the process group and loggers; returns 0 so a stage can `return teardown(ctx)`."""
+def teardown(ctx: StageContext, exit_code: int = 0) -> int:
+    """Release the process group and loggers; returns `exit_code` so a stage can `return teardown(ctx)`."""
     if ctx.wandb is not None:
         ctx.wandb.finish()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return exit_code

@@ -1,13 +1,19 @@
 """What the post-training stages (`mid_train`, `chat_sft`, `chat_rl`) share: where they start from,
-their optimizer and learning-rate schedule, and their checkpoints.
+their optimizer and learning-rate schedule, their loop and their checkpoints.
 
     model, optimizer, start = start_training(ctx, sources=("mid_train", "base_train"), init_lr_frac=0.8)
-    ...                                   # the stage's own loop
-    set_learning_rate(optimizer, start.base_lrs, lrm, step)
-    save(ctx, step, model, optimizer, {"loop": loop}, keep_last=3)
+    outcome = run_loop(ctx, args, model, optimizer, start, steps, evaluate=..., train_step=...,
+                       checkpoint_meta=...)       # the stage's own evaluation, step and loop state
+    if outcome.preempted:
+        return teardown(ctx, PREEMPTED_EXIT_CODE)
+    return finish(ctx, outcome, metrics, summary)
 
-- A stage resumes from its own newest committed checkpoint (model, optimizer, step, loop state);
-  otherwise it starts from the final checkpoint of the first finished stage in `sources`.
+- A stage resumes from its own newest committed checkpoint (model, optimizer, step, loop state,
+  history.jsonl up to that step); otherwise it starts from the final checkpoint of the first
+  finished stage in `sources`.
+- The loop evaluates at the end and every `--eval-every` steps, saves at the end, every
+  `--save-every` steps and when preempted (SIGTERM: it then returns `preempted`), and reports each
+  step to the log, progress.json, the metrics and history.jsonl.
 - Learning rates are the pretraining run's (stored in every checkpoint's meta) times
   `--init-lr-frac`, so post-training inherits the scaling base_train derived from the model size.
 - Each checkpoint records `lr` and `source`, so the next stage inherits them too.
@@ -16,11 +22,14 @@ their optimizer and learning-rate schedule, and their checkpoints.
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from nanorun.trainer import checkpoint as ckpt
+from nanorun.trainer.common import PREEMPTED_EXIT_CODE, teardown
 from nanorun.trainer.progress import is_done
 
 # nanochat's base learning rates, for a source checkpoint that does not record its own
@@ -66,6 +75,9 @@ class Start:
     loop: dict[str, Any] = field(default_factory=dict)  # the stage's own loop state, from its checkpoint
     resumed: bool = False
 
+    def describe(self) -> str:
+        return f"from {self.checkpoint} ({'resumed' if self.resumed else self.source_stage})"
+
 
 def source_checkpoint(run_dir: str, sources: tuple[str, ...] | str) -> tuple[str, str]:
     """(stage, final checkpoint) of the first finished stage in `sources`."""
@@ -101,7 +113,23 @@ def start_training(
     if resume:
         ckpt.load_optimizer(resume, optimizer)
         ckpt.restore_rng(meta.get("rng"))
+    ctx.load_history(before_step=start.step)
     return model, optimizer, start
+
+
+def check_examples_per_step(examples_per_step: int, world_size: int) -> None:
+    if examples_per_step % world_size:
+        raise SystemExit(
+            f"--examples-per-step {examples_per_step} must be a multiple of the world size {world_size}"
+        )
+
+
+def epoch_steps(start: Start, args: argparse.Namespace, examples: int) -> int:
+    """Optimizer steps: a resumed run's own, else `--num-iterations`, else one epoch of `examples`
+    at `--examples-per-step`."""
+    return start.loop.get("num_iterations") or (
+        args.num_iterations if args.num_iterations > 0 else max(1, examples // args.examples_per_step)
+    )
 
 
 def set_learning_rate(
@@ -139,3 +167,97 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+@dataclass
+class StepReport:
+    """One optimizer step, as the loop reports it to the log, progress.json, metrics and history."""
+
+    lrm: float  # the step's learning-rate multiplier
+    loss: float  # the loss shown as progress
+    grad_norm: float
+    tokens: int  # added to the tokens metric
+    tokens_per_step: float  # all ranks' tokens of the step, for tokens/s
+    log: str  # the log line between "step N/M" and the step's duration
+    record: dict[str, float]  # the step's history.jsonl record, besides the step
+    extra: dict[str, float] = field(default_factory=dict)  # more progress fields (after the loss)
+
+
+@dataclass
+class Outcome:
+    checkpoint: str | None  # the last checkpoint saved
+    evals: dict[str, float]  # the last evaluation's results
+    preempted: bool = False
+
+
+def _every(n: int, step: int, first_step: int) -> bool:
+    return n > 0 and step > first_step and step % n == 0
+
+
+def run_loop(
+    ctx: Any,
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    optimizer: Any,
+    start: Start,
+    steps: int,
+    *,
+    evaluate: Callable[[int], dict[str, float]],
+    train_step: Callable[[int], StepReport],
+    checkpoint_meta: Callable[[dict[str, float]], dict[str, Any]],
+    evals: dict[str, float] | None = None,
+    log_seconds: bool = False,
+) -> Outcome:
+    """Run the stage from `start.step` to `steps` optimizer steps.
+
+    `evaluate(step)` (model in eval mode) returns the evaluation's numbers, logged and recorded;
+    `train_step(step)` runs one optimizer step; `checkpoint_meta(evals)` is the meta saved with a
+    checkpoint (with the last evaluation's numbers). `evals`: a resumed run's last evaluation.
+    `log_seconds`: log step durations in seconds rather than milliseconds.
+    """
+    step, evals = start.step, evals or {}
+    checkpoint, preempted, t_start = start.checkpoint if start.resumed else None, False, time.time()
+    while True:
+        last_step = step == steps
+        if last_step or _every(args.eval_every, step, start.step):
+            model.eval()
+            evals = evaluate(step)
+            # val_bpb is logged as "val bpb"
+            ctx.print0(
+                f"step {step:06d} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in evals.items())
+            )
+            ctx.record(step=step, **evals)
+            model.train()
+        if last_step or preempted or _every(args.save_every, step, start.step):
+            checkpoint = save(
+                ctx, step, model, optimizer, start, checkpoint_meta(evals), args.keep_checkpoints
+            )
+            ctx.progress(flush=True, step=step, total_steps=steps, last_checkpoint=checkpoint)
+            ctx.flush_history()
+        if preempted:
+            ctx.print0(f"preempted: saved {checkpoint}; exiting {PREEMPTED_EXIT_CODE}")
+            return Outcome(checkpoint, evals, preempted=True)
+        if last_step:
+            return Outcome(checkpoint, evals)
+
+        t0 = time.time()
+        report = train_step(step)
+        step += 1
+        dt = time.time() - t0
+        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
+        took = f"{dt:.1f} s" if log_seconds else f"{dt * 1000:.0f} ms"
+        ctx.print0(f"step {step:06d}/{steps} | {report.log} | {took}")
+        ctx.progress(
+            step=step, total_steps=steps, loss=report.loss, **report.extra,
+            tokens_per_sec=report.tokens_per_step / dt, eta_seconds=eta, lr=start.base_lrs[-1] * report.lrm,
+            grad_norm=report.grad_norm, tokens=report.tokens, step_seconds=dt,
+        )  # fmt: skip
+        ctx.record(step=step, **report.record)
+        preempted = ctx.should_stop()
+
+
+def finish(ctx: Any, outcome: Outcome, metrics: dict[str, Any], summary: str) -> int:
+    """Mark the stage done (its metrics, its final checkpoint) and end the process group."""
+    ctx.done(metrics, {"checkpoint": outcome.checkpoint})
+    ctx.print0(f"{ctx.stage} done: {summary}, checkpoint {outcome.checkpoint}")
+    return teardown(ctx)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from collections.abc import Iterator
 
 import torch
@@ -27,10 +26,12 @@ from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_s
 from nanorun.trainer.conversation import render_conversation
 from nanorun.trainer.dataloader import PackedBatches, SequenceDocuments, default_streams, merge_states
 from nanorun.trainer.finetune import (
+    StepReport,
     add_finetune_args,
+    finish,
     grad_norm,
     mean_across_ranks,
-    save,
+    run_loop,
     set_learning_rate,
     start_training,
 )
@@ -159,55 +160,30 @@ def main(argv: list[str] | None = None) -> int:
         ctx.device,
         start.loop.get("dataloader"),
     )
-    step, loop = start.step, {"plan": plan, "smooth_loss": start.loop.get("smooth_loss", 0.0)}
-    ctx.load_history(before_step=step)
+    loop = {"plan": plan, "smooth_loss": start.loop.get("smooth_loss", 0.0)}
     ctx.print0(
-        f"mid_train: from {start.checkpoint} ({'resumed' if start.resumed else start.source_stage}), {steps} steps x "
-        f"{plan['total_batch_size']:,} tokens; device batch {B} x {T}, {accum} accumulation step(s)"
+        f"mid_train: {start.describe()}, {steps} steps x {plan['total_batch_size']:,} tokens; "
+        f"device batch {B} x {T}, {accum} accumulation step(s)"
     )
 
-    val_bpb, last_ckpt, preempted, t_start = (
-        None,
-        start.checkpoint if start.resumed else None,
-        False,
-        time.time(),
-    )
-    while True:
-        last_step = step == steps
-        if last_step or (args.eval_every > 0 and step > start.step and step % args.eval_every == 0):
-            model.eval()
-            eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
-            batches = validation(tokenizer, val, T, B, ctx.rank, ctx.world_size, ctx.device)
-            val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
-            batches.close()  # stops and joins its packing thread
-            ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
-            ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
-            ctx.record(step=step, val_bpb=val_bpb)
-            model.train()
-        if (
-            last_step
-            or preempted
-            or (args.save_every > 0 and step > start.step and step % args.save_every == 0)
-        ):
-            states = [loader.state_dict()]
-            if ctx.distributed:
-                import torch.distributed as dist
+    def evaluate(step: int) -> dict[str, float]:
+        eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
+        batches = validation(tokenizer, val, T, B, ctx.rank, ctx.world_size, ctx.device)
+        val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+        batches.close()  # stops and joins its packing thread
+        ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
+        return {"val_bpb": val_bpb}
 
-                states = [None] * ctx.world_size
-                dist.all_gather_object(states, loader.state_dict())
-            meta = {"loop": {**loop, "dataloader": merge_states(states)}, "val_bpb": val_bpb}
-            last_ckpt = save(ctx, step, model, optimizer, start, meta, args.keep_checkpoints)
-            ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
-            ctx.flush_history()
-        if preempted:
-            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE}")
-            close_loader(loader)
-            teardown(ctx)
-            return PREEMPTED_EXIT_CODE
-        if last_step:
-            break
+    def checkpoint_meta(evals: dict[str, float]) -> dict:
+        states = [loader.state_dict()]
+        if ctx.distributed:
+            import torch.distributed as dist
 
-        t0 = time.time()
+            states = [None] * ctx.world_size
+            dist.all_gather_object(states, loader.state_dict())
+        return {"loop": {**loop, "dataloader": merge_states(states)}, "val_bpb": evals.get("val_bpb")}
+
+    def train_step(step: int) -> StepReport:
         loss_sum = 0.0
         for x, y in loader.step_batches():
             loss = model(x, y)
@@ -219,29 +195,29 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss = mean_across_ranks(loss_sum / accum, ctx.device)
-        step += 1
-        dt = time.time() - t0
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-        smooth = loop["smooth_loss"] / (1 - 0.9 ** (step - start.step))
-        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
-        ctx.print0(f"step {step:06d}/{steps} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms")
-        ctx.progress(
-            step=step, total_steps=steps, loss=smooth, tokens_per_sec=plan["total_batch_size"] / dt, eta_seconds=eta,
-            lr=start.base_lrs[-1] * lrm, grad_norm=norm, tokens=plan["total_batch_size"], step_seconds=dt,
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** (step + 1 - start.step))
+        return StepReport(
+            lrm=lrm, loss=smooth, grad_norm=norm, tokens=plan["total_batch_size"],
+            tokens_per_step=plan["total_batch_size"], log=f"loss {train_loss:.4f} | lrm {lrm:.3f}",
+            record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )  # fmt: skip
-        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm)
-        preempted = ctx.should_stop()
 
+    outcome = run_loop(
+        ctx, args, model, optimizer, start, steps,
+        evaluate=evaluate, train_step=train_step, checkpoint_meta=checkpoint_meta,
+    )  # fmt: skip
     close_loader(loader)
+    if outcome.preempted:
+        return teardown(ctx, PREEMPTED_EXIT_CODE)
+    val_bpb = outcome.evals["val_bpb"]
     metrics = {
         "val_bpb": val_bpb,
         "steps": steps,
         "tokens": steps * plan["total_batch_size"],
         "tasks": report.used,
     }
-    ctx.done(metrics, {"checkpoint": last_ckpt})
-    ctx.print0(f"mid_train done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
-    return teardown(ctx)
+    return finish(ctx, outcome, metrics, f"val bpb {val_bpb:.4f}")
 
 
 if __name__ == "__main__":

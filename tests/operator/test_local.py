@@ -232,3 +232,26 @@ def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
     assert rc == 1
     assert "tok_train exited with code 2" in out and "invalid int value" in out
     assert os.path.exists(tmp_path / "run" / "logs" / "tok_train.log")
+
+
+def test_cpu_stages_get_half_the_cpus_as_threads_unless_the_user_chose(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    run = local.load_run_file(str(llmrun_file(tmp_path / "run.yaml", storage={"endpoint": "http://s3.example:9000"})))
+    executor = local.LocalRun(run, str(tmp_path / "run"), tmp_path / "logs", Console())
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    try:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        local.local_gpu_count.cache_clear()
+        env = executor.env()
+        assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 2) // 2))
+        assert env["NANORUN_RUN"] == "local" and env["AWS_ENDPOINT_URL"] == "http://s3.example:9000"
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert executor.env()["OMP_NUM_THREADS"] == "3"
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # GPU stages: torch's own default
+        local.local_gpu_count.cache_clear()
+        assert "OMP_NUM_THREADS" not in executor.env()
+    finally:
+        local.local_gpu_count.cache_clear()

@@ -7,32 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from nanorun.serving.batching import SamplingParams, Scheduler
 from nanorun.serving.metrics import ServeMetrics
 from nanorun.trainer.conversation import render_for_completion
 from nanorun.trainer.engine import Engine
 
-from tests.fixtures.chat_model import tiny_chat_model
-from tests.fixtures.tiny_run import small_tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return small_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_chat_model(tokenizer.vocab_size)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def prompt(tokenizer, i: int) -> list[int]:
@@ -50,16 +30,16 @@ async def collect(scheduler: Scheduler, tokens: list[int], params: SamplingParam
     return out, "".join(text), reason
 
 
-def test_concurrent_greedy_requests_get_exactly_their_solo_output(model, tokenizer):
-    engine = Engine(model, tokenizer)
-    prompts = [prompt(tokenizer, i) for i in range(10)]
+def test_concurrent_greedy_requests_get_exactly_their_solo_output(chat_model, chat_tokenizer):
+    engine = Engine(chat_model, chat_tokenizer)
+    prompts = [prompt(chat_tokenizer, i) for i in range(10)]
     budgets = [5 + 3 * i for i in range(10)]  # rows finish at different steps and are refilled
     expected = []
     for p, budget in zip(prompts, budgets, strict=True):
         (completion,), _ = engine.generate_batch(p, max_tokens=budget, temperature=0.0)
         expected.append(completion[len(p):])
 
-    scheduler = Scheduler(model, tokenizer, slots=4).start()  # fewer rows than requests: some wait
+    scheduler = Scheduler(chat_model, chat_tokenizer, slots=4).start()  # fewer rows than requests: some wait
 
     async def run():
         return await asyncio.gather(*(collect(scheduler, p, SamplingParams(max_tokens=b, temperature=0.0))
@@ -76,12 +56,12 @@ def test_concurrent_greedy_requests_get_exactly_their_solo_output(model, tokeniz
     assert scheduler.stats()["inflight"] == 0 and int(scheduler.cache.cache_seqlens.sum()) == 0
 
 
-def test_seeded_sampling_is_reproducible_inside_a_batch(model, tokenizer):
-    scheduler = Scheduler(model, tokenizer, slots=8).start()
+def test_seeded_sampling_is_reproducible_inside_a_batch(chat_model, chat_tokenizer):
+    scheduler = Scheduler(chat_model, chat_tokenizer, slots=8).start()
     params = [SamplingParams(max_tokens=12, temperature=1.0, top_k=40, top_p=0.9, seed=s) for s in (1, 1, 2)]
 
     async def run():
-        return await asyncio.gather(*(collect(scheduler, prompt(tokenizer, 3), p) for p in params))
+        return await asyncio.gather(*(collect(scheduler, prompt(chat_tokenizer, 3), p) for p in params))
 
     try:
         (a, _, _), (b, _, _), (c, _, _) = asyncio.run(run())
@@ -90,15 +70,15 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(model, tokenizer):
     assert a == b and a != c
 
 
-def test_a_cancelled_request_frees_its_row_and_the_others_continue(model, tokenizer):
+def test_a_cancelled_request_frees_its_row_and_the_others_continue(chat_model, chat_tokenizer):
     metrics = ServeMetrics()
-    scheduler = Scheduler(model, tokenizer, slots=2, metrics=metrics).start()
+    scheduler = Scheduler(chat_model, chat_tokenizer, slots=2, metrics=metrics).start()
     long = SamplingParams(max_tokens=100, temperature=1.0, seed=0)
 
     async def run():
-        events = scheduler.stream(prompt(tokenizer, 1), long)
+        events = scheduler.stream(prompt(chat_tokenizer, 1), long)
         await anext(events)  # generating
-        other = asyncio.create_task(collect(scheduler, prompt(tokenizer, 2), SamplingParams(max_tokens=20,
+        other = asyncio.create_task(collect(scheduler, prompt(chat_tokenizer, 2), SamplingParams(max_tokens=20,
                                                                                             temperature=0.0)))
         await events.aclose()  # the client goes away
         for _ in range(200):
@@ -119,12 +99,12 @@ def test_a_cancelled_request_frees_its_row_and_the_others_continue(model, tokeni
     assert metrics.generated_tokens._value.get() < 100 + 20
 
 
-def test_prompts_that_do_not_fit_are_refused_clearly(model, tokenizer):
-    scheduler = Scheduler(model, tokenizer, slots=1)
+def test_prompts_that_do_not_fit_are_refused_clearly(chat_model, chat_tokenizer):
+    scheduler = Scheduler(chat_model, chat_tokenizer, slots=1)
 
     async def run():
         with pytest.raises(ValueError, match="context"):
-            await anext(scheduler.stream(list(range(model.config.sequence_len)), SamplingParams()))
+            await anext(scheduler.stream(list(range(chat_model.config.sequence_len)), SamplingParams()))
         with pytest.raises(ValueError, match="empty"):
             await anext(scheduler.stream([], SamplingParams()))
 

@@ -6,19 +6,12 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 from nanorun.operator.cli import main as nanorun_main
 from nanorun.trainer.chat_cli import assistant_parts, main
 from nanorun.trainer.engine import Engine, SpecialTokens, load_chat_model
 from nanorun.trainer.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def chat(run_dir: str, *args: str, stdin: str = "") -> tuple[int, str]:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from nanorun.trainer.chat_rl import group_loss, rl_step
 from nanorun.trainer.engine import Engine
-from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.tasks.common import Task
 
-from tests.fixtures.post_training import RL_FLAGS, assert_idempotent, assert_resumes_exactly
+from tests.fixtures.post_training import (
+    RL_FLAGS,
+    assert_idempotent,
+    assert_resumes_exactly,
+    stage_done,
+    stage_history,
+)
 from tests.tasks.byte_tokenizer import ByteTokenizer
+from tests.trainer.tiny_models import tiny_gpt, tiny_optimizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class DigitsTask(Task):
@@ -38,30 +44,10 @@ class DigitsTask(Task):
         return sum(ch.isdigit() for ch in response) / len(response) if response else 0.0
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread, like the stage subprocesses: on a busy machine more only slow tiny models down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(vocab_size: int) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    )
-    model.init_weights()
-    return model
-
-
 def test_policy_gradient_steps_raise_the_mean_reward():
     tokenizer = ByteTokenizer()
-    model = tiny_model(tokenizer.vocab_size)
-    optimizer = model.setup_optimizer(
-        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.02, scalar_lr=0.1, weight_decay=0.0
-    )
+    model = tiny_gpt(tokenizer.vocab_size, sequence_len=64)
+    optimizer = tiny_optimizer(model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     engine, task = Engine(model, tokenizer), DigitsTask()
     args = types.SimpleNamespace(
@@ -88,7 +74,7 @@ def test_policy_gradient_steps_raise_the_mean_reward():
 
 def test_a_group_with_equal_rewards_gives_no_gradient():
     tokenizer = ByteTokenizer()
-    model = tiny_model(tokenizer.vocab_size)
+    model = tiny_gpt(tokenizer.vocab_size, sequence_len=64)
     completions = [[1, 2, 3, 4], [1, 2, 5, 6]]
     masks = [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert group_loss(model, completions, masks, [1.0, 1.0], 0, "cpu", 8, 1.0) == 0.0
@@ -97,7 +83,7 @@ def test_a_group_with_equal_rewards_gives_no_gradient():
 
 def test_advantage_raises_the_likelihood_of_the_better_sample_only_on_sampled_tokens():
     tokenizer = ByteTokenizer()
-    model = tiny_model(tokenizer.vocab_size)
+    model = tiny_gpt(tokenizer.vocab_size, sequence_len=64)
     completions = [[1, 2, 3, 4], [1, 2, 5, 6]]
     masks = [[0, 0, 1, 0], [0, 0, 1, 1]]  # token 4 was forced (a tool output): not the policy's choice
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -116,13 +102,10 @@ def test_advantage_raises_the_likelihood_of_the_better_sample_only_on_sampled_to
 
 @pytest.mark.slow
 def test_chat_rl_falls_back_to_arithmetic_offline_and_reports_pass_at_k(tiny_rl_run):
-    done = json.loads((Path(tiny_rl_run) / "chat_rl" / "done.json").read_text())
+    done = stage_done(tiny_rl_run, "chat_rl")
     assert done["metrics"]["task"] == "Arithmetic" and done["metrics"]["steps"] == 2
     assert 0.0 <= done["metrics"]["pass@1"] <= done["metrics"]["pass@4"] <= 1.0
-    history = [
-        json.loads(line)
-        for line in (Path(tiny_rl_run) / "chat_rl" / "history.jsonl").read_text().splitlines()
-    ]
+    history = stage_history(tiny_rl_run, "chat_rl")
     assert [r["step"] for r in history if "reward" in r] == [1, 2]
 
 

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from nanorun.trainer.chat_sft import sft_batch
 from nanorun.trainer.conversation import render_conversation
-from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.tasks.customjson import IDENTITY_PATH, CustomJSON
 
 from tests.fixtures.post_training import (
@@ -21,20 +19,16 @@ from tests.fixtures.post_training import (
     assert_idempotent,
     assert_resumes_exactly,
     copy_run,
+    stage_done,
+    stage_history,
 )
 from tests.fixtures.tiny_run import stage_env
 from tests.tasks.byte_tokenizer import ByteTokenizer
+from tests.trainer.tiny_models import tiny_gpt, tiny_optimizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOK = ByteTokenizer()
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread, like the stage subprocesses: on a busy machine more only slow tiny models down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rows_are_padded_and_only_assistant_tokens_are_targets():
@@ -53,14 +47,8 @@ def test_rows_are_padded_and_only_assistant_tokens_are_targets():
 
 
 def test_sft_loss_falls_on_fixture_conversations():
-    torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(sequence_len=256, vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    )
-    model.init_weights()
-    optimizer = model.setup_optimizer(
-        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.02, scalar_lr=0.1, weight_decay=0.0
-    )
+    model = tiny_gpt(TOK.vocab_size, sequence_len=256)
+    optimizer = tiny_optimizer(model)
     identity = CustomJSON(IDENTITY_PATH)
     x, y = sft_batch(TOK, [identity[i] for i in range(2)], max_len=256, device="cpu")
     losses = []
@@ -75,15 +63,11 @@ def test_sft_loss_falls_on_fixture_conversations():
 
 @pytest.mark.slow
 def test_chat_sft_starts_from_mid_train_and_its_loss_falls(tiny_sft_run):
-    done = json.loads((Path(tiny_sft_run) / "chat_sft" / "done.json").read_text())
+    done = stage_done(tiny_sft_run, "chat_sft")
     assert done["outputs"]["checkpoint"].endswith("chat_sft/checkpoints/step_000004")
     meta = json.loads((Path(done["outputs"]["checkpoint"]) / "meta.json").read_text())
     assert meta["source"] == "mid_train"
-    losses = [
-        json.loads(line)["loss"]
-        for line in (Path(tiny_sft_run) / "chat_sft" / "history.jsonl").read_text().splitlines()
-        if "loss" in line
-    ]
+    losses = [r["loss"] for r in stage_history(tiny_sft_run, "chat_sft") if "loss" in r]
     assert len(losses) == 4 and min(losses[2:]) < losses[0]
 
 

@@ -15,33 +15,14 @@ from nanorun.trainer.engine import (
     sample_tokens,
 )
 
-from tests.fixtures.chat_model import CONTEXT, tiny_chat_model
-from tests.fixtures.tiny_run import small_tokenizer
+from tests.fixtures.chat_model import CONTEXT
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine thread contention makes them
-    100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return small_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_chat_model(tokenizer.vocab_size)
-
-
-@pytest.fixture(scope="module")
-def engine(model, tokenizer):
-    return Engine(model, tokenizer)
+def engine(chat_model, chat_tokenizer):
+    return Engine(chat_model, chat_tokenizer)
 
 
 def prompt_for(tokenizer, text: str) -> list[int]:
@@ -61,11 +42,11 @@ def naive_greedy(model, tokens: list[int], max_tokens: int, stop: set[int]) -> l
     return ids
 
 
-def test_greedy_generation_equals_naive_full_recompute_token_for_token(engine, model, tokenizer):
+def test_greedy_generation_equals_naive_full_recompute_token_for_token(engine, chat_model, chat_tokenizer):
     stop = engine.special.stop
     for text in ["Hello there, how are you?", "Explain the os module in one sentence please, with details."]:
-        prompt = prompt_for(tokenizer, text)
-        expected = naive_greedy(model, prompt, 40, stop)
+        prompt = prompt_for(chat_tokenizer, text)
+        expected = naive_greedy(chat_model, prompt, 40, stop)
         completions, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=40, temperature=0.0)
         assert len(expected) > len(prompt) + 5  # the comparison covers real generated tokens
         for completion, mask in zip(completions, masks, strict=True):
@@ -73,8 +54,8 @@ def test_greedy_generation_equals_naive_full_recompute_token_for_token(engine, m
             assert mask == [0] * len(prompt) + [1] * (len(completion) - len(prompt))
 
 
-def test_sampling_is_reproducible_for_a_seed_and_varies_across_rows(engine, tokenizer):
-    prompt = prompt_for(tokenizer, "Tell me a story.")
+def test_sampling_is_reproducible_for_a_seed_and_varies_across_rows(engine, chat_tokenizer):
+    prompt = prompt_for(chat_tokenizer, "Tell me a story.")
     first, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=1.0, seed=7)
     again, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=1.0, seed=7)
     other, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=1.0, seed=8)
@@ -83,8 +64,8 @@ def test_sampling_is_reproducible_for_a_seed_and_varies_across_rows(engine, toke
     assert len({tuple(c) for c in first}) > 1  # rows draw different samples
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy(engine, tokenizer):
-    prompt = prompt_for(tokenizer, "What is a thread?")
+def test_top_k_one_and_tiny_top_p_are_greedy(engine, chat_tokenizer):
+    prompt = prompt_for(chat_tokenizer, "What is a thread?")
     greedy, _ = engine.generate_batch(prompt, max_tokens=15, temperature=0.0)
     top1, _ = engine.generate_batch(prompt, max_tokens=15, temperature=1.5, top_k=1, seed=3)
     nucleus, _ = engine.generate_batch(prompt, max_tokens=15, temperature=1.5, top_p=1e-6, seed=3)
@@ -126,16 +107,16 @@ def scripted_engine(model, tokenizer, prompt, wanted: list[int]):
     return Engine(scripted, tokenizer), scripted
 
 
-def test_tool_call_is_answered_with_forced_calculator_output(model, tokenizer):
-    s = SpecialTokens(tokenizer)
-    prompt = prompt_for(tokenizer, "What is 6 times 7?")
-    expr, result = tokenizer.encode("6*7"), tokenizer.encode("42")
+def test_tool_call_is_answered_with_forced_calculator_output(chat_model, chat_tokenizer):
+    s = SpecialTokens(chat_tokenizer)
+    prompt = prompt_for(chat_tokenizer, "What is 6 times 7?")
+    expr, result = chat_tokenizer.encode("6*7"), chat_tokenizer.encode("42")
     call = [s.python_start, *expr, s.python_end]
     forced = [s.output_start, *result, s.output_end]
-    after = tokenizer.encode(" done")
+    after = chat_tokenizer.encode(" done")
     # The script wants junk (token 5) where the output belongs: the engine must override it.
     wanted = call + [5] * len(forced) + after + [s.assistant_end]
-    engine, scripted = scripted_engine(model, tokenizer, prompt, wanted)
+    engine, scripted = scripted_engine(chat_model, chat_tokenizer, prompt, wanted)
 
     columns = list(engine.generate(prompt, max_tokens=60, temperature=0.0))
     tokens = [c[0] for c, _ in columns]
@@ -150,26 +131,26 @@ def test_tool_call_is_answered_with_forced_calculator_output(model, tokenizer):
     assert completions[0] == prompt + call + forced + after  # the stop token is not part of it
     assert completion_masks[0][len(prompt):] == [1] * len(call) + [0] * len(forced) + [1] * len(after)
 
-    stream = TextStream(tokenizer, s)
+    stream = TextStream(chat_tokenizer, s)
     assert "".join(stream.push(t) for t in tokens) + stream.flush() == "<<6*7=42>> done"
 
 
-def test_refused_tool_call_gets_an_empty_output_and_generation_goes_on(model, tokenizer):
-    s = SpecialTokens(tokenizer)
-    prompt = prompt_for(tokenizer, "Import os")
-    call = [s.python_start, *tokenizer.encode("__import__('os')"), s.python_end]
+def test_refused_tool_call_gets_an_empty_output_and_generation_goes_on(chat_model, chat_tokenizer):
+    s = SpecialTokens(chat_tokenizer)
+    prompt = prompt_for(chat_tokenizer, "Import os")
+    call = [s.python_start, *chat_tokenizer.encode("__import__('os')"), s.python_end]
     wanted = call + [5, 5] + [s.assistant_end]
-    engine, _ = scripted_engine(model, tokenizer, prompt, wanted)
+    engine, _ = scripted_engine(chat_model, chat_tokenizer, prompt, wanted)
     (completion,), _ = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
     assert completion[len(prompt):] == call + [s.output_start, s.output_end]
 
 
-def test_generation_stops_at_the_end_of_the_context_without_error(engine, tokenizer):
-    prompt = prompt_for(tokenizer, "word " * 200)[: CONTEXT - 3]
+def test_generation_stops_at_the_end_of_the_context_without_error(engine, chat_tokenizer):
+    prompt = prompt_for(chat_tokenizer, "word " * 200)[: CONTEXT - 3]
     columns = list(engine.generate(prompt, max_tokens=100, temperature=0.0))
     assert 1 <= len(columns) <= 3
     with pytest.raises(ContextOverflowError, match="context is 128"):
-        next(engine.generate(prompt_for(tokenizer, "word " * 200), max_tokens=10))
+        next(engine.generate(prompt_for(chat_tokenizer, "word " * 200), max_tokens=10))
 
 
 def long_conversation(turns: int) -> dict:
@@ -181,40 +162,40 @@ def long_conversation(turns: int) -> dict:
     return {"messages": messages}
 
 
-def test_long_conversation_is_trimmed_from_the_oldest_turns_keeping_the_system_message(tokenizer):
+def test_long_conversation_is_trimmed_from_the_oldest_turns_keeping_the_system_message(chat_tokenizer):
     conversation = long_conversation(30)
-    tokens, notice = fit_conversation(tokenizer, conversation, 100)
+    tokens, notice = fit_conversation(chat_tokenizer, conversation, 100)
     assert len(tokens) <= 100
     assert notice is not None and "dropped the" in notice and "oldest message" in notice
-    text = tokenizer.decode(tokens)
+    text = chat_tokenizer.decode(tokens)
     assert "You are terse." in text and "and the last question?" in text
     assert "question number 0 " not in text and "question number 29 " in text
     # exactly the fewest whole exchanges were dropped: keeping one more would not fit
     dropped = int(notice.split("dropped the ")[1].split()[0])
     kept = conversation["messages"][0:1] + conversation["messages"][1 + dropped - 2:]
-    assert len(render_for_completion(tokenizer, {"messages": kept})) > 100
-    assert fit_conversation(tokenizer, long_conversation(1), 100) == (
-        render_for_completion(tokenizer, long_conversation(1)), None)
+    assert len(render_for_completion(chat_tokenizer, {"messages": kept})) > 100
+    assert fit_conversation(chat_tokenizer, long_conversation(1), 100) == (
+        render_for_completion(chat_tokenizer, long_conversation(1)), None)
 
 
-def test_a_single_message_longer_than_the_context_keeps_its_end(engine, tokenizer):
+def test_a_single_message_longer_than_the_context_keeps_its_end(engine, chat_tokenizer):
     conversation = {"messages": [{"role": "system", "content": "Be kind."},
                                  {"role": "user", "content": "BEGINNING " + "blah " * 500 + "THE END"}]}
-    tokens, notice = fit_conversation(tokenizer, conversation, 64)
+    tokens, notice = fit_conversation(chat_tokenizer, conversation, 64)
     assert len(tokens) <= 64 and "kept only the last" in notice
-    text = tokenizer.decode(tokens)
+    text = chat_tokenizer.decode(tokens)
     assert "Be kind." in text and "THE END" in text and "BEGINNING" not in text
     columns = list(engine.generate(tokens, max_tokens=200, temperature=0.0))  # and it generates
     assert 0 < len(columns) <= CONTEXT - len(tokens)
     with pytest.raises(ContextOverflowError, match="system message"):
-        fit_conversation(tokenizer, {"messages": [{"role": "system", "content": "long " * 200},
+        fit_conversation(chat_tokenizer, {"messages": [{"role": "system", "content": "long " * 200},
                                                   {"role": "user", "content": "hi"}]}, 64)
 
 
-def test_text_stream_never_splits_a_utf8_character(tokenizer):
-    s = SpecialTokens(tokenizer)
+def test_text_stream_never_splits_a_utf8_character(chat_tokenizer):
+    s = SpecialTokens(chat_tokenizer)
     text = "naïve café, 日本語 and emoji 🙂 done"
-    stream = TextStream(tokenizer, s)
-    pieces = [stream.push(t) for t in tokenizer.encode(text)]
+    stream = TextStream(chat_tokenizer, s)
+    pieces = [stream.push(t) for t in chat_tokenizer.encode(text)]
     assert "".join(pieces) + stream.flush() == text
     assert all("\ufffd" not in p for p in pieces)

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from nanorun.trainer.attention import band_mask, causal_attention
 from nanorun.trainer.gpt import GPT, GPTConfig, expected_param_counts
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine run fastest without intra-op threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**flags) -> GPTConfig:

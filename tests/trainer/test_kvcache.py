@@ -4,13 +4,7 @@ import pytest
 import torch
 from nanorun.trainer.gpt import GPT, GPTConfig, KVCache
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @torch.no_grad()

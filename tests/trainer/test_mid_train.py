@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from tests.fixtures.post_training import MID_FLAGS, assert_idempotent, assert_resumes_exactly
+from tests.fixtures.post_training import (
+    MID_FLAGS,
+    assert_idempotent,
+    assert_resumes_exactly,
+    stage_done,
+    stage_history,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def test_mid_train_trains_on_the_offline_mixture_and_records_its_curves(tiny_mid_run):
-    done = json.loads((Path(tiny_mid_run) / "mid_train" / "done.json").read_text())
+    done = stage_done(tiny_mid_run, "mid_train")
     assert done["outputs"]["checkpoint"].endswith("mid_train/checkpoints/step_000004")
     assert done["metrics"]["steps"] == 4 and done["metrics"]["val_bpb"] > 0
     assert any(t.startswith("identity") for t in done["metrics"]["tasks"])
-    history = [
-        json.loads(line)
-        for line in (Path(tiny_mid_run) / "mid_train" / "history.jsonl").read_text().splitlines()
-    ]
+    history = stage_history(tiny_mid_run, "mid_train")
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
     assert any("val_bpb" in r for r in history)
 

@@ -15,15 +15,9 @@ import torch.multiprocessing as mp
 from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS_BEFORE_SAVE = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model() -> GPT:

@@ -60,28 +60,39 @@ def _mixture(tasks: list[Task], what: str, report: MixtureReport) -> TaskMixture
     return TaskMixture(tasks)
 
 
+def _capped(limit: int | None, size: int) -> int:
+    return min(limit or size, size)
+
+
+def _conversation_tasks(
+    cache: str, limit: int | None, spelling_bee: int, simple_spelling: int, arithmetic: int
+) -> list[tuple[str, Callable[[], Task]]]:
+    """The training tasks of midtraining and SFT (which differ in the sizes of the generated ones)."""
+    return [
+        ("SmolTalk", lambda: SmolTalk("train", cache=cache, stop=limit)),
+        ("MMLU-aux", lambda: MMLU("auxiliary_train", cache=cache, stop=limit)),
+        ("GSM8K", lambda: GSM8K("train", cache=cache, stop=limit)),
+        ("identity", lambda: CustomJSON(IDENTITY_PATH)),
+        ("conversations", lambda: CustomJSON(CONVERSATIONS_PATH)),
+        ("SpellingBee", lambda: SpellingBee("train", size=_capped(limit, spelling_bee))),
+        ("SimpleSpelling", lambda: SimpleSpelling("train", size=_capped(limit, simple_spelling))),
+        ("Arithmetic", lambda: Arithmetic("train", size=_capped(limit, arithmetic))),
+    ]
+
+
 def midtrain_mixture(cache: str, limit: int | None = None) -> tuple[Task, Task, MixtureReport]:
     """(train, val) for midtraining: SmolTalk, MMLU auxiliary_train, GSM8K, identity, spelling."""
     report = MixtureReport()
     train = _collect(
-        [
-            ("SmolTalk", lambda: SmolTalk("train", cache=cache, stop=limit)),
-            ("MMLU-aux", lambda: MMLU("auxiliary_train", cache=cache, stop=limit)),
-            ("GSM8K", lambda: GSM8K("train", cache=cache, stop=limit)),
-            ("identity", lambda: CustomJSON(IDENTITY_PATH)),
-            ("conversations", lambda: CustomJSON(CONVERSATIONS_PATH)),
-            ("SpellingBee", lambda: SpellingBee("train", size=min(limit or 80_000, 80_000))),
-            ("SimpleSpelling", lambda: SimpleSpelling("train", size=min(limit or 200_000, 200_000))),
-            ("Arithmetic", lambda: Arithmetic("train", size=min(limit or 20_000, 20_000))),
-        ],
+        _conversation_tasks(cache, limit, spelling_bee=80_000, simple_spelling=200_000, arithmetic=20_000),
         report,
         repeat={"identity": 2},
     )
     val = _collect(
         [
             ("SmolTalk-test", lambda: SmolTalk("test", cache=cache, stop=limit)),
-            ("SpellingBee-test", lambda: SpellingBee("test", size=min(limit or 2000, 2000))),
-            ("Arithmetic-test", lambda: Arithmetic("test", size=min(limit or 2000, 2000))),
+            ("SpellingBee-test", lambda: SpellingBee("test", size=_capped(limit, 2000))),
+            ("Arithmetic-test", lambda: Arithmetic("test", size=_capped(limit, 2000))),
         ],
         MixtureReport(),
     )
@@ -92,16 +103,7 @@ def sft_mixture(cache: str, limit: int | None = None) -> tuple[Task, Task, Mixtu
     """(train, val) for SFT: SmolTalk, MMLU aux x3, GSM8K x4, identity, spelling, arithmetic."""
     report = MixtureReport()
     train = _collect(
-        [
-            ("SmolTalk", lambda: SmolTalk("train", cache=cache, stop=limit)),
-            ("MMLU-aux", lambda: MMLU("auxiliary_train", cache=cache, stop=limit)),
-            ("GSM8K", lambda: GSM8K("train", cache=cache, stop=limit)),
-            ("identity", lambda: CustomJSON(IDENTITY_PATH)),
-            ("conversations", lambda: CustomJSON(CONVERSATIONS_PATH)),
-            ("SpellingBee", lambda: SpellingBee("train", size=min(limit or 300, 300))),
-            ("SimpleSpelling", lambda: SimpleSpelling("train", size=min(limit or 300, 300))),
-            ("Arithmetic", lambda: Arithmetic("train", size=min(limit or 1000, 1000))),
-        ],
+        _conversation_tasks(cache, limit, spelling_bee=300, simple_spelling=300, arithmetic=1000),
         report,
         repeat={"MMLU-aux": 3, "GSM8K": 4, "identity": 2, "conversations": 2},
     )
@@ -109,7 +111,7 @@ def sft_mixture(cache: str, limit: int | None = None) -> tuple[Task, Task, Mixtu
         [
             ("SmolTalk-test", lambda: SmolTalk("test", cache=cache, stop=limit)),
             ("conversations", lambda: CustomJSON(CONVERSATIONS_PATH)),
-            ("Arithmetic-test", lambda: Arithmetic("test", size=min(limit or 200, 200))),
+            ("Arithmetic-test", lambda: Arithmetic("test", size=_capped(limit, 200))),
         ],
         MixtureReport(),
     )
