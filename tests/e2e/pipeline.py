@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from nanorun.operator.api import API_VERSION, KIND
 
-PRETRAIN_STEPS = 40
-SAVE_EVERY = 4
+PRETRAIN_STEPS = 100  # long enough that the kill lands mid-run even on an idle machine
+SAVE_EVERY = 10
 
 
 def e2e_llmrun(name: str, run_dir: str, **storage: str) -> dict[str, Any]:
