@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stamps
 
-.PHONY: setup setup-python setup-rust setup-kube setup-system test test-fast demo lint kube-up kube-down clean
+.PHONY: setup setup-python setup-rust setup-kube setup-system setup-apt-lists test test-fast demo lint kube-up kube-down clean
 
 setup: setup-system setup-python setup-rust setup-kube
 
@@ -39,7 +39,13 @@ setup-kube:
 	tests/kube/build.sh
 
 # Debian packages the tests drive: headless Chromium (web UI test) and promtool (metrics lint).
-setup-system:
+# The bundled corpus comes from Debian documentation packages (`apt-get download`), which needs the
+# package lists, so those are fetched too when they are missing.
+setup-apt-lists:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then \
+	  apt-get update -qq; fi
+
+setup-system: setup-apt-lists
 	@if command -v chromium >/dev/null && command -v promtool >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null; \
@@ -56,7 +62,7 @@ test-fast: setup
 lint: setup-python
 	$(VENV)/bin/ruff check .
 
-demo: setup-python setup-rust
+demo: setup-apt-lists setup-python setup-rust
 	$(VENV)/bin/nanorun run examples/tiny.yaml --serve
 
 # A background etcd + kube-apiserver with the CRDs installed; kubeconfig in .kube/config.
