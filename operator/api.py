@@ -319,27 +319,30 @@ RULES: list[Rule] = [
         "enable one or set serving.enabled: false",
         lambda s: not s.serving.enabled or any(getattr(s.stages, k).enabled for k in CHECKPOINT_STAGES),
     ),
-    Rule(
+]
+
+
+def _immutable_once_run(field: str, why: str) -> Rule:
+    """`spec.<field>` may not change once any stage has run (a transition rule)."""
+
+    def value(spec: LLMRunSpec) -> Any:
+        for part in field.split("."):
+            spec = getattr(spec, part)
+        return spec
+
+    return Rule(
         "",
-        f"!({_RAN}) || self.spec.model == oldSelf.spec.model",
-        "spec.model may not change once a stage has run (its checkpoints have that shape); create a new LLMRun",
-        lambda new, old, ran: not ran or new.model == old.model,
+        f"!({_RAN}) || self.spec.{field} == oldSelf.spec.{field}",
+        f"spec.{field} may not change once a stage has run ({why}); create a new LLMRun",
+        lambda new, old, ran: not ran or value(new) == value(old),
         transition=True,
-    ),
-    Rule(
-        "",
-        f"!({_RAN}) || self.spec.tokenizer == oldSelf.spec.tokenizer",
-        "spec.tokenizer may not change once a stage has run (the model's vocabulary depends on it); create a new LLMRun",
-        lambda new, old, ran: not ran or new.tokenizer == old.tokenizer,
-        transition=True,
-    ),
-    Rule(
-        "",
-        f"!({_RAN}) || self.spec.storage.uri == oldSelf.spec.storage.uri",
-        "spec.storage.uri may not change once a stage has run (the run's files are there); create a new LLMRun",
-        lambda new, old, ran: not ran or new.storage.uri == old.storage.uri,
-        transition=True,
-    ),
+    )
+
+
+RULES += [
+    _immutable_once_run("model", "its checkpoints have that shape"),
+    _immutable_once_run("tokenizer", "the model's vocabulary depends on it"),
+    _immutable_once_run("storage.uri", "the run's files are there"),
 ]
 
 
