@@ -53,7 +53,7 @@ def main() -> int:
         "bench": "demo_pipeline", "file": os.path.relpath(args.file, REPO), "wall_seconds": round(wall, 1),
         "stage_seconds": stages,
         "base_val_bpb": metrics.get("base_train", {}).get("val_bpb"),
-        "chatcore": metrics.get("chat_eval", {}).get("chatcore"),
+        "chatcore": metrics.get("chat_eval", {}).get("ChatCORE"),
         "cpus": os.cpu_count(), "load_average_before": round(load_before, 2), "machine": platform.machine(),
     }))
     return 0
