@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from nanorun.operator import crd
 from nanorun.operator.api import DEFAULT_IMAGE, parse_spec
 from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
 from nanorun.operator.main import parse_args
@@ -19,7 +20,6 @@ from nanorun.operator.plan import stage_plan
 from nanorun.operator.rayservice import rayservice_for_run
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
 
-from tests.charts import rbac_rules
 from tests.charts.conftest import (
     CHART,
     CI_VALUES,
@@ -117,10 +117,9 @@ def test_s3_credentials_come_from_the_referenced_secret(render: Render) -> None:
 
 
 def test_rbac_files_are_generated_from_the_operator_rules() -> None:
-    assert rbac_rules.CHART_RULES.read_text() == rbac_rules.chart_rules_text(), (
-        "charts/nanorun/files/rbac-rules.yaml is stale: run `python -m tests.charts.rbac_rules --write`")
-    assert rbac_rules.MANIFEST_ROLE.read_text() == rbac_rules.manifest_role_text(), (
-        "manifests/rbac/clusterrole.yaml is stale: run `python -m tests.charts.rbac_rules --write`")
+    files = crd.generated_files()
+    for path in (crd.CHART_RBAC_PATH, crd.MANIFEST_ROLE_PATH):
+        assert path.read_text() == files[path], f"{path} is stale: run `python -m nanorun.operator.crd --write`"
 
 
 def test_cluster_role_has_exactly_the_operator_rules(render: Render) -> None:
