@@ -258,3 +258,45 @@ def test_cpu_stages_get_half_the_cpus_as_threads_unless_the_user_chose(tmp_path,
         assert "OMP_NUM_THREADS" not in executor.env()
     finally:
         local.local_gpu_count.cache_clear()
+
+
+# --- --serve (what `make demo` ends with) ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_url(tmp_path, tiny_base_run):
+    import httpx
+
+    from tests.serving.conftest import free_port
+
+    path = llmrun_file(tmp_path / "tiny.yaml", enabled=("tokenizer", "pretrain"), storage={"uri": tiny_base_run},
+                       serving={"enabled": True})
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanorun.operator.cli", "run", str(path), "--serve", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"nanorun run --serve exited early ({proc.poll()}):\n{''.join(lines)}"
+            lines.append(line)
+            if "web UI" in line:
+                break
+        out = "".join(lines)
+        assert "tok_train: already done" in out and "base_train: already done" in out
+        assert f"http://localhost:{port}/" in line
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).json()
+        assert reply["usage"]["completion_tokens"] == 3
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
+        assert "base_train" in health["checkpoint"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
