@@ -33,12 +33,14 @@ $(BPE_MODULE): $(RUST_SRC) $(STAMP)/python
 
 setup-rust: $(BPE_MODULE)
 
-# kube-apiserver, etcd, kubectl and helm built from Go modules into .cache/kube/<key>/, keyed by the
-# pins in tests/kube (go.mod, versions.env); a no-op when that build exists. See docs/testing.md.
+# The test cluster (Kubernetes, etcd, CoreDNS, the virtual-kubelet node agent, kubectl, helm) built
+# from Go modules into ~/.cache/nanorun/kube/<key>/, keyed by the pins in tests/kube; a no-op when
+# that build exists. See docs/testing.md.
 setup-kube:
 	tests/kube/build.sh
 
-# Debian packages the tests drive: headless Chromium (web UI test) and promtool (metrics lint).
+# Debian packages the tests drive: headless Chromium (web UI test), promtool (metrics lint), and
+# iptables for kube-proxy in the test cluster (ip, unshare and nsenter come with every Debian).
 # The bundled corpus comes from Debian documentation packages (`apt-get download`), which needs the
 # package lists, so those are fetched too when they are missing.
 setup-apt-lists:
@@ -46,10 +48,10 @@ setup-apt-lists:
 	  apt-get update -qq; fi
 
 setup-system: setup-apt-lists
-	@if command -v chromium >/dev/null && command -v promtool >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v promtool >/dev/null && command -v iptables >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null; \
-	else echo "note: install chromium and prometheus (promtool) for the browser and metrics tests"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus iptables >/dev/null; \
+	else echo "note: install chromium, prometheus (promtool) and iptables for the browser, metrics and cluster tests"; fi
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -65,7 +67,8 @@ lint: setup-python
 demo: setup-apt-lists setup-python setup-rust
 	$(VENV)/bin/nanorun run examples/tiny.yaml --serve
 
-# A background etcd + kube-apiserver with the CRDs installed; kubeconfig in .kube/config.
+# A background test cluster (control plane, two nodes that run pods, kube-proxy, CoreDNS) with the
+# CRDs installed; kubeconfig in .kube/config. `make kube-down` removes all of it.
 kube-up: setup-python setup-kube
 	$(PY) -m tests.kube.cluster up
 

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Builds the test control plane into the cache folder printed by tests/kube/bin-dir.sh:
-#   bin/kube-apiserver, bin/etcd, bin/kubectl  (this Go module, Kubernetes pinned in go.mod)
-#   bin/helm                                   (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
-#   crds/*.yaml                                (PyTorchJob and RayService CRDs from their Go modules)
-# Does nothing when that folder is already complete. The Go module and build caches live in
-# <repo>/.cache/kube/{gomod,gocache}, so a rebuild after a pin change is incremental.
+# Builds the test cluster into the cache folder printed by tests/kube/bin-dir.sh:
+#   bin/kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, etcd
+#                        (this Go module: k8s.io/kubernetes and etcd pinned in go.mod)
+#   bin/nanorun-node     (tests/kube/node: the node agent, virtual-kubelet pinned in its go.mod)
+#   bin/coredns          (tests/kube/coredns: CoreDNS pinned in its go.mod)
+#   bin/helm             (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
+#   crds/*.yaml          (PyTorchJob and RayService CRDs from their Go modules)
+# Does nothing when that folder is already complete. Go's module and build caches are Go's own
+# defaults (under $HOME), so a fresh clone on this machine, or a pin change, rebuilds incrementally.
 # Usage: tests/kube/build.sh   (or `make setup-kube`); needs Go >= 1.26 and the Go module proxy.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 bin="$("$here/bin-dir.sh")"
@@ -18,11 +20,10 @@ if [ -f "$out/complete" ]; then
   exit 0
 fi
 if ! command -v go >/dev/null; then
-  echo "error: building the test kube-apiserver needs Go >= 1.26 on PATH (https://go.dev/dl/)" >&2
+  echo "error: building the test cluster needs Go >= 1.26 on PATH (https://go.dev/dl/)" >&2
   exit 1
 fi
 
-export GOMODCACHE="$repo/.cache/kube/gomod" GOCACHE="$repo/.cache/kube/gocache"
 export GOFLAGS="-modcacherw -buildvcs=false" GOTOOLCHAIN="${GOTOOLCHAIN:-local}" CGO_ENABLED=0
 export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
 tmp="$out.partial"
@@ -48,20 +49,26 @@ crd_from_module "$TRAINING_OPERATOR_MODULE" "$TRAINING_OPERATOR_VERSION" "$TRAIN
 crd_from_module "$KUBERAY_MODULE" "$KUBERAY_VERSION" "$KUBERAY_CRD"
 chmod -R u+w "$tmp/crds"
 
-echo "building kube-apiserver, etcd, kubectl ($(go version | cut -d' ' -f3), cache $repo/.cache/kube)"
+step() { echo "[$(( $(date +%s) - started )) s] $*"; }
+step "building kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, etcd ($(go version | cut -d' ' -f3))"
 # Stamp the Kubernetes version (as Kubernetes' own build does), so /version reports the pinned
 # release, not v0.0.0-master, and version checks such as a helm chart's kubeVersion see it.
 kube_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\)$/\1/p' "$here/go.mod")"
 version_pkg=k8s.io/component-base/version
 version_flags="-X $version_pkg.gitVersion=v$kube_version -X $version_pkg.gitMajor=${kube_version%%.*}"
 version_flags+=" -X $version_pkg.gitMinor=$(cut -d. -f2 <<<"$kube_version")"
-(cd "$here" && go build -trimpath -ldflags="-s -w $version_flags" -o "$tmp/bin/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kubectl)
-echo "building helm $HELM_VERSION"
+(cd "$here" && go build -trimpath -ldflags="-s -w $version_flags" -o "$tmp/bin/" ./cmd/...)
+step "building the node agent (virtual-kubelet)"
+(cd "$here/node" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/nanorun-node" .)
+step "building coredns"
+(cd "$here/coredns" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/coredns" .)
+step "building helm $HELM_VERSION"
 GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 
 touch "$tmp/complete"
-# Drop builds for older pins (the module and build caches stay), then publish this one.
-find "$repo/.cache/kube" -mindepth 1 -maxdepth 1 -type d ! -name gomod ! -name gocache \
+# Drop builds for older pins (Go's caches stay), then publish this one.
+find "$(dirname "$out")" -mindepth 1 -maxdepth 1 -type d ! -name "$(basename "$out")" \
   ! -name "$(basename "$tmp")" -exec rm -rf {} +
+rm -rf "$out"
 mv "$tmp" "$out"
-echo "kube test binaries built in $(( $(date +%s) - started )) s: $bin"
+step "kube test binaries built: $bin"

@@ -1,30 +1,46 @@
-"""A real Kubernetes control plane on this machine: etcd + kube-apiserver, like envtest.
+"""A real Kubernetes cluster on this machine, minus only the container runtime.
 
-The binaries come from `tests/kube/build.sh` (`make setup-kube`). `ControlPlane` generates a CA, a
-serving certificate, an admin client certificate (group `system:masters`) and a service-account
-signing key, starts etcd and kube-apiserver on free loopback ports with RBAC authorization, waits
-for `/readyz` and writes an admin kubeconfig. `install_crds` server-side applies the CRDs nanorun
-works with (ours from `manifests/crd/`, plus the upstream PyTorchJob and RayService CRDs fetched by
-the build) and waits until each is Established. There is no scheduler, controller-manager or
-kubelet: pods never run and nothing is garbage collected.
+The binaries come from `tests/kube/build.sh` (`make setup-kube`), each built from its published Go
+module: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS, kubectl,
+helm, and `nanorun-node`, a virtual-kubelet node whose provider runs pods as local processes
+(tests/kube/node). `Cluster` generates a CA and a certificate per identity (tests/kube/pki.py) and
+starts, in order:
+
+- etcd and kube-apiserver (Node and RBAC authorization, NodeRestriction and ServiceAccount
+  admission), then kube-controller-manager and kube-scheduler, each with its own kubeconfig;
+- the pod network: a Linux bridge whose address (10.244.0.1) is the pods' gateway and the address
+  at which they reach the API server and the nodes; kube-proxy (iptables mode) for Services;
+- the nodes (by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each a `nanorun-node`
+  process: every pod gets its own network namespace and IP on the bridge, a cluster resolv.conf and
+  its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
+- CoreDNS as the upstream addon (a Deployment in kube-system behind the `kube-dns` Service).
+
+The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
+after the scheduler: the API and controllers work, pods are scheduled but never run, and
+`Cluster.pods_unsupported` says why. Only one cluster per machine can run pods (kube-proxy owns the
+host's iptables chains); /run/nanorun-test-cluster names the one that does.
 
 The pytest fixture `kube` (tests/fixtures/kube.py) uses this module; so does the command line,
-which keeps a control plane running in the background for trying the operator by hand:
+which keeps a cluster running in the background for trying the operator by hand:
 
     python -m tests.kube.cluster up       # or `make kube-up`; writes .kube/config
     python -m tests.kube.cluster status
-    python -m tests.kube.cluster down     # or `make kube-down`
+    python -m tests.kube.cluster down     # or `make kube-down`: no process, namespace, link,
+                                          # iptables rule or mount is left behind
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
 import socket
 import ssl
+import string
 import subprocess
 import sys
 import time
@@ -35,19 +51,42 @@ from pathlib import Path
 from tests.kube.pki import kubeconfig, write_pki
 
 REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
-BINARIES = ("kube-apiserver", "etcd", "kubectl", "helm")
-SERVICE_CIDR = "10.0.0.0/24"
+BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "etcd", "kubectl",
+            "helm", "nanorun-node", "coredns")
+CLUSTER_DOMAIN = "cluster.local"
+COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
+OWNERS = Path("/run/nanorun-test-cluster")  # one file per network slot: which cluster holds it
+SLOTS = 4
 READY_TIMEOUT_S = 60.0
+# Components in start order; stop goes the other way.
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy")
 
 
 class ControlPlaneError(RuntimeError):
-    """The control plane could not be built, started or reached; the message says what to do."""
+    """The cluster could not be built, started or reached; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A node of the test cluster: its name, the capacity it declares, labels and taints
+    (`key=value:Effect`)."""
+
+    name: str
+    capacity: dict[str, str] = field(default_factory=lambda: {
+        "cpu": "96", "memory": "1Ti", "pods": "110", "nvidia.com/gpu": "8", "ephemeral-storage": "1Ti"})
+    labels: dict[str, str] = field(default_factory=lambda: {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"})
+    taints: tuple[str, ...] = ()
+
+
+DEFAULT_NODES = (NodeSpec("node-1"), NodeSpec("node-2"))
 
 
 def bin_dir() -> Path:
     """The cache folder holding the binaries for the pinned versions (it may not exist yet)."""
-    out = subprocess.run([str(REPO / "tests/kube/bin-dir.sh")], capture_output=True, text=True, check=True)
+    out = subprocess.run([str(HERE / "bin-dir.sh")], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 
 
@@ -58,8 +97,8 @@ def require_binaries() -> Path:
     if missing or not (folder.parent / "complete").exists():
         raise ControlPlaneError(
             f"the test Kubernetes binaries are not built ({', '.join(missing) or 'incomplete build'} "
-            f"missing in {folder}); run `make setup-kube` (builds kube-apiserver, etcd, kubectl and "
-            "helm from Go modules, about 15-25 minutes the first time)"
+            f"missing in {folder}); run `make setup-kube` (builds Kubernetes, etcd, CoreDNS, the node "
+            "agent, kubectl and helm from Go modules, about 20-30 minutes the first time)"
         )
     return folder
 
@@ -71,9 +110,19 @@ def crd_files() -> list[Path]:
     return ours + upstream
 
 
-def free_port() -> int:
+def pods_unsupported() -> str | None:
+    """Why this machine cannot run the pod network, or None when it can."""
+    if os.geteuid() != 0:
+        return "running pods needs root (network namespaces, a bridge, iptables and mounts)"
+    missing = [tool for tool in ("ip", "iptables", "iptables-restore", "unshare", "nsenter") if not shutil.which(tool)]
+    if missing:
+        return f"running pods needs {', '.join(missing)} (Debian: apt-get install iproute2 iptables util-linux)"
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -89,11 +138,18 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _spawn(argv: list[str], log: Path, *, detach: bool) -> subprocess.Popen:
+def _spawn(argv: list[str], log: Path, *, detach: bool, env: dict[str, str] | None = None,
+           cgroup: Path | None = None) -> subprocess.Popen:
+    def before_exec() -> None:
+        if cgroup is not None:  # join it, so that everything this process starts is found later
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+        if not detach:
+            _die_with_parent()
+
     with open(log, "ab") as out:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=detach, preexec_fn=None if detach else _die_with_parent,
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=detach, preexec_fn=before_exec,
         )
 
 
@@ -127,20 +183,228 @@ def _log_tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-@dataclass
-class ControlPlane:
-    """etcd + kube-apiserver with their state in `workdir` (certificates, data, logs, kubeconfig).
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, **kwargs)
 
-    `detach=False` (tests): the servers die with this process. `detach=True` (`make kube-up`): they
-    run in their own session and outlive it; `stop` or `down` ends them by pid.
+
+# --- the pod network ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Network:
+    """The addresses and names of one cluster's pod network (`slot` 0..3, so that clusters can run
+    side by side: `make kube-up` while the tests run).
+
+    Everything of the nodes lives in a network namespace of its own, the cluster namespace, as on a
+    node VM: the bridge the pods' veths attach to (its address is the pods' gateway and the nodes'
+    InternalIP), kube-proxy and its iptables rules, the node agents. A veth pair links it to this
+    machine, which routes the pod and Service ranges through it; the API server, on this machine,
+    listens on the link's address, which pods reach through their gateway. Deleting the cluster
+    namespace removes the bridge, the link, the routes and every rule at once.
+    """
+
+    slot: int
+
+    @property
+    def netns(self) -> str:
+        return f"nanorun-c{self.slot}"
+
+    @property
+    def pod_netns_prefix(self) -> str:
+        return f"{self.netns}-"
+
+    @property
+    def host_link(self) -> str:
+        return f"nanorun-c{self.slot}"
+
+    @property
+    def host_ip(self) -> str:  # this machine's end of the link: the API server's address for pods
+        return f"192.168.{240 + self.slot}.1"
+
+    @property
+    def ns_ip(self) -> str:
+        return f"192.168.{240 + self.slot}.2"
+
+    bridge = "cbr0"
+
+    @property
+    def pod_network(self) -> str:
+        return f"10.{244 + self.slot}.0.0/16"
+
+    @property
+    def gateway(self) -> str:  # the bridge's address: pods' gateway, the nodes' InternalIP
+        return f"10.{244 + self.slot}.0.1"
+
+    def node_pod_cidr(self, index: int) -> str:
+        return f"10.{244 + self.slot}.{index}.0/24"
+
+    @property
+    def service_cidr(self) -> str:
+        return f"10.{96 + self.slot}.0.0/16"
+
+    @property
+    def kubernetes_ip(self) -> str:  # the first address of the Service range
+        return f"10.{96 + self.slot}.0.1"
+
+    @property
+    def dns_ip(self) -> str:
+        return f"10.{96 + self.slot}.0.10"
+
+    @property
+    def owner_file(self) -> Path:
+        return OWNERS / f"slot-{self.slot}.json"
+
+    @property
+    def cgroup(self) -> Path | None:
+        """A cgroup that every node process and pod process joins (they inherit it), so that
+        whatever a killed test run left can still be found and ended; None without cgroups."""
+        if Path("/sys/fs/cgroup/pids/cgroup.procs").exists():  # cgroup v1
+            return Path(f"/sys/fs/cgroup/pids/{self.netns}")
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2
+            return Path(f"/sys/fs/cgroup/{self.netns}")
+        return None
+
+    def exec_argv(self) -> list[str]:
+        """The prefix that runs a command inside the cluster namespace."""
+        return ["ip", "netns", "exec", self.netns]
+
+
+def _owner(network: Network) -> dict | None:
+    """The live owner of a slot ({"workdir", "pids"}), or None when the slot is free or stale."""
+    try:
+        owner = json.loads(network.owner_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return owner if any(alive(p) for p in owner.get("pids", [])) else None
+
+
+def claim_network(workdir: Path) -> Network:
+    """The first free slot, claimed for the cluster in `workdir` (its leftovers removed first)."""
+    OWNERS.mkdir(parents=True, exist_ok=True)
+    for slot in range(SLOTS):
+        network = Network(slot)
+        owner = _owner(network)
+        if owner is None or owner.get("workdir") == str(workdir):
+            cleanup_network(network)
+            record_owner(network, workdir, [os.getpid()])
+            return network
+    raise ControlPlaneError(f"all {SLOTS} test cluster network slots are in use (see {OWNERS}); stop a cluster first "
+                            "(`make kube-down`, or python -m tests.kube.cluster down --state-dir DIR)")
+
+
+def record_owner(network: Network, workdir: Path, pids: list[int]) -> None:
+    network.owner_file.write_text(json.dumps({"workdir": str(workdir), "pids": pids}))
+
+
+def setup_network(network: Network) -> None:
+    n = network
+    steps = [
+        ["ip", "netns", "add", n.netns],
+        ["ip", "link", "add", n.host_link, "type", "veth", "peer", "name", "uplink", "netns", n.netns],
+        ["ip", "addr", "add", f"{n.host_ip}/30", "dev", n.host_link],
+        ["ip", "link", "set", n.host_link, "up"],
+        ["ip", "-n", n.netns, "link", "set", "lo", "up"],
+        ["ip", "-n", n.netns, "addr", "add", f"{n.ns_ip}/30", "dev", "uplink"],
+        ["ip", "-n", n.netns, "link", "set", "uplink", "up"],
+        ["ip", "-n", n.netns, "link", "add", n.bridge, "type", "bridge"],
+        ["ip", "-n", n.netns, "addr", "add", f"{n.gateway}/16", "dev", n.bridge],
+        ["ip", "-n", n.netns, "link", "set", n.bridge, "up"],
+        ["ip", "-n", n.netns, "route", "add", "default", "via", n.host_ip],
+        ["ip", "route", "add", n.pod_network, "via", n.ns_ip],
+        ["ip", "route", "add", n.service_cidr, "via", n.ns_ip],
+        # The cluster namespace routes between the bridge and the link, as a node does.
+        [*n.exec_argv(), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+    ]
+    for step in steps:
+        out = _run(step)
+        if out.returncode != 0:
+            cleanup_network(network)
+            raise ControlPlaneError(f"pod network: `{' '.join(step)}` failed: {out.stderr.strip()}")
+    if n.cgroup is not None:
+        n.cgroup.mkdir(exist_ok=True)
+
+
+def _kill_cgroup(cgroup: Path) -> int:
+    """SIGKILLs every process in the cgroup until it is empty; returns how many were killed."""
+    killed = 0
+    for _ in range(50):
+        try:
+            pids = [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return killed
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        cgroup.rmdir()
+    return killed
+
+
+def cleanup_network(network: Network) -> list[str]:
+    """Removes everything of a slot from this machine: its processes (the cgroup's, and any left in
+    the cluster namespace), the pods' network namespaces, the cluster namespace (with it the
+    bridge, the link, the routes and kube-proxy's rules) and the slot's owner file. Returns what it
+    removed."""
+    removed = []
+    if network.cgroup is not None and network.cgroup.exists():
+        killed = _kill_cgroup(network.cgroup)
+        removed.append(f"cgroup {network.cgroup} ({killed} processes)")
+    netns = Path("/run/netns")
+    pod_namespaces = sorted(netns.glob(network.pod_netns_prefix + "*")) if netns.is_dir() else []
+    for ns in [*pod_namespaces, netns / network.netns]:
+        if not ns.exists():
+            continue
+        for pid in _run(["ip", "netns", "pids", ns.name]).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _run(["ip", "netns", "del", ns.name])
+        ns.unlink(missing_ok=True)  # a pod namespace whose mount lived in a node's mount namespace
+        removed.append(f"netns {ns.name}")
+    for etc in Path("/etc/netns").glob(network.pod_netns_prefix + "*") if Path("/etc/netns").is_dir() else []:
+        shutil.rmtree(etc, ignore_errors=True)
+    if _run(["ip", "link", "show", network.host_link]).returncode == 0:  # the namespace was held open
+        _run(["ip", "link", "del", network.host_link])
+        removed.append(f"link {network.host_link}")
+    network.owner_file.unlink(missing_ok=True)
+    return removed
+
+
+# --- the cluster ----------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    """The whole test cluster with its state in `workdir` (certificates, data, logs, kubeconfigs).
+
+    `detach=False` (tests): the processes die with this process. `detach=True` (`make kube-up`):
+    they run in their own sessions and outlive it; `stop` or `down` ends them by pid.
+    `pods=None` runs the pod network when this machine can (root); False never does.
     """
 
     workdir: Path
     detach: bool = False
+    nodes: tuple[NodeSpec, ...] = DEFAULT_NODES
+    pods: bool | None = None
     bin_dir: Path = field(default_factory=require_binaries)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     etcd_url: str = ""
     server: str = ""
+    pods_unsupported: str | None = None
+    network: Network = field(default_factory=lambda: Network(0))
+
+    def __post_init__(self) -> None:
+        reason = pods_unsupported()
+        if self.pods is False:
+            self.pods_unsupported = "this cluster was started without the pod network"
+        elif reason:
+            self.pods_unsupported = reason
+        self.pods = self.pods_unsupported is None
 
     @property
     def kubeconfig_path(self) -> Path:
@@ -150,25 +414,54 @@ class ControlPlane:
     def pki(self) -> Path:
         return self.workdir / "pki"
 
+    @property
+    def api_host(self) -> str:
+        return self.network.host_ip if self.pods else "127.0.0.1"
+
     def start(self, attempts: int = 3) -> None:
-        """Starts etcd, then kube-apiserver, and waits until it is ready. A free port can be taken
-        by another process before the server binds it, so a failed start is retried on new ports."""
+        """Starts everything (see the module docstring) and waits until the nodes are Ready and
+        cluster DNS answers. A free port can be taken by another process before the server binds
+        it, so a failed API server start is retried on new ports."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        write_pki(self.pki)
-        for attempt in range(1, attempts + 1):
-            try:
-                self._start_etcd()
-                self._start_apiserver()
-                break
-            except ControlPlaneError:
-                self.stop()
-                if attempt == attempts:
-                    raise
-            except BaseException:
-                self.stop()
-                raise
-        self.kubeconfig_path.write_text(kubeconfig(self.server, self.pki))
-        self.kubeconfig_path.chmod(0o600)
+        try:
+            if self.pods:
+                self.network = claim_network(self.workdir)
+                (self.workdir / "network-slot").write_text(f"{self.network.slot}\n")
+                setup_network(self.network)
+            write_pki(self.pki, nodes=tuple(n.name for n in self.nodes), node_ip=self.network.gateway,
+                      service_ip=self.network.kubernetes_ip, api_ip=self.api_host)
+            for attempt in range(1, attempts + 1):
+                try:
+                    self._start_etcd()
+                    self._start_apiserver()
+                    break
+                except ControlPlaneError:
+                    self._stop_processes()
+                    if attempt == attempts:
+                        raise
+            self.kubeconfig_path.write_text(kubeconfig(self.server, self.pki))
+            self.kubeconfig_path.chmod(0o600)
+            self._kubectl("apply", "-f", str(HERE / "addons/rbac.yaml"))
+            self._start_controllers()
+            if self.pods:
+                self._start_kube_proxy()
+                for index, node in enumerate(self.nodes, start=1):
+                    self._start_node(index, node)
+                self._record_owner()
+                self.wait_nodes_ready()
+                self._start_dns()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _record_owner(self) -> None:
+        record_owner(self.network, self.workdir, [os.getpid(), *(p.pid for p in self.processes.values())])
+
+    def _identity(self, user: str) -> Path:
+        path = self.workdir / f"{user}.kubeconfig"
+        path.write_text(kubeconfig(self.server, self.pki, user=user))
+        path.chmod(0o600)
+        return path
 
     def _start_etcd(self) -> None:
         client, peer = free_port(), free_port()
@@ -186,30 +479,137 @@ class ControlPlane:
         self._wait_until(f"{self.etcd_url}/health", "etcd", context=None)
 
     def _start_apiserver(self) -> None:
-        port = free_port()
+        host = self.api_host
+        port = free_port(host)
         pki = self.pki
-        self.server = f"https://127.0.0.1:{port}"
+        self.server = f"https://{host}:{port}"
+        reconciler = [] if self.pods else [
+            # Without the pod network the advertise address is loopback, which the `kubernetes`
+            # Service's endpoint reconciler refuses since v1.37; nothing in-cluster dials it then.
+            "--endpoint-reconciler-type=none"]
         self.processes["kube-apiserver"] = _spawn([
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
-            # No pods dial the `kubernetes` Service here, and since v1.37 its endpoint reconciler
-            # refuses a loopback advertise address.
-            "--endpoint-reconciler-type=none",
+            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={port}", *reconciler,
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # Nothing runs the token controller, so pods must not wait for a default ServiceAccount.
-            "--disable-admission-plugins=ServiceAccount",
+            f"--service-cluster-ip-range={self.network.service_cidr}",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true", "--profiling=false",
         ], self.workdir / "kube-apiserver.log", detach=self.detach)
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
         self._wait_until(f"{self.server}/readyz", "kube-apiserver", context=ctx)
+
+    def _start_controllers(self) -> None:
+        pki = self.pki
+        cm = self._identity("kube-controller-manager")
+        self.processes["kube-controller-manager"] = _spawn([
+            str(self.bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={cm}", f"--authentication-kubeconfig={cm}", f"--authorization-kubeconfig={cm}",
+            "--leader-elect=false", "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
+            f"--service-cluster-ip-range={self.network.service_cidr}", f"--cluster-cidr={self.network.pod_network}",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--profiling=false",
+            # The kubelet reports how pods end; without nodes (no pod network) nothing would.
+            "--terminated-pod-gc-threshold=500",
+        ], self.workdir / "kube-controller-manager.log", detach=self.detach)
+        sched = self._identity("kube-scheduler")
+        self.processes["kube-scheduler"] = _spawn([
+            str(self.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={sched}", f"--authentication-kubeconfig={sched}", f"--authorization-kubeconfig={sched}",
+            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--profiling=false",
+        ], self.workdir / "kube-scheduler.log", detach=self.detach)
+
+    def _start_kube_proxy(self) -> None:
+        config = self.workdir / "kube-proxy.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self._identity("kube-proxy"))},
+            "mode": "iptables", "clusterCIDR": self.network.pod_network, "hostnameOverride": self.nodes[0].name,
+            "healthzBindAddress": "127.0.0.1:10256", "metricsBindAddress": "127.0.0.1:10249",
+            # Pods share one bridge: masquerading all Service traffic sends replies back through the
+            # host, where the DNAT is undone, also between two pods on the bridge.
+            "iptables": {"masqueradeAll": True, "minSyncPeriod": "0s", "syncPeriod": "30s"},
+            # Leave the host's conntrack table size alone.
+            "conntrack": {"maxPerCore": 0},
+        }))
+        self.processes["kube-proxy"] = _spawn(
+            [*self.network.exec_argv(), str(self.bin_dir / "kube-proxy"), f"--config={config}"],
+            self.workdir / "kube-proxy.log", detach=self.detach, cgroup=self.network.cgroup)
+
+    def _start_node(self, index: int, node: NodeSpec) -> None:
+        identity = f"node-{node.name}"
+        kubeconfig_path = self._identity(identity)
+        venv = Path(os.environ.get("VIRTUAL_ENV") or sys.prefix)
+        env = {**os.environ, "NANORUN_VENV": str(venv), "NANORUN_KUBE_BIN": str(self.bin_dir)}
+        net = self.network
+        argv = [
+            *net.exec_argv(),
+            str(self.bin_dir / "nanorun-node"), "run", f"--name={node.name}", f"--kubeconfig={kubeconfig_path}",
+            f"--listen={net.gateway}:{10249 + index}", f"--node-ip={net.gateway}",
+            f"--tls-cert={self.pki / 'kubelet.crt'}", f"--tls-key={self.pki / 'kubelet.key'}",
+            f"--client-ca={self.pki / 'ca.crt'}",
+            "--capacity=" + ",".join(f"{k}={v}" for k, v in node.capacity.items()),
+            *(f"--label={k}={v}" for k, v in node.labels.items()), *(f"--taint={t}" for t in node.taints),
+            f"--state-dir={self.workdir / 'nodes' / node.name}", f"--images={HERE / 'images.yaml'}",
+            f"--bridge={net.bridge}", f"--pod-cidr={net.node_pod_cidr(index)}",
+            f"--gateway={net.gateway}/16", f"--cluster-dns={net.dns_ip}",
+            f"--cluster-domain={CLUSTER_DOMAIN}", f"--netns-prefix={net.pod_netns_prefix}{node.name}-",
+        ]
+        self.processes[f"node/{node.name}"] = _spawn(argv, self.workdir / f"node-{node.name}.log",
+                                                     detach=self.detach, env=env, cgroup=net.cgroup)
+
+    def wait_nodes_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        want = {n.name for n in self.nodes}
+        deadline = time.monotonic() + timeout_s
+        columns = 'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}'
+        ready: set[str] = set()
+        while time.monotonic() < deadline:
+            self._check_alive()
+            out = self._kubectl("get", "nodes", "-o", columns, check=False)
+            ready = {line.split("=")[0] for line in out.stdout.split() if line.endswith("=True")}
+            if want <= ready:
+                return
+            time.sleep(0.2)
+        raise ControlPlaneError(f"nodes not Ready after {timeout_s:.0f} s (ready: {sorted(ready)}); last lines of "
+                                f"{self.workdir / f'node-{self.nodes[0].name}.log'}:\n"
+                                f"{_log_tail(self.workdir / f'node-{self.nodes[0].name}.log')}")
+
+    def _start_dns(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        manifest = string.Template((HERE / "addons/coredns.yaml").read_text()).substitute(
+            DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=self.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE)
+        self._kubectl("apply", "-f", "-", input=manifest)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            out = self._kubectl("get", "deployment", "coredns", "-n", "kube-system", "-o",
+                                "jsonpath={.status.readyReplicas}", check=False)
+            if out.stdout.strip() == "1":
+                return
+            time.sleep(0.25)
+        pods = self._kubectl("get", "pods", "-n", "kube-system", "-o", "wide", check=False).stdout
+        raise ControlPlaneError(f"CoreDNS not ready after {timeout_s:.0f} s:\n{pods}")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                log = self.workdir / f"{name.replace('/', '-')}.log"
+                raise ControlPlaneError(f"{name} exited with {proc.returncode}; last lines of {log}:\n{_log_tail(log)}")
+
+    def _kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        out = _run([str(self.bin_dir / "kubectl"), *args], input=input, env=self.env())
+        if check and out.returncode != 0:
+            raise ControlPlaneError(f"`kubectl {' '.join(args)}` failed: {out.stderr.strip()}")
+        return out
 
     def _wait_until(self, url: str, name: str, context: ssl.SSLContext | None) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -228,18 +628,27 @@ class ControlPlane:
         raise ControlPlaneError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s at {url}; "
                                 f"last lines of {log}:\n{_log_tail(log)}")
 
-    def stop(self) -> None:
-        """Stops kube-apiserver, then etcd."""
-        for name in ("kube-apiserver", "etcd"):
-            proc = self.processes.pop(name, None)
-            if proc is None:
-                continue
+    def _stop_processes(self) -> None:
+        """Nodes first (each stops its pods: SIGTERM, then SIGKILL), then the rest in reverse start
+        order."""
+        names = [n for n in self.processes if n.startswith("node/")]
+        names += [n for n in reversed(ORDER) if n in self.processes]
+        nodes = [self.processes.pop(n) for n in names if n.startswith("node/")]
+        for proc in nodes:
             proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in nodes:
+            _wait_or_kill(proc, 30)
+        for name in names:
+            proc = self.processes.pop(name, None)
+            if proc is not None:
+                proc.terminate()
+                _wait_or_kill(proc, 10)
+
+    def stop(self) -> None:
+        """Stops every process and removes the pod network from the host."""
+        self._stop_processes()
+        if self.pods:
+            cleanup_network(self.network)
 
     def env(self) -> dict[str, str]:
         """os.environ for subprocesses: this kubeconfig, the binaries first on PATH, kubectl's and
@@ -254,6 +663,14 @@ class ControlPlane:
             HELM_DATA_HOME=str(self.workdir / "helm/data"),
         )
         return env
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0) -> None:
@@ -286,60 +703,78 @@ def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0
 # --- command line (make kube-up / kube-down) --------------------------------------------------
 
 
+def _pid_files(state: Path) -> dict[str, Path]:
+    return {f.stem.replace("node-", "node/", 1) if f.stem.startswith("node-") else f.stem: f
+            for f in state.glob("*.pid")}
+
+
 def _running_pids(state: Path) -> dict[str, int]:
     """Pids from <state>/*.pid that are still alive and still run our binaries."""
     pids = {}
-    for name in ("kube-apiserver", "etcd"):
+    for name, path in _pid_files(state).items():
         try:
-            pid = int((state / f"{name}.pid").read_text())
-            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        except (FileNotFoundError, ValueError):
+            pid = int(path.read_text())
+            exe = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
+        except (FileNotFoundError, ValueError, IndexError):
             continue
-        if Path(exe).name == name:
+        if exe == name.split("/")[0] or (name.startswith("node/") and exe == "nanorun-node"):
             pids[name] = pid
     return pids
 
 
-def up(state: Path) -> int:
+def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
     running = _running_pids(state)
-    if len(running) == 2:
+    if running and len(running) == len(_pid_files(state)):
         print(f"already running ({state / 'config'}); `make kube-down` stops it")
         return 0
-    if running:  # half a control plane (one process died): start over
+    if running:  # part of a cluster (a process died): start over
         down(state)
-    plane = ControlPlane(state, detach=True)
+    cluster = Cluster(state, detach=True, nodes=nodes)
     started = time.monotonic()
-    plane.start()
-    ready = time.monotonic()
-    for name, proc in plane.processes.items():
-        (state / f"{name}.pid").write_text(f"{proc.pid}\n")
     try:
-        install_crds(crd_files(), plane.env())
-    except ControlPlaneError:
-        down(state)
+        cluster.start()
+        for name, proc in cluster.processes.items():
+            (state / f"{name.replace('/', '-')}.pid").write_text(f"{proc.pid}\n")
+        ready = time.monotonic()
+        install_crds(crd_files(), cluster.env())
+    except BaseException:
+        cluster.stop()
         raise
-    print(f"kube-apiserver ready at {plane.server} in {ready - started:.1f} s, "
+    pods = (f"{len(nodes)} nodes Ready, CoreDNS serving" if cluster.pods
+            else f"no pod network: {cluster.pods_unsupported}")
+    print(f"cluster up in {ready - started:.1f} s ({pods}); API server {cluster.server}; "
           f"CRDs established {time.monotonic() - ready:.1f} s later\n"
-          f"  export KUBECONFIG={plane.kubeconfig_path}\n"
-          f"  export PATH={plane.bin_dir}:$PATH    # kubectl, helm")
+          f"  export KUBECONFIG={cluster.kubeconfig_path}\n"
+          f"  export PATH={cluster.bin_dir}:$PATH    # kubectl, helm")
     return 0
 
 
 def down(state: Path) -> int:
     pids = _running_pids(state)
-    for name in ("kube-apiserver", "etcd"):
-        if name in pids:
-            stop_pid(pids[name])
-        (state / f"{name}.pid").unlink(missing_ok=True)
-    print(f"stopped {', '.join(pids) or 'nothing (not running)'}")
+    names = [n for n in pids if n.startswith("node/")] + [n for n in reversed(ORDER) if n in pids]
+    for name in names:
+        stop_pid(pids[name], timeout=30 if name.startswith("node/") else 10)
+    for path in _pid_files(state).values():
+        path.unlink(missing_ok=True)
+    removed = []
+    slot_file = state / "network-slot"
+    if slot_file.exists() and pods_unsupported() is None:
+        network = Network(int(slot_file.read_text()))
+        owner = _owner(network)
+        if owner is None or owner.get("workdir") == str(state):
+            removed = cleanup_network(network)
+        slot_file.unlink()
+    print(f"stopped {', '.join(names) or 'nothing (not running)'}"
+          + (f"; removed {', '.join(removed)}" if removed else ""))
     return 0
 
 
 def status(state: Path) -> int:
     pids = _running_pids(state)
-    for name in ("etcd", "kube-apiserver"):
+    files = _pid_files(state)
+    for name in sorted(files):
         print(f"{name}: {f'running (pid {pids[name]})' if name in pids else 'not running'}")
-    return 0 if len(pids) == 2 else 1
+    return 0 if files and len(pids) == len(files) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,9 +782,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
                         help="where the kubeconfig, pid files, logs and etcd data live (default: .kube/)")
+    parser.add_argument("--nodes", type=int, default=len(DEFAULT_NODES), help="number of nodes (default 2)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="nvidia.com/gpu each node declares (default 8)")
     args = parser.parse_args(argv)
+    state = args.state_dir.resolve()
     try:
-        return {"up": up, "down": down, "status": status}[args.command](args.state_dir.resolve())
+        if args.command == "up":
+            base = NodeSpec("node")
+            nodes = tuple(NodeSpec(f"node-{i}", capacity={**base.capacity, "nvidia.com/gpu": str(args.gpus_per_node)},
+                                   labels={**base.labels, "nvidia.com/gpu.count": str(args.gpus_per_node)})
+                          for i in range(1, args.nodes + 1))
+            return up(state, nodes)
+        return {"down": down, "status": status}[args.command](state)
     except ControlPlaneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

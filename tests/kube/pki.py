@@ -1,8 +1,11 @@
 """Certificates and kubeconfig for the test control plane (tests/kube/cluster.py).
 
-One run gets its own CA; from it a serving certificate for kube-apiserver (127.0.0.1, localhost and
-the in-cluster names), an admin client certificate in group `system:masters`, and an EC key pair
-that signs and verifies service-account tokens. All keys are P-256: quick to generate, and
+One run gets its own CA; from it a serving certificate for kube-apiserver (127.0.0.1, localhost, the
+bridge address pods reach it at, the `kubernetes` Service IP and its in-cluster names), a client
+certificate per identity (the admin in group `system:masters`; kube-scheduler,
+kube-controller-manager, kube-proxy, each node as `system:node:<name>` in `system:nodes`, and
+kube-apiserver's kubelet client), a serving certificate for the nodes' kubelet API, and an EC key
+pair that signs and verifies service-account tokens. All keys are P-256: quick to generate, and
 kube-apiserver accepts ES256 for service-account tokens.
 """
 
@@ -43,47 +46,51 @@ def _certificate(subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool
     return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
-def write_pki(folder: Path) -> None:
-    """CA, apiserver serving cert, admin client cert (system:masters) and service-account key."""
+def write_pki(folder: Path, *, nodes: tuple[str, ...] = (), node_ip: str = "127.0.0.1",
+              service_ip: str = "10.96.0.1", api_ip: str = "127.0.0.1") -> None:
+    """The CA and every certificate and key of the cluster (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nanorun-test-ca")])
-    ca = _certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
+    files = {"ca.crt": _certificate(ca_name, ca_key, ca_name, ca_key, ca=True), "ca.key": _pem_key(ca_key)}
 
-    serving_key = ec.generate_private_key(ec.SECP256R1())
+    def issue(name: str, common_name: str, org: str | None = None, dns=(), ips=()) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        if org:
+            subject.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+        sans = [x509.DNSName(n) for n in dns] + [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+        extensions = [x509.SubjectAlternativeName(sans)] if sans else []
+        files[f"{name}.crt"] = _certificate(x509.Name(subject), key, ca_name, ca_key, ca=False, extensions=extensions)
+        files[f"{name}.key"] = _pem_key(key)
+
     # The first service IP is what in-cluster clients dial as kubernetes.default.
-    names = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")]
-    ips = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
-    serving = _certificate(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]), serving_key, ca_name, ca_key,
-        ca=False, extensions=[x509.SubjectAlternativeName(names + ips)],
-    )
-    admin_key = ec.generate_private_key(ec.SECP256R1())
-    admin = _certificate(
-        x509.Name([
-            x509.NameAttribute(NameOID.COMMON_NAME, "nanorun-admin"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-        ]),
-        admin_key, ca_name, ca_key, ca=False,
-    )
+    issue("apiserver", "kube-apiserver",
+          dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+               "kubernetes.default.svc.cluster.local"),
+          ips=sorted({"127.0.0.1", api_ip, service_ip}))
+    issue("admin", "nanorun-admin", "system:masters")
+    issue("kube-scheduler", "system:kube-scheduler")
+    issue("kube-controller-manager", "system:kube-controller-manager")
+    issue("kube-proxy", "system:kube-proxy")
+    issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
+    for node in nodes:
+        issue(f"node-{node}", f"system:node:{node}", "system:nodes")
+    issue("kubelet", "kubelet", dns=("localhost", *nodes), ips=sorted({"127.0.0.1", node_ip}))
     sa_key = ec.generate_private_key(ec.SECP256R1())
-    files = {
-        "ca.crt": ca, "ca.key": _pem_key(ca_key),
-        "apiserver.crt": serving, "apiserver.key": _pem_key(serving_key),
-        "admin.crt": admin, "admin.key": _pem_key(admin_key),
-        "sa.key": _pem_key(sa_key),
-        "sa.pub": sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-    }
+    files["sa.key"] = _pem_key(sa_key)
+    files["sa.pub"] = sa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     for name, data in files.items():
         path = folder / name
         path.write_bytes(data)
         path.chmod(0o600)
 
 
-def kubeconfig(server: str, pki: Path) -> str:
-    """An admin kubeconfig with the CA and client certificate embedded (one self-contained file)."""
+def kubeconfig(server: str, pki: Path, user: str = "admin") -> str:
+    """A kubeconfig for one identity (<user>.crt/.key) with the CA and client certificate embedded
+    (one self-contained file)."""
     def b64(name: str) -> str:
         return base64.b64encode((pki / name).read_bytes()).decode()
 
@@ -91,8 +98,9 @@ def kubeconfig(server: str, pki: Path) -> str:
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "nanorun-test", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
-        "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")}}],
-        "contexts": [{"name": "nanorun-test", "context": {"cluster": "nanorun-test", "user": "admin", "namespace": "default"}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(f"{user}.crt"),
+                                          "client-key-data": b64(f"{user}.key")}}],
+        "contexts": [{"name": "nanorun-test", "context": {"cluster": "nanorun-test", "user": user, "namespace": "default"}}],
         "current-context": "nanorun-test",
     }
     return yaml.safe_dump(config, sort_keys=False)
