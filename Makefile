@@ -56,6 +56,7 @@ setup-system: setup-apt-lists
 test: setup
 	$(VENV)/bin/ruff check .
 	cargo test -q --manifest-path rustbpe/Cargo.toml
+	cd tests/kube/node && go test ./...
 	$(VENV)/bin/pytest -q --durations=30
 
 test-fast: setup

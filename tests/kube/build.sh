@@ -5,7 +5,11 @@
 #   bin/nanorun-node     (tests/kube/node: the node agent, virtual-kubelet pinned in its go.mod)
 #   bin/coredns          (tests/kube/coredns: CoreDNS pinned in its go.mod)
 #   bin/helm             (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
+#   bin/training-operator.v1, bin/ray-operator
+#                        (go install of the Kubeflow training-operator and KubeRay modules)
 #   crds/*.yaml          (PyTorchJob and RayService CRDs from their Go modules)
+#   manifests/*.yaml     (the training-operator's and KubeRay's install manifests from their modules,
+#                         rendered with this kubectl's kustomize)
 # Does nothing when that folder is already complete. Go's module and build caches are Go's own
 # defaults (under $HOME), so a fresh clone on this machine, or a pin change, rebuilds incrementally.
 # Usage: tests/kube/build.sh   (or `make setup-kube`); needs Go >= 1.26 and the Go module proxy.
@@ -34,6 +38,9 @@ started=$(date +%s)
 # CRDs first: quick, and an unavailable module fails before the long build. A module's zip holds
 # the files of its folder, CRD YAML included; `go mod download` verifies it against the checksum
 # database.
+module_dir() {  # MODULE VERSION
+  go mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
+}
 crd_from_module() {  # MODULE VERSION PATH-IN-MODULE
   local info dir
   info="$(go mod download -json "$1@$2")"
@@ -64,6 +71,18 @@ step "building coredns"
 (cd "$here/coredns" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/coredns" .)
 step "building helm $HELM_VERSION"
 GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+step "building the Kubeflow training-operator $TRAINING_OPERATOR_VERSION"
+GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" \
+  "$TRAINING_OPERATOR_MODULE/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
+step "building the KubeRay operator $KUBERAY_VERSION"
+GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "$KUBERAY_MODULE@$KUBERAY_VERSION"
+
+step "rendering the controllers' install manifests"
+mkdir -p "$tmp/manifests"
+"$tmp/bin/kubectl" kustomize "$(module_dir "$TRAINING_OPERATOR_MODULE" "$TRAINING_OPERATOR_VERSION")/$TRAINING_OPERATOR_MANIFESTS" \
+  > "$tmp/manifests/training-operator.yaml"
+"$tmp/bin/kubectl" kustomize "$(module_dir "$KUBERAY_MODULE" "$KUBERAY_VERSION")/$KUBERAY_MANIFESTS" \
+  > "$tmp/manifests/kuberay-operator.yaml"
 
 touch "$tmp/complete"
 # Drop builds for older pins (Go's caches stay), then publish this one.

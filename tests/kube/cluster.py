@@ -2,7 +2,7 @@
 
 The binaries come from `tests/kube/build.sh` (`make setup-kube`), each built from its published Go
 module: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS, kubectl,
-helm, and `nanorun-node`, a virtual-kubelet node whose provider runs pods as local processes
+helm, the Kubeflow training-operator, the KubeRay operator, and `nanorun-node`, a virtual-kubelet node whose provider runs pods as local processes
 (tests/kube/node). `Cluster` generates a CA and a certificate per identity (tests/kube/pki.py) and
 starts, in order:
 
@@ -13,7 +13,9 @@ starts, in order:
 - the nodes (by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each a `nanorun-node`
   process: every pod gets its own network namespace and IP on the bridge, a cluster resolv.conf and
   its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
-- CoreDNS as the upstream addon (a Deployment in kube-system behind the `kube-dns` Service).
+- CoreDNS as the upstream addon (a Deployment in kube-system behind the `kube-dns` Service);
+- the Kubeflow training-operator (PyTorchJob) and the KubeRay operator (RayCluster, RayService), as
+  pods from their upstream install manifests, each with the RBAC those manifests give it.
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler: the API and controllers work, pods are scheduled but never run, and
@@ -54,7 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "etcd", "kubectl",
-            "helm", "nanorun-node", "coredns")
+            "helm", "nanorun-node", "coredns", "training-operator.v1", "ray-operator")
 CLUSTER_DOMAIN = "cluster.local"
 COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
 OWNERS = Path("/run/nanorun-test-cluster")  # one file per network slot: which cluster holds it
@@ -391,6 +393,9 @@ class Cluster:
     detach: bool = False
     nodes: tuple[NodeSpec, ...] = DEFAULT_NODES
     pods: bool | None = None
+    controllers: bool = True
+    # The namespace the training-operator and KubeRay watch; None: all namespaces.
+    controllers_namespace: str | None = None
     bin_dir: Path = field(default_factory=require_binaries)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     etcd_url: str = ""
@@ -450,6 +455,8 @@ class Cluster:
                 self._record_owner()
                 self.wait_nodes_ready()
                 self._start_dns()
+                if self.controllers:
+                    self._start_training_controllers()
         except BaseException:
             self.stop()
             raise
@@ -549,8 +556,11 @@ class Cluster:
     def _start_node(self, index: int, node: NodeSpec) -> None:
         identity = f"node-{node.name}"
         kubeconfig_path = self._identity(identity)
-        venv = Path(os.environ.get("VIRTUAL_ENV") or sys.prefix)
-        env = {**os.environ, "NANORUN_VENV": str(venv), "NANORUN_KUBE_BIN": str(self.bin_dir)}
+        # The Python environment the images' programs run from: the checkout's (make setup), else
+        # this interpreter's.
+        venv = REPO / ".venv" if (REPO / ".venv/bin/python").exists() else Path(sys.prefix)
+        env = {**os.environ, "NANORUN_VENV": str(venv), "NANORUN_KUBE_BIN": str(self.bin_dir),
+               "NANORUN_REPO": str(REPO)}
         net = self.network
         argv = [
             *net.exec_argv(),
@@ -588,16 +598,42 @@ class Cluster:
         manifest = string.Template((HERE / "addons/coredns.yaml").read_text()).substitute(
             DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=self.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE)
         self._kubectl("apply", "-f", "-", input=manifest)
+        self._wait_deployment("kube-system", "coredns", timeout_s)
+
+    def _start_training_controllers(self, timeout_s: float = 90.0) -> None:
+        """The Kubeflow training-operator (namespace kubeflow) and the KubeRay operator (namespace
+        default), each from its upstream install manifest (Deployment, ServiceAccount, RBAC, CRDs,
+        and the training-operator's validating webhook), running as pods of the cluster. With
+        `controllers_namespace` set they watch only that namespace (each has the flag for it)."""
+        import yaml
+
+        manifests = self.bin_dir.parent / "manifests"
+        watch_flag = {"training-operator": "--namespace", "kuberay-operator": "--watch-namespace"}
+        for name in ("training-operator", "kuberay-operator"):
+            docs = [d for d in yaml.safe_load_all((manifests / f"{name}.yaml").read_text()) if d]
+            for doc in docs:
+                if doc["kind"] == "Deployment" and self.controllers_namespace:
+                    container = doc["spec"]["template"]["spec"]["containers"][0]
+                    container["args"] = [*container.get("args", []),
+                                         f"{watch_flag[name]}={self.controllers_namespace}"]
+            self._kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests",
+                          "-f", "-", input=yaml.safe_dump_all(docs))
+        if self.controllers_namespace:
+            self._kubectl("create", "namespace", self.controllers_namespace)
+        for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
+            self._wait_deployment(namespace, deployment, timeout_s)
+
+    def _wait_deployment(self, namespace: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
-            out = self._kubectl("get", "deployment", "coredns", "-n", "kube-system", "-o",
+            out = self._kubectl("get", "deployment", name, "-n", namespace, "-o",
                                 "jsonpath={.status.readyReplicas}", check=False)
             if out.stdout.strip() == "1":
                 return
             time.sleep(0.25)
-        pods = self._kubectl("get", "pods", "-n", "kube-system", "-o", "wide", check=False).stdout
-        raise ControlPlaneError(f"CoreDNS not ready after {timeout_s:.0f} s:\n{pods}")
+        pods = self._kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+        raise ControlPlaneError(f"deployment {namespace}/{name} not ready after {timeout_s:.0f} s:\n{pods}")
 
     def _check_alive(self) -> None:
         for name, proc in self.processes.items():

@@ -30,8 +30,9 @@ type Config struct {
 // run found on PATH on this machine. Processes run as root whatever the image's USER: the
 // machine's Python environment is not readable by other users.
 type Image struct {
-	// Repository matches an image reference by its last path component without tag or digest
-	// ("nanorun-trainer" matches ghcr.io/nanorun/nanorun-trainer:0.3.0 and nanorun-trainer@sha256:…).
+	// Repository matches an image reference, without registry, tag or digest, by its last path
+	// components ("nanorun-trainer" matches ghcr.io/nanorun/nanorun-trainer:0.3.0 and
+	// nanorun-trainer@sha256:…; "kuberay/operator" matches quay.io/kuberay/operator:v1.6.1).
 	Repository string            `json:"repository"`
 	Entrypoint []string          `json:"entrypoint"`
 	Cmd        []string          `json:"cmd"`
@@ -39,6 +40,12 @@ type Image struct {
 	Env        map[string]string `json:"env"`
 	// Path is prepended to PATH: where this machine has the image's programs.
 	Path []string `json:"path"`
+	// Executables maps absolute paths of programs inside the image (a command such as /manager)
+	// to the files that run in their place.
+	Executables map[string]string `json:"executables"`
+	// Files maps files of the image's filesystem (absolute paths) that differ from this machine's
+	// to the files mounted there in the container.
+	Files map[string]string `json:"files"`
 }
 
 // ImageTable maps the images this environment can run to what runs instead.
@@ -66,21 +73,21 @@ func loadImageTable(path string) (*ImageTable, error) {
 	return &table, nil
 }
 
-// repository is the last path component of an image reference, without tag or digest.
+// repository is an image reference without tag or digest.
 func repository(ref string) string {
 	ref, _, _ = strings.Cut(ref, "@")
-	name := ref[strings.LastIndex(ref, "/")+1:]
-	if i := strings.LastIndex(name, ":"); i >= 0 {
-		name = name[:i]
+	slash := strings.LastIndex(ref, "/")
+	if i := strings.LastIndex(ref, ":"); i > slash {
+		ref = ref[:i]
 	}
-	return name
+	return ref
 }
 
 // Lookup finds the table entry for an image reference, or nil when this environment cannot run it.
 func (t *ImageTable) Lookup(ref string) *Image {
 	repo := repository(ref)
 	for i := range t.Images {
-		if t.Images[i].Repository == repo {
+		if want := t.Images[i].Repository; repo == want || strings.HasSuffix(repo, "/"+want) {
 			return &t.Images[i]
 		}
 	}
@@ -89,13 +96,21 @@ func (t *ImageTable) Lookup(ref string) *Image {
 
 // Argv is what a container runs: Kubernetes' rules for command/args over ENTRYPOINT/CMD
 // (https://kubernetes.io/docs/tasks/inject-data-application/define-command-argument-container/).
+// The program is then looked up in Executables.
 func (img *Image) Argv(command, args []string) []string {
+	var argv []string
 	switch {
 	case len(command) > 0:
-		return append(append([]string{}, command...), args...)
+		argv = append(append([]string{}, command...), args...)
 	case len(args) > 0:
-		return append(append([]string{}, img.Entrypoint...), args...)
+		argv = append(append([]string{}, img.Entrypoint...), args...)
 	default:
-		return append(append([]string{}, img.Entrypoint...), img.Cmd...)
+		argv = append(append([]string{}, img.Entrypoint...), img.Cmd...)
 	}
+	if len(argv) > 0 {
+		if local, ok := img.Executables[argv[0]]; ok {
+			argv[0] = local
+		}
+	}
+	return argv
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -140,6 +141,7 @@ func (r *podRun) run() {
 	}) {
 		return
 	}
+	go r.p.refreshVolumes(r.ctx, pod, r.sb, 2*time.Second)
 	if !r.pullImages() {
 		return
 	}
@@ -425,6 +427,14 @@ func (r *podRun) processSpec(c *ctrRun, volumes map[string]string) (*processSpec
 		spec.Mounts = append(spec.Mounts, mountSpec{Source: own, Target: workdir})
 	}
 	spec.Mounts = append(spec.Mounts, mountSpec{Source: filepath.Join(r.sb.dir, "tmp"), Target: "/tmp"})
+	targets := make([]string, 0, len(img.Files))
+	for target := range img.Files {
+		targets = append(targets, target)
+	}
+	sort.Strings(targets)
+	for _, target := range targets {
+		spec.Mounts = append(spec.Mounts, mountSpec{Source: img.Files[target], Target: target, ReadOnly: true})
+	}
 	for _, m := range c.spec.VolumeMounts {
 		src, ok := volumes[m.Name]
 		if !ok {

@@ -69,7 +69,7 @@ func (p *Provider) prepareVolumes(ctx context.Context, pod *corev1.Pod, sb *sand
 				return nil, err
 			}
 		case src.Projected != nil:
-			if err := p.writeProjected(ctx, pod, dir, src.Projected); err != nil {
+			if err := p.writeProjected(ctx, pod, dir, src.Projected, true); err != nil {
 				return nil, err
 			}
 		default:
@@ -97,37 +97,73 @@ func fileMode(mode *int32, fallback os.FileMode) os.FileMode {
 	return fallback
 }
 
-// writeKeys writes data (key -> bytes) into dir, all keys or the listed items.
+// writeKeys writes data (key -> bytes) into dir, all keys or the listed items. A file whose
+// content is unchanged is left alone; a changed one is replaced atomically (rename), so a process
+// watching the volume never reads half a file.
 func writeKeys(dir string, data map[string][]byte, items []corev1.KeyToPath, defaultMode *int32, what string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
 	mode := fileMode(defaultMode, 0o644)
 	if len(items) == 0 {
-		for key, value := range data {
-			if err := os.WriteFile(filepath.Join(dir, key), value, mode); err != nil {
-				return err
-			}
-			_ = os.Chmod(filepath.Join(dir, key), mode)
+		for key := range data {
+			items = append(items, corev1.KeyToPath{Key: key, Path: key})
 		}
-		return nil
 	}
 	for _, item := range items {
 		value, ok := data[item.Key]
 		if !ok {
 			return &volumeError{fmt.Sprintf("%s has no key %q", what, item.Key)}
 		}
-		path := filepath.Join(dir, item.Path)
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		if err := writeFile(filepath.Join(dir, item.Path), value, fileMode(item.Mode, mode)); err != nil {
 			return err
 		}
-		m := fileMode(item.Mode, mode)
-		if err := os.WriteFile(path, value, m); err != nil {
-			return err
-		}
-		_ = os.Chmod(path, m)
 	}
-	return nil
+	return os.MkdirAll(dir, 0o755)
+}
+
+func writeFile(path string, value []byte, mode os.FileMode) error {
+	if old, err := os.ReadFile(path); err == nil && string(old) == string(value) {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	tmp := path + ".updating"
+	if err := os.WriteFile(tmp, value, mode); err != nil {
+		return err
+	}
+	_ = os.Chmod(tmp, mode)
+	return os.Rename(tmp, path)
+}
+
+// refreshVolumes keeps ConfigMap, Secret, downward API and projected volumes in step with their
+// sources while the pod lives, as the kubelet's volume manager does (tokens refresh on their own).
+func (p *Provider) refreshVolumes(ctx context.Context, pod *corev1.Pod, sb *sandbox, every time.Duration) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+		for _, vol := range pod.Spec.Volumes {
+			dir := filepath.Join(sb.dir, "volumes", vol.Name)
+			src := vol.VolumeSource
+			var err error
+			switch {
+			case src.ConfigMap != nil:
+				err = p.writeConfigMap(pod.Namespace, dir, src.ConfigMap.Name, src.ConfigMap.Items,
+					src.ConfigMap.DefaultMode, src.ConfigMap.Optional)
+			case src.Secret != nil:
+				err = p.writeSecret(pod.Namespace, dir, src.Secret.SecretName, src.Secret.Items,
+					src.Secret.DefaultMode, src.Secret.Optional)
+			case src.DownwardAPI != nil:
+				err = p.writeDownwardAPI(pod, dir, src.DownwardAPI.Items, src.DownwardAPI.DefaultMode)
+			case src.Projected != nil:
+				err = p.writeProjected(ctx, pod, dir, src.Projected, false)
+			}
+			if err != nil {
+				log.G(ctx).WithError(err).Debugf("refreshing volume %s of %s", vol.Name, describe(pod))
+			}
+		}
+	}
 }
 
 func (p *Provider) configMapData(namespace, name string, optional *bool) (map[string][]byte, error) {
@@ -196,7 +232,10 @@ func (p *Provider) writeDownwardAPI(pod *corev1.Pod, dir string, items []corev1.
 	return writeKeys(dir, data, paths, mode, "downwardAPI")
 }
 
-func (p *Provider) writeProjected(ctx context.Context, pod *corev1.Pod, dir string, proj *corev1.ProjectedVolumeSource) error {
+// writeProjected writes a projected volume; withTokens also requests its ServiceAccount tokens
+// (once, at pod start: they refresh on their own).
+func (p *Provider) writeProjected(ctx context.Context, pod *corev1.Pod, dir string, proj *corev1.ProjectedVolumeSource,
+	withTokens bool) error {
 	for _, source := range proj.Sources {
 		switch {
 		case source.ConfigMap != nil:
@@ -213,7 +252,7 @@ func (p *Provider) writeProjected(ctx context.Context, pod *corev1.Pod, dir stri
 			if err := p.writeDownwardAPI(pod, dir, source.DownwardAPI.Items, proj.DefaultMode); err != nil {
 				return err
 			}
-		case source.ServiceAccountToken != nil:
+		case source.ServiceAccountToken != nil && withTokens:
 			if err := p.writeToken(ctx, pod, dir, source.ServiceAccountToken, proj.DefaultMode); err != nil {
 				return err
 			}
