@@ -402,6 +402,8 @@ class Cluster:
     server: str = ""
     pods_unsupported: str | None = None
     network: Network = field(default_factory=lambda: Network(0))
+    # Seconds from the start of `start` at which each phase was done (bench/kube_up.py prints them).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         reason = pods_unsupported()
@@ -428,6 +430,11 @@ class Cluster:
         cluster DNS answers. A free port can be taken by another process before the server binds
         it, so a failed API server start is retried on new ports."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
+
+        def done(phase: str) -> None:
+            self.timings[phase] = round(time.monotonic() - began, 2)
+
         try:
             if self.pods:
                 self.network = claim_network(self.workdir)
@@ -439,6 +446,7 @@ class Cluster:
                 try:
                     self._start_etcd()
                     self._start_apiserver()
+                    done("apiserver_ready")
                     break
                 except ControlPlaneError:
                     self._stop_processes()
@@ -454,9 +462,12 @@ class Cluster:
                     self._start_node(index, node)
                 self._record_owner()
                 self.wait_nodes_ready()
+                done("nodes_ready")
                 self._start_dns()
+                done("dns_ready")
                 if self.controllers:
                     self._start_training_controllers()
+                    done("controllers_ready")
         except BaseException:
             self.stop()
             raise

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 
 import pytest
 import yaml
+
+from tests.fixtures.kube import wait_until
+from tests.kube.cluster import REPO
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -42,19 +44,8 @@ def controlled(kube_pods):
                       "--wait=false", check=False)
 
 
-def get(kube, ns: str, kind: str, name: str) -> dict:
-    return json.loads(kube.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout)
-
-
-def wait_for(what, predicate, timeout: float = 120.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met after {timeout:.0f} s; last value:\n{json.dumps(value, indent=1)[:4000]}")
-        time.sleep(interval)
+def wait_for(what, predicate, timeout: float = 120.0):
+    return wait_until(what, predicate, timeout, interval=0.5)
 
 
 def condition(obj: dict, kind: str) -> dict:
@@ -70,7 +61,7 @@ def test_a_pytorchjob_runs_on_two_nodes_through_the_training_operator(kube_pods,
            "spec": {"pytorchReplicaSpecs": {"Master": replica, "Worker": replica}}}
     kube_pods.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(job))
 
-    done = wait_for(lambda: get(kube_pods, ns, "pytorchjob", "allreduce"),
+    done = wait_for(lambda: kube_pods.get(ns, "pytorchjob", "allreduce"),
                     lambda j: condition(j, "Succeeded").get("status") == "True" or condition(j, "Failed").get("status") == "True",
                     timeout=240)
     pods = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "training.kubeflow.org/job-name=allreduce",
@@ -105,7 +96,7 @@ def test_a_raycluster_gets_a_head_pod_running_ray(kube_pods, controlled):
                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
                    }]}}}}}
     kube_pods.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(cluster))
-    ready = wait_for(lambda: get(kube_pods, ns, "raycluster", "raytest"),
+    ready = wait_for(lambda: kube_pods.get(ns, "raycluster", "raytest"),
                      lambda c: c.get("status", {}).get("state") == "ready", timeout=240)
     assert ready["status"]["head"]["serviceName"] == "raytest-head-svc"
     head = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "ray.io/node-type=head", "-o", "json").stdout)["items"]
@@ -114,3 +105,34 @@ def test_a_raycluster_gets_a_head_pod_running_ray(kube_pods, controlled):
     assert "ray start --head" in command
     logs = kube_pods.kubectl("logs", head[0]["metadata"]["name"], "-n", ns).stdout
     assert "Ray runtime started" in logs, logs
+
+
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_pods, controlled, example):
+    """Every stage's PyTorchJob of every example LLMRun, and its RayService, as nanorun's operator
+    builds them, pass a server-side dry run: the CRD schemas and the training-operator's validating
+    webhook (failurePolicy Fail) accept them."""
+    from nanorun.operator.api import parse_spec
+    from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
+    from nanorun.operator.plan import stage_plan
+    from nanorun.operator.rayservice import rayservice_for_run
+
+    body = yaml.safe_load(example.read_text())
+    spec = parse_spec(body["spec"])
+    run = RunRef(name=body["metadata"]["name"], namespace=controlled, uid="00000000-0000-0000-0000-000000000001")
+    objects = [pytorchjob_for_stage(run, spec, stage, attempt=1) for stage in stage_plan(spec)]
+    if spec.serving.enabled:
+        objects.append(rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints"))
+    for obj in objects:
+        obj["metadata"].pop("ownerReferences", None)  # the owner is not in this dry run
+        out = kube_pods.kubectl("apply", "--dry-run=server", "-n", controlled, "-f", "-", input=yaml.safe_dump(obj),
+                                check=False)
+        assert out.returncode == 0, f"{obj['kind']} {obj['metadata']['name']}: {out.stderr}"
+    # The webhook is in the path: a PyTorchJob it must refuse (two Master replicas) is refused.
+    bad = yaml.safe_load(yaml.safe_dump(objects[0]))
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    out = kube_pods.kubectl("apply", "--dry-run=server", "-n", controlled, "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert out.returncode != 0 and "validator.pytorchjob.training-operator.kubeflow.org" in out.stderr, out.stderr

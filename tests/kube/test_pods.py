@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from tests.fixtures.kube import deploy_s3
+from tests.fixtures.kube import deploy_s3, wait_until
 from tests.kube.cluster import REPO
 
 pytestmark = pytest.mark.kube
@@ -31,28 +31,11 @@ def pod(name: str, script: str, **spec) -> dict:
             "spec": {"restartPolicy": "Never", "containers": [container], **spec}}
 
 
-def apply(kube, ns: str, *objects: dict) -> None:
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(objects))
-
-
-def get(kube, ns: str, kind: str, name: str) -> dict:
-    return json.loads(kube.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout)
-
-
-def wait_for(what, predicate, timeout: float = 60.0, interval: float = 0.25):
-    """Polls what() until predicate(value) holds; returns the value or fails with the last one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met after {timeout:.0f} s; last value:\n{json.dumps(value, indent=1)[:3000]}")
-        time.sleep(interval)
+wait_for = wait_until
 
 
 def wait_phase(kube, ns: str, name: str, phases: set[str], timeout: float = 60.0) -> dict:
-    return wait_for(lambda: get(kube, ns, "pod", name), lambda p: p.get("status", {}).get("phase") in phases, timeout)
+    return wait_for(lambda: kube.get(ns, "pod", name), lambda p: p.get("status", {}).get("phase") in phases, timeout)
 
 
 def events(kube, ns: str, name: str) -> list[dict]:
@@ -76,7 +59,7 @@ def test_nodes_are_ready_with_the_declared_capacity(kube_pods):
 
 def test_trainer_image_runs_to_success_and_logs_reach_kubectl(kube_pods, kube_namespace):
     ns = kube_namespace
-    apply(kube_pods, ns, pod("hello", """
+    kube_pods.apply(ns, pod("hello", """
         import os, socket, sys
         print("hello from", socket.gethostname(), os.getcwd())
         print("on stderr", file=sys.stderr)
@@ -94,9 +77,9 @@ def test_trainer_image_runs_to_success_and_logs_reach_kubectl(kube_pods, kube_na
 
 def test_an_image_this_environment_lacks_fails_to_pull(kube_pods, kube_namespace):
     ns = kube_namespace
-    apply(kube_pods, ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bb"},
+    kube_pods.apply(ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bb"},
                           "spec": {"containers": [{"name": "sh", "image": "busybox:1.36", "command": ["true"]}]}})
-    waiting = wait_for(lambda: get(kube_pods, ns, "pod", "bb"),
+    waiting = wait_for(lambda: kube_pods.get(ns, "pod", "bb"),
                        lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {})
                        .get("reason") in ("ErrImagePull", "ImagePullBackOff"))
     assert waiting["status"]["phase"] == "Pending"
@@ -113,7 +96,7 @@ def test_deployment_replicas_are_replaced_scaled_and_collected(kube_pods, kube_n
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
                   "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
                            "template": {"metadata": {"labels": {"app": "web"}}, "spec": template["spec"]}}}
-    apply(kube_pods, ns, deployment)
+    kube_pods.apply(ns, deployment)
 
     def running():
         items = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "app=web", "-o", "json").stdout)["items"]
@@ -122,7 +105,7 @@ def test_deployment_replicas_are_replaced_scaled_and_collected(kube_pods, kube_n
 
     first = wait_for(running, lambda names: len(names) == 2)
     # Spread over the nodes is the scheduler's choice; both pods are bound to a real node.
-    nodes = {get(kube_pods, ns, "pod", n)["spec"]["nodeName"] for n in first}
+    nodes = {kube_pods.get(ns, "pod", n)["spec"]["nodeName"] for n in first}
     assert nodes <= {"node-1", "node-2"}
     kube_pods.kubectl("delete", "pod", first[0], "-n", ns, "--wait=false")
     replaced = wait_for(running, lambda names: len(names) == 2 and first[0] not in names)
@@ -143,7 +126,7 @@ def test_a_deleted_namespace_goes_away_with_its_pods(kube_pods):
     ns = f"gone-{time.monotonic_ns() % 100000}"
     kube_pods.kubectl("create", "namespace", ns)
     wait_for(lambda: kube_pods.kubectl("get", "sa", "default", "-n", ns, check=False).returncode, lambda rc: rc == 0)
-    apply(kube_pods, ns, pod("sleeper", "import time; time.sleep(3600)", terminationGracePeriodSeconds=1))
+    kube_pods.apply(ns, pod("sleeper", "import time; time.sleep(3600)", terminationGracePeriodSeconds=1))
     wait_phase(kube_pods, ns, "sleeper", {"Running"})
     kube_pods.kubectl("delete", "namespace", ns, "--wait=false")
     wait_for(lambda: kube_pods.kubectl("get", "namespace", ns, check=False).returncode, lambda rc: rc != 0, timeout=90)
@@ -153,12 +136,12 @@ def test_unschedulable_pods_stay_pending_with_the_schedulers_reason(kube_pods, k
     ns = kube_namespace
     too_many = pod("nine-gpus", "pass", container={"resources": {"limits": {"nvidia.com/gpu": "9"}}})
     nowhere = pod("no-such-pool", "pass", nodeSelector={"cloud.google.com/gke-nodepool": "tpu"})
-    apply(kube_pods, ns, too_many, nowhere)
+    kube_pods.apply(ns, too_many, nowhere)
     for name, words in (("nine-gpus", "Insufficient nvidia.com/gpu"), ("no-such-pool", "didn't match Pod's node affinity/selector")):
         found = wait_for(lambda name=name: events(kube_pods, ns, name), lambda evs: any(e["reason"] == "FailedScheduling" for e in evs))
         message = next(e["message"] for e in found if e["reason"] == "FailedScheduling")
         assert words in message and "0/2 nodes are available" in message
-        status = get(kube_pods, ns, "pod", name)
+        status = kube_pods.get(ns, "pod", name)
         assert status["status"]["phase"] == "Pending" and not status["spec"].get("nodeName")
 
 
@@ -170,7 +153,7 @@ def test_a_toleration_lets_a_pod_onto_a_tainted_node(kube_pods, kube_namespace):
         plain = pod("plain", "pass")
         tolerant = pod("tolerant", "pass", tolerations=[
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-        apply(kube_pods, ns, plain, tolerant)
+        kube_pods.apply(ns, plain, tolerant)
         assert wait_phase(kube_pods, ns, "tolerant", {"Succeeded"})["spec"]["nodeName"] in ("node-1", "node-2")
         found = wait_for(lambda: events(kube_pods, ns, "plain"), lambda evs: any(e["reason"] == "FailedScheduling" for e in evs))
         assert "untolerated taint" in next(e["message"] for e in found if e["reason"] == "FailedScheduling")
@@ -199,8 +182,8 @@ def test_pods_reach_each_other_through_services_by_dns_name(kube_pods, kube_name
                "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": "http"}]}}
     headless = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend-headless"},
                 "spec": {"clusterIP": "None", "selector": {"app": "backend"}, "ports": [{"port": 8080}]}}
-    apply(kube_pods, ns, server, service, headless)
-    wait_for(lambda: get(kube_pods, ns, "pod", "backend"),
+    kube_pods.apply(ns, server, service, headless)
+    wait_for(lambda: kube_pods.get(ns, "pod", "backend"),
              lambda p: any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])))
     urls = ["http://backend/", f"http://backend.{ns}/", f"http://backend.{ns}.svc.cluster.local/",
             f"http://backend-headless.{ns}.svc.cluster.local:8080/"]
@@ -217,15 +200,15 @@ def test_pods_reach_each_other_through_services_by_dns_name(kube_pods, kube_name
                     time.sleep(0.5)
         print("headless resolves to", socket.gethostbyname("backend-headless"))
     """)
-    apply(kube_pods, ns, client)
+    kube_pods.apply(ns, client)
     done = wait_phase(kube_pods, ns, "client", {"Succeeded", "Failed"})
     logs = kube_pods.kubectl("logs", "client", "-n", ns).stdout
     assert done["status"]["phase"] == "Succeeded", logs
     for url in urls:
         assert f"{url} -> pod backend" in logs
-    backend_ip = get(kube_pods, ns, "pod", "backend")["status"]["podIP"]
+    backend_ip = kube_pods.get(ns, "pod", "backend")["status"]["podIP"]
     assert f"headless resolves to {backend_ip}" in logs
-    service_ip = get(kube_pods, ns, "service", "backend")["spec"]["clusterIP"]
+    service_ip = kube_pods.get(ns, "service", "backend")["spec"]["clusterIP"]
     assert ipaddress.ip_address(service_ip) in ipaddress.ip_network(kube_pods.cluster.network.service_cidr)
 
 
@@ -246,7 +229,7 @@ def test_a_pod_uses_the_api_with_its_service_account_and_rbac_decides(kube_pods,
         except ApiException as err:
             print("secrets", err.status)
     """
-    apply(kube_pods, ns, pod("incluster", script, serviceAccountName="reader"))
+    kube_pods.apply(ns, pod("incluster", script, serviceAccountName="reader"))
     done = wait_phase(kube_pods, ns, "incluster", {"Succeeded", "Failed"})
     logs = kube_pods.kubectl("logs", "incluster", "-n", ns).stdout
     assert done["status"]["phase"] == "Succeeded", logs
@@ -293,7 +276,7 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
                {"name": "creds", "secret": {"secretName": "s3-creds"}},
                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
                {"name": "scratch", "emptyDir": {}}]
-    apply(kube_pods, ns, pod("env", script, container=container, volumes=volumes))
+    kube_pods.apply(ns, pod("env", script, container=container, volumes=volumes))
     done = wait_phase(kube_pods, ns, "env", {"Succeeded", "Failed"})
     logs = kube_pods.kubectl("logs", "env", "-n", ns).stdout
     assert done["status"]["phase"] == "Succeeded", logs
@@ -328,23 +311,23 @@ def test_probes_restarts_and_previous_logs(kube_pods, kube_namespace):
                  "readinessProbe": {"exec": {"command": ["python", "-c", "import pathlib; assert pathlib.Path('/state/ran').exists()"]},
                                     "periodSeconds": 1},
                  "volumeMounts": [{"name": "state", "mountPath": "/state"}]}
-    apply(kube_pods, ns, pod("flaky", script, restartPolicy="Always", terminationGracePeriodSeconds=1, container=container,
+    kube_pods.apply(ns, pod("flaky", script, restartPolicy="Always", terminationGracePeriodSeconds=1, container=container,
                              volumes=[{"name": "state", "emptyDir": {}}]))
-    restarted = wait_for(lambda: get(kube_pods, ns, "pod", "flaky"),
+    restarted = wait_for(lambda: kube_pods.get(ns, "pod", "flaky"),
                          lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 1
                          and "running" in p["status"]["containerStatuses"][0]["state"], timeout=90)
     status = restarted["status"]["containerStatuses"][0]
     assert status["lastState"]["terminated"]["exitCode"] in (137, 143)
     assert any(e["reason"] == "Unhealthy" and "Liveness" in e["message"] for e in events(kube_pods, ns, "flaky"))
     assert "run started, first: True" in kube_pods.kubectl("logs", "flaky", "-n", ns, "--previous").stdout
-    ready = wait_for(lambda: get(kube_pods, ns, "pod", "flaky")["status"]["containerStatuses"][0], lambda c: c["ready"])
+    ready = wait_for(lambda: kube_pods.get(ns, "pod", "flaky")["status"]["containerStatuses"][0], lambda c: c["ready"])
     assert ready["restartCount"] == 1
     assert "run started, first: False" in kube_pods.kubectl("logs", "flaky", "-n", ns).stdout
 
 
 def test_exec_runs_in_the_container(kube_pods, kube_namespace):
     ns = kube_namespace
-    apply(kube_pods, ns, pod("box", "import time; time.sleep(3600)", terminationGracePeriodSeconds=1,
+    kube_pods.apply(ns, pod("box", "import time; time.sleep(3600)", terminationGracePeriodSeconds=1,
                              container={"env": [{"name": "GREETING", "value": "hi"}]}))
     wait_phase(kube_pods, ns, "box", {"Running"})
     out = kube_pods.kubectl("exec", "box", "-n", ns, "--", "python", "-c",
@@ -374,7 +357,7 @@ def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(kube_p
     from kubernetes import client, watch
 
     ns = kube_namespace
-    apply(kube_pods, ns, pod("victim", script, terminationGracePeriodSeconds=grace))
+    kube_pods.apply(ns, pod("victim", script, terminationGracePeriodSeconds=grace))
     wait_for(lambda: kube_pods.kubectl("logs", "victim", "-n", ns, check=False).stdout, lambda out: "ready" in out)
     core = client.CoreV1Api(kube_pods.api_client())
     stream = watch.Watch()
@@ -411,7 +394,7 @@ def test_helm_installs_the_operator_as_a_pod_that_reconciles(kube_pods, kube_nam
 
     run = yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())
     run["spec"]["storage"]["endpoint"] = endpoint
-    apply(kube_pods, ns, run)
+    kube_pods.apply(ns, run)
     jobs = wait_for(lambda: json.loads(kube_pods.kubectl("get", "pytorchjobs", "-n", ns, "-o", "json").stdout)["items"],
                     lambda items: len(items) >= 1, timeout=120)
     owner = jobs[0]["metadata"]["ownerReferences"][0]

@@ -85,31 +85,11 @@ func (p *Provider) valueFrom(pod *corev1.Pod, c *corev1.Container, src *corev1.E
 	case src.ConfigMapKeyRef != nil:
 		ref := src.ConfigMapKeyRef
 		data, err := p.configMapData(pod.Namespace, ref.Name, ref.Optional)
-		if err != nil {
-			return nil, err
-		}
-		if v, ok := data[ref.Key]; ok {
-			s := string(v)
-			return &s, nil
-		}
-		if ref.Optional != nil && *ref.Optional {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("configmap %q has no key %q", ref.Name, ref.Key)
+		return keyValue(data, err, "configmap", ref.Name, ref.Key, ref.Optional)
 	case src.SecretKeyRef != nil:
 		ref := src.SecretKeyRef
 		data, err := p.secretData(pod.Namespace, ref.Name, ref.Optional)
-		if err != nil {
-			return nil, err
-		}
-		if v, ok := data[ref.Key]; ok {
-			s := string(v)
-			return &s, nil
-		}
-		if ref.Optional != nil && *ref.Optional {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("secret %q has no key %q", ref.Name, ref.Key)
+		return keyValue(data, err, "secret", ref.Name, ref.Key, ref.Optional)
 	case src.FieldRef != nil:
 		if src.FieldRef.FieldPath == "status.podIP" || src.FieldRef.FieldPath == "status.podIPs" {
 			return &podIP, nil
@@ -121,6 +101,21 @@ func (p *Provider) valueFrom(pod *corev1.Pod, c *corev1.Container, src *corev1.E
 		return &v, err
 	}
 	return nil, fmt.Errorf("unsupported valueFrom")
+}
+
+// keyValue is one key of a ConfigMap's or Secret's data; nil when an optional key is missing.
+func keyValue(data map[string][]byte, err error, kind, name, key string, optional *bool) (*string, error) {
+	if err != nil {
+		return nil, err
+	}
+	if v, ok := data[key]; ok {
+		s := string(v)
+		return &s, nil
+	}
+	if optional != nil && *optional {
+		return nil, nil
+	}
+	return nil, fmt.Errorf("%s %q has no key %q", kind, name, key)
 }
 
 // fieldValue resolves a downward-API fieldPath.
