@@ -585,6 +585,9 @@ class Cluster:
             f"--bridge={net.bridge}", f"--pod-cidr={net.node_pod_cidr(index)}",
             f"--gateway={net.gateway}/16", f"--cluster-dns={net.dns_ip}",
             f"--cluster-domain={CLUSTER_DOMAIN}", f"--netns-prefix={net.pod_netns_prefix}{node.name}-",
+            # Where the images' programs live: containers see these even when they are under /tmp.
+            *(f"--host-path={p}" for p in sorted({str(REPO), str(venv), str(self.bin_dir),
+                                                  str(Path(venv / "bin" / "python").resolve().parents[1])})),
         ]
         self.processes[f"node/{node.name}"] = _spawn(argv, self.workdir / f"node-{node.name}.log",
                                                      detach=self.detach, env=env, cgroup=net.cgroup)

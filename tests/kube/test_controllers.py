@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.fixtures.kube import wait_until
+from tests.fixtures.kube import deploy_s3, wait_until
 from tests.kube.cluster import REPO
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
@@ -136,3 +137,50 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
     out = kube_pods.kubectl("apply", "--dry-run=server", "-n", controlled, "-f", "-", input=yaml.safe_dump(bad), check=False)
     assert out.returncode != 0 and "validator.pytorchjob.training-operator.kubeflow.org" in out.stderr, out.stderr
+
+
+def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, tiny_chat_run):
+    """The RayService nanorun's operator builds for a finished run: KubeRay creates the RayCluster
+    (head, a worker, the in-tree autoscaler), deploys the Serve application from serveConfigV2
+    through the dashboard, and reports it ready; the model loads from S3 over the cluster network and
+    the `openai` client chats through the Service KubeRay made."""
+    import boto3
+    import openai
+    from nanorun.operator.api import parse_spec
+    from nanorun.operator.jobs import RunRef
+    from nanorun.operator.rayservice import rayservice_for_run, rayservice_name
+
+    ns = controlled
+    endpoint = deploy_s3(kube_pods, ns)
+    s3_ip = kube_pods.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+    s3 = boto3.client("s3", endpoint_url=f"http://{s3_ip}:9000", aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    local = Path(tiny_chat_run)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), "nanorun", f"runs/chat/{path.relative_to(local)}")
+    spec = parse_spec({
+        "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
+        "storage": {"uri": "s3://nanorun/runs/chat", "endpoint": endpoint, "credentialsSecret": "s3-creds"},
+        "compute": {"nodes": 1, "gpusPerNode": 0, "cpu": "1"},
+        "serving": {"enabled": True, "minReplicas": 1, "maxReplicas": 1, "gpusPerReplica": 0, "cpusPerReplica": 1,
+                    "image": "ghcr.io/nanorun/nanorun-serving:0.1.0"},
+    })
+    run = RunRef(name="chat", namespace=ns, uid="00000000-0000-0000-0000-000000000002")
+    service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/chat_sft")
+    service["metadata"].pop("ownerReferences")
+    kube_pods.apply(ns, service)
+    name = rayservice_name(run.name)
+
+    ready = wait_for(lambda: kube_pods.get(ns, "rayservice", name),
+                     lambda s: condition(s, "Ready").get("status") == "True", timeout=600)
+    clusters = kube_pods.kubectl("get", "rayclusters", "-n", ns, "-o", "name").stdout.split()
+    assert len(clusters) == 1
+    assert ready["status"]["activeServiceStatus"]["applicationStatuses"]["chat"]["status"] == "RUNNING"
+    serve_ip = kube_pods.kubectl("get", "service", f"{name}-serve-svc", "-n", ns, "-o",
+                                 "jsonpath={.spec.clusterIP}").stdout
+    client = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key="unused", timeout=60)
+    reply = client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, stream=True))
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)

@@ -23,6 +23,7 @@ type Config struct {
 	ClusterDomain string
 	NetnsPrefix   string
 	BackoffBase   time.Duration
+	HostPaths     []string
 }
 
 // Image is what runs in place of one container image: the image's entrypoint, default command,

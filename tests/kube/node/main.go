@@ -95,6 +95,9 @@ func runMain(args []string) int {
 	fs.StringVar(&cfg.ClusterDNS, "cluster-dns", "", "nameserver of pods with dnsPolicy ClusterFirst")
 	fs.StringVar(&cfg.ClusterDomain, "cluster-domain", "cluster.local", "cluster DNS domain")
 	fs.StringVar(&cfg.NetnsPrefix, "netns-prefix", "nrpod-", "prefix of the pods' network namespace names")
+	fs.Var((*listFlag)(&cfg.HostPaths), "host-path", "a folder of this machine the images' programs use (the checkout, "+
+		"its Python environment, the built binaries): containers see it at the same place even where their own "+
+		"/tmp hides it (repeatable)")
 	fs.DurationVar(&cfg.BackoffBase, "restart-backoff", 10*time.Second, "first container restart back-off (doubles up to 5m, as the kubelet's)")
 	verbose := fs.Bool("v", false, "debug logging")
 	_ = fs.Parse(args)
