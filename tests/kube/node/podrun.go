@@ -427,13 +427,6 @@ func (r *podRun) processSpec(c *ctrRun, volumes map[string]string) (*processSpec
 		spec.Mounts = append(spec.Mounts, mountSpec{Source: own, Target: workdir})
 	}
 	spec.Mounts = append(spec.Mounts, mountSpec{Source: filepath.Join(r.sb.dir, "tmp"), Target: "/tmp"})
-	// The folders the images' programs live in stay where they are, also under /tmp; this node's
-	// own binary too (exec probes and kubectl exec run it inside the container).
-	for _, keep := range append(append([]string{}, r.p.cfg.HostPaths...), filepath.Dir(r.p.self)) {
-		if strings.HasPrefix(keep, "/tmp/") {
-			spec.Mounts = append(spec.Mounts, mountSpec{Source: keep, Target: keep, ReadOnly: true})
-		}
-	}
 	targets := make([]string, 0, len(img.Files))
 	for target := range img.Files {
 		targets = append(targets, target)
@@ -456,6 +449,14 @@ func (r *podRun) processSpec(c *ctrRun, volumes map[string]string) (*processSpec
 			}
 		}
 		spec.Mounts = append(spec.Mounts, mountSpec{Source: src, Target: m.MountPath, ReadOnly: m.ReadOnly})
+	}
+	// Last, so that neither the pod's /tmp nor a volume mounted there hides them: the folders the
+	// images' programs live in, and this node's own binary (exec probes and kubectl exec run it
+	// inside the container), when they are under /tmp.
+	for _, keep := range append(append([]string{}, r.p.cfg.HostPaths...), filepath.Dir(r.p.self)) {
+		if strings.HasPrefix(keep, "/tmp/") {
+			spec.Mounts = append(spec.Mounts, mountSpec{Source: keep, Target: keep, ReadOnly: true})
+		}
 	}
 	return spec, nil
 }
