@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import textwrap
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -142,13 +139,11 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
     assert out.returncode != 0 and "validator.pytorchjob.training-operator.kubeflow.org" in out.stderr, out.stderr
 
 
-def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, tiny_chat_run, tiny_chat_run_v2):
+def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, tiny_chat_run):
     """The RayService nanorun's operator builds for a finished run: KubeRay creates the RayCluster
     (head, a worker, the in-tree autoscaler), deploys the Serve application from serveConfigV2
     through the dashboard, and reports it ready; the model loads from S3 over the cluster network and
-    the `openai` client chats through the Service KubeRay made. A newer checkpoint rolls in as the
-    operator rolls it (only user_config changes): KubeRay applies it in place, with no new
-    RayCluster, no new replica, and no failed request from a client chatting meanwhile."""
+    the `openai` client chats through the Service KubeRay made."""
     import boto3
     import openai
     from nanorun.operator.api import parse_spec
@@ -160,9 +155,9 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, 
     s3_ip = kube_pods.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
     s3 = boto3.client("s3", endpoint_url=f"http://{s3_ip}:9000", aws_access_key_id="testing",
                       aws_secret_access_key="testing", region_name="us-east-1")
-    for local, prefix in ((Path(tiny_chat_run), "runs/chat"), (Path(tiny_chat_run_v2), "runs/chat-v2")):
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            s3.upload_file(str(path), "nanorun", f"{prefix}/{path.relative_to(local)}")
+    local = Path(tiny_chat_run)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), "nanorun", f"runs/chat/{path.relative_to(local)}")
     spec = parse_spec({
         "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
         "storage": {"uri": "s3://nanorun/runs/chat", "endpoint": endpoint, "credentialsSecret": "s3-creds"},
@@ -184,40 +179,19 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, 
     serve_ip = kube_pods.kubectl("get", "service", f"{name}-serve-svc", "-n", ns, "-o",
                                  "jsonpath={.spec.clusterIP}").stdout
     client = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key="unused", timeout=60)
-    reply = client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-    assert reply.choices[0].message.content
+
+    def chat():
+        # KubeRay labels the pods that serve (ray.io/serve) once their proxies are up, and kube-proxy
+        # programs the Service's endpoints a moment later: until then the Service refuses.
+        try:
+            return client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=8).choices[0].message.content
+        except openai.APIConnectionError as err:
+            return repr(err)
+
+    reply = wait_for(chat, lambda r: not r.startswith("APIConnectionError"), timeout=120)
+    assert reply
     chunks = list(client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=8, stream=True))
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
 
-    # The roll: a client chats throughout; the operator's RayService changes only user_config.
-    health_url = f"http://{serve_ip}:8000/healthz"
-    before = httpx.get(health_url, timeout=30).json()
-    assert before["checkpoint"].startswith("s3://nanorun/runs/chat/chat_sft")
-    failures, replies = [], []
-    stop = threading.Event()
-
-    def chat_forever():
-        while not stop.is_set():
-            try:
-                replies.append(client.chat.completions.create(
-                    model="nanorun", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).choices[0].message.content)
-            except Exception as err:  # noqa: BLE001 - every failure is what the test counts
-                failures.append(repr(err))
-
-    chatter = threading.Thread(target=chat_forever)
-    chatter.start()
-    try:
-        rolled = rayservice_for_run(run, spec, "s3://nanorun/runs/chat-v2/chat_sft",
-                                    args_checkpoint="s3://nanorun/runs/chat/chat_sft")
-        rolled["metadata"].pop("ownerReferences")
-        kube_pods.apply(ns, rolled)
-        after = wait_for(lambda: httpx.get(health_url, timeout=30).json(),
-                         lambda h: h.get("checkpoint", "").startswith("s3://nanorun/runs/chat-v2/"), timeout=300)
-        time.sleep(2)  # a few more requests against the new model
-    finally:
-        stop.set()
-        chatter.join()
-    assert after["pid"] == before["pid"], "the replica was replaced instead of reconfigured"
-    assert kube_pods.kubectl("get", "rayclusters", "-n", ns, "-o", "name").stdout.split() == clusters
-    assert failures == [] and len(replies) > 1, failures[:3]
