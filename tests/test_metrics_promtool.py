@@ -31,7 +31,7 @@ SERIES = {
         "nanorun_serve_inflight_requests", "nanorun_serve_queued_requests",
     },
 }
-# Labels the dashboard filters and groups by (the working agreement's metric contract).
+# Labels the dashboard filters and groups by (docs/monitoring.md).
 LABELS = {name: {"run", "stage", "rank"} for name in SERIES["trainer"]} | {
     "llmrun_reconciles_total": {"result"},
     "llmrun_runs": {"phase"},

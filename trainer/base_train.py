@@ -7,7 +7,8 @@ Same code on a laptop CPU, one GPU and several 8-GPU nodes (a PyTorchJob): one p
 device under torchrun. Reads the tokenizer from `<run-dir>/tok_train/`, writes
 `<run-dir>/base_train/` (progress.json, history.jsonl, checkpoints/, done.json).
 
-Everything derived from `--depth` is computed in `plan_run`, nanochat's recipe (REFERENCE §2):
+Everything derived from `--depth` is computed in `plan_run`, nanochat's recipe (scripts/base_train.py in
+https://github.com/karpathy/nanochat):
   - horizon: --num-iterations, else --target-flops, else --target-param-data-ratio x scaling params;
   - total batch: 2^19 tokens at the d12 reference horizon, x (D / D_ref)^0.383, a power of two;
   - learning rates x sqrt(B / 2^19); Muon weight decay x sqrt(B / 2^19) x D_ref / D;

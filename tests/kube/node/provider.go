@@ -13,7 +13,6 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/virtual-kubelet/virtual-kubelet/errdefs"
-	"github.com/virtual-kubelet/virtual-kubelet/log"
 	"github.com/virtual-kubelet/virtual-kubelet/node/nodeutil"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -252,10 +251,4 @@ func (p *Provider) runIn(ctx context.Context, r *podRun, c *ctrRun, argv []strin
 	cmd.Env = env
 	cmd.Cancel = func() error { return cmd.Process.Kill() }
 	return cmd, nil
-}
-
-func logErr(ctx context.Context, err error, msg string) {
-	if err != nil {
-		log.G(ctx).WithError(err).Warn(msg)
-	}
 }
