@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import cluster
+from tests.kube import cluster, host
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(cluster.alive(p) for p in pids):
+    while time.monotonic() < deadline and any(host.alive(p) for p in pids):
         time.sleep(0.1)
-    return [p for p in pids if cluster.alive(p)]
+    return [p for p in pids if host.alive(p)]
 
 
 def test_missing_binaries_name_the_setup_target(monkeypatch, tmp_path):
@@ -112,7 +112,7 @@ def test_servers_die_with_a_killed_test_process(kube, tmp_path):
                                stdout=subprocess.PIPE, text=True)
     try:
         pids = json.loads(starter.stdout.readline())
-        assert len(pids) == 4 and all(cluster.alive(p) for p in pids)
+        assert len(pids) == 4 and all(host.alive(p) for p in pids)
     finally:
         os.kill(starter.pid, signal.SIGKILL)  # no cleanup code gets to run
         starter.wait()
