@@ -12,6 +12,7 @@ under torchrun on nodes × processes-per-node processes when `distributed`, else
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from nanorun.operator.api import CHECKPOINT_STAGES, LLMRunSpec
@@ -92,6 +93,18 @@ def stage_plan(spec: LLMRunSpec) -> list[PlannedStage]:
         if st.enabled:
             plan.append(PlannedStage(key, module, _stage_args(key, spec) + list(st.extra_args), distributed))
     return plan
+
+
+def config_ids(plan: list[PlannedStage]) -> dict[str, str]:
+    """Stage key → an id of everything that decides the stage's result: its module and flags, and
+    the id of the stage before it (so a change upstream changes every id after it). A stage whose
+    done.json carries another id ran with another configuration and runs again."""
+    ids: dict[str, str] = {}
+    previous = ""
+    for s in plan:
+        digest = hashlib.sha256("\0".join([previous, s.stage, *s.args]).encode()).hexdigest()[:16]
+        ids[s.key] = previous = digest
+    return ids
 
 
 def final_model_stage(spec: LLMRunSpec) -> str | None:
