@@ -91,6 +91,10 @@ class ComputeSpec(Model):
     queue: str = Field("", max_length=253, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.")
     resources: dict[str, Any] = Field(default_factory=dict, description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.")
     ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished PyTorchJob is kept before Kubernetes deletes it.")
+    termination_grace_period_seconds: int = Field(
+        120, ge=0, le=86400,
+        description="Seconds a training pod has between SIGTERM (preemption, eviction, deletion) and SIGKILL: enough to "
+                    "finish the step and write a checkpoint to storage.")
 
 
 class StageSpec(Model):
@@ -232,6 +236,10 @@ class StageStatus(Model):
     message: str = Field("", description="Why the last attempt failed, if it did.")
     failed_attempt: int = Field(0, description="The last attempt known to have failed (kept when its job is gone).")
     failure_time: str = Field("", description="When that attempt failed (RFC 3339).")
+    failures: int = Field(0, description="Failed attempts that count against retry.maxAttempts.")
+    preemptions: int = Field(0, description="Attempts ended by a preemption, eviction or node loss (not counted as failures).")
+    preempted_attempt: int = Field(0, description="The last attempt that ended by a preemption.")
+    config_id: str = Field("", description="Id of the stage's flags and everything upstream; when the spec changes it, the stage runs again.")
 
 
 class ServingStatus(Model):

@@ -23,9 +23,18 @@ from typing import Any
 
 from nanorun.operator import metrics
 from nanorun.operator.api import GROUP, PLURAL, VERSION
-from nanorun.operator.jobs import PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION, RunRef
+from nanorun.operator.jobs import (
+    CONTAINER_NAME,
+    LABEL_ATTEMPT,
+    LABEL_RUN,
+    LABEL_STAGE,
+    PYTORCHJOB_GROUP,
+    PYTORCHJOB_PLURAL,
+    PYTORCHJOB_VERSION,
+    RunRef,
+)
 from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
-from nanorun.operator.reconcile import Decision, Event, reconcile
+from nanorun.operator.reconcile import Decision, Event, FailureFacts, reconcile
 from nanorun.operator.status import now_utc, parse_time, rfc3339
 from nanorun.trainer import progress as stage_files
 
@@ -69,6 +78,38 @@ class StorageUnavailable(RuntimeError):
 
 def _status_code(err: Exception) -> int | None:
     return getattr(err, "status", None)
+
+
+LOG_TAIL_LINES = 20
+SIGTERM_EXIT = 143  # 128 + 15: the process ended on the SIGTERM a pod deletion or eviction sends
+
+
+def failure_facts(pods: list[Any], read_log: Any) -> FailureFacts:
+    """FailureFacts from a failed job's pods (kubernetes client V1Pod objects)."""
+    failed: list[tuple[Any, int]] = []
+    for pod in pods:
+        name = pod.metadata.name
+        for c in (pod.status.conditions or []) if pod.status else []:
+            if c.type == "DisruptionTarget" and c.status == "True":
+                return FailureFacts(disruption=f"pod {name}: DisruptionTarget ({c.reason or 'unknown reason'})")
+        for cs in (pod.status.container_statuses or []) if pod.status else []:
+            term = cs.state.terminated if cs.state else None
+            if cs.name != CONTAINER_NAME or term is None:
+                continue
+            if term.exit_code == SIGTERM_EXIT:
+                return FailureFacts(disruption=f"pod {name}: exited {SIGTERM_EXIT} (SIGTERM)")
+            if term.exit_code:
+                failed.append((pod, term.exit_code))
+    # The Master's log first: it is rank 0, and a Worker usually fails because the Master did.
+    failed.sort(key=lambda pf: "master" not in pf[0].metadata.name)
+    for pod, code in failed:
+        try:
+            text = read_log(pod) or ""
+        except Exception as err:  # the log is a help, not a requirement
+            log.info("could not read the log of %s: %s", pod.metadata.name, err)
+            continue
+        return FailureFacts(log_tail=f"[{pod.metadata.name}, exit {code}]\n{text.strip()}")
+    return FailureFacts()
 
 
 class Controller:
@@ -209,7 +250,7 @@ class Controller:
                 return None, None
 
         t0 = time.perf_counter()
-        decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc())
+        decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc(), self._inspect_failure)
         t1 = time.perf_counter()
         self._apply_children(run, body, decision)
         t2 = time.perf_counter()
@@ -227,6 +268,19 @@ class Controller:
         if storage_errors:
             raise StorageUnavailable("; ".join(storage_errors))
         return decision
+
+    def _inspect_failure(self, job: dict[str, Any]) -> FailureFacts:
+        """Read a failed job's pods: a disruption (a DisruptionTarget condition — preemption,
+        eviction, node loss — or a container that exited 143 on SIGTERM) makes it a preemption;
+        otherwise the last log lines of the failed container (the Master's first) explain it.
+        Listing the pods may raise (the reconcile is retried); a log that cannot be read is left out."""
+        meta = job["metadata"]
+        labels = meta.get("labels") or {}
+        selector = ",".join(f"{k}={labels.get(k, '')}" for k in (LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT))
+        core = self._clients()[1]
+        pods = core.list_namespaced_pod(meta["namespace"], label_selector=selector).items
+        return failure_facts(pods, lambda pod: core.read_namespaced_pod_log(
+            pod.metadata.name, pod.metadata.namespace, container=CONTAINER_NAME, tail_lines=LOG_TAIL_LINES))
 
     def _apply_children(self, run: RunRef, body: dict[str, Any], d: Decision) -> None:
         api = self._clients()[0]

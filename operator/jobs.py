@@ -24,6 +24,7 @@ from nanorun.operator.plan import PlannedStage, processes_per_node
 
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
+LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER_NAME = "pytorch"  # the training operator requires this name
 RENDEZVOUS_PORT = 23456  # the training operator's default `pytorchjob-port`
@@ -105,10 +106,12 @@ def command_for_stage(spec: LLMRunSpec, stage: PlannedStage) -> list[str]:
             "--metrics-port", str(spec.metrics_port)]
 
 
-def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int) -> dict[str, Any]:
-    """The PyTorchJob manifest for one attempt (from 1) at one planned stage."""
+def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int,
+                         config_id: str = "") -> dict[str, Any]:
+    """The PyTorchJob manifest for one attempt (from 1) at one planned stage; `config_id` (from
+    plan.config_ids) is passed to the stage, which records it in done.json and its checkpoints."""
     name = job_name(run.name, stage.stage, attempt)
-    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.stage, LABEL_ATTEMPT: str(attempt),
+    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.stage, LABEL_ATTEMPT: str(attempt), LABEL_CONFIG: config_id,
               "app.kubernetes.io/name": "nanorun-trainer", "app.kubernetes.io/managed-by": "nanorun"}
     if spec.compute.queue:
         labels[KUEUE_QUEUE_LABEL] = spec.compute.queue
@@ -116,6 +119,7 @@ def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, att
     nproc = processes_per_node(spec) if stage.distributed else 1
     gpus = spec.compute.gpus_per_node if stage.distributed else 0
     env = [{"name": "NANORUN_RUN", "value": run.name}, {"name": "NANORUN_STAGE", "value": stage.stage},
+           {"name": "NANORUN_ATTEMPT", "value": str(attempt)}, {"name": "NANORUN_CONFIG_ID", "value": config_id},
            *storage_env(spec)]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -129,7 +133,9 @@ def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, att
     resources = _resources(spec, gpus)
     if resources:
         container["resources"] = resources
-    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never"}
+    # SIGTERM → the trainer finishes its step, checkpoints and exits; the grace period must cover that.
+    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never",
+                           "terminationGracePeriodSeconds": spec.compute.termination_grace_period_seconds}
     if spec.compute.shm_size:
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
         pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.compute.shm_size}}]

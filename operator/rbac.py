@@ -25,6 +25,10 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["list", "watch", "create", "patch"]},
     # The chat RayService: created, watched, patched (serving changes), deleted when serving is turned off.
     {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    # A failed job's pods: a DisruptionTarget condition or exit 143 makes the failure a preemption;
+    # otherwise the failed container's last log lines go into the stage's message.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     # Kubernetes Events on every transition (the operator's and kopf's own).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf lists namespaces when it watches the whole cluster, and watches CRDs to notice new resources.

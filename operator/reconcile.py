@@ -8,9 +8,14 @@ running it twice, or after an operator restart, decides the same thing. Children
 deterministic names, so creating one that is already there is a 409 and changes nothing.
 
 Per planned stage, in order: a Succeeded stage is skipped; the first unfinished stage gets its job
-(attempt 1), is followed while it runs, is retried after a failure (attempt+1 after a doubling
-backoff) up to retry.maxAttempts, and fails the run after that. When every stage has succeeded,
-the RayService is created or patched to serve the final checkpoint.
+(attempt 1) and is followed while it runs. When its job fails, the failure is classified once:
+a preemption (the pods were disrupted, or the trainer saved a checkpoint on SIGTERM and said so in
+progress.json) starts the next attempt at once and is not counted; any other failure counts, and
+is retried (attempt+1 after a doubling backoff) until retry.maxAttempts failures fail the run,
+with the failing container's last log lines in the message. A finished stage whose config id
+(plan.config_ids: its flags and everything upstream) is no longer the spec's runs again, as a new
+attempt. When every stage has succeeded, the RayService is created or patched to serve the final
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from typing import Any
 
 from nanorun.operator import plan as plan_mod
 from nanorun.operator.api import LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
-from nanorun.operator.jobs import LABEL_ATTEMPT, LABEL_STAGE, RunRef, job_name, pytorchjob_for_stage
+from nanorun.operator.jobs import (
+    LABEL_ATTEMPT,
+    LABEL_CONFIG,
+    LABEL_STAGE,
+    RunRef,
+    job_name,
+    pytorchjob_for_stage,
+)
 from nanorun.operator.rayservice import rayservice_for_run, rayservice_name, served_checkpoints, service_url
 from nanorun.operator.status import (
     job_state,
@@ -38,6 +50,25 @@ from nanorun.trainer.progress import Done, Progress
 
 # (progress, done) of a stage module; may raise on storage errors (the caller retries later).
 ReadStage = Callable[[str], tuple[Progress | None, Done | None]]
+
+
+@dataclass(frozen=True)
+class FailureFacts:
+    """What a failed job's pods tell: whether they were disrupted (then `disruption` says how, e.g.
+    "pod x-master-0: DisruptionTarget (PreemptionByScheduler)") and the failing container's last
+    log lines."""
+
+    disruption: str = ""
+    log_tail: str = ""
+
+
+# Reads the pods of a failed PyTorchJob; called once per failed attempt. May raise (retried later).
+InspectFailure = Callable[[dict[str, Any]], FailureFacts]
+MAX_LOG_TAIL = 1500  # characters of log kept in the stage message (a condition message should stay readable)
+
+
+def _no_pods(job: dict[str, Any]) -> FailureFacts:
+    return FailureFacts()
 
 
 @dataclass
@@ -90,7 +121,7 @@ def _old_status(old: dict[str, Any]) -> LLMRunStatus:
 
 
 def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], rayservice: dict[str, Any] | None,
-              read_stage: ReadStage, now: dt.datetime) -> Decision:
+              read_stage: ReadStage, now: dt.datetime, inspect_failure: InspectFailure = _no_pods) -> Decision:
     """Decide what one reconcile of `body` (the LLMRun) does, given its children."""
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
@@ -101,7 +132,7 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
         return _invalid(old_raw, str(err), generation, now)
     old = _old_status(old_raw)
     d = Decision(status={})
-    records = _stage_records(run, spec, old, jobs, read_stage, now, d)
+    records = _stage_records(run, spec, old, jobs, read_stage, inspect_failure, now, d)
     current = next((r for r in records if r.phase != "Succeeded"), None)
     failed = next((r for r in records if r.phase == "Failed"), None)
 
@@ -147,33 +178,48 @@ def _progress(rec: StageStatus | None, phase: str) -> str:
     return f"{rec.metrics.step or 0}/{rec.metrics.total_steps}"
 
 
+def _job_config(job: dict[str, Any]) -> str:
+    return (job["metadata"].get("labels") or {}).get(LABEL_CONFIG, "")
+
+
 def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[dict[str, Any]],
-                   read_stage: ReadStage, now: dt.datetime, d: Decision) -> list[StageStatus]:
+                   read_stage: ReadStage, inspect_failure: InspectFailure, now: dt.datetime,
+                   d: Decision) -> list[StageStatus]:
     old_records = {r.name: r for r in old.stages}
+    plan = plan_mod.stage_plan(spec)
+    config_ids = plan_mod.config_ids(plan)
     records: list[StageStatus] = []
     blocked = False  # an earlier stage has not succeeded: later ones wait
-    for ps in plan_mod.stage_plan(spec):
+    for ps in plan:
+        config_id = config_ids[ps.key]
         rec = old_records.get(ps.key, StageStatus(name=ps.key)).model_copy(deep=True)
+        stage_jobs = sorted((j for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
+                            key=_attempt)
+        if rec.config_id and rec.config_id != config_id and rec.phase in ("Succeeded", "Failed"):
+            rec = _rerun(ps, rec, config_id, stage_jobs, d)
         if rec.phase == "Succeeded" or blocked:
             if blocked and rec.phase != "Succeeded":
                 rec.phase = "Pending"
             records.append(rec)
             continue
         blocked = True
-        stage_jobs = sorted((j for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage), key=_attempt)
+        rec.config_id = rec.config_id or config_id
+        # Jobs of an earlier configuration are history; jobs from before config ids count as current.
+        stage_jobs = [j for j in stage_jobs if _job_config(j) in ("", rec.config_id)]
         latest = stage_jobs[-1] if stage_jobs else None
         rec.attempts = max(rec.attempts, _attempt(latest) if latest else 0)
         progress, done = read_stage(ps.stage)
+        if done is not None and done.config_id and done.config_id != rec.config_id:
+            progress, done = None, None  # files of an earlier configuration: this one has not written yet
         rec.metrics = metrics_from(progress, done)
         if latest is not None and _attempt(latest) == rec.attempts:
-            _follow_job(run, spec, ps, rec, latest, done, now, d)
+            _follow_job(run, spec, ps, rec, latest, progress, done, inspect_failure, now, d)
         elif rec.attempts and done is not None:
             # The job is gone (TTL) but the stage wrote done.json: storage says it finished.
             _succeed(ps, rec, done, now, d)
         elif rec.attempts and rec.failed_attempt == rec.attempts:
             # The failed job is gone (TTL) before its retry was due: the record remembers the failure.
-            _after_failure(run, spec, ps, rec, parse_time(rec.failure_time) or now,
-                           rec.message.split(": ", 1)[-1], now, d)
+            _after_failure(run, spec, ps, rec, now, d)
         elif spec.suspend:
             rec.phase = "Suspended" if rec.attempts else "Pending"
         else:
@@ -186,6 +232,18 @@ def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[
     return records
 
 
+def _rerun(ps: plan_mod.PlannedStage, rec: StageStatus, config_id: str, stage_jobs: list[dict[str, Any]],
+           d: Decision) -> StageStatus:
+    """A finished stage whose flags (or an upstream stage's) changed: a fresh record whose next
+    attempt is a new job. If that job exists already (a reconcile that created it but could not
+    write the status), it is adopted rather than made twice."""
+    mine = [j for j in stage_jobs if _job_config(j) == config_id]
+    attempt = _attempt(mine[-1]) if mine else max([rec.attempts, *map(_attempt, stage_jobs)]) + 1
+    d.events.append(Event("Normal", "StageRerun", f"stage {ps.key}: its configuration changed "
+                                                  f"({rec.config_id} → {config_id}); running it again"))
+    return StageStatus(name=ps.key, phase="Pending", attempts=attempt, config_id=config_id)
+
+
 def _start_attempt(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
                    now: dt.datetime, d: Decision) -> None:
     rec.job = job_name(run.name, ps.stage, rec.attempts)
@@ -195,7 +253,7 @@ def _start_attempt(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec
         event = Event("Normal", "StageStarted", f"stage {ps.key}: created PyTorchJob {rec.job}")
     else:
         event = Event("Normal", "StageRetried", f"stage {ps.key}: attempt {rec.attempts}, PyTorchJob {rec.job}")
-    d.create_jobs.append((pytorchjob_for_stage(run, spec, ps, rec.attempts), event))
+    d.create_jobs.append((pytorchjob_for_stage(run, spec, ps, rec.attempts, rec.config_id), event))
 
 
 def _succeed(ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, when: dt.datetime, d: Decision) -> None:
@@ -210,7 +268,8 @@ def _succeed(ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, whe
 
 
 def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, job: dict[str, Any],
-                done: Done | None, now: dt.datetime, d: Decision) -> None:
+                progress: Progress | None, done: Done | None, inspect_failure: InspectFailure,
+                now: dt.datetime, d: Decision) -> None:
     state = job_state(job)
     rec.job = job["metadata"]["name"]
     rec.start_time = rec.start_time or job["metadata"].get("creationTimestamp") or rfc3339(now)
@@ -218,8 +277,10 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
         _succeed(ps, rec, done, state.since or now, d)
         return
     if state.phase == "Failed":
-        why = f"{state.reason}: {state.message}".strip(": ") or "job failed"
-        _after_failure(run, spec, ps, rec, state.since or now, why, now, d)
+        if rec.failed_attempt != rec.attempts:  # seen for the first time: classify and count it once
+            why = f"{state.reason}: {state.message}".strip(": ") or "job failed"
+            _record_failure(spec, ps, rec, progress, inspect_failure(job), state.since or now, why, d)
+        _after_failure(run, spec, ps, rec, now, d)
         return
     # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.
     suspended = bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
@@ -234,19 +295,41 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
     rec.phase = "Suspended" if suspended and spec.suspend else "Running"
 
 
-def _after_failure(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
-                   failed_at: dt.datetime, why: str, now: dt.datetime, d: Decision) -> None:
-    """Attempt `rec.attempts` failed: retry after the backoff, or fail the stage after the last one.
-    The failure is kept in the record, so it counts even once the failed job is gone (TTL)."""
+def _record_failure(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, progress: Progress | None,
+                    facts: FailureFacts, failed_at: dt.datetime, why: str, d: Decision) -> None:
+    """Attempt `rec.attempts` failed: a preemption (the pods say so, or the trainer checkpointed on
+    SIGTERM in this attempt) or a failure that counts."""
     rec.failed_attempt, rec.failure_time = rec.attempts, rfc3339(failed_at)
-    rec.message = f"attempt {rec.attempts}/{spec.retry.max_attempts} failed: {why}"
-    if rec.attempts >= spec.retry.max_attempts:
+    trainer_stopped = progress is not None and progress.attempt == rec.attempts and progress.stopped == "preempted"
+    disruption = facts.disruption or ("the trainer checkpointed on SIGTERM and exited" if trainer_stopped else "")
+    if disruption:
+        rec.preemptions += 1
+        rec.preempted_attempt = rec.attempts
+        rec.message = f"attempt {rec.attempts} preempted ({disruption}); not counted as a failure"
+        d.events.append(Event("Normal", "StagePreempted", f"stage {ps.key}: {rec.message}"))
+        return
+    rec.failures += 1
+    rec.message = f"failure {rec.failures}/{spec.retry.max_attempts} (attempt {rec.attempts}): {why}"
+    tail = facts.log_tail.strip()
+    if tail:
+        rec.message += "; last log lines:\n" + tail[-MAX_LOG_TAIL:]
+
+
+def _after_failure(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
+                   now: dt.datetime, d: Decision) -> None:
+    """After the recorded end of attempt `rec.attempts`: start the next one (at once after a
+    preemption, after the backoff after a failure), or fail the stage after the last failure.
+    The record keeps the outcome, so it holds even once the failed job is gone (TTL)."""
+    failed_at = parse_time(rec.failure_time) or now
+    preempted = rec.preempted_attempt == rec.attempts
+    if not preempted and rec.failures >= spec.retry.max_attempts:
         if rec.phase != "Failed":
             d.events.append(Event("Warning", "StageFailed", f"stage {ps.key}: {rec.message}"))
         rec.phase = "Failed"
         rec.completion_time = rec.completion_time or rfc3339(failed_at)
         return
-    due = failed_at + dt.timedelta(seconds=spec.retry.backoff_seconds * 2 ** (rec.attempts - 1))
+    wait = 0 if preempted else spec.retry.backoff_seconds * 2 ** (rec.failures - 1)
+    due = failed_at + dt.timedelta(seconds=wait)
     if spec.suspend:
         rec.phase = "Suspended"
     elif now >= due:

@@ -115,7 +115,7 @@ def test_kueue_queue_labels_the_job_and_starts_it_suspended():
 def test_no_credentials_secret_means_no_secret_env():
     spec = parse_spec({"storage": {"uri": "s3://b/r"}})
     c = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), 1)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    assert [e["name"] for e in c["env"]] == ["NANORUN_RUN", "NANORUN_STAGE"]
+    assert [e["name"] for e in c["env"]] == ["NANORUN_RUN", "NANORUN_STAGE", "NANORUN_ATTEMPT", "NANORUN_CONFIG_ID"]
 
 
 def test_rayservice_serves_the_checkpoint_through_user_config():
@@ -158,3 +158,15 @@ def test_cpu_serving_requests_no_gpus():
     worker = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in worker["resources"]["limits"]
     assert "num_gpus" not in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]["ray_actor_options"]
+
+
+def test_training_pods_get_the_grace_period_the_spec_asks_and_know_their_attempt_and_config():
+    spec = parse_spec({"storage": {"uri": "s3://b/r"}, "compute": {"terminationGracePeriodSeconds": 300}})
+    job = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), 3, config_id="0123456789abcdef")
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NANORUN_ATTEMPT"] == "3" and env["NANORUN_CONFIG_ID"] == "0123456789abcdef"
+    assert job["metadata"]["labels"]["nanorun.io/config"] == "0123456789abcdef"
+    default = pytorchjob_for_stage(RUN, parse_spec({"storage": {"uri": "s3://b/r"}}), planned(spec, "pretrain"), 1)
+    assert default["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120

@@ -11,7 +11,7 @@ import datetime as dt
 
 import yaml
 from nanorun.operator.jobs import RunRef
-from nanorun.operator.reconcile import reconcile
+from nanorun.operator.reconcile import FailureFacts, reconcile
 from nanorun.trainer.progress import Done, Progress
 
 RUN = RunRef("r1", "ns", "uid-1")
@@ -99,18 +99,79 @@ def test_a_failed_attempt_waits_for_the_backoff_then_retries():
     assert late.status["stages"][0]["attempts"] == 2
 
 
-def test_the_run_fails_with_the_jobs_reason_after_the_last_attempt():
-    jobs = [job("r1-tok-train-1", "tok_train", 1, "Failed"),
-            job("r1-tok-train-2", "tok_train", 2, "Failed", reason="PyTorchJobFailed", message="OOMKilled")]
-    d = reconcile(RUN, body(), jobs, None, storage(), T0 + dt.timedelta(hours=1))
+def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_lines():
+    first = job("r1-tok-train-1", "tok_train", 1, "Failed", reason="PyTorchJobFailed", message="exit 1")
+    seen = reconcile(RUN, body(), [first], None, storage(), T0 + dt.timedelta(hours=1))
+    second = job("r1-tok-train-2", "tok_train", 2, "Failed", reason="PyTorchJobFailed", message="OOMKilled")
+    inspected = []
+
+    def inspect(j):
+        inspected.append(j["metadata"]["name"])
+        return FailureFacts(log_tail="loading shard 3\nValueError: shard 3 is corrupt\n")
+    d = reconcile(RUN, body(status=seen.status), [first, second], None, storage(), T0 + dt.timedelta(hours=1), inspect)
     assert d.create_jobs == [] and d.status["phase"] == "Failed"
     degraded = cond(d.status, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "StageFailed"
-    assert "attempt 2/2 failed: PyTorchJobFailed: OOMKilled" in degraded["message"]
+    assert "failure 2/2 (attempt 2): PyTorchJobFailed: OOMKilled" in degraded["message"]
+    assert degraded["message"].endswith("last log lines:\nloading shard 3\nValueError: shard 3 is corrupt")
     assert {"StageFailed", "RunFailed"} <= {e.reason for e in d.events}
-    # Reconciling the failed run again repeats no event and creates nothing.
-    again = reconcile(RUN, body(status=d.status), jobs, None, storage(), T0 + dt.timedelta(hours=2))
-    assert again.create_jobs == [] and again.events == []
+    assert d.status["stages"][0]["failures"] == 2
+    # Reconciling the failed run again repeats no event, creates nothing, and reads no pods again.
+    again = reconcile(RUN, body(status=d.status), [first, second], None, storage(), T0 + dt.timedelta(hours=2), inspect)
+    assert again.create_jobs == [] and again.events == [] and inspected == ["r1-tok-train-2"]
+
+
+def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
+    progress = Progress(stage="base_train", step=20, total_steps=100, attempt=1, stopped="preempted")
+    files = {"tok_train": (None, Done(stage="tok_train", seconds=1))}
+    status = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Succeeded")], None, storage(files), T0).status
+    jobs = [job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
+            job("r1-base-train-1", "base_train", 1, "Failed", reason="PyTorchJobFailed", message="1 Master replica(s) failed")]
+    files["base_train"] = (progress, None)
+    d = reconcile(RUN, body(status=status), jobs, None, storage(files), T0)  # no backoff wait
+    assert [(m["metadata"]["name"], e.reason) for m, e in d.create_jobs] == [("r1-base-train-2", "StageRetried")]
+    pre = d.status["stages"][1]
+    assert (pre["attempts"], pre["failures"], pre["preemptions"]) == (2, 0, 1)
+    assert "attempt 1 preempted (the trainer checkpointed on SIGTERM" in pre["message"]
+    assert "StagePreempted" in [e.reason for e in d.events]
+    # Preempted again (the pods say so this time), then a real failure: only that one counts.
+    jobs.append(job("r1-base-train-2", "base_train", 2, "Failed"))
+    d = reconcile(RUN, body(status=d.status), jobs, None, storage(files), T0,
+                  lambda j: FailureFacts(disruption="pod r1-base-train-2-master-0: DisruptionTarget (EvictionByEvictionAPI)"))
+    jobs.append(job("r1-base-train-3", "base_train", 3, "Failed", message="exit 1"))
+    d = reconcile(RUN, body(status=d.status), jobs, None, storage(files), T0)
+    pre = d.status["stages"][1]
+    assert (pre["attempts"], pre["failures"], pre["preemptions"], pre["phase"]) == (3, 1, 2, "Running")
+    assert d.create_jobs == [] and d.requeue_after == 10  # the first counted failure waits the backoff
+
+
+def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages_after_it():
+    base = {"stages": {**ALL_OFF, "tokenizer": {"enabled": True}, "pretrain": {"enabled": True, "numIterations": 10}}}
+    spec = {k: v for k, v in body().items() if k == "spec"}["spec"] | base
+    done = {"tok_train": (None, Done(stage="tok_train", seconds=1, config_id="")),
+            "base_train": (None, Done(stage="base_train", seconds=1, outputs={"checkpoint": "s3://b/r1/base_train/c/step_10"}))}
+    jobs = [job("r1-tok-train-1", "tok_train", 1, "Succeeded"), job("r1-base-train-1", "base_train", 1, "Succeeded")]
+    first = reconcile(RUN, {**body(), "spec": spec}, jobs, None, storage(done), T0)
+    assert first.status["phase"] == "Succeeded"
+    ids = {r["name"]: r["configId"] for r in first.status["stages"]}
+    done["base_train"][1].config_id = ids["pretrain"]
+
+    spec["stages"]["pretrain"]["numIterations"] = 20  # the user asks for more steps
+    d = reconcile(RUN, {**body(), "spec": spec, "status": first.status}, jobs, None, storage(done), T0)
+    tok, pre = d.status["stages"]
+    assert tok["phase"] == "Succeeded" and tok["configId"] == ids["tokenizer"]
+    assert pre["phase"] == "Running" and pre["configId"] != ids["pretrain"] and pre["attempts"] == 2
+    (manifest, event), = d.create_jobs
+    assert manifest["metadata"]["name"] == "r1-base-train-2" and "--num-iterations" in str(manifest)
+    assert manifest["metadata"]["labels"]["nanorun.io/config"] == pre["configId"]
+    assert "StageRerun" in [e.reason for e in d.events] and d.status["phase"] == "Running"
+    # The old done.json is not this configuration's: the stage is not done until the new job is.
+    jobs.append({**manifest, "status": {"conditions": [{"type": "Running", "status": "True"}]}})
+    again = reconcile(RUN, {**body(), "spec": spec, "status": d.status}, jobs, None, storage(done), T0)
+    assert again.create_jobs == [] and again.status["stages"][1]["phase"] == "Running"
+    # A reconcile that created the job but lost its status write adopts that job instead of a third.
+    lost = reconcile(RUN, {**body(), "spec": spec, "status": first.status}, jobs, None, storage(done), T0)
+    assert lost.create_jobs == [] and lost.status["stages"][1]["attempts"] == 2
 
 
 def test_suspend_patches_the_running_job_and_resume_unpatches_it():
@@ -215,3 +276,33 @@ def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
     failed_run = reconcile(RUN, body(status=d.status), [last], None, storage(), T0 + dt.timedelta(minutes=2))
     gone = reconcile(RUN, body(status=failed_run.status), [], None, storage(), T0 + dt.timedelta(days=2))
     assert gone.create_jobs == [] and gone.status["phase"] == "Failed" and gone.events == []
+
+
+def _pod(name, exit_code=None, disruption=None):
+    from kubernetes import client
+
+    conditions = [client.V1PodCondition(type="DisruptionTarget", status="True", reason=disruption)] if disruption else []
+    state = client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code)) if exit_code is not None else None
+    statuses = [client.V1ContainerStatus(name="pytorch", state=state, image="i", image_id="", ready=False, restart_count=0)]
+    return client.V1Pod(metadata=client.V1ObjectMeta(name=name, namespace="ns"),
+                        status=client.V1PodStatus(conditions=conditions, container_statuses=statuses))
+
+
+def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
+    from nanorun.operator.controller import failure_facts
+
+    logs = {"j-master-0": "step 3\nRuntimeError: boom\n", "j-worker-0": "connection reset by peer"}
+    read = lambda pod: logs[pod.metadata.name]  # noqa: E731
+    assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 143)], read).disruption == "pod j-master-0: exited 143 (SIGTERM)"
+    evicted = failure_facts([_pod("j-master-0", 1, disruption="EvictionByEvictionAPI")], read)
+    assert evicted.disruption == "pod j-master-0: DisruptionTarget (EvictionByEvictionAPI)"
+    # A plain failure: no disruption, and the Master's log (rank 0) rather than the Worker's.
+    facts = failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], read)
+    assert facts.disruption == "" and facts.log_tail == "[j-master-0, exit 1]\nstep 3\nRuntimeError: boom"
+    # A log that cannot be read is skipped; the next failed pod's is used.
+    def flaky(pod):
+        if pod.metadata.name == "j-master-0":
+            raise OSError("kubelet unreachable")
+        return logs[pod.metadata.name]
+    assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], flaky).log_tail.startswith("[j-worker-0, exit 1]")
+    assert failure_facts([_pod("j-master-0", 0)], read) == type(facts)()
