@@ -262,6 +262,8 @@ class Controller:
                   t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
         for stage, seconds in decision.finished_stages:
             metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
+        for stage, outcome in decision.ended_attempts:
+            metrics.ATTEMPTS_ENDED.labels(stage=stage, outcome=outcome).inc()
         status = decision.status
         metrics.set_stage(namespace, name, status.get("stage", ""), status.get("phase", "Pending"))
         metrics.set_run_phase(namespace, name, status.get("phase", "Pending"))

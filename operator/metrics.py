@@ -6,6 +6,8 @@
     llmrun_stage_duration_seconds{stage}         seconds from a stage's first job to its success
     llmrun_time_to_first_job_seconds             seconds from LLMRun creation to its first PyTorchJob
     llmrun_stage_info{namespace,run,stage,phase} 1 for each run's current stage (the stage timeline)
+    llmrun_attempts_ended_total{stage,outcome}   stage attempts whose job failed: preempted (not counted
+                                                 against retry.maxAttempts) | failed (counted)
 
 `serve(port)` exposes them over HTTP (`nanorun operator --metrics-port`).
 """
@@ -30,6 +32,9 @@ TIME_TO_FIRST_JOB = Histogram(
     "llmrun_time_to_first_job_seconds", "Seconds from LLMRun creation to its first PyTorchJob.", registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
+ATTEMPTS_ENDED = PromCounter("llmrun_attempts_ended_total",
+                             "Stage attempts whose job failed, by outcome: preempted (not counted) or failed.",
+                             ["stage", "outcome"], registry=REGISTRY)
 STAGE_INFO = Gauge("llmrun_stage_info", "1 for the stage each run is at, with its phase.",
                    ["namespace", "run", "stage", "phase"], registry=REGISTRY)
 

@@ -89,6 +89,7 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None  # seconds until something is due (a retry after backoff)
     finished_stages: list[tuple[str, float]] = field(default_factory=list)  # (stage, seconds), newly
+    ended_attempts: list[tuple[str, str]] = field(default_factory=list)  # (stage, preempted | failed), newly
 
 
 def _attempt(job: dict[str, Any]) -> int:
@@ -307,8 +308,10 @@ def _record_failure(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatu
         rec.preempted_attempt = rec.attempts
         rec.message = f"attempt {rec.attempts} preempted ({disruption}); not counted as a failure"
         d.events.append(Event("Normal", "StagePreempted", f"stage {ps.key}: {rec.message}"))
+        d.ended_attempts.append((ps.stage, "preempted"))
         return
     rec.failures += 1
+    d.ended_attempts.append((ps.stage, "failed"))
     rec.message = f"failure {rec.failures}/{spec.retry.max_attempts} (attempt {rec.attempts}): {why}"
     tail = facts.log_tail.strip()
     if tail:

@@ -116,6 +116,7 @@ def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_li
     assert degraded["message"].endswith("last log lines:\nloading shard 3\nValueError: shard 3 is corrupt")
     assert {"StageFailed", "RunFailed"} <= {e.reason for e in d.events}
     assert d.status["stages"][0]["failures"] == 2
+    assert d.ended_attempts == [("tok_train", "failed")]
     # Reconciling the failed run again repeats no event, creates nothing, and reads no pods again.
     again = reconcile(RUN, body(status=d.status), [first, second], None, storage(), T0 + dt.timedelta(hours=2), inspect)
     assert again.create_jobs == [] and again.events == [] and inspected == ["r1-tok-train-2"]
@@ -134,6 +135,7 @@ def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
     assert (pre["attempts"], pre["failures"], pre["preemptions"]) == (2, 0, 1)
     assert "attempt 1 preempted (the trainer checkpointed on SIGTERM" in pre["message"]
     assert "StagePreempted" in [e.reason for e in d.events]
+    assert d.ended_attempts == [("base_train", "preempted")]
     # Preempted again (the pods say so this time), then a real failure: only that one counts.
     jobs.append(job("r1-base-train-2", "base_train", 2, "Failed"))
     d = reconcile(RUN, body(status=d.status), jobs, None, storage(files), T0,
