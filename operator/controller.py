@@ -87,6 +87,9 @@ SIGTERM_EXIT = 143  # 128 + 15: the process ended on the SIGTERM a pod deletion 
 def failure_facts(pods: list[Any], read_log: Any) -> FailureFacts:
     """FailureFacts from a failed job's pods (kubernetes client V1Pod objects)."""
     failed: list[tuple[Any, int]] = []
+    active = tuple(sorted(p.metadata.name for p in pods if (p.status.phase if p.status else "") not in ("Succeeded", "Failed")))
+    if active:
+        return FailureFacts(active=active)
     for pod in pods:
         name = pod.metadata.name
         for c in (pod.status.conditions or []) if pod.status else []:
@@ -272,7 +275,8 @@ class Controller:
         return decision
 
     def _inspect_failure(self, job: dict[str, Any]) -> FailureFacts:
-        """Read a failed job's pods: a disruption (a DisruptionTarget condition — preemption,
+        """Read a failed job's pods: any still running or stopping are named (the decision waits for
+        them); a disruption (a DisruptionTarget condition — preemption,
         eviction, node loss — or a container that exited 143 on SIGTERM) makes it a preemption;
         otherwise the last log lines of the failed container (the Master's first) explain it.
         Listing the pods may raise (the reconcile is retried); a log that cannot be read is left out."""

@@ -54,16 +54,19 @@ ReadStage = Callable[[str], tuple[Progress | None, Done | None]]
 
 @dataclass(frozen=True)
 class FailureFacts:
-    """What a failed job's pods tell: whether they were disrupted (then `disruption` says how, e.g.
-    "pod x-master-0: DisruptionTarget (PreemptionByScheduler)") and the failing container's last
-    log lines."""
+    """What a failed job's pods tell: whether some are still stopping (`active`: the job is marked
+    failed as soon as a pod is deleted, while the trainer is still writing its SIGTERM checkpoint),
+    whether they were disrupted (then `disruption` says how, e.g. "pod x-master-0: DisruptionTarget
+    (PreemptionByScheduler)") and the failing container's last log lines."""
 
+    active: tuple[str, ...] = ()
     disruption: str = ""
     log_tail: str = ""
 
 
 # Reads the pods of a failed PyTorchJob; called once per failed attempt. May raise (retried later).
 InspectFailure = Callable[[dict[str, Any]], FailureFacts]
+ACTIVE_POLL_SECONDS = 2.0  # how often a failed job's stopping pods are looked at again
 MAX_LOG_TAIL = 1500  # characters of log kept in the stage message (a condition message should stay readable)
 
 
@@ -279,8 +282,16 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
         return
     if state.phase == "Failed":
         if rec.failed_attempt != rec.attempts:  # seen for the first time: classify and count it once
+            facts = inspect_failure(job)
+            if facts.active:
+                # Decide (and start the next attempt) only once every pod has stopped: the next
+                # attempt must resume from the checkpoint these pods may still be writing.
+                rec.phase = "Running"
+                rec.message = f"attempt {rec.attempts} failed; waiting for {', '.join(facts.active)} to stop"
+                d.requeue_after = ACTIVE_POLL_SECONDS
+                return
             why = f"{state.reason}: {state.message}".strip(": ") or "job failed"
-            _record_failure(spec, ps, rec, progress, inspect_failure(job), state.since or now, why, d)
+            _record_failure(spec, ps, rec, progress, facts, state.since or now, why, d)
         _after_failure(run, spec, ps, rec, now, d)
         return
     # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.

@@ -286,8 +286,9 @@ def _pod(name, exit_code=None, disruption=None):
     conditions = [client.V1PodCondition(type="DisruptionTarget", status="True", reason=disruption)] if disruption else []
     state = client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code)) if exit_code is not None else None
     statuses = [client.V1ContainerStatus(name="pytorch", state=state, image="i", image_id="", ready=False, restart_count=0)]
+    phase = "Running" if exit_code is None else "Succeeded" if exit_code == 0 else "Failed"
     return client.V1Pod(metadata=client.V1ObjectMeta(name=name, namespace="ns"),
-                        status=client.V1PodStatus(conditions=conditions, container_statuses=statuses))
+                        status=client.V1PodStatus(phase=phase, conditions=conditions, container_statuses=statuses))
 
 
 def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
@@ -308,3 +309,17 @@ def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
         return logs[pod.metadata.name]
     assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], flaky).log_tail.startswith("[j-worker-0, exit 1]")
     assert failure_facts([_pod("j-master-0", 0)], read) == type(facts)()
+    # A pod still stopping (the job is marked failed the moment a pod is deleted) is named, nothing decided.
+    assert failure_facts([_pod("j-worker-0"), _pod("j-master-0", 143)], read) == type(facts)(active=("j-worker-0",))
+
+
+def test_a_failed_job_whose_pods_are_still_stopping_is_decided_only_once_they_have_stopped():
+    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", reason="PyTorchJobFailed", message="1 Master replica(s) failed")
+    stopping = reconcile(RUN, body(), [failed], None, storage(), T0, lambda j: FailureFacts(active=("r1-tok-train-1-master-0",)))
+    rec = stopping.status["stages"][0]
+    assert stopping.create_jobs == [] and rec["phase"] == "Running" and rec.get("failures", 0) == 0
+    assert "waiting for r1-tok-train-1-master-0 to stop" in rec["message"] and stopping.requeue_after == 2
+    progress = Progress(stage="tok_train", attempt=1, stopped="preempted")  # written while it stopped
+    d = reconcile(RUN, body(status=stopping.status), [failed], None, storage({"tok_train": (progress, None)}), T0)
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-2"]
+    assert d.status["stages"][0]["preemptions"] == 1
