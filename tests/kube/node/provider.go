@@ -13,8 +13,10 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/virtual-kubelet/virtual-kubelet/errdefs"
+	"github.com/virtual-kubelet/virtual-kubelet/log"
 	"github.com/virtual-kubelet/virtual-kubelet/node/nodeutil"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	corev1listers "k8s.io/client-go/listers/core/v1"
@@ -157,8 +159,21 @@ func (p *Provider) DeletePod(_ context.Context, pod *corev1.Pod) error {
 			delete(p.pods, key(pod.Namespace, pod.Name))
 		}
 		p.mu.Unlock()
+		p.removeFromAPI(pod)
 	})
 	return nil
+}
+
+// removeFromAPI deletes a stopped pod's object at once, as the kubelet does once a terminating
+// pod's containers have ended (virtual-kubelet itself would wait out the grace period again).
+func (p *Provider) removeFromAPI(pod *corev1.Pod) {
+	zero := int64(0)
+	uid := pod.UID
+	err := p.client.CoreV1().Pods(pod.Namespace).Delete(p.ctx, pod.Name, metav1.DeleteOptions{
+		GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &uid}})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+		log.G(p.ctx).WithError(err).Warnf("could not remove pod %s/%s", pod.Namespace, pod.Name)
+	}
 }
 
 func (p *Provider) GetPod(_ context.Context, namespace, name string) (*corev1.Pod, error) {
