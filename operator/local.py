@@ -10,8 +10,12 @@ here as local processes: `python -m nanorun.trainer.<stage> --run-dir URI ...`, 
 a distributed stage has several processes (one per local GPU, capped by compute.gpusPerNode).
 A progress bar per stage is fed by the stage's progress.json; a summary table follows.
 
-- A stage with a done.json is skipped; an interrupted one resumes from its newest checkpoint (the
-  stage does that itself), so re-running the same command continues the run.
+- A stage with a done.json of the same configuration id is skipped; an interrupted one resumes from
+  its newest checkpoint (the stage does that itself), so re-running the same command continues the
+  run. Each stage process gets NANORUN_CONFIG_ID (`plan.config_ids`: a hash of its module and flags,
+  chained through the stages before it) and NANORUN_ATTEMPT (1, then one more each time the command
+  starts the unfinished stage again). Change a stage's flags in the file and that stage, and every
+  stage after it, runs again from its input instead of being skipped.
 - Ctrl-C sends SIGTERM to the running stage, which saves a checkpoint and exits; re-run to resume.
 - Without GPUs a stage gets OMP_NUM_THREADS = half the CPUs unless the variable is set already.
 - The file is validated with the same rules and messages as the CRD on a cluster.
@@ -36,7 +40,7 @@ from typing import Any
 
 import yaml
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec, SpecError, parse_spec
-from nanorun.operator.plan import PlannedStage, stage_plan
+from nanorun.operator.plan import PlannedStage, config_ids, stage_plan
 from nanorun.trainer import progress as stage_files
 from nanorun.trainer import storage
 from rich.console import Console
@@ -172,8 +176,9 @@ class LocalRun:
             self.kill_requested = True
         self.stop_requested = True
 
-    def env(self) -> dict[str, str]:
+    def env(self, attempt: int = 1, config_id: str = "") -> dict[str, str]:
         env = dict(os.environ, NANORUN_RUN=self.run.name, PYTHONUNBUFFERED="1")
+        env[stage_files.ATTEMPT_ENV], env[stage_files.CONFIG_ID_ENV] = str(attempt), config_id
         if "OMP_NUM_THREADS" not in env and local_gpu_count() == 0:
             env["OMP_NUM_THREADS"] = str(cpu_threads_per_stage())
         endpoint = self.run.spec.storage.endpoint
@@ -183,33 +188,40 @@ class LocalRun:
 
     def execute(self) -> list[StageOutcome]:
         outcomes: list[StageOutcome] = []
-        for stage in stage_plan(self.run.spec):
+        plan = stage_plan(self.run.spec)
+        ids = config_ids(plan)
+        for stage in plan:
             done = stage_files.read_done(self.run_dir, stage.stage)
-            if done is not None:
+            if stage_files.is_current(done, ids[stage.key]):
                 self.console.print(f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]",
                                    soft_wrap=True)
                 outcomes.append(StageOutcome(stage, "done", done.seconds, done.metrics))
                 continue
             if self.stop_requested:
                 break
-            outcome = self.run_stage(stage)
+            if done is not None:
+                self.console.print(stage_files.rerun_reason(done, ids[stage.key]), soft_wrap=True, markup=False)
+            outcome = self.run_stage(stage, ids[stage.key])
             outcomes.append(outcome)
             if outcome.status != "ran":
                 break
         return outcomes
 
-    def run_stage(self, stage: PlannedStage) -> StageOutcome:
+    def run_stage(self, stage: PlannedStage, config_id: str = "") -> StageOutcome:
         nproc = processes_for(stage, self.run.spec, self.nproc)
+        # the attempt after the one whose progress.json is there (a stage stopped or failed before)
+        previous = stage_files.read_progress(self.run_dir, stage.stage)
+        attempt = previous.attempt + 1 if previous else 1
         cmd = stage_command(stage, self.run_dir, nproc, self.metrics_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{stage.stage}.log"
         start, cpu_start = time.time(), _children_cpu_seconds()
         with open(log_path, "ab") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.write(f"\n$ {' '.join(cmd)}\n# attempt {attempt}, config {config_id or '(none)'}\n".encode())
             log.flush()
             # A new session: the terminal's Ctrl-C reaches only us, and we forward SIGTERM so the stage
             # checkpoints before it exits (a SIGINT would interrupt it mid-step).
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(attempt, config_id),
                                     start_new_session=True)
             try:
                 rc = self._watch(stage, proc, nproc)

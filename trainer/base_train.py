@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from nanorun.trainer import checkpoint as ckpt
 from nanorun.trainer import core_eval
-from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, peak_flops, setup_stage, teardown
+from nanorun.trainer.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
 from nanorun.trainer.dataloader import PackedBatches, default_streams, merge_states, validation_batches
 from nanorun.trainer.loss_eval import evaluate_bpb
 
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
 
-    # -- model, plan and optimizer: fresh, or as the newest committed checkpoint left them
-    resume_uri = ckpt.latest_checkpoint(ctx.stage_dir)
+    # -- model, plan and optimizer: fresh, or as this configuration's newest committed checkpoint left them
+    resume_uri = ckpt.resumable_checkpoint(ctx.stage_dir)
     meta = ckpt.read_meta(resume_uri) if resume_uri else None
     config = GPTConfig.from_dict(meta["model_config"]) if meta else model_config(args, tokenizer.vocab_size)
     with torch.device("meta"):
@@ -268,10 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
             ctx.flush_history()
         if preempted:
-            ctx.print0(f"preempted: saved {last_ckpt}; exiting {PREEMPTED_EXIT_CODE} so the job is retried")
             loader.close()
-            teardown(ctx)
-            return PREEMPTED_EXIT_CODE
+            return exit_preempted(ctx, last_ckpt)
         if last_step:
             break
 

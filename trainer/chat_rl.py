@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from nanorun.trainer import storage
-from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
+from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_for_completion
 from nanorun.trainer.finetune import (
     StepReport,
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         log_seconds=True,
     )  # fmt: skip
     if outcome.preempted:
-        return teardown(ctx, PREEMPTED_EXIT_CODE)
+        return exit_preempted(ctx, outcome.checkpoint)
     metrics = {**outcome.evals, "steps": steps, "task": train.name, "tasks": report.used}
     return finish(ctx, outcome, metrics, str(outcome.evals))
 

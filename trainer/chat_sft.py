@@ -20,7 +20,7 @@ import sys
 
 import torch
 from nanorun.trainer import storage
-from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
+from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_conversation
 from nanorun.trainer.finetune import (
     StepReport,
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_meta=lambda evals: {"loop": loop, "val_bpb": evals.get("val_bpb")},
     )  # fmt: skip
     if outcome.preempted:
-        return teardown(ctx, PREEMPTED_EXIT_CODE)
+        return exit_preempted(ctx, outcome.checkpoint)
     val_bpb = outcome.evals["val_bpb"]
     metrics = {
         "val_bpb": val_bpb,

@@ -5,14 +5,18 @@
         optim/              optimizer state in torch.distributed.checkpoint format: every rank writes
                             its own shard, keyed by parameter name, so a run saved on N ranks loads
                             on M ranks (nanochat's per-rank optimizer files need the same GPU count)
-        meta.json           model config, step, data-loader state, RNG, loop state, metrics
-        COMMITTED           the commit marker, written last: a directory without it is ignored
+        meta.json           model config, step, data-loader state, RNG, loop state, metrics,
+                            config_id (NANORUN_CONFIG_ID of the run that saved it)
+        COMMITTED           the commit marker, written last: a directory without it is ignored;
+                            removed first when a step directory is written again
 
 `save_checkpoint` is collective when an optimizer is given (every rank writes its shard); call it
 on every rank. On S3 each rank writes to a local temporary directory and uploads its own files.
 Local run directories shared by several nodes must be on a shared filesystem.
 
     latest_checkpoint(stage_dir)          newest committed checkpoint, or None
+    resumable_checkpoint(stage_dir)       newest committed checkpoint of this configuration: where a
+                                          stage resumes (another config id: start from the input)
     load_model(uri, device)               (GPT in eval mode, meta)
     load_optimizer(uri, optimizer)        restore the sharded optimizer state (any world size)
     final_checkpoint(run_dir, stage)      the checkpoint a finished stage's done.json points at
@@ -35,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from nanorun.trainer import storage
-from nanorun.trainer.progress import read_done
+from nanorun.trainer.progress import current_config_id, read_done
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -90,6 +94,23 @@ def latest_checkpoint(stage_dir_uri: str) -> str | None:
     return None
 
 
+def saved_config_id(checkpoint_uri: str) -> str:
+    """The config id a committed checkpoint was saved under ("" for checkpoints that predate ids)."""
+    meta = storage.read_json_or_none(storage.join(checkpoint_uri, META_FILE))
+    return str(meta.get("config_id") or "") if isinstance(meta, dict) else ""
+
+
+def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> str | None:
+    """Where a stage resumes: its newest committed checkpoint saved under `config_id` (default: this
+    process's NANORUN_CONFIG_ID). Without an id, any checkpoint (as before ids existed). A checkpoint
+    of another configuration is not resumed: a re-run after a spec change starts from its input."""
+    config_id = current_config_id() if config_id is None else config_id
+    for _, uri in reversed(list_checkpoints(stage_dir_uri)):
+        if is_committed(uri) and (not config_id or saved_config_id(uri) == config_id):
+            return uri
+    return None
+
+
 def rng_state() -> dict[str, Any]:
     state = {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -135,12 +156,18 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep_last: int = 3,
 ) -> str:
-    """Write checkpoint `step` (collective), commit it, prune to the newest `keep_last`; returns its URI."""
-    uri = checkpoint_dir(stage_dir_uri, step)
-    if is_committed(uri):  # e.g. SIGTERM right after a periodic save of the same step
+    """Write checkpoint `step` (collective), commit it, prune to the newest `keep_last`; returns its URI.
+
+    meta.json records `config_id` (NANORUN_CONFIG_ID); checkpoints of another config id are pruned.
+    """
+    uri, config_id = checkpoint_dir(stage_dir_uri, step), current_config_id()
+    # every rank decides alike: the directory is only changed by rank 0, after the barrier below
+    same = is_committed(uri) and saved_config_id(uri) == config_id
+    _barrier()
+    if same:  # e.g. SIGTERM right after a periodic save of the same step
         return uri
     if _rank() == 0 and storage.list_files(uri):
-        storage.delete_prefix(uri)  # leftovers of an interrupted save of this step
+        delete_checkpoint(uri)  # a re-run reaching a step an earlier run saved, or an interrupted save
     _barrier()
     if optimizer is not None:
         _save_optimizer(optimizer, uri)
@@ -155,24 +182,36 @@ def save_checkpoint(
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "has_optimizer": optimizer is not None,
             "rng": rng_state(),
+            "config_id": config_id,
             **meta,
         }
         if "model_config" not in full_meta and hasattr(module, "config"):
             full_meta["model_config"] = module.config.to_dict()
         storage.write_json(storage.join(uri, META_FILE), full_meta)
         storage.write_json(storage.join(uri, COMMIT_MARKER), {"step": step, "committed_at": time.time()})
-        _prune(stage_dir_uri, keep_last, newest=step)
+        _prune(stage_dir_uri, keep_last, newest=step, config_id=config_id)
     _barrier()
     return uri
 
 
-def _prune(stage_dir_uri: str, keep_last: int, newest: int) -> None:
+def _prune(stage_dir_uri: str, keep_last: int, newest: int, config_id: str) -> None:
     committed = [(s, u) for s, u in list_checkpoints(stage_dir_uri) if is_committed(u)]
-    doomed = [u for _, u in committed[:-keep_last]] if keep_last > 0 else []
+    # checkpoints of an earlier configuration are superseded (and would crowd out this run's own
+    # from the newest `keep_last`): the run that saved them was re-run after a spec change
+    stale = [u for _, u in committed if config_id and saved_config_id(u) != config_id]
+    committed = [(s, u) for s, u in committed if u not in stale]
+    doomed = stale + ([u for _, u in committed[:-keep_last]] if keep_last > 0 else [])
     # half-written directories older than the one just committed are garbage from interrupted saves
     doomed += [u for s, u in list_checkpoints(stage_dir_uri) if s < newest and not is_committed(u)]
     for u in doomed:
-        storage.delete_prefix(u)
+        delete_checkpoint(u)
+
+
+def delete_checkpoint(checkpoint_uri: str) -> None:
+    """Remove a checkpoint directory, its COMMITTED marker first: no reader ever sees the marker
+    beside half-deleted files, or beside the new files of a save into the same step directory."""
+    storage.delete(storage.join(checkpoint_uri, COMMIT_MARKER))
+    storage.delete_prefix(checkpoint_uri)
 
 
 def read_meta(checkpoint_uri: str) -> dict[str, Any]:

@@ -7,7 +7,10 @@ A stage's file is about what the stage does; everything every stage needs lives 
     ctx = setup_stage("base_train", parser.parse_args())
     if ctx.already_done:                    # the stage finished before: a no-op (idempotent)
         return teardown(ctx)
+    resume = resumable_checkpoint(ctx.stage_dir)  # (checkpoint.py) this configuration's newest
     ...                                     # the loop: ctx.progress(...), ctx.should_stop()
+    if preempted:                           # after saving the SIGTERM checkpoint
+        return exit_preempted(ctx, checkpoint)
     ctx.done(metrics, outputs)
     teardown(ctx)
 
@@ -17,8 +20,14 @@ created (NCCL on CUDA, gloo on CPU). Without them the stage is one plain process
 
 Preemption: SIGTERM (what Kubernetes sends before killing a pod) only sets a flag.
 `ctx.should_stop()` agrees on it across ranks, so every rank leaves the loop after the same step;
-the stage then saves a checkpoint and exits with `PREEMPTED_EXIT_CODE` (143 = 128 + SIGTERM, which
-a PyTorchJob's ExitCode restart policy treats as retryable).
+the stage then saves a checkpoint and calls `exit_preempted`: rank 0 rewrites progress.json with
+`stopped="preempted"` and this attempt's number, prints how long the checkpoint took (what
+terminationGracePeriodSeconds must cover), and the process exits with `PREEMPTED_EXIT_CODE` (143 =
+128 + SIGTERM, which a PyTorchJob's ExitCode restart policy treats as retryable). Under torchrun the
+pod's exit code is torchrun's (1), so the operator tells a preemption from a failure by the marker.
+
+Configuration ids: a done.json counts as "already done" only for the same NANORUN_CONFIG_ID
+(`progress.is_current`); with another id the stage runs again from its input (spec change).
 """
 
 from __future__ import annotations
@@ -38,7 +47,18 @@ import torch
 import torch.distributed as dist
 from nanorun.trainer import storage
 from nanorun.trainer.metrics import TrainMetrics, WandbLogger
-from nanorun.trainer.progress import Done, Progress, read_done, write_done, write_progress
+from nanorun.trainer.progress import (
+    PREEMPTED,
+    Done,
+    Progress,
+    current_attempt,
+    current_config_id,
+    is_current,
+    read_done,
+    rerun_reason,
+    write_done,
+    write_progress,
+)
 
 PREEMPTED_EXIT_CODE = 143
 PROGRESS_MIN_INTERVAL_S = 2.0  # progress.json is rewritten at most this often, unless flushed
@@ -66,7 +86,9 @@ class StageContext:
     device_type: str
     is_master: bool
     dtype: torch.dtype  # compute dtype: bf16 on CUDA with bf16 support, fp32 otherwise
-    already_done: Done | None = None  # set when <stage>/done.json exists: the stage is a no-op
+    attempt: int = 0  # NANORUN_ATTEMPT: written into every progress.json
+    config_id: str = ""  # NANORUN_CONFIG_ID: written into done.json (and checkpoints)
+    already_done: Done | None = None  # set when done.json of this config exists: the stage is a no-op
     metrics: TrainMetrics | None = None
     wandb: WandbLogger | None = None
     started_at: float = field(default_factory=time.time)
@@ -75,6 +97,8 @@ class StageContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     _history_written_at: float = 0.0
     _stop_flag: list[bool] = field(default_factory=lambda: [False])
+    _sigterm_at: float | None = None  # when this rank got SIGTERM
+    _stop_agreed_at: float | None = None  # when should_stop() first said yes: the SIGTERM checkpoint starts
 
     @property
     def distributed(self) -> bool:
@@ -93,15 +117,19 @@ class StageContext:
         return self._stop_flag[0]
 
     def request_stop(self) -> None:
+        self._sigterm_at = self._sigterm_at or time.time()
         self._stop_flag[0] = True
 
     def should_stop(self) -> bool:
         """True on every rank when SIGTERM reached any rank (a collective: call it on all ranks)."""
-        if not self.distributed:
-            return self.stop_requested
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        stop = self.stop_requested
+        if self.distributed:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item() > 0)
+        if stop and self._stop_agreed_at is None:
+            self._stop_agreed_at = time.time()
+        return stop
 
     def progress(self, flush: bool = False, **fields: Any) -> None:
         """Record progress: metrics on this rank; rank 0 also (re)writes progress.json.
@@ -116,11 +144,11 @@ class StageContext:
             return
         if self.wandb is not None:
             self.wandb.log(fields, step=fields.get("step"))
-        p = self._progress or Progress(stage=self.stage, world_size=self.world_size)
+        p = self._progress or Progress(stage=self.stage, world_size=self.world_size, attempt=self.attempt)
         for key, value in fields.items():
             if key in ("tokens", "step_seconds"):
                 continue
-            if key in Progress.__dataclass_fields__ and key not in ("stage", "extra", "updated_at"):
+            if key in Progress.__dataclass_fields__ and key not in ("stage", "extra", "updated_at", "attempt"):
                 setattr(p, key, value)
             else:
                 p.extra[key] = value
@@ -163,7 +191,8 @@ class StageContext:
                 self.progress(flush=True, message="done")
             write_done(
                 self.run_dir,
-                Done(stage=self.stage, seconds=time.time() - self.started_at, metrics=metrics, outputs=outputs),
+                Done(stage=self.stage, seconds=time.time() - self.started_at, metrics=metrics, outputs=outputs,
+                     config_id=self.config_id),
             )
         self.barrier()
 
@@ -230,11 +259,16 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
         device_type=device.type,
         is_master=rank == 0,
         dtype=compute_dtype(device),
+        attempt=current_attempt(),
+        config_id=current_config_id(),
     )
-    ctx.already_done = read_done(run_dir, stage)
-    if ctx.already_done is not None:
+    done = read_done(run_dir, stage)
+    if is_current(done, ctx.config_id):
+        ctx.already_done = done
         ctx.print0(f"{stage}: already done ({storage.join(ctx.stage_dir, 'done.json')}); nothing to do")
         return ctx
+    if done is not None:
+        ctx.print0(rerun_reason(done, ctx.config_id))
     ctx.metrics = TrainMetrics(stage, rank)
     if args.metrics_port is not None:
         port = ctx.metrics.serve(args.metrics_port + local_rank if args.metrics_port else 0)
@@ -249,6 +283,25 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx.print0(f"{stage}: rank {rank}/{world_size} on {device} ({ctx.dtype}), run dir {run_dir}")
     return ctx
+
+
+def exit_preempted(ctx: StageContext, checkpoint: str | None) -> int:
+    """The end of a stage stopped by SIGTERM, once its checkpoint is committed (on every rank).
+
+    Rank 0 rewrites progress.json with `stopped="preempted"` (and this attempt's number): the marker
+    the operator reads, since under torchrun the pod exits with torchrun's code, not ours. Prints how
+    long the checkpoint took, which terminationGracePeriodSeconds must cover. Returns
+    `PREEMPTED_EXIT_CODE` after `teardown`.
+    """
+    now = time.time()
+    saved_in = now - (ctx._stop_agreed_at or now)
+    since = f" ({now - ctx._sigterm_at:.2f} s after SIGTERM)" if ctx._sigterm_at else ""
+    ctx.print0(f"SIGTERM checkpoint saved in {saved_in:.2f} s{since}")
+    ctx.flush_history()
+    ctx.progress(flush=True, stopped=PREEMPTED, last_checkpoint=checkpoint,
+                 message=f"preempted: checkpoint saved in {saved_in:.2f} s")
+    ctx.print0(f"preempted: saved {checkpoint}; exiting {PREEMPTED_EXIT_CODE} so the job is retried")
+    return teardown(ctx, PREEMPTED_EXIT_CODE)
 
 
 def teardown(ctx: StageContext, exit_code: int = 0) -> int:

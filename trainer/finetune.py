@@ -5,12 +5,12 @@ their optimizer and learning-rate schedule, their loop and their checkpoints.
     outcome = run_loop(ctx, args, model, optimizer, start, steps, evaluate=..., train_step=...,
                        checkpoint_meta=...)       # the stage's own evaluation, step and loop state
     if outcome.preempted:
-        return teardown(ctx, PREEMPTED_EXIT_CODE)
+        return exit_preempted(ctx, outcome.checkpoint)
     return finish(ctx, outcome, metrics, summary)
 
-- A stage resumes from its own newest committed checkpoint (model, optimizer, step, loop state,
-  history.jsonl up to that step); otherwise it starts from the final checkpoint of the first
-  finished stage in `sources`.
+- A stage resumes from its own newest committed checkpoint of the same configuration id (model,
+  optimizer, step, loop state, history.jsonl up to that step); otherwise it starts from the final
+  checkpoint of the first finished stage in `sources`.
 - The loop evaluates at the end and every `--eval-every` steps, saves at the end, every
   `--save-every` steps and when preempted (SIGTERM: it then returns `preempted`), and reports each
   step to the log, progress.json, the metrics and history.jsonl.
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from nanorun.trainer import checkpoint as ckpt
-from nanorun.trainer.common import PREEMPTED_EXIT_CODE, teardown
+from nanorun.trainer.common import teardown
 from nanorun.trainer.progress import is_done
 
 # nanochat's base learning rates, for a source checkpoint that does not record its own
@@ -95,7 +95,7 @@ def start_training(
     ctx: Any, sources: tuple[str, ...] | str, init_lr_frac: float, weight_decay: float = 0.0
 ) -> tuple[torch.nn.Module, Any, Start]:
     """The model (train mode, on ctx.device), its MuonAdamW optimizer and where this run starts."""
-    resume = ckpt.latest_checkpoint(ctx.stage_dir)
+    resume = ckpt.resumable_checkpoint(ctx.stage_dir)
     if resume:
         model, meta = ckpt.load_model(resume, ctx.device)
         start = Start(
@@ -235,7 +235,6 @@ def run_loop(
             ctx.progress(flush=True, step=step, total_steps=steps, last_checkpoint=checkpoint)
             ctx.flush_history()
         if preempted:
-            ctx.print0(f"preempted: saved {checkpoint}; exiting {PREEMPTED_EXIT_CODE}")
             return Outcome(checkpoint, evals, preempted=True)
         if last_step:
             return Outcome(checkpoint, evals)

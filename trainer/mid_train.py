@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 from nanorun.trainer import storage
-from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, setup_stage, teardown
+from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_conversation
 from nanorun.trainer.dataloader import PackedBatches, SequenceDocuments, default_streams, merge_states
 from nanorun.trainer.finetune import (
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     close_loader(loader)
     if outcome.preempted:
-        return teardown(ctx, PREEMPTED_EXIT_CODE)
+        return exit_preempted(ctx, outcome.checkpoint)
     val_bpb = outcome.evals["val_bpb"]
     metrics = {
         "val_bpb": val_bpb,

@@ -4,14 +4,25 @@
 Writers: every stage (rank 0). Readers: the operator (LLMRun status), the local executor (progress
 bars), the report. One dataclass each, so writer and readers agree on the fields.
 
-    <run-dir>/<stage>/progress.json   step, total_steps, loss, val_bpb, tokens_per_sec, mfu, eta_seconds, ...
-    <run-dir>/<stage>/done.json       stage, seconds, metrics{...}, outputs{...}
+    <run-dir>/<stage>/progress.json   step, total_steps, loss, ..., attempt, stopped
+    <run-dir>/<stage>/done.json       stage, seconds, metrics{...}, outputs{...}, config_id
+
+Two settings come from the executor (the operator or `nanorun run`), read here and nowhere else:
+
+    NANORUN_ATTEMPT     which attempt of the stage this process is (1, 2, ...; unset: 0). Every
+                        progress.json carries it, so a reader can tell this attempt's file from an
+                        earlier one's; `stopped="preempted"` marks an attempt that exited on SIGTERM
+                        after saving its checkpoint (under torchrun the exit code is torchrun's, not 143).
+    NANORUN_CONFIG_ID   an opaque id of the stage's configuration and of every stage before it
+                        (unset: ""). done.json and checkpoints record it; a finished stage counts as
+                        done, and a checkpoint as resumable, only for the same id (`is_current`).
 
 Torch-free on purpose: the operator image imports it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +31,19 @@ from nanorun.trainer import storage
 
 PROGRESS_FILE = "progress.json"
 DONE_FILE = "done.json"
+ATTEMPT_ENV = "NANORUN_ATTEMPT"
+CONFIG_ID_ENV = "NANORUN_CONFIG_ID"
+PREEMPTED = "preempted"  # Progress.stopped of an attempt that saved its checkpoint on SIGTERM and exited
+
+
+def current_attempt() -> int:
+    """This process's attempt of its stage (NANORUN_ATTEMPT), 0 when no executor set it."""
+    return int(os.environ.get(ATTEMPT_ENV) or 0)
+
+
+def current_config_id() -> str:
+    """The configuration id of this process's stage (NANORUN_CONFIG_ID), "" when none was given."""
+    return os.environ.get(CONFIG_ID_ENV, "").strip()
 
 
 def stage_dir(run_dir: str, stage: str) -> str:
@@ -40,6 +64,8 @@ class Progress:
     last_checkpoint: str | None = None
     world_size: int = 1
     message: str = ""
+    attempt: int = 0  # NANORUN_ATTEMPT of the process that wrote the file
+    stopped: str = ""  # "preempted": the attempt saved a checkpoint on SIGTERM and exited
     updated_at: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +89,7 @@ class Done:
     metrics: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)  # e.g. {"checkpoint": "s3://.../step_000700"}
     finished_at: float = field(default_factory=time.time)
+    config_id: str = ""  # NANORUN_CONFIG_ID of the run that finished the stage
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,3 +121,19 @@ def read_done(run_dir: str, stage: str) -> Done | None:
 
 def is_done(run_dir: str, stage: str) -> bool:
     return read_done(run_dir, stage) is not None
+
+
+def is_current(done: Done | None, config_id: str) -> bool:
+    """Whether a finished stage counts as done for configuration `config_id`.
+
+    The one rule every reader of done.json applies (the stages, `nanorun run`): done when the ids are
+    equal, or when no id is given (`config_id` ""; executors that predate config ids). A done.json of
+    another configuration (its flags, or an earlier stage's, changed) means: run the stage again.
+    """
+    return done is not None and (not config_id or done.config_id == config_id)
+
+
+def rerun_reason(done: Done, config_id: str) -> str:
+    """The line a stage (or `nanorun run`) prints when it runs a finished stage again."""
+    return (f"{done.stage}: re-running after a spec change: done.json is of config "
+            f"{done.config_id or '(none)'}, this run is config {config_id}")

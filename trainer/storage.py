@@ -184,6 +184,15 @@ def list_dirs(prefix: str) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
+def delete(uri: str) -> None:
+    """Delete one file; a missing file is no error."""
+    if is_s3(uri):
+        loc = parse_s3(uri)
+        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)  # S3: deleting a missing key succeeds
+        return
+    Path(uri).unlink(missing_ok=True)
+
+
 def delete_prefix(prefix: str) -> int:
     """Delete everything below `prefix`; returns the number of files removed."""
     if is_s3(prefix):

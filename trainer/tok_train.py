@@ -11,8 +11,9 @@ every document to `--doc-cap` characters and stops after `--max-chars`; then mea
     <run-dir>/tok_train/progress.json                         characters read so far (rewritten ~1/s)
     <run-dir>/tok_train/done.json                             chars seen, seconds, compression, vocab size
 
-A finished stage (done.json present) is a no-op. The stage is short (no checkpoints): an interrupted
-run starts over.
+A finished stage (done.json of the same NANORUN_CONFIG_ID, see progress.is_current) is a no-op; a
+done.json of another configuration is replaced by a new run. The stage is short (no checkpoints): an
+interrupted run starts over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from collections.abc import Iterator
 
 from nanorun.trainer import storage
 from nanorun.trainer.dataset import DataError, iter_texts, resolve_shards
-from nanorun.trainer.progress import Done, Progress, is_done, read_done, write_done, write_progress
+from nanorun.trainer.progress import (
+    Done,
+    Progress,
+    current_attempt,
+    current_config_id,
+    is_current,
+    read_done,
+    rerun_reason,
+    write_done,
+    write_progress,
+)
 from nanorun.trainer.tokenizer import Tokenizer, TokenizerError
 
 STAGE = "tok_train"
@@ -70,7 +81,7 @@ def tracked(texts: Iterator[str], run_dir: str, max_chars: int, t0: float, gauge
             elapsed = now - t0
             eta = elapsed * (max_chars - seen) / seen if seen else None
             write_progress(run_dir, Progress(stage=STAGE, step=seen, total_steps=max_chars, elapsed_seconds=elapsed,
-                                             eta_seconds=eta, message="counting chunks"))
+                                             eta_seconds=eta, message="counting chunks", attempt=current_attempt()))
             if gauges:
                 gauges[0].set(seen)
         yield text
@@ -86,10 +97,12 @@ def compression(tok: Tokenizer, val_uri: str, eval_chars: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if is_done(args.run_dir, STAGE):
-        done = read_done(args.run_dir, STAGE)
+    done, config_id = read_done(args.run_dir, STAGE), current_config_id()
+    if is_current(done, config_id):
         print(f"tok_train: already done ({done.metrics.get('vocab_size')} tokens); nothing to do")
         return 0
+    if done is not None:
+        print(rerun_reason(done, config_id))
     t0 = time.time()
     gauges = start_metrics(args.metrics_port)
     shards = resolve_shards(args.data, args.run_dir)
@@ -110,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = round(time.time() - t0, 2)
     metrics["seconds"] = seconds
     write_progress(args.run_dir, Progress(stage=STAGE, step=metrics["chars_seen"], total_steps=metrics["chars_seen"],
-                                          elapsed_seconds=seconds, message="done"))
-    write_done(args.run_dir, Done(stage=STAGE, seconds=seconds, metrics=metrics, outputs={"tokenizer": out_dir}))
+                                          elapsed_seconds=seconds, message="done", attempt=current_attempt()))
+    write_done(args.run_dir, Done(stage=STAGE, seconds=seconds, metrics=metrics, outputs={"tokenizer": out_dir},
+                                  config_id=config_id))
     print(f"tok_train: {metrics['chars_seen']:,} chars in {train_seconds:.1f}s, vocab {tok.vocab_size}, "
           f"{metrics['compression_ratio']:.2f} chars/token on validation -> {out_dir}")
     return 0

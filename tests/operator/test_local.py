@@ -5,7 +5,9 @@ on tiny settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +20,9 @@ import pytest
 import yaml
 from nanorun.operator import local
 from nanorun.operator.api import GROUP, RULES, VERSION, parse_spec
-from nanorun.operator.plan import stage_plan
+from nanorun.operator.plan import config_ids, stage_plan
 from nanorun.trainer import checkpoint, storage
-from nanorun.trainer.progress import read_done
+from nanorun.trainer.progress import read_done, read_progress, write_done
 
 STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
 TOKENIZER = {"vocabSize": 512, "maxChars": 20000}
@@ -171,6 +173,34 @@ def test_a_run_dir_on_s3_works_and_a_rerun_skips_the_finished_stage(tmp_path, ca
     assert read_done(s3_run_dir, "tok_train") == done
 
 
+def test_a_stage_whose_flags_changed_in_the_file_runs_again_and_so_do_the_stages_after_it(tmp_path, capsys):
+    path = llmrun_file(tmp_path / "run.yaml", enabled=("tokenizer", "report"))
+    run_dir, logs = str(tmp_path / "run"), tmp_path / "run" / "logs"
+    rc, out, _ = run_local(capsys, str(path))
+    assert rc == 0, out
+    first = {key: read_done(run_dir, stage) for key, stage in (("tokenizer", "tok_train"), ("report", "report"))}
+    ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
+    assert {key: done.config_id for key, done in first.items()} == ids  # each stage got NANORUN_CONFIG_ID
+    assert "# attempt 1, config " + ids["tokenizer"] in (logs / "tok_train.log").read_text()
+    assert read_progress(run_dir, "tok_train").attempt == 1  # and NANORUN_ATTEMPT
+
+    rc, out, _ = run_local(capsys, str(path))  # unchanged: both skipped
+    assert rc == 0 and "tok_train: already done" in out and "report: already done" in out
+
+    path = llmrun_file(tmp_path / "run.yaml", enabled=("tokenizer", "report"), tokenizer={"vocabSize": 600})
+    rc, out, _ = run_local(capsys, str(path))
+    assert rc == 0, out
+    new_ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
+    assert new_ids["tokenizer"] != ids["tokenizer"] and new_ids["report"] != ids["report"]  # chained
+    assert f"tok_train: re-running after a spec change: done.json is of config {ids['tokenizer']}" in out
+    done = read_done(run_dir, "tok_train")
+    assert (done.config_id, done.metrics["vocab_size"]) == (new_ids["tokenizer"], 600)
+    assert read_done(run_dir, "report").config_id == new_ids["report"]  # the stage after it ran again too
+    for stage in ("tok_train", "report"):
+        assert (logs / f"{stage}.log").read_text().count("\n$ ") == 2, stage
+    assert read_progress(run_dir, "tok_train").attempt == 2  # the second process of the stage in this run dir
+
+
 def stage_processes(run_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -218,11 +248,14 @@ def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tm
     stopped_at = checkpoint.read_meta(latest)["step"]
     assert 10 <= stopped_at < 100  # the stop saved the step it had reached
     assert "preempted: saved" in log.read_text()
+    progress = read_progress(str(run_dir), "base_train")
+    assert (progress.stopped, progress.attempt, progress.last_checkpoint) == ("preempted", 1, latest)
 
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 0, out
     assert "tok_train: already done" in out
     second_attempt = log.read_text().split("\n$ ")[-1]
+    assert "# attempt 2, config " in second_attempt
     assert f"resuming from {latest} (step {stopped_at}," in second_attempt
     assert f"step {stopped_at:06d}/" not in second_attempt  # no step is trained twice
     done = read_done(str(run_dir), "base_train")
@@ -269,8 +302,15 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
 
     from tests.serving.conftest import free_port
 
-    path = llmrun_file(tmp_path / "tiny.yaml", enabled=("tokenizer", "pretrain"), storage={"uri": tiny_base_run},
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_base_run, run_dir)
+    path = llmrun_file(tmp_path / "tiny.yaml", enabled=("tokenizer", "pretrain"), storage={"uri": run_dir},
                        serving={"enabled": True})
+    # The fixture's stages ran with other flags than this file's: make them this file's finished run
+    # (otherwise their config ids differ and `nanorun run` trains them again, as it should).
+    ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
+    for key, stage in (("tokenizer", "tok_train"), ("pretrain", "base_train")):
+        write_done(run_dir, dataclasses.replace(read_done(run_dir, stage), config_id=ids[key]))
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanorun.operator.cli", "run", str(path), "--serve", "--port", str(port)],

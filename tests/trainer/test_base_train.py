@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -96,6 +97,30 @@ def test_resume_after_a_crash_sees_identical_losses(straight, tmp_path):
     assert losses(run) == losses(straight)  # bit for bit: same weights, optimizer state and batches
 
 
+def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(straight, tiny_base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)  # finished, checkpoints of steps 3 and 6, no config id
+    data = str(Path(tiny_base_run).parent / "data")
+    env = stage_env(NANORUN_CONFIG_ID="cfg-b")
+    rerun = check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run),
+                                  "--data", data, *FLAGS], capture_output=True, text=True, timeout=300, env=env))
+    assert "re-running after a spec change: done.json is of config (none), this run is config cfg-b" in rerun.stdout
+    assert "resuming from" not in rerun.stdout  # the step-6 checkpoint is of the old config
+    assert losses(run) == losses(straight)  # from step 0 again
+    done = read_done(str(run), "base_train")
+    assert done.config_id == "cfg-b" and read_meta(done.outputs["checkpoint"])["config_id"] == "cfg-b"
+    assert {read_meta(uri)["config_id"] for _, uri in list_checkpoints(str(run / "base_train"))} == {"cfg-b"}
+
+    again = check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run)],
+                                 capture_output=True, text=True, timeout=300, env=env))
+    assert "already done" in again.stdout
+
+    forget_after(run, 3)  # a crash after step 3 of the cfg-b run: a retry of the same config resumes
+    resumed = check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run),
+                                    "--data", data, *FLAGS], capture_output=True, text=True, timeout=300, env=env))
+    assert f"resuming from {checkpoint_dir(str(run / 'base_train'), 3)} (step 3," in resumed.stdout
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_same_global_batch(straight, two_ranks):
     one, two = losses(straight), losses(two_ranks)
@@ -120,21 +145,26 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, 
     run, data = fresh_run(tiny_base_run, tmp_path)
     flags = [f if f != "6" else "1000" for f in FLAGS]  # a long horizon: it must be stopped
     proc = subprocess.Popen([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data,
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stage_env())
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=stage_env(NANORUN_ATTEMPT="2"))
     deadline = time.time() + 180
     while time.time() < deadline:
         progress = read_progress(run, "base_train")
         if progress is not None and progress.step >= 2:
             break
         time.sleep(0.2)
+    assert (progress.attempt, progress.stopped) == (2, "")  # running: no marker yet
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "preempted: saved" in out
+    assert "preempted: saved" in out and re.search(r"SIGTERM checkpoint saved in \d+\.\d\d s", out)
     latest = latest_checkpoint(storage.join(run, "base_train"))
     model, meta = load_model(latest, "cpu")
     assert meta["step"] >= 2 and meta["has_optimizer"]
     assert read_done(run, "base_train") is None
+    # the marker the operator reads (under torchrun the exit code would be torchrun's 1, not 143)
+    progress = read_progress(run, "base_train")
+    assert (progress.stopped, progress.attempt, progress.last_checkpoint) == ("preempted", 2, latest)
 
 
 def test_s3_run_dir_and_shards(tiny_base_run, s3_run_dir):

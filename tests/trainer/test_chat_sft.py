@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from nanorun.trainer.chat_sft import sft_batch
 from nanorun.trainer.conversation import render_conversation
+from nanorun.trainer.progress import read_progress
 from nanorun.trainer.tasks.customjson import IDENTITY_PATH, CustomJSON
 
 from tests.fixtures.post_training import (
@@ -94,7 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path
     flags = ["--device", "cpu", "--num-iterations", "1000", *SFT_FLAGS[4:]]
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanorun.trainer.chat_sft", "--run-dir", run_dir, *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(**OFFLINE),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(**OFFLINE, NANORUN_ATTEMPT="5"),
     )  # fmt: skip
     for line in proc.stdout:
         if line.startswith("step 000002/1000"):
@@ -107,3 +108,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path
     assert (
         int(steps[-1].removeprefix("step_")) >= 2 and not (Path(run_dir) / "chat_sft" / "done.json").exists()
     )
+    progress = read_progress(run_dir, "chat_sft")  # the marker, through finetune's loop like mid_train and chat_rl
+    assert (progress.stopped, progress.attempt) == ("preempted", 5) and "SIGTERM checkpoint saved in" in output
+    assert progress.last_checkpoint.endswith(steps[-1])

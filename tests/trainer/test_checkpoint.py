@@ -16,6 +16,7 @@ from nanorun.trainer.checkpoint import (
     load_model,
     load_optimizer,
     read_meta,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from nanorun.trainer.gpt import GPT, GPTConfig
@@ -98,6 +99,64 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for step in range(1, 6):
         save_checkpoint(str(tmp_path), step, model, None, {}, keep_last=2)
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 5]
+
+
+def test_meta_records_the_config_id_of_the_run_that_saved_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
+    uri = save_checkpoint(str(tmp_path / "base_train"), 3, tiny_model(), None, {})
+    assert read_meta(uri)["config_id"] == "cfg-a"
+
+
+def test_resume_skips_checkpoints_of_another_config_and_takes_its_own(tmp_path, monkeypatch):
+    stage, model = str(tmp_path / "base_train"), tiny_model()
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
+    own = save_checkpoint(stage, 2, model, None, {})
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-old")
+    monkeypatch.setattr("nanorun.trainer.checkpoint._prune", lambda *a, **k: None)  # keep both configs' here
+    other = save_checkpoint(stage, 4, model, None, {})
+    assert latest_checkpoint(stage) == other  # the newest of any config (what serving looks for)
+    assert resumable_checkpoint(stage, "cfg-a") == own
+    assert resumable_checkpoint(stage, "cfg-new") is None  # a re-run after a spec change: from the input
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
+    assert resumable_checkpoint(stage) == own  # default: this process's NANORUN_CONFIG_ID
+    monkeypatch.delenv("NANORUN_CONFIG_ID")
+    assert resumable_checkpoint(stage) == other  # no id: any checkpoint, as before ids existed
+
+
+def test_a_rerun_saving_a_step_an_earlier_config_saved_replaces_it_marker_first(tmp_path, monkeypatch):
+    stage = str(tmp_path / "base_train")
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-old")
+    old = save_checkpoint(stage, 3, tiny_model(seed=0), None, {"note": "old"})
+    later_old = save_checkpoint(stage, 6, tiny_model(seed=0), None, {"note": "old"})
+    marker = storage.join(old, "COMMITTED")
+    removals = []
+    delete_prefix = storage.delete_prefix
+
+    def watched_delete_prefix(prefix: str) -> int:
+        removals.append((prefix, storage.exists(marker)))
+        return delete_prefix(prefix)
+
+    monkeypatch.setattr(storage, "delete_prefix", watched_delete_prefix)
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-new")
+    new_model = tiny_model(seed=1)
+    uri = save_checkpoint(stage, 3, new_model, None, {"note": "new"})
+    assert uri == old
+    assert (old, False) in removals  # the directory's files went after its marker, never before
+    meta = read_meta(uri)
+    assert (meta["note"], meta["config_id"]) == ("new", "cfg-new")
+    loaded, _ = load_model(uri, "cpu")
+    assert torch.equal(loaded.state_dict()["lm_head.weight"], new_model.state_dict()["lm_head.weight"])
+    # the earlier config's later checkpoint is superseded: pruned, not left to crowd out the new ones
+    assert not storage.exists(later_old)
+    assert [s for s, _ in list_checkpoints(stage)] == [3]
+
+
+def test_saving_a_step_this_config_already_committed_keeps_it(tmp_path, monkeypatch):
+    stage = str(tmp_path / "base_train")
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
+    uri = save_checkpoint(stage, 3, tiny_model(), None, {"note": "periodic"})
+    save_checkpoint(stage, 3, tiny_model(seed=1), None, {"note": "sigterm"})  # SIGTERM right after the save
+    assert read_meta(uri)["note"] == "periodic"
 
 
 def test_final_checkpoint_follows_done_json_and_explains_when_missing(tmp_path):

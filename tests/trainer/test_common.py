@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import urllib.request
 
 import pytest
 from nanorun.trainer import storage
-from nanorun.trainer.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.progress import Done, read_done, read_progress, write_done
 
 from tests.fixtures.s3 import free_port
@@ -71,6 +72,64 @@ def test_a_finished_stage_reports_already_done(tmp_path):
     teardown(ctx)
 
 
+@pytest.fixture
+def no_executor_env(monkeypatch):
+    monkeypatch.delenv("NANORUN_ATTEMPT", raising=False)
+    monkeypatch.delenv("NANORUN_CONFIG_ID", raising=False)
+    return monkeypatch
+
+
+def test_progress_carries_the_attempt_and_done_json_the_config_id(tmp_path, no_executor_env, restore_sigterm):
+    no_executor_env.setenv("NANORUN_ATTEMPT", "2")
+    no_executor_env.setenv("NANORUN_CONFIG_ID", "cfg-a")
+    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx.progress(flush=True, step=1, total_steps=3)
+    assert read_progress(str(tmp_path), "base_train").attempt == 2
+    ctx.done({}, {"checkpoint": "x"})
+    assert read_done(str(tmp_path), "base_train").config_id == "cfg-a"
+    teardown(ctx)
+
+
+@pytest.mark.parametrize(
+    ("done_id", "env_id", "already_done"),
+    [("cfg-a", "cfg-a", True), ("cfg-a", "cfg-b", False), ("", "cfg-b", False), ("cfg-a", "", True), ("", "", True)],
+)
+def test_a_done_json_of_another_config_id_runs_the_stage_again(
+    tmp_path, no_executor_env, restore_sigterm, capsys, done_id, env_id, already_done
+):
+    write_done(str(tmp_path), Done(stage="base_train", seconds=3.0, config_id=done_id))
+    if env_id:
+        no_executor_env.setenv("NANORUN_CONFIG_ID", env_id)
+    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert (ctx.already_done is not None) is already_done
+    if already_done:
+        assert "already done" in out and ctx.metrics is None
+    else:
+        assert f"re-running after a spec change: done.json is of config {done_id or '(none)'}, " \
+               f"this run is config {env_id}" in out
+        assert ctx.metrics is not None  # set up to run
+        ctx.done({}, {})
+        assert read_done(str(tmp_path), "base_train").config_id == env_id  # the new run's done.json
+    teardown(ctx)
+
+
+def test_a_stage_stopped_by_sigterm_marks_progress_preempted_with_its_attempt(
+    tmp_path, no_executor_env, restore_sigterm, capsys
+):
+    no_executor_env.setenv("NANORUN_ATTEMPT", "3")
+    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx.progress(flush=True, step=5, total_steps=10)
+    assert read_progress(str(tmp_path), "base_train").stopped == ""
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert ctx.should_stop()
+    assert exit_preempted(ctx, "run/base_train/checkpoints/step_000005") == PREEMPTED_EXIT_CODE
+    p = read_progress(str(tmp_path), "base_train")
+    assert (p.stopped, p.attempt, p.step) == ("preempted", 3, 5)
+    assert p.last_checkpoint == "run/base_train/checkpoints/step_000005"
+    assert re.search(r"SIGTERM checkpoint saved in \d+\.\d\d s \(\d+\.\d\d s after SIGTERM\)", capsys.readouterr().out)
+
+
 def test_sigterm_sets_the_stop_flag_instead_of_killing(tmp_path, restore_sigterm):
     ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
     assert not ctx.should_stop()
@@ -82,7 +141,7 @@ def test_sigterm_sets_the_stop_flag_instead_of_killing(tmp_path, restore_sigterm
 RANK_SCRIPT = textwrap.dedent(
     """
     import argparse, os, signal, sys
-    from nanorun.trainer.common import add_common_args, setup_stage, teardown
+    from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage
     p = argparse.ArgumentParser(); add_common_args(p)
     ctx = setup_stage("base_train", p.parse_args(sys.argv[1:]))
     before = ctx.should_stop()
@@ -90,14 +149,15 @@ RANK_SCRIPT = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGTERM)   # only rank 1 is told to stop
     after = ctx.should_stop()
     print(f"rank={ctx.rank} world={ctx.world_size} local={ctx.local_rank} before={before} after={after}")
-    teardown(ctx)
+    sys.exit(exit_preempted(ctx, "the-checkpoint"))
     """
 )
 
 
 @pytest.mark.slow
 def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "NANORUN_ATTEMPT": "4"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT, "--run-dir", str(tmp_path), "--device", "cpu"],
@@ -107,9 +167,13 @@ def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
     ]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err
+        assert p.returncode == PREEMPTED_EXIT_CODE, err
     assert "rank=0 world=2 local=0 before=False after=True" in outs[0][0]
     assert "rank=1 world=2 local=1 before=False after=True" in outs[1][0]
+    # rank 0 was not signalled itself, yet it writes the marker (rank 1 writes no status files)
+    assert "SIGTERM checkpoint saved in" in outs[0][0] and "SIGTERM checkpoint" not in outs[1][0]
+    progress = read_progress(str(tmp_path), "base_train")
+    assert (progress.stopped, progress.attempt, progress.last_checkpoint) == ("preempted", 4, "the-checkpoint")
 
 
 def test_world_size_without_master_address_is_a_clear_error(tmp_path, monkeypatch):

@@ -52,6 +52,25 @@ def test_second_run_is_a_no_op(data_dir, tmp_path, capsys):
     assert {f: os.path.getmtime(f) for f in storage.list_files(run_dir)} == files
 
 
+def test_a_done_json_of_another_config_id_trains_again_with_the_new_flags(data_dir, tmp_path, capsys, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    args = ["--run-dir", run_dir, "--data", data_dir, "--max-chars", "50000"]
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-300")
+    monkeypatch.setenv("NANORUN_ATTEMPT", "1")
+    assert tok_train.main([*args, "--vocab-size", "300"]) == 0
+    assert read_done(run_dir, "tok_train").config_id == "cfg-300"
+    assert read_progress(run_dir, "tok_train").attempt == 1
+    assert tok_train.main([*args, "--vocab-size", "300"]) == 0  # the same config: a no-op
+    assert "already done" in capsys.readouterr().out
+
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-400")  # the flags changed in the spec
+    assert tok_train.main([*args, "--vocab-size", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "re-running after a spec change: done.json is of config cfg-300, this run is config cfg-400" in out
+    done = read_done(run_dir, "tok_train")
+    assert (done.config_id, done.metrics["vocab_size"]) == ("cfg-400", 400)
+
+
 def test_stage_runs_with_an_s3_run_dir_and_s3_data(data_dir, s3_run_dir):
     data = f"{s3_run_dir}/data"
     for path in storage.list_files(data_dir):
