@@ -158,7 +158,7 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint `step` (collective), commit it, prune to the newest `keep_last`; returns its URI.
 
-    meta.json records `config_id` (NANORUN_CONFIG_ID); checkpoints of another config id are pruned.
+    meta.json records `config_id` (NANORUN_CONFIG_ID); only checkpoints of the same id are pruned.
     """
     uri, config_id = checkpoint_dir(stage_dir_uri, step), current_config_id()
     # every rank decides alike: the directory is only changed by rank 0, after the barrier below
@@ -196,11 +196,11 @@ def save_checkpoint(
 
 def _prune(stage_dir_uri: str, keep_last: int, newest: int, config_id: str) -> None:
     committed = [(s, u) for s, u in list_checkpoints(stage_dir_uri) if is_committed(u)]
-    # checkpoints of an earlier configuration are superseded (and would crowd out this run's own
-    # from the newest `keep_last`): the run that saved them was re-run after a spec change
-    stale = [u for _, u in committed if config_id and saved_config_id(u) != config_id]
-    committed = [(s, u) for s, u in committed if u not in stale]
-    doomed = stale + ([u for _, u in committed[:-keep_last]] if keep_last > 0 else [])
+    # Only this configuration's checkpoints count towards `keep_last`; those of an earlier one (the
+    # stage ran again after a spec change) are left alone: one may be what the chat service serves
+    # until this run's final checkpoint replaces it.
+    committed = [(s, u) for s, u in committed if not config_id or saved_config_id(u) == config_id]
+    doomed = [u for _, u in committed[:-keep_last]] if keep_last > 0 else []
     # half-written directories older than the one just committed are garbage from interrupted saves
     doomed += [u for s, u in list_checkpoints(stage_dir_uri) if s < newest and not is_committed(u)]
     for u in doomed:

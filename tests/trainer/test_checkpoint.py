@@ -146,9 +146,11 @@ def test_a_rerun_saving_a_step_an_earlier_config_saved_replaces_it_marker_first(
     assert (meta["note"], meta["config_id"]) == ("new", "cfg-new")
     loaded, _ = load_model(uri, "cpu")
     assert torch.equal(loaded.state_dict()["lm_head.weight"], new_model.state_dict()["lm_head.weight"])
-    # the earlier config's later checkpoint is superseded: pruned, not left to crowd out the new ones
-    assert not storage.exists(later_old)
-    assert [s for s, _ in list_checkpoints(stage)] == [3]
+    # the earlier config's other checkpoint stays (the chat service may be serving it) and does not
+    # count towards this configuration's keep_last
+    assert read_meta(later_old)["config_id"] == "cfg-old"
+    save_checkpoint(stage, 4, new_model, None, {}, keep_last=1)
+    assert [s for s, _ in list_checkpoints(stage)] == [4, 6]
 
 
 def test_saving_a_step_this_config_already_committed_keeps_it(tmp_path, monkeypatch):
