@@ -3,7 +3,8 @@
     python bench/operator_scale.py                 # N = 200, then 1000
     python bench/operator_scale.py --runs 50
 
-Starts the local test control plane (etcd + kube-apiserver, as the test fixture does), then for each
+Starts the test cluster's control plane without the pod network or the training-operator (so no
+PyTorchJob runs: only the operator's side is measured), then for each
 N: a fresh namespace and a fresh `nanorun operator -n NS` process, N LLMRuns created at once from 16
 client threads, and a watch on PyTorchJobs. Per run, latency = when its first PyTorchJob was seen
 minus when its create call returned. Prints one JSON line per N: seconds until every run had its
@@ -32,7 +33,7 @@ sys.path.append(str(REPO))  # after the standard library: the repo has an `opera
 from kubernetes import client, config, watch  # noqa: E402
 from nanorun.operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 
-from tests.kube.cluster import ControlPlane, crd_files, free_port, install_crds  # noqa: E402
+from tests.kube.cluster import Cluster, crd_files, free_port, install_crds  # noqa: E402
 
 ALL_STAGES = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
 
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nanorun-scale-") as tmp:
         workdir = Path(tmp)
-        plane = ControlPlane(workdir / "kube")
+        # The control plane only: no nodes' pod network, no training-operator (nothing runs the jobs).
+        plane = Cluster(workdir / "kube", pods=False, controllers=False)
         plane.start()
         try:
             env = plane.env()

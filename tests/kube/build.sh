@@ -85,9 +85,10 @@ mkdir -p "$tmp/manifests"
   > "$tmp/manifests/kuberay-operator.yaml"
 
 touch "$tmp/complete"
-# Drop builds for older pins (Go's caches stay), then publish this one.
+# Drop builds for older pins not used for an hour (Go's caches stay; a cluster started a moment
+# ago from an older build may still be running its binaries), then publish this one.
 find "$(dirname "$out")" -mindepth 1 -maxdepth 1 -type d ! -name "$(basename "$out")" \
-  ! -name "$(basename "$tmp")" -exec rm -rf {} +
+  ! -name "$(basename "$tmp")" ! -newermt "-60 minutes" -exec rm -rf {} +
 rm -rf "$out"
 mv "$tmp" "$out"
 step "kube test binaries built: $bin"

@@ -243,7 +243,8 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
                       "--from-literal=AWS_SECRET_ACCESS_KEY=secret", "-n", ns)
     kube_pods.kubectl("create", "configmap", "settings", "--from-literal=depth=20", "--from-literal=Corefile=. {}", "-n", ns)
     script = """
-        import os, pathlib, subprocess
+        import os, pathlib, subprocess, sys
+        print("argv", sys.argv[1:])
         for key in ("AWS_ACCESS_KEY_ID", "CFG_depth", "DEPTH", "POD_NAME", "POD_NS", "NODE", "POD_IP", "MEM_MI",
                     "CPU", "DERIVED", "KUBERNETES_SERVICE_HOST"):
             print(f"{key}={os.environ.get(key)}")
@@ -267,6 +268,7 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
             {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu"}}},
             {"name": "DERIVED", "value": "$(POD_NAME)-$(DEPTH)"},
         ],
+        "args": ["$(POD_NAME)-$(DEPTH)", "$$(DEPTH)", "$(NOT_SET)"],  # expanded from the env, as in command
         "resources": {"requests": {"cpu": "1500m"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [{"name": "settings", "mountPath": "/etc/settings"},
                          {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
@@ -280,7 +282,7 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
     done = wait_phase(kube_pods, ns, "env", {"Succeeded", "Failed"})
     logs = kube_pods.kubectl("logs", "env", "-n", ns).stdout
     assert done["status"]["phase"] == "Succeeded", logs
-    expected = ["AWS_ACCESS_KEY_ID=key-id", "CFG_depth=20", "DEPTH=20", "POD_NAME=env", f"POD_NS={ns}",
+    expected = ["argv ['env-20', '$(DEPTH)', '$(NOT_SET)']", "AWS_ACCESS_KEY_ID=key-id", "CFG_depth=20", "DEPTH=20", "POD_NAME=env", f"POD_NS={ns}",
                 f"NODE={done['spec']['nodeName']}", f"POD_IP={done['status']['podIP']}", "MEM_MI=2048", "CPU=2",
                 "DERIVED=env-20", f"KUBERNETES_SERVICE_HOST={kube_pods.cluster.network.kubernetes_ip}", f"token True ns {ns}", "ca True",
                 "config 20", "secret secret", "shm tmpfs", "scratch writable 2"]

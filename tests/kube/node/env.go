@@ -244,6 +244,18 @@ func (p *Provider) serviceEnv(pod *corev1.Pod) map[string]string {
 	return env
 }
 
+// expandAll expands each string (a container's command or args) with expand.
+func expandAll(in []string, env map[string]string) []string {
+	if in == nil {
+		return nil
+	}
+	out := make([]string, len(in))
+	for i, s := range in {
+		out[i] = expand(s, env)
+	}
+	return out
+}
+
 // expand replaces $(VAR) with earlier variables; $$ escapes, unknown references stay as written
 // (https://kubernetes.io/docs/tasks/inject-data-application/define-interdependent-environment-variables/).
 func expand(s string, env map[string]string) string {

@@ -303,7 +303,7 @@ func (r *podRun) runOnce(c *ctrRun, volumes map[string]string) (int32, error) {
 	if err != nil {
 		return 0, &configError{err}
 	}
-	spec, err := r.processSpec(c, volumes)
+	spec, err := r.processSpec(c, volumes, env)
 	if err != nil {
 		return 0, &configError{err}
 	}
@@ -407,13 +407,21 @@ func signalOf(state *os.ProcessState) int32 {
 }
 
 // processSpec is the container's mounts, hostname, working directory and argv.
-func (r *podRun) processSpec(c *ctrRun, volumes map[string]string) (*processSpec, error) {
+func (r *podRun) processSpec(c *ctrRun, volumes map[string]string, env []string) (*processSpec, error) {
 	img := c.img
 	workdir := c.spec.WorkingDir
 	if workdir == "" {
 		workdir = img.WorkingDir
 	}
-	spec := &processSpec{Hostname: r.sb.hostname, WorkingDir: workdir, Argv: img.Argv(c.spec.Command, c.spec.Args)}
+	// $(VAR) in command and args is the container's environment variable, as the kubelet expands it.
+	vars := make(map[string]string, len(env))
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			vars[k] = v
+		}
+	}
+	command, args := expandAll(c.spec.Command, vars), expandAll(c.spec.Args, vars)
+	spec := &processSpec{Hostname: r.sb.hostname, WorkingDir: workdir, Argv: img.Argv(command, args)}
 	if len(spec.Argv) == 0 {
 		return nil, fmt.Errorf("container %s has no command and image %s no entrypoint", c.spec.Name, c.spec.Image)
 	}
