@@ -110,6 +110,27 @@ func TestIPAMHandsOutEachAddressOnce(t *testing.T) {
 	}
 }
 
+func TestAPodAddressIsGivenBackOnceThoughTheSandboxIsTornDownTwice(t *testing.T) {
+	a, _ := newIPAM("10.244.1.0/24")
+	allocate := func() *sandbox {
+		ip, err := a.allocate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &sandbox{ip: ip.String(), ipHeld: true}
+	}
+	finished := allocate()
+	a.releaseHeld(finished) // the pod finished on its own
+	next := allocate()
+	if next.ip != finished.ip {
+		t.Fatalf("the freed address was not reused: %s, then %s", finished.ip, next.ip)
+	}
+	a.releaseHeld(finished) // the finished pod is deleted: its address is next's now
+	if third := allocate(); third.ip == next.ip {
+		t.Fatalf("two pods got %s", third.ip)
+	}
+}
+
 func TestFieldValueResolvesDownwardAPIPaths(t *testing.T) {
 	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "ns", UID: "u",
 		Labels: map[string]string{"app": "web"}, Annotations: map[string]string{"a": "b"}},
@@ -176,5 +197,15 @@ func TestLogsKeepStreamsAndServeTailSinceAndTimestamps(t *testing.T) {
 	stamped := read(api.ContainerLogOpts{Timestamps: true, Tail: 1})
 	if _, err := time.Parse(time.RFC3339Nano, strings.Fields(stamped)[0]); err != nil {
 		t.Errorf("timestamps: %q", stamped)
+	}
+}
+
+func TestExpandAllKeepsNilAndExpandsEach(t *testing.T) {
+	if expandAll(nil, nil) != nil {
+		t.Error("nil command must stay nil (the image's entrypoint is used)")
+	}
+	got := expandAll([]string{"--cluster-name", "$(RAY_CLUSTER_NAME)"}, map[string]string{"RAY_CLUSTER_NAME": "chat"})
+	if got[1] != "chat" {
+		t.Errorf("got %v", got)
 	}
 }

@@ -23,6 +23,7 @@ type sandbox struct {
 	netns     string // network namespace name; "" for hostNetwork pods
 	veth      string // host end of the veth pair
 	ip        string
+	ipHeld    bool // ip is this pod's until teardownNetwork gives it back (hostNetwork pods hold none)
 	hostname  string
 	tmpfs     []string // tmpfs mounts (emptyDir medium: Memory) to unmount at teardown
 	networkUp bool
@@ -64,6 +65,21 @@ func (a *ipam) release(ip string) {
 	}
 }
 
+// releaseHeld gives back the address a sandbox holds, once. A pod that finished on its own is torn
+// down again when it is deleted, and by then its address may be another pod's: releasing it twice
+// would hand it to a third pod, and two pods would answer on one address.
+func (a *ipam) releaseHeld(sb *sandbox) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !sb.ipHeld {
+		return
+	}
+	if addr, err := netip.ParseAddr(sb.ip); err == nil {
+		delete(a.used, addr)
+	}
+	sb.ipHeld = false
+}
+
 // run runs a command and returns its error with its output, for the `ip` calls.
 func run(name string, args ...string) error {
 	var out bytes.Buffer
@@ -87,12 +103,12 @@ func (p *Provider) setupNetwork(pod *corev1.Pod, sb *sandbox) error {
 	if err != nil {
 		return err
 	}
+	sb.ip, sb.ipHeld = addr.String(), true
 	gateway, err := netip.ParsePrefix(p.cfg.Gateway)
 	if err != nil {
-		p.ipam.release(addr.String())
+		p.ipam.releaseHeld(sb)
 		return fmt.Errorf("--gateway %q (want the bridge address as a CIDR): %w", p.cfg.Gateway, err)
 	}
-	sb.ip = addr.String()
 	uid := strings.ReplaceAll(string(pod.UID), "-", "")
 	sb.netns = p.cfg.NetnsPrefix + uid
 	sb.veth = "nrv" + uid[:12]
@@ -127,16 +143,15 @@ func (p *Provider) setupNetwork(pod *corev1.Pod, sb *sandbox) error {
 	return nil
 }
 
-// teardownNetwork ends every process left in the namespace and removes it (the veth goes with it).
+// teardownNetwork ends every process left in the namespace, removes it (the veth goes with it) and
+// gives the pod's address back. It runs again when a finished pod is deleted: a no-op by then.
 func (p *Provider) teardownNetwork(sb *sandbox) {
-	if sb.netns == "" {
-		sb.networkUp = false
-		return
+	if sb.netns != "" {
+		killNetnsProcesses(sb.netns)
+		_ = run("ip", "netns", "del", sb.netns)
+		_ = os.RemoveAll(filepath.Join("/etc/netns", sb.netns))
 	}
-	killNetnsProcesses(sb.netns)
-	_ = run("ip", "netns", "del", sb.netns)
-	_ = os.RemoveAll(filepath.Join("/etc/netns", sb.netns))
-	p.ipam.release(sb.ip)
+	p.ipam.releaseHeld(sb)
 	sb.networkUp = false
 }
 
