@@ -31,10 +31,13 @@ def service_url(run: str, namespace: str) -> str:
     return f"http://{rayservice_name(run)}-serve-svc.{namespace}.svc:{SERVE_PORT}"
 
 
-def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None) -> dict[str, Any]:
+def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None,
+                 version: str = "") -> dict[str, Any]:
     """Ray Serve's multi-application config. `args_checkpoint` is the checkpoint the application
     was first built with: `args` must not change when only the checkpoint rolls, or Serve would
-    redeploy the application instead of reconfiguring its replicas."""
+    redeploy the application instead of reconfiguring its replicas. `version` (the final stage's
+    config id) goes into user_config too: a stage that ran again after a spec change may write its
+    final checkpoint to the same path, and the replicas must still load the new weights."""
     s = spec.serving
     actor: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
     if s.gpus_per_replica:
@@ -53,7 +56,7 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
                     "target_ongoing_requests": s.target_ongoing_requests,
                 },
                 "ray_actor_options": actor,
-                "user_config": {"checkpoint": checkpoint},
+                "user_config": {"checkpoint": checkpoint, **({"version": version} if version else {})},
             }],
         }],
     }
@@ -75,8 +78,9 @@ def _container(name: str, spec: LLMRunSpec, cpus: float, gpus: float, ports: lis
     }
 
 
-def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None) -> dict[str, Any]:
-    """The RayService manifest serving `checkpoint`."""
+def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None,
+                       version: str = "") -> dict[str, Any]:
+    """The RayService manifest serving `checkpoint` (of configuration `version`, when known)."""
     s = spec.serving
     labels = {LABEL_RUN: run.name, "app.kubernetes.io/name": "nanorun-chat", "app.kubernetes.io/managed-by": "nanorun"}
     head_ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
@@ -96,7 +100,7 @@ def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_chec
             "ownerReferences": [run.owner_reference()],
         },
         "spec": {
-            "serveConfigV2": yaml.safe_dump(serve_config(spec, checkpoint, args_checkpoint), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(serve_config(spec, checkpoint, args_checkpoint, version), sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": s.ray_version,
                 "enableInTreeAutoscaling": True,

@@ -373,7 +373,8 @@ def _serving(run: RunRef, spec: LLMRunSpec, status: LLMRunStatus, existing: dict
         status.serving = status.serving.model_copy(update={"ray_service": "", "ready": False, "url": "", "checkpoint": ""})
         return False
     _, args_checkpoint = served_checkpoints(existing) if existing else (None, None)
-    desired = rayservice_for_run(run, spec, status.checkpoint, args_checkpoint)
+    final = next((r for r in reversed(status.stages) if r.name in plan_mod.CHECKPOINT_STAGES and r.phase == "Succeeded"), None)
+    desired = rayservice_for_run(run, spec, status.checkpoint, args_checkpoint, final.config_id if final else "")
     if existing is None:
         d.create_rayservice = desired
         d.events.append(Event("Normal", "ServingCreated", f"created RayService {name} for {status.checkpoint}"))

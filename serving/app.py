@@ -207,13 +207,19 @@ class ChatDeployment:
             self.loaded = LoadedModel(checkpoint, tokenizer, slots, device)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load `user_config["checkpoint"]` (and optional `"tokenizer"`) into this running replica."""
+        """Load `user_config["checkpoint"]` (and optional `"tokenizer"`) into this running replica,
+        unless it is loaded already (and, with `"version"`, saved under that config id)."""
         checkpoint = (user_config or {}).get("checkpoint")
         tokenizer = (user_config or {}).get("tokenizer")
+        # The config id the checkpoint must have been saved with: a stage that ran again after a
+        # spec change may have written new weights to the same path.
+        version = (user_config or {}).get("version", "")
         if not checkpoint:
             return
         async with self.lock:
-            if self.loaded is not None and self.loaded.source == (checkpoint, tokenizer):
+            loaded = self.loaded
+            if loaded is not None and loaded.source == (checkpoint, tokenizer) and (
+                    not version or loaded.info.get("config_id") == version):
                 return
             fresh = await asyncio.to_thread(LoadedModel, checkpoint, tokenizer, self.slots, self.device)
             old, self.loaded = self.loaded, fresh

@@ -336,5 +336,5 @@ def load_chat_model(checkpoint: str, tokenizer_dir: str | None = None,
     tokenizer = Tokenizer.load(tokenizer_dir)
     model, meta = load_model(checkpoint_uri, device or default_device())
     info = {"checkpoint": checkpoint_uri, "tokenizer": tokenizer_dir, "step": meta.get("step"),
-            "context": context_length(model)}
+            "config_id": meta.get("config_id", ""), "context": context_length(model)}
     return model, tokenizer, info

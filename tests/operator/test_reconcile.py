@@ -217,7 +217,9 @@ def test_a_finished_run_creates_its_rayservice_and_is_ready_when_it_is():
     svc = d.create_rayservice
     assert svc["metadata"]["name"] == "r1-chat"
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
-    assert app["deployments"][0]["user_config"] == {"checkpoint": d.status["checkpoint"]}
+    pretrain = d.status["stages"][1]
+    # The version is the config id the served checkpoint was saved under (a re-run may reuse its path).
+    assert app["deployments"][0]["user_config"] == {"checkpoint": d.status["checkpoint"], "version": pretrain["configId"]}
     assert cond(d.status, "Ready")["reason"] == "ServingNotReady"
     svc = copy.deepcopy(svc)
     svc["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}

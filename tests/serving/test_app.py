@@ -218,3 +218,27 @@ def test_a_new_checkpoint_is_loaded_without_restarting_the_replica(client, chat_
     finally:
         chat_service.deploy(tiny_chat_run)
     assert client.chat.completions.create(**kwargs).choices[0].message.content == before
+
+
+def test_a_checkpoint_path_is_loaded_again_when_the_config_id_it_must_have_changes(tiny_chat_run):
+    """A stage that ran again after a spec change may write its final checkpoint to the same path:
+    user_config's "version" (the config id the checkpoint must carry) makes the replica reload it."""
+    import asyncio
+
+    from nanorun.serving.app import ChatDeployment, LoadedModel
+    from nanorun.trainer import checkpoint, engine
+
+    async def scenario():
+        # The replica as Ray Serve builds it (its class without the ingress wrapper's async __init__).
+        deployment = object.__new__(ChatDeployment.func_or_class)
+        deployment.slots, deployment.device, deployment.lock = 1, "cpu", asyncio.Lock()
+        deployment.loaded = first = LoadedModel(tiny_chat_run, None, 1, "cpu")
+        saved_id = first.info["config_id"]
+        assert saved_id == str(checkpoint.read_meta(engine.resolve_checkpoint(tiny_chat_run)).get("config_id") or "")
+        await deployment.reconfigure({"checkpoint": tiny_chat_run, "version": saved_id})
+        assert deployment.loaded is first  # the same weights: nothing to load
+        await deployment.reconfigure({"checkpoint": tiny_chat_run, "version": "a-newer-config"})
+        assert deployment.loaded is not first and deployment.loaded.source == first.source
+        deployment.loaded.scheduler.close()
+
+    asyncio.run(scenario())
