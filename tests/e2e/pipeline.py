@@ -14,24 +14,25 @@ from typing import Any
 import yaml
 from nanorun.operator.api import API_VERSION, KIND
 
-PRETRAIN_STEPS = 100  # long enough that the kill lands mid-run even on an idle machine
+PRETRAIN_STEPS = 100  # long enough that the preemption lands mid-run even on an idle machine
 SAVE_EVERY = 10
 
 
-def e2e_llmrun(name: str, run_dir: str, **storage: str) -> dict[str, Any]:
+def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[str, Any]:
+    """The LLMRun; `nodes` > 1 runs every distributed stage on that many pods (one process each)."""
     spec = {
         "image": "nanorun-trainer:e2e",
         "storage": {"uri": run_dir, **storage},
         "data": {"pretrain": "bundled"},
         "model": {"depth": 2, "maxSeqLen": 128, "aspectRatio": 32, "headDim": 32, "windowPattern": "L"},
         "tokenizer": {"vocabSize": 512, "maxChars": 50000},
-        "compute": {"gpusPerNode": 0},
+        "compute": {"gpusPerNode": 0, "nodes": nodes},
         "stages": {
             "tokenizer": {"extraArgs": ["--eval-chars", "20000"]},
-            "pretrain": {"numIterations": PRETRAIN_STEPS, "deviceBatchSize": 4, "totalBatchSize": 512,
+            "pretrain": {"numIterations": PRETRAIN_STEPS, "deviceBatchSize": 2, "totalBatchSize": 512,
                          "saveEvery": SAVE_EVERY, "evalEvery": PRETRAIN_STEPS,
                          "extraArgs": ["--warmup-steps", "2", "--eval-tokens", "1024", "--sample-every", "-1",
-                                       "--data-streams", "1", "--doc-buffer", "16"]},
+                                       "--data-streams", "2", "--doc-buffer", "16"]},
             "baseEval": {"maxPerTask": 4, "deviceBatchSize": 4, "extraArgs": ["--eval-tokens", "1024"]},
             "midtrain": {"numIterations": 6, "deviceBatchSize": 4, "extraArgs": ["--eval-tokens", "1024", "--limit", "200"]},
             "sft": {"numIterations": 4, "deviceBatchSize": 2,
