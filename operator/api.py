@@ -258,6 +258,7 @@ class LLMRunStatus(Model):
     stage: str = Field("", description="Stage running now (or the last one).")
     progress: str = Field("", description="step/total of the current stage.")
     loss: float | None = Field(None, description="Latest training loss of the current stage.")
+    eta: str = Field("", description="Estimated time left in the current stage (from its progress), e.g. 1h05m.")
     stages: list[StageStatus] = Field(default_factory=list, max_length=16, description="Per-stage records, in plan order.")
     checkpoint: str = Field("", description="Latest final checkpoint of the pipeline.")
     serving: ServingStatus = Field(default_factory=ServingStatus, description="The chat service.")

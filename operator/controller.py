@@ -329,7 +329,7 @@ class Controller:
         old = body.get("status") or {}
         new = dict(d.status)
         # A merge patch keeps keys it does not mention; null removes the ones we no longer set.
-        for managed in ("loss", "checkpoint", "progress", "stage"):
+        for managed in ("loss", "eta", "checkpoint", "progress", "stage"):
             new.setdefault(managed, None)
         if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
                 k not in old for k, v in new.items() if v is None):

@@ -123,6 +123,7 @@ PRINTER_COLUMNS = [
     {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage."},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "step/total of the current stage."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss", "description": "Latest training loss."},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.eta", "description": "Estimated time left in the current stage."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -157,6 +157,7 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
         stage=shown.name if shown else "",
         progress=_progress(shown, phase),
         loss=shown.metrics.loss if shown else None,
+        eta=_eta(shown, phase),
         stages=records,
         checkpoint=_final_checkpoint(spec, records),
         serving=old.serving,
@@ -172,6 +173,17 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
         d.events.append(Event(kind, f"Run{phase}", f"run is {phase}" + (f" at stage {shown.name}" if shown else "")))
     d.status = out
     return d
+
+
+def _eta(rec: StageStatus | None, phase: str) -> str:
+    """The current stage's ETA as a person reads it (`1h05m`, `4m10s`, `35s`); empty when unknown."""
+    seconds = rec.metrics.eta_seconds if rec is not None and phase == "Running" else None
+    if seconds is None or seconds < 0:
+        return ""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _progress(rec: StageStatus | None, phase: str) -> str:

@@ -71,7 +71,7 @@ def test_a_running_job_shows_progress_and_loss():
     d = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Running")], None, storage(files), T0)
     assert d.create_jobs == []
     s = d.status
-    assert (s["progress"], s["loss"]) == ("30/120", 3.25)
+    assert (s["progress"], s["loss"], s["eta"]) == ("30/120", 3.25, "1m30s")
     assert s["stages"][0]["metrics"] == {"step": 30, "totalSteps": 120, "loss": 3.25, "tokensPerSecond": 5e5,
                                          "mfu": 0.41, "etaSeconds": 90}
 
@@ -325,3 +325,13 @@ def test_a_failed_job_whose_pods_are_still_stopping_is_decided_only_once_they_ha
     d = reconcile(RUN, body(status=stopping.status), [failed], None, storage({"tok_train": (progress, None)}), T0)
     assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-2"]
     assert d.status["stages"][0]["preemptions"] == 1
+
+
+def test_the_eta_reads_like_a_person_writes_it():
+    from nanorun.operator.api import StageMetrics, StageStatus
+    from nanorun.operator.reconcile import _eta
+
+    def eta(seconds, phase="Running"):
+        return _eta(StageStatus(name="pretrain", metrics=StageMetrics(eta_seconds=seconds)), phase)
+    assert [eta(35), eta(250), eta(3900), eta(90061)] == ["35s", "4m10s", "1h05m", "25h01m"]
+    assert eta(None) == "" and eta(30, "Succeeded") == "" and _eta(None, "Running") == ""
