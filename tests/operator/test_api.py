@@ -123,7 +123,7 @@ def test_crd_is_structural_and_keeps_kopf_state_in_status():
     walk(schema["properties"]["spec"])
     assert schema["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "Loss", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "Loss", "ETA", "Age"]
     assert doc["spec"]["names"]["shortNames"] == ["llm"]
     spec = schema["properties"]["spec"]
     assert spec["properties"]["compute"]["default"] == {}  # so nested defaults apply
