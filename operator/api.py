@@ -2,21 +2,26 @@
 
 These models are the single source of truth. They generate the CRD's structural schema
 (`nanorun.operator.crd`), the configuration reference (`docs/configuration.md`) and the validation
-`nanorun run FILE` applies locally. Cross-field checks are `Rule`s: each one is a CEL expression the
-API server evaluates at admission, the message it answers with, and the same check in Python, so a
-mistake gets the same message on a cluster and on a laptop.
+`nanorun run FILE` applies locally. Checks beyond types and limits (across fields, or a format such
+as an S3 URI or a quantity) are `Rule`s: each one is a CEL expression the API server evaluates at
+admission, the message it answers with, and the same check in Python. Local schema errors use the
+API server's wording, so a mistake gets the same message, naming the same field, on a cluster and
+on a laptop.
 
     spec = parse_spec(yaml.safe_load(open("run.yaml"))["spec"])   # SpecError on a bad spec
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.alias_generators import to_camel
+from typing_extensions import TypedDict
 
 GROUP = "nanorun.io"
 VERSION = "v1alpha1"
@@ -75,6 +80,20 @@ class TokenizerSpec(Model):
     doc_cap: int = Field(10000, ge=1, description="At most this many characters from each document.")
 
 
+# A Kubernetes quantity in a resource map: `8`, `500m`, `256Gi` (int-or-string in the CRD).
+Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
+
+
+class ResourceRequirements(TypedDict, total=False):
+    """core/v1 ResourceRequirements, typed so the CEL rules can see which resources it asks for."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    limits: Annotated[dict[str, Quantity], Field(description="Resource limits, e.g. `{rdma/ib: 1}`.")]
+    requests: Annotated[dict[str, Quantity], Field(description="Resource requests.")]
+    claims: Annotated[list[dict[str, Any]], Field(description="Dynamic resource claims (core/v1 ResourceClaim).")]
+
+
 class ComputeSpec(Model):
     """Where and on how much hardware the training stages run."""
 
@@ -88,8 +107,8 @@ class ComputeSpec(Model):
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (core/v1 Toleration).")
     affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the training pods (core/v1 Affinity).")
     priority_class_name: str = Field("", max_length=253, description="PriorityClass of the training pods.")
-    queue: str = Field("", max_length=253, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.")
-    resources: dict[str, Any] = Field(default_factory=dict, description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.")
+    queue: str = Field("", max_length=63, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.")
+    resources: ResourceRequirements = Field(default_factory=dict, description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.")
     ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished PyTorchJob is kept before Kubernetes deletes it.")
     termination_grace_period_seconds: int = Field(
         120, ge=0, le=86400,
@@ -266,20 +285,28 @@ class LLMRunStatus(Model):
     observed_generation: int = Field(0, description="metadata.generation this status reflects.")
 
 
-# --- cross-field rules: CEL for the API server, Python for local runs ----------------------------
+# --- rules: CEL for the API server, Python for local runs ------------------------------------------
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A check that needs more than one field. `path` is where the CEL rule sits in the schema
-    ("" = the whole object, "spec", "spec.serving"...); `check` is the same test in Python, on the
-    spec (and, for transition rules, the old spec and whether any stage has run)."""
+    """A check the schema's types and limits cannot express. `path` is where the CEL rule sits in
+    the schema ("" = the whole object, "spec", "spec.serving", or a field itself, where `self` is its
+    value); `field` (a CEL fieldPath under `path`, e.g. ".serving.minReplicas") is the field the
+    API server names when the rule fails; `check` is the same test in Python, on the spec (and, for
+    transition rules, the old spec and whether any stage has run)."""
 
     path: str
     cel: str
     message: str
     check: Callable[..., bool]
     transition: bool = False
+    field: str = ""
+
+    @property
+    def where(self) -> str:
+        """The field a refusal names: `spec.serving.minReplicas`."""
+        return self.path + self.field
 
 
 def _procs_per_node(s: LLMRunSpec) -> int:
@@ -292,6 +319,32 @@ def _batch_divisible(s: LLMRunSpec) -> bool:
         return True
     unit = p.device_batch_size * s.model.max_seq_len * s.compute.nodes * _procs_per_node(s)
     return p.total_batch_size % unit == 0
+
+
+def _asks_for_gpus(c: ComputeSpec) -> bool:
+    return any(c.gpu_resource in c.resources.get(kind, {}) for kind in ("limits", "requests"))
+
+
+# The same regular expressions in CEL (RE2) and Python.
+# An S3 URI names a bucket. Its spelling is the store's to judge (S3-compatible stores differ, and
+# a wrong name fails the run with the store's own error), its presence is ours.
+S3_URI_PATTERN = r"^s3://[^/]+(/.*)?$"
+# A LocalQueue is a Kubernetes object (a DNS subdomain name) and its name a label value (<= 63).
+QUEUE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# What apimachinery's ParseQuantity accepts (the pattern kubebuilder puts on quantities).
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+
+
+def _quantity_rule(field: str) -> Rule:
+    """spec.compute.<field> is empty or a Kubernetes quantity (a rule on the string itself)."""
+    attr = {"cpu": "cpu", "memory": "memory", "shmSize": "shm_size"}[field]
+    return Rule(
+        f"spec.compute.{field}",
+        "self == '' || isQuantity(self)",
+        "must be a Kubernetes quantity such as 32, 500m or 256Gi (binary suffixes Ki, Mi, Gi, Ti; decimal k, M, G, T)",
+        lambda s: not getattr(s.compute, attr) or re.search(QUANTITY_PATTERN, getattr(s.compute, attr)) is not None,
+    )
 
 
 CHECKPOINT_STAGES = ("pretrain", "midtrain", "sft", "rl")
@@ -308,18 +361,21 @@ RULES: list[Rule] = [
         "stages.pretrain.totalBatchSize must be a multiple of deviceBatchSize × model.maxSeqLen × "
         "compute.nodes × compute.gpusPerNode (tokens of one micro-step over all processes)",
         _batch_divisible,
+        field=".stages.pretrain.totalBatchSize",
     ),
     Rule(
         "spec",
         "self.serving.minReplicas <= self.serving.maxReplicas",
         "serving.minReplicas must not exceed serving.maxReplicas",
         lambda s: s.serving.min_replicas <= s.serving.max_replicas,
+        field=".serving.minReplicas",
     ),
     Rule(
         "spec",
         " || ".join(f"self.stages.{k}.enabled" for k in _STAGE_CEL_KEYS),
         "at least one stage must be enabled",
         lambda s: any(getattr(s.stages, k).enabled for k in _STAGE_KEYS),
+        field=".stages",
     ),
     Rule(
         "spec",
@@ -327,7 +383,42 @@ RULES: list[Rule] = [
         "serving.enabled needs a stage that produces a model (pretrain, midtrain, sft or rl); "
         "enable one or set serving.enabled: false",
         lambda s: not s.serving.enabled or any(getattr(s.stages, k).enabled for k in CHECKPOINT_STAGES),
+        field=".serving.enabled",
     ),
+    # Workers on other nodes read the tokenizer and write checkpoints next to the Master's.
+    Rule(
+        "spec",
+        "self.compute.nodes == 1 || self.storage.uri.startsWith('s3://')",
+        "compute.nodes > 1 needs storage.uri on S3 (s3://bucket/prefix): every node reads and writes "
+        "the same run directory",
+        lambda s: s.compute.nodes == 1 or s.storage.uri.startswith("s3://"),
+        field=".compute.nodes",
+    ),
+    # A CPU pod that asks for a GPU waits for one it never uses (or is never scheduled).
+    Rule(
+        "spec.compute",
+        "self.gpusPerNode > 0 || !has(self.resources) || !("
+        "(has(self.resources.limits) && self.gpuResource in self.resources.limits) || "
+        "(has(self.resources.requests) && self.gpuResource in self.resources.requests))",
+        "compute.resources asks for compute.gpuResource while compute.gpusPerNode is 0; "
+        "set gpusPerNode to the GPUs of each node instead",
+        lambda s: s.compute.gpus_per_node > 0 or not _asks_for_gpus(s.compute),
+        field=".resources",
+    ),
+    Rule(
+        "spec.storage.uri",
+        f"!self.startsWith('s3:') || self.matches('{S3_URI_PATTERN}')",
+        "an S3 URI must name a bucket: s3://bucket/prefix",
+        lambda s: not s.storage.uri.startswith("s3:") or re.search(S3_URI_PATTERN, s.storage.uri) is not None,
+    ),
+    Rule(
+        "spec.compute.queue",
+        f"self == '' || self.matches('{QUEUE_PATTERN}')",
+        "must be the name of a Kueue LocalQueue (it becomes the kueue.x-k8s.io/queue-name label): "
+        "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+        lambda s: not s.compute.queue or re.search(QUEUE_PATTERN, s.compute.queue) is not None,
+    ),
+    *(_quantity_rule(field) for field in ("cpu", "memory", "shmSize")),
 ]
 
 
@@ -359,19 +450,53 @@ class SpecError(ValueError):
     """A spec that does not validate; the message lists every problem, one per line."""
 
 
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _supported(error: dict[str, Any]) -> str:
+    values = ", ".join(f'"{v}"' for v in re.findall(r"'([^']*)'", error["ctx"]["expected"]))
+    return f"Unsupported value: {json.dumps(error['input'])}: supported values: {values}"
+
+
+# pydantic's errors in the API server's words for the same schema check, so that a mistake reads
+# the same on a laptop as on a cluster; other errors keep pydantic's wording.
+_SERVER_WORDS: dict[str, Callable[[dict[str, Any], str], str]] = {
+    "greater_than_equal": lambda e, _: f"should be greater than or equal to {_num(e['ctx']['ge'])}",
+    "greater_than": lambda e, _: f"should be greater than {_num(e['ctx']['gt'])}",
+    "less_than_equal": lambda e, _: f"should be less than or equal to {_num(e['ctx']['le'])}",
+    "less_than": lambda e, _: f"should be less than {_num(e['ctx']['lt'])}",
+    "string_too_short": lambda e, _: f"should be at least {e['ctx']['min_length']} chars long",
+    "string_too_long": lambda e, _: f"Too long: may not be more than {e['ctx']['max_length']} bytes",
+    "string_pattern_mismatch": lambda e, _: f"should match '{e['ctx']['pattern']}'",
+    "literal_error": lambda e, _: _supported(e),
+    "extra_forbidden": lambda e, where: f'unknown field "{where}"',
+    "missing": lambda e, _: "Required value",
+    "int_parsing": lambda e, _: "must be of type integer",
+    "int_type": lambda e, _: "must be of type integer",
+    "int_from_float": lambda e, _: "must be of type integer",
+    "bool_parsing": lambda e, _: "must be of type boolean",
+    "bool_type": lambda e, _: "must be of type boolean",
+    "string_type": lambda e, _: "must be of type string",
+    "float_parsing": lambda e, _: "must be of type number",
+    "float_type": lambda e, _: "must be of type number",
+}
+
+
 def _format_pydantic(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "spec"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"spec.{where}: {msg}" if where != "spec" else f"spec: {msg}")
+        where = ".".join(["spec", *(str(p) for p in e["loc"])])
+        words = _SERVER_WORDS.get(e["type"])
+        lines.append(f"{where}: {words(e, where) if words else e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
 def parse_spec(data: dict[str, Any]) -> LLMRunSpec:
-    """Validate a spec (the YAML's `spec:` mapping) and apply the cross-field rules.
+    """Validate a spec (the YAML's `spec:` mapping) and apply the rules.
 
-    Raises SpecError with the same rule messages the API server gives for the CRD's CEL rules.
+    Raises SpecError with the messages the API server gives for the same mistakes, each on a line
+    that starts with the field it names (`spec.compute.queue: must be ...`).
     """
     if not isinstance(data, dict):
         raise SpecError("spec: must be a mapping")
@@ -379,9 +504,9 @@ def parse_spec(data: dict[str, Any]) -> LLMRunSpec:
         spec = LLMRunSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(_format_pydantic(err)) from None
-    broken = [r.message for r in RULES if not r.transition and not r.check(spec)]
+    broken = [f"{r.where}: {r.message}" for r in RULES if not r.transition and not r.check(spec)]
     if broken:
-        raise SpecError("\n".join(f"spec: {m}" for m in broken))
+        raise SpecError("\n".join(broken))
     return spec
 
 

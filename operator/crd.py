@@ -114,6 +114,8 @@ def openapi_schema() -> dict[str, Any]:
     }
     for rule in api.RULES:
         entry = {"rule": rule.cel, "message": rule.message}
+        if rule.field:  # the field the API server names when the rule fails
+            entry["fieldPath"] = rule.field
         _at(schema, rule.path).setdefault("x-kubernetes-validations", []).append(entry)
     return schema
 

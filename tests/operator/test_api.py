@@ -136,7 +136,8 @@ def test_every_rule_is_in_the_crd_where_it_belongs():
         node = schema
         for part in filter(None, r.path.split(".")):
             node = node["properties"][part]
-        assert {"rule": r.cel, "message": r.message} in node["x-kubernetes-validations"]
+        entry = {"rule": r.cel, "message": r.message, **({"fieldPath": r.field} if r.field else {})}
+        assert entry in node["x-kubernetes-validations"]
 
 
 def test_generated_files_are_fresh():

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 from nanorun.operator import local
-from nanorun.operator.api import GROUP, RULES, VERSION, parse_spec
+from nanorun.operator.api import GROUP, VERSION, parse_spec
 from nanorun.operator.plan import config_ids, stage_plan
 from nanorun.trainer import checkpoint, storage
 from nanorun.trainer.progress import read_done, read_progress, write_done
@@ -33,16 +33,6 @@ TINY_PRETRAIN = {
     "extraArgs": ["--warmup-steps", "2", "--eval-tokens", "1024", "--sample-every", "-1",
                   "--data-streams", "1", "--doc-buffer", "16"],
 }
-
-# One violation of each creation-time rule of the CRD, keyed by the start of the rule's message.
-VIOLATIONS = {
-    "stages.pretrain.totalBatchSize": {"stages": {"pretrain": {"deviceBatchSize": 4, "totalBatchSize": 1000}}},
-    "serving.minReplicas": {"serving": {"minReplicas": 3, "maxReplicas": 2}},
-    "at least one stage": {"stages": {k: {"enabled": False} for k in STAGE_KEYS}, "serving": {"enabled": False}},
-    "serving.enabled needs": {"stages": {k: {"enabled": k == "tokenizer"} for k in STAGE_KEYS},
-                              "serving": {"enabled": True}},
-}
-
 
 def llmrun_file(path: Path, name: str = "local", enabled: tuple[str, ...] = ("tokenizer",), **spec: Any) -> Path:
     body: dict[str, Any] = {
@@ -81,19 +71,7 @@ def run_local(capsys, *argv: str) -> tuple[int, str, str]:
 # --- validation ------------------------------------------------------------------------------------
 
 
-def test_every_creation_rule_of_the_crd_has_a_violation_here():
-    creation = [r.message for r in RULES if not r.transition]
-    assert sorted(next(m for m in creation if m.startswith(s)) for s in VIOLATIONS) == sorted(creation)
-
-
-@pytest.mark.parametrize("start", list(VIOLATIONS))
-def test_a_rule_violation_is_refused_with_the_crd_rule_message(tmp_path, capsys, start):
-    rule = next(r for r in RULES if r.message.startswith(start))
-    path = llmrun_file(tmp_path / "bad.yaml", **VIOLATIONS[start])
-    rc, out, err = run_local(capsys, str(path))
-    assert rc == 2
-    assert f"spec: {rule.message}" in err.splitlines()
-    assert not (tmp_path / "run").exists()  # nothing ran
+# One mistake at a time, refused here and by the API server alike: test_refused_specs.py's table.
 
 
 def test_schema_errors_name_the_field_and_every_problem_is_listed(tmp_path, capsys):
@@ -119,19 +97,6 @@ def test_a_file_that_is_no_llmrun_gets_a_clear_error(tmp_path, capsys, content, 
 def test_a_missing_file_gets_a_clear_error(tmp_path, capsys):
     rc, _, err = run_local(capsys, str(tmp_path / "nope.yaml"))
     assert rc == 2 and "cannot read" in err and "nope.yaml" in err
-
-
-@pytest.mark.kube
-def test_the_api_server_refuses_the_same_file_with_the_same_messages(kube, kube_namespace, tmp_path, capsys):
-    for start, violation in VIOLATIONS.items():
-        path = llmrun_file(tmp_path / "bad.yaml", name="bad", **violation)
-        _, _, err = run_local(capsys, str(path))
-        local_messages = [line.removeprefix("spec: ") for line in err.splitlines() if line.startswith("spec: ")]
-        assert local_messages, start
-        server = kube.kubectl("create", "--dry-run=server", "-n", kube_namespace, "-f", str(path), check=False)
-        assert server.returncode != 0
-        for message in local_messages:
-            assert message in server.stderr, f"{message!r} not in the API server's answer:\n{server.stderr}"
 
 
 # --- the plan ----------------------------------------------------------------------------------------
