@@ -30,7 +30,8 @@ PLURAL = "llmruns"
 SINGULAR = "llmrun"
 SHORT_NAMES = ["llm"]
 API_VERSION = f"{GROUP}/{VERSION}"
-DEFAULT_IMAGE = "ghcr.io/nanorun/nanorun-trainer:0.1.0"
+DEFAULT_IMAGE = "ghcr.io/nanorun/nanorun-trainer:0.1.0"  # trainer/Dockerfile: PyTorch + nanorun
+DEFAULT_SERVING_IMAGE = "ghcr.io/nanorun/nanorun-serving:0.1.0"  # serving/Dockerfile: Ray + nanorun
 DEFAULT_RAY_VERSION = "2.60.0"
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
@@ -186,9 +187,15 @@ class ServingSpec(Model):
     max_replicas: int = Field(1, ge=1, le=1000, description="Most Ray Serve replicas.")
     gpus_per_replica: float = Field(1, ge=0, le=64, description="GPUs per replica (fractions share a GPU); 0 serves on CPU.")
     cpus_per_replica: float = Field(1, ge=0, le=512, description="CPUs per replica.")
+    memory_per_replica: str = Field("", max_length=64, description="Memory request and limit of each serving worker pod (Kubernetes quantity, e.g. 16Gi); empty leaves it unset.")
+    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name requested for the replicas' GPUs.")
+    head_cpu: str = Field("2", max_length=64, description="CPU request and limit of the Ray head pod (it runs the GCS, the dashboard and the HTTP proxy, no replica).")
+    head_memory: str = Field("", max_length=64, description="Memory request and limit of the Ray head pod (e.g. 8Gi); empty leaves it unset.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the serving pods must match (the training pods have compute.nodeSelector).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the serving pods (core/v1 Toleration).")
     target_ongoing_requests: float = Field(2, gt=0, description="Autoscaling target of concurrent requests per replica.")
     ray_version: str = Field(DEFAULT_RAY_VERSION, max_length=64, description="Ray version of the serving image.")
-    image: str = Field("", max_length=1024, description="Serving image (Ray + nanorun); empty uses spec.image.")
+    image: str = Field(DEFAULT_SERVING_IMAGE, min_length=1, max_length=1024, description="Serving image: Ray and nanorun (serving/Dockerfile), not the trainer image.")
 
 
 class RetrySpec(Model):
@@ -201,7 +208,7 @@ class RetrySpec(Model):
 class LLMRunSpec(Model):
     """Train a chat model from scratch: tokenizer, pretraining, post-training, evaluation, serving."""
 
-    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=1024, description="Trainer image, used by every stage.")
+    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=1024, description="Trainer image (PyTorch and nanorun, trainer/Dockerfile), used by every stage; serving has its own, serving.image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the trainer image.")
     storage: StorageSpec = Field(description="Where the run keeps its files.")
     data: DataSpec = Field(default_factory=DataSpec, description="Pretraining data.")
@@ -336,14 +343,18 @@ QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numk
                     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
 
-def _quantity_rule(field: str) -> Rule:
-    """spec.compute.<field> is empty or a Kubernetes quantity (a rule on the string itself)."""
-    attr = {"cpu": "cpu", "memory": "memory", "shmSize": "shm_size"}[field]
+def _quantity_rule(section: str, field: str) -> Rule:
+    """spec.<section>.<field> is empty or a Kubernetes quantity (a rule on the string itself)."""
+    attr = re.sub(r"(?<!^)(?=[A-Z])", "_", field).lower()
+
+    def check(s: Any) -> bool:
+        value = getattr(getattr(s, section), attr)
+        return not value or re.search(QUANTITY_PATTERN, value) is not None
     return Rule(
-        f"spec.compute.{field}",
+        f"spec.{section}.{field}",
         "self == '' || isQuantity(self)",
         "must be a Kubernetes quantity such as 32, 500m or 256Gi (binary suffixes Ki, Mi, Gi, Ti; decimal k, M, G, T)",
-        lambda s: not getattr(s.compute, attr) or re.search(QUANTITY_PATTERN, getattr(s.compute, attr)) is not None,
+        check,
     )
 
 
@@ -418,7 +429,8 @@ RULES: list[Rule] = [
         "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
         lambda s: not s.compute.queue or re.search(QUEUE_PATTERN, s.compute.queue) is not None,
     ),
-    *(_quantity_rule(field) for field in ("cpu", "memory", "shmSize")),
+    *(_quantity_rule("compute", field) for field in ("cpu", "memory", "shmSize")),
+    *(_quantity_rule("serving", field) for field in ("memoryPerReplica", "headCpu", "headMemory")),
 ]
 
 

@@ -10,6 +10,7 @@ checkpoint changes only `user_config`, which Ray Serve applies by calling the re
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -62,15 +63,17 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
     }
 
 
-def _container(name: str, spec: LLMRunSpec, cpus: float, gpus: float, ports: list[dict[str, Any]]) -> dict[str, Any]:
-    limits: dict[str, Any] = {"cpu": str(max(1, math.ceil(cpus)))}
+def _container(name: str, spec: LLMRunSpec, cpu: str, memory: str, gpus: float,
+               ports: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Ray container with spec.serving's resources (nothing of spec.compute, which is training's)."""
+    limits: dict[str, Any] = {"cpu": cpu}
     if gpus:
-        limits[spec.compute.gpu_resource] = math.ceil(gpus)
-    if spec.compute.memory:
-        limits["memory"] = spec.compute.memory
+        limits[spec.serving.gpu_resource] = math.ceil(gpus)
+    if memory:
+        limits["memory"] = memory
     return {
         "name": name,
-        "image": spec.serving.image or spec.image,
+        "image": spec.serving.image,
         "imagePullPolicy": spec.image_pull_policy,
         "env": storage_env(spec),
         "ports": ports,
@@ -86,10 +89,14 @@ def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_chec
     head_ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                   {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": SERVE_PORT},
                   {"name": "metrics", "containerPort": 8080}]
-    worker_pod: dict[str, Any] = {"containers": [_container("ray-worker", spec, s.cpus_per_replica, s.gpus_per_replica, [])]}
-    for key, value in (("nodeSelector", spec.compute.node_selector), ("tolerations", spec.compute.tolerations)):
-        if value:
-            worker_pod[key] = value
+    worker = _container("ray-worker", spec, str(max(1, math.ceil(s.cpus_per_replica))), s.memory_per_replica,
+                        s.gpus_per_replica, [])
+    worker_pod: dict[str, Any] = {"containers": [worker]}
+    head_pod: dict[str, Any] = {"containers": [_container("ray-head", spec, s.head_cpu, s.head_memory, 0, head_ports)]}
+    for pod in (worker_pod, head_pod):
+        for key, value in (("nodeSelector", s.node_selector), ("tolerations", s.tolerations)):
+            if value:
+                pod[key] = copy.deepcopy(value)
     return {
         "apiVersion": f"{RAYSERVICE_GROUP}/{RAYSERVICE_VERSION}",
         "kind": "RayService",
@@ -105,9 +112,8 @@ def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_chec
                 "rayVersion": s.ray_version,
                 "enableInTreeAutoscaling": True,
                 "headGroupSpec": {
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-                    "template": {"metadata": {"labels": labels},
-                                 "spec": {"containers": [_container("ray-head", spec, 2, 0, head_ports)]}},
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},  # no replica on the head
+                    "template": {"metadata": {"labels": labels}, "spec": head_pod},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "chat",

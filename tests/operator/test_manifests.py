@@ -119,8 +119,9 @@ def test_no_credentials_secret_means_no_secret_env():
 
 
 def test_rayservice_serves_the_checkpoint_through_user_config():
-    spec = spec_of(serving={"minReplicas": 2, "maxReplicas": 6, "gpusPerReplica": 1, "targetOngoingRequests": 8},
-                   compute={"nodeSelector": {"gpu": "h100"}})
+    spec = spec_of(serving={"minReplicas": 2, "maxReplicas": 6, "gpusPerReplica": 1, "targetOngoingRequests": 8,
+                            "memoryPerReplica": "32Gi", "headMemory": "8Gi", "nodeSelector": {"pool": "serve"}},
+                   compute={"nodeSelector": {"gpu": "h100"}, "memory": "900Gi", "cpu": "96"})
     ckpt = "s3://bucket/runs/speedrun/chat_sft/checkpoints/step_000700"
     svc = rayservice_for_run(RUN, spec, ckpt)
     assert (svc["apiVersion"], svc["kind"], svc["metadata"]["name"]) == ("ray.io/v1", "RayService", "speedrun-chat")
@@ -134,7 +135,14 @@ def test_rayservice_serves_the_checkpoint_through_user_config():
     (group,) = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert (group["minReplicas"], group["maxReplicas"]) == (2, 6)
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert group["template"]["spec"]["nodeSelector"] == {"gpu": "h100"}
+    # Serving's own resources and placement; nothing of spec.compute (training's) leaks in.
+    worker = group["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "32Gi", "nvidia.com/gpu": 1}
+    assert worker["containers"][0]["image"] == "ghcr.io/nanorun/nanorun-serving:0.1.0"  # the Ray image by default
+    head = svc["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert head["rayStartParams"]["num-cpus"] == "0"  # replicas run on the workers
+    assert worker["nodeSelector"] == head["template"]["spec"]["nodeSelector"] == {"pool": "serve"}
     assert served_checkpoints(svc) == (ckpt, ckpt)
     assert service_url("speedrun", "team-a") == "http://speedrun-chat-serve-svc.team-a.svc:8000"
 
