@@ -26,6 +26,7 @@ from typing import Any
 
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.execution import SandboxUnavailable
 from nanorun.trainer.progress import is_done
 from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generative_eval
 from nanorun.trainer.tasks.hf import TaskDataUnavailable
@@ -87,7 +88,7 @@ def load_tasks(ctx, names: list[str]) -> tuple[dict[str, Task], dict[str, str]]:
     for name in names:
         try:
             tasks[name] = EVAL_TASKS[name](storage.join(ctx.run_dir, "task_data"))
-        except TaskDataUnavailable as err:
+        except (TaskDataUnavailable, SandboxUnavailable) as err:  # no data, or no safe place to run its code
             skipped[name] = err.reason
             ctx.print0(f"skipping {name}: {err}")
     return tasks, skipped

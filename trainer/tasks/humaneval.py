@@ -1,7 +1,8 @@
 """HumanEval (openai/openai_humaneval): write a Python function; it passes if the dataset's tests do.
 
 The reply's code (the first fenced block if there is one, else the whole reply) runs with the
-prompt's imports and the task's `check(...)` in `nanorun.trainer.execution`'s sandbox.
+prompt's imports and the task's `check(...)` in `nanorun.trainer.execution`'s sandbox. Where that
+sandbox cannot be had, constructing the task raises `SandboxUnavailable` (chat_eval skips the task).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nanorun.trainer.execution import execute_code
+from nanorun.trainer.execution import execute_code, sandbox
 from nanorun.trainer.tasks.common import Conversation, Task
 from nanorun.trainer.tasks.hf import default_cache, load_rows
 
@@ -28,6 +29,7 @@ def prompt_imports(prompt: str) -> str:
 class HumanEval(Task):
     def __init__(self, cache: str | None = None, timeout: float = 5.0, memory_mb: int = 256, **slice_: Any):
         super().__init__(**slice_)
+        sandbox()  # refuse before downloading anything: the code is never run without it
         self.timeout, self.memory_mb = timeout, memory_mb
         self.rows = load_rows("openai/openai_humaneval", "openai_humaneval", "test", cache or default_cache())
 
