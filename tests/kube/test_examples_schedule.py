@@ -1,0 +1,123 @@
+"""Every example LLMRun fits the cluster it is written for: on a test cluster shaped like a GPU
+cluster (a system node, and two nodes of 8 H100s with InfiniBand, tainted `nvidia.com/gpu`), every
+pod the training-operator makes for each stage's PyTorchJob, and every pod KubeRay makes for the
+RayService, is scheduled, with no `FailedScheduling`.
+
+The jobs and the RayService are exactly what nanorun's operator builds for the example, except the
+image (one this cluster cannot pull, so nothing runs after scheduling: it is placement that is under
+test) and, for an example with a Kueue queue, the suspended start (no Kueue here admits the jobs).
+Run: .venv/bin/pytest tests/kube/test_examples_schedule.py -q   (needs root for the pod network)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures.kube import KubeEnv, wait_until
+from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec, crd_files, install_crds
+
+pytestmark = [pytest.mark.kube, pytest.mark.slow]
+
+EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]
+ABSENT_IMAGE = "registry.invalid/nanorun-not-pulled:0"
+GPU = {"cpu": "192", "memory": "2Ti", "pods": "110", "nvidia.com/gpu": "8", "rdma/ib": "1",
+       "ephemeral-storage": "1Ti"}
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"}
+NODES = (
+    NodeSpec("system", capacity={"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
+             labels={"node-role": "system"}),
+    NodeSpec("gpu-1", capacity=GPU, labels=H100, taints=("nvidia.com/gpu=present:NoSchedule",)),
+    NodeSpec("gpu-2", capacity=GPU, labels=H100, taints=("nvidia.com/gpu=present:NoSchedule",)),
+)
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(tmp_path_factory) -> Iterator[KubeEnv]:
+    """A cluster of its own (beside the session one, when that runs)."""
+    plane = Cluster(tmp_path_factory.mktemp("gpu-cluster"), nodes=NODES)
+    if plane.pods_unsupported:
+        pytest.fail(f"pods cannot run here: {plane.pods_unsupported}", pytrace=False)
+    try:
+        plane.start()
+        env = KubeEnv(plane)
+        install_crds(crd_files(), env.env)
+    except ControlPlaneError as err:
+        plane.stop()
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield env
+    finally:
+        plane.stop()
+        shutil.rmtree(plane.workdir / "etcd-data", ignore_errors=True)
+
+
+def pods(kube: KubeEnv, ns: str, selector: str) -> list[dict]:
+    return json.loads(kube.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
+
+
+def failed_scheduling(kube: KubeEnv, ns: str) -> list[str]:
+    events = json.loads(kube.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
+    return [f"{e['involvedObject']['name']}: {e['message']}" for e in events if e["reason"] == "FailedScheduling"]
+
+
+def all_scheduled(kube: KubeEnv, ns: str, selector: str, count: int) -> list[dict]:
+    """Waits until `count` pods match and each is bound to a node; fails at the first FailedScheduling."""
+    def check() -> list[dict]:
+        refused = failed_scheduling(kube, ns)
+        assert not refused, refused
+        return pods(kube, ns, selector)
+    return wait_until(check, lambda ps: len(ps) == count and all(p["spec"].get("nodeName") for p in ps), timeout=120)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, example: Path):
+    from nanorun.operator.api import parse_spec
+    from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
+    from nanorun.operator.plan import stage_plan
+    from nanorun.operator.rayservice import rayservice_for_run
+
+    kube = gpu_cluster
+    body = yaml.safe_load(example.read_text())
+    ns = f"schedule-{example.stem.replace('_', '-').replace('.', '-')}"[:50]
+    kube.kubectl("create", "namespace", ns)
+    wait_until(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode, lambda rc: rc == 0)
+    spec = parse_spec(body["spec"])
+    run = RunRef(name=body["metadata"]["name"], namespace=ns, uid="00000000-0000-0000-0000-000000000003")
+    placed: dict[str, list[str]] = {}
+    for stage in stage_plan(spec):
+        job = pytorchjob_for_stage(run, spec, stage, attempt=1)
+        job["metadata"].pop("ownerReferences")  # no LLMRun object here
+        job["spec"]["runPolicy"]["suspend"] = False  # Kueue's admission, for an example with a queue
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            replica["template"]["spec"]["containers"][0]["image"] = ABSENT_IMAGE
+        name = job["metadata"]["name"]
+        kube.apply(ns, job)
+        replicas = sum(r["replicas"] for r in job["spec"]["pytorchReplicaSpecs"].values())
+        scheduled = all_scheduled(kube, ns, f"training.kubeflow.org/job-name={name}", replicas)
+        placed[stage.key] = sorted(p["spec"]["nodeName"] for p in scheduled)
+        kube.kubectl("delete", "pytorchjob", name, "-n", ns, "--wait=true", "--timeout=60s")
+        wait_until(lambda name=name: pods(kube, ns, f"training.kubeflow.org/job-name={name}"), lambda ps: ps == [])
+    if spec.compute.gpus_per_node:  # GPU stages land on the GPU nodes, one pod per node
+        pretrain = placed["pretrain"]
+        assert set(pretrain) <= {"gpu-1", "gpu-2"} and len(set(pretrain)) == len(pretrain) == spec.compute.nodes
+
+    if spec.serving.enabled:
+        service = rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints/step_000001")
+        service["metadata"].pop("ownerReferences")
+        cluster_spec = service["spec"]["rayClusterConfig"]
+        for group in [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]:
+            group["template"]["spec"]["containers"][0]["image"] = ABSENT_IMAGE
+        kube.apply(ns, copy.deepcopy(service))
+        expected = 1 + spec.serving.min_replicas
+        scheduled = all_scheduled(kube, ns, "ray.io/node-type in (head,worker)", expected)
+        nodes = {p["metadata"]["labels"]["ray.io/node-type"]: p["spec"]["nodeName"] for p in scheduled}
+        if spec.serving.gpus_per_replica:
+            assert nodes["worker"] in {"gpu-1", "gpu-2"}, nodes
+    kube.kubectl("delete", "namespace", ns, "--wait=false")
