@@ -6,21 +6,37 @@ Named `<run>-chat`, owned by the LLMRun. Its serveConfigV2 runs the nanorun serv
 (`nanorun.serving.SERVE_IMPORT_PATH`) with the checkpoint in the deployment's `user_config`: a new
 checkpoint changes only `user_config`, which Ray Serve applies by calling the replicas'
 `reconfigure()` without restarting them. Replicas, autoscaling and GPUs come from spec.serving.
+
+One replica per worker pod: each worker offers the Ray resource `SERVE_REPLICA_RESOURCE` once and
+each replica takes it, whatever its CPU and GPU fractions. That makes a worker pod's metrics port
+(`serve-metrics`, SERVE_METRICS_PORT, where the replica serves its own /metrics) one replica's, so
+the chart's PodMonitor scrapes every replica as its own series. The head runs no replica (and so
+declares no such port): its `serve` port goes through the proxy to any replica.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
 import yaml
 from nanorun.operator.api import LLMRunSpec
 from nanorun.operator.jobs import LABEL_RUN, RunRef, dns_name, storage_env
-from nanorun.serving import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME, SERVE_IMPORT_PATH
+from nanorun.serving import (
+    SERVE_APP_NAME,
+    SERVE_DEPLOYMENT_NAME,
+    SERVE_IMPORT_PATH,
+    SERVE_METRICS_PORT,
+    SERVE_METRICS_PORT_ENV,
+    SERVE_REPLICA_RESOURCE,
+    SERVE_SLOTS,
+)
 
 RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL = "ray.io", "v1", "rayservices"
 SERVE_PORT = 8000
+SERVE_METRICS_PORT_NAME = "serve-metrics"  # the chart's podMonitor.servingPort
 
 
 def rayservice_name(run: str) -> str:
@@ -40,7 +56,7 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
     config id) goes into user_config too: a stage that ran again after a spec change may write its
     final checkpoint to the same path, and the replicas must still load the new weights."""
     s = spec.serving
-    actor: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
+    actor: dict[str, Any] = {"num_cpus": s.cpus_per_replica, "resources": {SERVE_REPLICA_RESOURCE: 1}}
     if s.gpus_per_replica:
         actor["num_gpus"] = s.gpus_per_replica
     return {
@@ -51,6 +67,8 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
             "args": {"checkpoint": args_checkpoint or checkpoint},
             "deployments": [{
                 "name": SERVE_DEPLOYMENT_NAME,
+                # a replica decodes SERVE_SLOTS requests together and queues as many more
+                "max_ongoing_requests": 2 * SERVE_SLOTS,
                 "autoscaling_config": {
                     "min_replicas": s.min_replicas,
                     "max_replicas": s.max_replicas,
@@ -64,7 +82,7 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
 
 
 def _container(name: str, spec: LLMRunSpec, cpu: str, memory: str, gpus: float,
-               ports: list[dict[str, Any]]) -> dict[str, Any]:
+               ports: list[dict[str, Any]], env: tuple[dict[str, str], ...] = ()) -> dict[str, Any]:
     """A Ray container with spec.serving's resources (nothing of spec.compute, which is training's)."""
     limits: dict[str, Any] = {"cpu": cpu}
     if gpus:
@@ -75,7 +93,7 @@ def _container(name: str, spec: LLMRunSpec, cpu: str, memory: str, gpus: float,
         "name": name,
         "image": spec.serving.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "env": storage_env(spec),
+        "env": storage_env(spec) + list(env),
         "ports": ports,
         "resources": {"requests": dict(limits), "limits": limits},
     }
@@ -90,7 +108,8 @@ def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_chec
                   {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": SERVE_PORT},
                   {"name": "metrics", "containerPort": 8080}]
     worker = _container("ray-worker", spec, str(max(1, math.ceil(s.cpus_per_replica))), s.memory_per_replica,
-                        s.gpus_per_replica, [])
+                        s.gpus_per_replica, [{"name": SERVE_METRICS_PORT_NAME, "containerPort": SERVE_METRICS_PORT}],
+                        env=({"name": SERVE_METRICS_PORT_ENV, "value": str(SERVE_METRICS_PORT)},))
     worker_pod: dict[str, Any] = {"containers": [worker]}
     head_pod: dict[str, Any] = {"containers": [_container("ray-head", spec, s.head_cpu, s.head_memory, 0, head_ports)]}
     for pod in (worker_pod, head_pod):
@@ -120,7 +139,8 @@ def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_chec
                     "replicas": s.min_replicas,
                     "minReplicas": s.min_replicas,
                     "maxReplicas": s.max_replicas,
-                    "rayStartParams": {},
+                    # `ray start --resources=...` through a shell: single-quoted JSON, as KubeRay writes it
+                    "rayStartParams": {"resources": f"'{json.dumps({SERVE_REPLICA_RESOURCE: 1})}'"},
                     "template": {"metadata": {"labels": labels}, "spec": worker_pod},
                 }],
             },

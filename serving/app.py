@@ -8,7 +8,8 @@ or, on a cluster, a RayService whose serveConfigV2 names `nanorun.serving.SERVE_
 
 Routes: `POST /v1/chat/completions` (stream true: server-sent events in OpenAI's chunk format
 ending with `data: [DONE]`; false: one JSON with `usage`), `GET /v1/models`, `GET /healthz`,
-`GET /metrics` (Prometheus, names in `nanorun.serving.metrics`), and the web UI at `/`.
+`GET /metrics` (Prometheus, names in `nanorun.serving.metrics`), and the web UI at `/`. On a
+cluster each replica also serves its metrics on its pod's port `$NANORUN_SERVE_METRICS_PORT`.
 
 - One deployment, `ChatDeployment`, holds the model and a continuous-batching `Scheduler`
   (`nanorun.serving.batching`): concurrent requests decode together.
@@ -18,8 +19,9 @@ ending with `data: [DONE]`; false: one JSON with `usage`), `GET /v1/models`, `GE
 - Bad input is a 400 with OpenAI's error body, never a 500. A conversation longer than the context
   is trimmed from its oldest turns, and the response says so in the `x-nanorun-notice` header.
 - `build_app(args)` takes `checkpoint`, `tokenizer`, `slots`, `device`, `num_gpus`, `num_cpus`,
-  `max_ongoing_requests` and `autoscaling_config` (Ray Serve's fields, e.g. min/max_replicas and
-  target_ongoing_requests).
+  `max_ongoing_requests` (default 2 x slots: a full batch and as many queued) and
+  `autoscaling_config` (Ray Serve's fields, e.g. min/max_replicas; target_ongoing_requests
+  defaults to slots, so a replica is scaled out once its batch is full).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
@@ -38,7 +40,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from nanorun.serving import SERVE_DEPLOYMENT_NAME
+from nanorun.serving import SERVE_DEPLOYMENT_NAME, SERVE_SLOTS
 from nanorun.serving.api import (
     AssistantMessage,
     ChatCompletion,
@@ -56,7 +58,7 @@ from nanorun.serving.api import (
     now,
     validation_error_body,
 )
-from nanorun.serving.metrics import serve_metrics
+from nanorun.serving.metrics import export_replica_metrics, serve_metrics
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -107,7 +109,7 @@ class AppArgs(BaseModel):
 
     checkpoint: str | None = Field(default=None, description="checkpoint, stage or run URI (path or s3://)")
     tokenizer: str | None = Field(default=None, description="tokenizer dir; default <run-dir>/tok_train")
-    slots: int = Field(default=16, ge=1, le=1024, description="KV-cache rows: requests decoded together")
+    slots: int = Field(default=SERVE_SLOTS, ge=1, le=1024, description="KV-cache rows: requests decoded together")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = Field(default=0, ge=0)
     num_cpus: float = Field(default=1, ge=0)
@@ -194,11 +196,12 @@ async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) ->
         serve_metrics().request_seconds.observe(time.monotonic() - start)
 
 
-@serve.deployment(name=SERVE_DEPLOYMENT_NAME, max_ongoing_requests=64, health_check_period_s=10)
+@serve.deployment(name=SERVE_DEPLOYMENT_NAME, max_ongoing_requests=2 * SERVE_SLOTS, health_check_period_s=10)
 @serve.ingress(api)
 class ChatDeployment:
-    def __init__(self, slots: int = 16, device: str = "auto", checkpoint: str | None = None,
+    def __init__(self, slots: int = SERVE_SLOTS, device: str = "auto", checkpoint: str | None = None,
                  tokenizer: str | None = None) -> None:
+        export_replica_metrics()  # on the pod's metrics port, when the pod names one
         self.slots = slots
         self.device = device
         self.loaded: LoadedModel | None = None

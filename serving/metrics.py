@@ -1,8 +1,11 @@
 """Prometheus metrics of the chat service: the single source of the `nanorun_serve_*` names.
 
 Each replica process keeps one `ServeMetrics` (`serve_metrics()`), in a `prometheus_client`
-registry of its own, and serves it on `GET /metrics` of the app (see docs/serving.md for how the
-series reach Prometheus on a cluster):
+registry of its own, and serves it on `GET /metrics` of the app (through Ray Serve's proxy, so a
+scrape reaches one replica of the proxy's choosing) and, on a cluster, on its own port
+(`export_replica_metrics()`, port `$NANORUN_SERVE_METRICS_PORT` of the pod): Prometheus scrapes
+that port on every worker pod, one replica each, so every replica is its own series
+(docs/monitoring.md):
 
     nanorun_serve_requests_total{status}            counter: finished requests by HTTP status / outcome
     nanorun_serve_time_to_first_token_seconds       histogram: request start to first generated token
@@ -14,8 +17,15 @@ series reach Prometheus on a cluster):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import logging
+import os
+import threading
+
+from nanorun.serving import SERVE_METRICS_PORT_ENV
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("nanorun.serving")
 
 REQUESTS = "nanorun_serve_requests"  # prometheus_client adds the _total suffix of a counter
 TIME_TO_FIRST_TOKEN = "nanorun_serve_time_to_first_token_seconds"
@@ -66,3 +76,29 @@ def serve_metrics() -> ServeMetrics:
     The app reaches them through this function, never through a module global of its own: Ray
     Serve's ingress serialises the route methods by value, which would give them a private copy."""
     return _PROCESS_METRICS
+
+
+_exporter_lock = threading.Lock()
+_exporter_port: int | None = None
+
+
+def export_replica_metrics(port: int | None = None) -> int | None:
+    """Serve this process's metrics on `port` (default `$NANORUN_SERVE_METRICS_PORT`; unset: not
+    at all) of all interfaces, once per process. Returns the port served on, or None.
+
+    A port already taken (a second replica on the same pod, which the operator's placement rules
+    out) is logged and skipped: that replica's series stay on the app's `GET /metrics` only."""
+    global _exporter_port
+    if port is None:
+        port = int(os.environ.get(SERVE_METRICS_PORT_ENV) or 0) or None
+    with _exporter_lock:
+        if port is None or _exporter_port is not None:
+            return _exporter_port
+        try:
+            start_http_server(port, registry=_PROCESS_METRICS.registry)
+        except OSError as err:
+            log.warning("replica metrics not served on port %d: %s", port, err)
+            return None
+        _exporter_port = port
+        log.info("replica metrics on :%d/metrics", port)
+        return port

@@ -212,8 +212,11 @@ def test_pod_monitor_scrapes_trainer_and_serving_pods_the_operator_creates(rende
         assert matches(monitor["spec"]["selector"], template["metadata"]["labels"]), f"{name} pods not selected"
     trainer_ports = {p["name"] for c in pods["trainer"]["spec"]["containers"] for p in c.get("ports", [])}
     head_ports = {p["name"] for c in pods["ray-head"]["spec"]["containers"] for p in c.get("ports", [])}
+    worker_ports = {p["name"] for c in pods["ray-chat"]["spec"]["containers"] for p in c.get("ports", [])}
     assert "metrics" in endpoints and "metrics" in trainer_ports  # llm_train_* on --metrics-port
-    assert "serve" in endpoints and "serve" in head_ports  # the chat app's GET /metrics
+    # every replica's own /metrics on its worker pod; not the head's proxy, which picks any replica
+    assert "serve-metrics" in endpoints and "serve-metrics" in worker_ports
+    assert "serve" not in endpoints and not endpoints.keys() & head_ports - {"metrics"}
     for endpoint in endpoints.values():
         assert endpoint["path"] == "/metrics"
         assert {"sourceLabels": ["__meta_kubernetes_pod_label_nanorun_io_run"], "targetLabel": "run"} in (
