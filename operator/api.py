@@ -193,7 +193,7 @@ class ServingSpec(Model):
     head_memory: str = Field("", max_length=64, description="Memory request and limit of the Ray head pod (e.g. 8Gi); empty leaves it unset.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the serving pods must match (the training pods have compute.nodeSelector).")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the serving pods (core/v1 Toleration).")
-    target_ongoing_requests: float = Field(2, gt=0, description="Autoscaling target of concurrent requests per replica.")
+    target_ongoing_requests: float | None = Field(None, gt=0, description="Autoscaling target of concurrent requests per replica; unset: the replica's continuous-batching slots (16), so a replica is scaled out once its batch is full.")
     ray_version: str = Field(DEFAULT_RAY_VERSION, max_length=64, description="Ray version of the serving image.")
     image: str = Field(DEFAULT_SERVING_IMAGE, min_length=1, max_length=1024, description="Serving image: Ray and nanorun (serving/Dockerfile), not the trainer image.")
 

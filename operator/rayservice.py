@@ -72,7 +72,7 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
                 "autoscaling_config": {
                     "min_replicas": s.min_replicas,
                     "max_replicas": s.max_replicas,
-                    "target_ongoing_requests": s.target_ongoing_requests,
+                    "target_ongoing_requests": s.target_ongoing_requests or SERVE_SLOTS,
                 },
                 "ray_actor_options": actor,
                 "user_config": {"checkpoint": checkpoint, **({"version": version} if version else {})},
