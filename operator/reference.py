@@ -13,6 +13,8 @@ from nanorun.operator import api
 
 
 def _type(node: dict[str, Any]) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "int or string"
     t = node.get("type", "object")
     if t == "array":
         return f"list of {_type(node.get('items', {}))}"
