@@ -8,15 +8,19 @@
         meta.json           model config, step, data-loader state, RNG, loop state, metrics,
                             config_id (NANORUN_CONFIG_ID of the run that saved it)
         COMMITTED           the commit marker, written last: a directory without it is ignored;
-                            removed first when a step directory is written again
+                            removed first when a step directory is written again. It lists every
+                            file of the checkpoint with its size, so a file truncated, lost or
+                            replaced later is found before it is loaded
 
 `save_checkpoint` is collective when an optimizer is given (every rank writes its shard); call it
 on every rank. On S3 each rank writes to a local temporary directory and uploads its own files.
 Local run directories shared by several nodes must be on a shared filesystem.
 
     latest_checkpoint(stage_dir)          newest committed checkpoint, or None
-    resumable_checkpoint(stage_dir)       newest committed checkpoint of this configuration: where a
-                                          stage resumes (another config id: start from the input)
+    resumable_checkpoint(stage_dir)       newest intact committed checkpoint of this configuration:
+                                          where a stage resumes (another config id: start from the
+                                          input; a damaged one: a warning, and the one before it)
+    verify_checkpoint(uri)                CheckpointError naming the first file not as committed
     load_model(uri, device)               (GPT in eval mode, meta)
     load_optimizer(uri, optimizer)        restore the sharded optimizer state (any world size)
     final_checkpoint(run_dir, stage)      the checkpoint a finished stage's done.json points at
@@ -29,6 +33,7 @@ import json
 import pickle
 import random
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -42,6 +47,7 @@ from nanorun.trainer import storage
 from nanorun.trainer.progress import current_config_id, read_done
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch.distributed.checkpoint.api import CheckpointException
 
 COMMIT_MARKER = "COMMITTED"
 WEIGHTS_FILE = "model.safetensors"
@@ -100,13 +106,46 @@ def saved_config_id(checkpoint_uri: str) -> str:
     return str(meta.get("config_id") or "") if isinstance(meta, dict) else ""
 
 
+def verify_checkpoint(checkpoint_uri: str) -> None:
+    """Raise CheckpointError naming the first file that is not as the COMMITTED marker lists it
+    (missing, truncated, grown). One listing, no download. Checkpoints saved before markers listed
+    their files pass; their damage shows when loaded (load_weights, load_optimizer, read_meta)."""
+    marker = storage.read_json_or_none(storage.join(checkpoint_uri, COMMIT_MARKER))
+    committed = marker.get("files") if isinstance(marker, dict) else None
+    if not committed:
+        return
+    present = storage.file_sizes(checkpoint_uri)
+    for name, size in sorted(committed.items()):
+        if present.get(name) != size:
+            found = "missing" if name not in present else f"{present[name]} bytes"
+            raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: {found}, "
+                                  f"{size} bytes were committed")
+
+
+def is_intact(checkpoint_uri: str) -> bool:
+    try:
+        verify_checkpoint(checkpoint_uri)
+        return True
+    except CheckpointError:
+        return False
+
+
 def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> str | None:
     """Where a stage resumes: its newest committed checkpoint saved under `config_id` (default: this
     process's NANORUN_CONFIG_ID). Without an id, any checkpoint (as before ids existed). A checkpoint
-    of another configuration is not resumed: a re-run after a spec change starts from its input."""
+    of another configuration is not resumed: a re-run after a spec change starts from its input.
+
+    A damaged checkpoint (a file not as committed) is skipped with a warning naming the file, and the
+    one before it is used: the steps since are trained again, identically. The damaged one is left
+    for inspection; the run replaces it when it saves that step again."""
     config_id = current_config_id() if config_id is None else config_id
     for _, uri in reversed(list_checkpoints(stage_dir_uri)):
         if is_committed(uri) and (not config_id or saved_config_id(uri) == config_id):
+            try:
+                verify_checkpoint(uri)
+            except CheckpointError as err:
+                print(f"warning: {err}; resuming from an earlier checkpoint", file=sys.stderr, flush=True)
+                continue
             return uri
     return None
 
@@ -162,7 +201,7 @@ def save_checkpoint(
     """
     uri, config_id = checkpoint_dir(stage_dir_uri, step), current_config_id()
     # every rank decides alike: the directory is only changed by rank 0, after the barrier below
-    same = is_committed(uri) and saved_config_id(uri) == config_id
+    same = is_committed(uri) and saved_config_id(uri) == config_id and is_intact(uri)
     _barrier()
     if same:  # e.g. SIGTERM right after a periodic save of the same step
         return uri
@@ -188,7 +227,9 @@ def save_checkpoint(
         if "model_config" not in full_meta and hasattr(module, "config"):
             full_meta["model_config"] = module.config.to_dict()
         storage.write_json(storage.join(uri, META_FILE), full_meta)
-        storage.write_json(storage.join(uri, COMMIT_MARKER), {"step": step, "committed_at": time.time()})
+        # every rank's files are in place (barrier above): the marker lists them as they are now
+        files = storage.file_sizes(uri)
+        storage.write_json(storage.join(uri, COMMIT_MARKER), {"step": step, "committed_at": time.time(), "files": files})
         _prune(stage_dir_uri, keep_last, newest=step, config_id=config_id)
     _barrier()
     return uri
@@ -220,12 +261,24 @@ def read_meta(checkpoint_uri: str) -> dict[str, Any]:
             f"{checkpoint_uri} is not a committed checkpoint (no {COMMIT_MARKER} marker): it was never "
             "completely written; use latest_checkpoint() or a step that finished saving"
         )
-    return storage.read_json(storage.join(checkpoint_uri, META_FILE))
+    meta_uri = storage.join(checkpoint_uri, META_FILE)
+    try:
+        return storage.read_json(meta_uri)
+    except (FileNotFoundError, ValueError) as err:  # ValueError: JSON or UTF-8 decoding
+        raise CheckpointError(f"checkpoint file {meta_uri} is missing or corrupt: {err}") from err
 
 
 def load_weights(checkpoint_uri: str, model: torch.nn.Module) -> None:
     """Copy the checkpoint's weights into `model` (strict: every parameter must match)."""
-    tensors = load_safetensors(storage.read_bytes(storage.join(checkpoint_uri, WEIGHTS_FILE)))
+    weights_uri = storage.join(checkpoint_uri, WEIGHTS_FILE)
+    try:
+        data = storage.read_bytes(weights_uri)  # storage errors other than a missing file pass as they are
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint file {weights_uri} is missing") from err
+    try:
+        tensors = load_safetensors(data)
+    except Exception as err:  # safetensors raises its own SafetensorError on a bad header or length
+        raise CheckpointError(f"checkpoint file {weights_uri} is corrupt: {err}") from err
     _unwrap(model).load_state_dict(tensors, strict=True, assign=False)
 
 
@@ -262,10 +315,18 @@ def load_optimizer(checkpoint_uri: str, optimizer: Any) -> None:
         with tempfile.TemporaryDirectory(prefix="nanorun-optim-") as tmp:
             for uri in storage.list_files(source):
                 storage.download_to(uri, Path(tmp) / uri[len(source) + 1 :])
-            _dcp(dcp.load, state, storage_reader=dcp.FileSystemReader(tmp))
+            _load_optimizer_files(state, tmp, source)
     else:
-        _dcp(dcp.load, state, storage_reader=dcp.FileSystemReader(source))
+        _load_optimizer_files(state, source, source)
     optimizer.load_sharded_state_dict(state)
+
+
+def _load_optimizer_files(state: dict, local_dir: str, source: str) -> None:
+    try:
+        _dcp(dcp.load, state, storage_reader=dcp.FileSystemReader(local_dir))
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, CheckpointException) as err:
+        # CheckpointException (a BaseException) carries the failures of every rank
+        raise CheckpointError(f"optimizer state in {source} is missing or corrupt: {err}") from err
 
 
 def final_checkpoint(run_dir: str, stage: str) -> str:

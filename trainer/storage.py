@@ -9,7 +9,11 @@ S3, so stages, the operator (which reads progress.json) and the local executor s
   `AWS_DEFAULT_REGION`), exactly as boto3 reads them.
 - Local writes are atomic (write to a temporary file, then rename), so a reader never sees half a
   file; S3 PUTs are atomic by nature.
-- Transient S3 errors are retried by botocore's adaptive retry mode.
+- Transient S3 errors (5xx, SlowDown, reset connections) are retried by botocore's adaptive retry
+  mode, request by request. What botocore does not retry, this module does: a GET whose body is
+  cut short after the headers arrived (`read_bytes`, `download_to`), with `READ_ATTEMPTS` tries.
+  Reads never see half an object: a short body is an error (botocore checks Content-Length), never
+  data. tests/fixtures/faulty_s3.py is the proxy the tests use to check this at 5% faults.
 
 Torch-free on purpose: the operator image imports it.
 """
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -79,9 +85,34 @@ def s3_client():
     return _s3_client_cached(endpoint, os.getpid())
 
 
+READ_ATTEMPTS = 5  # tries of a whole GET (request and body) when its body is cut short
+
+
 def _is_missing(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+    code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code", "")  # None on connection errors
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
+def _is_cut_short(err: Exception) -> bool:
+    """A transport failure botocore did not retry: the connection broke while the body streamed.
+    (Errors before the response, and 5xx/SlowDown answers, botocore has already retried.)"""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return isinstance(err, (IncompleteReadError, ReadTimeoutError, ResponseStreamingError))
+
+
+def _read_with_retries(uri: str, read: Any) -> Any:
+    """`read()` (one whole GET of `uri`), again with jittered backoff while its body is cut short."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except Exception as err:
+            if _is_missing(err):
+                raise FileNotFoundError(uri) from err
+            if attempt == READ_ATTEMPTS or not _is_cut_short(err):
+                raise
+            time.sleep(random.uniform(0, min(0.1 * 2**attempt, 5)))
+    raise AssertionError("unreachable")
 
 
 def exists(uri: str) -> bool:
@@ -100,12 +131,7 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         loc = parse_s3(uri)
-        try:
-            return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-        except Exception as err:
-            if _is_missing(err):
-                raise FileNotFoundError(uri) from err
-            raise
+        return _read_with_retries(uri, lambda: s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
     return Path(uri).read_bytes()
 
 
@@ -167,6 +193,21 @@ def list_files(prefix: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
 
 
+def file_sizes(prefix: str) -> dict[str, int]:
+    """{path relative to `prefix`: size in bytes} of every file below `prefix` (one listing on S3)."""
+    if is_s3(prefix):
+        loc = parse_s3(prefix)
+        key_prefix = loc.key + "/" if loc.key else ""
+        out = {}
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"][len(key_prefix) :]] = obj["Size"]
+        return out
+    root = Path(prefix)
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in map(Path, list_files(prefix))}
+
+
 def list_dirs(prefix: str) -> list[str]:
     """Names (not URIs) of the immediate sub-directories of `prefix`, sorted."""
     if is_s3(prefix):
@@ -216,13 +257,8 @@ def download_to(uri: str, local_path: str | Path) -> Path:
     local_path = Path(local_path)
     local_path.parent.mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
-        loc = parse_s3(uri)
-        try:
-            s3_client().download_file(loc.bucket, loc.key, str(local_path))
-        except Exception as err:
-            if _is_missing(err):
-                raise FileNotFoundError(uri) from err
-            raise
+        loc = parse_s3(uri)  # s3transfer writes a temporary file and renames it when complete
+        _read_with_retries(uri, lambda: s3_client().download_file(loc.bucket, loc.key, str(local_path)))
     else:
         shutil.copyfile(uri, local_path)
     return local_path

@@ -18,6 +18,7 @@ from nanorun.trainer.checkpoint import (
     read_meta,
     resumable_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from nanorun.trainer.gpt import GPT, GPTConfig
 from nanorun.trainer.progress import Done, write_done
@@ -188,3 +189,50 @@ def test_s3_checkpoint_with_optimizer_round_trips(s3_run_dir):
     train_steps(loaded, opt2, 1, seed=5)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def truncate(path, keep: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_a_truncated_file_is_named_and_resume_falls_back_to_the_checkpoint_before(tmp_path, capsys):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    opt = optimizer_for(model)
+    for step in (3, 6):
+        save_checkpoint(stage, step, model, opt, {})
+    weights = tmp_path / "base_train/checkpoints/step_000006/model.safetensors"
+    truncate(weights)
+    with pytest.raises(CheckpointError, match=f"checkpoint file {weights} is corrupt: 100 bytes, \\d+ bytes were committed"):
+        verify_checkpoint(checkpoint_dir(stage, 6))
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
+    assert f"warning: checkpoint file {weights} is corrupt" in capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(stage)] == [3, 6]  # nothing deleted: the damaged one stays to be looked at
+    save_checkpoint(stage, 6, model, opt, {})  # the resumed run reaching step 6 again replaces it
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 6)
+    load_model(checkpoint_dir(stage, 6), "cpu")
+
+
+def test_damage_the_file_list_cannot_see_fails_the_load_naming_the_file(tmp_path):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    uri = save_checkpoint(stage, 3, model, optimizer_for(model), {})
+    ckpt = tmp_path / "base_train/checkpoints/step_000003"
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)  # same size, garbage
+    with pytest.raises(CheckpointError, match=f"checkpoint file {weights} is corrupt"):
+        load_model(uri, "cpu")
+    (ckpt / "meta.json").write_text("{half a docum")
+    (ckpt / "COMMITTED").write_text('{"step": 3}')  # a marker that predates file lists
+    with pytest.raises(CheckpointError, match=f"checkpoint file {ckpt / 'meta.json'} is missing or corrupt"):
+        read_meta(uri)
+
+
+def test_a_corrupt_optimizer_shard_is_a_checkpoint_error_naming_the_directory(tmp_path):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    uri = save_checkpoint(stage, 3, model, optimizer_for(model), {})
+    for shard in (tmp_path / "base_train/checkpoints/step_000003/optim").glob("*.distcp"):
+        truncate(shard, 10)
+    with pytest.raises(CheckpointError, match=f"optimizer state in {uri}/optim is missing or corrupt"):
+        load_optimizer(uri, optimizer_for(tiny_model()))

@@ -1,0 +1,87 @@
+"""Storage faults: an S3 endpoint failing 5% of requests changes nothing a run computes, nothing
+half-written is ever read (the proxy: tests/fixtures/faulty_s3.py), and a damaged checkpoint costs
+the steps since the one before it, never the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nanorun.trainer import storage
+from nanorun.trainer.checkpoint import checkpoint_dir, list_checkpoints, load_model, verify_checkpoint
+from nanorun.trainer.progress import read_done
+
+from tests.fixtures.faulty_s3 import FaultyProxy
+from tests.fixtures.tiny_run import check, run_stage, stage_env
+from tests.trainer.test_base_train import FLAGS, fresh_run, losses
+
+TINY = [f if f != "6" else "4" for f in FLAGS]  # 4 steps, checkpoints at 3 and 4
+
+
+def history(run_dir: str) -> list[dict]:
+    """base_train's history.jsonl less what the wall clock measured (step time, throughput)."""
+    rows = [json.loads(line) for line in storage.read_text(storage.join(run_dir, "base_train", "history.jsonl")).splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_sec", "mfu")} for r in rows]
+
+
+def base_train(run_dir: str, data: str, endpoint: str) -> subprocess.CompletedProcess:
+    env = stage_env(AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint)
+    return check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run_dir,
+                                 "--data", data, *TINY], capture_output=True, text=True, timeout=300, env=env))
+
+
+def test_reads_through_bodies_cut_short_return_the_whole_object(s3_server, s3_bucket):
+    blob = os.urandom(300_000)
+    storage.write_bytes(f"s3://{s3_bucket}/blob", blob)
+    with FaultyProxy(s3_server, rate=0.5, seed=7, kinds=("cut",)) as proxy:
+        os.environ["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
+        try:
+            reads = [storage.read_bytes(f"s3://{s3_bucket}/blob") for _ in range(10)]
+        finally:
+            os.environ["AWS_ENDPOINT_URL_S3"] = s3_server
+    assert proxy.faults["cut"] > 0
+    assert all(r == blob for r in reads)
+
+
+def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(tiny_base_run, s3_server, s3_bucket, faulty_s3):
+    # the inputs go up through the faulty endpoint too (uploads, multipart-free: the files are small)
+    data = f"s3://{s3_bucket}/data"
+    for f in sorted((Path(tiny_base_run).parent / "data").iterdir()):
+        storage.upload_from(f, storage.join(data, f.name))
+    runs = {"clean": f"s3://{s3_bucket}/runs/clean", "faulty": f"s3://{s3_bucket}/runs/faulty"}
+    for run in runs.values():
+        for f in (Path(tiny_base_run) / "tok_train").iterdir():
+            storage.upload_from(f, storage.join(run, "tok_train", f.name))
+
+    base_train(runs["clean"], data, s3_server)
+    before, start = faulty_s3.injected, time.time()
+    base_train(runs["faulty"], data, faulty_s3.endpoint)
+    print(f"faulty run: {time.time() - start:.1f} s; {faulty_s3.injected - before} faults in the run; in all "
+          f"{faulty_s3.requests} requests, faults {dict(faulty_s3.faults)}")
+
+    assert faulty_s3.injected > before  # the run itself met faults, not only the uploads above
+    assert history(runs["faulty"]) == history(runs["clean"])
+    done = read_done(runs["faulty"], "base_train")
+    assert done.metrics["steps"] == 4
+    assert [s for s, _ in list_checkpoints(storage.join(runs["faulty"], "base_train"))] == [3, 4]
+    load_model(done.outputs["checkpoint"], "cpu")  # every file of it whole
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_base_run, tmp_path):
+    run, data = fresh_run(tiny_base_run, tmp_path / "run")
+    check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))  # checkpoints at steps 3 and 6
+    straight = losses(run)
+    (Path(run) / "base_train" / "done.json").unlink()  # as if it crashed right after saving step 6...
+    weights = Path(checkpoint_dir(str(Path(run) / "base_train"), 6)) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # ...and the disk lost the end of its weights
+
+    out = check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))
+    assert f"warning: checkpoint file {weights} is corrupt: 1000 bytes" in out.stderr
+    assert f"resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)} (step 3" in out.stdout
+    assert losses(run) == straight  # steps 4-6 trained again, identically
+    verify_checkpoint(checkpoint_dir(str(Path(run) / "base_train"), 6))  # and saved whole this time
+    assert [s for s, _ in list_checkpoints(str(Path(run) / "base_train"))] == [3, 6]
