@@ -138,7 +138,7 @@ def open_shard(uri: str, cache: ShardCache) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:
-        raise DataError(f"shard {uri} is corrupt or not a parquet file: {err}") from err
+        raise DataError(f"shard {uri} is corrupt or not a parquet file: {err}") from None  # its stack says no more
     if "text" not in pf.schema_arrow.names:
         raise DataError(f"shard {uri} has no 'text' column (columns: {pf.schema_arrow.names})")
     return pf
@@ -148,7 +148,7 @@ def read_texts(pf: pq.ParquetFile, uri: str, row_group: int) -> list[str]:
     try:
         return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
     except Exception as err:
-        raise DataError(f"shard {uri}: row group {row_group} is unreadable: {err}") from err
+        raise DataError(f"shard {uri}: row group {row_group} is unreadable: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------
