@@ -106,6 +106,7 @@ def require_binaries() -> Path:
             f"missing in {folder}); run `make setup-kube` (builds Kubernetes, etcd, CoreDNS, the node "
             "agent, kubectl and helm from Go modules, about 20-30 minutes the first time)"
         )
+    os.utime(folder.parent)  # in use: tests/kube/build.sh keeps builds used within the hour
     return folder
 
 
@@ -149,8 +150,6 @@ class Cluster:
     nodes: tuple[NodeSpec, ...] = DEFAULT_NODES
     pods: bool | None = None
     controllers: bool = True
-    # The namespace the training-operator and KubeRay watch; None: all namespaces.
-    controllers_namespace: str | None = None
     bin_dir: Path = field(default_factory=require_binaries)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     etcd_url: str = ""
@@ -372,23 +371,12 @@ class Cluster:
     def _start_training_controllers(self, timeout_s: float = 90.0) -> None:
         """The Kubeflow training-operator (namespace kubeflow) and the KubeRay operator (namespace
         default), each from its upstream install manifest (Deployment, ServiceAccount, RBAC, CRDs,
-        and the training-operator's validating webhook), running as pods of the cluster. With
-        `controllers_namespace` set they watch only that namespace (each has the flag for it)."""
-        import yaml
-
+        and the training-operator's validating webhook), running as pods of the cluster and watching
+        every namespace."""
         manifests = self.bin_dir.parent / "manifests"
-        watch_flag = {"training-operator": "--namespace", "kuberay-operator": "--watch-namespace"}
         for name in ("training-operator", "kuberay-operator"):
-            docs = [d for d in yaml.safe_load_all((manifests / f"{name}.yaml").read_text()) if d]
-            for doc in docs:
-                if doc["kind"] == "Deployment" and self.controllers_namespace:
-                    container = doc["spec"]["template"]["spec"]["containers"][0]
-                    container["args"] = [*container.get("args", []),
-                                         f"{watch_flag[name]}={self.controllers_namespace}"]
             self._kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests",
-                          "-f", "-", input=yaml.safe_dump_all(docs))
-        if self.controllers_namespace:
-            self._kubectl("create", "namespace", self.controllers_namespace)
+                          "-f", str(manifests / f"{name}.yaml"))
         for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
             self._wait_deployment(namespace, deployment, timeout_s)
 

@@ -36,15 +36,6 @@ ALL_REDUCE = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def controlled(kube_pods):
-    """The namespace the controllers watch, emptied after the test."""
-    ns = kube_pods.cluster.controllers_namespace
-    yield ns
-    kube_pods.kubectl("delete", "pytorchjobs,rayclusters,rayservices,pods,services", "--all", "-n", ns,
-                      "--wait=false", check=False)
-
-
 def wait_for(what, predicate, timeout: float = 120.0):
     return wait_until(what, predicate, timeout, interval=0.5)
 
@@ -53,8 +44,8 @@ def condition(obj: dict, kind: str) -> dict:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
-def test_a_pytorchjob_runs_on_two_nodes_through_the_training_operator(kube_pods, controlled):
-    ns = controlled
+def test_a_pytorchjob_runs_on_two_nodes_through_the_training_operator(kube_pods, kube_namespace):
+    ns = kube_namespace
     replica = {"replicas": 1, "restartPolicy": "OnFailure", "template": {"spec": {
         "containers": [{"name": "pytorch", "image": TRAINER, "command": ["python", "-c", ALL_REDUCE],
                         "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}}
@@ -87,8 +78,80 @@ def test_a_pytorchjob_runs_on_two_nodes_through_the_training_operator(kube_pods,
     assert [c["name"] for c in worker_pod["spec"].get("initContainers", [])] == ["init-pytorch"]
 
 
-def test_a_raycluster_gets_a_head_pod_running_ray(kube_pods, controlled):
-    ns = controlled
+# Each pod logs its environment as one JSON line; then the worker connects to MASTER_ADDR:MASTER_PORT,
+# where the master listens, as torchrun's static rendezvous does. (The master waits for it: the
+# worker's init container waits until the master's name resolves, which it does only while the
+# master runs.)
+PRINT_ENV = textwrap.dedent("""
+    import json, os, socket, time
+    print("env", json.dumps(dict(os.environ)), flush=True)
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ["RANK"] == "0":
+        with socket.create_server(("", port)) as server:
+            server.accept()[0].close()
+    else:
+        for _ in range(120):
+            try:
+                socket.create_connection((addr, port), timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+    print("met", flush=True)
+""")
+
+
+def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods, kube_namespace):
+    """A stage's PyTorchJob as nanorun's operator builds it for two nodes of two GPUs (Master and
+    Worker, nprocPerNode 2, the S3 credentials from a Secret), its command swapped for one that
+    prints the environment: the training-operator injects what torchrun's static rendezvous reads
+    (PET_*) and the MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK of each pod, and the node resolves the
+    secretKeyRef values."""
+    from nanorun.operator.api import parse_spec
+    from nanorun.operator.jobs import RENDEZVOUS_PORT, RunRef, pytorchjob_for_stage
+    from nanorun.operator.plan import stage_plan
+
+    ns = kube_namespace
+    kube_pods.apply(ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                         "stringData": {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}})
+    spec = parse_spec({"image": TRAINER, "compute": {"nodes": 2, "gpusPerNode": 2}, "serving": {"enabled": False},
+                       "storage": {"uri": "s3://nanorun/runs/env", "endpoint": "http://s3:9000",
+                                   "credentialsSecret": "s3-creds"}})
+    pretrain = next(s for s in stage_plan(spec) if s.key == "pretrain")
+    job = pytorchjob_for_stage(RunRef(name="env", namespace=ns, uid="00000000-0000-0000-0000-000000000003"),
+                               spec, pretrain, attempt=1)
+    job["metadata"].pop("ownerReferences")  # the owner is not in this test
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        replica["template"]["spec"]["containers"][0]["command"] = ["python", "-c", PRINT_ENV]
+    # The job succeeds with its master; the worker, still running then, would be deleted (Running).
+    job["spec"]["runPolicy"]["cleanPodPolicy"] = "None"
+    name = job["metadata"]["name"]
+    kube_pods.apply(ns, job)
+
+    pods = (f"{name}-master-0", f"{name}-worker-0")
+    phases = wait_for(lambda: [kube_pods.kubectl("get", "pod", pod, "-n", ns, "-o", "jsonpath={.status.phase}",
+                                                 check=False).stdout for pod in pods],
+                      lambda p: all(phase in ("Succeeded", "Failed") for phase in p), timeout=180)
+    logs = [kube_pods.kubectl("logs", pod, "-n", ns, "-c", "pytorch").stdout for pod in pods]
+    assert phases == ["Succeeded", "Succeeded"], logs
+    done = wait_for(lambda: kube_pods.get(ns, "pytorchjob", name),
+                    lambda j: condition(j, "Succeeded").get("status") == "True", timeout=60)
+    assert done["status"]["replicaStatuses"]["Worker"].get("succeeded") == 1
+    assert all(log.rstrip().endswith("met") for log in logs), logs
+    envs = [json.loads(next(line for line in log.splitlines() if line.startswith("env "))[4:]) for log in logs]
+    for rank, env in enumerate(envs):
+        assert env["RANK"] == env["PET_NODE_RANK"] == str(rank)
+        assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
+        assert env["WORLD_SIZE"] == "4"
+        assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == f"{name}-master-0"
+        assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == str(RENDEZVOUS_PORT)
+        assert env["PYTHONUNBUFFERED"] == "1"
+        assert env["NANORUN_RUN"] == "env" and env["NANORUN_STAGE"] == "base_train" and env["NANORUN_ATTEMPT"] == "1"
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:9000"
+        assert env["AWS_ACCESS_KEY_ID"] == "key-id" and env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+
+
+def test_a_raycluster_gets_a_head_pod_running_ray(kube_pods, kube_namespace):
+    ns = kube_namespace
     cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "raytest"},
                "spec": {"headGroupSpec": {
                    "rayStartParams": {"num-cpus": "1", "object-store-memory": "100000000"},
@@ -112,7 +175,7 @@ EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "e
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
-def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_pods, controlled, example):
+def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_pods, kube_namespace, example):
     """Every stage's PyTorchJob of every example LLMRun, and its RayService, as nanorun's operator
     builds them, pass a server-side dry run: the CRD schemas and the training-operator's validating
     webhook (failurePolicy Fail) accept them."""
@@ -123,23 +186,23 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
 
     body = yaml.safe_load(example.read_text())
     spec = parse_spec(body["spec"])
-    run = RunRef(name=body["metadata"]["name"], namespace=controlled, uid="00000000-0000-0000-0000-000000000001")
+    run = RunRef(name=body["metadata"]["name"], namespace=kube_namespace, uid="00000000-0000-0000-0000-000000000001")
     objects = [pytorchjob_for_stage(run, spec, stage, attempt=1) for stage in stage_plan(spec)]
     if spec.serving.enabled:
         objects.append(rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints"))
     for obj in objects:
         obj["metadata"].pop("ownerReferences", None)  # the owner is not in this dry run
-        out = kube_pods.kubectl("apply", "--dry-run=server", "-n", controlled, "-f", "-", input=yaml.safe_dump(obj),
+        out = kube_pods.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(obj),
                                 check=False)
         assert out.returncode == 0, f"{obj['kind']} {obj['metadata']['name']}: {out.stderr}"
     # The webhook is in the path: a PyTorchJob it must refuse (two Master replicas) is refused.
     bad = yaml.safe_load(yaml.safe_dump(objects[0]))
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
-    out = kube_pods.kubectl("apply", "--dry-run=server", "-n", controlled, "-f", "-", input=yaml.safe_dump(bad), check=False)
+    out = kube_pods.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(bad), check=False)
     assert out.returncode != 0 and "validator.pytorchjob.training-operator.kubeflow.org" in out.stderr, out.stderr
 
 
-def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, tiny_chat_run):
+def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespace, tiny_chat_run):
     """The RayService nanorun's operator builds for a finished run: KubeRay creates the RayCluster
     (head, a worker, the in-tree autoscaler), deploys the Serve application from serveConfigV2
     through the dashboard, and reports it ready; the model loads from S3 over the cluster network and
@@ -150,7 +213,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, controlled, 
     from nanorun.operator.jobs import RunRef
     from nanorun.operator.rayservice import rayservice_for_run, rayservice_name
 
-    ns = controlled
+    ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     s3_ip = kube_pods.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
     s3 = boto3.client("s3", endpoint_url=f"http://{s3_ip}:9000", aws_access_key_id="testing",

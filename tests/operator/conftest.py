@@ -1,6 +1,10 @@
-"""Fixtures for operator tests against the real test API server: the operator as a real process
-(`nanorun operator`, so a test can kill it), the training-operator harness, and small functions to
-create LLMRuns and wait for their status."""
+"""Fixtures for operator tests against the real test cluster: the operator as a real process
+(`nanorun operator`, so a test can kill it), an S3 server in the test's namespace, and small
+functions to create LLMRuns and wait for their status.
+
+The LLMRuns `llmrun` makes run the fake-stage image (tests/kube/images/fake-stage/fake_stage.py):
+the real training-operator runs their PyTorchJobs' pods, which keep the stage contract in seconds.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,14 @@ import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 
+from tests.fixtures.kube import deploy_s3
 from tests.fixtures.s3 import free_port
-from tests.harness.training_operator import FakeRunner, TrainingOperator
+
+FAKE_STAGE_IMAGE = "nanorun-fake-stage:test"
+# KubeRay really makes the RayCluster of a RayService. Its pods get an image the test nodes do not
+# have (tests/kube/images.yaml), so they wait in ImagePullBackOff instead of starting Ray on this
+# small machine; a RayService that turns Ready is the end-to-end test's.
+ABSENT_SERVING_IMAGE = "nanorun-serving-absent:test"
 
 
 class OperatorProcess:
@@ -77,8 +88,38 @@ class OperatorProcess:
             return r.read().decode()
 
 
+@dataclass
+class ClusterS3:
+    """The S3 server `deploy_s3` runs in the test's namespace, with its bucket `nanorun`."""
+
+    endpoint: str  # http://<ClusterIP>:9000: this machine (the operator, the test) and the pods reach it
+    bucket: str = "nanorun"
+
+    def run_dir(self, name: str = "test") -> str:
+        return f"s3://{self.bucket}/runs/{name}"
+
+    @property
+    def access(self) -> dict[str, str]:
+        """An LLMRun's spec.storage fields that give its pods this server (the Secret is deploy_s3's)."""
+        return {"endpoint": self.endpoint, "credentialsSecret": "s3-creds"}
+
+
 @pytest.fixture
-def operator_process(kube, kube_namespace, s3_server, tmp_path) -> Iterator[OperatorProcess]:
+def cluster_s3(kube_pods, kube_namespace, monkeypatch) -> ClusterS3:
+    """S3 in the test's namespace; this process (and the operator it starts) uses it too. The
+    Service's ClusterIP rather than its DNS name: this machine reaches Services through the
+    cluster's route but does not resolve cluster names."""
+    deploy_s3(kube_pods, kube_namespace)
+    ip = kube_pods.kubectl("get", "service", "s3", "-n", kube_namespace, "-o", "jsonpath={.spec.clusterIP}").stdout
+    s3 = ClusterS3(f"http://{ip}:9000")
+    for key, value in {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
+@pytest.fixture
+def operator_process(kube, kube_namespace, cluster_s3, tmp_path) -> Iterator[OperatorProcess]:
     op = OperatorProcess(kube_namespace, kube.env, tmp_path / "operator.log")
     op.start()
     try:
@@ -94,31 +135,23 @@ def custom_api(kube):
     return client.CustomObjectsApi(kube.api_client())
 
 
-@pytest.fixture
-def fake_runner() -> FakeRunner:
-    return FakeRunner()
-
-
-@pytest.fixture
-def training_operator(kube, kube_namespace, fake_runner) -> Iterator[TrainingOperator]:
-    with TrainingOperator(kube.api_client(), kube_namespace, fake_runner) as harness:
-        yield harness
-    assert harness.errors == []
-
-
-def llmrun(name: str, run_dir: str, enabled: tuple[str, ...] = ("tokenizer", "pretrain"), **spec: Any) -> dict[str, Any]:
-    """A small LLMRun manifest with only the `enabled` stages on and quick retries."""
+def llmrun(name: str, run_dir: str, enabled: tuple[str, ...] = ("tokenizer", "pretrain"),
+           stage_args: dict[str, list[str]] | None = None, **spec: Any) -> dict[str, Any]:
+    """A small LLMRun manifest on the fake-stage image with only the `enabled` stages on and quick
+    retries; `stage_args` gives stages extraArgs (the fake stage's flags: --fake-steps, ...)."""
     keys = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
     body = {
-        "image": "nanorun-trainer:test",
+        "image": FAKE_STAGE_IMAGE,
         "storage": {"uri": run_dir},
         "model": {"depth": 2, "maxSeqLen": 64},
         "tokenizer": {"vocabSize": 512, "maxChars": 10000},
         "compute": {"gpusPerNode": 0},
         "stages": {k: {"enabled": k in enabled} for k in keys},
-        "serving": {"gpusPerReplica": 0},
+        "serving": {"gpusPerReplica": 0, "image": ABSENT_SERVING_IMAGE},
         "retry": {"maxAttempts": 2, "backoffSeconds": 0},
     }
+    for key, args in (stage_args or {}).items():
+        body["stages"][key]["extraArgs"] = args
     for key, value in spec.items():
         body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun", "metadata": {"name": name}, "spec": body}

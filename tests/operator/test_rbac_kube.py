@@ -1,6 +1,6 @@
 """The operator works under a ServiceAccount bound to exactly OPERATOR_RBAC_RULES (what the helm
-chart grants): a run with a retry, serving, a serving change and a cleanup-on-delete, and not one
-request refused."""
+chart grants): a run with a retry (its jobs run by the training-operator on the fake-stage image),
+serving, a serving change and a cleanup-on-delete, and not one request refused."""
 
 from __future__ import annotations
 
@@ -38,24 +38,25 @@ def service_account_kubeconfig(kube, namespace: str, tmp_path) -> str:
     return str(path)
 
 
-def test_the_operator_needs_nothing_beyond_its_rbac_rules(kube, kube_namespace, s3_server, s3_run_dir, custom_api,
-                                                          training_operator, tmp_path):
+def test_the_operator_needs_nothing_beyond_its_rbac_rules(kube, kube_namespace, cluster_s3, custom_api, tmp_path):
     ns = kube_namespace
+    run_dir = cluster_s3.run_dir()
     env = {**kube.env, "KUBECONFIG": service_account_kubeconfig(kube, ns, tmp_path)}
     operator = OperatorProcess(ns, env, tmp_path / "operator.log")
     operator.start()
     try:
-        training_operator.runner.fail[("tok_train", 1)] = "evicted"
-        create_llmrun(custom_api, ns, llmrun("rbac", s3_run_dir, storage={"cleanupOnDelete": True}))
+        # The tokenizer's first attempt fails: the operator reads the failed pod's log.
+        create_llmrun(custom_api, ns, llmrun("rbac", run_dir, storage={**cluster_s3.access, "cleanupOnDelete": True},
+                                             stage_args={"tokenizer": ["--fake-fail-attempts", "1"]}))
         wait_for("Succeeded", lambda: (custom_api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "rbac")
-                                       .get("status") or {}).get("phase") == "Succeeded", operator=operator)
+                                       .get("status") or {}).get("phase") == "Succeeded", 180, operator)
         custom_api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "rbac", {"spec": {"serving": {"maxReplicas": 2}}})
         wait_for("the RayService patched", lambda: "max_replicas: 2" in custom_api.get_namespaced_custom_object(
             "ray.io", "v1", ns, "rayservices", "rbac-chat")["spec"]["serveConfigV2"], operator=operator)
         custom_api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "rbac")
         wait_for("the run deleted", lambda: not custom_api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"],
                  operator=operator)
-        assert storage.list_files(s3_run_dir) == []
+        assert storage.list_files(run_dir) == []
         log = operator.log()
         assert "403" not in log and "Forbidden" not in log and "forbidden" not in log, log
     finally:
