@@ -102,22 +102,29 @@ def phase(c: Cluster) -> str:
 
 
 class OperatorKiller(threading.Thread):
-    """Deletes the operator pod at random moments of the run (the Deployment makes a new one)."""
+    """Deletes the operator pod at random moments of the run (the Deployment makes a new one): a
+    few seconds into each of three stages drawn at random, so every kill lands while the pipeline
+    runs however fast this machine is."""
 
-    def __init__(self, c: Cluster, seed: int, span: float) -> None:
+    STAGES = ("pretrain", "baseEval", "midtrain", "sft", "rl", "eval")
+
+    def __init__(self, c: Cluster, seed: int) -> None:
         super().__init__(daemon=True)
         rng = random.Random(seed)
-        self.c, self.delays = c, sorted(rng.uniform(5, span) for _ in range(OPERATOR_KILLS))
-        self.done = threading.Event()
-        self.killed_at: list[float] = []
+        self.c, self.done = c, threading.Event()
+        self.plan = [(stage, rng.uniform(0, 4)) for stage in sorted(rng.sample(self.STAGES, OPERATOR_KILLS),
+                                                                   key=self.STAGES.index)]
+        self.killed_at: list[str] = []
 
     def run(self) -> None:
-        start = time.monotonic()
-        for delay in self.delays:
-            if self.done.wait(max(0.0, start + delay - time.monotonic())):
+        for stage, delay in self.plan:
+            while (self.c.run().get("status") or {}).get("stage") != stage:
+                if self.done.wait(0.5):
+                    return
+            if self.done.wait(delay):
                 return
             self.c.delete_operator_pod()
-            self.killed_at.append(round(time.monotonic() - start, 1))
+            self.killed_at.append(f"{stage}+{delay:.1f}s")
 
 
 class Chatter(threading.Thread):
@@ -198,7 +205,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     manifest["spec"]["serving"].update(image="nanorun-serving:e2e", minReplicas=1, maxReplicas=1)
     kube.apply(ns, manifest)
     seed = int(time.time())
-    killer = OperatorKiller(c, seed, span=150)
+    killer = OperatorKiller(c, seed)
     killer.start()
 
     # 2. Preemption: delete pretraining's Master pod once a checkpoint is committed.

@@ -23,6 +23,8 @@ GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 
 
 def pytorchjob(name: str, replicas: object = 1) -> dict:
+    """A PyTorchJob as an API object only: `runPolicy.managedBy` hands it to another controller
+    (MultiKueue's name), so the training-operator running in the cluster leaves it and its status alone."""
     container = {"name": "pytorch", "image": "nanorun-trainer:test", "command": ["python", "-m", "nanorun.trainer.base_train"]}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -30,7 +32,7 @@ def pytorchjob(name: str, replicas: object = 1) -> dict:
         "metadata": {"name": name},
         "spec": {"pytorchReplicaSpecs": {"Master": {
             "replicas": replicas, "restartPolicy": "OnFailure", "template": {"spec": {"containers": [container]}},
-        }}},
+        }}, "runPolicy": {"managedBy": "kueue.x-k8s.io/multikueue"}},
     }
 
 
@@ -76,7 +78,10 @@ def test_every_crd_is_established(kube):
 def test_custom_object_round_trips(jobs, kube_namespace):
     created = jobs.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("d20-base-train-0"))
     read = jobs.get_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "d20-base-train-0")
-    assert read["spec"] == pytorchjob("x")["spec"]
+    sent = pytorchjob("x")["spec"]
+    assert read["spec"]["pytorchReplicaSpecs"] == sent["pytorchReplicaSpecs"]
+    # The schema's defaults fill in what was left out (runPolicy.suspend: false); nothing else changes.
+    assert read["spec"]["runPolicy"] == {**sent["runPolicy"], "suspend": False}
     assert read["metadata"]["uid"] == created["metadata"]["uid"]
     names = [o["metadata"]["name"] for o in jobs.list_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL)["items"]]
     assert names == ["d20-base-train-0"]
