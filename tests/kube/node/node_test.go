@@ -110,8 +110,17 @@ func TestIPAMHandsOutEachAddressOnce(t *testing.T) {
 	}
 }
 
-func TestAPodAddressIsGivenBackOnceThoughTheSandboxIsTornDownTwice(t *testing.T) {
+func TestAddressesGoRoundRobinSoAFreedOneIsNotReusedAtOnce(t *testing.T) {
 	a, _ := newIPAM("10.244.1.0/24")
+	first, _ := a.allocate()
+	a.release(first.String())
+	if next, _ := a.allocate(); next == first {
+		t.Fatalf("%s was handed out again at once (stale neighbour caches would still point at its old owner)", first)
+	}
+}
+
+func TestAPodAddressIsGivenBackOnceThoughTheSandboxIsTornDownTwice(t *testing.T) {
+	a, _ := newIPAM("10.244.1.0/29") // .2 … .6: five addresses, so the freed one comes round again
 	allocate := func() *sandbox {
 		ip, err := a.allocate()
 		if err != nil {
@@ -121,13 +130,16 @@ func TestAPodAddressIsGivenBackOnceThoughTheSandboxIsTornDownTwice(t *testing.T)
 	}
 	finished := allocate()
 	a.releaseHeld(finished) // the pod finished on its own
+	for i := 0; i < 4; i++ {
+		allocate() // the other four addresses
+	}
 	next := allocate()
 	if next.ip != finished.ip {
 		t.Fatalf("the freed address was not reused: %s, then %s", finished.ip, next.ip)
 	}
 	a.releaseHeld(finished) // the finished pod is deleted: its address is next's now
-	if third := allocate(); third.ip == next.ip {
-		t.Fatalf("two pods got %s", third.ip)
+	if ip, err := a.allocate(); err == nil {
+		t.Fatalf("a full range gave %s again", ip)
 	}
 }
 

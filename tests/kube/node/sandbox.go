@@ -34,6 +34,7 @@ type ipam struct {
 	mu     sync.Mutex
 	prefix netip.Prefix
 	used   map[netip.Addr]bool
+	last   netip.Addr // the address handed out last: allocation goes on after it
 }
 
 func newIPAM(cidr string) (*ipam, error) {
@@ -47,11 +48,24 @@ func newIPAM(cidr string) (*ipam, error) {
 func (a *ipam) allocate() (netip.Addr, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	addr := a.prefix.Addr().Next().Next() // .0 is the network, .1 stays free for a gateway
-	for ; a.prefix.Contains(addr); addr = addr.Next() {
-		if !a.used[addr] && a.prefix.Contains(addr.Next()) { // the last address is broadcast
-			a.used[addr] = true
-			return addr, nil
+	// Round robin from the last address handed out, as the host-local CNI plugin allocates: an
+	// address just released is not reused at once, while its old owner's MAC may still sit in
+	// other pods' neighbour caches and conntrack.
+	first := a.prefix.Addr().Next().Next() // .0 is the network, .1 stays free for a gateway
+	usable := func(addr netip.Addr) bool { // the last address is broadcast
+		return a.prefix.Contains(addr) && a.prefix.Contains(addr.Next())
+	}
+	start := first
+	if a.last.IsValid() && usable(a.last.Next()) {
+		start = a.last.Next()
+	}
+	for _, from := range []netip.Addr{start, first} {
+		for addr := from; usable(addr); addr = addr.Next() {
+			if !a.used[addr] {
+				a.used[addr] = true
+				a.last = addr
+				return addr, nil
+			}
 		}
 	}
 	return netip.Addr{}, fmt.Errorf("no free pod address in %s", a.prefix)
