@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.fixtures.kube import deploy_s3, wait_until
+from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
 from tests.kube.cluster import REPO
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
@@ -207,7 +206,6 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     (head, a worker, the in-tree autoscaler), deploys the Serve application from serveConfigV2
     through the dashboard, and reports it ready; the model loads from S3 over the cluster network and
     the `openai` client chats through the Service KubeRay made."""
-    import boto3
     import openai
     from nanorun.operator.api import parse_spec
     from nanorun.operator.jobs import RunRef
@@ -215,12 +213,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
 
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
-    s3_ip = kube_pods.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
-    s3 = boto3.client("s3", endpoint_url=f"http://{s3_ip}:9000", aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
-    local = Path(tiny_chat_run)
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), "nanorun", f"runs/chat/{path.relative_to(local)}")
+    upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
     spec = parse_spec({
         "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
         "storage": {"uri": "s3://nanorun/runs/chat", "endpoint": endpoint, "credentialsSecret": "s3-creds"},

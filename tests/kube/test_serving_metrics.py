@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.kube import deploy_s3, wait_until
+from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
 from tests.test_metrics_promtool import promtool_check
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
@@ -26,7 +25,6 @@ def requests_counted(text: str) -> float:
 
 
 def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_namespace, tiny_chat_run):
-    import boto3
     from nanorun.operator.api import parse_spec
     from nanorun.operator.jobs import RunRef
     from nanorun.operator.rayservice import SERVE_METRICS_PORT_NAME, rayservice_for_run, rayservice_name
@@ -34,12 +32,7 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
 
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
-    s3_ip = kube_pods.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
-    s3 = boto3.client("s3", endpoint_url=f"http://{s3_ip}:9000", aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
-    local = Path(tiny_chat_run)
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), "nanorun", f"runs/chat/{path.relative_to(local)}")
+    upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
     spec = parse_spec({
         "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
         "storage": {"uri": "s3://nanorun/runs/chat", "endpoint": endpoint, "credentialsSecret": "s3-creds"},
