@@ -34,7 +34,7 @@ DEFAULT_IMAGE = "ghcr.io/nanorun/nanorun-trainer:0.1.0"  # trainer/Dockerfile: P
 DEFAULT_SERVING_IMAGE = "ghcr.io/nanorun/nanorun-serving:0.1.0"  # serving/Dockerfile: Ray + nanorun
 DEFAULT_RAY_VERSION = "2.60.0"
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 
 
 class Model(BaseModel):
@@ -251,7 +251,7 @@ class StageStatus(Model):
     """One stage's record."""
 
     name: str = Field(description="Stage key (tokenizer, pretrain, ...).")
-    phase: Phase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: Phase = Field("Pending", description="Pending, Queued (waiting in the Kueue queue), Running, Succeeded, Failed or Suspended.")
     job: str = Field("", description="The current attempt's PyTorchJob.")
     attempts: int = Field(0, description="Jobs created for this stage so far.")
     start_time: str = Field("", description="When the first attempt started (RFC 3339).")
@@ -280,7 +280,7 @@ class ServingStatus(Model):
 class LLMRunStatus(Model):
     """Observed state, written by the operator."""
 
-    phase: Phase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: Phase = Field("Pending", description="Pending, Queued (waiting in the Kueue queue), Running, Succeeded, Failed or Suspended.")
     stage: str = Field("", description="Stage running now (or the last one).")
     progress: str = Field("", description="step/total of the current stage.")
     loss: float | None = Field(None, description="Latest training loss of the current stage.")
@@ -288,7 +288,7 @@ class LLMRunStatus(Model):
     stages: list[StageStatus] = Field(default_factory=list, max_length=16, description="Per-stage records, in plan order.")
     checkpoint: str = Field("", description="Latest final checkpoint of the pipeline.")
     serving: ServingStatus = Field(default_factory=ServingStatus, description="The chat service.")
-    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Ready, Progressing, Degraded.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Ready, Progressing, Degraded, and Queued when compute.queue is set.")
     observed_generation: int = Field(0, description="metadata.generation this status reflects.")
 
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanorun.operator import metrics
+from nanorun.operator import kueue, metrics
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.jobs import (
     CONTAINER_NAME,
@@ -136,6 +136,13 @@ class Controller:
 
     def attach(self, runs: Mapping, jobs: Mapping, rayservices: Mapping) -> None:
         self.runs, self.jobs, self.rayservices = runs, jobs, rayservices
+
+    def run_of_job(self, namespace: str, job_names: set[str]) -> str | None:
+        """The run one of these PyTorchJobs belongs to (from the jobs index), if any."""
+        for (ns, run), jobs in (self.jobs or {}).items():
+            if ns == namespace and any(j["metadata"].get("name") in job_names for j in jobs):
+                return run
+        return None
 
     def start(self) -> None:
         self._clients()
@@ -253,7 +260,8 @@ class Controller:
                 return None, None
 
         t0 = time.perf_counter()
-        decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc(), self._inspect_failure)
+        decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc(), self._inspect_failure,
+                             self._admission_of)
         t1 = time.perf_counter()
         self._apply_children(run, body, decision)
         t2 = time.perf_counter()
@@ -288,6 +296,22 @@ class Controller:
         return failure_facts(pods, lambda pod: core.read_namespaced_pod_log(
             pod.metadata.name, pod.metadata.namespace, container=CONTAINER_NAME, tail_lines=LOG_TAIL_LINES))
 
+    def _admission_of(self, job: dict[str, Any]) -> kueue.Admission:
+        """Kueue's Workload of a job (found by the job-uid label Kueue puts on it). No Workload, or
+        no Workload API at all (Kueue not installed: 404), is an empty Admission; the status then
+        says that Kueue has made none."""
+        meta = job["metadata"]
+        try:
+            found = self._clients()[0].list_namespaced_custom_object(
+                kueue.WORKLOAD_GROUP, kueue.WORKLOAD_VERSION, meta["namespace"], kueue.WORKLOAD_PLURAL,
+                label_selector=f"{kueue.JOB_UID_LABEL}={meta.get('uid', '')}")
+        except Exception as err:
+            if _status_code(err) == 404:
+                return kueue.Admission()
+            raise
+        items = sorted(found.get("items") or [], key=lambda w: w["metadata"].get("creationTimestamp", ""))
+        return kueue.admission_of(items[-1] if items else None)
+
     def _apply_children(self, run: RunRef, body: dict[str, Any], d: Decision) -> None:
         api = self._clients()[0]
         for manifest, event in d.create_jobs:
@@ -307,6 +331,9 @@ class Controller:
         for job, patch in d.patch_jobs:
             api.patch_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,
                                                PYTORCHJOB_PLURAL, job, patch)
+        for workload, patch in d.patch_workloads:
+            api.patch_namespaced_custom_object(kueue.WORKLOAD_GROUP, kueue.WORKLOAD_VERSION, run.namespace,
+                                               kueue.WORKLOAD_PLURAL, workload, patch)
         rs = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, run.namespace, RAYSERVICE_PLURAL)
         if d.create_rayservice is not None:
             try:

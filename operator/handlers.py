@@ -21,12 +21,14 @@ import kopf
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.controller import Controller
 from nanorun.operator.jobs import LABEL_RUN, PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
+from nanorun.operator.kueue import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
 from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
 from nanorun.trainer import storage
 
 LLMRUNS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
 RAYSERVICES = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL)
+WORKLOADS = (WORKLOAD_GROUP, WORKLOAD_VERSION, WORKLOAD_PLURAL)  # Kueue's; kopf watches them only where served
 CLEANUP_FINALIZER = "nanorun.io/cleanup"
 
 log = logging.getLogger("nanorun.operator")
@@ -96,6 +98,17 @@ async def pytorchjob_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -
 async def rayservice_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
     _attach(kwargs)
     CONTROLLER.enqueue((namespace, labels[LABEL_RUN]))
+
+
+@kopf.on.event(*WORKLOADS)
+async def workload_event(namespace: str, meta: kopf.Meta, **kwargs: Any) -> None:
+    """Kueue admitted, evicted or re-described a Workload: queue the run whose PyTorchJob owns it."""
+    _attach(kwargs)
+    owners = {o.get("name") for o in meta.get("ownerReferences") or [] if o.get("kind") == "PyTorchJob"}
+    if owners:
+        run = CONTROLLER.run_of_job(namespace, owners)
+        if run is not None:
+            CONTROLLER.enqueue((namespace, run))
 
 
 def _cleanup_requested(spec: kopf.Spec, **_: Any) -> bool:

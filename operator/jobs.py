@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec
+from nanorun.operator.kueue import QUEUE_LABEL
 from nanorun.operator.plan import PlannedStage, processes_per_node
 
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
 LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER_NAME = "pytorch"  # the training operator requires this name
 RENDEZVOUS_PORT = 23456  # the training operator's default `pytorchjob-port`
 MAX_NAME = 63  # DNS-1035 label; the training operator's Services are named after the job
@@ -114,7 +114,7 @@ def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, att
     labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.stage, LABEL_ATTEMPT: str(attempt), LABEL_CONFIG: config_id,
               "app.kubernetes.io/name": "nanorun-trainer", "app.kubernetes.io/managed-by": "nanorun"}
     if spec.compute.queue:
-        labels[KUEUE_QUEUE_LABEL] = spec.compute.queue
+        labels[QUEUE_LABEL] = spec.compute.queue
     nodes = spec.compute.nodes if stage.distributed else 1
     nproc = processes_per_node(spec) if stage.distributed else 1
     gpus = spec.compute.gpus_per_node if stage.distributed else 0
@@ -144,7 +144,7 @@ def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, att
         if value:
             pod[key] = copy.deepcopy(value)
     template = {
-        "metadata": {"labels": {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL},
+        "metadata": {"labels": {k: v for k, v in labels.items() if k != QUEUE_LABEL},
                      "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port)}},
         "spec": pod,
     }

@@ -29,6 +29,9 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # otherwise the failed container's last log lines go into the stage's message.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    # With compute.queue, Kueue's Workload of each job: read (and watched) for the Queued status; patched
+    # (spec.active) to suspend and resume a job that Kueue admits.
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch", "patch"]},
     # Kubernetes Events on every transition (the operator's and kopf's own).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf lists namespaces when it watches the whole cluster, and watches CRDs to notice new resources.

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanorun.operator import kueue
 from nanorun.operator import plan as plan_mod
 from nanorun.operator.api import LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
 from nanorun.operator.jobs import (
@@ -74,6 +75,14 @@ def _no_pods(job: dict[str, Any]) -> FailureFacts:
     return FailureFacts()
 
 
+# Kueue's view of a PyTorchJob of a run with compute.queue (kueue.py). May raise (retried later).
+AdmissionOf = Callable[[dict[str, Any]], kueue.Admission]
+
+
+def _no_workload(job: dict[str, Any]) -> kueue.Admission:
+    return kueue.Admission()
+
+
 @dataclass
 class Event:
     type: str  # Normal | Warning
@@ -86,6 +95,8 @@ class Decision:
     status: dict[str, Any]
     create_jobs: list[tuple[dict[str, Any], Event]] = field(default_factory=list)  # (manifest, event if created)
     patch_jobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, merge patch)
+    patch_workloads: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # Kueue Workloads (name, merge patch)
+    queued: tuple[bool, str, str] | None = None  # the Queued condition (waiting, reason, message), with compute.queue
     create_rayservice: dict[str, Any] | None = None
     patch_rayservice: dict[str, Any] | None = None  # merge patch of the existing one
     delete_rayservice: str | None = None
@@ -125,7 +136,8 @@ def _old_status(old: dict[str, Any]) -> LLMRunStatus:
 
 
 def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], rayservice: dict[str, Any] | None,
-              read_stage: ReadStage, now: dt.datetime, inspect_failure: InspectFailure = _no_pods) -> Decision:
+              read_stage: ReadStage, now: dt.datetime, inspect_failure: InspectFailure = _no_pods,
+              admission_of: AdmissionOf = _no_workload) -> Decision:
     """Decide what one reconcile of `body` (the LLMRun) does, given its children."""
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
@@ -136,7 +148,8 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
         return _invalid(old_raw, str(err), generation, now)
     old = _old_status(old_raw)
     d = Decision(status={})
-    records = _stage_records(run, spec, old, jobs, read_stage, inspect_failure, now, d)
+    children = Children(jobs, read_stage, inspect_failure, admission_of)
+    records = _stage_records(run, spec, old, children, now, d)
     current = next((r for r in records if r.phase != "Succeeded"), None)
     failed = next((r for r in records if r.phase == "Failed"), None)
 
@@ -146,6 +159,8 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
         phase = "Succeeded"
     elif current.phase == "Suspended" or (spec.suspend and current.attempts == 0):
         phase = "Suspended"
+    elif current.phase == "Queued":
+        phase = "Queued"
     elif current.attempts:
         phase = "Running"
     else:
@@ -168,9 +183,12 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
         d.delete_rayservice = rayservice_name(run.name)
     out = status.model_dump(by_alias=True, exclude_none=True)
     out["conditions"] = _conditions(old_raw.get("conditions") or [], spec, phase, current, failed, serving_ready, now)
+    if d.queued is not None:
+        out["conditions"] = set_condition(out["conditions"], "Queued", *d.queued, now)
     if old.phase != phase:
         kind = "Warning" if phase == "Failed" else "Normal"
-        d.events.append(Event(kind, f"Run{phase}", f"run is {phase}" + (f" at stage {shown.name}" if shown else "")))
+        said = f"run is {phase}" + (f" at stage {shown.name}" if shown else "")
+        d.events.append(Event(kind, f"Run{phase}", said + (f": {d.queued[2]}" if phase == "Queued" and d.queued else "")))
     d.status = out
     return d
 
@@ -198,8 +216,18 @@ def _job_config(job: dict[str, Any]) -> str:
     return (job["metadata"].get("labels") or {}).get(LABEL_CONFIG, "")
 
 
-def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[dict[str, Any]],
-                   read_stage: ReadStage, inspect_failure: InspectFailure, now: dt.datetime,
+@dataclass(frozen=True)
+class Children:
+    """What the reconcile reads besides the LLMRun: its PyTorchJobs, and callbacks that read the
+    stage files, a failed job's pods, and Kueue's Workload of a job."""
+
+    jobs: list[dict[str, Any]]
+    read_stage: ReadStage
+    inspect_failure: InspectFailure
+    admission_of: AdmissionOf
+
+
+def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, children: Children, now: dt.datetime,
                    d: Decision) -> list[StageStatus]:
     old_records = {r.name: r for r in old.stages}
     plan = plan_mod.stage_plan(spec)
@@ -209,7 +237,7 @@ def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[
     for ps in plan:
         config_id = config_ids[ps.key]
         rec = old_records.get(ps.key, StageStatus(name=ps.key)).model_copy(deep=True)
-        stage_jobs = sorted((j for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
+        stage_jobs = sorted((j for j in children.jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
                             key=_attempt)
         if rec.config_id and rec.config_id != config_id and rec.phase in ("Succeeded", "Failed"):
             rec = _rerun(ps, rec, config_id, stage_jobs, d)
@@ -224,12 +252,12 @@ def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, jobs: list[
         stage_jobs = [j for j in stage_jobs if _job_config(j) in ("", rec.config_id)]
         latest = stage_jobs[-1] if stage_jobs else None
         rec.attempts = max(rec.attempts, _attempt(latest) if latest else 0)
-        progress, done = read_stage(ps.stage)
+        progress, done = children.read_stage(ps.stage)
         if done is not None and done.config_id and done.config_id != rec.config_id:
             progress, done = None, None  # files of an earlier configuration: this one has not written yet
         rec.metrics = metrics_from(progress, done)
         if latest is not None and _attempt(latest) == rec.attempts:
-            _follow_job(run, spec, ps, rec, latest, progress, done, inspect_failure, now, d)
+            _follow_job(run, spec, ps, rec, latest, progress, done, children, now, d)
         elif rec.attempts and done is not None:
             # The job is gone (TTL) but the stage wrote done.json: storage says it finished.
             _succeed(ps, rec, done, now, d)
@@ -284,7 +312,7 @@ def _succeed(ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, whe
 
 
 def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, job: dict[str, Any],
-                progress: Progress | None, done: Done | None, inspect_failure: InspectFailure,
+                progress: Progress | None, done: Done | None, children: Children,
                 now: dt.datetime, d: Decision) -> None:
     state = job_state(job)
     rec.job = job["metadata"]["name"]
@@ -294,7 +322,7 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
         return
     if state.phase == "Failed":
         if rec.failed_attempt != rec.attempts:  # seen for the first time: classify and count it once
-            facts = inspect_failure(job)
+            facts = children.inspect_failure(job)
             if facts.active:
                 # Decide (and start the next attempt) only once every pod has stopped: the next
                 # attempt must resume from the checkpoint these pods may still be writing.
@@ -306,17 +334,50 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
             _record_failure(spec, ps, rec, progress, facts, state.since or now, why, d)
         _after_failure(run, spec, ps, rec, now, d)
         return
-    # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.
     suspended = bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    if spec.compute.queue:
+        _follow_queued_job(spec, ps, rec, suspended, children.admission_of(job), d)
+        return
+    # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.
     if spec.suspend and not suspended:
         d.patch_jobs.append((rec.job, {"spec": {"runPolicy": {"suspend": True}}}))
         d.events.append(Event("Normal", "StageSuspended", f"stage {ps.key}: suspended PyTorchJob {rec.job}"))
         suspended = True
-    elif not spec.suspend and suspended and not spec.compute.queue:  # with a queue, Kueue resumes it
+    elif not spec.suspend and suspended:
         d.patch_jobs.append((rec.job, {"spec": {"runPolicy": {"suspend": False}}}))
         d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: resumed PyTorchJob {rec.job}"))
         suspended = False
     rec.phase = "Suspended" if suspended and spec.suspend else "Running"
+
+
+def _follow_queued_job(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, suspended: bool,
+                       adm: kueue.Admission, d: Decision) -> None:
+    """A job that Kueue admits (kueue.py): Queued until its Workload is admitted; `spec.suspend`
+    deactivates the Workload (Kueue then suspends the job) and clearing it reactivates the Workload."""
+    queue = spec.compute.queue
+    if spec.suspend:
+        if adm.workload and adm.active:
+            d.patch_workloads.append((adm.workload, kueue.deactivate_patch()))
+            d.events.append(Event("Normal", "StageSuspended", f"stage {ps.key}: deactivated Kueue Workload "
+                                                              f"{adm.workload} of PyTorchJob {rec.job}"))
+        elif not adm.workload:
+            d.requeue_after = ACTIVE_POLL_SECONDS  # Kueue makes the Workload in a moment: deactivate it then
+        rec.phase = "Suspended"
+        d.queued = (False, "Suspended", f"stage {ps.key}: spec.suspend is true; its Kueue Workload is deactivated")
+        return
+    if not adm.active and adm.deactivated_by_operator:
+        d.patch_workloads.append((adm.workload, kueue.reactivate_patch()))
+        d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: reactivated Kueue Workload {adm.workload}"))
+        adm = kueue.Admission(workload=adm.workload, reason="Pending", message="reactivated; waiting for Kueue")
+    if adm.admitted or not suspended:
+        rec.phase = "Running"
+        where = f"ClusterQueue {adm.cluster_queue}" if adm.cluster_queue else f"LocalQueue {queue}"
+        d.queued = (False, "Admitted", f"stage {ps.key}: admitted by Kueue to {where}")
+        return
+    rec.phase = "Queued"
+    if not adm.workload:
+        d.requeue_after = ACTIVE_POLL_SECONDS  # no watch sees the Workload appear: look again soon
+    d.queued = (True, adm.reason or "Waiting", f"stage {ps.key}: {kueue.waiting_message(queue, rec.job, adm)}")
 
 
 def _record_failure(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, progress: Progress | None,
@@ -419,6 +480,9 @@ def _conditions(old: list[dict[str, Any]], spec: LLMRunSpec, phase: str, current
         c = set_condition(c, "Degraded", False, "AsExpected", "", now)
     if phase in ("Running", "Pending"):
         c = set_condition(c, "Progressing", True, "StageRunning", f"stage {current.name if current else ''}", now)
+    elif phase == "Queued":
+        c = set_condition(c, "Progressing", False, "Queued", f"stage {current.name if current else ''} waits for "
+                                                              f"Kueue to admit it (see the Queued condition)", now)
     elif phase == "Suspended":
         c = set_condition(c, "Progressing", False, "Suspended", "spec.suspend is true", now)
     else:

@@ -146,7 +146,7 @@ def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluste
     for binding in bindings:
         namespaced = roles[binding["roleRef"]["name"]]
         assert {r for rule in namespaced for r in rule["resources"]} == {
-            "llmruns", "llmruns/status", "pytorchjobs", "rayservices", "events", "pods", "pods/log"}
+            "llmruns", "llmruns/status", "pytorchjobs", "rayservices", "workloads", "events", "pods", "pods/log"}
 
 
 def test_bring_your_own_service_account_renders_no_rbac(render: Render) -> None:

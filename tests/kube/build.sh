@@ -5,10 +5,10 @@
 #   bin/nanorun-node     (tests/kube/node: the node agent, virtual-kubelet pinned in its go.mod)
 #   bin/coredns          (tests/kube/coredns: CoreDNS pinned in its go.mod)
 #   bin/helm             (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
-#   bin/training-operator.v1, bin/ray-operator
-#                        (go install of the Kubeflow training-operator and KubeRay modules)
+#   bin/training-operator.v1, bin/ray-operator, bin/kueue
+#                        (go install of the Kubeflow training-operator, KubeRay and Kueue modules)
 #   crds/*.yaml          (PyTorchJob and RayService CRDs from their Go modules)
-#   manifests/*.yaml     (the training-operator's and KubeRay's install manifests from their modules,
+#   manifests/*.yaml     (the training-operator's, KubeRay's and Kueue's install manifests from their modules,
 #                         rendered with this kubectl's kustomize)
 # Does nothing when that folder is already complete. Go's module and build caches are Go's own
 # defaults (under $HOME), so a fresh clone on this machine, or a pin change, rebuilds incrementally.
@@ -76,6 +76,8 @@ GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" \
   "$TRAINING_OPERATOR_MODULE/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
 step "building the KubeRay operator $KUBERAY_VERSION"
 GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "$KUBERAY_MODULE@$KUBERAY_VERSION"
+step "building Kueue $KUEUE_VERSION"
+GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "$KUEUE_MODULE/cmd/kueue@$KUEUE_VERSION"
 
 step "rendering the controllers' install manifests"
 mkdir -p "$tmp/manifests"
@@ -83,6 +85,8 @@ mkdir -p "$tmp/manifests"
   > "$tmp/manifests/training-operator.yaml"
 "$tmp/bin/kubectl" kustomize "$(module_dir "$KUBERAY_MODULE" "$KUBERAY_VERSION")/$KUBERAY_MANIFESTS" \
   > "$tmp/manifests/kuberay-operator.yaml"
+"$tmp/bin/kubectl" kustomize "$(module_dir "$KUEUE_MODULE" "$KUEUE_VERSION")/$KUEUE_MANIFESTS" \
+  > "$tmp/manifests/kueue.yaml"
 
 touch "$tmp/complete"
 # Drop builds for older pins not used for an hour (Go's caches stay; a cluster started a moment

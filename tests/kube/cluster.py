@@ -2,7 +2,7 @@
 
 The binaries come from `tests/kube/build.sh` (`make setup-kube`), each built from its published Go
 module: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS, kubectl,
-helm, the Kubeflow training-operator, the KubeRay operator, and `nanorun-node`, a virtual-kubelet node whose provider runs pods as local processes
+helm, the Kubeflow training-operator, the KubeRay operator, Kueue, and `nanorun-node`, a virtual-kubelet node whose provider runs pods as local processes
 (tests/kube/node). `Cluster` (processes and the pod network in tests/kube/host.py) generates a CA and a certificate per identity (tests/kube/pki.py) and
 starts, in order:
 
@@ -15,7 +15,9 @@ starts, in order:
   its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
 - CoreDNS as the upstream addon (a Deployment in kube-system behind the `kube-dns` Service);
 - the Kubeflow training-operator (PyTorchJob) and the KubeRay operator (RayCluster, RayService), as
-  pods from their upstream install manifests, each with the RBAC those manifests give it.
+  pods from their upstream install manifests, each with the RBAC those manifests give it;
+- Kueue (namespace kueue-system) from its install manifest, with its PyTorchJob, RayCluster and
+  RayService integrations and their admission webhooks (no ClusterQueue: a test makes its own).
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler: the API and controllers work, pods are scheduled but never run, and
@@ -46,6 +48,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tests.kube.host import (
     ControlPlaneError,
@@ -66,7 +71,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "etcd", "kubectl",
-            "helm", "nanorun-node", "coredns", "training-operator.v1", "ray-operator")
+            "helm", "nanorun-node", "coredns", "training-operator.v1", "ray-operator", "kueue")
 CLUSTER_DOMAIN = "cluster.local"
 COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
 READY_TIMEOUT_S = 60.0
@@ -221,6 +226,7 @@ class Cluster:
                 done("dns_ready")
                 if self.controllers:
                     self._start_training_controllers()
+                    self._start_kueue()
                     done("controllers_ready")
         except BaseException:
             self.stop()
@@ -380,6 +386,19 @@ class Cluster:
         for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
             self._wait_deployment(namespace, deployment, timeout_s)
 
+    def _start_kueue(self, timeout_s: float = 90.0) -> None:
+        """Kueue from its install manifest (namespace kueue-system), with the integrations nanorun's
+        jobs and chat service use (KUEUE_FRAMEWORKS). Two changes, as a Kueue install made for these
+        integrations has them: only the admission webhooks of enabled integrations are registered
+        (Kueue's own helm chart renders them the same way), and the visibility API's APIServices
+        are left out (this API server runs without the aggregation layer they need). Ready once its
+        webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
+        manifest = yaml.safe_load_all((self.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
+        docs = [_kueue_doc(doc) for doc in manifest if doc and doc.get("kind") != "APIService"]
+        self._kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", "-f", "-",
+                      input=yaml.safe_dump_all(docs))
+        self._wait_deployment("kueue-system", "kueue-controller-manager", timeout_s)
+
     def _wait_deployment(self, namespace: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -456,6 +475,36 @@ class Cluster:
             HELM_DATA_HOME=str(self.workdir / "helm/data"),
         )
         return env
+
+
+# Kueue's job integrations the test cluster turns on: nanorun's stage jobs (PyTorchJob) and its
+# chat service (RayService, and the RayCluster KubeRay makes for it).
+KUEUE_FRAMEWORKS = ("kubeflow.org/pytorchjob", "ray.io/raycluster", "ray.io/rayservice")
+
+
+def _kueue_webhook_enabled(webhook: dict[str, Any]) -> bool:
+    """Whether a webhook of Kueue's manifest serves Kueue's own API or an enabled integration (its
+    path names the group and kind: /mutate-kubeflow-org-v1-pytorchjob)."""
+    path = ((webhook.get("clientConfig") or {}).get("service") or {}).get("path", "")
+    if "-kueue-x-k8s-io-" in path:
+        return True
+    for framework in KUEUE_FRAMEWORKS:
+        group, kind = framework.split("/")
+        if f"-{group.replace('.', '-')}-" in path and path.endswith(f"-{kind}"):
+            return True
+    return False
+
+
+def _kueue_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """One object of Kueue's manifest, with the integrations of KUEUE_FRAMEWORKS."""
+    kind = doc.get("kind")
+    if kind == "ConfigMap" and doc["metadata"]["name"] == "kueue-manager-config":
+        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
+        config["integrations"] = {"frameworks": list(KUEUE_FRAMEWORKS)}
+        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
+    elif kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w)]
+    return doc
 
 
 def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:

@@ -5,7 +5,8 @@ RayService, is scheduled, with no `FailedScheduling`.
 
 The jobs and the RayService are exactly what nanorun's operator builds for the example, except the
 image (one this cluster cannot pull, so nothing runs after scheduling: it is placement that is under
-test) and, for an example with a Kueue queue, the suspended start (no Kueue here admits the jobs).
+test). An example with a Kueue queue gets that LocalQueue, backed by a ClusterQueue with the GPU
+nodes' capacity, and the cluster's Kueue admits its suspended jobs.
 Run: .venv/bin/pytest tests/kube/test_examples_schedule.py -q   (needs root for the pod network)
 """
 
@@ -76,6 +77,23 @@ def all_scheduled(kube: KubeEnv, ns: str, selector: str, count: int) -> list[dic
     return wait_until(check, lambda ps: len(ps) == count and all(p["spec"].get("nodeName") for p in ps), timeout=120)
 
 
+def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
+    """The LocalQueue `queue` in `ns`, on a ClusterQueue of the two GPU nodes' capacity (a flavor
+    without node labels: where pods go stays the pods' own nodeSelector and tolerations)."""
+    capacity = {"cpu": "384", "memory": "4Ti", "nvidia.com/gpu": "16", "rdma/ib": "2"}  # 2 x GPU
+    quota = [{"name": k, "nominalQuota": v} for k, v in capacity.items()]
+    objects = [
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "any-node"}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": ns},
+         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                  "resourceGroups": [{"coveredResources": [q["name"] for q in quota],
+                                      "flavors": [{"name": "any-node", "resources": quota}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": queue, "namespace": ns},
+         "spec": {"clusterQueue": ns}},
+    ]
+    kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, example: Path):
     from nanorun.operator.api import parse_spec
@@ -90,11 +108,12 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
     wait_until(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode, lambda rc: rc == 0)
     spec = parse_spec(body["spec"])
     run = RunRef(name=body["metadata"]["name"], namespace=ns, uid="00000000-0000-0000-0000-000000000003")
+    if spec.compute.queue:
+        make_queue(kube, ns, spec.compute.queue)
     placed: dict[str, list[str]] = {}
     for stage in stage_plan(spec):
         job = pytorchjob_for_stage(run, spec, stage, attempt=1)
         job["metadata"].pop("ownerReferences")  # no LLMRun object here
-        job["spec"]["runPolicy"]["suspend"] = False  # Kueue's admission, for an example with a queue
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
             replica["template"]["spec"]["containers"][0]["image"] = ABSENT_IMAGE
         name = job["metadata"]["name"]
