@@ -21,6 +21,7 @@ from nanorun.trainer.base_train import SAMPLE_PROMPTS, greedy_sample
 from nanorun.trainer.checkpoint import final_checkpoint, load_model
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
 from nanorun.trainer.dataloader import validation_batches
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.loss_eval import evaluate_bpb
 
 
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

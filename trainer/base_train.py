@@ -33,6 +33,7 @@ from nanorun.trainer import checkpoint as ckpt
 from nanorun.trainer import core_eval
 from nanorun.trainer.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
 from nanorun.trainer.dataloader import PackedBatches, default_streams, merge_states, validation_batches
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.loss_eval import evaluate_bpb
 
 B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
@@ -340,4 +341,4 @@ def save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, keep)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

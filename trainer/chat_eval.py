@@ -26,6 +26,7 @@ from typing import Any
 
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.execution import SandboxUnavailable
 from nanorun.trainer.progress import is_done
 from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generative_eval
@@ -194,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

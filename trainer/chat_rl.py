@@ -24,6 +24,7 @@ import torch
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_for_completion
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.finetune import (
     StepReport,
     add_finetune_args,
@@ -239,4 +240,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -9,19 +9,24 @@
                             config_id (NANORUN_CONFIG_ID of the run that saved it)
         COMMITTED           the commit marker, written last: a directory without it is ignored;
                             removed first when a step directory is written again. It lists every
-                            file of the checkpoint with its size, so a file truncated, lost or
-                            replaced later is found before it is loaded
+                            file of the checkpoint with its size and a checksum of its contents
+                            (BLAKE2b-128, computed when it is written), so a file truncated,
+                            lost or changed inside later is found before it is trained on
 
-`save_checkpoint` is collective when an optimizer is given (every rank writes its shard); call it
-on every rank. On S3 each rank writes to a local temporary directory and uploads its own files.
-Local run directories shared by several nodes must be on a shared filesystem.
+`save_checkpoint` and `resumable_checkpoint` are collective (every rank writes its optimizer shard;
+rank 0 alone reads candidates through and tells the others which one to resume): call them on every
+rank. Each rank writes its shard to a local temporary directory, checksums it and copies or uploads
+it. Local run directories shared by several nodes must be on a shared filesystem.
 
     latest_checkpoint(stage_dir)          newest committed checkpoint, or None
     resumable_checkpoint(stage_dir)       newest intact committed checkpoint of this configuration:
                                           where a stage resumes (another config id: start from the
                                           input; a damaged one: a warning, and the one before it)
     verify_checkpoint(uri)                CheckpointError naming the first file not as committed
-    load_model(uri, device)               (GPT in eval mode, meta)
+                                          (size, then contents)
+    load_model(uri, device)               (GPT in eval mode, meta); a damaged meta.json or weights
+                                          file is a CheckpointError naming it (no fallback: the
+                                          caller asked for this checkpoint)
     load_optimizer(uri, optimizer)        restore the sharded optimizer state (any world size)
     final_checkpoint(run_dir, stage)      the checkpoint a finished stage's done.json points at
 """
@@ -44,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from nanorun.trainer import storage
+from nanorun.trainer.errors import StageError, one_line
 from nanorun.trainer.progress import current_config_id, read_done
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -53,11 +59,18 @@ COMMIT_MARKER = "COMMITTED"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 OPTIM_DIR = "optim"
+CHECKSUMS = "blake2b"  # the marker's {file: storage.checksum of its contents}; absent in older markers
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
+# Checkpoints this process saved, or chose to resume from after reading them through. Saving such a
+# step again keeps it (SIGTERM right after a periodic save, or right after resuming). Any other
+# committed directory of this configuration at a step the run reaches is one a resume skipped as
+# damaged, since resuming takes the newest intact one: it is replaced. Every rank holds the same set.
+_known_good: set[str] = set()
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or unusable; the message says which and what to do."""
+
+class CheckpointError(StageError):
+    """A checkpoint is missing or unusable; the message says which file and what to do."""
 
 
 def checkpoint_dir(stage_dir_uri: str, step: int) -> str:
@@ -106,28 +119,77 @@ def saved_config_id(checkpoint_uri: str) -> str:
     return str(meta.get("config_id") or "") if isinstance(meta, dict) else ""
 
 
+def _marker(checkpoint_uri: str) -> dict[str, Any]:
+    """The COMMITTED marker of a checkpoint: {"step", "committed_at", "files": {name: size},
+    CHECKSUMS: {name: checksum}} ("files" and CHECKSUMS are absent in markers older than them)."""
+    uri = storage.join(checkpoint_uri, COMMIT_MARKER)
+    try:
+        marker = storage.read_json(uri)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{checkpoint_uri} is not a committed checkpoint (no {COMMIT_MARKER} marker): it was never "
+            "completely written; use latest_checkpoint() or a step that finished saving"
+        ) from None
+    except ValueError as err:  # JSON or UTF-8 decoding
+        raise CheckpointError(f"checkpoint file {uri} is corrupt: {err}") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"checkpoint file {uri} is corrupt: not a JSON object")
+    return marker
+
+
+def _check_contents(checkpoint_uri: str, marker: dict[str, Any], name: str, actual: str) -> None:
+    """CheckpointError naming file `name` when the checksum of its contents is not the one committed."""
+    expected = (marker.get(CHECKSUMS) or {}).get(name)
+    if expected and actual != expected:
+        raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: its contents "
+                              f"changed since it was committed ({CHECKSUMS} checksum mismatch)")
+
+
 def verify_checkpoint(checkpoint_uri: str) -> None:
-    """Raise CheckpointError naming the first file that is not as the COMMITTED marker lists it
-    (missing, truncated, grown). One listing, no download. Checkpoints saved before markers listed
-    their files pass; their damage shows when loaded (load_weights, load_optimizer, read_meta)."""
-    marker = storage.read_json_or_none(storage.join(checkpoint_uri, COMMIT_MARKER))
-    committed = marker.get("files") if isinstance(marker, dict) else None
-    if not committed:
-        return
-    present = storage.file_sizes(checkpoint_uri)
+    """Raise CheckpointError naming the first file that is not as the COMMITTED marker lists it:
+    missing, truncated or grown (one listing), then changed inside at the same size (every file is
+    read once and checksummed: a bit flipped on disk, garbage written over it).
+
+    Older markers check what they list: without checksums, sizes only; without a file list, nothing
+    (their damage shows when loaded: load_weights, load_optimizer and read_meta name the file)."""
+    marker = _marker(checkpoint_uri)
+    committed = marker.get("files") or {}
+    present = storage.file_sizes(checkpoint_uri) if committed else {}
     for name, size in sorted(committed.items()):
         if present.get(name) != size:
             found = "missing" if name not in present else f"{present[name]} bytes"
             raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: {found}, "
                                   f"{size} bytes were committed")
+    for name in sorted(marker.get(CHECKSUMS) or {}):
+        try:
+            actual = storage.file_checksum(storage.join(checkpoint_uri, name))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is missing") from None
+        _check_contents(checkpoint_uri, marker, name, actual)
 
 
-def is_intact(checkpoint_uri: str) -> bool:
-    try:
-        verify_checkpoint(checkpoint_uri)
-        return True
-    except CheckpointError:
-        return False
+def _newest_intact(stage_dir_uri: str, config_id: str) -> tuple[str | None, list[str]]:
+    """(the newest committed checkpoint of `config_id` (any, when empty) whose every file is as
+    committed, the damaged ones passed over); one warning line for each of those, saying where the
+    stage resumes."""
+    chosen, damaged = None, []
+    for _, uri in reversed(list_checkpoints(stage_dir_uri)):
+        if not is_committed(uri):
+            continue
+        try:
+            meta = read_meta(uri)  # against its checksum: the config id below must be the one saved
+            if config_id and str(meta.get("config_id") or "") != config_id:
+                continue
+            verify_checkpoint(uri)
+        except CheckpointError as err:
+            damaged.append((uri, err))
+            continue
+        chosen = uri
+        break
+    then = f"resuming from {chosen}" if chosen else "no earlier checkpoint to resume from: starting over"
+    for _, err in damaged:
+        print(f"warning: {one_line(err)}; {then}", file=sys.stderr, flush=True)
+    return chosen, [uri for uri, _ in damaged]
 
 
 def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> str | None:
@@ -135,19 +197,23 @@ def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> st
     process's NANORUN_CONFIG_ID). Without an id, any checkpoint (as before ids existed). A checkpoint
     of another configuration is not resumed: a re-run after a spec change starts from its input.
 
-    A damaged checkpoint (a file not as committed) is skipped with a warning naming the file, and the
-    one before it is used: the steps since are trained again, identically. The damaged one is left
-    for inspection; the run replaces it when it saves that step again."""
+    Collective: rank 0 reads the candidates through (every file against its size and checksum) and
+    the other ranks take its choice, so a checkpoint is downloaded once to check it, not once per
+    rank. A damaged checkpoint (a file not as committed) is skipped with a warning naming the file,
+    and the one before it is used: the steps since are trained again, identically. The damaged one
+    is left for inspection; the run replaces it when it saves that step again, and pruning never
+    counts it against an older intact one (see _prune)."""
     config_id = current_config_id() if config_id is None else config_id
-    for _, uri in reversed(list_checkpoints(stage_dir_uri)):
-        if is_committed(uri) and (not config_id or saved_config_id(uri) == config_id):
-            try:
-                verify_checkpoint(uri)
-            except CheckpointError as err:
-                print(f"warning: {err}; resuming from an earlier checkpoint", file=sys.stderr, flush=True)
-                continue
-            return uri
-    return None
+    found = _newest_intact(stage_dir_uri, config_id) if _rank() == 0 else None
+    if dist.is_initialized():
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    uri, damaged = found
+    _known_good.difference_update(damaged)  # damaged since this process saved it: saving that step replaces it
+    if uri:
+        _known_good.add(uri)
+    return uri
 
 
 def rng_state() -> dict[str, Any]:
@@ -175,16 +241,29 @@ def _dcp(fn: Any, state: dict, **kwargs: Any) -> None:
         fn(state, **kwargs)
 
 
-def _save_optimizer(optimizer: Any, ckpt_uri: str) -> None:
+def _save_optimizer(optimizer: Any, ckpt_uri: str) -> dict[str, str]:
+    """Write this rank's optimizer shard (and, on rank 0, DCP's `.metadata`) under `optim/`; returns
+    {file name in the checkpoint: checksum} of the files this rank wrote. DCP writes into a local
+    temporary directory, so each rank checksums exactly its own files (just written: read from the
+    page cache) before copying or uploading them, also when all ranks share one run directory."""
     state = optimizer.sharded_state_dict()
-    target = storage.join(ckpt_uri, OPTIM_DIR)
-    if not storage.is_s3(target):
-        _dcp(dcp.save, state, storage_writer=dcp.FileSystemWriter(target))
-        return
+    checksums = {}
     with tempfile.TemporaryDirectory(prefix="nanorun-optim-") as tmp:
         _dcp(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp))
-        for path in storage.walk_local(tmp):  # this rank's shard (+ the metadata on rank 0)
-            storage.upload_from(path, storage.join(target, path.relative_to(tmp).as_posix()))
+        for path in storage.walk_local(tmp):
+            name = f"{OPTIM_DIR}/{path.relative_to(tmp).as_posix()}"
+            checksums[name] = storage.file_checksum(path)
+            storage.upload_from(path, storage.join(ckpt_uri, name))
+    return checksums
+
+
+def _gather(checksums: dict[str, str]) -> dict[str, str]:
+    """Every rank's {file: checksum}, merged (on every rank: the marker is written by rank 0)."""
+    if not dist.is_initialized():
+        return checksums
+    every: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, checksums)
+    return {name: value for part in every for name, value in (part or {}).items()}
 
 
 def save_checkpoint(
@@ -198,23 +277,27 @@ def save_checkpoint(
     """Write checkpoint `step` (collective), commit it, prune to the newest `keep_last`; returns its URI.
 
     meta.json records `config_id` (NANORUN_CONFIG_ID); only checkpoints of the same id are pruned.
+    The COMMITTED marker records every file's size and a checksum of its contents: weights and meta
+    are checksummed from the bytes in memory, optimizer shards by the rank that wrote them.
     """
     uri, config_id = checkpoint_dir(stage_dir_uri, step), current_config_id()
-    # every rank decides alike: the directory is only changed by rank 0, after the barrier below
-    same = is_committed(uri) and saved_config_id(uri) == config_id and is_intact(uri)
+    # every rank decides alike (each holds the same _known_good): the directory is only changed by
+    # rank 0, after the barrier below
+    same = uri in _known_good and is_committed(uri) and saved_config_id(uri) == config_id
     _barrier()
     if same:  # e.g. SIGTERM right after a periodic save of the same step
         return uri
     if _rank() == 0 and storage.list_files(uri):
         delete_checkpoint(uri)  # a re-run reaching a step an earlier run saved, or an interrupted save
     _barrier()
-    if optimizer is not None:
-        _save_optimizer(optimizer, uri)
+    checksums = _gather(_save_optimizer(optimizer, uri)) if optimizer is not None else {}
     _barrier()
     if _rank() == 0:
         module = _unwrap(model)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-        storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_safetensors(tensors))
+        weights = save_safetensors(tensors)
+        storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
+        checksums[WEIGHTS_FILE] = storage.checksum(weights)
         full_meta = {
             "step": step,
             "saved_at": time.time(),
@@ -226,17 +309,24 @@ def save_checkpoint(
         }
         if "model_config" not in full_meta and hasattr(module, "config"):
             full_meta["model_config"] = module.config.to_dict()
-        storage.write_json(storage.join(uri, META_FILE), full_meta)
+        meta_bytes = storage.json_bytes(full_meta)
+        storage.write_bytes(storage.join(uri, META_FILE), meta_bytes)
+        checksums[META_FILE] = storage.checksum(meta_bytes)
         # every rank's files are in place (barrier above): the marker lists them as they are now
-        files = storage.file_sizes(uri)
-        storage.write_json(storage.join(uri, COMMIT_MARKER), {"step": step, "committed_at": time.time(), "files": files})
+        marker = {"step": step, "committed_at": time.time(), "files": storage.file_sizes(uri), CHECKSUMS: checksums}
+        storage.write_json(storage.join(uri, COMMIT_MARKER), marker)
         _prune(stage_dir_uri, keep_last, newest=step, config_id=config_id)
+    _known_good.add(uri)
     _barrier()
     return uri
 
 
 def _prune(stage_dir_uri: str, keep_last: int, newest: int, config_id: str) -> None:
-    committed = [(s, u) for s, u in list_checkpoints(stage_dir_uri) if is_committed(u)]
+    """Keep the newest `keep_last` committed checkpoints up to step `newest` (the one just saved).
+    Checkpoints of later steps are left out of the count and alone: only a resume that found them
+    damaged runs behind them, so counting them could delete the intact ones it resumed from (and
+    the one just saved); they go when the run saves their step again or they age out below it."""
+    committed = [(s, u) for s, u in list_checkpoints(stage_dir_uri) if s <= newest and is_committed(u)]
     # Only this configuration's checkpoints count towards `keep_last`; those of an earlier one (the
     # stage ran again after a spec change) are left alone: one may be what the chat service serves
     # until this run's final checkpoint replaces it.
@@ -256,25 +346,27 @@ def delete_checkpoint(checkpoint_uri: str) -> None:
 
 
 def read_meta(checkpoint_uri: str) -> dict[str, Any]:
-    if not is_committed(checkpoint_uri):
-        raise CheckpointError(
-            f"{checkpoint_uri} is not a committed checkpoint (no {COMMIT_MARKER} marker): it was never "
-            "completely written; use latest_checkpoint() or a step that finished saving"
-        )
+    """meta.json of a committed checkpoint, checked against its committed checksum."""
+    marker = _marker(checkpoint_uri)
     meta_uri = storage.join(checkpoint_uri, META_FILE)
     try:
-        return storage.read_json(meta_uri)
+        data = storage.read_bytes(meta_uri)
+        _check_contents(checkpoint_uri, marker, META_FILE, storage.checksum(data))
+        return json.loads(data)
     except (FileNotFoundError, ValueError) as err:  # ValueError: JSON or UTF-8 decoding
         raise CheckpointError(f"checkpoint file {meta_uri} is missing or corrupt: {err}") from err
 
 
 def load_weights(checkpoint_uri: str, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's weights into `model` (strict: every parameter must match)."""
+    """Copy the checkpoint's weights into `model` (strict: every parameter must match), after checking
+    them against their committed checksum (cheap: the bytes are in memory anyway)."""
+    marker = _marker(checkpoint_uri)
     weights_uri = storage.join(checkpoint_uri, WEIGHTS_FILE)
     try:
         data = storage.read_bytes(weights_uri)  # storage errors other than a missing file pass as they are
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint file {weights_uri} is missing") from err
+    _check_contents(checkpoint_uri, marker, WEIGHTS_FILE, storage.checksum(data))
     try:
         tensors = load_safetensors(data)
     except Exception as err:  # safetensors raises its own SafetensorError on a bad header or length

@@ -36,12 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from nanorun.trainer.errors import StageError
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
-class EvalBundleError(RuntimeError):
+class EvalBundleError(StageError):
     """The eval bundle is missing, unreachable or malformed; the message says what to do."""
 
 

@@ -45,16 +45,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 from nanorun.trainer import storage
+from nanorun.trainer.dataset import DataError, parquet_shard, read_texts
 
 TOKENIZE_BATCH = 128  # documents per encode_batch call
 PREFETCH_BLOCKS = 3  # steps a stream may run ahead of the trainer
 DOWNLOAD_ATTEMPTS = 5
 
 Position = list[int]  # an opaque, JSON-able document position inside one source
-
-
-class DataError(RuntimeError):
-    """A shard is missing, unreadable or unusable; the message names it."""
 
 
 def default_streams(world_size: int) -> int:
@@ -134,21 +131,8 @@ class ShardCache:
 
 
 def open_shard(uri: str, cache: ShardCache) -> pq.ParquetFile:
-    path = cache.local_path(uri)
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:
-        raise DataError(f"shard {uri} is corrupt or not a parquet file: {err}") from None  # its stack says no more
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(f"shard {uri} has no 'text' column (columns: {pf.schema_arrow.names})")
-    return pf
-
-
-def read_texts(pf: pq.ParquetFile, uri: str, row_group: int) -> list[str]:
-    try:
-        return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
-    except Exception as err:
-        raise DataError(f"shard {uri}: row group {row_group} is unreadable: {err}") from None
+    """Shard `uri`, from the local cache, as a checked ParquetFile (a DataError naming it otherwise)."""
+    return parquet_shard(cache.local_path(uri), uri)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanorun.trainer import storage
+from nanorun.trainer.errors import StageError
 
 MANIFEST = "manifest.json"
 ROW_GROUP_DOCS = 1024
@@ -59,8 +60,9 @@ DEB_LICENSE = re.compile(r"^\./usr/share/doc/[^/]+/copyright$")
 DOC_CHARS = 4000  # documents are cut at paragraph boundaries to about this size, like web pages
 
 
-class DataError(RuntimeError):
-    """Data could not be prepared, found or read; the message says what to do."""
+class DataError(StageError):
+    """Data could not be prepared, found or read (a shard missing, corrupt or of another schema); the
+    message names the shard or source and says what to do."""
 
 
 # ---- shards: where they are, and their text -------------------------------------------------------
@@ -104,18 +106,51 @@ def resolve_shards(data_uri: str, run_dir: str | None = None) -> list[str]:
     return shards
 
 
-def open_parquet(uri: str):
+def parquet_shard(source, uri: str):
+    """`source` (a local path or a file object holding shard `uri`) as a pyarrow ParquetFile with a
+    string `text` column, or a DataError naming `uri`. pyarrow's own message is kept in ours; its
+    stack is left out: it says nothing about which shard is bad."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        pf = pq.ParquetFile(source)
+    except Exception as err:  # ArrowInvalid, OSError: truncated, garbage, not parquet at all
+        raise DataError(f"shard {uri} is corrupt or not a parquet file: {err}") from None
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise DataError(f"shard {uri} has no 'text' column (columns: {schema.names})")
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise DataError(f"shard {uri} has a 'text' column of type {text_type}, not string")
+    return pf
+
+
+def read_texts(pf, uri: str, row_group: int) -> list[str]:
+    """The documents of one row group of shard `uri` (a DataError naming it when they cannot be read)."""
+    try:
+        return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except Exception as err:  # damage inside the file that its footer did not show
+        raise DataError(f"shard {uri}: row group {row_group} is unreadable: {err}") from None
+
+
+def open_parquet(uri: str):
+    """Shard `uri` (local, s3:// or https://) as a checked ParquetFile (see `parquet_shard`)."""
     if uri.startswith(("http://", "https://")):
         import httpx
 
         resp = httpx.get(uri, follow_redirects=True, timeout=120)
         resp.raise_for_status()
-        return pq.ParquetFile(io.BytesIO(resp.content))
+        return parquet_shard(io.BytesIO(resp.content), uri)
     if storage.is_s3(uri):
-        return pq.ParquetFile(io.BytesIO(storage.read_bytes(uri)))
-    return pq.ParquetFile(uri)
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise DataError(f"shard {uri} does not exist") from None
+        return parquet_shard(io.BytesIO(data), uri)
+    if not Path(uri).is_file():
+        raise DataError(f"shard {uri} does not exist")
+    return parquet_shard(uri, uri)
 
 
 def iter_texts(shard_uris: list[str], max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:
@@ -125,7 +160,7 @@ def iter_texts(shard_uris: list[str], max_chars: int | None = None, doc_cap: int
     for uri in shard_uris:
         pf = open_parquet(uri)
         for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+            for text in read_texts(pf, uri, rg):
                 if doc_cap is not None:
                     text = text[:doc_cap]
                 yield text

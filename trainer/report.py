@@ -30,6 +30,7 @@ from typing import Any
 
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.progress import read_done, read_progress
 
 STAGES = ("tok_train", "base_train", "base_eval", "mid_train", "chat_sft", "chat_rl", "chat_eval")
@@ -330,4 +331,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -20,6 +20,7 @@ Torch-free on purpose: the operator image imports it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,8 +33,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from nanorun.trainer.errors import StageError
 
-class StorageError(RuntimeError):
+
+class StorageError(StageError):
     """A storage operation failed in a way the caller should report (missing object, bad URI)."""
 
 
@@ -172,8 +175,41 @@ def read_json_or_none(uri: str) -> Any | None:
         return None
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The bytes `write_json` writes for `obj` (so a caller can checksum exactly what was stored)."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes(uri, json_bytes(obj))
+
+
+CHUNK = 1 << 20
+CHECKSUM_BYTES = 16  # BLAKE2b-128: fast, and far beyond what accidental damage could ever collide with
+
+
+def checksum(data: bytes) -> str:
+    """The content checksum of `data` (BLAKE2b-128, hex): what a checkpoint's COMMITTED marker records."""
+    return hashlib.blake2b(data, digest_size=CHECKSUM_BYTES).hexdigest()
+
+
+def file_checksum(uri: str | Path) -> str:
+    """`checksum` of a file's contents, read in 1 MiB chunks (a file of gigabytes is never held in
+    memory). On S3 the whole GET is tried again, from the start, when its body is cut short."""
+
+    def digest(chunks: Any) -> str:
+        h = hashlib.blake2b(digest_size=CHECKSUM_BYTES)
+        for chunk in chunks:
+            h.update(chunk)
+        return h.hexdigest()
+
+    uri = str(uri)
+    if is_s3(uri):
+        loc = parse_s3(uri)
+        return _read_with_retries(uri, lambda: digest(
+            s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].iter_chunks(CHUNK)))
+    with open(uri, "rb") as f:
+        return digest(iter(lambda: f.read(CHUNK), b""))
 
 
 def list_files(prefix: str) -> list[str]:

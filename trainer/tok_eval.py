@@ -14,8 +14,9 @@ import argparse
 import sys
 
 from nanorun.trainer import storage
-from nanorun.trainer.dataset import DataError, iter_texts, resolve_shards
-from nanorun.trainer.tokenizer import Tokenizer, TokenizerError
+from nanorun.trainer.dataset import iter_texts, resolve_shards
+from nanorun.trainer.errors import run_main
+from nanorun.trainer.tokenizer import Tokenizer
 
 REFERENCE_ENCODINGS = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
 
@@ -48,12 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="bundled", help="data URI; its last shard is the held-out text")
     p.add_argument("--eval-chars", type=int, default=2_000_000, help="held-out characters to encode")
     args = p.parse_args(argv)
-    try:
-        tok = Tokenizer.from_run_dir(args.run_dir)
-        texts = list(iter_texts(resolve_shards(args.data, args.run_dir)[-1:], max_chars=args.eval_chars))
-    except (DataError, TokenizerError) as err:
-        print(f"tok_eval: {err}", file=sys.stderr)
-        return 1
+    tok = Tokenizer.from_run_dir(args.run_dir)
+    texts = list(iter_texts(resolve_shards(args.data, args.run_dir)[-1:], max_chars=args.eval_chars))
     results = evaluate(tok, texts)
     print(f"{'tokenizer':<10} {'vocab':>8} {'chars/token':>12} {'bytes/token':>12}")
     for label, r in results.items():
@@ -67,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,7 +25,8 @@ import time
 from collections.abc import Iterator
 
 from nanorun.trainer import storage
-from nanorun.trainer.dataset import DataError, iter_texts, resolve_shards
+from nanorun.trainer.dataset import iter_texts, resolve_shards
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.progress import (
     Done,
     Progress,
@@ -37,7 +38,7 @@ from nanorun.trainer.progress import (
     write_done,
     write_progress,
 )
-from nanorun.trainer.tokenizer import Tokenizer, TokenizerError
+from nanorun.trainer.tokenizer import Tokenizer
 
 STAGE = "tok_train"
 
@@ -132,13 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, TokenizerError) as err:
-        print(f"tok_train: {err}", file=sys.stderr)
-        return 1
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,6 +24,7 @@ from typing import Any
 
 import tiktoken
 from nanorun.trainer import storage
+from nanorun.trainer.errors import StageError
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it
@@ -47,7 +48,7 @@ CONFIG_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 
 
-class TokenizerError(ValueError):
+class TokenizerError(StageError, ValueError):
     """A tokenizer could not be trained, loaded or used as asked; the message says what to do."""
 
 

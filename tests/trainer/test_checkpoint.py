@@ -189,6 +189,13 @@ def test_s3_checkpoint_with_optimizer_round_trips(s3_run_dir):
     train_steps(loaded, opt2, 1, seed=5)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    verify_checkpoint(uri)  # every file read back from S3 and checksummed
+    weights = storage.join(uri, "model.safetensors")
+    data = bytearray(storage.read_bytes(weights))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(weights, bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint file {weights} is corrupt: its contents changed"):
+        verify_checkpoint(uri)
 
 
 def truncate(path, keep: int = 100) -> None:
@@ -236,3 +243,112 @@ def test_a_corrupt_optimizer_shard_is_a_checkpoint_error_naming_the_directory(tm
         truncate(shard, 10)
     with pytest.raises(CheckpointError, match=f"optimizer state in {uri}/optim is missing or corrupt"):
         load_optimizer(uri, optimizer_for(tiny_model()))
+
+
+def flip_bytes(path, at: float = 0.5, count: int = 8) -> None:
+    """Damage that keeps the size: `count` bytes inverted from `at` (a fraction of the file) on."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def marker(uri: str) -> dict:
+    return storage.read_json(storage.join(uri, "COMMITTED"))
+
+
+def test_the_marker_records_a_checksum_of_every_file_of_every_rank(tmp_path):
+    model = tiny_model()
+    uri = save_checkpoint(str(tmp_path), 3, model, optimizer_for(model), {})
+    m = marker(uri)
+    assert set(m["blake2b"]) == set(m["files"])  # weights, meta.json and each optim/ file
+    assert any(name.startswith("optim/") and name.endswith(".distcp") for name in m["blake2b"])
+    for name, digest in m["blake2b"].items():
+        assert storage.file_checksum(storage.join(uri, name)) == digest, name
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optim"])
+def test_same_size_damage_of_the_newest_checkpoint_resumes_from_the_one_before(tmp_path, capsys, damaged):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    opt = optimizer_for(model)
+    for step in (3, 6):
+        save_checkpoint(stage, step, model, opt, {})
+    newest = tmp_path / "base_train/checkpoints/step_000006"
+    # the middle of the file: tensor data, which neither safetensors nor DCP would notice
+    target = newest / "model.safetensors" if damaged == "model.safetensors" else next((newest / "optim").glob("*.distcp"))
+    size = target.stat().st_size
+    flip_bytes(target)
+    assert target.stat().st_size == size
+    with pytest.raises(CheckpointError, match=f"checkpoint file {target} is corrupt: its contents changed since it was committed"):
+        verify_checkpoint(str(newest))
+
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
+    warning = capsys.readouterr().err.splitlines()
+    assert len(warning) == 1  # one line: the file, what is wrong, where the stage resumes instead
+    assert warning[0].startswith(f"warning: checkpoint file {target} is corrupt: its contents changed")
+    assert warning[0].endswith(f"; resuming from {checkpoint_dir(stage, 3)}")
+    assert [s for s, _ in list_checkpoints(stage)] == [3, 6]  # left to be looked at
+
+    save_checkpoint(stage, 6, model, opt, {})  # the resumed run reaching step 6 replaces it...
+    verify_checkpoint(str(newest))  # ...whole
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 6)
+
+
+def test_loading_a_damaged_checkpoint_for_evaluation_names_the_file(tmp_path):
+    uri = save_checkpoint(str(tmp_path / "base_train"), 3, tiny_model(), None, {})
+    weights = tmp_path / "base_train/checkpoints/step_000003/model.safetensors"
+    flip_bytes(weights)  # safetensors itself would load these weights without a word
+    with pytest.raises(CheckpointError, match=f"^checkpoint file {weights} is corrupt: its contents changed"):
+        load_model(uri, "cpu")
+
+
+def test_a_damaged_meta_json_is_named_and_resume_falls_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    for step in (3, 6):
+        save_checkpoint(stage, step, model, None, {"note": "hello"})
+    meta = tmp_path / "base_train/checkpoints/step_000006/meta.json"
+    meta.write_text(meta.read_text().replace('"hello"', '"HELLO"'))  # still valid JSON, same size
+    with pytest.raises(CheckpointError, match=f"checkpoint file {meta} is corrupt: its contents changed"):
+        read_meta(checkpoint_dir(stage, 6))
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
+    assert f"warning: checkpoint file {meta} is corrupt" in capsys.readouterr().err
+
+    meta.write_text("{" + " " * (meta.stat().st_size - 1))  # not JSON: not taken for another config's either
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
+    assert f"warning: checkpoint file {meta} is corrupt" in capsys.readouterr().err
+
+
+def test_pruning_keeps_the_checkpoint_resumed_from_until_a_newer_good_one_exists(tmp_path, capsys):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    for step in (3, 6):
+        save_checkpoint(stage, step, model, None, {}, keep_last=1)
+    assert [s for s, _ in list_checkpoints(stage)] == [6]
+    save_checkpoint(stage, 3, model, None, {}, keep_last=5)  # an older good one, as a longer keep_last leaves
+    flip_bytes(tmp_path / "base_train/checkpoints/step_000006/model.safetensors")
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
+    # the resumed run saves step 4 with keep_last=1: the damaged step 6 does not count against it, so
+    # neither the step just saved nor (until then) the one resumed from is pruned on its account
+    save_checkpoint(stage, 4, model, None, {}, keep_last=1)
+    assert [s for s, _ in list_checkpoints(stage)] == [4, 6]
+    assert resumable_checkpoint(stage) == checkpoint_dir(stage, 4)
+    assert "step_000006/model.safetensors is corrupt" in capsys.readouterr().err
+
+
+def test_checkpoints_saved_before_checksums_still_verify_and_load(tmp_path):
+    stage = str(tmp_path / "base_train")
+    model = tiny_model()
+    uri = save_checkpoint(stage, 3, model, optimizer_for(model), {})
+    m = marker(uri)
+    del m["blake2b"]  # a marker written before checksums: sizes only
+    storage.write_json(storage.join(uri, "COMMITTED"), m)
+    verify_checkpoint(uri)
+    assert resumable_checkpoint(stage) == uri
+    loaded, _ = load_model(uri, "cpu")
+    load_optimizer(uri, optimizer_for(loaded))
+    storage.write_json(storage.join(uri, "COMMITTED"), {"step": 3})  # older still: no file list
+    verify_checkpoint(uri)
+    load_model(uri, "cpu")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from nanorun.trainer import storage
 from nanorun.trainer.checkpoint import checkpoint_dir, list_checkpoints, load_model, verify_checkpoint
 from nanorun.trainer.progress import read_done
@@ -71,16 +72,30 @@ def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(tiny_base_run,
     load_model(done.outputs["checkpoint"], "cpu")  # every file of it whole
 
 
-def test_a_truncated_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_base_run, tmp_path):
+def lose_the_end(weights: Path) -> str:
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return "1000 bytes"
+
+
+def flip_bytes_inside(weights: Path) -> str:
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of a tensor: the file still parses, the size is the same
+    weights.write_bytes(bytes(data))
+    return "its contents changed since it was committed"
+
+
+@pytest.mark.parametrize("damage", [lose_the_end, flip_bytes_inside])
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_base_run, tmp_path, damage):
     run, data = fresh_run(tiny_base_run, tmp_path / "run")
     check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))  # checkpoints at steps 3 and 6
     straight = losses(run)
     (Path(run) / "base_train" / "done.json").unlink()  # as if it crashed right after saving step 6...
     weights = Path(checkpoint_dir(str(Path(run) / "base_train"), 6)) / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # ...and the disk lost the end of its weights
+    found = damage(weights)  # ...and the disk damaged its weights
 
     out = check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))
-    assert f"warning: checkpoint file {weights} is corrupt: 1000 bytes" in out.stderr
+    assert (f"warning: checkpoint file {weights} is corrupt: {found}" in out.stderr
+            and f"; resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)}\n" in out.stderr), out.stderr
     assert f"resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)} (step 3" in out.stdout
     assert losses(run) == straight  # steps 4-6 trained again, identically
     verify_checkpoint(checkpoint_dir(str(Path(run) / "base_train"), 6))  # and saved whole this time

@@ -86,3 +86,37 @@ def test_missing_data_fails_with_a_clear_message(tmp_path):
     proc = run_stage("tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "nothing"))
     assert proc.returncode == 1 and "nanorun data prepare" in proc.stderr
     assert read_done(str(tmp_path / "run"), "tok_train") is None
+
+
+def truncated(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the footer is lost
+
+
+def garbage(path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def wrong_schema(path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": list(range(100))}), path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncated, "is corrupt or not a parquet file: "),
+    (garbage, "is corrupt or not a parquet file: "),
+    (wrong_schema, "has a 'text' column of type int64, not string"),
+])
+def test_a_damaged_shard_ends_the_stage_with_one_line_naming_it(data_dir, tmp_path, damage, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in storage.list_files(data_dir):
+        storage.upload_from(path, str(data / os.path.basename(path)))
+    bad = sorted(data.glob("*.parquet"))[0]
+    damage(bad)
+    proc = run_stage("tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(data), "--vocab-size", "300")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr  # no traceback: the line is what the operator shows
+    assert proc.stderr.startswith(f"error: shard {bad} {message}"), proc.stderr
+    assert read_done(str(tmp_path / "run"), "tok_train") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from nanorun.trainer import storage, tok_eval
 from nanorun.trainer.dataset import prepare
+from nanorun.trainer.errors import run_main
 from nanorun.trainer.tokenizer import Tokenizer
 
 from tests.fixtures.tiny_run import real_english_documents
@@ -31,5 +32,6 @@ def test_tok_eval_reports_compression_on_the_validation_shard(tmp_path, capsys):
 
 
 def test_tok_eval_without_a_tokenizer_says_to_run_tok_train(tmp_path, capsys):
-    assert tok_eval.main(["--run-dir", str(tmp_path), "--data", str(tmp_path)]) == 1
-    assert "run the tok_train stage first" in capsys.readouterr().err
+    assert run_main(lambda: tok_eval.main(["--run-dir", str(tmp_path), "--data", str(tmp_path)])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "run the tok_train stage first" in err

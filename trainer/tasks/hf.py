@@ -21,12 +21,13 @@ import os
 from typing import Any
 
 from nanorun.trainer import storage
+from nanorun.trainer.errors import StageError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MANIFEST = "files.json"
 
 
-class TaskDataUnavailable(RuntimeError):
+class TaskDataUnavailable(StageError):
     """A dataset could not be downloaded and is not in the cache. `reason` is the one-line version."""
 
     def __init__(self, message: str, reason: str = ""):
