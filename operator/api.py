@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from nanorun.pipeline.stages import MODEL_STAGES, STAGES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from typing_extensions import TypedDict
@@ -358,9 +359,7 @@ def _quantity_rule(section: str, field: str) -> Rule:
     )
 
 
-CHECKPOINT_STAGES = ("pretrain", "midtrain", "sft", "rl")
-_STAGE_KEYS = ("tokenizer", "pretrain", "base_eval", "midtrain", "sft", "rl", "eval", "report")
-_STAGE_CEL_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
+CHECKPOINT_STAGES = tuple(s.key for s in MODEL_STAGES)
 _RAN = "has(oldSelf.status) && has(oldSelf.status.stages) && oldSelf.status.stages.exists(s, s.attempts > 0)"
 
 RULES: list[Rule] = [
@@ -383,17 +382,17 @@ RULES: list[Rule] = [
     ),
     Rule(
         "spec",
-        " || ".join(f"self.stages.{k}.enabled" for k in _STAGE_CEL_KEYS),
+        " || ".join(f"self.stages.{s.key}.enabled" for s in STAGES),
         "at least one stage must be enabled",
-        lambda s: any(getattr(s.stages, k).enabled for k in _STAGE_KEYS),
+        lambda s: any(getattr(s.stages, st.attribute).enabled for st in STAGES),
         field=".stages",
     ),
     Rule(
         "spec",
         "!self.serving.enabled || " + " || ".join(f"self.stages.{k}.enabled" for k in CHECKPOINT_STAGES),
-        "serving.enabled needs a stage that produces a model (pretrain, midtrain, sft or rl); "
-        "enable one or set serving.enabled: false",
-        lambda s: not s.serving.enabled or any(getattr(s.stages, k).enabled for k in CHECKPOINT_STAGES),
+        f"serving.enabled needs a stage that produces a model ({', '.join(CHECKPOINT_STAGES[:-1])} or "
+        f"{CHECKPOINT_STAGES[-1]}); enable one or set serving.enabled: false",
+        lambda s: not s.serving.enabled or any(getattr(s.stages, st.attribute).enabled for st in MODEL_STAGES),
         field=".serving.enabled",
     ),
     # Workers on other nodes read the tokenizer and write checkpoints next to the Master's.

@@ -16,20 +16,10 @@ import hashlib
 from dataclasses import dataclass, field
 
 from nanorun.operator.api import CHECKPOINT_STAGES, LLMRunSpec
+from nanorun.pipeline.stages import BY_KEY, KEYS, STAGES
 
-# spec.stages key → trainer module, in pipeline order; (distributed?) is whether it runs on every GPU.
-STAGES: list[tuple[str, str, bool]] = [
-    ("tokenizer", "tok_train", False),
-    ("pretrain", "base_train", True),
-    ("baseEval", "base_eval", True),
-    ("midtrain", "mid_train", True),
-    ("sft", "chat_sft", True),
-    ("rl", "chat_rl", True),
-    ("eval", "chat_eval", True),
-    ("report", "report", False),
-]
-STAGE_KEYS = [key for key, _, _ in STAGES]
-MODULE_OF = {key: module for key, module, _ in STAGES}
+STAGE_KEYS = list(KEYS)
+MODULE_OF = {s.key: s.module for s in STAGES}
 
 
 @dataclass(frozen=True)
@@ -81,17 +71,18 @@ def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
 
 
 def stage_spec(spec: LLMRunSpec, key: str):
-    """The spec.stages entry of a stage key (`baseEval` is `base_eval` in Python)."""
-    return getattr(spec.stages, "base_eval" if key == "baseEval" else key)
+    """The spec.stages entry of a stage key."""
+    return getattr(spec.stages, BY_KEY[key].attribute)
 
 
 def stage_plan(spec: LLMRunSpec) -> list[PlannedStage]:
     """The enabled stages of a run, in order, with their flags (extraArgs last, so they win)."""
     plan = []
-    for key, module, distributed in STAGES:
-        st = stage_spec(spec, key)
+    for stage in STAGES:
+        st = stage_spec(spec, stage.key)
         if st.enabled:
-            plan.append(PlannedStage(key, module, _stage_args(key, spec) + list(st.extra_args), distributed))
+            plan.append(PlannedStage(stage.key, stage.module, _stage_args(stage.key, spec) + list(st.extra_args),
+                                     stage.distributed))
     return plan
 
 

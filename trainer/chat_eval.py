@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from nanorun.pipeline.stages import CHAT_MODULES
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
 from nanorun.trainer.errors import run_main
@@ -33,7 +34,7 @@ from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generat
 from nanorun.trainer.tasks.hf import TaskDataUnavailable
 from nanorun.trainer.tasks.mixtures import CHATCORE_TASKS, EVAL_TASKS, RANDOM_BASELINE
 
-CHAT_STAGES = ("chat_rl", "chat_sft", "mid_train")  # newest first
+CHAT_STAGES = CHAT_MODULES  # stages with a chat model checkpoint, newest first
 SAMPLES_PER_TASK = 3
 
 

@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import torch
+from nanorun.pipeline.stages import source_modules
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_for_completion
@@ -43,7 +44,7 @@ from nanorun.trainer.tasks.mixtures import rl_tasks
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanorun.trainer.chat_rl", description=__doc__.split("\n")[0])
     add_common_args(p)
-    add_finetune_args(p, source="chat_sft", init_lr_frac=0.05)
+    add_finetune_args(p, source=source_modules("rl"), init_lr_frac=0.05)
     p.add_argument("--task", default="GSM8K", choices=["GSM8K", "Arithmetic"], help="problems to learn from")
     p.add_argument(
         "--examples-per-step", type=int, default=16, help="problems per optimizer step (all ranks)"

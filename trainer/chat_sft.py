@@ -19,6 +19,7 @@ import argparse
 import sys
 
 import torch
+from nanorun.pipeline.stages import source_modules
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_conversation
@@ -44,7 +45,7 @@ from nanorun.trainer.tasks.mixtures import sft_mixture
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanorun.trainer.chat_sft", description=__doc__.split("\n")[0])
     add_common_args(p)
-    add_finetune_args(p, source="mid_train,base_train", init_lr_frac=0.8)
+    add_finetune_args(p, source=source_modules("sft"), init_lr_frac=0.8)
     p.add_argument(
         "--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)"
     )

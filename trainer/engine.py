@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from nanorun.pipeline.stages import MODEL_MODULES
 from nanorun.trainer.calculator import calculate
 from nanorun.trainer.conversation import normalize_messages, render_for_completion
 
@@ -287,7 +288,7 @@ def fit_conversation(tokenizer: Any, conversation: dict[str, Any],
         f"the newest message is longer than the model's context ({max_prompt_tokens} prompt tokens): {cut}")
 
 
-CHAT_STAGES = ("chat_rl", "chat_sft", "mid_train", "base_train")  # newest training stage first
+CHAT_STAGES = MODEL_MODULES  # stages with a model checkpoint, newest first
 
 
 def resolve_checkpoint(uri: str) -> str:

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 
 import torch
+from nanorun.pipeline.stages import source_modules
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.conversation import render_conversation
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m nanorun.trainer.mid_train", description=__doc__.split("\n")[0]
     )
     add_common_args(p)
-    add_finetune_args(p, source="base_train", init_lr_frac=1.0)
+    add_finetune_args(p, source=source_modules("midtrain"), init_lr_frac=1.0)
     p.add_argument(
         "--max-seq-len", type=int, default=-1, help="row length in tokens (-1 = the model's context)"
     )

@@ -28,14 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanorun.pipeline.stages import CHAT_MODULES, MODEL_STAGES
+from nanorun.pipeline.stages import STAGES as PIPELINE
 from nanorun.trainer import storage
 from nanorun.trainer.common import add_common_args, setup_stage, teardown
 from nanorun.trainer.errors import run_main
 from nanorun.trainer.progress import read_done, read_progress
 
-STAGES = ("tok_train", "base_train", "base_eval", "mid_train", "chat_sft", "chat_rl", "chat_eval")
-TRAINING_STAGES = ("base_train", "mid_train", "chat_sft", "chat_rl")
-COLUMNS = {"BASE": "base_train", "MID": "mid_train", "SFT": "chat_sft", "RL": "chat_rl"}
+STAGES = tuple(s.module for s in PIPELINE if s.module != "report")  # the stages reported on
+TRAINING_STAGES = tuple(s.module for s in MODEL_STAGES)
+COLUMNS = {s.report_column: s.module for s in MODEL_STAGES}
 TABLE_ROWS = (
     "CORE",
     "ARC-Easy",
@@ -217,7 +219,7 @@ def duration(seconds: float) -> str:
 def sample_conversations(run_dir: str, limit: int) -> list[dict[str, Any]]:
     evaluated = [
         s
-        for s in ("chat_rl", "chat_sft", "mid_train")
+        for s in CHAT_MODULES
         if storage.exists(storage.join(run_dir, "chat_eval", "samples", f"{s}.jsonl"))
     ]
     if not evaluated:
