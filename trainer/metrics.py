@@ -8,6 +8,9 @@ one Grafana dashboard shows every stage and every rank of every run:
     llm_train_learning_rate, llm_train_grad_norm, llm_train_eta_seconds,
     llm_train_step_seconds (histogram)
 
+Gauges are exported from their first value on; the token counter and the step-time histogram from
+the start (at 0, so that `rate()` counts the first tokens).
+
 Ports: each process serves on `--metrics-port + LOCAL_RANK`, so the processes torchrun starts on one
 node (or in one PyTorchJob pod) do not collide, and local rank 0 of every node is on the port a
 PodMonitor scrapes. Each `TrainMetrics` owns its own registry (several stages, or tests, can live
@@ -51,10 +54,9 @@ class TrainMetrics:
         self.registry = CollectorRegistry()
         self.labels = {"run": run or run_name(), "stage": stage, "rank": str(rank)}
         names = list(self.labels)
-        self.gauges = {
-            field: Gauge(name, help_, names, registry=self.registry).labels(**self.labels)
-            for field, (name, help_) in GAUGES.items()
-        }
+        # A gauge's series appears with its first value, not as 0 before it: a loss, ETA or MFU the
+        # stage has not measured yet (MFU never is on a CPU) is no data on the dashboard, not a 0.
+        self.gauges = {field: Gauge(name, help_, names, registry=self.registry) for field, (name, help_) in GAUGES.items()}
         self.tokens = Counter(
             "llm_train_tokens", "Tokens trained on by all ranks", names, registry=self.registry
         ).labels(**self.labels)
@@ -76,7 +78,7 @@ class TrainMetrics:
     def update(self, fields: dict[str, Any]) -> None:
         for key, value in fields.items():
             if key in self.gauges and value is not None:
-                self.gauges[key].set(float(value))
+                self.gauges[key].labels(**self.labels).set(float(value))
         if fields.get("tokens"):
             self.tokens.inc(float(fields["tokens"]))
         if fields.get("step_seconds") is not None:

@@ -13,12 +13,19 @@ One run of the test-sized LLMRun (tests/e2e/pipeline.py, every distributed stage
    a failure.
 3. Meanwhile the operator pod is deleted at three random moments; the run still succeeds with
    exactly one PyTorchJob per stage attempt.
-4. KubeRay reports the RayService ready (status.serving.ready follows it); chat through the
-   Service KubeRay made, plain and streamed, and the web UI in Chromium.
+4. KubeRay reports the RayService ready (status.serving.ready follows it), two replicas on two
+   worker pods; chat through the Service KubeRay made, plain and streamed, and the web UI in
+   Chromium.
 5. SFT runs again with more steps (a spec change): the stages after it run again, and the new
    checkpoint rolls into the running RayService in place (same RayCluster) while a client keeps
    chatting without a failed request.
 6. Deleting the LLMRun garbage-collects every child, and cleanupOnDelete empties its storage.
+
+All along, a real Prometheus (tests/fixtures/prometheus.py) scrapes what the chart's ServiceMonitor
+and PodMonitor select: the operator, every trainer pod and each chat replica. Before the deletion,
+every query of every panel of the chart's Grafana dashboard returns data for the run (evaluated over
+the run with the dashboard's variables resolved, as Grafana would; tests/fixtures/grafana.py), but
+the queries that need GPUs (dcgm-exporter's, MFU) on this cluster without GPUs.
 
 Prints one JSON line, `e2e {...}`, with the phase and stage times (docs/benchmarks.md).
 Run: .venv/bin/pytest tests/e2e -s   (needs root for the pod network)
@@ -43,7 +50,15 @@ from nanorun.trainer.dataset import resolve_shards
 from nanorun.trainer.progress import read_done
 
 from tests.e2e.pipeline import PRETRAIN_STEPS, SAVE_EVERY, e2e_llmrun
+from tests.fixtures import grafana
 from tests.fixtures.kube import deploy_s3, wait_until
+from tests.fixtures.prometheus import (
+    KubernetesDiscovery,
+    Prometheus,
+    chart_monitors,
+    prometheus_config,
+    through_http_sd,
+)
 from tests.kube.cluster import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube]
@@ -58,6 +73,14 @@ STAGES = [("tokenizer", "tok_train"), ("pretrain", "base_train"), ("baseEval", "
 TRAINING = ("pretrain", "midtrain", "sft", "rl")
 OPERATOR_KILLS = 3
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHART = REPO / "charts" / "nanorun"
+DASHBOARD = CHART / "files" / "dashboards" / "nanorun.json"
+REPLICAS = 2
+SCRAPE_SECONDS = 2  # the monitors' interval for this run (the chart's default is 15 s and 30 s)
+SCRAPE_EVERY = [f"{m}.{k}={SCRAPE_SECONDS}s" for m in ("serviceMonitor", "podMonitor") for k in ("interval", "scrapeTimeout")]
+# Panels that can only show data with GPUs: dcgm-exporter's, and MFU (the trainer reports it only
+# against a GPU's peak FLOPs). This cluster has none; every other panel must show the run.
+NEEDS_GPU = re.compile(r"\b(DCGM_\w+|llm_train_mfu_ratio)\b")
 
 
 class Cluster:
@@ -173,11 +196,50 @@ def chat_in_chromium(url: str) -> str:
     return reply
 
 
+def helm_sets(ns: str, endpoint: str = "") -> list[str]:
+    """The chart's values for this run's release (`--set` items)."""
+    return [f"operator.watchNamespaces={{{ns}}}", f"operator.storage.endpoint={endpoint}",
+            "operator.storage.credentialsSecret=s3-creds", *SCRAPE_EVERY]
+
+
+@pytest.fixture
+def prometheus(kube_pods, kube_namespace, tmp_path):
+    """Prometheus scraping what the chart's monitors select for the release this test installs."""
+    monitors = chart_monitors(kube_pods, CHART, "nanorun", kube_namespace, *helm_sets(kube_namespace))
+    with KubernetesDiscovery(kube_pods.kubeconfig) as discovery:
+        config = through_http_sd(prometheus_config(monitors, kube_pods.kubeconfig), discovery.url)
+        with Prometheus(config, tmp_path / "prometheus") as prom:
+            yield prom
+
+
+def scraped(prom: Prometheus, start: float, end: float, up: str = "up") -> dict[str, set[str]]:
+    """Pods that were targets in [start, end] (`up`), or that answered a scrape (`up == 1`), by
+    monitor endpoint."""
+    pods: dict[str, set[str]] = {}
+    for series in prom.query_range(up, start, end, SCRAPE_SECONDS):
+        pods.setdefault(series["metric"].get("endpoint", "?") + " " + series["metric"]["job"], set()).add(
+            series["metric"].get("pod", "?"))
+    return pods
+
+
+def dashboard_without_data(prom: Prometheus, start: float, end: float) -> tuple[list[str], list[str]]:
+    """Evaluates the dashboard for this run over [start, end]: (queries that returned no data,
+    queries left out because they need GPUs)."""
+    dashboard = grafana.load(DASHBOARD)
+    options = grafana.resolve_variables(prom, dashboard, start, end)
+    assert NAME in options["run"], f"the run selector does not list {NAME!r}: {options}"
+    results = grafana.evaluate_panels(prom, dashboard, {"run": [NAME]}, start, end, step=SCRAPE_SECONDS,
+                                      scrape_interval=SCRAPE_SECONDS)
+    empty = [f"{q.panel}: {q.expr}" for q, data in results.items() if not data and not NEEDS_GPU.search(q.expr)]
+    gpu = [f"{q.panel}: {q.expr}" for q in results if NEEDS_GPU.search(q.expr)]
+    return empty, gpu
+
+
 def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts_serves_and_rolls(
-        kube_pods, kube_namespace, monkeypatch):
+        kube_pods, kube_namespace, prometheus, monkeypatch):
     ns, kube, times = kube_namespace, kube_pods, {}
     c = Cluster(kube, ns)
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
 
     def mark(what: str) -> None:
         times[what] = round(time.monotonic() - t0, 1)
@@ -194,15 +256,19 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
         storage.upload_from(shard, storage.join(DATA, Path(shard).name))
 
     # 1. The operator, as the chart's pod.
-    kube.helm("install", "nanorun", str(REPO / "charts" / "nanorun"), "-n", ns,
-              "--set", f"operator.watchNamespaces={{{ns}}}", "--set", f"operator.storage.endpoint={endpoint}",
-              "--set", "operator.storage.credentialsSecret=s3-creds", "--wait", "--timeout", "180s")
+    kube.helm("install", "nanorun", str(CHART), "-n", ns, *[a for v in helm_sets(ns, endpoint) for a in ("--set", v)],
+              "--wait", "--timeout", "180s")
     mark("operator_ready")
+    # Scraped before the run exists, so that the operator's counters are seen rising from 0.
+    prometheus.wait_for_targets(lambda ts: any(t["labels"].get("job") == "nanorun" and t["health"] == "up" for t in ts))
+    mark("operator_scraped")
 
     manifest = e2e_llmrun(NAME, RUN_DIR, nodes=2, endpoint=endpoint, credentialsSecret="s3-creds",
                           cleanupOnDelete=True)
     manifest["spec"]["data"]["pretrain"] = DATA
-    manifest["spec"]["serving"].update(image="nanorun-serving:e2e", minReplicas=1, maxReplicas=1)
+    # Evaluate mid-way too: the pod exits right after the last step's evaluation, often before a scrape.
+    manifest["spec"]["stages"]["pretrain"]["evalEvery"] = PRETRAIN_STEPS // 2
+    manifest["spec"]["serving"].update(image="nanorun-serving:e2e", minReplicas=REPLICAS, maxReplicas=REPLICAS)
     kube.apply(ns, manifest)
     seed = int(time.time())
     killer = OperatorKiller(c, seed)
@@ -323,6 +389,22 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     assert {k: records[k]["attempts"] for k in ("tokenizer", "midtrain")} == {"tokenizer": 1, "midtrain": 1}
     assert read_done(RUN_DIR, "chat_sft").metrics and "e2e-chat-sft-2" in c.names("pytorchjobs")
 
+    # Prometheus scraped the operator, the trainers and every chat replica (not Ray's own metrics),
+    # and every dashboard panel shows the run.
+    now = time.time()
+    targets, scrapes = scraped(prometheus, started, now), scraped(prometheus, started, now, "up == 1")
+    operator, trainers, replicas = "metrics nanorun", f"metrics {ns}/nanorun-runs", f"serve-metrics {ns}/nanorun-runs"
+    assert set(targets) == set(scrapes) == {operator, trainers, replicas}, targets
+    assert len(scrapes[operator]) >= 2, scrapes  # the chart's pod and at least one after a deletion
+    assert {"e2e-base-train-2-master-0", "e2e-base-train-2-worker-0"} <= scrapes[trainers], scrapes
+    ray_workers = c.names("pods", "ray.io/node-type=worker")
+    assert sorted(scrapes[replicas]) == sorted(targets[replicas]) == ray_workers, (targets, ray_workers)
+    assert len(ray_workers) == REPLICAS
+    assert not targets[trainers] & set(c.names("pods", "ray.io/node-type")), targets  # Ray's own `metrics` ports
+    empty, gpu_only = dashboard_without_data(prometheus, started, now)
+    assert empty == [], "dashboard queries without data for the run:\n" + "\n".join(empty)
+    mark("dashboard_checked")
+
     # 6. Deleting the run: the garbage collector takes every child, the operator the files.
     kube.kubectl("delete", "llmrun", NAME, "-n", ns, "--wait=false")
     wait_until(c.run, lambda r: not r, timeout=120, interval=1)
@@ -337,4 +419,5 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     stage_seconds = {s["name"]: round(s.get("durationSeconds") or 0, 1) for s in status["stages"]}
     print("\ne2e " + json.dumps({"seconds": times, "stage_seconds": stage_seconds,
                                  "sigterm_checkpoint_seconds": float(saved.group(1)),
-                                 "operator_killed_at": killer.killed_at, "seed": seed, "chat_requests_during_roll": chatter.ok}))
+                                 "operator_killed_at": killer.killed_at, "seed": seed, "chat_requests_during_roll": chatter.ok,
+                                 "scraped_pods": {k: len(v) for k, v in scrapes.items()}, "gpu_only_queries": len(gpu_only)}))

@@ -44,7 +44,7 @@ def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, 
     ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--metrics-port", str(port), "--device", "cpu"]))
     assert (ctx.rank, ctx.world_size, ctx.is_master, ctx.device.type, ctx.already_done) == (0, 1, True, "cpu", None)
     ctx.progress(flush=True, step=5, total_steps=10, loss=2.5, lr=0.01, grad_norm=0.7, tokens=1000, step_seconds=0.2,
-                 tokens_per_sec=5000.0, eta_seconds=1.0)
+                 tokens_per_sec=5000.0, eta_seconds=1.0, mfu=0.4)
     progress = read_progress(str(tmp_path), "base_train")
     assert (progress.step, progress.total_steps, progress.loss, progress.extra["lr"]) == (5, 10, 2.5, 0.01)
     ctx.progress(flush=True, step=6, val_bpb=1.5)
