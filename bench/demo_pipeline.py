@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nanorun.operator.local import load_run_file
 from nanorun.operator.plan import stage_plan
-from nanorun.trainer.progress import read_done
+from nanorun.pipeline.progress import read_done
 
 REPO = Path(__file__).resolve().parents[1]
 

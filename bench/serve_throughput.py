@@ -22,13 +22,13 @@ import time
 
 import torch
 from nanorun.serving.batching import SamplingParams, Scheduler
-from nanorun.trainer.engine import Engine, load_chat_model
+from nanorun.trainer.chat.engine import Engine, load_chat_model
 
 
 def random_model(depth: int, width: int, context: int, device: str):
     """A random GPT and a small trained tokenizer; stop tokens muted so every reply is full length."""
-    from nanorun.trainer.gpt import GPT, GPTConfig
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.tokenizer import Tokenizer
+    from nanorun.trainer.model.gpt import GPT, GPTConfig
 
     texts = [(json.__doc__ or "") + (argparse.__doc__ or "") + (asyncio.__doc__ or "")] * 4
     tokenizer = Tokenizer.train_from_iterator(iter(texts), vocab_size=2048)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from nanorun.trainer.dataset import iter_texts, resolve_shards
+from nanorun.trainer.data.dataset import iter_texts, resolve_shards
 
 
 def texts(data: str, max_chars: int | None):
@@ -27,7 +27,7 @@ def texts(data: str, max_chars: int | None):
 
 
 def train_nanorun(data: str, vocab_size: int, max_chars: int | None) -> dict:
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     tok = Tokenizer.train_from_iterator(texts(data, max_chars), vocab_size)
@@ -35,7 +35,7 @@ def train_nanorun(data: str, vocab_size: int, max_chars: int | None) -> dict:
 
 
 def train_hf(data: str, vocab_size: int, max_chars: int | None) -> dict:
-    from nanorun.trainer.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
+    from nanorun.trainer.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
     from tokenizers import Regex, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
@@ -69,7 +69,7 @@ def run_child(which: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="bundled", help="data URI (see nanorun.trainer.dataset.resolve_shards)")
+    parser.add_argument("--data", default="bundled", help="data URI (see nanorun.trainer.data.dataset.resolve_shards)")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--max-chars", type=int, default=None, help="stop after this many characters")
     parser.add_argument("--child", choices=["nanorun", "hf"], help=argparse.SUPPRESS)

@@ -21,8 +21,8 @@ import json
 import time
 
 import torch
-from nanorun.trainer.attention import backend_name
-from nanorun.trainer.gpt import GPT, GPTConfig
+from nanorun.trainer.model.attention import backend_name
+from nanorun.trainer.model.gpt import GPT, GPTConfig
 
 # Dense bf16 peak FLOP/s, matched against torch.cuda.get_device_name() (first match wins).
 PEAK_BF16_FLOPS = (

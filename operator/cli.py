@@ -18,7 +18,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("nanorun.trainer.dataset", "build (prepare) or download pretraining shards"),
+    "data": ("nanorun.trainer.data.dataset", "build (prepare) or download pretraining shards"),
     "crd": ("nanorun.operator.crd", "print the LLMRun CustomResourceDefinition (YAML)"),
     "operator": ("nanorun.operator.main", "run the Kubernetes operator"),
     "run": ("nanorun.operator.local", "run an LLMRun file on this machine, without a cluster"),

@@ -36,7 +36,7 @@ from nanorun.operator.jobs import (
 from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
 from nanorun.operator.reconcile import Decision, Event, FailureFacts, reconcile
 from nanorun.operator.status import now_utc, parse_time, rfc3339
-from nanorun.trainer import progress as stage_files
+from nanorun.pipeline import progress as stage_files
 
 log = logging.getLogger("nanorun.operator")
 

@@ -23,7 +23,7 @@ from nanorun.operator.controller import Controller
 from nanorun.operator.jobs import LABEL_RUN, PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
 from nanorun.operator.kueue import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
 from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
-from nanorun.trainer import storage
+from nanorun.pipeline import storage
 
 LLMRUNS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)

@@ -41,8 +41,8 @@ from typing import Any
 import yaml
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec, SpecError, parse_spec
 from nanorun.operator.plan import PlannedStage, config_ids, stage_plan
-from nanorun.trainer import progress as stage_files
-from nanorun.trainer import storage
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline import progress as stage_files
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if last == "failed":
         console.print("A stage failed; fix the cause and run the same command again to resume.")
         return 1
-    report = storage.join(run_dir, "report", "report.md")
+    report = storage.join(layout.report_dir(run_dir), "report.md")
     if storage.exists(report):
         console.print(f"Report: {report}", soft_wrap=True)
     if args.serve and not run.spec.serving.enabled:

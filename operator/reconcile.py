@@ -46,8 +46,8 @@ from nanorun.operator.status import (
     rfc3339,
     set_condition,
 )
-from nanorun.trainer import storage
-from nanorun.trainer.progress import Done, Progress
+from nanorun.pipeline import layout
+from nanorun.pipeline.progress import Done, Progress
 
 # (progress, done) of a stage module; may raise on storage errors (the caller retries later).
 ReadStage = Callable[[str], tuple[Progress | None, Done | None]]
@@ -433,7 +433,7 @@ def _final_checkpoint(spec: LLMRunSpec, records: list[StageStatus]) -> str:
     for key in reversed(plan_mod.CHECKPOINT_STAGES):
         rec = by_key.get(key)
         if rec is not None and rec.phase == "Succeeded":
-            return rec.outputs.get("checkpoint") or storage.join(spec.storage.uri, plan_mod.MODULE_OF[key], "checkpoints")
+            return rec.outputs.get("checkpoint") or layout.checkpoints_dir(layout.stage_dir(spec.storage.uri, plan_mod.MODULE_OF[key]))
     return ""
 
 

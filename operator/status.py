@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanorun.operator.api import StageMetrics
-from nanorun.trainer.progress import Done, Progress
+from nanorun.pipeline.progress import Done, Progress
 
 
 def now_utc() -> dt.datetime:

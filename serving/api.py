@@ -93,7 +93,7 @@ class ChatCompletionRequest(BaseModel):
         return messages
 
     def conversation(self) -> dict[str, Any]:
-        """The request as a nanorun conversation (`nanorun.trainer.conversation`)."""
+        """The request as a nanorun conversation (`nanorun.trainer.chat.conversation`)."""
         return {"messages": [{"role": m.role, "content": m.text} for m in self.messages]}
 
     def sampling(self) -> dict[str, Any]:

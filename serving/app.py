@@ -122,7 +122,7 @@ class LoadedModel:
 
     def __init__(self, checkpoint: str, tokenizer: str | None, slots: int, device: str) -> None:
         from nanorun.serving.batching import Scheduler
-        from nanorun.trainer.engine import default_device, load_chat_model
+        from nanorun.trainer.chat.engine import default_device, load_chat_model
 
         torch_device = default_device() if device == "auto" else device
         self.model, self.tokenizer, self.info = load_chat_model(checkpoint, tokenizer, torch_device)
@@ -264,8 +264,8 @@ class ChatDeployment:
     @api.post(CHAT_PATH, response_model=ChatCompletion, responses=ERROR_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         from nanorun.serving.batching import SamplingParams
-        from nanorun.trainer.conversation import ConversationError
-        from nanorun.trainer.engine import ContextOverflowError, fit_conversation
+        from nanorun.trainer.chat.conversation import ConversationError
+        from nanorun.trainer.chat.engine import ContextOverflowError, fit_conversation
 
         start = time.monotonic()
         try:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from nanorun.trainer.engine import (
+from nanorun.trainer.chat.engine import (
     RowState,
     SpecialTokens,
     TextStream,
@@ -43,7 +43,7 @@ from nanorun.trainer.engine import (
     new_kv_cache,
     sample_tokens,
 )
-from nanorun.trainer.gpt import KVCache
+from nanorun.trainer.model.gpt import KVCache
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from nanorun.trainer.checkpoint import CheckpointError
-    from nanorun.trainer.engine import resolve_checkpoint
+    from nanorun.trainer.chat.engine import resolve_checkpoint
+    from nanorun.trainer.training.checkpoint import CheckpointError
 
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)

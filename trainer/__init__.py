@@ -1,6 +1,14 @@
-"""nanorun.trainer: tokenizer, model, optimizers, data, checkpoints, tasks, engine, and one module
-per pipeline stage (`python -m nanorun.trainer.<stage> --run-dir URI`).
+"""nanorun.trainer: one module per pipeline stage (`python -m nanorun.trainer.<stage> --run-dir URI`:
+tok_train, base_train, base_eval, mid_train, chat_sft, chat_rl, chat_eval, tok_eval, report; and
+chat_cli, the terminal chat), and the libraries they are made of:
 
-Import-light on purpose: the operator imports `nanorun.trainer.storage` and `.progress`, which
-must not pull in torch.
+    model/       the GPT, attention kernels, FP8, Muon and AdamW
+    data/        shards, the token loader, the tokenizer
+    training/    the stage context, the post-training loop, checkpoints, metrics
+    evaluation/  CORE and bits per byte
+    chat/        the KV-cache engine, conversations, the calculator, the code sandbox
+    tasks/       evaluation and finetuning datasets
+
+Import-light on purpose: what the operator shares with the stages (storage, progress files, the
+stage table) is in `nanorun.pipeline`, which never imports torch.
 """

@@ -16,13 +16,14 @@ import argparse
 import sys
 
 import torch
-from nanorun.trainer import core_eval, storage
+from nanorun.pipeline import storage
+from nanorun.pipeline.errors import run_main
 from nanorun.trainer.base_train import SAMPLE_PROMPTS, greedy_sample
-from nanorun.trainer.checkpoint import final_checkpoint, load_model
-from nanorun.trainer.common import add_common_args, setup_stage, teardown
-from nanorun.trainer.dataloader import validation_batches
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.loss_eval import evaluate_bpb
+from nanorun.trainer.data.dataloader import validation_batches
+from nanorun.trainer.evaluation import core_eval
+from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
+from nanorun.trainer.training.checkpoint import final_checkpoint, load_model
+from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("base_eval", args)
     if ctx.already_done:
         return teardown(ctx)
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.tokenizer import Tokenizer
 
     checkpoint = final_checkpoint(ctx.run_dir, args.source_stage)
     model, meta = load_model(checkpoint, ctx.device)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- validation bits per byte
     if args.data:
-        from nanorun.trainer.dataset import resolve_shards
+        from nanorun.trainer.data.dataset import resolve_shards
 
         val_shard = resolve_shards(args.data, ctx.run_dir)[-1]
     else:

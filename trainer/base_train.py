@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from nanorun.trainer import checkpoint as ckpt
-from nanorun.trainer import core_eval
-from nanorun.trainer.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
-from nanorun.trainer.dataloader import PackedBatches, default_streams, merge_states, validation_batches
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.loss_eval import evaluate_bpb
+from nanorun.pipeline.errors import run_main
+from nanorun.trainer.data.dataloader import PackedBatches, default_streams, merge_states, validation_batches
+from nanorun.trainer.evaluation import core_eval
+from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
+from nanorun.trainer.training import checkpoint as ckpt
+from nanorun.trainer.training.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
 
 B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
 D_REF_DEPTH = 12
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args: argparse.Namespace, vocab_size: int, depth: int | None = None):
-    from nanorun.trainer.gpt import GPTConfig
+    from nanorun.trainer.model.gpt import GPTConfig
 
     return GPTConfig.from_depth(
         depth or args.depth, vocab_size, args.max_seq_len, aspect_ratio=args.aspect_ratio,
@@ -102,7 +102,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, depth: int | None = 
 
 
 def scaling_params(config) -> int:
-    from nanorun.trainer.gpt import GPT
+    from nanorun.trainer.model.gpt import GPT
 
     with torch.device("meta"):
         return GPT(config).num_scaling_params()
@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("base_train", args)
     if ctx.already_done:
         return teardown(ctx)
-    from nanorun.trainer.dataset import resolve_shards
-    from nanorun.trainer.gpt import GPT, GPTConfig
-    from nanorun.trainer.optim import lr_multiplier, muon_momentum
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.dataset import resolve_shards
+    from nanorun.trainer.data.tokenizer import Tokenizer
+    from nanorun.trainer.model.gpt import GPT, GPTConfig
+    from nanorun.trainer.model.optim import lr_multiplier, muon_momentum
 
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     base_lr = [g["lr"] for g in optimizer.param_groups]
     base_wd = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
     if args.fp8:
-        from nanorun.trainer.fp8 import enable_fp8, native_fp8
+        from nanorun.trainer.model.fp8 import enable_fp8, native_fp8
 
         if native_fp8(ctx.device):
             # Before torch.compile, so the compiled graph holds the FP8 matmuls. Evaluation keeps them

@@ -66,7 +66,7 @@ class ChatSession:
     """The state of one terminal chat: settings and the conversation so far."""
 
     def __init__(self, engine: Any, args: argparse.Namespace, out: TextIO) -> None:
-        from nanorun.trainer.engine import context_length
+        from nanorun.trainer.chat.engine import context_length
 
         self.engine = engine
         self.args = args
@@ -111,7 +111,7 @@ class ChatSession:
 
     def reply(self, user_text: str) -> str:
         """Stream the model's answer to `user_text` and add both turns to the conversation."""
-        from nanorun.trainer.engine import TextStream, fit_conversation
+        from nanorun.trainer.chat.engine import TextStream, fit_conversation
 
         engine = self.engine
         self.messages.append({"role": "user", "content": user_text})
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
               file=sys.stderr)
         return 2
 
-    from nanorun.trainer.checkpoint import CheckpointError
-    from nanorun.trainer.engine import Engine, default_device, load_chat_model
+    from nanorun.trainer.chat.engine import Engine, default_device, load_chat_model
+    from nanorun.trainer.training.checkpoint import CheckpointError
 
     device = default_device() if args.device == "auto" else args.device
     try:

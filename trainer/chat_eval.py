@@ -8,7 +8,7 @@ SpellingBee, and summarise them as ChatCORE.
   of them that finished (the report's MID/SFT/RL columns); a stage name evaluates that stage.
 - Multiple-choice tasks (ARC, MMLU) are scored by the letter with the highest logit; GSM8K,
   HumanEval and SpellingBee sample a reply (greedy by default) and check it (HumanEval runs the code
-  in `nanorun.trainer.execution`'s sandbox).
+  in `nanorun.trainer.chat.execution`'s sandbox).
 - ChatCORE = mean over the tasks of (accuracy - random baseline) / (1 - baseline); tasks whose data
   cannot be downloaded are skipped, reported, and ChatCORE is then marked partial.
 - Each task's result is saved as soon as it is known (`chat_eval/results/<source>/<task>.json`), so an
@@ -24,15 +24,15 @@ import sys
 import time
 from typing import Any
 
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline.errors import run_main
+from nanorun.pipeline.progress import is_done
 from nanorun.pipeline.stages import CHAT_MODULES
-from nanorun.trainer import storage
-from nanorun.trainer.common import add_common_args, setup_stage, teardown
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.execution import SandboxUnavailable
-from nanorun.trainer.progress import is_done
+from nanorun.trainer.chat.execution import SandboxUnavailable
 from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generative_eval
 from nanorun.trainer.tasks.hf import TaskDataUnavailable
 from nanorun.trainer.tasks.mixtures import CHATCORE_TASKS, EVAL_TASKS, RANDOM_BASELINE
+from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
 CHAT_STAGES = CHAT_MODULES  # stages with a chat model checkpoint, newest first
 SAMPLES_PER_TASK = 3
@@ -89,7 +89,7 @@ def load_tasks(ctx, names: list[str]) -> tuple[dict[str, Task], dict[str, str]]:
     tasks, skipped = {}, {}
     for name in names:
         try:
-            tasks[name] = EVAL_TASKS[name](storage.join(ctx.run_dir, "task_data"))
+            tasks[name] = EVAL_TASKS[name](layout.task_data_dir(ctx.run_dir))
         except (TaskDataUnavailable, SandboxUnavailable) as err:  # no data, or no safe place to run its code
             skipped[name] = err.reason
             ctx.print0(f"skipping {name}: {err}")
@@ -99,8 +99,8 @@ def load_tasks(ctx, names: list[str]) -> tuple[dict[str, Task], dict[str, str]]:
 def evaluate_source(
     ctx, args, source: str, tasks: dict[str, Task], skipped: dict[str, str], tokenizer
 ) -> dict[str, Any]:
-    from nanorun.trainer.checkpoint import final_checkpoint, load_model
-    from nanorun.trainer.engine import Engine
+    from nanorun.trainer.chat.engine import Engine
+    from nanorun.trainer.training.checkpoint import final_checkpoint, load_model
 
     checkpoint = final_checkpoint(ctx.run_dir, source)
     model, _ = load_model(checkpoint, ctx.device)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("chat_eval", args)
     if ctx.already_done:
         return teardown(ctx)
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.tokenizer import Tokenizer
 
     names = [t.strip() for t in args.tasks.split("|") if t.strip()]
     unknown = [t for t in names if t not in EVAL_TASKS]

@@ -21,12 +21,14 @@ import sys
 from typing import Any
 
 import torch
+from nanorun.pipeline import layout
+from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.stages import source_modules
-from nanorun.trainer import storage
-from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
-from nanorun.trainer.conversation import render_for_completion
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.finetune import (
+from nanorun.trainer.chat.conversation import render_for_completion
+from nanorun.trainer.tasks.common import Task, rank_and_world, sum_across_ranks
+from nanorun.trainer.tasks.mixtures import rl_tasks
+from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.finetune import (
     StepReport,
     add_finetune_args,
     check_examples_per_step,
@@ -37,8 +39,6 @@ from nanorun.trainer.finetune import (
     set_learning_rate,
     start_training,
 )
-from nanorun.trainer.tasks.common import Task, rank_and_world, sum_across_ranks
-from nanorun.trainer.tasks.mixtures import rl_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +129,7 @@ def pass_at_k(
     """pass@1 and pass@k over the first `n` problems (k samples each), sharded over ranks."""
     rank, world = rank_and_world()
     hits1 = hitsk = total = 0
-    from nanorun.trainer.engine import ContextOverflowError
+    from nanorun.trainer.chat.engine import ContextOverflowError
 
     for i in range(rank, min(n, len(task)), world):
         try:
@@ -159,7 +159,7 @@ def rl_step(
     device,
 ) -> dict[str, float]:
     """One on-policy step over this rank's problems `indices`; returns the rank's mean reward and loss."""
-    from nanorun.trainer.engine import ContextOverflowError
+    from nanorun.trainer.chat.engine import ContextOverflowError
 
     pad = tokenizer.encode_special("<|assistant_end|>")
     rewards_all, loss_sum, sampled_tokens = [], 0.0, 0
@@ -192,14 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("chat_rl", args)
     if ctx.already_done:
         return teardown(ctx)
-    from nanorun.trainer.engine import Engine
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.chat.engine import Engine
+    from nanorun.trainer.data.tokenizer import Tokenizer
 
     check_examples_per_step(args.examples_per_step, ctx.world_size)
     model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     engine = Engine(model, tokenizer)
-    train, test, report = rl_tasks(storage.join(ctx.run_dir, "task_data"), args.task)
+    train, test, report = rl_tasks(layout.task_data_dir(ctx.run_dir), args.task)
     ctx.print0(str(report))
     steps = epoch_steps(start, args, len(train))
     loop = {"num_iterations": steps}

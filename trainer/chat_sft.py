@@ -19,12 +19,16 @@ import argparse
 import sys
 
 import torch
+from nanorun.pipeline import layout
+from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.stages import source_modules
-from nanorun.trainer import storage
-from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage, teardown
-from nanorun.trainer.conversation import render_conversation
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.finetune import (
+from nanorun.trainer.chat.conversation import render_conversation
+from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
+from nanorun.trainer.model.optim import lr_multiplier, muon_momentum
+from nanorun.trainer.tasks.common import Task
+from nanorun.trainer.tasks.mixtures import sft_mixture
+from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.finetune import (
     StepReport,
     add_finetune_args,
     check_examples_per_step,
@@ -36,10 +40,6 @@ from nanorun.trainer.finetune import (
     set_learning_rate,
     start_training,
 )
-from nanorun.trainer.loss_eval import evaluate_bpb
-from nanorun.trainer.optim import lr_multiplier, muon_momentum
-from nanorun.trainer.tasks.common import Task
-from nanorun.trainer.tasks.mixtures import sft_mixture
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("chat_sft", args)
     if ctx.already_done:
         return teardown(ctx)
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.tokenizer import Tokenizer
 
     check_examples_per_step(args.examples_per_step, ctx.world_size)
     model, optimizer, start = start_training(ctx, args.source, args.init_lr_frac, args.weight_decay)
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=ctx.device)
-    train, val, report = sft_mixture(storage.join(ctx.run_dir, "task_data"), limit=args.limit)
+    train, val, report = sft_mixture(layout.task_data_dir(ctx.run_dir), limit=args.limit)
     ctx.print0(str(report))
     T = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
     per_rank = args.examples_per_step // ctx.world_size

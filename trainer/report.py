@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline.errors import run_main
+from nanorun.pipeline.progress import read_done, read_progress
 from nanorun.pipeline.stages import CHAT_MODULES, MODEL_STAGES
 from nanorun.pipeline.stages import STAGES as PIPELINE
-from nanorun.trainer import storage
-from nanorun.trainer.common import add_common_args, setup_stage, teardown
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.progress import read_done, read_progress
+from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
 STAGES = tuple(s.module for s in PIPELINE if s.module != "report")  # the stages reported on
 TRAINING_STAGES = tuple(s.module for s in MODEL_STAGES)
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_history(run_dir: str, stage: str) -> list[dict[str, Any]]:
     text = (
-        storage.read_text(storage.join(run_dir, stage, "history.jsonl"))
-        if storage.exists(storage.join(run_dir, stage, "history.jsonl"))
+        storage.read_text(storage.join(layout.stage_dir(run_dir, stage), layout.HISTORY_FILE))
+        if storage.exists(storage.join(layout.stage_dir(run_dir, stage), layout.HISTORY_FILE))
         else ""
     )
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -298,7 +298,7 @@ def render_report(
 
 def write_report(run_dir: str, price: float = 3.0, currency: str = "$", samples: int = 6) -> str:
     """Write `<run-dir>/report/` and return the URI of report.md."""
-    out = storage.join(run_dir, "report")
+    out = layout.report_dir(run_dir)
     histories = {s: read_history(run_dir, s) for s in TRAINING_STAGES}
     plots = []
     for name, key, ylabel, title in (

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanorun.trainer import storage
-from nanorun.trainer.dataset import iter_texts, resolve_shards
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.tokenizer import Tokenizer
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline.errors import run_main
+from nanorun.trainer.data.dataset import iter_texts, resolve_shards
+from nanorun.trainer.data.tokenizer import Tokenizer
 
 REFERENCE_ENCODINGS = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:<10} unavailable ({r['unavailable']})")
         else:
             print(f"{label:<10} {r['vocab_size']:>8} {r['chars_per_token']:>12.3f} {r['bytes_per_token']:>12.3f}")
-    storage.write_json(storage.join(args.run_dir, "tok_train", "tok_eval.json"),
+    storage.write_json(storage.join(layout.tokenizer_dir(args.run_dir), "tok_eval.json"),
                        {"eval_chars": sum(len(t) for t in texts), "results": results})
     return 0
 

@@ -24,10 +24,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-from nanorun.trainer import storage
-from nanorun.trainer.dataset import iter_texts, resolve_shards
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.progress import (
+from nanorun.pipeline import storage
+from nanorun.pipeline.errors import run_main
+from nanorun.pipeline.progress import (
     Done,
     Progress,
     current_attempt,
@@ -38,9 +37,11 @@ from nanorun.trainer.progress import (
     write_done,
     write_progress,
 )
-from nanorun.trainer.tokenizer import Tokenizer
+from nanorun.pipeline.stages import TOKENIZER
+from nanorun.trainer.data.dataset import iter_texts, resolve_shards
+from nanorun.trainer.data.tokenizer import Tokenizer
 
-STAGE = "tok_train"
+STAGE = TOKENIZER.module
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -45,9 +45,10 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from nanorun.trainer import checkpoint, storage
-from nanorun.trainer.dataset import resolve_shards
-from nanorun.trainer.progress import read_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done
+from nanorun.trainer.data.dataset import resolve_shards
+from nanorun.trainer.training import checkpoint
 
 from tests.e2e.pipeline import PRETRAIN_STEPS, SAVE_EVERY, e2e_llmrun
 from tests.fixtures import grafana

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from nanorun.trainer.progress import read_done, read_progress
+from nanorun.pipeline.progress import read_done, read_progress
 
 from tests.kube.cluster import HERE
 

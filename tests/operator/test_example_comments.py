@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from nanorun.operator.api import parse_spec
-from nanorun.trainer.gpt import GPT, GPTConfig
+from nanorun.trainer.model.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]

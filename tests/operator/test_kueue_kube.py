@@ -16,7 +16,7 @@ import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.kueue import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
-from nanorun.trainer import storage
+from nanorun.pipeline import storage
 
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, list_jobs, llmrun, wait_for
 

@@ -21,8 +21,9 @@ import yaml
 from nanorun.operator import local
 from nanorun.operator.api import GROUP, VERSION, parse_spec
 from nanorun.operator.plan import config_ids, stage_plan
-from nanorun.trainer import checkpoint, storage
-from nanorun.trainer.progress import read_done, read_progress, write_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done, read_progress, write_done
+from nanorun.trainer.training import checkpoint
 
 STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
 TOKENIZER = {"vocabSize": 512, "maxChars": 20000}

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from kubernetes import client
 from nanorun.operator.api import GROUP, PLURAL, VERSION
-from nanorun.trainer import storage
-from nanorun.trainer.progress import read_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done
 
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, list_jobs, llmrun, wait_for
 

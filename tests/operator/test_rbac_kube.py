@@ -10,7 +10,7 @@ import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
-from nanorun.trainer import storage
+from nanorun.pipeline import storage
 
 from tests.operator.conftest import OperatorProcess, create_llmrun, llmrun, wait_for
 

@@ -12,7 +12,7 @@ import datetime as dt
 import yaml
 from nanorun.operator.jobs import RunRef
 from nanorun.operator.reconcile import FailureFacts, reconcile
-from nanorun.trainer.progress import Done, Progress
+from nanorun.pipeline.progress import Done, Progress
 
 RUN = RunRef("r1", "ns", "uid-1")
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)

@@ -11,7 +11,8 @@ from nanorun.operator import crd
 from nanorun.operator.api import CHECKPOINT_STAGES, StagesSpec
 from nanorun.operator.plan import STAGE_KEYS
 from nanorun.pipeline import stages
-from nanorun.trainer import chat_eval, engine, report
+from nanorun.trainer import chat_eval, report
+from nanorun.trainer.chat import engine
 
 
 def test_the_spec_and_the_crd_have_exactly_the_tables_stages_in_order():
@@ -45,5 +46,24 @@ def test_the_operator_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import nanorun.operator.handlers, nanorun.operator.cli, nanorun.operator.local, nanorun.pipeline.stages\n"
             "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_the_layout_finds_the_run_of_a_checkpoint_and_refuses_other_paths():
+    import pytest
+    from nanorun.pipeline import layout
+
+    ckpt = layout.checkpoint_dir(layout.stage_dir("s3://b/runs/x", "chat_sft"), 12)
+    assert ckpt == "s3://b/runs/x/chat_sft/checkpoints/step_000012"
+    assert layout.run_dir_of_checkpoint(ckpt + "/") == "s3://b/runs/x"
+    assert layout.tokenizer_dir(layout.run_dir_of_checkpoint(ckpt)) == "s3://b/runs/x/tok_train"
+    with pytest.raises(ValueError, match="is not <run-dir>/<stage>/checkpoints/step_NNNNNN"):
+        layout.run_dir_of_checkpoint("s3://b/runs/x/chat_sft")
+
+
+def test_the_shared_package_imports_nothing_from_the_trainer():
+    code = ("import sys, nanorun.pipeline.layout, nanorun.pipeline.progress, nanorun.pipeline.errors\n"
+            "assert not [m for m in sys.modules if m.startswith('nanorun.trainer')], sorted(sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -14,7 +14,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nanorun import _bpe
-from nanorun.trainer.tokenizer import SPLIT_PATTERN
+from nanorun.trainer.data.tokenizer import SPLIT_PATTERN
 
 from tests.fixtures.tiny_run import real_english_documents
 

@@ -226,7 +226,8 @@ def test_a_checkpoint_path_is_loaded_again_when_the_config_id_it_must_have_chang
     import asyncio
 
     from nanorun.serving.app import ChatDeployment, LoadedModel
-    from nanorun.trainer import checkpoint, engine
+    from nanorun.trainer.chat import engine
+    from nanorun.trainer.training import checkpoint
 
     async def scenario():
         # The replica as Ray Serve builds it (its class without the ingress wrapper's async __init__).

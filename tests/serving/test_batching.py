@@ -9,8 +9,8 @@ import asyncio
 import pytest
 from nanorun.serving.batching import SamplingParams, Scheduler
 from nanorun.serving.metrics import ServeMetrics
-from nanorun.trainer.conversation import render_for_completion
-from nanorun.trainer.engine import Engine
+from nanorun.trainer.chat.conversation import render_for_completion
+from nanorun.trainer.chat.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 

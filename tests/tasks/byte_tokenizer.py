@@ -7,7 +7,7 @@ else about it (tiktoken, special-token handling) is what the trained tokenizer u
 from __future__ import annotations
 
 import tiktoken
-from nanorun.trainer.conversation import SPECIAL_TOKENS
+from nanorun.trainer.chat.conversation import SPECIAL_TOKENS
 
 
 class ByteTokenizer:

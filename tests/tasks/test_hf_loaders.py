@@ -4,7 +4,7 @@ dataset's real schema), cache them in run storage, and fail clearly when offline
 from __future__ import annotations
 
 import pytest
-from nanorun.trainer import storage
+from nanorun.pipeline import storage
 from nanorun.trainer.tasks.arc import ARC
 from nanorun.trainer.tasks.gsm8k import GSM8K
 from nanorun.trainer.tasks.hf import TaskDataUnavailable, load_rows

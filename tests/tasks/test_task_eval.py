@@ -49,7 +49,7 @@ def test_humaneval_eval_runs_the_generated_code(fake_hub, tmp_path):
 
 
 def test_spelling_bee_reference_reply_is_consistent_with_the_calculator():
-    from nanorun.trainer.calculator import calculate
+    from nanorun.trainer.chat.calculator import calculate
 
     task = SpellingBee("train", size=50)
     for i in range(len(task)):
@@ -63,7 +63,7 @@ def test_spelling_bee_reference_reply_is_consistent_with_the_calculator():
 
 
 def test_arithmetic_reference_reply_is_consistent_with_the_calculator():
-    from nanorun.trainer.calculator import calculate
+    from nanorun.trainer.chat.calculator import calculate
 
     task = Arithmetic("test", size=50)
     for i in range(len(task)):
@@ -99,7 +99,7 @@ def test_slices_mixtures_and_sequences_index_every_example_once():
 
 
 def test_a_question_longer_than_the_context_counts_as_failed_instead_of_crashing(fake_hub, tmp_path):
-    from nanorun.trainer.engine import ContextOverflowError
+    from nanorun.trainer.chat.engine import ContextOverflowError
 
     class ShortContextEngine(ScriptedEngine):
         def generate_batch(self, tokens, **kwargs):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from nanorun.trainer import core_eval, storage
-from nanorun.trainer.progress import read_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done
+from nanorun.trainer.evaluation import core_eval
 
 from tests.fixtures.tiny_run import check, run_stage, small_tokenizer
 

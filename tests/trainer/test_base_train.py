@@ -12,15 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from nanorun.trainer import storage
-from nanorun.trainer.checkpoint import (
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done, read_progress
+from nanorun.trainer.training.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     load_model,
     read_meta,
 )
-from nanorun.trainer.progress import read_done, read_progress
 
 from tests.fixtures.tiny_run import check, run_stage, stage_env
 

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from nanorun.trainer.calculator import MAX_OUTPUT_CHARS, Refused, calculate, evaluate
+from nanorun.trainer.chat.calculator import MAX_OUTPUT_CHARS, Refused, calculate, evaluate
 
 
 @pytest.mark.parametrize(

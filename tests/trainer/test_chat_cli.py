@@ -7,9 +7,9 @@ import io
 
 import pytest
 from nanorun.operator.cli import main as nanorun_main
+from nanorun.trainer.chat.engine import Engine, SpecialTokens, load_chat_model
 from nanorun.trainer.chat_cli import assistant_parts, main
-from nanorun.trainer.engine import Engine, SpecialTokens, load_chat_model
-from nanorun.trainer.tokenizer import Tokenizer
+from nanorun.trainer.data.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -21,8 +21,8 @@ def chat(run_dir: str, *args: str, stdin: str = "") -> tuple[int, str]:
 
 
 def greedy_reply(run_dir: str, messages: list[dict], max_tokens: int) -> str:
-    from nanorun.trainer.conversation import render_for_completion
-    from nanorun.trainer.engine import TextStream
+    from nanorun.trainer.chat.conversation import render_for_completion
+    from nanorun.trainer.chat.engine import TextStream
 
     model, tokenizer, _ = load_chat_model(run_dir, device="cpu")
     engine = Engine(model, tokenizer)

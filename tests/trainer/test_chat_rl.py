@@ -6,8 +6,8 @@ import types
 
 import pytest
 import torch
+from nanorun.trainer.chat.engine import Engine
 from nanorun.trainer.chat_rl import group_loss, rl_step
-from nanorun.trainer.engine import Engine
 from nanorun.trainer.tasks.common import Task
 
 from tests.fixtures.post_training import (

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from nanorun.pipeline.progress import read_progress
+from nanorun.trainer.chat.conversation import render_conversation
 from nanorun.trainer.chat_sft import sft_batch
-from nanorun.trainer.conversation import render_conversation
-from nanorun.trainer.progress import read_progress
 from nanorun.trainer.tasks.customjson import IDENTITY_PATH, CustomJSON
 
 from tests.fixtures.post_training import (
@@ -83,7 +83,7 @@ def test_finished_chat_sft_is_a_no_op(tiny_sft_run, tmp_path):
 
 
 def test_chat_sft_without_a_finished_source_stage_says_what_to_run(tmp_path):
-    from nanorun.trainer.finetune import source_checkpoint
+    from nanorun.trainer.training.finetune import source_checkpoint
 
     with pytest.raises(SystemExit, match="none of the source stages mid_train, base_train has finished"):
         source_checkpoint(str(tmp_path / "run"), "mid_train,base_train")

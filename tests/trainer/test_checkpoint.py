@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
-from nanorun.trainer import storage
-from nanorun.trainer.checkpoint import (
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import Done, write_done
+from nanorun.trainer.model.gpt import GPT, GPTConfig
+from nanorun.trainer.training.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     final_checkpoint,
@@ -20,8 +22,6 @@ from nanorun.trainer.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from nanorun.trainer.gpt import GPT, GPTConfig
-from nanorun.trainer.progress import Done, write_done
 
 
 def tiny_model(seed: int = 0) -> GPT:
@@ -113,7 +113,7 @@ def test_resume_skips_checkpoints_of_another_config_and_takes_its_own(tmp_path, 
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
     own = save_checkpoint(stage, 2, model, None, {})
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-old")
-    monkeypatch.setattr("nanorun.trainer.checkpoint._prune", lambda *a, **k: None)  # keep both configs' here
+    monkeypatch.setattr("nanorun.trainer.training.checkpoint._prune", lambda *a, **k: None)  # keep both configs' here
     other = save_checkpoint(stage, 4, model, None, {})
     assert latest_checkpoint(stage) == other  # the newest of any config (what serving looks for)
     assert resumable_checkpoint(stage, "cfg-a") == own

@@ -12,9 +12,15 @@ import textwrap
 import urllib.request
 
 import pytest
-from nanorun.trainer import storage
-from nanorun.trainer.common import PREEMPTED_EXIT_CODE, add_common_args, exit_preempted, setup_stage, teardown
-from nanorun.trainer.progress import Done, read_done, read_progress, write_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import Done, read_done, read_progress, write_done
+from nanorun.trainer.training.common import (
+    PREEMPTED_EXIT_CODE,
+    add_common_args,
+    exit_preempted,
+    setup_stage,
+    teardown,
+)
 
 from tests.fixtures.s3 import free_port
 
@@ -141,7 +147,7 @@ def test_sigterm_sets_the_stop_flag_instead_of_killing(tmp_path, restore_sigterm
 RANK_SCRIPT = textwrap.dedent(
     """
     import argparse, os, signal, sys
-    from nanorun.trainer.common import add_common_args, exit_preempted, setup_stage
+    from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage
     p = argparse.ArgumentParser(); add_common_args(p)
     ctx = setup_stage("base_train", p.parse_args(sys.argv[1:]))
     before = ctx.should_stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from nanorun.trainer.conversation import ConversationError, render_conversation, render_for_completion
+from nanorun.trainer.chat.conversation import ConversationError, render_conversation, render_for_completion
 
 from tests.tasks.byte_tokenizer import ByteTokenizer
 

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from nanorun.trainer import storage
-from nanorun.trainer.dataloader import (
+from nanorun.pipeline import storage
+from nanorun.trainer.data.dataloader import (
     DataError,
     PackedBatches,
     SequenceDocuments,

@@ -16,8 +16,9 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from nanorun.trainer import dataset, storage
-from nanorun.trainer.dataset import DataError, iter_texts, prepare, resolve_shards
+from nanorun.pipeline import storage
+from nanorun.trainer.data import dataset
+from nanorun.trainer.data.dataset import DataError, iter_texts, prepare, resolve_shards
 
 from tests.fixtures.tiny_run import real_english_documents
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nanorun.trainer.conversation import render_for_completion
-from nanorun.trainer.engine import (
+from nanorun.trainer.chat.conversation import render_for_completion
+from nanorun.trainer.chat.engine import (
     ContextOverflowError,
     Engine,
     SpecialTokens,

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from nanorun.trainer import dataloader, dataset
-from nanorun.trainer.checkpoint import CheckpointError
-from nanorun.trainer.errors import StageError, run_main
-from nanorun.trainer.storage import StorageError
-from nanorun.trainer.tokenizer import TokenizerError
+from nanorun.pipeline.errors import StageError, run_main
+from nanorun.pipeline.storage import StorageError
+from nanorun.trainer.data import dataloader, dataset
+from nanorun.trainer.data.tokenizer import TokenizerError
+from nanorun.trainer.training.checkpoint import CheckpointError
 
 from tests.fixtures.tiny_run import stage_env
 

@@ -13,8 +13,8 @@ import threading
 import types
 
 import pytest
-from nanorun.trainer import execution
-from nanorun.trainer.execution import SandboxUnavailable, execute_code
+from nanorun.trainer.chat import execution
+from nanorun.trainer.chat.execution import SandboxUnavailable, execute_code
 
 
 def test_successful_code_returns_its_output():
@@ -109,7 +109,7 @@ OTHER_INTERPRETER = f"""
 import importlib.util, sys, types
 sys.modules["nanorun"] = types.ModuleType("nanorun")
 sys.modules["nanorun.trainer"] = types.ModuleType("nanorun.trainer")
-spec = importlib.util.spec_from_file_location("nanorun.trainer.execution", {execution.__file__!r})
+spec = importlib.util.spec_from_file_location("nanorun.trainer.chat.execution", {execution.__file__!r})
 sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 """
@@ -149,7 +149,7 @@ SYSCALLS = {
 # in the trainer process, as `DENY_SYSCALLS + f"deny_syscalls({...})"`.
 DENY_SYSCALLS = """
 import ctypes, struct
-from nanorun.trainer import execution
+from nanorun.trainer.chat import execution
 
 
 def deny_syscalls(deny):
@@ -172,7 +172,7 @@ def deny_prelude(deny_syscalls: dict[str, int]) -> str:
 
 ATTACK = f"""
 import os
-from nanorun.trainer.execution import execute_code, sandbox
+from nanorun.trainer.chat.execution import execute_code, sandbox
 code = {CREDENTIAL_PROBE!r}.replace("@SECRET_FILE@", os.environ["SECRET_FILE"])
 code = code.replace("@S3_HOST@", os.environ.get("S3_HOST", "127.0.0.1")).replace("@S3_PORT@", "9000")
 result = execute_code(code, timeout=20)
@@ -182,7 +182,7 @@ print(result.stdout, result.stderr)
 
 
 REFUSAL = """
-from nanorun.trainer.execution import SandboxUnavailable, execute_code
+from nanorun.trainer.chat.execution import SandboxUnavailable, execute_code
 try:
     execute_code("open('ran', 'w'); print('ran')")
 except SandboxUnavailable as err:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from nanorun.trainer.attention import band_mask, causal_attention
-from nanorun.trainer.gpt import GPT, GPTConfig, expected_param_counts
+from nanorun.trainer.model.attention import band_mask, causal_attention
+from nanorun.trainer.model.gpt import GPT, GPTConfig, expected_param_counts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -208,7 +208,7 @@ def test_loss_falls_on_a_repeated_batch():
 
 
 def test_fp8_linears_track_full_precision_and_switch_back():
-    from nanorun.trainer.fp8 import Float8Linear, disable_fp8, enable_fp8
+    from nanorun.trainer.model.fp8 import Float8Linear, disable_fp8, enable_fp8
 
     # On CPU the FP8 quantisation is emulated (no FP8 tensor cores); the scaling logic is the same.
     model = scramble(tiny_model())

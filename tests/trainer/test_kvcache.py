@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from nanorun.trainer.gpt import GPT, GPTConfig, KVCache
+from nanorun.trainer.model.gpt import GPT, GPTConfig, KVCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

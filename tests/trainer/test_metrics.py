@@ -4,7 +4,7 @@ the step-time histogram are there from the start, at 0, so that `rate()` counts 
 
 from __future__ import annotations
 
-from nanorun.trainer.metrics import GAUGES, TrainMetrics
+from nanorun.trainer.training.metrics import GAUGES, TrainMetrics
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from nanorun.trainer.gpt import GPT, GPTConfig
-from nanorun.trainer.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize
+from nanorun.trainer.model.gpt import GPT, GPTConfig
+from nanorun.trainer.model.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from nanorun.trainer.progress import (
+from nanorun.pipeline.progress import (
     Done,
     Progress,
     current_attempt,

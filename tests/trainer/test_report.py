@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from nanorun.trainer import storage
-from nanorun.trainer.progress import Done, Progress, write_done, write_progress
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import Done, Progress, write_done, write_progress
 
 from tests.fixtures.tiny_run import stage_env
 

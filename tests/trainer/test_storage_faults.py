@@ -12,9 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from nanorun.trainer import storage
-from nanorun.trainer.checkpoint import checkpoint_dir, list_checkpoints, load_model, verify_checkpoint
-from nanorun.trainer.progress import read_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done
+from nanorun.trainer.training.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    load_model,
+    verify_checkpoint,
+)
 
 from tests.fixtures.faulty_s3 import FaultyProxy
 from tests.fixtures.tiny_run import check, run_stage, stage_env

@@ -7,10 +7,11 @@ import os
 import urllib.request
 
 import pytest
-from nanorun.trainer import storage, tok_train
-from nanorun.trainer.dataset import prepare
-from nanorun.trainer.progress import read_done, read_progress
-from nanorun.trainer.tokenizer import Tokenizer
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done, read_progress
+from nanorun.trainer import tok_train
+from nanorun.trainer.data.dataset import prepare
+from nanorun.trainer.data.tokenizer import Tokenizer
 
 from tests.fixtures.s3 import free_port
 from tests.fixtures.tiny_run import check, real_english_documents, run_stage

@@ -9,8 +9,8 @@ import tiktoken
 import tiktoken.load
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nanorun.trainer import storage
-from nanorun.trainer.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from nanorun.pipeline import storage
+from nanorun.trainer.data.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 from tests.fixtures.tiny_run import real_english_documents
 

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from nanorun.trainer import storage, tok_eval
-from nanorun.trainer.dataset import prepare
-from nanorun.trainer.errors import run_main
-from nanorun.trainer.tokenizer import Tokenizer
+from nanorun.pipeline import storage
+from nanorun.pipeline.errors import run_main
+from nanorun.trainer import tok_eval
+from nanorun.trainer.data.dataset import prepare
+from nanorun.trainer.data.tokenizer import Tokenizer
 
 from tests.fixtures.tiny_run import real_english_documents
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from nanorun.trainer.gpt import GPT, GPTConfig
-from nanorun.trainer.optim import MuonAdamW
+from nanorun.trainer.model.gpt import GPT, GPTConfig
+from nanorun.trainer.model.optim import MuonAdamW
 
 
 def tiny_gpt(vocab_size: int, sequence_len: int) -> GPT:

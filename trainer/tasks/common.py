@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nanorun.trainer.conversation import render_for_completion
+from nanorun.trainer.chat.conversation import render_for_completion
 
 Conversation = dict[str, Any]
 LETTERS = "ABCDEFGHIJ"
@@ -200,7 +200,7 @@ def run_generative_eval(
     `engine.generate_batch(prompt, num_samples=, max_tokens=, temperature=, top_k=, seed=)` returns
     (token lists including the prompt, masks). If `samples_out` is given, the first reply of each
     problem is appended to it (for the report)."""
-    from nanorun.trainer.engine import ContextOverflowError
+    from nanorun.trainer.chat.engine import ContextOverflowError
 
     rank, world = rank_and_world()
     n = len(task) if max_problems is None else min(len(task), max_problems)

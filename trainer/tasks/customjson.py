@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nanorun.trainer import storage
-from nanorun.trainer.conversation import ConversationError, normalize_messages
+from nanorun.pipeline import storage
+from nanorun.trainer.chat.conversation import ConversationError, normalize_messages
 from nanorun.trainer.tasks.common import Conversation, Task
 
 DATA_DIR = Path(__file__).parent / "data"

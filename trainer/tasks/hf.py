@@ -20,8 +20,8 @@ import io
 import os
 from typing import Any
 
-from nanorun.trainer import storage
-from nanorun.trainer.errors import StageError
+from nanorun.pipeline import storage
+from nanorun.pipeline.errors import StageError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MANIFEST = "files.json"

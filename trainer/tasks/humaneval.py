@@ -1,7 +1,7 @@
 """HumanEval (openai/openai_humaneval): write a Python function; it passes if the dataset's tests do.
 
 The reply's code (the first fenced block if there is one, else the whole reply) runs with the
-prompt's imports and the task's `check(...)` in `nanorun.trainer.execution`'s sandbox. Where that
+prompt's imports and the task's `check(...)` in `nanorun.trainer.chat.execution`'s sandbox. Where that
 sandbox cannot be had, constructing the task raises `SandboxUnavailable` (chat_eval skips the task).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nanorun.trainer.execution import execute_code, sandbox
+from nanorun.trainer.chat.execution import execute_code, sandbox
 from nanorun.trainer.tasks.common import Conversation, Task
 from nanorun.trainer.tasks.hf import default_cache, load_rows
 

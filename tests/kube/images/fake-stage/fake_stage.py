@@ -2,7 +2,7 @@
 ...` run in the test image `nanorun-fake-stage` (tests/kube/images.yaml), so the operator tests drive
 real PyTorchJobs through the real training-operator in seconds instead of training.
 
-It keeps the stage contract (nanorun.trainer.progress) as a trainer does, on rank 0:
+It keeps the stage contract (nanorun.pipeline.progress) as a trainer does, on rank 0:
 
 - `<run-dir>/<stage>/progress.json` after every step (with NANORUN_ATTEMPT), starting after the
   step the last progress.json reached: a stage whose pods were deleted (suspend, preemption) and
@@ -33,8 +33,8 @@ import sys
 import threading
 import time
 
-from nanorun.trainer import storage
-from nanorun.trainer.progress import (
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import (
     PREEMPTED,
     Done,
     Progress,

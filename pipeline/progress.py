@@ -27,10 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nanorun.trainer import storage
+from nanorun.pipeline import storage
+from nanorun.pipeline.layout import DONE_FILE, PROGRESS_FILE, stage_dir
 
-PROGRESS_FILE = "progress.json"
-DONE_FILE = "done.json"
 ATTEMPT_ENV = "NANORUN_ATTEMPT"
 CONFIG_ID_ENV = "NANORUN_CONFIG_ID"
 PREEMPTED = "preempted"  # Progress.stopped of an attempt that saved its checkpoint on SIGTERM and exited
@@ -44,10 +43,6 @@ def current_attempt() -> int:
 def current_config_id() -> str:
     """The configuration id of this process's stage (NANORUN_CONFIG_ID), "" when none was given."""
     return os.environ.get(CONFIG_ID_ENV, "").strip()
-
-
-def stage_dir(run_dir: str, stage: str) -> str:
-    return storage.join(run_dir, stage)
 
 
 @dataclass
@@ -102,20 +97,20 @@ class Done:
 
 def write_progress(run_dir: str, progress: Progress) -> None:
     progress.updated_at = time.time()
-    storage.write_json(storage.join(run_dir, progress.stage, PROGRESS_FILE), progress.to_dict())
+    storage.write_json(storage.join(stage_dir(run_dir, progress.stage), PROGRESS_FILE), progress.to_dict())
 
 
 def read_progress(run_dir: str, stage: str) -> Progress | None:
-    d = storage.read_json_or_none(storage.join(run_dir, stage, PROGRESS_FILE))
+    d = storage.read_json_or_none(storage.join(stage_dir(run_dir, stage), PROGRESS_FILE))
     return Progress.from_dict(d) if isinstance(d, dict) else None
 
 
 def write_done(run_dir: str, done: Done) -> None:
-    storage.write_json(storage.join(run_dir, done.stage, DONE_FILE), done.to_dict())
+    storage.write_json(storage.join(stage_dir(run_dir, done.stage), DONE_FILE), done.to_dict())
 
 
 def read_done(run_dir: str, stage: str) -> Done | None:
-    d = storage.read_json_or_none(storage.join(run_dir, stage, DONE_FILE))
+    d = storage.read_json_or_none(storage.join(stage_dir(run_dir, stage), DONE_FILE))
     return Done.from_dict(d) if isinstance(d, dict) else None
 
 

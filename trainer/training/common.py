@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from nanorun.trainer import storage
-from nanorun.trainer.metrics import TrainMetrics, WandbLogger
-from nanorun.trainer.progress import (
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline.layout import HISTORY_FILE
+from nanorun.pipeline.progress import (
     PREEMPTED,
     Done,
     Progress,
@@ -59,11 +59,11 @@ from nanorun.trainer.progress import (
     write_done,
     write_progress,
 )
+from nanorun.trainer.training.metrics import TrainMetrics, WandbLogger
 
 PREEMPTED_EXIT_CODE = 143
 PROGRESS_MIN_INTERVAL_S = 2.0  # progress.json is rewritten at most this often, unless flushed
 HISTORY_MIN_INTERVAL_S = 30.0  # history.jsonl likewise (it grows with the run)
-HISTORY_FILE = "history.jsonl"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +251,7 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     ctx = StageContext(
         stage=stage,
         run_dir=run_dir,
-        stage_dir=storage.join(run_dir, stage),
+        stage_dir=layout.stage_dir(run_dir, stage),
         rank=rank,
         local_rank=local_rank,
         world_size=world_size,

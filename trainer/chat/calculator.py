@@ -1,6 +1,6 @@
 """The calculator tool the chat model calls between `<|python_start|>` and `<|python_end|>`.
 
-    >>> from nanorun.trainer.calculator import calculate
+    >>> from nanorun.trainer.chat.calculator import calculate
     >>> calculate("12 * (3 + 4) / 2")
     '42'
     >>> calculate('"strawberry".count("r")')

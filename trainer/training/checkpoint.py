@@ -37,7 +37,6 @@ import base64
 import json
 import pickle
 import random
-import re
 import sys
 import tempfile
 import time
@@ -48,9 +47,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from nanorun.trainer import storage
-from nanorun.trainer.errors import StageError, one_line
-from nanorun.trainer.progress import current_config_id, read_done
+from nanorun.pipeline import storage
+from nanorun.pipeline.errors import StageError, one_line
+from nanorun.pipeline.layout import STEP_DIR, checkpoint_dir, checkpoints_dir
+from nanorun.pipeline.progress import current_config_id, read_done
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.distributed.checkpoint.api import CheckpointException
@@ -60,7 +60,6 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 OPTIM_DIR = "optim"
 CHECKSUMS = "blake2b"  # the marker's {file: storage.checksum of its contents}; absent in older markers
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 # Checkpoints this process saved, or chose to resume from after reading them through. Saving such a
 # step again keeps it (SIGTERM right after a periodic save, or right after resuming). Any other
@@ -71,10 +70,6 @@ _known_good: set[str] = set()
 
 class CheckpointError(StageError):
     """A checkpoint is missing or unusable; the message says which file and what to do."""
-
-
-def checkpoint_dir(stage_dir_uri: str, step: int) -> str:
-    return storage.join(stage_dir_uri, "checkpoints", f"step_{step:06d}")
 
 
 def _rank() -> int:
@@ -96,7 +91,7 @@ def is_committed(checkpoint_uri: str) -> bool:
 
 def list_checkpoints(stage_dir_uri: str) -> list[tuple[int, str]]:
     """(step, uri) of every checkpoint directory, committed or not, oldest first."""
-    root = storage.join(stage_dir_uri, "checkpoints")
+    root = checkpoints_dir(stage_dir_uri)
     out = []
     for name in storage.list_dirs(root):
         m = STEP_DIR.match(name)
@@ -378,7 +373,7 @@ def load_model(
     checkpoint_uri: str, device: torch.device | str, dtype: torch.dtype | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the GPT a checkpoint describes and load its weights; returns (model in eval mode, meta)."""
-    from nanorun.trainer.gpt import GPT, GPTConfig
+    from nanorun.trainer.model.gpt import GPT, GPTConfig
 
     meta = read_meta(checkpoint_uri)
     if "model_config" not in meta:

@@ -34,8 +34,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanorun.trainer import storage
-from nanorun.trainer.errors import StageError
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline.errors import StageError
 
 MANIFEST = "manifest.json"
 ROW_GROUP_DOCS = 1024
@@ -88,7 +88,7 @@ def resolve_shards(data_uri: str, run_dir: str | None = None) -> list[str]:
     user cache when run_dir is None).
     """
     if data_uri == "bundled":
-        out = storage.join(run_dir, "data", "bundled") if run_dir else str(user_cache_dir() / "data" / "bundled")
+        out = layout.bundled_data_dir(run_dir) if run_dir else str(user_cache_dir() / "data" / "bundled")
         prepare(out)
         return resolve_shards(out)
     if data_uri.startswith("hf://"):

@@ -44,8 +44,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from nanorun.trainer import storage
-from nanorun.trainer.dataset import DataError, parquet_shard, read_texts
+from nanorun.pipeline import storage
+from nanorun.trainer.data.dataset import DataError, parquet_shard, read_texts
 
 TOKENIZE_BATCH = 128  # documents per encode_batch call
 PREFETCH_BLOCKS = 3  # steps a stream may run ahead of the trainer

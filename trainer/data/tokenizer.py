@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import tiktoken
-from nanorun.trainer import storage
-from nanorun.trainer.errors import StageError
+from nanorun.pipeline import layout, storage
+from nanorun.pipeline.errors import StageError
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it
@@ -177,7 +177,7 @@ class Tokenizer:
     @classmethod
     def from_run_dir(cls, run_dir: str) -> Tokenizer:
         """The tokenizer of a run: `<run_dir>/tok_train/` (written by the tok_train stage)."""
-        dir_uri = storage.join(run_dir, "tok_train")
+        dir_uri = layout.tokenizer_dir(run_dir)
         if not storage.exists(storage.join(dir_uri, TIKTOKEN_FILE)):
             raise TokenizerError(
                 f"no tokenizer in {dir_uri}: run the tok_train stage first "

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from nanorun.trainer import checkpoint as ckpt
-from nanorun.trainer.common import teardown
-from nanorun.trainer.progress import is_done
+from nanorun.pipeline.progress import is_done
+from nanorun.trainer.training import checkpoint as ckpt
+from nanorun.trainer.training.common import teardown
 
 # nanochat's base learning rates, for a source checkpoint that does not record its own
 DEFAULT_LR = {

@@ -18,7 +18,7 @@ dequantise-then-matmul, which is how the CPU tests check the numerics; it is not
 from __future__ import annotations
 
 import torch
-from nanorun.trainer.gpt import GPT, Linear
+from nanorun.trainer.model.gpt import GPT, Linear
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2

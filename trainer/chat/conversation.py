@@ -19,7 +19,7 @@ An assistant's content is a string or a list of parts `{"type": "text" | "python
   trained.
 
 The tokenizer is anything with `encode(text) -> list[int]` and `encode_special(name) -> int`
-(`nanorun.trainer.tokenizer.Tokenizer`).
+(`nanorun.trainer.data.tokenizer.Tokenizer`).
 """
 
 from __future__ import annotations

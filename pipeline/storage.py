@@ -33,7 +33,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from nanorun.trainer.errors import StageError
+from nanorun.pipeline.errors import StageError
 
 
 class StorageError(StageError):

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from nanorun.trainer.errors import StageError
+from nanorun.pipeline.errors import StageError
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -77,7 +77,7 @@ def fetch_bundle(source: str, cache_dir: str | Path) -> Path:
                         for chunk in resp.iter_bytes(1 << 20):
                             f.write(chunk)
             else:
-                from nanorun.trainer import storage
+                from nanorun.pipeline import storage
 
                 storage.download_to(source, zip_path)
         except Exception as err:

@@ -12,7 +12,7 @@
 - A row stops on `<|assistant_end|>` or `<|bos|>`; every row stops at `max_tokens` or when the
   context (the model's `sequence_len`) is full. Stop tokens are not part of `generate_batch`'s output.
 - Tool use (`RowState`): the tokens between `<|python_start|>` and `<|python_end|>` go to the
-  calculator (`nanorun.trainer.calculator`), and its result is forced into the row as
+  calculator (`nanorun.trainer.chat.calculator`), and its result is forced into the row as
   `<|output_start|> result <|output_end|>` (mask 0); generation then continues.
 - `fit_conversation` turns a chat into a prompt that fits the context: it drops the oldest turns,
   keeps the system message, shortens the last message only when it alone is too long, and returns a
@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from nanorun.pipeline import layout
 from nanorun.pipeline.stages import MODEL_MODULES
-from nanorun.trainer.calculator import calculate
-from nanorun.trainer.conversation import normalize_messages, render_for_completion
+from nanorun.trainer.chat.calculator import calculate
+from nanorun.trainer.chat.conversation import normalize_messages, render_for_completion
 
 DISPLAY_OF_SPECIAL = {  # how tool-call tokens read in a chat transcript: <<12*3=36>>
     "<|python_start|>": "<<",
@@ -60,7 +61,7 @@ def context_length(model: torch.nn.Module) -> int:
 def new_kv_cache(model: torch.nn.Module, batch_size: int, max_seq_len: int) -> Any:
     """A preallocated KV cache for `batch_size` rows of up to `max_seq_len` tokens each, in the
     dtype the model computes in (bf16 on GPUs, fp32 on CPU)."""
-    from nanorun.trainer.gpt import KVCache
+    from nanorun.trainer.model.gpt import KVCache
 
     param = next(model.parameters())
     dtype = getattr(model, "compute_dtype", param.dtype)
@@ -294,8 +295,8 @@ CHAT_STAGES = MODEL_MODULES  # stages with a model checkpoint, newest first
 def resolve_checkpoint(uri: str) -> str:
     """A committed checkpoint for `uri`: a checkpoint directory itself, the newest one of a stage
     directory, or the newest one of the latest-trained stage of a run directory."""
-    from nanorun.trainer import storage
-    from nanorun.trainer.checkpoint import CheckpointError, is_committed, latest_checkpoint
+    from nanorun.pipeline import storage
+    from nanorun.trainer.training.checkpoint import CheckpointError, is_committed, latest_checkpoint
 
     uri = uri.rstrip("/")
     if is_committed(uri):
@@ -313,11 +314,8 @@ def resolve_checkpoint(uri: str) -> str:
 
 
 def tokenizer_dir_for(checkpoint_uri: str) -> str:
-    """`<run-dir>/tok_train` for a checkpoint at `<run-dir>/<stage>/checkpoints/step_NNNNNN`."""
-    from nanorun.trainer import storage
-
-    run_dir = checkpoint_uri.rstrip("/").rsplit("/", 3)[0]
-    return storage.join(run_dir, "tok_train")
+    """The tokenizer folder of the run a checkpoint (`<run-dir>/<stage>/checkpoints/step_NNNNNN`) belongs to."""
+    return layout.tokenizer_dir(layout.run_dir_of_checkpoint(checkpoint_uri))
 
 
 def default_device() -> torch.device:
@@ -329,8 +327,8 @@ def load_chat_model(checkpoint: str, tokenizer_dir: str | None = None,
     """(model in eval mode, tokenizer, info) for a checkpoint/stage/run URI (local path or s3://).
 
     The tokenizer comes from `tokenizer_dir`, or from the run the checkpoint belongs to."""
-    from nanorun.trainer.checkpoint import load_model
-    from nanorun.trainer.tokenizer import Tokenizer
+    from nanorun.trainer.data.tokenizer import Tokenizer
+    from nanorun.trainer.training.checkpoint import load_model
 
     checkpoint_uri = resolve_checkpoint(checkpoint)
     tokenizer_dir = tokenizer_dir or tokenizer_dir_for(checkpoint_uri)

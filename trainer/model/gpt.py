@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from nanorun.trainer.attention import cached_attention, causal_attention
+from nanorun.trainer.model.attention import cached_attention, causal_attention
 
 # Queries and keys leave QK-norm with unit RMS; a fixed gain sharpens attention a little (nanochat).
 QK_GAIN = 1.2
@@ -411,7 +411,7 @@ class GPT(nn.Module):
         `weight_decay` is Muon's (cautious) decay; the AdamW groups use small fixed decays.
         Distributed automatically when torch.distributed is initialised with more than one rank.
         """
-        from nanorun.trainer.optim import MuonAdamW
+        from nanorun.trainer.model.optim import MuonAdamW
 
         scale = (self.config.n_embd / 768) ** -0.5
         named = self.named_param_groups()

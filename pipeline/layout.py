@@ -1,0 +1,62 @@
+"""The run directory's layout: every path a stage, the operator, `nanorun run` or the chat service
+builds under `<run-dir>` (a local folder or `s3://bucket/prefix`) comes from here.
+
+    <run-dir>/
+      <module>/                     one folder per stage (pipeline/stages.py), e.g. base_train/
+        progress.json  done.json    the stage contract (pipeline/progress.py)
+        history.jsonl               one line per logged step
+        checkpoints/step_NNNNNN/    model.safetensors, meta.json, optim/, COMMITTED
+      tok_train/                    the tokenizer (tokenizer.tiktoken, tokenizer.json)
+      task_data/                    evaluation and finetuning datasets, fetched once per run
+      data/bundled/                 the bundled corpus, when a run uses it
+      report/                       report.md and its charts
+"""
+
+from __future__ import annotations
+
+import re
+
+from nanorun.pipeline import storage
+from nanorun.pipeline.stages import TOKENIZER
+
+PROGRESS_FILE = "progress.json"
+DONE_FILE = "done.json"
+HISTORY_FILE = "history.jsonl"
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def stage_dir(run_dir: str, module: str) -> str:
+    return storage.join(run_dir, module)
+
+
+def checkpoints_dir(stage_dir_uri: str) -> str:
+    return storage.join(stage_dir_uri, CHECKPOINTS)
+
+
+def checkpoint_dir(stage_dir_uri: str, step: int) -> str:
+    return storage.join(stage_dir_uri, CHECKPOINTS, f"step_{step:06d}")
+
+
+def run_dir_of_checkpoint(checkpoint_uri: str) -> str:
+    """`<run-dir>` of `<run-dir>/<module>/checkpoints/step_NNNNNN`."""
+    parts = checkpoint_uri.rstrip("/").rsplit("/", 3)
+    if len(parts) != 4 or parts[2] != CHECKPOINTS or not STEP_DIR.match(parts[3]):
+        raise ValueError(f"{checkpoint_uri} is not <run-dir>/<stage>/{CHECKPOINTS}/step_NNNNNN")
+    return parts[0]
+
+
+def tokenizer_dir(run_dir: str) -> str:
+    return stage_dir(run_dir, TOKENIZER.module)
+
+
+def task_data_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "task_data")
+
+
+def bundled_data_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "data", "bundled")
+
+
+def report_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "report")
