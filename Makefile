@@ -55,6 +55,7 @@ setup-system: setup-apt-lists
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	cargo test -q --manifest-path rustbpe/Cargo.toml
 	cd tests/kube/node && go test ./...
 	$(VENV)/bin/pytest -q --durations=30
@@ -64,6 +65,7 @@ test-fast: setup
 
 lint: setup-python
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: setup-apt-lists setup-python setup-rust
 	$(VENV)/bin/nanorun run examples/tiny.yaml --serve

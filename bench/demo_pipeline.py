@@ -36,8 +36,11 @@ def main() -> int:
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="nanorun-demo-")
     load_before = os.getloadavg()[0]
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "nanorun.operator.cli", "run", args.file, "--run-dir", run_dir],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanorun.operator.cli", "run", args.file, "--run-dir", run_dir],
+        capture_output=True,
+        text=True,
+    )
     wall = time.time() - start
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
@@ -49,13 +52,21 @@ def main() -> int:
         stages[planned.stage] = round(done.seconds, 1) if done else None
         if done:
             metrics[planned.stage] = {k: v for k, v in done.metrics.items() if isinstance(v, int | float)}
-    print(json.dumps({
-        "bench": "demo_pipeline", "file": os.path.relpath(args.file, REPO), "wall_seconds": round(wall, 1),
-        "stage_seconds": stages,
-        "base_val_bpb": metrics.get("base_train", {}).get("val_bpb"),
-        "chatcore": metrics.get("chat_eval", {}).get("ChatCORE"),
-        "cpus": os.cpu_count(), "load_average_before": round(load_before, 2), "machine": platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "demo_pipeline",
+                "file": os.path.relpath(args.file, REPO),
+                "wall_seconds": round(wall, 1),
+                "stage_seconds": stages,
+                "base_val_bpb": metrics.get("base_train", {}).get("val_bpb"),
+                "chatcore": metrics.get("chat_eval", {}).get("ChatCORE"),
+                "cpus": os.cpu_count(),
+                "load_average_before": round(load_before, 2),
+                "machine": platform.machine(),
+            }
+        )
+    )
     return 0
 
 

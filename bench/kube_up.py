@@ -36,11 +36,20 @@ def main() -> int:
             cluster.start()
             stopping = time.monotonic()
             cluster.stop()
-            print(json.dumps({
-                "bench": "kube_up", **{f"{k}_s": v for k, v in cluster.timings.items()},
-                "stop_s": round(time.monotonic() - stopping, 2), "pods": cluster.pods,
-                "cpus": os.cpu_count(), "load_before": round(load, 2), "machine": platform.machine(),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "kube_up",
+                        **{f"{k}_s": v for k, v in cluster.timings.items()},
+                        "stop_s": round(time.monotonic() - stopping, 2),
+                        "pods": cluster.pods,
+                        "cpus": os.cpu_count(),
+                        "load_before": round(load, 2),
+                        "machine": platform.machine(),
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

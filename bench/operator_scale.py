@@ -39,9 +39,16 @@ ALL_STAGES = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eva
 
 
 def manifest(name: str, run_dir: str) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun", "metadata": {"name": name},
-            "spec": {"storage": {"uri": run_dir}, "compute": {"gpusPerNode": 0},
-                     "stages": {k: {"enabled": k in ("pretrain", "sft")} for k in ALL_STAGES}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMRun",
+        "metadata": {"name": name},
+        "spec": {
+            "storage": {"uri": run_dir},
+            "compute": {"gpusPerNode": 0},
+            "stages": {k: {"enabled": k in ("pretrain", "sft")} for k in ALL_STAGES},
+        },
+    }
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -58,8 +65,18 @@ def cpu_seconds(pid: int) -> float:
 
 def start_operator(namespace: str, env: dict[str, str], log: Path, verbose: bool) -> subprocess.Popen:
     liveness = free_port()
-    argv = [sys.executable, "-m", "nanorun.operator.cli", "operator", "-n", namespace,
-            "--liveness-port", str(liveness), "--metrics-port", "0"] + (["--verbose"] if verbose else [])
+    argv = [
+        sys.executable,
+        "-m",
+        "nanorun.operator.cli",
+        "operator",
+        "-n",
+        namespace,
+        "--liveness-port",
+        str(liveness),
+        "--metrics-port",
+        "0",
+    ] + (["--verbose"] if verbose else [])
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -89,8 +106,15 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path, logs: Path, 
                 for job in listed["items"]:
                     first_job.setdefault(job["metadata"]["labels"]["nanorun.io/run"], time.monotonic())
                 w = watch.Watch()
-                for event in w.stream(custom.list_namespaced_custom_object, "kubeflow.org", "v1", ns, "pytorchjobs",
-                                      resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=60):
+                for event in w.stream(
+                    custom.list_namespaced_custom_object,
+                    "kubeflow.org",
+                    "v1",
+                    ns,
+                    "pytorchjobs",
+                    resource_version=listed["metadata"]["resourceVersion"],
+                    timeout_seconds=60,
+                ):
                     labels = event["object"].get("metadata", {}).get("labels", {})
                     if "nanorun.io/run" in labels:
                         first_job.setdefault(labels["nanorun.io/run"], time.monotonic())
@@ -106,7 +130,9 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path, logs: Path, 
 
     def create(i: int) -> None:
         name = f"run-{i:05d}"
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest(name, str(workdir / name)))
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, manifest(name, str(workdir / name))
+        )
         created[name] = time.monotonic()
 
     cpu0 = cpu_seconds(operator.pid)
@@ -124,7 +150,9 @@ def measure(n: int, api_client, env: dict[str, str], workdir: Path, logs: Path, 
         "jobs_at_end": listed,
         "seconds_until_all_have_a_job": round(max(first_job.values()) - t0, 2) if first_job else None,
         "p50_seconds": round(statistics.median(latencies), 3) if latencies else None,
-        "p99_seconds": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None,
+        "p99_seconds": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)
+        if latencies
+        else None,
         "create_rate_per_second": round(n / create_seconds, 1),
         "operator_peak_rss_mb": round(peak_rss_mb(operator.pid), 1),
         "operator_cpu_seconds": round(cpu_seconds(operator.pid) - cpu0, 1),

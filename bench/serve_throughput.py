@@ -33,8 +33,14 @@ def random_model(depth: int, width: int, context: int, device: str):
     texts = [(json.__doc__ or "") + (argparse.__doc__ or "") + (asyncio.__doc__ or "")] * 4
     tokenizer = Tokenizer.train_from_iterator(iter(texts), vocab_size=2048)
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=context, vocab_size=tokenizer.vocab_size, n_layer=depth,
-                       n_head=max(1, width // 64), n_kv_head=max(1, width // 64), n_embd=width)
+    config = GPTConfig(
+        sequence_len=context,
+        vocab_size=tokenizer.vocab_size,
+        n_layer=depth,
+        n_head=max(1, width // 64),
+        n_kv_head=max(1, width // 64),
+        n_embd=width,
+    )
     model = GPT(config).to(device)
     model.init_weights()
     with torch.no_grad():
@@ -53,15 +59,20 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(latencies: list[float], tokens: int, seconds: float, cpu_seconds: float) -> dict:
     # cpu_seconds (this process's CPU time) shows the work done even when a busy machine stretches wall time
-    return {"requests": len(latencies), "tokens": tokens, "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu_seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(percentile(latencies, 0.95), 3)}
+    return {
+        "requests": len(latencies),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(percentile(latencies, 0.95), 3),
+    }
 
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     base = tokenizer.encode("Tell me about the standard library modules and what each one is for. " * 8)
-    return [[tokenizer.bos_token_id] + base[i % 7: i % 7 + length - 1] for i in range(n)]
+    return [[tokenizer.bos_token_id] + base[i % 7 : i % 7 + length - 1] for i in range(n)]
 
 
 def sequential(engine: Engine, requests: list[list[int]], max_tokens: int) -> dict:
@@ -87,8 +98,9 @@ async def concurrent(scheduler: Scheduler, requests: list[list[int]], clients: i
         while not queue.empty():
             prompt = queue.get_nowait()
             t0 = time.perf_counter()
-            async for event in scheduler.stream(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.8,
-                                                                       top_k=50)):
+            async for event in scheduler.stream(
+                prompt, SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50)
+            ):
                 if event.finish_reason is not None:
                     tokens += event.completion_tokens
             latencies.append(time.perf_counter() - t0)
@@ -120,19 +132,31 @@ def main() -> None:
     requests = prompts(tokenizer, args.requests, args.prompt_tokens)
     sequential(engine, requests[:2], 8)  # warm-up
 
-    result = {"bench": "serve_throughput", "device": args.device, "machine": platform.machine(),
-              "torch_threads": args.threads, "model": {"n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
-                                                       "params": sum(p.numel() for p in model.parameters())},
-              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
+    result = {
+        "bench": "serve_throughput",
+        "device": args.device,
+        "machine": platform.machine(),
+        "torch_threads": args.threads,
+        "model": {
+            "n_layer": model.config.n_layer,
+            "n_embd": model.config.n_embd,
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+    }
     result["sequential"] = sequential(engine, requests, args.max_tokens)
     scheduler = Scheduler(model, tokenizer, slots=16).start()
     try:
-        result["concurrent"] = {str(c): asyncio.run(concurrent(scheduler, requests, c, args.max_tokens))
-                                for c in (1, 4, 16)}
+        result["concurrent"] = {
+            str(c): asyncio.run(concurrent(scheduler, requests, c, args.max_tokens)) for c in (1, 4, 16)
+        }
     finally:
         scheduler.close()
     base = result["sequential"]["tokens_per_s"]
-    result["speedup_vs_sequential"] = {c: round(r["tokens_per_s"] / base, 2) for c, r in result["concurrent"].items()}
+    result["speedup_vs_sequential"] = {
+        c: round(r["tokens_per_s"] / base, 2) for c, r in result["concurrent"].items()
+    }
     print(json.dumps(result))
 
 

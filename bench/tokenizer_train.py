@@ -31,7 +31,11 @@ def train_nanorun(data: str, vocab_size: int, max_chars: int | None) -> dict:
 
     t0 = time.perf_counter()
     tok = Tokenizer.train_from_iterator(texts(data, max_chars), vocab_size)
-    return {"seconds": time.perf_counter() - t0, "vocab_size": tok.vocab_size, "chars": tok.train_stats["chars_seen"]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "vocab_size": tok.vocab_size,
+        "chars": tok.train_stats["chars_seen"],
+    }
 
 
 def train_hf(data: str, vocab_size: int, max_chars: int | None) -> dict:
@@ -42,12 +46,19 @@ def train_hf(data: str, vocab_size: int, max_chars: int | None) -> dict:
     from tokenizers.trainers import BpeTrainer
 
     tok = HFTokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=0,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIAL_TOKENS)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        show_progress=False,
+        min_frequency=0,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIAL_TOKENS,
+    )
     t0 = time.perf_counter()
     tok.train_from_iterator(texts(data, max_chars), trainer)
     return {"seconds": time.perf_counter() - t0, "vocab_size": tok.get_vocab_size()}
@@ -55,7 +66,16 @@ def train_hf(data: str, vocab_size: int, max_chars: int | None) -> dict:
 
 def run_child(which: str, args: argparse.Namespace) -> dict:
     """Runs one trainer in a fresh process; returns its result plus its peak RSS in MiB."""
-    cmd = [sys.executable, __file__, "--child", which, "--data", args.data, "--vocab-size", str(args.vocab_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--data",
+        args.data,
+        "--vocab-size",
+        str(args.vocab_size),
+    ]
     if args.max_chars:
         cmd += ["--max-chars", str(args.max_chars)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -69,7 +89,9 @@ def run_child(which: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="bundled", help="data URI (see nanorun.trainer.data.dataset.resolve_shards)")
+    parser.add_argument(
+        "--data", default="bundled", help="data URI (see nanorun.trainer.data.dataset.resolve_shards)"
+    )
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--max-chars", type=int, default=None, help="stop after this many characters")
     parser.add_argument("--child", choices=["nanorun", "hf"], help=argparse.SUPPRESS)
@@ -82,18 +104,22 @@ def main() -> None:
         return
     resolve_shards(args.data)  # build the bundled corpus first, outside the timings
     ours, hf = run_child("nanorun", args), run_child("hf", args)
-    print(json.dumps({
-        "bench": "tokenizer_train",
-        "data": args.data,
-        "chars": ours["chars"],
-        "vocab_size": args.vocab_size,
-        "nanorun": ours,
-        "hf_tokenizers": hf,
-        "speedup": round(hf["seconds"] / ours["seconds"], 2),
-        "rss_ratio": round(ours["peak_rss_mib"] / hf["peak_rss_mib"], 2),
-        "threads": os.cpu_count(),
-        "machine": platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "tokenizer_train",
+                "data": args.data,
+                "chars": ours["chars"],
+                "vocab_size": args.vocab_size,
+                "nanorun": ours,
+                "hf_tokenizers": hf,
+                "speedup": round(hf["seconds"] / ours["seconds"], 2),
+                "rss_ratio": round(ours["peak_rss_mib"] / hf["peak_rss_mib"], 2),
+                "threads": os.cpu_count(),
+                "machine": platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

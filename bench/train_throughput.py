@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     parser.add_argument("--window-pattern", default="L", help="sliding-window pattern, e.g. SSSL")
     parser.add_argument("--no-value-embeds", action="store_true", help="disable value embeddings")
-    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
-                        help="torch.compile the model (default: on for CUDA)")
+    parser.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (default: on for CUDA)",
+    )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--text", help="train on this file's bytes and report a held-out loss")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
@@ -69,19 +74,31 @@ def main(argv: list[str] | None = None) -> dict:
     if args.text:
         args.vocab_size = 256
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     use_compile = device.type == "cuda" if args.compile is None else args.compile
-    config = GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len, aspect_ratio=args.aspect_ratio,
-                                  head_dim=args.head_dim, window_pattern=args.window_pattern,
-                                  value_embeds=not args.no_value_embeds)
+    config = GPTConfig.from_depth(
+        args.depth,
+        args.vocab_size,
+        args.seq_len,
+        aspect_ratio=args.aspect_ratio,
+        head_dim=args.head_dim,
+        window_pattern=args.window_pattern,
+        value_embeds=not args.no_value_embeds,
+    )
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     torch.manual_seed(args.seed)
     model.init_weights()
-    optimizer = model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008,
-                                      scalar_lr=0.5, weight_decay=0.2)
+    optimizer = model.setup_optimizer(
+        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.2
+    )
     forward = torch.compile(model, dynamic=False) if use_compile else model
     rows = args.seq_len + 1
     if args.text:
@@ -92,13 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--text {args.text} is too short for --seq-len {args.seq_len}")
         train_data, val_data = data[:split], data[split:]
         starts = torch.arange(0, len(val_data) - rows, rows)[:64]
-        val_batch = torch.stack([val_data[s:s + rows] for s in starts]).to(device)
+        val_batch = torch.stack([val_data[s : s + rows] for s in starts]).to(device)
     generator = torch.Generator().manual_seed(args.seed)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         if args.text:
             starts = torch.randint(0, len(train_data) - rows, (args.batch_size,), generator=generator)
-            tokens = torch.stack([train_data[s:s + rows] for s in starts])
+            tokens = torch.stack([train_data[s : s + rows] for s in starts])
         else:
             tokens = torch.randint(0, args.vocab_size, (args.batch_size, rows), generator=generator)
         tokens = tokens.to(device)

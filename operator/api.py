@@ -50,34 +50,72 @@ class Model(BaseModel):
 class StorageSpec(Model):
     """Where the run keeps everything: tokenizer, checkpoints, progress files, the report."""
 
-    uri: str = Field(min_length=1, max_length=1024, description="Run directory: `s3://bucket/prefix` on a cluster (a local path works for `nanorun run`).")
-    endpoint: str = Field("", max_length=1024, description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph...); empty means AWS.")
-    credentials_secret: str = Field("", max_length=253, description="Name of a Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty means the pods' own identity (IRSA, workload identity).")
-    cleanup_on_delete: bool = Field(False, description="Delete the run's files from storage when the LLMRun is deleted (adds a finalizer).")
+    uri: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Run directory: `s3://bucket/prefix` on a cluster (a local path works for `nanorun run`).",
+    )
+    endpoint: str = Field(
+        "",
+        max_length=1024,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph...); empty means AWS.",
+    )
+    credentials_secret: str = Field(
+        "",
+        max_length=253,
+        description="Name of a Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty means the pods' own identity (IRSA, workload identity).",
+    )
+    cleanup_on_delete: bool = Field(
+        False,
+        description="Delete the run's files from storage when the LLMRun is deleted (adds a finalizer).",
+    )
 
 
 class DataSpec(Model):
     """Pretraining text."""
 
-    pretrain: str = Field("bundled", min_length=1, max_length=1024, description="Parquet shards with a `text` column: a local dir, `s3://...`, `hf://owner/dataset`, or `bundled` for the corpus shipped with nanorun.")
+    pretrain: str = Field(
+        "bundled",
+        min_length=1,
+        max_length=1024,
+        description="Parquet shards with a `text` column: a local dir, `s3://...`, `hf://owner/dataset`, or `bundled` for the corpus shipped with nanorun.",
+    )
     shards: int = Field(0, ge=0, description="How many shards to use; 0 means all of them.")
 
 
 class ModelSpec(Model):
     """The GPT. Everything else (width, heads, batch, learning rates, horizon) derives from depth."""
 
-    depth: int = Field(20, ge=1, le=128, description="Number of transformer layers; width = depth × aspectRatio.")
+    depth: int = Field(
+        20, ge=1, le=128, description="Number of transformer layers; width = depth × aspectRatio."
+    )
     max_seq_len: int = Field(2048, ge=16, le=131072, description="Context length in tokens.")
-    head_dim: int | None = Field(None, ge=8, le=512, description="Attention head dimension (trainer default 128).")
-    aspect_ratio: int | None = Field(None, ge=1, le=1024, description="Model width per layer of depth (trainer default 64).")
-    n_kv_head: int | None = Field(None, ge=1, le=1024, description="Key/value heads for grouped-query attention (trainer default: as many as query heads).")
-    window_pattern: str | None = Field(None, pattern=r"^[SL]+$", max_length=64, description="Sliding-window attention pattern per layer, S = short window, L = full context, repeated over depth (e.g. SSSL).")
+    head_dim: int | None = Field(
+        None, ge=8, le=512, description="Attention head dimension (trainer default 128)."
+    )
+    aspect_ratio: int | None = Field(
+        None, ge=1, le=1024, description="Model width per layer of depth (trainer default 64)."
+    )
+    n_kv_head: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Key/value heads for grouped-query attention (trainer default: as many as query heads).",
+    )
+    window_pattern: str | None = Field(
+        None,
+        pattern=r"^[SL]+$",
+        max_length=64,
+        description="Sliding-window attention pattern per layer, S = short window, L = full context, repeated over depth (e.g. SSSL).",
+    )
 
 
 class TokenizerSpec(Model):
     """The byte-level BPE tokenizer trained in the tokenizer stage."""
 
-    vocab_size: int = Field(32768, ge=512, le=131072, description="Vocabulary size including the special tokens.")
+    vocab_size: int = Field(
+        32768, ge=512, le=131072, description="Vocabulary size including the special tokens."
+    )
     max_chars: int = Field(2_000_000_000, ge=1, description="Characters of pretraining text to train on.")
     doc_cap: int = Field(10000, ge=1, description="At most this many characters from each document.")
 
@@ -93,34 +131,77 @@ class ResourceRequirements(TypedDict, total=False):
 
     limits: Annotated[dict[str, Quantity], Field(description="Resource limits, e.g. `{rdma/ib: 1}`.")]
     requests: Annotated[dict[str, Quantity], Field(description="Resource requests.")]
-    claims: Annotated[list[dict[str, Any]], Field(description="Dynamic resource claims (core/v1 ResourceClaim).")]
+    claims: Annotated[
+        list[dict[str, Any]], Field(description="Dynamic resource claims (core/v1 ResourceClaim).")
+    ]
 
 
 class ComputeSpec(Model):
     """Where and on how much hardware the training stages run."""
 
-    nodes: int = Field(1, ge=1, le=1024, description="Nodes (pods) per distributed stage: one Master plus nodes-1 Workers.")
-    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs per node, one training process each; 0 runs one CPU process per node.")
-    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name requested for GPUs.")
-    cpu: str = Field("", max_length=64, description="CPU request and limit per pod (Kubernetes quantity, e.g. `32`); empty leaves it unset.")
-    memory: str = Field("", max_length=64, description="Memory request and limit per pod (e.g. `256Gi`); empty leaves it unset.")
-    shm_size: str = Field("", max_length=64, description="Size of an in-memory /dev/shm volume (e.g. `16Gi`) for data loader workers and NCCL; empty leaves the runtime's default.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the training pods must match.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the training pods (core/v1 Toleration).")
-    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the training pods (core/v1 Affinity).")
+    nodes: int = Field(
+        1, ge=1, le=1024, description="Nodes (pods) per distributed stage: one Master plus nodes-1 Workers."
+    )
+    gpus_per_node: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="GPUs per node, one training process each; 0 runs one CPU process per node.",
+    )
+    gpu_resource: str = Field(
+        "nvidia.com/gpu", max_length=253, description="Extended resource name requested for GPUs."
+    )
+    cpu: str = Field(
+        "",
+        max_length=64,
+        description="CPU request and limit per pod (Kubernetes quantity, e.g. `32`); empty leaves it unset.",
+    )
+    memory: str = Field(
+        "",
+        max_length=64,
+        description="Memory request and limit per pod (e.g. `256Gi`); empty leaves it unset.",
+    )
+    shm_size: str = Field(
+        "",
+        max_length=64,
+        description="Size of an in-memory /dev/shm volume (e.g. `16Gi`) for data loader workers and NCCL; empty leaves the runtime's default.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the training pods must match."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the training pods (core/v1 Toleration)."
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict, description="Affinity of the training pods (core/v1 Affinity)."
+    )
     priority_class_name: str = Field("", max_length=253, description="PriorityClass of the training pods.")
-    queue: str = Field("", max_length=63, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.")
-    resources: ResourceRequirements = Field(default_factory=dict, description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.")
-    ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished PyTorchJob is kept before Kubernetes deletes it.")
+    queue: str = Field(
+        "",
+        max_length=63,
+        description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.",
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=dict,
+        description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.",
+    )
+    ttl_seconds_after_finished: int = Field(
+        86400, ge=0, description="Seconds a finished PyTorchJob is kept before Kubernetes deletes it."
+    )
     termination_grace_period_seconds: int = Field(
-        120, ge=0, le=86400,
+        120,
+        ge=0,
+        le=86400,
         description="Seconds a training pod has between SIGTERM (preemption, eviction, deletion) and SIGKILL: enough to "
-                    "finish the step and write a checkpoint to storage.")
+        "finish the step and write a checkpoint to storage.",
+    )
 
 
 class StageSpec(Model):
     enabled: bool = Field(True, description="Run this stage.")
-    extra_args: list[str] = Field(default_factory=list, description="Extra command-line flags passed to the stage module as they are.")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line flags passed to the stage module as they are."
+    )
 
 
 class TokenizerStage(StageSpec):
@@ -130,17 +211,31 @@ class TokenizerStage(StageSpec):
 class PretrainStage(StageSpec):
     """Pretrain the base model (`base_train`). Unset values are derived from depth, as in nanochat."""
 
-    target_param_data_ratio: float | None = Field(None, gt=0, description="Training tokens per parameter; sets the horizon when numIterations is unset (trainer default 12).")
-    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps; overrides the param:data ratio.")
+    target_param_data_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="Training tokens per parameter; sets the horizon when numIterations is unset (trainer default 12).",
+    )
+    num_iterations: int | None = Field(
+        None, ge=1, description="Optimizer steps; overrides the param:data ratio."
+    )
     device_batch_size: int = Field(32, ge=1, description="Sequences per process per micro-step.")
-    total_batch_size: int | None = Field(None, ge=1, description="Tokens per optimizer step, reached by gradient accumulation (derived from depth when unset).")
+    total_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per optimizer step, reached by gradient accumulation (derived from depth when unset).",
+    )
     embedding_lr: float | None = Field(None, gt=0, description="AdamW learning rate of the token embedding.")
     unembedding_lr: float | None = Field(None, gt=0, description="AdamW learning rate of the LM head.")
     matrix_lr: float | None = Field(None, gt=0, description="Muon learning rate of the block matrices.")
     scalar_lr: float | None = Field(None, gt=0, description="AdamW learning rate of the scalar parameters.")
     weight_decay: float | None = Field(None, ge=0, description="Weight decay.")
-    eval_every: int | None = Field(None, ge=1, description="Steps between validation bits-per-byte evaluations.")
-    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always written at the end and on SIGTERM).")
+    eval_every: int | None = Field(
+        None, ge=1, description="Steps between validation bits-per-byte evaluations."
+    )
+    save_every: int | None = Field(
+        None, ge=1, description="Steps between checkpoints (one is always written at the end and on SIGTERM)."
+    )
 
 
 class BaseEvalStage(StageSpec):
@@ -153,7 +248,9 @@ class BaseEvalStage(StageSpec):
 class PostTrainStage(StageSpec):
     """A post-training stage (`mid_train`, `chat_sft`, `chat_rl`)."""
 
-    num_iterations: int | None = Field(None, ge=1, description="Optimizer steps (stage default: one epoch of its mixture).")
+    num_iterations: int | None = Field(
+        None, ge=1, description="Optimizer steps (stage default: one epoch of its mixture)."
+    )
     device_batch_size: int | None = Field(None, ge=1, description="Sequences per process per micro-step.")
 
 
@@ -173,7 +270,9 @@ class StagesSpec(Model):
     tokenizer: TokenizerStage = Field(default_factory=TokenizerStage, description="BPE tokenizer training.")
     pretrain: PretrainStage = Field(default_factory=PretrainStage, description="Base model pretraining.")
     base_eval: BaseEvalStage = Field(default_factory=BaseEvalStage, description="Base model evaluation.")
-    midtrain: PostTrainStage = Field(default_factory=PostTrainStage, description="Midtraining on the conversation mixture.")
+    midtrain: PostTrainStage = Field(
+        default_factory=PostTrainStage, description="Midtraining on the conversation mixture."
+    )
     sft: PostTrainStage = Field(default_factory=PostTrainStage, description="Supervised finetuning.")
     rl: PostTrainStage = Field(default_factory=PostTrainStage, description="Reinforcement learning on GSM8K.")
     eval: EvalStage = Field(default_factory=EvalStage, description="Chat model evaluation.")
@@ -184,43 +283,99 @@ class ServingSpec(Model):
     """The chat service (a KubeRay RayService) started after the last training stage."""
 
     enabled: bool = Field(True, description="Serve the final checkpoint once training has finished.")
-    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest Ray Serve replicas (0 scales to zero when idle).")
+    min_replicas: int = Field(
+        1, ge=0, le=1000, description="Fewest Ray Serve replicas (0 scales to zero when idle)."
+    )
     max_replicas: int = Field(1, ge=1, le=1000, description="Most Ray Serve replicas.")
-    gpus_per_replica: float = Field(1, ge=0, le=64, description="GPUs per replica (fractions share a GPU); 0 serves on CPU.")
+    gpus_per_replica: float = Field(
+        1, ge=0, le=64, description="GPUs per replica (fractions share a GPU); 0 serves on CPU."
+    )
     cpus_per_replica: float = Field(1, ge=0, le=512, description="CPUs per replica.")
-    memory_per_replica: str = Field("", max_length=64, description="Memory request and limit of each serving worker pod (Kubernetes quantity, e.g. 16Gi); empty leaves it unset.")
-    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name requested for the replicas' GPUs.")
-    head_cpu: str = Field("2", max_length=64, description="CPU request and limit of the Ray head pod (it runs the GCS, the dashboard and the HTTP proxy, no replica).")
-    head_memory: str = Field("", max_length=64, description="Memory request and limit of the Ray head pod (e.g. 8Gi); empty leaves it unset.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the serving pods must match (the training pods have compute.nodeSelector).")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the serving pods (core/v1 Toleration).")
-    target_ongoing_requests: float | None = Field(None, gt=0, description="Autoscaling target of concurrent requests per replica; unset: the replica's continuous-batching slots (16), so a replica is scaled out once its batch is full.")
-    ray_version: str = Field(DEFAULT_RAY_VERSION, max_length=64, description="Ray version of the serving image.")
-    image: str = Field(DEFAULT_SERVING_IMAGE, min_length=1, max_length=1024, description="Serving image: Ray and nanorun (serving/Dockerfile), not the trainer image.")
+    memory_per_replica: str = Field(
+        "",
+        max_length=64,
+        description="Memory request and limit of each serving worker pod (Kubernetes quantity, e.g. 16Gi); empty leaves it unset.",
+    )
+    gpu_resource: str = Field(
+        "nvidia.com/gpu",
+        max_length=253,
+        description="Extended resource name requested for the replicas' GPUs.",
+    )
+    head_cpu: str = Field(
+        "2",
+        max_length=64,
+        description="CPU request and limit of the Ray head pod (it runs the GCS, the dashboard and the HTTP proxy, no replica).",
+    )
+    head_memory: str = Field(
+        "",
+        max_length=64,
+        description="Memory request and limit of the Ray head pod (e.g. 8Gi); empty leaves it unset.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the serving pods must match (the training pods have compute.nodeSelector).",
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the serving pods (core/v1 Toleration)."
+    )
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="Autoscaling target of concurrent requests per replica; unset: the replica's continuous-batching slots (16), so a replica is scaled out once its batch is full.",
+    )
+    ray_version: str = Field(
+        DEFAULT_RAY_VERSION, max_length=64, description="Ray version of the serving image."
+    )
+    image: str = Field(
+        DEFAULT_SERVING_IMAGE,
+        min_length=1,
+        max_length=1024,
+        description="Serving image: Ray and nanorun (serving/Dockerfile), not the trainer image.",
+    )
 
 
 class RetrySpec(Model):
     """What happens when a stage's job fails (it resumes from its last checkpoint)."""
 
     max_attempts: int = Field(3, ge=1, le=100, description="Attempts per stage before the run fails.")
-    backoff_seconds: int = Field(30, ge=0, le=86400, description="Wait before the second attempt; doubles for each further one.")
+    backoff_seconds: int = Field(
+        30, ge=0, le=86400, description="Wait before the second attempt; doubles for each further one."
+    )
 
 
 class LLMRunSpec(Model):
     """Train a chat model from scratch: tokenizer, pretraining, post-training, evaluation, serving."""
 
-    image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=1024, description="Trainer image (PyTorch and nanorun, trainer/Dockerfile), used by every stage; serving has its own, serving.image.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the trainer image.")
+    image: str = Field(
+        DEFAULT_IMAGE,
+        min_length=1,
+        max_length=1024,
+        description="Trainer image (PyTorch and nanorun, trainer/Dockerfile), used by every stage; serving has its own, serving.image.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy of the trainer image."
+    )
     storage: StorageSpec = Field(description="Where the run keeps its files.")
     data: DataSpec = Field(default_factory=DataSpec, description="Pretraining data.")
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Model size and shape; may not change once a stage has run.")
-    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer settings; may not change once a stage has run.")
-    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="Nodes, GPUs and scheduling of the training jobs.")
+    model: ModelSpec = Field(
+        default_factory=ModelSpec, description="Model size and shape; may not change once a stage has run."
+    )
+    tokenizer: TokenizerSpec = Field(
+        default_factory=TokenizerSpec, description="Tokenizer settings; may not change once a stage has run."
+    )
+    compute: ComputeSpec = Field(
+        default_factory=ComputeSpec, description="Nodes, GPUs and scheduling of the training jobs."
+    )
     stages: StagesSpec = Field(default_factory=StagesSpec, description="Which stages run, and their flags.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat service.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Retries of failed stages.")
-    suspend: bool = Field(False, description="Suspend the running job (its pods stop; it resumes from its checkpoint when unset).")
-    metrics_port: int = Field(9400, ge=1, le=65535, description="Port of each training process's Prometheus metrics.")
+    suspend: bool = Field(
+        False,
+        description="Suspend the running job (its pods stop; it resumes from its checkpoint when unset).",
+    )
+    metrics_port: int = Field(
+        9400, ge=1, le=65535, description="Port of each training process's Prometheus metrics."
+    )
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -252,21 +407,33 @@ class StageStatus(Model):
     """One stage's record."""
 
     name: str = Field(description="Stage key (tokenizer, pretrain, ...).")
-    phase: Phase = Field("Pending", description="Pending, Queued (waiting in the Kueue queue), Running, Succeeded, Failed or Suspended.")
+    phase: Phase = Field(
+        "Pending",
+        description="Pending, Queued (waiting in the Kueue queue), Running, Succeeded, Failed or Suspended.",
+    )
     job: str = Field("", description="The current attempt's PyTorchJob.")
     attempts: int = Field(0, description="Jobs created for this stage so far.")
     start_time: str = Field("", description="When the first attempt started (RFC 3339).")
     completion_time: str = Field("", description="When the stage succeeded or finally failed (RFC 3339).")
     duration_seconds: float | None = Field(None, description="Seconds from start to completion.")
-    outputs: dict[str, str] = Field(default_factory=dict, description="What the stage produced, e.g. its checkpoint URI.")
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="What the stage produced, e.g. its checkpoint URI."
+    )
     metrics: StageMetrics = Field(default_factory=StageMetrics, description="Latest metrics of the stage.")
     message: str = Field("", description="Why the last attempt failed, if it did.")
-    failed_attempt: int = Field(0, description="The last attempt known to have failed (kept when its job is gone).")
+    failed_attempt: int = Field(
+        0, description="The last attempt known to have failed (kept when its job is gone)."
+    )
     failure_time: str = Field("", description="When that attempt failed (RFC 3339).")
     failures: int = Field(0, description="Failed attempts that count against retry.maxAttempts.")
-    preemptions: int = Field(0, description="Attempts ended by a preemption, eviction or node loss (not counted as failures).")
+    preemptions: int = Field(
+        0, description="Attempts ended by a preemption, eviction or node loss (not counted as failures)."
+    )
     preempted_attempt: int = Field(0, description="The last attempt that ended by a preemption.")
-    config_id: str = Field("", description="Id of the stage's flags and everything upstream; when the spec changes it, the stage runs again.")
+    config_id: str = Field(
+        "",
+        description="Id of the stage's flags and everything upstream; when the spec changes it, the stage runs again.",
+    )
 
 
 class ServingStatus(Model):
@@ -281,15 +448,26 @@ class ServingStatus(Model):
 class LLMRunStatus(Model):
     """Observed state, written by the operator."""
 
-    phase: Phase = Field("Pending", description="Pending, Queued (waiting in the Kueue queue), Running, Succeeded, Failed or Suspended.")
+    phase: Phase = Field(
+        "Pending",
+        description="Pending, Queued (waiting in the Kueue queue), Running, Succeeded, Failed or Suspended.",
+    )
     stage: str = Field("", description="Stage running now (or the last one).")
     progress: str = Field("", description="step/total of the current stage.")
     loss: float | None = Field(None, description="Latest training loss of the current stage.")
-    eta: str = Field("", description="Estimated time left in the current stage (from its progress), e.g. 1h05m.")
-    stages: list[StageStatus] = Field(default_factory=list, max_length=16, description="Per-stage records, in plan order.")
+    eta: str = Field(
+        "", description="Estimated time left in the current stage (from its progress), e.g. 1h05m."
+    )
+    stages: list[StageStatus] = Field(
+        default_factory=list, max_length=16, description="Per-stage records, in plan order."
+    )
     checkpoint: str = Field("", description="Latest final checkpoint of the pipeline.")
     serving: ServingStatus = Field(default_factory=ServingStatus, description="The chat service.")
-    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Ready, Progressing, Degraded, and Queued when compute.queue is set.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ready, Progressing, Degraded, and Queued when compute.queue is set.",
+    )
     observed_generation: int = Field(0, description="metadata.generation this status reflects.")
 
 
@@ -340,8 +518,10 @@ S3_URI_PATTERN = r"^s3://[^/]+(/.*)?$"
 # A LocalQueue is a Kubernetes object (a DNS subdomain name) and its name a label value (<= 63).
 QUEUE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # What apimachinery's ParseQuantity accepts (the pattern kubebuilder puts on quantities).
-QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 
 
 def _quantity_rule(section: str, field: str) -> Rule:
@@ -351,6 +531,7 @@ def _quantity_rule(section: str, field: str) -> Rule:
     def check(s: Any) -> bool:
         value = getattr(getattr(s, section), attr)
         return not value or re.search(QUANTITY_PATTERN, value) is not None
+
     return Rule(
         f"spec.{section}.{field}",
         "self == '' || isQuantity(self)",
@@ -392,7 +573,9 @@ RULES: list[Rule] = [
         "!self.serving.enabled || " + " || ".join(f"self.stages.{k}.enabled" for k in CHECKPOINT_STAGES),
         f"serving.enabled needs a stage that produces a model ({', '.join(CHECKPOINT_STAGES[:-1])} or "
         f"{CHECKPOINT_STAGES[-1]}); enable one or set serving.enabled: false",
-        lambda s: not s.serving.enabled or any(getattr(s.stages, st.attribute).enabled for st in MODEL_STAGES),
+        lambda s: (
+            not s.serving.enabled or any(getattr(s.stages, st.attribute).enabled for st in MODEL_STAGES)
+        ),
         field=".serving.enabled",
     ),
     # Workers on other nodes read the tokenizer and write checkpoints next to the Master's.

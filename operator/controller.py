@@ -55,7 +55,9 @@ class Settings:
     resync_seconds: float = field(default_factory=lambda: _env_float("NANORUN_RESYNC_SECONDS", 15.0))
     # Reconciles mostly wait on the API server and storage, so more threads than cores pay off.
     workers: int = field(default_factory=lambda: int(_env_float("NANORUN_WORKERS", 48)))
-    error_backoff_seconds: float = field(default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0))
+    error_backoff_seconds: float = field(
+        default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0)
+    )
     max_error_backoff_seconds: float = 300.0
 
 
@@ -87,14 +89,22 @@ SIGTERM_EXIT = 143  # 128 + 15: the process ended on the SIGTERM a pod deletion 
 def failure_facts(pods: list[Any], read_log: Any) -> FailureFacts:
     """FailureFacts from a failed job's pods (kubernetes client V1Pod objects)."""
     failed: list[tuple[Any, int]] = []
-    active = tuple(sorted(p.metadata.name for p in pods if (p.status.phase if p.status else "") not in ("Succeeded", "Failed")))
+    active = tuple(
+        sorted(
+            p.metadata.name
+            for p in pods
+            if (p.status.phase if p.status else "") not in ("Succeeded", "Failed")
+        )
+    )
     if active:
         return FailureFacts(active=active)
     for pod in pods:
         name = pod.metadata.name
         for c in (pod.status.conditions or []) if pod.status else []:
             if c.type == "DisruptionTarget" and c.status == "True":
-                return FailureFacts(disruption=f"pod {name}: DisruptionTarget ({c.reason or 'unknown reason'})")
+                return FailureFacts(
+                    disruption=f"pod {name}: DisruptionTarget ({c.reason or 'unknown reason'})"
+                )
         for cs in (pod.status.container_statuses or []) if pod.status else []:
             term = cs.state.terminated if cs.state else None
             if cs.name != CONTAINER_NAME or term is None:
@@ -224,17 +234,24 @@ class Controller:
         rayservice = copy.deepcopy(next(iter(rs_store), None))
         try:
             loop = asyncio.get_running_loop()
-            decision = await loop.run_in_executor(self._pool, self._decide_and_apply, key, body, jobs, rayservice)
+            decision = await loop.run_in_executor(
+                self._pool, self._decide_and_apply, key, body, jobs, rayservice
+            )
         except Exception as err:  # API or storage trouble: count it, retry later with a growing delay
             n = self._errors[key] = self._errors.get(key, 0) + 1
-            delay = min(self.settings.max_error_backoff_seconds, self.settings.error_backoff_seconds * 2 ** (n - 1))
+            delay = min(
+                self.settings.max_error_backoff_seconds, self.settings.error_backoff_seconds * 2 ** (n - 1)
+            )
             metrics.RECONCILE_ERRORS.inc()
             metrics.RECONCILES.labels(result="error").inc()
             log.warning("reconcile of %s/%s failed (retry in %.0fs): %s", *key, delay, err)
             self.enqueue_later(key, delay)
             return
         self._errors.pop(key, None)
-        invalid = any(c.get("reason") == "InvalidSpec" and c.get("status") == "True" for c in decision.status.get("conditions", []))
+        invalid = any(
+            c.get("reason") == "InvalidSpec" and c.get("status") == "True"
+            for c in decision.status.get("conditions", [])
+        )
         result = "invalid" if invalid else "requeue" if decision.requeue_after else "ok"
         metrics.RECONCILES.labels(result=result).inc()
         if decision.requeue_after:
@@ -242,8 +259,9 @@ class Controller:
 
     # --- applying a decision (runs in a worker thread) -----------------------------------------
 
-    def _decide_and_apply(self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]],
-                          rayservice: dict[str, Any] | None) -> Decision:
+    def _decide_and_apply(
+        self, key: Key, body: dict[str, Any], jobs: list[dict[str, Any]], rayservice: dict[str, Any] | None
+    ) -> Decision:
         namespace, name = key
         meta = body["metadata"]
         run = RunRef(name=name, namespace=namespace, uid=meta.get("uid", ""))
@@ -260,8 +278,9 @@ class Controller:
                 return None, None
 
         t0 = time.perf_counter()
-        decision = reconcile(run, body, jobs, rayservice, read_stage, now_utc(), self._inspect_failure,
-                             self._admission_of)
+        decision = reconcile(
+            run, body, jobs, rayservice, read_stage, now_utc(), self._inspect_failure, self._admission_of
+        )
         t1 = time.perf_counter()
         self._apply_children(run, body, decision)
         t2 = time.perf_counter()
@@ -269,8 +288,15 @@ class Controller:
         t3 = time.perf_counter()
         for event in decision.events:
             self._post_event(run, event)
-        log.debug("reconciled %s/%s: decide %.3fs, children %.3fs, status %.3fs, events %.3fs", namespace, name,
-                  t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
+        log.debug(
+            "reconciled %s/%s: decide %.3fs, children %.3fs, status %.3fs, events %.3fs",
+            namespace,
+            name,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            time.perf_counter() - t3,
+        )
         for stage, seconds in decision.finished_stages:
             metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
         for stage, outcome in decision.ended_attempts:
@@ -293,8 +319,12 @@ class Controller:
         selector = ",".join(f"{k}={labels.get(k, '')}" for k in (LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT))
         core = self._clients()[1]
         pods = core.list_namespaced_pod(meta["namespace"], label_selector=selector).items
-        return failure_facts(pods, lambda pod: core.read_namespaced_pod_log(
-            pod.metadata.name, pod.metadata.namespace, container=CONTAINER_NAME, tail_lines=LOG_TAIL_LINES))
+        return failure_facts(
+            pods,
+            lambda pod: core.read_namespaced_pod_log(
+                pod.metadata.name, pod.metadata.namespace, container=CONTAINER_NAME, tail_lines=LOG_TAIL_LINES
+            ),
+        )
 
     def _admission_of(self, job: dict[str, Any]) -> kueue.Admission:
         """Kueue's Workload of a job (found by the job-uid label Kueue puts on it). No Workload, or
@@ -303,8 +333,12 @@ class Controller:
         meta = job["metadata"]
         try:
             found = self._clients()[0].list_namespaced_custom_object(
-                kueue.WORKLOAD_GROUP, kueue.WORKLOAD_VERSION, meta["namespace"], kueue.WORKLOAD_PLURAL,
-                label_selector=f"{kueue.JOB_UID_LABEL}={meta.get('uid', '')}")
+                kueue.WORKLOAD_GROUP,
+                kueue.WORKLOAD_VERSION,
+                meta["namespace"],
+                kueue.WORKLOAD_PLURAL,
+                label_selector=f"{kueue.JOB_UID_LABEL}={meta.get('uid', '')}",
+            )
         except Exception as err:
             if _status_code(err) == 404:
                 return kueue.Admission()
@@ -316,24 +350,33 @@ class Controller:
         api = self._clients()[0]
         for manifest, event in d.create_jobs:
             try:
-                api.create_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,
-                                                    PYTORCHJOB_PLURAL, manifest)
+                api.create_namespaced_custom_object(
+                    PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace, PYTORCHJOB_PLURAL, manifest
+                )
             except Exception as err:
                 if _status_code(err) == 409:
                     continue  # already there: a previous reconcile (or operator process) created it
                 raise
             self._post_event(run, event)
             if manifest["metadata"]["labels"].get("nanorun.io/attempt") == "1" and not any(
-                    (r.get("attempts") or 0) > 0 for r in ((body.get("status") or {}).get("stages") or [])):
+                (r.get("attempts") or 0) > 0 for r in ((body.get("status") or {}).get("stages") or [])
+            ):
                 created = parse_time(body["metadata"].get("creationTimestamp"))
                 if created is not None:
                     metrics.TIME_TO_FIRST_JOB.observe(max(0.0, (now_utc() - created).total_seconds()))
         for job, patch in d.patch_jobs:
-            api.patch_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,
-                                               PYTORCHJOB_PLURAL, job, patch)
+            api.patch_namespaced_custom_object(
+                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace, PYTORCHJOB_PLURAL, job, patch
+            )
         for workload, patch in d.patch_workloads:
-            api.patch_namespaced_custom_object(kueue.WORKLOAD_GROUP, kueue.WORKLOAD_VERSION, run.namespace,
-                                               kueue.WORKLOAD_PLURAL, workload, patch)
+            api.patch_namespaced_custom_object(
+                kueue.WORKLOAD_GROUP,
+                kueue.WORKLOAD_VERSION,
+                run.namespace,
+                kueue.WORKLOAD_PLURAL,
+                workload,
+                patch,
+            )
         rs = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, run.namespace, RAYSERVICE_PLURAL)
         if d.create_rayservice is not None:
             try:
@@ -359,18 +402,25 @@ class Controller:
         for managed in ("loss", "eta", "checkpoint", "progress", "stage"):
             new.setdefault(managed, None)
         if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
-                k not in old for k, v in new.items() if v is None):
+            k not in old for k, v in new.items() if v is None
+        ):
             return
         patched = self._clients()[0].patch_namespaced_custom_object_status(
-            GROUP, VERSION, key[0], PLURAL, key[1], {"status": new})
+            GROUP, VERSION, key[0], PLURAL, key[1], {"status": new}
+        )
         self._written[key] = patched
 
     def _post_event(self, run: RunRef, event: Event) -> None:
         now = rfc3339(now_utc())
         body = {
             "metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun", "name": run.name,
-                               "namespace": run.namespace, "uid": run.uid},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "LLMRun",
+                "name": run.name,
+                "namespace": run.namespace,
+                "uid": run.uid,
+            },
             "reason": event.reason,
             "message": event.message[:1024],
             "type": event.type,

@@ -28,14 +28,20 @@ from nanorun.pipeline import storage
 LLMRUNS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
 RAYSERVICES = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL)
-WORKLOADS = (WORKLOAD_GROUP, WORKLOAD_VERSION, WORKLOAD_PLURAL)  # Kueue's; kopf watches them only where served
+WORKLOADS = (
+    WORKLOAD_GROUP,
+    WORKLOAD_VERSION,
+    WORKLOAD_PLURAL,
+)  # Kueue's; kopf watches them only where served
 CLEANUP_FINALIZER = "nanorun.io/cleanup"
 
 log = logging.getLogger("nanorun.operator")
 CONTROLLER = Controller()
 
 
-def _plain(body: kopf.Body, keys: tuple[str, ...] = ("apiVersion", "kind", "metadata", "spec", "status")) -> dict[str, Any]:
+def _plain(
+    body: kopf.Body, keys: tuple[str, ...] = ("apiVersion", "kind", "metadata", "spec", "status")
+) -> dict[str, Any]:
     """A plain copy of what the reconcile reads, without managedFields and kopf's annotations
     (they can be larger than the rest, and the indexes hold every object)."""
     out = copy.deepcopy({k: body[k] for k in keys if k in body})
@@ -79,7 +85,9 @@ def rayservices_by_run(namespace: str, labels: kopf.Labels, body: kopf.Body, **_
 
 def _attach(kwargs: dict[str, Any]) -> None:
     if CONTROLLER.runs is None:
-        CONTROLLER.attach(kwargs["llmruns_by_key"], kwargs["pytorchjobs_by_run"], kwargs["rayservices_by_run"])
+        CONTROLLER.attach(
+            kwargs["llmruns_by_key"], kwargs["pytorchjobs_by_run"], kwargs["rayservices_by_run"]
+        )
 
 
 @kopf.on.event(*LLMRUNS)

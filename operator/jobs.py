@@ -40,8 +40,14 @@ class RunRef:
     uid: str
 
     def owner_reference(self) -> dict[str, Any]:
-        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
-                "controller": True, "blockOwnerDeletion": True}
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
 
 
 def dns_name(*parts: str) -> str:
@@ -67,11 +73,18 @@ def storage_env(spec: LLMRunSpec) -> list[dict[str, Any]]:
     """S3 endpoint and credentials for a pod: the same variables the operator itself reads."""
     env: list[dict[str, Any]] = []
     if spec.storage.endpoint:
-        env += [{"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint},
-                {"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint}]
+        env += [
+            {"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint},
+            {"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint},
+        ]
     if spec.storage.credentials_secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}}
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        env += [
+            {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}},
+            }
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
     return env
 
 
@@ -102,55 +115,90 @@ def _resources(spec: LLMRunSpec, gpus: int) -> dict[str, Any]:
 
 def command_for_stage(spec: LLMRunSpec, stage: PlannedStage) -> list[str]:
     launcher = ["torchrun", "-m"] if stage.distributed else ["python", "-m"]
-    return [*launcher, stage.module, "--run-dir", spec.storage.uri, *stage.args,
-            "--metrics-port", str(spec.metrics_port)]
+    return [
+        *launcher,
+        stage.module,
+        "--run-dir",
+        spec.storage.uri,
+        *stage.args,
+        "--metrics-port",
+        str(spec.metrics_port),
+    ]
 
 
-def pytorchjob_for_stage(run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int,
-                         config_id: str = "") -> dict[str, Any]:
+def pytorchjob_for_stage(
+    run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int, config_id: str = ""
+) -> dict[str, Any]:
     """The PyTorchJob manifest for one attempt (from 1) at one planned stage; `config_id` (from
     plan.config_ids) is passed to the stage, which records it in done.json and its checkpoints."""
     name = job_name(run.name, stage.stage, attempt)
-    labels = {LABEL_RUN: run.name, LABEL_STAGE: stage.stage, LABEL_ATTEMPT: str(attempt), LABEL_CONFIG: config_id,
-              "app.kubernetes.io/name": "nanorun-trainer", "app.kubernetes.io/managed-by": "nanorun"}
+    labels = {
+        LABEL_RUN: run.name,
+        LABEL_STAGE: stage.stage,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_CONFIG: config_id,
+        "app.kubernetes.io/name": "nanorun-trainer",
+        "app.kubernetes.io/managed-by": "nanorun",
+    }
     if spec.compute.queue:
         labels[QUEUE_LABEL] = spec.compute.queue
     nodes = spec.compute.nodes if stage.distributed else 1
     nproc = processes_per_node(spec) if stage.distributed else 1
     gpus = spec.compute.gpus_per_node if stage.distributed else 0
-    env = [{"name": "NANORUN_RUN", "value": run.name}, {"name": "NANORUN_STAGE", "value": stage.stage},
-           {"name": "NANORUN_ATTEMPT", "value": str(attempt)}, {"name": "NANORUN_CONFIG_ID", "value": config_id},
-           *storage_env(spec)]
+    env = [
+        {"name": "NANORUN_RUN", "value": run.name},
+        {"name": "NANORUN_STAGE", "value": stage.stage},
+        {"name": "NANORUN_ATTEMPT", "value": str(attempt)},
+        {"name": "NANORUN_CONFIG_ID", "value": config_id},
+        *storage_env(spec),
+    ]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": command_for_stage(spec, stage),
         "env": env,
-        "ports": [{"name": "pytorchjob-port", "containerPort": RENDEZVOUS_PORT},
-                  {"name": "metrics", "containerPort": spec.metrics_port}],
+        "ports": [
+            {"name": "pytorchjob-port", "containerPort": RENDEZVOUS_PORT},
+            {"name": "metrics", "containerPort": spec.metrics_port},
+        ],
     }
     resources = _resources(spec, gpus)
     if resources:
         container["resources"] = resources
     # SIGTERM → the trainer finishes its step, checkpoints and exits; the grace period must cover that.
-    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never",
-                           "terminationGracePeriodSeconds": spec.compute.termination_grace_period_seconds}
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": spec.compute.termination_grace_period_seconds,
+    }
     if spec.compute.shm_size:
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
-        pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.compute.shm_size}}]
-    for key, value in (("nodeSelector", spec.compute.node_selector), ("tolerations", spec.compute.tolerations),
-                       ("affinity", spec.compute.affinity), ("priorityClassName", spec.compute.priority_class_name)):
+        pod["volumes"] = [
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.compute.shm_size}}
+        ]
+    for key, value in (
+        ("nodeSelector", spec.compute.node_selector),
+        ("tolerations", spec.compute.tolerations),
+        ("affinity", spec.compute.affinity),
+        ("priorityClassName", spec.compute.priority_class_name),
+    ):
         if value:
             pod[key] = copy.deepcopy(value)
     template = {
-        "metadata": {"labels": {k: v for k, v in labels.items() if k != QUEUE_LABEL},
-                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port)}},
+        "metadata": {
+            "labels": {k: v for k, v in labels.items() if k != QUEUE_LABEL},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port)},
+        },
         "spec": pod,
     }
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if nodes > 1:
-        replicas["Worker"] = {"replicas": nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
+        replicas["Worker"] = {
+            "replicas": nodes - 1,
+            "restartPolicy": "Never",
+            "template": copy.deepcopy(template),
+        }
     return {
         "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
         "kind": "PyTorchJob",

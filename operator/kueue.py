@@ -55,7 +55,9 @@ def admission_of(workload: dict[str, Any] | None) -> Admission:
     status = workload.get("status") or {}
     conditions = status.get("conditions") or []
     admitted = _true(conditions, "Admitted") is not None
-    waiting = next((c for c in conditions if c.get("type") == "QuotaReserved" and c.get("status") != "True"), None)
+    waiting = next(
+        (c for c in conditions if c.get("type") == "QuotaReserved" and c.get("status") != "True"), None
+    )
     evicted = _true(conditions, "Evicted")
     why = evicted if evicted is not None and not admitted else waiting
     return Admission(
@@ -81,8 +83,10 @@ def reactivate_patch() -> dict[str, Any]:
 def waiting_message(queue: str, job: str, adm: Admission) -> str:
     """Why a stage's job has not started, in Kueue's words, naming the LocalQueue."""
     if not adm.workload:
-        return (f"waiting in LocalQueue {queue}: Kueue has made no Workload for PyTorchJob {job} yet "
-                "(is Kueue installed, with the kubeflow.org/pytorchjob integration?)")
+        return (
+            f"waiting in LocalQueue {queue}: Kueue has made no Workload for PyTorchJob {job} yet "
+            "(is Kueue installed, with the kubeflow.org/pytorchjob integration?)"
+        )
     if not adm.active and not adm.deactivated_by_operator:
         return f"Kueue Workload {adm.workload} is deactivated: {adm.reason or 'spec.active is false'}: {adm.message}"
     said = f"{adm.reason}: {adm.message}" if adm.message else (adm.reason or "waiting for quota")

@@ -49,7 +49,15 @@ from rich.table import Table
 
 STOP_GRACE_SECONDS = 300  # how long a stage may take to write its SIGTERM checkpoint
 POLL_SECONDS = 0.5
-SUMMARY_METRICS = ("loss", "val_bpb", "core", "chatcore", "mean_reward", "compression_ratio", "tokens_per_sec")
+SUMMARY_METRICS = (
+    "loss",
+    "val_bpb",
+    "core",
+    "chatcore",
+    "mean_reward",
+    "compression_ratio",
+    "tokens_per_sec",
+)
 
 
 class RunFileError(ValueError):
@@ -82,8 +90,10 @@ def load_run_file(path: str) -> RunFile:
     if not isinstance(doc, dict):
         raise RunFileError(f"{path}: expected an LLMRun object (apiVersion: {API_VERSION}, kind: {KIND})")
     if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
-        raise RunFileError(f"{path}: expected apiVersion: {API_VERSION} and kind: {KIND}, "
-                           f"got {doc.get('apiVersion')!r} / {doc.get('kind')!r}")
+        raise RunFileError(
+            f"{path}: expected apiVersion: {API_VERSION} and kind: {KIND}, "
+            f"got {doc.get('apiVersion')!r} / {doc.get('kind')!r}"
+        )
     name = (doc.get("metadata") or {}).get("name") or Path(path).stem
     try:
         spec = parse_spec(doc.get("spec"))
@@ -127,8 +137,15 @@ def processes_for(stage: PlannedStage, spec: LLMRunSpec, override: int | None) -
 def stage_command(stage: PlannedStage, run_dir: str, nproc: int, metrics_port: int | None) -> list[str]:
     launcher = [sys.executable, "-m", stage.module]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={nproc}", "-m", stage.module]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            stage.module,
+        ]
     cmd = launcher + ["--run-dir", run_dir, *stage.args]
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
@@ -163,8 +180,15 @@ class LocalRun:
     saves a checkpoint and exits; a second Ctrl-C kills it (it then resumes from an older checkpoint).
     """
 
-    def __init__(self, run: RunFile, run_dir: str, log_dir: Path, console: Console,
-                 nproc: int | None = None, metrics_port: int | None = None):
+    def __init__(
+        self,
+        run: RunFile,
+        run_dir: str,
+        log_dir: Path,
+        console: Console,
+        nproc: int | None = None,
+        metrics_port: int | None = None,
+    ):
         self.run, self.run_dir, self.log_dir, self.console = run, run_dir, log_dir, console
         self.nproc, self.metrics_port = nproc, metrics_port
         self.stop_requested = False
@@ -193,14 +217,17 @@ class LocalRun:
         for stage in plan:
             done = stage_files.read_done(self.run_dir, stage.stage)
             if stage_files.is_current(done, ids[stage.key]):
-                self.console.print(f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]",
-                                   soft_wrap=True)
+                self.console.print(
+                    f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]", soft_wrap=True
+                )
                 outcomes.append(StageOutcome(stage, "done", done.seconds, done.metrics))
                 continue
             if self.stop_requested:
                 break
             if done is not None:
-                self.console.print(stage_files.rerun_reason(done, ids[stage.key]), soft_wrap=True, markup=False)
+                self.console.print(
+                    stage_files.rerun_reason(done, ids[stage.key]), soft_wrap=True, markup=False
+                )
             outcome = self.run_stage(stage, ids[stage.key])
             outcomes.append(outcome)
             if outcome.status != "ran":
@@ -221,8 +248,13 @@ class LocalRun:
             log.flush()
             # A new session: the terminal's Ctrl-C reaches only us, and we forward SIGTERM so the stage
             # checkpoints before it exits (a SIGINT would interrupt it mid-step).
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(attempt, config_id),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(attempt, config_id),
+                start_new_session=True,
+            )
             try:
                 rc = self._watch(stage, proc, nproc)
             finally:
@@ -236,15 +268,22 @@ class LocalRun:
         status = "stopped" if self.stop_requested else "failed"
         if status == "failed":
             tail = deque(log_path.read_text(errors="replace").splitlines(), maxlen=25)
-            self.console.print(f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:",
-                               soft_wrap=True)
+            self.console.print(
+                f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:", soft_wrap=True
+            )
             self.console.print("\n".join(tail), markup=False, highlight=False, soft_wrap=True)
         return StageOutcome(stage, status, seconds, {}, cpu)
 
     def _watch(self, stage: PlannedStage, proc: subprocess.Popen, nproc: int) -> int:
         label = f"{stage.stage}" + (f" ×{nproc}" if nproc > 1 else "")
-        columns = (TextColumn("[bold]{task.description:<14}"), BarColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[steps]:>13}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+        columns = (
+            TextColumn("[bold]{task.description:<14}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[steps]:>13}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         with Progress(*columns, console=self.console, transient=False) as bars:
             task = bars.add_task(label, total=None, steps="", info="starting")
             stopping_since: float | None = None
@@ -255,8 +294,13 @@ class LocalRun:
                     rc = None
                 p = stage_files.read_progress(self.run_dir, stage.stage)
                 if p and p.total_steps:
-                    bars.update(task, total=p.total_steps, completed=p.step, steps=f"{p.step}/{p.total_steps}",
-                                info=_progress_fields(p))
+                    bars.update(
+                        task,
+                        total=p.total_steps,
+                        completed=p.step,
+                        steps=f"{p.step}/{p.total_steps}",
+                        info=_progress_fields(p),
+                    )
                 if rc is not None:
                     if rc == 0:
                         total = bars.tasks[0].total or 1
@@ -266,7 +310,9 @@ class LocalRun:
                     stopping_since = time.time()
                     bars.update(task, info="stopping: saving a checkpoint (Ctrl-C again to kill)")
                     _signal_group(proc, signal.SIGTERM)
-                if self.kill_requested or (stopping_since and time.time() - stopping_since > STOP_GRACE_SECONDS):
+                if self.kill_requested or (
+                    stopping_since and time.time() - stopping_since > STOP_GRACE_SECONDS
+                ):
                     _signal_group(proc, signal.SIGKILL)
 
 
@@ -304,12 +350,18 @@ def default_log_dir(run_dir: str, name: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanorun run", description="Run an LLMRun file on this machine.")
     p.add_argument("file", help="LLMRun YAML file (apiVersion: nanorun.io/v1alpha1, kind: LLMRun)")
-    p.add_argument("--run-dir", default=None, help="run directory (local path or s3://); overrides spec.storage.uri")
+    p.add_argument(
+        "--run-dir", default=None, help="run directory (local path or s3://); overrides spec.storage.uri"
+    )
     p.add_argument("--serve", action="store_true", help="serve the chat model when training has finished")
     p.add_argument("--host", default="127.0.0.1", help="address the chat service listens on (with --serve)")
     p.add_argument("--port", type=int, default=8000, help="port of the chat service (with --serve)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes for distributed stages (default: local GPUs, capped by compute.gpusPerNode; 1 on CPU)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes for distributed stages (default: local GPUs, capped by compute.gpusPerNode; 1 on CPU)",
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port of the stages")
     p.add_argument("--log-dir", default=None, help="where stage logs go (default: <run-dir>/logs)")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
@@ -335,9 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir, run.name)
-    console.print(f"[bold]nanorun run[/bold] {run.name}: {len(plan)} stages → {run_dir}  (logs in {log_dir})",
-                  soft_wrap=True)
-    local = LocalRun(run, run_dir, log_dir, console, nproc=args.nproc_per_node, metrics_port=args.metrics_port)
+    console.print(
+        f"[bold]nanorun run[/bold] {run.name}: {len(plan)} stages → {run_dir}  (logs in {log_dir})",
+        soft_wrap=True,
+    )
+    local = LocalRun(
+        run, run_dir, log_dir, console, nproc=args.nproc_per_node, metrics_port=args.metrics_port
+    )
     handlers = {sig: signal.signal(sig, local.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         outcomes = local.execute()

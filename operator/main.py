@@ -20,13 +20,27 @@ from nanorun.operator import metrics
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanorun operator", description="Run the LLMRun operator.")
-    p.add_argument("-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable); default: all")
-    p.add_argument("--liveness-port", type=int, default=int(os.environ.get("NANORUN_LIVENESS_PORT", 8080)),
-                   help="port of the /healthz liveness endpoint (0 disables it)")
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("NANORUN_METRICS_PORT", 9090)),
-                   help="port of the Prometheus /metrics endpoint (0 disables it)")
-    p.add_argument("--resync-seconds", type=float, default=None,
-                   help="how often every run is re-read (progress files change without events); default 15")
+    p.add_argument(
+        "-n", "--namespace", action="append", default=[], help="namespace to watch (repeatable); default: all"
+    )
+    p.add_argument(
+        "--liveness-port",
+        type=int,
+        default=int(os.environ.get("NANORUN_LIVENESS_PORT", 8080)),
+        help="port of the /healthz liveness endpoint (0 disables it)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("NANORUN_METRICS_PORT", 9090)),
+        help="port of the Prometheus /metrics endpoint (0 disables it)",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=None,
+        help="how often every run is re-read (progress files change without events); default 15",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -35,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resync_seconds is not None:
         os.environ["NANORUN_RESYNC_SECONDS"] = str(args.resync_seconds)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:  # kopf logs every handler call at INFO: thousands of lines with many runs
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import kopf

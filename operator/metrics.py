@@ -21,22 +21,38 @@ from prometheus_client import Counter as PromCounter
 REGISTRY = CollectorRegistry()
 PHASES: tuple[str, ...] = Phase.__args__
 
-RECONCILES = PromCounter("llmrun_reconciles_total", "LLMRun reconciles by result.", ["result"], registry=REGISTRY)
-RECONCILE_ERRORS = PromCounter("llmrun_reconcile_errors_total", "LLMRun reconciles that failed with an error.", registry=REGISTRY)
+RECONCILES = PromCounter(
+    "llmrun_reconciles_total", "LLMRun reconciles by result.", ["result"], registry=REGISTRY
+)
+RECONCILE_ERRORS = PromCounter(
+    "llmrun_reconcile_errors_total", "LLMRun reconciles that failed with an error.", registry=REGISTRY
+)
 RUNS = Gauge("llmrun_runs", "LLMRuns by phase.", ["phase"], registry=REGISTRY)
 STAGE_DURATION = Histogram(
-    "llmrun_stage_duration_seconds", "Seconds from a stage's first job to its success.", ["stage"], registry=REGISTRY,
+    "llmrun_stage_duration_seconds",
+    "Seconds from a stage's first job to its success.",
+    ["stage"],
+    registry=REGISTRY,
     buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800),
 )
 TIME_TO_FIRST_JOB = Histogram(
-    "llmrun_time_to_first_job_seconds", "Seconds from LLMRun creation to its first PyTorchJob.", registry=REGISTRY,
+    "llmrun_time_to_first_job_seconds",
+    "Seconds from LLMRun creation to its first PyTorchJob.",
+    registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
-ATTEMPTS_ENDED = PromCounter("llmrun_attempts_ended_total",
-                             "Stage attempts whose job failed, by outcome: preempted (not counted) or failed.",
-                             ["stage", "outcome"], registry=REGISTRY)
-STAGE_INFO = Gauge("llmrun_stage_info", "1 for the stage each run is at, with its phase.",
-                   ["namespace", "run", "stage", "phase"], registry=REGISTRY)
+ATTEMPTS_ENDED = PromCounter(
+    "llmrun_attempts_ended_total",
+    "Stage attempts whose job failed, by outcome: preempted (not counted) or failed.",
+    ["stage", "outcome"],
+    registry=REGISTRY,
+)
+STAGE_INFO = Gauge(
+    "llmrun_stage_info",
+    "1 for the stage each run is at, with its phase.",
+    ["namespace", "run", "stage", "phase"],
+    registry=REGISTRY,
+)
 
 _stage_labels: dict[tuple[str, str], tuple[str, str, str, str]] = {}
 

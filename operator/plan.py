@@ -46,25 +46,51 @@ def _flags(pairs: list[tuple[str, object]]) -> list[str]:
 def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
     m, t, s = spec.model, spec.tokenizer, spec.stages
     if key == "tokenizer":
-        return _flags([("--data", spec.data.pretrain), ("--vocab-size", t.vocab_size),
-                       ("--max-chars", t.max_chars), ("--doc-cap", t.doc_cap)])
+        return _flags(
+            [
+                ("--data", spec.data.pretrain),
+                ("--vocab-size", t.vocab_size),
+                ("--max-chars", t.max_chars),
+                ("--doc-cap", t.doc_cap),
+            ]
+        )
     if key == "pretrain":
         p = s.pretrain
-        return _flags([
-            ("--data", spec.data.pretrain), ("--shards", spec.data.shards or None),
-            ("--depth", m.depth), ("--max-seq-len", m.max_seq_len), ("--head-dim", m.head_dim),
-            ("--aspect-ratio", m.aspect_ratio), ("--n-kv-head", m.n_kv_head), ("--window-pattern", m.window_pattern),
-            ("--device-batch-size", p.device_batch_size), ("--total-batch-size", p.total_batch_size),
-            ("--num-iterations", p.num_iterations), ("--target-param-data-ratio", p.target_param_data_ratio),
-            ("--embedding-lr", p.embedding_lr), ("--unembedding-lr", p.unembedding_lr),
-            ("--matrix-lr", p.matrix_lr), ("--scalar-lr", p.scalar_lr), ("--weight-decay", p.weight_decay),
-            ("--eval-every", p.eval_every), ("--save-every", p.save_every),
-        ])
+        return _flags(
+            [
+                ("--data", spec.data.pretrain),
+                ("--shards", spec.data.shards or None),
+                ("--depth", m.depth),
+                ("--max-seq-len", m.max_seq_len),
+                ("--head-dim", m.head_dim),
+                ("--aspect-ratio", m.aspect_ratio),
+                ("--n-kv-head", m.n_kv_head),
+                ("--window-pattern", m.window_pattern),
+                ("--device-batch-size", p.device_batch_size),
+                ("--total-batch-size", p.total_batch_size),
+                ("--num-iterations", p.num_iterations),
+                ("--target-param-data-ratio", p.target_param_data_ratio),
+                ("--embedding-lr", p.embedding_lr),
+                ("--unembedding-lr", p.unembedding_lr),
+                ("--matrix-lr", p.matrix_lr),
+                ("--scalar-lr", p.scalar_lr),
+                ("--weight-decay", p.weight_decay),
+                ("--eval-every", p.eval_every),
+                ("--save-every", p.save_every),
+            ]
+        )
     if key == "baseEval":
-        return _flags([("--device-batch-size", s.base_eval.device_batch_size), ("--max-per-task", s.base_eval.max_per_task)])
+        return _flags(
+            [
+                ("--device-batch-size", s.base_eval.device_batch_size),
+                ("--max-per-task", s.base_eval.max_per_task),
+            ]
+        )
     if key in ("midtrain", "sft", "rl"):
         st = getattr(s, key)
-        return _flags([("--num-iterations", st.num_iterations), ("--device-batch-size", st.device_batch_size)])
+        return _flags(
+            [("--num-iterations", st.num_iterations), ("--device-batch-size", st.device_batch_size)]
+        )
     if key == "eval":
         return _flags([("--max-problems", s.eval.max_problems)])
     return []
@@ -81,8 +107,14 @@ def stage_plan(spec: LLMRunSpec) -> list[PlannedStage]:
     for stage in STAGES:
         st = stage_spec(spec, stage.key)
         if st.enabled:
-            plan.append(PlannedStage(stage.key, stage.module, _stage_args(stage.key, spec) + list(st.extra_args),
-                                     stage.distributed))
+            plan.append(
+                PlannedStage(
+                    stage.key,
+                    stage.module,
+                    _stage_args(stage.key, spec) + list(st.extra_args),
+                    stage.distributed,
+                )
+            )
     return plan
 
 

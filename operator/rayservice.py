@@ -48,8 +48,9 @@ def service_url(run: str, namespace: str) -> str:
     return f"http://{rayservice_name(run)}-serve-svc.{namespace}.svc:{SERVE_PORT}"
 
 
-def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None,
-                 version: str = "") -> dict[str, Any]:
+def serve_config(
+    spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None, version: str = ""
+) -> dict[str, Any]:
     """Ray Serve's multi-application config. `args_checkpoint` is the checkpoint the application
     was first built with: `args` must not change when only the checkpoint rolls, or Serve would
     redeploy the application instead of reconfiguring its replicas. `version` (the final stage's
@@ -60,29 +61,43 @@ def serve_config(spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None 
     if s.gpus_per_replica:
         actor["num_gpus"] = s.gpus_per_replica
     return {
-        "applications": [{
-            "name": SERVE_APP_NAME,
-            "route_prefix": "/",
-            "import_path": SERVE_IMPORT_PATH,
-            "args": {"checkpoint": args_checkpoint or checkpoint},
-            "deployments": [{
-                "name": SERVE_DEPLOYMENT_NAME,
-                # a replica decodes SERVE_SLOTS requests together and queues as many more
-                "max_ongoing_requests": 2 * SERVE_SLOTS,
-                "autoscaling_config": {
-                    "min_replicas": s.min_replicas,
-                    "max_replicas": s.max_replicas,
-                    "target_ongoing_requests": s.target_ongoing_requests or SERVE_SLOTS,
-                },
-                "ray_actor_options": actor,
-                "user_config": {"checkpoint": checkpoint, **({"version": version} if version else {})},
-            }],
-        }],
+        "applications": [
+            {
+                "name": SERVE_APP_NAME,
+                "route_prefix": "/",
+                "import_path": SERVE_IMPORT_PATH,
+                "args": {"checkpoint": args_checkpoint or checkpoint},
+                "deployments": [
+                    {
+                        "name": SERVE_DEPLOYMENT_NAME,
+                        # a replica decodes SERVE_SLOTS requests together and queues as many more
+                        "max_ongoing_requests": 2 * SERVE_SLOTS,
+                        "autoscaling_config": {
+                            "min_replicas": s.min_replicas,
+                            "max_replicas": s.max_replicas,
+                            "target_ongoing_requests": s.target_ongoing_requests or SERVE_SLOTS,
+                        },
+                        "ray_actor_options": actor,
+                        "user_config": {
+                            "checkpoint": checkpoint,
+                            **({"version": version} if version else {}),
+                        },
+                    }
+                ],
+            }
+        ],
     }
 
 
-def _container(name: str, spec: LLMRunSpec, cpu: str, memory: str, gpus: float,
-               ports: list[dict[str, Any]], env: tuple[dict[str, str], ...] = ()) -> dict[str, Any]:
+def _container(
+    name: str,
+    spec: LLMRunSpec,
+    cpu: str,
+    memory: str,
+    gpus: float,
+    ports: list[dict[str, Any]],
+    env: tuple[dict[str, str], ...] = (),
+) -> dict[str, Any]:
     """A Ray container with spec.serving's resources (nothing of spec.compute, which is training's)."""
     limits: dict[str, Any] = {"cpu": cpu}
     if gpus:
@@ -99,19 +114,36 @@ def _container(name: str, spec: LLMRunSpec, cpu: str, memory: str, gpus: float,
     }
 
 
-def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None,
-                       version: str = "") -> dict[str, Any]:
+def rayservice_for_run(
+    run: RunRef, spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None, version: str = ""
+) -> dict[str, Any]:
     """The RayService manifest serving `checkpoint` (of configuration `version`, when known)."""
     s = spec.serving
-    labels = {LABEL_RUN: run.name, "app.kubernetes.io/name": "nanorun-chat", "app.kubernetes.io/managed-by": "nanorun"}
-    head_ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-                  {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": SERVE_PORT},
-                  {"name": "metrics", "containerPort": 8080}]
-    worker = _container("ray-worker", spec, str(max(1, math.ceil(s.cpus_per_replica))), s.memory_per_replica,
-                        s.gpus_per_replica, [{"name": SERVE_METRICS_PORT_NAME, "containerPort": SERVE_METRICS_PORT}],
-                        env=({"name": SERVE_METRICS_PORT_ENV, "value": str(SERVE_METRICS_PORT)},))
+    labels = {
+        LABEL_RUN: run.name,
+        "app.kubernetes.io/name": "nanorun-chat",
+        "app.kubernetes.io/managed-by": "nanorun",
+    }
+    head_ports = [
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": SERVE_PORT},
+        {"name": "metrics", "containerPort": 8080},
+    ]
+    worker = _container(
+        "ray-worker",
+        spec,
+        str(max(1, math.ceil(s.cpus_per_replica))),
+        s.memory_per_replica,
+        s.gpus_per_replica,
+        [{"name": SERVE_METRICS_PORT_NAME, "containerPort": SERVE_METRICS_PORT}],
+        env=({"name": SERVE_METRICS_PORT_ENV, "value": str(SERVE_METRICS_PORT)},),
+    )
     worker_pod: dict[str, Any] = {"containers": [worker]}
-    head_pod: dict[str, Any] = {"containers": [_container("ray-head", spec, s.head_cpu, s.head_memory, 0, head_ports)]}
+    head_pod: dict[str, Any] = {
+        "containers": [_container("ray-head", spec, s.head_cpu, s.head_memory, 0, head_ports)]
+    }
     for pod in (worker_pod, head_pod):
         for key, value in (("nodeSelector", s.node_selector), ("tolerations", s.tolerations)):
             if value:
@@ -126,23 +158,31 @@ def rayservice_for_run(run: RunRef, spec: LLMRunSpec, checkpoint: str, args_chec
             "ownerReferences": [run.owner_reference()],
         },
         "spec": {
-            "serveConfigV2": yaml.safe_dump(serve_config(spec, checkpoint, args_checkpoint, version), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(
+                serve_config(spec, checkpoint, args_checkpoint, version), sort_keys=False
+            ),
             "rayClusterConfig": {
                 "rayVersion": s.ray_version,
                 "enableInTreeAutoscaling": True,
                 "headGroupSpec": {
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},  # no replica on the head
+                    "rayStartParams": {
+                        "dashboard-host": "0.0.0.0",
+                        "num-cpus": "0",
+                        "num-gpus": "0",
+                    },  # no replica on the head
                     "template": {"metadata": {"labels": labels}, "spec": head_pod},
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "chat",
-                    "replicas": s.min_replicas,
-                    "minReplicas": s.min_replicas,
-                    "maxReplicas": s.max_replicas,
-                    # `ray start --resources=...` through a shell: single-quoted JSON, as KubeRay writes it
-                    "rayStartParams": {"resources": f"'{json.dumps({SERVE_REPLICA_RESOURCE: 1})}'"},
-                    "template": {"metadata": {"labels": labels}, "spec": worker_pod},
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "chat",
+                        "replicas": s.min_replicas,
+                        "minReplicas": s.min_replicas,
+                        "maxReplicas": s.max_replicas,
+                        # `ray start --resources=...` through a shell: single-quoted JSON, as KubeRay writes it
+                        "rayStartParams": {"resources": f"'{json.dumps({SERVE_REPLICA_RESOURCE: 1})}'"},
+                        "template": {"metadata": {"labels": labels}, "spec": worker_pod},
+                    }
+                ],
             },
         },
     }

@@ -22,9 +22,17 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # The operator writes the status (phase, stages, conditions) as a merge patch.
     {"apiGroups": ["nanorun.io"], "resources": ["llmruns/status"], "verbs": ["patch"]},
     # One PyTorchJob per stage attempt: created, watched, patched (runPolicy.suspend).
-    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["list", "watch", "create", "patch"]},
+    {
+        "apiGroups": ["kubeflow.org"],
+        "resources": ["pytorchjobs"],
+        "verbs": ["list", "watch", "create", "patch"],
+    },
     # The chat RayService: created, watched, patched (serving changes), deleted when serving is turned off.
-    {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    {
+        "apiGroups": ["ray.io"],
+        "resources": ["rayservices"],
+        "verbs": ["list", "watch", "create", "patch", "delete"],
+    },
     # A failed job's pods: a DisruptionTarget condition or exit 143 makes the failure a preemption;
     # otherwise the failed container's last log lines go into the stage's message.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
@@ -36,7 +44,11 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf lists namespaces when it watches the whole cluster, and watches CRDs to notice new resources.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    },
 ]
 
 
@@ -50,8 +62,10 @@ def cluster_role_yaml(header: str) -> str:
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": {"name": "nanorun-operator", "labels": {"app.kubernetes.io/name": "nanorun",
-                                                           "app.kubernetes.io/component": "operator"}},
+        "metadata": {
+            "name": "nanorun-operator",
+            "labels": {"app.kubernetes.io/name": "nanorun", "app.kubernetes.io/component": "operator"},
+        },
         "rules": OPERATOR_RBAC_RULES,
     }
     return header + yaml.safe_dump(role, sort_keys=False, default_flow_style=None)

@@ -93,10 +93,16 @@ class Event:
 @dataclass
 class Decision:
     status: dict[str, Any]
-    create_jobs: list[tuple[dict[str, Any], Event]] = field(default_factory=list)  # (manifest, event if created)
+    create_jobs: list[tuple[dict[str, Any], Event]] = field(
+        default_factory=list
+    )  # (manifest, event if created)
     patch_jobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, merge patch)
-    patch_workloads: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # Kueue Workloads (name, merge patch)
-    queued: tuple[bool, str, str] | None = None  # the Queued condition (waiting, reason, message), with compute.queue
+    patch_workloads: list[tuple[str, dict[str, Any]]] = field(
+        default_factory=list
+    )  # Kueue Workloads (name, merge patch)
+    queued: tuple[bool, str, str] | None = (
+        None  # the Queued condition (waiting, reason, message), with compute.queue
+    )
     create_rayservice: dict[str, Any] | None = None
     patch_rayservice: dict[str, Any] | None = None  # merge patch of the existing one
     delete_rayservice: str | None = None
@@ -118,26 +124,46 @@ def _invalid(old: dict[str, Any], message: str, generation: int, now: dt.datetim
     status = dict(old)
     conditions = list(status.get("conditions") or [])
     conditions = set_condition(conditions, "Degraded", True, "InvalidSpec", message, now)
-    conditions = set_condition(conditions, "Progressing", False, "InvalidSpec", "fix the spec to continue", now)
+    conditions = set_condition(
+        conditions, "Progressing", False, "InvalidSpec", "fix the spec to continue", now
+    )
     conditions = set_condition(conditions, "Ready", False, "InvalidSpec", message, now)
-    status.update(conditions=conditions, observedGeneration=generation, phase=status.get("phase") or "Pending")
-    events = [] if any(c.get("reason") == "InvalidSpec" and c.get("message") == message
-                       for c in old.get("conditions") or []) else [Event("Warning", "InvalidSpec", message)]
+    status.update(
+        conditions=conditions, observedGeneration=generation, phase=status.get("phase") or "Pending"
+    )
+    events = (
+        []
+        if any(
+            c.get("reason") == "InvalidSpec" and c.get("message") == message
+            for c in old.get("conditions") or []
+        )
+        else [Event("Warning", "InvalidSpec", message)]
+    )
     return Decision(status=status, events=events)
 
 
 def _old_status(old: dict[str, Any]) -> LLMRunStatus:
-    known = {k: v for k, v in old.items() if k in LLMRunStatus.model_fields or k in
-             {f.alias for f in LLMRunStatus.model_fields.values()}}
+    known = {
+        k: v
+        for k, v in old.items()
+        if k in LLMRunStatus.model_fields or k in {f.alias for f in LLMRunStatus.model_fields.values()}
+    }
     try:
         return LLMRunStatus.model_validate(known)
     except ValueError:
         return LLMRunStatus()
 
 
-def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], rayservice: dict[str, Any] | None,
-              read_stage: ReadStage, now: dt.datetime, inspect_failure: InspectFailure = _no_pods,
-              admission_of: AdmissionOf = _no_workload) -> Decision:
+def reconcile(
+    run: RunRef,
+    body: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    rayservice: dict[str, Any] | None,
+    read_stage: ReadStage,
+    now: dt.datetime,
+    inspect_failure: InspectFailure = _no_pods,
+    admission_of: AdmissionOf = _no_workload,
+) -> Decision:
     """Decide what one reconcile of `body` (the LLMRun) does, given its children."""
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
@@ -182,13 +208,17 @@ def reconcile(run: RunRef, body: dict[str, Any], jobs: list[dict[str, Any]], ray
     if phase != "Succeeded" and rayservice is not None and not spec.serving.enabled:
         d.delete_rayservice = rayservice_name(run.name)
     out = status.model_dump(by_alias=True, exclude_none=True)
-    out["conditions"] = _conditions(old_raw.get("conditions") or [], spec, phase, current, failed, serving_ready, now)
+    out["conditions"] = _conditions(
+        old_raw.get("conditions") or [], spec, phase, current, failed, serving_ready, now
+    )
     if d.queued is not None:
         out["conditions"] = set_condition(out["conditions"], "Queued", *d.queued, now)
     if old.phase != phase:
         kind = "Warning" if phase == "Failed" else "Normal"
         said = f"run is {phase}" + (f" at stage {shown.name}" if shown else "")
-        d.events.append(Event(kind, f"Run{phase}", said + (f": {d.queued[2]}" if phase == "Queued" and d.queued else "")))
+        d.events.append(
+            Event(kind, f"Run{phase}", said + (f": {d.queued[2]}" if phase == "Queued" and d.queued else ""))
+        )
     d.status = out
     return d
 
@@ -227,8 +257,9 @@ class Children:
     admission_of: AdmissionOf
 
 
-def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, children: Children, now: dt.datetime,
-                   d: Decision) -> list[StageStatus]:
+def _stage_records(
+    run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, children: Children, now: dt.datetime, d: Decision
+) -> list[StageStatus]:
     old_records = {r.name: r for r in old.stages}
     plan = plan_mod.stage_plan(spec)
     config_ids = plan_mod.config_ids(plan)
@@ -237,8 +268,10 @@ def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, children: C
     for ps in plan:
         config_id = config_ids[ps.key]
         rec = old_records.get(ps.key, StageStatus(name=ps.key)).model_copy(deep=True)
-        stage_jobs = sorted((j for j in children.jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
-                            key=_attempt)
+        stage_jobs = sorted(
+            (j for j in children.jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
+            key=_attempt,
+        )
         if rec.config_id and rec.config_id != config_id and rec.phase in ("Succeeded", "Failed"):
             rec = _rerun(ps, rec, config_id, stage_jobs, d)
         if rec.phase == "Succeeded" or blocked:
@@ -276,31 +309,42 @@ def _stage_records(run: RunRef, spec: LLMRunSpec, old: LLMRunStatus, children: C
     return records
 
 
-def _rerun(ps: plan_mod.PlannedStage, rec: StageStatus, config_id: str, stage_jobs: list[dict[str, Any]],
-           d: Decision) -> StageStatus:
+def _rerun(
+    ps: plan_mod.PlannedStage, rec: StageStatus, config_id: str, stage_jobs: list[dict[str, Any]], d: Decision
+) -> StageStatus:
     """A finished stage whose flags (or an upstream stage's) changed: a fresh record whose next
     attempt is a new job. If that job exists already (a reconcile that created it but could not
     write the status), it is adopted rather than made twice."""
     mine = [j for j in stage_jobs if _job_config(j) == config_id]
     attempt = _attempt(mine[-1]) if mine else max([rec.attempts, *map(_attempt, stage_jobs)]) + 1
-    d.events.append(Event("Normal", "StageRerun", f"stage {ps.key}: its configuration changed "
-                                                  f"({rec.config_id} → {config_id}); running it again"))
+    d.events.append(
+        Event(
+            "Normal",
+            "StageRerun",
+            f"stage {ps.key}: its configuration changed ({rec.config_id} → {config_id}); running it again",
+        )
+    )
     return StageStatus(name=ps.key, phase="Pending", attempts=attempt, config_id=config_id)
 
 
-def _start_attempt(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
-                   now: dt.datetime, d: Decision) -> None:
+def _start_attempt(
+    run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, now: dt.datetime, d: Decision
+) -> None:
     rec.job = job_name(run.name, ps.stage, rec.attempts)
     rec.phase = "Running"
     rec.start_time = rec.start_time or rfc3339(now)
     if rec.attempts == 1:
         event = Event("Normal", "StageStarted", f"stage {ps.key}: created PyTorchJob {rec.job}")
     else:
-        event = Event("Normal", "StageRetried", f"stage {ps.key}: attempt {rec.attempts}, PyTorchJob {rec.job}")
+        event = Event(
+            "Normal", "StageRetried", f"stage {ps.key}: attempt {rec.attempts}, PyTorchJob {rec.job}"
+        )
     d.create_jobs.append((pytorchjob_for_stage(run, spec, ps, rec.attempts, rec.config_id), event))
 
 
-def _succeed(ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, when: dt.datetime, d: Decision) -> None:
+def _succeed(
+    ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, when: dt.datetime, d: Decision
+) -> None:
     rec.phase = "Succeeded"
     rec.message = ""
     rec.completion_time = rfc3339(when)
@@ -308,12 +352,23 @@ def _succeed(ps: plan_mod.PlannedStage, rec: StageStatus, done: Done | None, whe
     rec.duration_seconds = round((when - start).total_seconds(), 3) if start else None
     rec.outputs = outputs_from(done)
     d.finished_stages.append((ps.stage, rec.duration_seconds or 0.0))
-    d.events.append(Event("Normal", "StageSucceeded", f"stage {ps.key} succeeded after {rec.attempts} attempt(s)"))
+    d.events.append(
+        Event("Normal", "StageSucceeded", f"stage {ps.key} succeeded after {rec.attempts} attempt(s)")
+    )
 
 
-def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, job: dict[str, Any],
-                progress: Progress | None, done: Done | None, children: Children,
-                now: dt.datetime, d: Decision) -> None:
+def _follow_job(
+    run: RunRef,
+    spec: LLMRunSpec,
+    ps: plan_mod.PlannedStage,
+    rec: StageStatus,
+    job: dict[str, Any],
+    progress: Progress | None,
+    done: Done | None,
+    children: Children,
+    now: dt.datetime,
+    d: Decision,
+) -> None:
     state = job_state(job)
     rec.job = job["metadata"]["name"]
     rec.start_time = rec.start_time or job["metadata"].get("creationTimestamp") or rfc3339(now)
@@ -350,25 +405,44 @@ def _follow_job(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: S
     rec.phase = "Suspended" if suspended and spec.suspend else "Running"
 
 
-def _follow_queued_job(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, suspended: bool,
-                       adm: kueue.Admission, d: Decision) -> None:
+def _follow_queued_job(
+    spec: LLMRunSpec,
+    ps: plan_mod.PlannedStage,
+    rec: StageStatus,
+    suspended: bool,
+    adm: kueue.Admission,
+    d: Decision,
+) -> None:
     """A job that Kueue admits (kueue.py): Queued until its Workload is admitted; `spec.suspend`
     deactivates the Workload (Kueue then suspends the job) and clearing it reactivates the Workload."""
     queue = spec.compute.queue
     if spec.suspend:
         if adm.workload and adm.active:
             d.patch_workloads.append((adm.workload, kueue.deactivate_patch()))
-            d.events.append(Event("Normal", "StageSuspended", f"stage {ps.key}: deactivated Kueue Workload "
-                                                              f"{adm.workload} of PyTorchJob {rec.job}"))
+            d.events.append(
+                Event(
+                    "Normal",
+                    "StageSuspended",
+                    f"stage {ps.key}: deactivated Kueue Workload {adm.workload} of PyTorchJob {rec.job}",
+                )
+            )
         elif not adm.workload:
             d.requeue_after = ACTIVE_POLL_SECONDS  # Kueue makes the Workload in a moment: deactivate it then
         rec.phase = "Suspended"
-        d.queued = (False, "Suspended", f"stage {ps.key}: spec.suspend is true; its Kueue Workload is deactivated")
+        d.queued = (
+            False,
+            "Suspended",
+            f"stage {ps.key}: spec.suspend is true; its Kueue Workload is deactivated",
+        )
         return
     if not adm.active and adm.deactivated_by_operator:
         d.patch_workloads.append((adm.workload, kueue.reactivate_patch()))
-        d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: reactivated Kueue Workload {adm.workload}"))
-        adm = kueue.Admission(workload=adm.workload, reason="Pending", message="reactivated; waiting for Kueue")
+        d.events.append(
+            Event("Normal", "StageResumed", f"stage {ps.key}: reactivated Kueue Workload {adm.workload}")
+        )
+        adm = kueue.Admission(
+            workload=adm.workload, reason="Pending", message="reactivated; waiting for Kueue"
+        )
     if adm.admitted or not suspended:
         rec.phase = "Running"
         where = f"ClusterQueue {adm.cluster_queue}" if adm.cluster_queue else f"LocalQueue {queue}"
@@ -377,16 +451,32 @@ def _follow_queued_job(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageSt
     rec.phase = "Queued"
     if not adm.workload:
         d.requeue_after = ACTIVE_POLL_SECONDS  # no watch sees the Workload appear: look again soon
-    d.queued = (True, adm.reason or "Waiting", f"stage {ps.key}: {kueue.waiting_message(queue, rec.job, adm)}")
+    d.queued = (
+        True,
+        adm.reason or "Waiting",
+        f"stage {ps.key}: {kueue.waiting_message(queue, rec.job, adm)}",
+    )
 
 
-def _record_failure(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, progress: Progress | None,
-                    facts: FailureFacts, failed_at: dt.datetime, why: str, d: Decision) -> None:
+def _record_failure(
+    spec: LLMRunSpec,
+    ps: plan_mod.PlannedStage,
+    rec: StageStatus,
+    progress: Progress | None,
+    facts: FailureFacts,
+    failed_at: dt.datetime,
+    why: str,
+    d: Decision,
+) -> None:
     """Attempt `rec.attempts` failed: a preemption (the pods say so, or the trainer checkpointed on
     SIGTERM in this attempt) or a failure that counts."""
     rec.failed_attempt, rec.failure_time = rec.attempts, rfc3339(failed_at)
-    trainer_stopped = progress is not None and progress.attempt == rec.attempts and progress.stopped == "preempted"
-    disruption = facts.disruption or ("the trainer checkpointed on SIGTERM and exited" if trainer_stopped else "")
+    trainer_stopped = (
+        progress is not None and progress.attempt == rec.attempts and progress.stopped == "preempted"
+    )
+    disruption = facts.disruption or (
+        "the trainer checkpointed on SIGTERM and exited" if trainer_stopped else ""
+    )
     if disruption:
         rec.preemptions += 1
         rec.preempted_attempt = rec.attempts
@@ -402,8 +492,9 @@ def _record_failure(spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatu
         rec.message += "; last log lines:\n" + tail[-MAX_LOG_TAIL:]
 
 
-def _after_failure(run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus,
-                   now: dt.datetime, d: Decision) -> None:
+def _after_failure(
+    run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, now: dt.datetime, d: Decision
+) -> None:
     """After the recorded end of attempt `rec.attempts`: start the next one (at once after a
     preemption, after the backoff after a failure), or fail the stage after the last failure.
     The record keeps the outcome, so it holds even once the failed job is gone (TTL)."""
@@ -433,65 +524,116 @@ def _final_checkpoint(spec: LLMRunSpec, records: list[StageStatus]) -> str:
     for key in reversed(plan_mod.CHECKPOINT_STAGES):
         rec = by_key.get(key)
         if rec is not None and rec.phase == "Succeeded":
-            return rec.outputs.get("checkpoint") or layout.checkpoints_dir(layout.stage_dir(spec.storage.uri, plan_mod.MODULE_OF[key]))
+            return rec.outputs.get("checkpoint") or layout.checkpoints_dir(
+                layout.stage_dir(spec.storage.uri, plan_mod.MODULE_OF[key])
+            )
     return ""
 
 
-def _serving(run: RunRef, spec: LLMRunSpec, status: LLMRunStatus, existing: dict[str, Any] | None, d: Decision) -> bool:
+def _serving(
+    run: RunRef, spec: LLMRunSpec, status: LLMRunStatus, existing: dict[str, Any] | None, d: Decision
+) -> bool:
     """Create, patch or delete the RayService; fill status.serving. Returns whether it is ready."""
     name = rayservice_name(run.name)
     if not spec.serving.enabled:
         if existing is not None:
             d.delete_rayservice = name
-        status.serving = status.serving.model_copy(update={"ray_service": "", "ready": False, "url": "", "checkpoint": ""})
+        status.serving = status.serving.model_copy(
+            update={"ray_service": "", "ready": False, "url": "", "checkpoint": ""}
+        )
         return False
     _, args_checkpoint = served_checkpoints(existing) if existing else (None, None)
-    final = next((r for r in reversed(status.stages) if r.name in plan_mod.CHECKPOINT_STAGES and r.phase == "Succeeded"), None)
-    desired = rayservice_for_run(run, spec, status.checkpoint, args_checkpoint, final.config_id if final else "")
+    final = next(
+        (
+            r
+            for r in reversed(status.stages)
+            if r.name in plan_mod.CHECKPOINT_STAGES and r.phase == "Succeeded"
+        ),
+        None,
+    )
+    desired = rayservice_for_run(
+        run, spec, status.checkpoint, args_checkpoint, final.config_id if final else ""
+    )
     if existing is None:
         d.create_rayservice = desired
-        d.events.append(Event("Normal", "ServingCreated", f"created RayService {name} for {status.checkpoint}"))
+        d.events.append(
+            Event("Normal", "ServingCreated", f"created RayService {name} for {status.checkpoint}")
+        )
     elif not _contains(existing.get("spec") or {}, desired["spec"]):
         d.patch_rayservice = {"spec": desired["spec"]}
         d.events.append(Event("Normal", "ServingUpdated", f"updated RayService {name}"))
     ready = rayservice_ready(existing) and d.patch_rayservice is None
-    status.serving = status.serving.model_copy(update={
-        "ray_service": name, "ready": ready, "url": service_url(run.name, run.namespace), "checkpoint": status.checkpoint})
+    status.serving = status.serving.model_copy(
+        update={
+            "ray_service": name,
+            "ready": ready,
+            "url": service_url(run.name, run.namespace),
+            "checkpoint": status.checkpoint,
+        }
+    )
     return ready
 
 
 def _contains(actual: Any, wanted: Any) -> bool:
     """Whether `actual` has everything `wanted` sets (the API server adds defaults of its own)."""
     if isinstance(wanted, dict):
-        return isinstance(actual, dict) and all(k in actual and _contains(actual[k], v) for k, v in wanted.items())
+        return isinstance(actual, dict) and all(
+            k in actual and _contains(actual[k], v) for k, v in wanted.items()
+        )
     if isinstance(wanted, list):
         return isinstance(actual, list) and len(actual) == len(wanted) and all(map(_contains, actual, wanted))
     return actual == wanted
 
 
-def _conditions(old: list[dict[str, Any]], spec: LLMRunSpec, phase: str, current: StageStatus | None,
-                failed: StageStatus | None, serving_ready: bool, now: dt.datetime) -> list[dict[str, Any]]:
+def _conditions(
+    old: list[dict[str, Any]],
+    spec: LLMRunSpec,
+    phase: str,
+    current: StageStatus | None,
+    failed: StageStatus | None,
+    serving_ready: bool,
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
     c = list(old)
     if failed:
         c = set_condition(c, "Degraded", True, "StageFailed", f"stage {failed.name}: {failed.message}", now)
     elif current is not None and current.message:
-        c = set_condition(c, "Degraded", True, "AttemptFailed", f"stage {current.name}: {current.message}; retrying", now)
+        c = set_condition(
+            c, "Degraded", True, "AttemptFailed", f"stage {current.name}: {current.message}; retrying", now
+        )
     else:
         c = set_condition(c, "Degraded", False, "AsExpected", "", now)
     if phase in ("Running", "Pending"):
-        c = set_condition(c, "Progressing", True, "StageRunning", f"stage {current.name if current else ''}", now)
+        c = set_condition(
+            c, "Progressing", True, "StageRunning", f"stage {current.name if current else ''}", now
+        )
     elif phase == "Queued":
-        c = set_condition(c, "Progressing", False, "Queued", f"stage {current.name if current else ''} waits for "
-                                                              f"Kueue to admit it (see the Queued condition)", now)
+        c = set_condition(
+            c,
+            "Progressing",
+            False,
+            "Queued",
+            f"stage {current.name if current else ''} waits for Kueue to admit it (see the Queued condition)",
+            now,
+        )
     elif phase == "Suspended":
         c = set_condition(c, "Progressing", False, "Suspended", "spec.suspend is true", now)
     else:
         c = set_condition(c, "Progressing", False, phase, f"run {phase.lower()}", now)
     if phase == "Succeeded" and (serving_ready or not spec.serving.enabled):
         reason = "Serving" if spec.serving.enabled else "Trained"
-        c = set_condition(c, "Ready", True, reason, "training finished" + (", chat service ready" if spec.serving.enabled else ""), now)
+        c = set_condition(
+            c,
+            "Ready",
+            True,
+            reason,
+            "training finished" + (", chat service ready" if spec.serving.enabled else ""),
+            now,
+        )
     elif phase == "Succeeded":
-        c = set_condition(c, "Ready", False, "ServingNotReady", "training finished; waiting for the RayService", now)
+        c = set_condition(
+            c, "Ready", False, "ServingNotReady", "training finished; waiting for the RayService", now
+        )
     else:
         c = set_condition(c, "Ready", False, phase, f"run is {phase}", now)
     return c

@@ -81,7 +81,15 @@ def configuration_markdown() -> str:
             out += _rows({"properties": {name: prop}}, "spec", set(spec.get("required", [])))
     while sections:
         path, node = sections.pop(0)
-        out += ["", f"## {path}", "", node.get("description", ""), "", "| field | type | default | description |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"## {path}",
+            "",
+            node.get("description", ""),
+            "",
+            "| field | type | default | description |",
+            "|---|---|---|---|",
+        ]
         nested = []
         for name, prop in node["properties"].items():
             if "properties" in prop:

@@ -46,8 +46,12 @@ def job_state(job: dict[str, Any]) -> JobState:
     for phase in ("Succeeded", "Failed"):
         if phase in true:
             c = true[phase]
-            return JobState(phase, c.get("reason", ""), c.get("message", ""),
-                            parse_time(c.get("lastTransitionTime") or c.get("lastUpdateTime")))
+            return JobState(
+                phase,
+                c.get("reason", ""),
+                c.get("message", ""),
+                parse_time(c.get("lastTransitionTime") or c.get("lastUpdateTime")),
+            )
     if ((job.get("spec") or {}).get("runPolicy") or {}).get("suspend") or "Suspended" in true:
         return JobState("Suspended")
     if "Running" in true or "Restarting" in true:
@@ -59,13 +63,24 @@ def metrics_from(progress: Progress | None, done: Done | None) -> StageMetrics:
     """Status metrics of a stage: done.json's summary wins over the last progress.json."""
     m = StageMetrics()
     if progress is not None:
-        m = StageMetrics(step=progress.step, total_steps=progress.total_steps, loss=progress.loss,
-                         val_bpb=progress.val_bpb, tokens_per_second=progress.tokens_per_sec,
-                         mfu=progress.mfu, eta_seconds=progress.eta_seconds)
+        m = StageMetrics(
+            step=progress.step,
+            total_steps=progress.total_steps,
+            loss=progress.loss,
+            val_bpb=progress.val_bpb,
+            tokens_per_second=progress.tokens_per_sec,
+            mfu=progress.mfu,
+            eta_seconds=progress.eta_seconds,
+        )
     if done is not None:
         d = done.metrics
-        updates = {"loss": d.get("loss"), "val_bpb": d.get("val_bpb"), "tokens_per_second": d.get("tokens_per_sec"),
-                   "mfu": d.get("mfu"), "eta_seconds": 0.0}
+        updates = {
+            "loss": d.get("loss"),
+            "val_bpb": d.get("val_bpb"),
+            "tokens_per_second": d.get("tokens_per_sec"),
+            "mfu": d.get("mfu"),
+            "eta_seconds": 0.0,
+        }
         if m.total_steps:
             updates["step"] = m.total_steps
         m = m.model_copy(update={k: v for k, v in updates.items() if isinstance(v, (int, float))})
@@ -78,12 +93,17 @@ def outputs_from(done: Done | None) -> dict[str, str]:
     return {k: str(v) for k, v in done.outputs.items() if isinstance(v, (str, int, float))}
 
 
-def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
-                  now: dt.datetime) -> list[dict[str, Any]]:
+def set_condition(
+    conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str, now: dt.datetime
+) -> list[dict[str, Any]]:
     """Conditions with `type_` set; lastTransitionTime moves only when the status flips."""
     value = "True" if status else "False"
     old = next((c for c in conditions if c.get("type") == type_), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == value and old.get("lastTransitionTime") else rfc3339(now)
+    since = (
+        old["lastTransitionTime"]
+        if old and old.get("status") == value and old.get("lastTransitionTime")
+        else rfc3339(now)
+    )
     new = {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": since}
     return [c for c in conditions if c.get("type") != type_] + [new]
 

@@ -130,5 +130,7 @@ def is_current(done: Done | None, config_id: str) -> bool:
 
 def rerun_reason(done: Done, config_id: str) -> str:
     """The line a stage (or `nanorun run`) prints when it runs a finished stage again."""
-    return (f"{done.stage}: re-running after a spec change: done.json is of config "
-            f"{done.config_id or '(none)'}, this run is config {config_id}")
+    return (
+        f"{done.stage}: re-running after a spec change: done.json is of config "
+        f"{done.config_id or '(none)'}, this run is config {config_id}"
+    )

@@ -92,7 +92,9 @@ READ_ATTEMPTS = 5  # tries of a whole GET (request and body) when its body is cu
 
 
 def _is_missing(err: Exception) -> bool:
-    code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code", "")  # None on connection errors
+    code = (
+        (getattr(err, "response", None) or {}).get("Error", {}).get("Code", "")
+    )  # None on connection errors
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
@@ -134,7 +136,9 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         loc = parse_s3(uri)
-        return _read_with_retries(uri, lambda: s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
+        return _read_with_retries(
+            uri, lambda: s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        )
     return Path(uri).read_bytes()
 
 
@@ -206,8 +210,10 @@ def file_checksum(uri: str | Path) -> str:
     uri = str(uri)
     if is_s3(uri):
         loc = parse_s3(uri)
-        return _read_with_retries(uri, lambda: digest(
-            s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].iter_chunks(CHUNK)))
+        return _read_with_retries(
+            uri,
+            lambda: digest(s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].iter_chunks(CHUNK)),
+        )
     with open(uri, "rb") as f:
         return digest(iter(lambda: f.read(CHUNK), b""))
 

@@ -47,7 +47,9 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _content_fits(self) -> ChatMessage:
         if len(self.text) > MAX_MESSAGE_CHARS:
-            raise ValueError(f"a message may have at most {MAX_MESSAGE_CHARS} characters, got {len(self.text)}")
+            raise ValueError(
+                f"a message may have at most {MAX_MESSAGE_CHARS} characters, got {len(self.text)}"
+            )
         return self
 
 
@@ -77,7 +79,9 @@ class ChatCompletionRequest(BaseModel):
     def _conversation_shape(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         total = sum(len(m.text) for m in messages)
         if total > MAX_TOTAL_CHARS:
-            raise ValueError(f"the messages may have at most {MAX_TOTAL_CHARS} characters in all, got {total}")
+            raise ValueError(
+                f"the messages may have at most {MAX_TOTAL_CHARS} characters in all, got {total}"
+            )
         turns = messages[1:] if messages[0].role == "system" else messages
         if not turns:
             raise ValueError("a system message must be followed by a user message")
@@ -188,8 +192,9 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
 
 

@@ -73,13 +73,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
 }
 
-api = FastAPI(title="nanorun chat", version="0.1.0",
-              description="OpenAI-compatible chat completions over a nanorun checkpoint, with continuous "
-                          "batching. Limits: see nanorun.serving.api.")
+api = FastAPI(
+    title="nanorun chat",
+    version="0.1.0",
+    description="OpenAI-compatible chat completions over a nanorun checkpoint, with continuous "
+    "batching. Limits: see nanorun.serving.api.",
+)
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
@@ -109,7 +118,9 @@ class AppArgs(BaseModel):
 
     checkpoint: str | None = Field(default=None, description="checkpoint, stage or run URI (path or s3://)")
     tokenizer: str | None = Field(default=None, description="tokenizer dir; default <run-dir>/tok_train")
-    slots: int = Field(default=SERVE_SLOTS, ge=1, le=1024, description="KV-cache rows: requests decoded together")
+    slots: int = Field(
+        default=SERVE_SLOTS, ge=1, le=1024, description="KV-cache rows: requests decoded together"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = Field(default=0, ge=0)
     num_cpus: float = Field(default=1, ge=0)
@@ -128,7 +139,9 @@ class LoadedModel:
         self.model, self.tokenizer, self.info = load_chat_model(checkpoint, tokenizer, torch_device)
         self.source = (checkpoint, tokenizer)
         self.scheduler = Scheduler(self.model, self.tokenizer, slots=slots, metrics=serve_metrics()).start()
-        log.info("loaded %s (tokenizer %s) on %s", self.info["checkpoint"], self.info["tokenizer"], torch_device)
+        log.info(
+            "loaded %s (tokenizer %s) on %s", self.info["checkpoint"], self.info["tokenizer"], torch_device
+        )
 
 
 # Everything the routes use is defined above the deployment: Ray Serve's ingress takes a copy of
@@ -150,16 +163,23 @@ async def _complete(events: AsyncIterator[Any], start: float, headers: dict[str,
     if last is None or last.finish_reason == "error":
         return _error(500, last.error if last else "generation ended early", "server_error")
     result = ChatCompletion(
-        id=completion_id(), created=now(), model=MODEL_ID,
+        id=completion_id(),
+        created=now(),
+        model=MODEL_ID,
         choices=[Choice(message=AssistantMessage(content="".join(parts)), finish_reason=last.finish_reason)],
-        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                    total_tokens=last.prompt_tokens + last.completion_tokens),
+        usage=Usage(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            total_tokens=last.prompt_tokens + last.completion_tokens,
+        ),
     )
     return JSONResponse(result.model_dump(), headers=headers)
 
 
 def _data(payload: BaseModel | dict[str, Any]) -> str:
-    text = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    text = (
+        payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    )
     return f"data: {text}\n\n"
 
 
@@ -168,8 +188,9 @@ async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) ->
     cid, created = completion_id(), now()
 
     def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=cid, created=created, model=MODEL_ID,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+        return ChatCompletionChunk(
+            id=cid, created=created, model=MODEL_ID, choices=[ChunkChoice(delta=delta, finish_reason=finish)]
+        )
 
     first = True
     try:
@@ -187,10 +208,16 @@ async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) ->
                 if event.finish_reason is not None:
                     yield _data(chunk(Delta(), event.finish_reason))
                     if include_usage:
-                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                      total_tokens=event.prompt_tokens + event.completion_tokens)
-                        yield _data(ChatCompletionChunk(id=cid, created=created, model=MODEL_ID, choices=[],
-                                                        usage=usage))
+                        usage = Usage(
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            total_tokens=event.prompt_tokens + event.completion_tokens,
+                        )
+                        yield _data(
+                            ChatCompletionChunk(
+                                id=cid, created=created, model=MODEL_ID, choices=[], usage=usage
+                            )
+                        )
         yield "data: [DONE]\n\n"
     finally:
         serve_metrics().request_seconds.observe(time.monotonic() - start)
@@ -199,8 +226,13 @@ async def _sse(events: AsyncIterator[Any], start: float, include_usage: bool) ->
 @serve.deployment(name=SERVE_DEPLOYMENT_NAME, max_ongoing_requests=2 * SERVE_SLOTS, health_check_period_s=10)
 @serve.ingress(api)
 class ChatDeployment:
-    def __init__(self, slots: int = SERVE_SLOTS, device: str = "auto", checkpoint: str | None = None,
-                 tokenizer: str | None = None) -> None:
+    def __init__(
+        self,
+        slots: int = SERVE_SLOTS,
+        device: str = "auto",
+        checkpoint: str | None = None,
+        tokenizer: str | None = None,
+    ) -> None:
         export_replica_metrics()  # on the pod's metrics port, when the pod names one
         self.slots = slots
         self.device = device
@@ -221,8 +253,11 @@ class ChatDeployment:
             return
         async with self.lock:
             loaded = self.loaded
-            if loaded is not None and loaded.source == (checkpoint, tokenizer) and (
-                    not version or loaded.info.get("config_id") == version):
+            if (
+                loaded is not None
+                and loaded.source == (checkpoint, tokenizer)
+                and (not version or loaded.info.get("config_id") == version)
+            ):
                 return
             fresh = await asyncio.to_thread(LoadedModel, checkpoint, tokenizer, self.slots, self.device)
             old, self.loaded = self.loaded, fresh
@@ -247,9 +282,18 @@ class ChatDeployment:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         if self.loaded is None:
-            return {"status": "waiting for a checkpoint (user_config.checkpoint)", "ready": False, "pid": os.getpid()}
-        return {"status": "ok", "ready": True, "pid": os.getpid(), **self.loaded.info,
-                **self.loaded.scheduler.stats()}
+            return {
+                "status": "waiting for a checkpoint (user_config.checkpoint)",
+                "ready": False,
+                "pid": os.getpid(),
+            }
+        return {
+            "status": "ok",
+            "ready": True,
+            "pid": os.getpid(),
+            **self.loaded.info,
+            **self.loaded.scheduler.stats(),
+        }
 
     @api.get("/metrics", include_in_schema=False)
     async def prometheus(self) -> Response:
@@ -271,8 +315,12 @@ class ChatDeployment:
         try:
             loaded = self._require()
         except _NotReady:
-            return _error(503, "no model is loaded yet: set the deployment's user_config.checkpoint",
-                          "service_unavailable", code="not_ready")
+            return _error(
+                503,
+                "no model is loaded yet: set the deployment's user_config.checkpoint",
+                "service_unavailable",
+                code="not_ready",
+            )
         sampling = body.sampling()
         context = loaded.scheduler.context
         reserve = min(sampling["max_tokens"], context // 2)  # room left to answer in
@@ -285,8 +333,11 @@ class ChatDeployment:
         events = loaded.scheduler.stream(prompt, params)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(events, start, include_usage), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache", **headers})
+            return StreamingResponse(
+                _sse(events, start, include_usage),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", **headers},
+            )
         return await _complete(events, start, headers)
 
 

@@ -98,8 +98,9 @@ def _rows_view(cache: KVCache, n: int) -> KVCache:
 class Scheduler:
     """Continuous-batching generation over `slots` KV-cache rows (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, slots: int = 16,
-                 metrics: Any | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, slots: int = 16, metrics: Any | None = None
+    ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         self.model = model
@@ -137,8 +138,9 @@ class Scheduler:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.context:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
-        request = Request(prompt=list(prompt), params=params, loop=asyncio.get_running_loop(),
-                          queue=asyncio.Queue())
+        request = Request(
+            prompt=list(prompt), params=params, loop=asyncio.get_running_loop(), queue=asyncio.Queue()
+        )
         with self.wakeup:
             if self.closing:
                 raise RuntimeError("the scheduler is shutting down")
@@ -239,7 +241,9 @@ class Scheduler:
             if p.temperature <= 0.0:
                 out.append(greedy[i])
             else:
-                out.append(int(sample_tokens(logits[i:i + 1], r.generator, p.temperature, p.top_k, p.top_p)))
+                out.append(
+                    int(sample_tokens(logits[i : i + 1], r.generator, p.temperature, p.top_k, p.top_p))
+                )
         return out
 
     def _advance(self, request: Request, sampled: int) -> None:
@@ -270,8 +274,14 @@ class Scheduler:
 
     def _finish(self, request: Request, reason: str) -> None:
         tail = request.text.flush()
-        request.emit(Event(text=tail, finish_reason=reason, prompt_tokens=len(request.prompt),
-                           completion_tokens=request.generated))
+        request.emit(
+            Event(
+                text=tail,
+                finish_reason=reason,
+                prompt_tokens=len(request.prompt),
+                completion_tokens=request.generated,
+            )
+        )
 
     def _release(self, rows: list[int]) -> None:
         """Free the given rows, moving the last in-flight row into each hole (rows stay packed)."""
@@ -287,5 +297,10 @@ class Scheduler:
             self.cache.cache_seqlens[last] = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"slots": self.slots, "inflight": len(self.active), "queued": len(self.waiting),
-                "decode_steps": self.steps, "context": self.context}
+        return {
+            "slots": self.slots,
+            "inflight": len(self.active),
+            "queued": len(self.waiting),
+            "decode_steps": self.steps,
+            "context": self.context,
+        }

@@ -18,9 +18,12 @@ import threading
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanorun serve",
-                                description="Serve a checkpoint: OpenAI-compatible chat API and web UI.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, stage dir or run dir (local path or s3://)")
+    p = argparse.ArgumentParser(
+        prog="nanorun serve", description="Serve a checkpoint: OpenAI-compatible chat API and web UI."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, stage dir or run dir (local path or s3://)"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run-dir>/tok_train)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -50,13 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     num_gpus = 1 if args.device != "cpu" and _cuda_available() else 0
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app({"checkpoint": checkpoint, "tokenizer": args.tokenizer, "slots": args.slots,
-                         "device": args.device, "num_gpus": num_gpus}),
-              name=SERVE_APP_NAME, route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "checkpoint": checkpoint,
+                "tokenizer": args.tokenizer,
+                "slots": args.slots,
+                "device": args.device,
+                "num_gpus": num_gpus,
+            }
+        ),
+        name=SERVE_APP_NAME,
+        route_prefix="/",
+    )
     host = "localhost" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
     url = f"http://{host}:{args.port}"
-    print(f"nanorun serve: {checkpoint}\n  web UI   {url}/\n  API      {url}/v1  (OpenAI-compatible)\n"
-          f"  metrics  {url}/metrics\nCtrl-C to stop.", flush=True)
+    print(
+        f"nanorun serve: {checkpoint}\n  web UI   {url}/\n  API      {url}/v1  (OpenAI-compatible)\n"
+        f"  metrics  {url}/metrics\nCtrl-C to stop.",
+        flush=True,
+    )
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -51,15 +51,30 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(REQUESTS, "Chat completion requests by outcome (HTTP status code)",
-                                ["status"], registry=self.registry)
-        self.time_to_first_token = Histogram(TIME_TO_FIRST_TOKEN, "Seconds from request to first token",
-                                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.generated_tokens = Counter(GENERATED_TOKENS, "Tokens generated for clients", registry=self.registry)
-        self.request_seconds = Histogram(REQUEST_SECONDS, "Seconds per chat completion request",
-                                         buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inflight = Gauge(INFLIGHT, "Requests being generated (holding a KV-cache row)",
-                              registry=self.registry)
+        self.requests = Counter(
+            REQUESTS,
+            "Chat completion requests by outcome (HTTP status code)",
+            ["status"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            TIME_TO_FIRST_TOKEN,
+            "Seconds from request to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            GENERATED_TOKENS, "Tokens generated for clients", registry=self.registry
+        )
+        self.request_seconds = Histogram(
+            REQUEST_SECONDS,
+            "Seconds per chat completion request",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            INFLIGHT, "Requests being generated (holding a KV-cache row)", registry=self.registry
+        )
         self.queued = Gauge(QUEUED, "Requests waiting for a free KV-cache row", registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:

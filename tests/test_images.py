@@ -34,8 +34,11 @@ class Stage:
 
 def parse_dockerfile(path: Path) -> list[Stage]:
     """Stages with their instructions; comments dropped, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     stages: list[Stage] = []
     for line in text.splitlines():
         if not line.strip():
@@ -103,7 +106,11 @@ def image(request: pytest.FixtureRequest) -> tuple[str, list[Stage]]:
 
 
 def test_dockerignore_check_matches_like_docker() -> None:
-    patterns = [re.compile(r"(?:.*/)?__pycache__"), re.compile(r"rustbpe/target"), re.compile(r"[^/]*\.egg-info")]
+    patterns = [
+        re.compile(r"(?:.*/)?__pycache__"),
+        re.compile(r"rustbpe/target"),
+        re.compile(r"[^/]*\.egg-info"),
+    ]
     assert ignored("trainer/__pycache__/x.pyc", patterns)
     assert ignored("rustbpe/target/release/lib.so", patterns)
     assert ignored("nanorun.egg-info", patterns) and not ignored("trainer/nanorun.egg-info", patterns)
@@ -143,7 +150,11 @@ def test_every_copied_file_exists_and_reaches_the_build_context(image: tuple[str
                 assert flags["from"] in aliases, f"{name}: COPY --from={flags['from']} names no stage"
                 continue
             for source in sources:
-                matches = list(REPO.glob(source.rstrip("/"))) if any(c in source for c in "*?[") else [REPO / source]
+                matches = (
+                    list(REPO.glob(source.rstrip("/")))
+                    if any(c in source for c in "*?[")
+                    else [REPO / source]
+                )
                 assert matches and all(m.exists() for m in matches), f"{name}: COPY source {source} missing"
                 assert not ignored(source, patterns), f"{name}: COPY source {source} is in .dockerignore"
 
@@ -154,7 +165,9 @@ def test_no_secrets_are_baked_into_the_image(image: tuple[str, list[Stage]]) -> 
         for instruction, args in stage.instructions:
             if instruction in ("ENV", "ARG"):
                 for key, value in re.findall(r"(\w+)=(\"[^\"]*\"|\S*)", args) or [(args.split()[0], "")]:
-                    assert not (SECRET_WORDS.search(key) and value.strip('"')), f"{name}: {instruction} {key} has a value"
+                    assert not (SECRET_WORDS.search(key) and value.strip('"')), (
+                        f"{name}: {instruction} {key} has a value"
+                    )
             if instruction == "COPY":
                 sources, _ = copy_sources(args)
                 assert not [s for s in sources if re.search(r"\.env$|\.pem$|\.key$|kubeconfig", s)], args
@@ -168,7 +181,8 @@ def test_layers_leave_no_package_caches(image: tuple[str, list[Stage]]) -> None:
                 assert "--no-cache-dir" in run, f"{name}: pip keeps its cache: {run}"
             if "apt-get install" in run:
                 assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists" in run, (
-                    f"{name}: apt leaves its lists or recommends behind: {run}")
+                    f"{name}: apt leaves its lists or recommends behind: {run}"
+                )
 
 
 def test_image_command_is_a_nanorun_entry_point(image: tuple[str, list[Stage]]) -> None:
@@ -180,8 +194,14 @@ def test_image_command_is_a_nanorun_entry_point(image: tuple[str, list[Stage]]) 
 
 def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     patterns = dockerignore_patterns()
-    for path in (".venv/bin/python", "rustbpe/target/release/x", ".git/config", "trainer/__pycache__/a.pyc",
-                 ".kube/config", "tests/test_images.py"):
+    for path in (
+        ".venv/bin/python",
+        "rustbpe/target/release/x",
+        ".git/config",
+        "trainer/__pycache__/a.pyc",
+        ".kube/config",
+        "tests/test_images.py",
+    ):
         assert ignored(path, patterns), f"{path} would be sent to the docker daemon"
 
 
@@ -194,7 +214,9 @@ def test_trainer_image_builds_the_rust_binding_on_a_cuda_pytorch_base() -> None:
     assert any(f"--from={builder.alias}" in c for c in final.args_of("COPY"))
     match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime", final.base)
     assert match, f"trainer base {final.base} is not a CUDA PyTorch runtime image"
-    assert match.group(1) in requirement("trainer", "torch"), "the base image's torch does not satisfy [trainer]"
+    assert match.group(1) in requirement("trainer", "torch"), (
+        "the base image's torch does not satisfy [trainer]"
+    )
     assert any('[trainer]"' in r for r in final.args_of("RUN"))
     assert DEFAULT_IMAGE.rsplit(":", 1)[1] == pyproject()["project"]["version"]
 
@@ -206,13 +228,17 @@ def test_operator_image_is_slim_python_without_torch() -> None:
     assert '[operator]"' in installs
     assert not re.search(r"\[(trainer|serving|dev)", installs) and "torch" not in installs
     project = pyproject()["project"]
-    assert not [r for r in project["dependencies"] + project["optional-dependencies"]["operator"] if "torch" in r]
+    assert not [
+        r for r in project["dependencies"] + project["optional-dependencies"]["operator"] if "torch" in r
+    ]
 
 
 def test_serving_image_runs_the_ray_version_of_the_rayservice() -> None:
     stages = parse_dockerfile(DOCKERFILES["serving"])
     match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-cu\d+", stages[-1].base)
     assert match, f"serving base {stages[-1].base} is not a pinned Ray GPU image"
-    assert match.group(1) == DEFAULT_RAY_VERSION, "KubeRay needs the image's Ray to equal spec.serving.rayVersion"
+    assert match.group(1) == DEFAULT_RAY_VERSION, (
+        "KubeRay needs the image's Ray to equal spec.serving.rayVersion"
+    )
     assert match.group(1) in requirement("serving", "ray"), "the base image's Ray does not satisfy [serving]"
     assert any('[serving]"' in r for r in stages[-1].args_of("RUN"))

@@ -15,20 +15,33 @@ from prometheus_client.parser import text_string_to_metric_families
 
 SERIES = {
     "trainer": {
-        "llm_train_step", "llm_train_total_steps", "llm_train_loss", "llm_train_val_bpb",
-        "llm_train_tokens_total", "llm_train_tokens_per_second", "llm_train_mfu_ratio",
-        "llm_train_learning_rate", "llm_train_grad_norm", "llm_train_eta_seconds",
+        "llm_train_step",
+        "llm_train_total_steps",
+        "llm_train_loss",
+        "llm_train_val_bpb",
+        "llm_train_tokens_total",
+        "llm_train_tokens_per_second",
+        "llm_train_mfu_ratio",
+        "llm_train_learning_rate",
+        "llm_train_grad_norm",
+        "llm_train_eta_seconds",
         "llm_train_step_seconds_bucket",
     },
     "operator": {
-        "llmrun_reconciles_total", "llmrun_reconcile_errors_total", "llmrun_runs",
-        "llmrun_stage_duration_seconds_bucket", "llmrun_time_to_first_job_seconds_bucket",
+        "llmrun_reconciles_total",
+        "llmrun_reconcile_errors_total",
+        "llmrun_runs",
+        "llmrun_stage_duration_seconds_bucket",
+        "llmrun_time_to_first_job_seconds_bucket",
         "llmrun_stage_info",
     },
     "serving": {
-        "nanorun_serve_requests_total", "nanorun_serve_time_to_first_token_seconds_bucket",
-        "nanorun_serve_generated_tokens_total", "nanorun_serve_request_seconds_bucket",
-        "nanorun_serve_inflight_requests", "nanorun_serve_queued_requests",
+        "nanorun_serve_requests_total",
+        "nanorun_serve_time_to_first_token_seconds_bucket",
+        "nanorun_serve_generated_tokens_total",
+        "nanorun_serve_request_seconds_bucket",
+        "nanorun_serve_inflight_requests",
+        "nanorun_serve_queued_requests",
     },
 }
 # Labels the dashboard filters and groups by (docs/monitoring.md).
@@ -44,8 +57,9 @@ LABELS = {name: {"run", "stage", "rank"} for name in SERIES["trainer"]} | {
 def promtool_check(text: str) -> subprocess.CompletedProcess:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool is not installed: `apt-get install prometheus` (or `make setup-system`)",
-                    pytrace=False)
+        pytest.fail(
+            "promtool is not installed: `apt-get install prometheus` (or `make setup-system`)", pytrace=False
+        )
     return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
 
 
@@ -66,13 +80,18 @@ def test_promtool_accepts_the_scraped_metrics(scraped_metrics: dict[str, str | N
 def test_scraped_metrics_carry_the_agreed_series_and_labels(
     scraped_metrics: dict[str, str | None], component: str
 ) -> None:
-    samples = [s for family in text_string_to_metric_families(exposition(scraped_metrics, component))
-               for s in family.samples]
+    samples = [
+        s
+        for family in text_string_to_metric_families(exposition(scraped_metrics, component))
+        for s in family.samples
+    ]
     names = {s.name for s in samples}
     assert SERIES[component] <= names, f"{component} lacks {sorted(SERIES[component] - names)}"
     for sample in samples:
         wanted = LABELS.get(sample.name, set())
-        assert wanted <= set(sample.labels), f"{sample.name} lacks labels {sorted(wanted - set(sample.labels))}"
+        assert wanted <= set(sample.labels), (
+            f"{sample.name} lacks labels {sorted(wanted - set(sample.labels))}"
+        )
 
 
 def test_promtool_rejects_a_counter_without_the_total_suffix() -> None:

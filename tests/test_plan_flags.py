@@ -24,13 +24,30 @@ EXAMPLES = sorted([*ROOT.glob("examples/*.yaml"), *ROOT.glob("manifests/examples
 EVERY_FLAG_SPEC = {
     "storage": {"uri": "s3://bucket/runs/every-flag"},
     "data": {"pretrain": "s3://bucket/shards", "shards": 7},
-    "model": {"depth": 6, "maxSeqLen": 512, "headDim": 64, "aspectRatio": 32, "nKvHead": 1, "windowPattern": "SL"},
+    "model": {
+        "depth": 6,
+        "maxSeqLen": 512,
+        "headDim": 64,
+        "aspectRatio": 32,
+        "nKvHead": 1,
+        "windowPattern": "SL",
+    },
     "tokenizer": {"vocabSize": 8192, "maxChars": 123456, "docCap": 999},
     "compute": {"gpusPerNode": 2},
     "stages": {
-        "pretrain": {"targetParamDataRatio": 8.5, "numIterations": 11, "deviceBatchSize": 4, "totalBatchSize": 8192,
-                     "embeddingLr": 0.2, "unembeddingLr": 0.004, "matrixLr": 0.01, "scalarLr": 0.4,
-                     "weightDecay": 0.1, "evalEvery": 5, "saveEvery": 3},
+        "pretrain": {
+            "targetParamDataRatio": 8.5,
+            "numIterations": 11,
+            "deviceBatchSize": 4,
+            "totalBatchSize": 8192,
+            "embeddingLr": 0.2,
+            "unembeddingLr": 0.004,
+            "matrixLr": 0.01,
+            "scalarLr": 0.4,
+            "weightDecay": 0.1,
+            "evalEvery": 5,
+            "saveEvery": 3,
+        },
         "baseEval": {"maxPerTask": 9, "deviceBatchSize": 3},
         "midtrain": {"numIterations": 12, "deviceBatchSize": 5},
         "sft": {"numIterations": 13, "deviceBatchSize": 6},
@@ -51,7 +68,7 @@ def parse_stage_args(stage: str, argv: list[str]) -> argparse.Namespace:
 
 
 def flags_after_module(command: list[str], module: str) -> list[str]:
-    return command[command.index(module) + 1:]
+    return command[command.index(module) + 1 :]
 
 
 def load_example(path: Path):
@@ -88,10 +105,29 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
     tok = parsed("tokenizer")
     assert (tok.data, tok.vocab_size, tok.max_chars, tok.doc_cap) == ("s3://bucket/shards", 8192, 123456, 999)
     pre = parsed("pretrain")
-    assert (pre.data, pre.shards, pre.depth, pre.max_seq_len, pre.head_dim, pre.aspect_ratio, pre.n_kv_head,
-            pre.window_pattern) == ("s3://bucket/shards", 7, 6, 512, 64, 32, 1, "SL")
-    assert (pre.target_param_data_ratio, pre.num_iterations, pre.device_batch_size, pre.total_batch_size) == (8.5, 11, 4, 8192)
-    assert (pre.embedding_lr, pre.unembedding_lr, pre.matrix_lr, pre.scalar_lr, pre.weight_decay) == (0.2, 0.004, 0.01, 0.4, 0.1)
+    assert (
+        pre.data,
+        pre.shards,
+        pre.depth,
+        pre.max_seq_len,
+        pre.head_dim,
+        pre.aspect_ratio,
+        pre.n_kv_head,
+        pre.window_pattern,
+    ) == ("s3://bucket/shards", 7, 6, 512, 64, 32, 1, "SL")
+    assert (pre.target_param_data_ratio, pre.num_iterations, pre.device_batch_size, pre.total_batch_size) == (
+        8.5,
+        11,
+        4,
+        8192,
+    )
+    assert (pre.embedding_lr, pre.unembedding_lr, pre.matrix_lr, pre.scalar_lr, pre.weight_decay) == (
+        0.2,
+        0.004,
+        0.01,
+        0.4,
+        0.1,
+    )
     assert (pre.eval_every, pre.save_every) == (5, 3)
     base_eval = parsed("baseEval")
     assert (base_eval.max_per_task, base_eval.device_batch_size) == (9, 3)
@@ -103,7 +139,12 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
 
 
 def test_extra_args_come_last_so_they_override_the_spec():
-    spec = parse_spec({**EVERY_FLAG_SPEC, "stages": {"pretrain": {"numIterations": 11, "extraArgs": ["--num-iterations", "99"]}}})
+    spec = parse_spec(
+        {
+            **EVERY_FLAG_SPEC,
+            "stages": {"pretrain": {"numIterations": 11, "extraArgs": ["--num-iterations", "99"]}},
+        }
+    )
     pretrain = next(s for s in stage_plan(spec) if s.key == "pretrain")
     assert parse_stage_args("base_train", ["--run-dir", "x", *pretrain.args]).num_iterations == 99
 

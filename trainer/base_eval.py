@@ -27,14 +27,20 @@ from nanorun.trainer.training.common import add_common_args, setup_stage, teardo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.base_eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nanorun.trainer.base_eval", description=__doc__.split("\n")[0]
+    )
     add_common_args(p)
     p.add_argument("--source-stage", default="base_train", help="stage whose final checkpoint is evaluated")
-    p.add_argument("--data", default=None, help="shards for bpb (default: the training run's; last = validation)")
+    p.add_argument(
+        "--data", default=None, help="shards for bpb (default: the training run's; last = validation)"
+    )
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass for bpb")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens for bpb")
     p.add_argument("--max-per-task", type=int, default=500, help="CORE examples per task (-1 = all)")
-    p.add_argument("--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)")
+    p.add_argument(
+        "--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)"
+    )
     p.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
     return p
 
@@ -66,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     batches = validation_batches(tokenizer, val_shard, B, T, ctx.rank, ctx.world_size, ctx.device)
     metrics["val_bpb"] = evaluate_bpb(model, batches, steps, tokenizer.token_bytes())
     batches.close()
-    ctx.print0(f"val bpb: {metrics['val_bpb']:.4f} ({steps * B * T * ctx.world_size:,} tokens of {val_shard})")
+    ctx.print0(
+        f"val bpb: {metrics['val_bpb']:.4f} ({steps * B * T * ctx.world_size:,} tokens of {val_shard})"
+    )
     ctx.progress(flush=True, step=1, total_steps=3, val_bpb=metrics["val_bpb"])
 
     # -- samples
     if ctx.is_master:
-        samples = [{"prompt": p, "completion": greedy_sample(model, tokenizer, p, args.sample_tokens, ctx.device)}
-                   for p in SAMPLE_PROMPTS]
+        samples = [
+            {"prompt": p, "completion": greedy_sample(model, tokenizer, p, args.sample_tokens, ctx.device)}
+            for p in SAMPLE_PROMPTS
+        ]
         for s in samples:
             ctx.print0(f"  {s['completion']!r}")
         uri = storage.join(ctx.stage_dir, "samples.json")
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if bundle is not None:
         ctx.print0(f"CORE on {bundle}:")
         with torch.no_grad():
-            core = core_eval.evaluate_core(model, tokenizer, bundle, ctx.device, args.max_per_task, log=ctx.print0)
+            core = core_eval.evaluate_core(
+                model, tokenizer, bundle, ctx.device, args.max_per_task, log=ctx.print0
+            )
         metrics.update(core=core["core"], core_tasks=core["centered"])
         ctx.print0(f"CORE: {core['core']:.4f}")
         if ctx.is_master:

@@ -48,25 +48,43 @@ SAMPLE_PROMPTS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.base_train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nanorun.trainer.base_train", description=__doc__.split("\n")[0]
+    )
     add_common_args(p)
-    p.add_argument("--data", default="bundled", help="pretraining shards: 'bundled', a dir/prefix URI, or hf URL")
-    p.add_argument("--shards", type=int, default=-1, help="use the first N shards (the last of them validates; -1 = all)")
+    p.add_argument(
+        "--data", default="bundled", help="pretraining shards: 'bundled', a dir/prefix URI, or hf URL"
+    )
+    p.add_argument(
+        "--shards", type=int, default=-1, help="use the first N shards (the last of them validates; -1 = all)"
+    )
     m = p.add_argument_group("model")
     m.add_argument("--depth", type=int, default=20, help="transformer layers; width and heads follow from it")
     m.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect ratio")
     m.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
-    m.add_argument("--window-pattern", default="SSSL", help="per-layer sliding-window pattern (S short, L long)")
-    m.add_argument("--fp8", action="store_true",
-                   help="FP8 matmuls in the block linears (GPUs with FP8 tensor cores, e.g. H100; ignored elsewhere)")
-    m.add_argument("--n-kv-head", type=int, default=None, help="key/value heads (grouped-query attention; default = heads)")
+    m.add_argument(
+        "--window-pattern", default="SSSL", help="per-layer sliding-window pattern (S short, L long)"
+    )
+    m.add_argument(
+        "--fp8",
+        action="store_true",
+        help="FP8 matmuls in the block linears (GPUs with FP8 tensor cores, e.g. H100; ignored elsewhere)",
+    )
+    m.add_argument(
+        "--n-kv-head",
+        type=int,
+        default=None,
+        help="key/value heads (grouped-query attention; default = heads)",
+    )
     h = p.add_argument_group("horizon (first one set wins)")
     h.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
     h.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs to spend (-1 = off)")
     h.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
     o = p.add_argument_group("optimization")
-    o.add_argument("--device-batch-size", type=int, default=32, help="rows per forward/backward on one device")
+    o.add_argument(
+        "--device-batch-size", type=int, default=32, help="rows per forward/backward on one device"
+    )
     o.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto)")
     o.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding")
     o.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of the LM head")
@@ -74,19 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars")
     o.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the d12 reference")
     o.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
-    o.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of linear LR warmdown")
-    o.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
+    o.add_argument(
+        "--warmdown-ratio", type=float, default=0.65, help="fraction of steps of linear LR warmdown"
+    )
+    o.add_argument(
+        "--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak"
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data-streams", type=int, default=-1, help="independent data streams (-1 = 8, or a multiple of the world size)")
-    d.add_argument("--doc-buffer", type=int, default=256, help="tokenized documents per stream for best-fit packing")
+    d.add_argument(
+        "--data-streams",
+        type=int,
+        default=-1,
+        help="independent data streams (-1 = 8, or a multiple of the world size)",
+    )
+    d.add_argument(
+        "--doc-buffer", type=int, default=256, help="tokenized documents per stream for best-fit packing"
+    )
     e = p.add_argument_group("evaluation and checkpoints")
-    e.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
+    e.add_argument(
+        "--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)"
+    )
     e.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
-    e.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps (-1 = off)")
-    e.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = off; base_eval runs it)")
+    e.add_argument(
+        "--sample-every", type=int, default=2000, help="print greedy samples every N steps (-1 = off)"
+    )
+    e.add_argument(
+        "--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = off; base_eval runs it)"
+    )
     e.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
-    e.add_argument("--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)")
-    e.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    e.add_argument(
+        "--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)"
+    )
+    e.add_argument(
+        "--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)"
+    )
     e.add_argument("--keep-checkpoints", type=int, default=3, help="committed checkpoints to keep")
     return p
 
@@ -95,8 +134,12 @@ def model_config(args: argparse.Namespace, vocab_size: int, depth: int | None = 
     from nanorun.trainer.model.gpt import GPTConfig
 
     return GPTConfig.from_depth(
-        depth or args.depth, vocab_size, args.max_seq_len, aspect_ratio=args.aspect_ratio,
-        head_dim=args.head_dim, n_kv_head=args.n_kv_head if depth is None else None,
+        depth or args.depth,
+        vocab_size,
+        args.max_seq_len,
+        aspect_ratio=args.aspect_ratio,
+        head_dim=args.head_dim,
+        n_kv_head=args.n_kv_head if depth is None else None,
         window_pattern=args.window_pattern,
     )
 
@@ -117,7 +160,9 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
     if total_batch <= 0:
         total_batch = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
     if total_batch % args.max_seq_len:
-        raise SystemExit(f"--total-batch-size {total_batch} must be a multiple of --max-seq-len {args.max_seq_len}")
+        raise SystemExit(
+            f"--total-batch-size {total_batch} must be a multiple of --max-seq-len {args.max_seq_len}"
+        )
     if args.num_iterations > 0:
         steps = args.num_iterations
     elif args.target_flops > 0:
@@ -147,7 +192,9 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
 
 
 @torch.no_grad()
-def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_tokens: int, device: torch.device) -> str:
+def greedy_sample(
+    model: torch.nn.Module, tokenizer: Any, prompt: str, max_tokens: int, device: torch.device
+) -> str:
     """Greedy continuation of `prompt` (full forward per token: fine for a few short samples)."""
     ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
     x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -197,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     if not meta and args.shards > 0:
         shards = shards[: args.shards]
     if len(shards) < 2:
-        raise SystemExit(f"--data {args.data} resolved to {len(shards)} shard(s); need 2+ (the last is validation)")
+        raise SystemExit(
+            f"--data {args.data} resolved to {len(shards)} shard(s); need 2+ (the last is validation)"
+        )
     optimizer = model.setup_optimizer(**plan["lr"])
     if meta:
         ckpt.load_optimizer(resume_uri, optimizer)
@@ -218,18 +267,34 @@ def main(argv: list[str] | None = None) -> int:
     num_iterations, T = plan["num_iterations"], plan["seq_len"]
     B = min(args.device_batch_size, plan["rows_per_step"] // ctx.world_size)
     loader = PackedBatches.for_shards(
-        tokenizer, shards[:-1], device_batch_size=B, seq_len=T, rows_per_step=plan["rows_per_step"],
-        streams=plan["data_streams"], rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-        buffer_size=plan["doc_buffer"], state=meta["dataloader"] if meta else None,
+        tokenizer,
+        shards[:-1],
+        device_batch_size=B,
+        seq_len=T,
+        rows_per_step=plan["rows_per_step"],
+        streams=plan["data_streams"],
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        buffer_size=plan["doc_buffer"],
+        state=meta["dataloader"] if meta else None,
     )
     accum = plan["rows_per_step"] // (B * ctx.world_size)
     step = meta["step"] if meta else 0
-    loop = meta["loop"] if meta else {"min_val_bpb": None, "smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0}
+    loop = (
+        meta["loop"]
+        if meta
+        else {"min_val_bpb": None, "smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0}
+    )
     ctx.load_history(before_step=step)
-    ctx.print0(f"model: depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} parameters, "
-               f"{flops_per_token:.3e} FLOPs/token")
-    ctx.print0(f"plan: {num_iterations} steps x {plan['total_batch_size']:,} tokens; device batch {B} x {T}, "
-               f"{accum} accumulation step(s) x {ctx.world_size} rank(s); lr {plan['lr']}")
+    ctx.print0(
+        f"model: depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} parameters, "
+        f"{flops_per_token:.3e} FLOPs/token"
+    )
+    ctx.print0(
+        f"plan: {num_iterations} steps x {plan['total_batch_size']:,} tokens; device batch {B} x {T}, "
+        f"{accum} accumulation step(s) x {ctx.world_size} rank(s); lr {plan['lr']}"
+    )
     if meta:
         ctx.print0(f"resuming from {resume_uri} (step {step}, saved on {meta['world_size']} rank(s))")
 
@@ -238,14 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     bundle = None
     while True:
         last_step = step == num_iterations
-        periodic = not preempted and step > first_step  # no evaluations while being preempted or right after resuming
+        periodic = (
+            not preempted and step > first_step
+        )  # no evaluations while being preempted or right after resuming
         if last_step or (periodic and args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
             batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
             val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
             batches.close()
-            loop["min_val_bpb"] = val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
+            loop["min_val_bpb"] = (
+                val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
+            )
             ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
             ctx.progress(flush=True, step=step, total_steps=num_iterations, val_bpb=val_bpb)
             ctx.record(step=step, val_bpb=val_bpb)
@@ -254,18 +323,26 @@ def main(argv: list[str] | None = None) -> int:
             bundle = bundle or core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
             if bundle is not None:
                 model.eval()
-                core = core_eval.evaluate_core(model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task)
+                core = core_eval.evaluate_core(
+                    model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task
+                )
                 loop["core"] = core["core"]
                 ctx.print0(f"step {step:06d} | CORE {core['core']:.4f}")
                 ctx.record(step=step, core=core["core"])
                 model.train()
-        if ctx.is_master and args.sample_every > 0 and (last_step or (periodic and step % args.sample_every == 0)):
+        if (
+            ctx.is_master
+            and args.sample_every > 0
+            and (last_step or (periodic and step % args.sample_every == 0))
+        ):
             model.eval()
             for prompt in SAMPLE_PROMPTS:
                 ctx.print0("  sample:", repr(greedy_sample(model, tokenizer, prompt, 16, ctx.device)))
             model.train()
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0) or preempted:
-            last_ckpt = save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints)
+            last_ckpt = save(
+                ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints
+            )
             ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
             ctx.flush_history()
         if preempted:
@@ -285,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
         ).item()
-        lrm = lr_multiplier(step, num_iterations, plan["warmup_steps"], plan["warmdown_ratio"], plan["final_lr_frac"])
+        lrm = lr_multiplier(
+            step, num_iterations, plan["warmup_steps"], plan["warmdown_ratio"], plan["final_lr_frac"]
+        )
         for g, lr, wd in zip(optimizer.param_groups, base_lr, base_wd, strict=True):
             g["lr"] = lr * lrm
             if g.get("kind") == "muon":
@@ -312,19 +391,35 @@ def main(argv: list[str] | None = None) -> int:
         ctx.print0(
             f"step {step:06d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
             f"grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
-            + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | eta {eta / 60:.1f} min"
+            + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+            + f" | eta {eta / 60:.1f} min"
         )
         ctx.progress(
-            step=step, total_steps=num_iterations, loss=smooth, tokens_per_sec=tok_s, mfu=mfu, eta_seconds=eta,
-            lr=plan["lr"]["matrix_lr"] * lrm, grad_norm=grad_norm, tokens=plan["total_batch_size"], step_seconds=dt,
+            step=step,
+            total_steps=num_iterations,
+            loss=smooth,
+            tokens_per_sec=tok_s,
+            mfu=mfu,
+            eta_seconds=eta,
+            lr=plan["lr"]["matrix_lr"] * lrm,
+            grad_norm=grad_norm,
+            tokens=plan["total_batch_size"],
+            step_seconds=dt,
         )
         ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=grad_norm, tokens_per_sec=tok_s, seconds=dt)
         preempted = ctx.should_stop()
 
     loader.close()
-    metrics = {"val_bpb": val_bpb, "min_val_bpb": loop["min_val_bpb"], "core": loop.get("core"), "steps": num_iterations,
-               "tokens": num_iterations * plan["total_batch_size"], "params": model.num_params(),
-               "train_seconds": loop["train_seconds"], "flops": flops_per_token * num_iterations * plan["total_batch_size"]}
+    metrics = {
+        "val_bpb": val_bpb,
+        "min_val_bpb": loop["min_val_bpb"],
+        "core": loop.get("core"),
+        "steps": num_iterations,
+        "tokens": num_iterations * plan["total_batch_size"],
+        "params": model.num_params(),
+        "train_seconds": loop["train_seconds"],
+        "flops": flops_per_token * num_iterations * plan["total_batch_size"],
+    }
     ctx.done(metrics, {"checkpoint": last_ckpt})
     ctx.print0(f"base_train done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
     return teardown(ctx)
@@ -335,8 +430,14 @@ def save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, keep)
     if ctx.distributed:
         states = [None] * ctx.world_size
         dist.all_gather_object(states, loader.state_dict())
-    meta = {"plan": plan, "shards": shards, "loop": loop, "val_bpb": val_bpb, "dataloader": merge_states(states),
-            "model_config": model.config.to_dict()}
+    meta = {
+        "plan": plan,
+        "shards": shards,
+        "loop": loop,
+        "val_bpb": val_bpb,
+        "dataloader": merge_states(states),
+        "model_config": model.config.to_dict(),
+    }
     return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, meta, keep_last=keep)
 
 

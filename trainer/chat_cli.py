@@ -25,9 +25,12 @@ HELP = """commands:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanorun chat", description="Chat with a nanorun checkpoint in the terminal.")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint dir, stage dir or run dir (local path or s3://)")
+    p = argparse.ArgumentParser(
+        prog="nanorun chat", description="Chat with a nanorun checkpoint in the terminal."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, stage dir or run dir (local path or s3://)"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run-dir>/tok_train)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--system", default="", help="system message prepended to the conversation")
@@ -117,16 +120,22 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user_text})
         system = [{"role": "system", "content": self.args.system}] if self.args.system else []
         reserve = min(self.args.max_tokens, self.context // 2)
-        prompt, notice = fit_conversation(engine.tokenizer, {"messages": system + self.messages},
-                                          self.context - reserve)
+        prompt, notice = fit_conversation(
+            engine.tokenizer, {"messages": system + self.messages}, self.context - reserve
+        )
         if notice:
             print(f"(note: {notice})", file=self.out)
         stream = TextStream(engine.tokenizer, engine.special)
         tokens: list[int] = []
         text = []
         seed = self.args.seed if self.args.seed is not None else random.getrandbits(63)
-        for column, _ in engine.generate(prompt, max_tokens=self.args.max_tokens, temperature=self.temperature,
-                                         top_k=self.top_k or None, seed=seed):
+        for column, _ in engine.generate(
+            prompt,
+            max_tokens=self.args.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k or None,
+            seed=seed,
+        ):
             token = column[0]
             piece = stream.push(token)
             text.append(piece)
@@ -137,8 +146,9 @@ class ChatSession:
         tail = stream.flush()
         text.append(tail)
         print(tail, file=self.out, flush=True)
-        self.messages.append({"role": "assistant",
-                              "content": assistant_parts(tokens, engine.tokenizer, engine.special)})
+        self.messages.append(
+            {"role": "assistant", "content": assistant_parts(tokens, engine.tokenizer, engine.special)}
+        )
         return "".join(text)
 
 
@@ -146,8 +156,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     args = build_parser().parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     if args.max_tokens < 1 or not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200:
-        print("nanorun chat: need --max-tokens >= 1, --temperature in [0, 2], --top-k in [0, 200]",
-              file=sys.stderr)
+        print(
+            "nanorun chat: need --max-tokens >= 1, --temperature in [0, 2], --top-k in [0, 200]",
+            file=sys.stderr,
+        )
         return 2
 
     from nanorun.trainer.chat.engine import Engine, default_device, load_chat_model
@@ -166,7 +178,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
         return 0
 
     interactive = stdin.isatty()
-    print(f"nanorun chat: {info['checkpoint']} (context {info['context']} tokens). /help for commands.", file=out)
+    print(
+        f"nanorun chat: {info['checkpoint']} (context {info['context']} tokens). /help for commands.",
+        file=out,
+    )
     while True:
         if interactive:
             print("\nyou> ", end="", file=out, flush=True)

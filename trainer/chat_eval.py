@@ -127,10 +127,17 @@ def evaluate_source(
             )
         else:
             out = run_generative_eval(
-                task, engine, tokenizer, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems, device=ctx.device,
+                task,
+                engine,
+                tokenizer,
+                num_samples=args.num_samples,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                max_problems=args.max_problems,
+                device=ctx.device,
                 samples_out=task_samples,
-            )  # fmt: skip
+            )
         results[name] = out["accuracy"]
         samples += task_samples[:SAMPLES_PER_TASK]
         ctx.print0(

@@ -167,9 +167,16 @@ def rl_step(
         model.eval()
         try:
             group = rollout(
-                engine, tokenizer, task, index, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                engine,
+                tokenizer,
+                task,
+                index,
+                args.num_samples,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
                 seed=step * 1_000_003 + index,
-            )  # fmt: skip
+            )
         except ContextOverflowError:  # a problem longer than the model's context teaches nothing
             continue
         completions, masks, rewards, prompt_len = group
@@ -209,8 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def evaluate(step: int) -> dict[str, float]:
-        return pass_at_k(engine, tokenizer, test, args.num_samples, args.eval_examples, args.max_new_tokens,
-                         args.temperature, args.top_k, ctx.device)  # fmt: skip
+        return pass_at_k(
+            engine,
+            tokenizer,
+            test,
+            args.num_samples,
+            args.eval_examples,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            ctx.device,
+        )
 
     def train_step(step: int) -> StepReport:
         first = step * args.examples_per_step
@@ -224,16 +240,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         reward, loss = reward / ctx.world_size, loss / ctx.world_size
         return StepReport(
-            lrm=lrm, loss=loss, grad_norm=out["grad_norm"], tokens=int(tokens), tokens_per_step=tokens,
+            lrm=lrm,
+            loss=loss,
+            grad_norm=out["grad_norm"],
+            tokens=int(tokens),
+            tokens_per_step=tokens,
             log=f"reward {reward:.4f} | loss {loss:.4f} | lrm {lrm:.3f}",
-            record={"reward": reward, "loss": loss, "lrm": lrm}, extra={"reward": reward},
-        )  # fmt: skip
+            record={"reward": reward, "loss": loss, "lrm": lrm},
+            extra={"reward": reward},
+        )
 
     outcome = run_loop(
-        ctx, args, model, optimizer, start, steps, evaluate=evaluate, train_step=train_step,
-        checkpoint_meta=lambda evals: {"loop": {**loop, "evals": evals}}, evals=start.loop.get("evals", {}),
+        ctx,
+        args,
+        model,
+        optimizer,
+        start,
+        steps,
+        evaluate=evaluate,
+        train_step=train_step,
+        checkpoint_meta=lambda evals: {"loop": {**loop, "evals": evals}},
+        evals=start.loop.get("evals", {}),
         log_seconds=True,
-    )  # fmt: skip
+    )
     if outcome.preempted:
         return exit_preempted(ctx, outcome.checkpoint)
     metrics = {**outcome.evals, "steps": steps, "task": train.name, "tasks": report.used}

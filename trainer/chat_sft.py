@@ -138,15 +138,26 @@ def main(argv: list[str] | None = None) -> int:
         model.zero_grad(set_to_none=True)
         train_loss = mean_across_ranks(loss_sum / max(tokens, 1), ctx.device)
         return StepReport(
-            lrm=lrm, loss=train_loss, grad_norm=norm, tokens=tokens, tokens_per_step=tokens * ctx.world_size,
+            lrm=lrm,
+            loss=train_loss,
+            grad_norm=norm,
+            tokens=tokens,
+            tokens_per_step=tokens * ctx.world_size,
             log=f"loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens",
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
-        )  # fmt: skip
+        )
 
     outcome = run_loop(
-        ctx, args, model, optimizer, start, steps, evaluate=evaluate, train_step=train_step,
+        ctx,
+        args,
+        model,
+        optimizer,
+        start,
+        steps,
+        evaluate=evaluate,
+        train_step=train_step,
         checkpoint_meta=lambda evals: {"loop": loop, "val_bpb": evals.get("val_bpb")},
-    )  # fmt: skip
+    )
     if outcome.preempted:
         return exit_preempted(ctx, outcome.checkpoint)
     val_bpb = outcome.evals["val_bpb"]

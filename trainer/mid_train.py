@@ -79,9 +79,16 @@ def packed(
 
     return PackedBatches(
         lambda k: SequenceDocuments(document, len(task), k, streams),
-        device_batch_size=B, seq_len=seq_len, rows_per_step=rows, streams=streams, rank=rank,
-        world_size=world, device=device, buffer_size=64, state=state,
-    )  # fmt: skip
+        device_batch_size=B,
+        seq_len=seq_len,
+        rows_per_step=rows,
+        streams=streams,
+        rank=rank,
+        world_size=world,
+        device=device,
+        buffer_size=64,
+        state=state,
+    )
 
 
 def close_loader(loader: PackedBatches) -> None:
@@ -200,15 +207,26 @@ def main(argv: list[str] | None = None) -> int:
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
         smooth = loop["smooth_loss"] / (1 - 0.9 ** (step + 1 - start.step))
         return StepReport(
-            lrm=lrm, loss=smooth, grad_norm=norm, tokens=plan["total_batch_size"],
-            tokens_per_step=plan["total_batch_size"], log=f"loss {train_loss:.4f} | lrm {lrm:.3f}",
+            lrm=lrm,
+            loss=smooth,
+            grad_norm=norm,
+            tokens=plan["total_batch_size"],
+            tokens_per_step=plan["total_batch_size"],
+            log=f"loss {train_loss:.4f} | lrm {lrm:.3f}",
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
-        )  # fmt: skip
+        )
 
     outcome = run_loop(
-        ctx, args, model, optimizer, start, steps,
-        evaluate=evaluate, train_step=train_step, checkpoint_meta=checkpoint_meta,
-    )  # fmt: skip
+        ctx,
+        args,
+        model,
+        optimizer,
+        start,
+        steps,
+        evaluate=evaluate,
+        train_step=train_step,
+        checkpoint_meta=checkpoint_meta,
+    )
     close_loader(loader)
     if outcome.preempted:
         return exit_preempted(ctx, outcome.checkpoint)

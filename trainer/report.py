@@ -218,9 +218,7 @@ def duration(seconds: float) -> str:
 
 def sample_conversations(run_dir: str, limit: int) -> list[dict[str, Any]]:
     evaluated = [
-        s
-        for s in CHAT_MODULES
-        if storage.exists(storage.join(run_dir, "chat_eval", "samples", f"{s}.jsonl"))
+        s for s in CHAT_MODULES if storage.exists(storage.join(run_dir, "chat_eval", "samples", f"{s}.jsonl"))
     ]
     if not evaluated:
         return []
@@ -311,9 +309,15 @@ def write_report(run_dir: str, price: float = 3.0, currency: str = "$", samples:
             storage.write_bytes(storage.join(out, name), png)
             plots.append(name)
     text = render_report(
-        run_dir, environment(), metrics_table(run_dir), stage_costs(run_dir, price), plots,
-        sample_conversations(run_dir, samples), currency, price,
-    )  # fmt: skip
+        run_dir,
+        environment(),
+        metrics_table(run_dir),
+        stage_costs(run_dir, price),
+        plots,
+        sample_conversations(run_dir, samples),
+        currency,
+        price,
+    )
     uri = storage.join(out, "report.md")
     storage.write_text(uri, text)
     return uri

@@ -25,8 +25,11 @@ def measure(encode_batch, texts: list[str]) -> dict:
     tokens = sum(len(ids) for ids in encode_batch(texts))
     chars = sum(len(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"tokens": tokens, "chars_per_token": round(chars / max(tokens, 1), 4),
-            "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+    return {
+        "tokens": tokens,
+        "chars_per_token": round(chars / max(tokens, 1), 4),
+        "bytes_per_token": round(nbytes / max(tokens, 1), 4),
+    }
 
 
 def evaluate(tok: Tokenizer, texts: list[str]) -> dict:
@@ -44,7 +47,9 @@ def evaluate(tok: Tokenizer, texts: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.tok_eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nanorun.trainer.tok_eval", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--run-dir", required=True, help="run directory holding tok_train/ (local path or s3://)")
     p.add_argument("--data", default="bundled", help="data URI; its last shard is the held-out text")
     p.add_argument("--eval-chars", type=int, default=2_000_000, help="held-out characters to encode")
@@ -57,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         if "unavailable" in r:
             print(f"{label:<10} unavailable ({r['unavailable']})")
         else:
-            print(f"{label:<10} {r['vocab_size']:>8} {r['chars_per_token']:>12.3f} {r['bytes_per_token']:>12.3f}")
-    storage.write_json(storage.join(layout.tokenizer_dir(args.run_dir), "tok_eval.json"),
-                       {"eval_chars": sum(len(t) for t in texts), "results": results})
+            print(
+                f"{label:<10} {r['vocab_size']:>8} {r['chars_per_token']:>12.3f} {r['bytes_per_token']:>12.3f}"
+            )
+    storage.write_json(
+        storage.join(layout.tokenizer_dir(args.run_dir), "tok_eval.json"),
+        {"eval_chars": sum(len(t) for t in texts), "results": results},
+    )
     return 0
 
 

@@ -45,13 +45,21 @@ STAGE = TOKENIZER.module
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanorun.trainer.tok_train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nanorun.trainer.tok_train", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--run-dir", required=True, help="run directory (local path or s3://)")
-    p.add_argument("--data", default="bundled", help="pretraining data: dir, s3:// prefix, hf://owner/name or 'bundled'")
+    p.add_argument(
+        "--data", default="bundled", help="pretraining data: dir, s3:// prefix, hf://owner/name or 'bundled'"
+    )
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size, special tokens included")
-    p.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
+    p.add_argument(
+        "--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters"
+    )
     p.add_argument("--doc-cap", type=int, default=10_000, help="cut every document to this many characters")
-    p.add_argument("--eval-chars", type=int, default=2_000_000, help="validation characters for the compression ratio")
+    p.add_argument(
+        "--eval-chars", type=int, default=2_000_000, help="validation characters for the compression ratio"
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     return p.parse_args(argv)
 
@@ -65,7 +73,9 @@ def start_metrics(port: int | None):
     registry = CollectorRegistry()
     labels = {"run": os.environ.get("NANORUN_RUN", "local"), "stage": STAGE, "rank": "0"}
     step = Gauge("llm_train_step", "characters read so far", list(labels), registry=registry).labels(**labels)
-    total = Gauge("llm_train_total_steps", "characters to read", list(labels), registry=registry).labels(**labels)
+    total = Gauge("llm_train_total_steps", "characters to read", list(labels), registry=registry).labels(
+        **labels
+    )
     start_http_server(port, registry=registry)
     return step, total
 
@@ -82,8 +92,18 @@ def tracked(texts: Iterator[str], run_dir: str, max_chars: int, t0: float, gauge
             last = now
             elapsed = now - t0
             eta = elapsed * (max_chars - seen) / seen if seen else None
-            write_progress(run_dir, Progress(stage=STAGE, step=seen, total_steps=max_chars, elapsed_seconds=elapsed,
-                                             eta_seconds=eta, message="counting chunks", attempt=current_attempt()))
+            write_progress(
+                run_dir,
+                Progress(
+                    stage=STAGE,
+                    step=seen,
+                    total_steps=max_chars,
+                    elapsed_seconds=elapsed,
+                    eta_seconds=eta,
+                    message="counting chunks",
+                    attempt=current_attempt(),
+                ),
+            )
             if gauges:
                 gauges[0].set(seen)
         yield text
@@ -94,8 +114,12 @@ def compression(tok: Tokenizer, val_uri: str, eval_chars: int) -> dict:
     chars = sum(len(t) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     tokens = sum(len(ids) for ids in tok.encode_batch(texts))
-    return {"val_chars": chars, "val_tokens": tokens, "compression_ratio": round(chars / max(tokens, 1), 4),
-            "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+    return {
+        "val_chars": chars,
+        "val_tokens": tokens,
+        "compression_ratio": round(chars / max(tokens, 1), 4),
+        "bytes_per_token": round(nbytes / max(tokens, 1), 4),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,8 +133,12 @@ def run(args: argparse.Namespace) -> int:
     gauges = start_metrics(args.metrics_port)
     shards = resolve_shards(args.data, args.run_dir)
     train_shards, val_shard = shards[:-1], shards[-1]
-    print(f"tok_train: {len(train_shards)} training shards, vocab {args.vocab_size}, up to {args.max_chars:,} chars")
-    texts = tracked(iter_texts(train_shards, args.max_chars, args.doc_cap), args.run_dir, args.max_chars, t0, gauges)
+    print(
+        f"tok_train: {len(train_shards)} training shards, vocab {args.vocab_size}, up to {args.max_chars:,} chars"
+    )
+    texts = tracked(
+        iter_texts(train_shards, args.max_chars, args.doc_cap), args.run_dir, args.max_chars, t0, gauges
+    )
     tok = Tokenizer.train_from_iterator(texts, args.vocab_size)
     train_seconds = time.time() - t0
     out_dir = storage.join(args.run_dir, STAGE)
@@ -124,12 +152,27 @@ def run(args: argparse.Namespace) -> int:
     }
     seconds = round(time.time() - t0, 2)
     metrics["seconds"] = seconds
-    write_progress(args.run_dir, Progress(stage=STAGE, step=metrics["chars_seen"], total_steps=metrics["chars_seen"],
-                                          elapsed_seconds=seconds, message="done", attempt=current_attempt()))
-    write_done(args.run_dir, Done(stage=STAGE, seconds=seconds, metrics=metrics, outputs={"tokenizer": out_dir},
-                                  config_id=config_id))
-    print(f"tok_train: {metrics['chars_seen']:,} chars in {train_seconds:.1f}s, vocab {tok.vocab_size}, "
-          f"{metrics['compression_ratio']:.2f} chars/token on validation -> {out_dir}")
+    write_progress(
+        args.run_dir,
+        Progress(
+            stage=STAGE,
+            step=metrics["chars_seen"],
+            total_steps=metrics["chars_seen"],
+            elapsed_seconds=seconds,
+            message="done",
+            attempt=current_attempt(),
+        ),
+    )
+    write_done(
+        args.run_dir,
+        Done(
+            stage=STAGE, seconds=seconds, metrics=metrics, outputs={"tokenizer": out_dir}, config_id=config_id
+        ),
+    )
+    print(
+        f"tok_train: {metrics['chars_seen']:,} chars in {train_seconds:.1f}s, vocab {tok.vocab_size}, "
+        f"{metrics['compression_ratio']:.2f} chars/token on validation -> {out_dir}"
+    )
     return 0
 
 

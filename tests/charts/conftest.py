@@ -41,8 +41,13 @@ def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedP
     return out
 
 
-def template_args(values: list[Path | str] = (), sets: list[str] = (), api_versions: list[str] = (),
-                  release: str = "nanorun", namespace: str = "nanorun-system") -> list[str]:
+def template_args(
+    values: list[Path | str] = (),
+    sets: list[str] = (),
+    api_versions: list[str] = (),
+    release: str = "nanorun",
+    namespace: str = "nanorun-system",
+) -> list[str]:
     args = ["template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
     for path in values:
         args += ["--values", str(path)]

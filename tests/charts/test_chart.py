@@ -100,7 +100,9 @@ def test_operator_flags_are_ones_nanorun_operator_accepts(render: Render, values
     settings = yaml.safe_load(values.read_text()) if values else {}
     assert args.namespace == settings.get("operator", {}).get("watchNamespaces", [])
     service = only(objects, "Service")
-    metrics_port = {p["name"]: p["containerPort"] for p in c["ports"]}[service["spec"]["ports"][0]["targetPort"]]
+    metrics_port = {p["name"]: p["containerPort"] for p in c["ports"]}[
+        service["spec"]["ports"][0]["targetPort"]
+    ]
     assert args.metrics_port == metrics_port
 
 
@@ -119,7 +121,9 @@ def test_s3_credentials_come_from_the_referenced_secret(render: Render) -> None:
 def test_rbac_files_are_generated_from_the_operator_rules() -> None:
     files = crd.generated_files()
     for path in (crd.CHART_RBAC_PATH, crd.MANIFEST_ROLE_PATH):
-        assert path.read_text() == files[path], f"{path} is stale: run `python -m nanorun.operator.crd --write`"
+        assert path.read_text() == files[path], (
+            f"{path} is stale: run `python -m nanorun.operator.crd --write`"
+        )
 
 
 def test_cluster_role_has_exactly_the_operator_rules(render: Render) -> None:
@@ -129,31 +133,49 @@ def test_cluster_role_has_exactly_the_operator_rules(render: Render) -> None:
     binding = only(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     sa = only(objects, "ServiceAccount")["metadata"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": "nanorun-system"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["name"], "namespace": "nanorun-system"}
+    ]
     assert not find(objects, "Role") and not find(objects, "RoleBinding")
 
 
-def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluster_wide(render: Render) -> None:
+def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluster_wide(
+    render: Render,
+) -> None:
     objects = render(values=[NAMESPACED])
     roles = {r["metadata"]["name"]: r["rules"] for r in find(objects, "ClusterRole")}
     assert sorted(rule for rules in roles.values() for rule in map(json.dumps, rules)) == sorted(
-        map(json.dumps, OPERATOR_RBAC_RULES))
+        map(json.dumps, OPERATOR_RBAC_RULES)
+    )
     cluster_binding = only(objects, "ClusterRoleBinding")
     cluster_rules = roles[cluster_binding["roleRef"]["name"]]
-    assert {r for rule in cluster_rules for r in rule["resources"]} == {"namespaces", "customresourcedefinitions"}
+    assert {r for rule in cluster_rules for r in rule["resources"]} == {
+        "namespaces",
+        "customresourcedefinitions",
+    }
     bindings = find(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         namespaced = roles[binding["roleRef"]["name"]]
         assert {r for rule in namespaced for r in rule["resources"]} == {
-            "llmruns", "llmruns/status", "pytorchjobs", "rayservices", "workloads", "events", "pods", "pods/log"}
+            "llmruns",
+            "llmruns/status",
+            "pytorchjobs",
+            "rayservices",
+            "workloads",
+            "events",
+            "pods",
+            "pods/log",
+        }
 
 
 def test_bring_your_own_service_account_renders_no_rbac(render: Render) -> None:
     objects = render(values=[MINIMAL])
     assert not find(objects, "ServiceAccount") and not find(objects, "ClusterRole")
     assert not find(objects, "ClusterRoleBinding") and not find(objects, "ConfigMap")
-    assert only(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operators"
+    assert (
+        only(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operators"
+    )
 
 
 def test_monitors_render_only_where_the_prometheus_operator_api_exists(render: Render) -> None:
@@ -209,7 +231,9 @@ def test_pod_monitor_scrapes_trainer_and_serving_pods_the_operator_creates(rende
     endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
     pods = operator_pods()
     for name, template in pods.items():
-        assert matches(monitor["spec"]["selector"], template["metadata"]["labels"]), f"{name} pods not selected"
+        assert matches(monitor["spec"]["selector"], template["metadata"]["labels"]), (
+            f"{name} pods not selected"
+        )
     trainer_ports = {p["name"] for c in pods["trainer"]["spec"]["containers"] for p in c.get("ports", [])}
     head_ports = {p["name"] for c in pods["ray-head"]["spec"]["containers"] for p in c.get("ports", [])}
     worker_ports = {p["name"] for c in pods["ray-chat"]["spec"]["containers"] for p in c.get("ports", [])}
@@ -220,7 +244,8 @@ def test_pod_monitor_scrapes_trainer_and_serving_pods_the_operator_creates(rende
     for endpoint in endpoints.values():
         assert endpoint["path"] == "/metrics"
         assert {"sourceLabels": ["__meta_kubernetes_pod_label_nanorun_io_run"], "targetLabel": "run"} in (
-            endpoint["relabelings"])
+            endpoint["relabelings"]
+        )
 
 
 def test_dashboard_configmap_carries_the_dashboard_for_the_grafana_sidecar(render: Render) -> None:
@@ -242,8 +267,10 @@ def test_helm_test_pod_scrapes_the_operator_service(render: Render) -> None:
     assert pod["spec"]["restartPolicy"] == "Never"
     service = only(objects, "Service")
     script = pod["spec"]["containers"][0]["command"][-1]
-    assert f"http://{service['metadata']['name']}.nanorun-system.svc:{service['spec']['ports'][0]['port']}/metrics" in (
-        script)
+    assert (
+        f"http://{service['metadata']['name']}.nanorun-system.svc:{service['spec']['ports'][0]['port']}/metrics"
+        in (script)
+    )
     assert pod["spec"]["containers"][0]["image"] == container(objects)["image"]
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 

@@ -38,8 +38,9 @@ def ensure_namespaces(kube: KubeEnv, *names: str) -> None:
 
 
 def dry_run_apply(kube: KubeEnv, text: str) -> None:
-    kube.kubectl("apply", "--dry-run=server", "--server-side", "--field-manager=nanorun-tests", "-f", "-",
-                 input=text)
+    kube.kubectl(
+        "apply", "--dry-run=server", "--server-side", "--field-manager=nanorun-tests", "-f", "-", input=text
+    )
 
 
 def can_i(kube: KubeEnv, who: str, verb: str, resource: str, group: str, namespace: str | None) -> bool:
@@ -107,7 +108,11 @@ def test_helm_install_creates_the_operator_and_uninstall_removes_it(
     kube.kubectl("get", "crd", "llmruns.nanorun.io")
 
     run_helm(helm_bin, "uninstall", rel.name, "-n", kube_namespace, "--kubeconfig", kube.kubeconfig)
-    for kind, namespace in (("deployment", kube_namespace), ("clusterrole", None), ("clusterrolebinding", None)):
+    for kind, namespace in (
+        ("deployment", kube_namespace),
+        ("clusterrole", None),
+        ("clusterrolebinding", None),
+    ):
         args = ["get", kind, fullname] + (["-n", namespace] if namespace else [])
         assert "NotFound" in kube.kubectl(*args, check=False).stderr, f"{kind} survived helm uninstall"
     kube.kubectl("get", "crd", "llmruns.nanorun.io")  # helm never deletes a chart's CRDs
@@ -149,7 +154,8 @@ def test_operator_may_not_do_anything_else(
 ) -> None:
     for namespace in (release.namespace, kube_namespace):
         assert not can_i(kube, release.service_account, verb, resource, group, namespace), (
-            f"the operator may {verb} {resource} in {namespace}")
+            f"the operator may {verb} {resource} in {namespace}"
+        )
 
 
 def test_namespaced_install_reaches_only_the_watched_namespaces(
@@ -168,8 +174,16 @@ def test_namespaced_install_reaches_only_the_watched_namespaces(
         assert can_i(kube, who, "watch", "namespaces", "", None)
         assert can_i(kube, who, "list", "customresourcedefinitions", "apiextensions.k8s.io", None)
     finally:
-        run_helm(helm_bin, "uninstall", rel.name, "-n", kube_namespace, "--kubeconfig", kube.kubeconfig,
-                 check=False)
+        run_helm(
+            helm_bin,
+            "uninstall",
+            rel.name,
+            "-n",
+            kube_namespace,
+            "--kubeconfig",
+            kube.kubeconfig,
+            check=False,
+        )
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
@@ -181,8 +195,9 @@ def test_crd_refuses_an_example_broken_on_purpose(kube: KubeEnv, kube_namespace:
     # The positive checks above mean something only if the API server does validate LLMRuns.
     doc = yaml.safe_load((REPO / "manifests" / "examples" / "speedrun-d20.yaml").read_text())
     doc["spec"]["serving"]["minReplicas"] = 9
-    out = kube.kubectl("create", "--dry-run=server", "-n", kube_namespace, "-f", "-",
-                       input=yaml.safe_dump(doc), check=False)
+    out = kube.kubectl(
+        "create", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(doc), check=False
+    )
     assert out.returncode != 0 and "minReplicas must not exceed" in out.stderr, out.stderr
 
 
@@ -202,5 +217,7 @@ def test_kustomize_manifests_pass_a_server_side_dry_run_and_match_the_chart(
     chart_container = chart_deployment["spec"]["template"]["spec"]["containers"][0]
     for key in ("command", "args", "securityContext", "livenessProbe"):
         assert container[key] == chart_container[key], f"manifests and chart disagree on the operator's {key}"
-    assert deployment["spec"]["template"]["spec"]["securityContext"] == (
-        chart_deployment["spec"]["template"]["spec"]["securityContext"])
+    assert (
+        deployment["spec"]["template"]["spec"]["securityContext"]
+        == (chart_deployment["spec"]["template"]["spec"]["securityContext"])
+    )

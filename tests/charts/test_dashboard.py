@@ -96,14 +96,20 @@ def queried_metrics(dashboard: dict[str, Any]) -> set[str]:
 def exported_series(scraped: dict[str, str | None]) -> set[str]:
     missing = [component for component, text in scraped.items() if text is None]
     assert not missing, f"no metrics module for {missing}: the dashboard's names cannot be checked"
-    return {sample.name for text in scraped.values()
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        sample.name
+        for text in scraped.values()
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_metric_name_extraction_sees_every_selector() -> None:
     # The cross-check below is only as good as this walk over the PromQL syntax tree.
-    expr = ('histogram_quantile(0.9, sum by (le) (rate(a_bucket{run=~"$run"}[$__rate_interval])))'
-            ' / on() group_left max(b) + (-c) + count_over_time(d[5m:1m]) + {__name__=~"e|f"}')
+    expr = (
+        'histogram_quantile(0.9, sum by (le) (rate(a_bucket{run=~"$run"}[$__rate_interval])))'
+        ' / on() group_left max(b) + (-c) + count_over_time(d[5m:1m]) + {__name__=~"e|f"}'
+    )
     assert sorted(metric_names(parse(expr))) == ["a_bucket", "b", "c", "d", "e", "f"]
 
 

@@ -61,8 +61,9 @@ def running(template: dict[str, Any], name: str, phase: str = "Running") -> dict
     return {"metadata": metadata, "spec": template["spec"], "status": {"podIP": "10.244.0.9", "phase": phase}}
 
 
-def scraped(jobs: list[dict[str, Any]], pods: dict[str, dict[str, Any]],
-            phase: str = "Running") -> list[tuple[str, str, str, str]]:
+def scraped(
+    jobs: list[dict[str, Any]], pods: dict[str, dict[str, Any]], phase: str = "Running"
+) -> list[tuple[str, str, str, str]]:
     """(job, pod, port, run) of every target the pod jobs keep."""
     out = []
     for job in jobs:
@@ -84,9 +85,11 @@ def operator_pods() -> dict[str, dict[str, Any]]:
     run = RunRef(name="tiny", namespace="ml", uid="0")
     job = pytorchjob_for_stage(run, spec, stage_plan(spec)[1], attempt=1)
     cluster = rayservice_for_run(run, spec, "s3://nanorun/runs/tiny/chat_sft")["spec"]["rayClusterConfig"]
-    pods = {"tiny-base-train-1-master-0": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"],
-            "tiny-chat-head": cluster["headGroupSpec"]["template"],
-            "tiny-chat-worker": cluster["workerGroupSpecs"][0]["template"]}
+    pods = {
+        "tiny-base-train-1-master-0": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"],
+        "tiny-chat-head": cluster["headGroupSpec"]["template"],
+        "tiny-chat-worker": cluster["workerGroupSpecs"][0]["template"],
+    }
     for name in ("tiny-chat-head", "tiny-chat-worker"):
         ports = pods[name]["spec"]["containers"][0]["ports"]
         if not any(p["name"] == "metrics" for p in ports):
@@ -100,21 +103,33 @@ def test_promtool_accepts_the_scrape_config_of_the_chart_monitors(monitors, tmp_
     out = check_config(config, tmp_path / "prometheus.yml")
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(sd["url"] for job in config["scrape_configs"] for sd in job["http_sd_configs"]) == [
-        f"http://127.0.0.1:9/endpoints?namespaces={RELEASE_NS}", "http://127.0.0.1:9/pod?namespaces=",
-        "http://127.0.0.1:9/pod?namespaces="]
+        f"http://127.0.0.1:9/endpoints?namespaces={RELEASE_NS}",
+        "http://127.0.0.1:9/pod?namespaces=",
+        "http://127.0.0.1:9/pod?namespaces=",
+    ]
 
 
 def test_one_job_per_monitor_endpoint_with_its_discovery_role_and_namespaces(monitors) -> None:
     jobs = {j["job_name"]: j for j in scrape_config(monitors, "/kubeconfig")}
-    assert sorted(jobs) == [f"podMonitor/{RELEASE_NS}/nanorun-runs/0", f"podMonitor/{RELEASE_NS}/nanorun-runs/1",
-                            f"serviceMonitor/{RELEASE_NS}/nanorun/0"]
+    assert sorted(jobs) == [
+        f"podMonitor/{RELEASE_NS}/nanorun-runs/0",
+        f"podMonitor/{RELEASE_NS}/nanorun-runs/1",
+        f"serviceMonitor/{RELEASE_NS}/nanorun/0",
+    ]
     operator = jobs[f"serviceMonitor/{RELEASE_NS}/nanorun/0"]
-    assert operator["kubernetes_sd_configs"] == [{"role": "endpoints", "kubeconfig_file": "/kubeconfig",
-                                                  "namespaces": {"names": [RELEASE_NS]}}]
+    assert operator["kubernetes_sd_configs"] == [
+        {"role": "endpoints", "kubeconfig_file": "/kubeconfig", "namespaces": {"names": [RELEASE_NS]}}
+    ]
     assert (operator["scrape_interval"], operator["honor_labels"]) == ("30s", True)
     runs = jobs[f"podMonitor/{RELEASE_NS}/nanorun-runs/0"]
-    assert runs["kubernetes_sd_configs"] == [{"role": "pod", "kubeconfig_file": "/kubeconfig"}]  # any namespace
-    assert (runs["scrape_interval"], runs["scrape_timeout"], runs["metrics_path"]) == ("15s", "10s", "/metrics")
+    assert runs["kubernetes_sd_configs"] == [
+        {"role": "pod", "kubeconfig_file": "/kubeconfig"}
+    ]  # any namespace
+    assert (runs["scrape_interval"], runs["scrape_timeout"], runs["metrics_path"]) == (
+        "15s",
+        "10s",
+        "/metrics",
+    )
 
 
 def test_the_operator_job_keeps_the_operator_services_metrics_port(monitors, render: Render) -> None:
@@ -123,22 +138,32 @@ def test_the_operator_job_keeps_the_operator_services_metrics_port(monitors, ren
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
     pods = {"nanorun-abc": running(deployment["spec"]["template"], "nanorun-abc")}
     (job,) = [j for j in scrape_config(monitors, "/k") if j["job_name"].startswith("serviceMonitor/")]
-    endpoints = {"metadata": {"name": service["metadata"]["name"], "namespace": RELEASE_NS}, "subsets": [{
-        "addresses": [{"ip": "10.244.0.7", "targetRef": {"kind": "Pod", "name": "nanorun-abc"}}],
-        "ports": [{"name": "metrics", "port": 9090}, {"name": "healthz", "port": 8080}]}]}
+    endpoints = {
+        "metadata": {"name": service["metadata"]["name"], "namespace": RELEASE_NS},
+        "subsets": [
+            {
+                "addresses": [{"ip": "10.244.0.7", "targetRef": {"kind": "Pod", "name": "nanorun-abc"}}],
+                "ports": [{"name": "metrics", "port": 9090}, {"name": "healthz", "port": 8080}],
+            }
+        ],
+    }
 
     def kept(svc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         out = []
         for group in endpoints_targets(endpoints, svc, pods):
-            labels = relabel(job["relabel_configs"], group["labels"] | {"__address__": group["targets"][0],
-                                                                          "job": job["job_name"]})
+            labels = relabel(
+                job["relabel_configs"],
+                group["labels"] | {"__address__": group["targets"][0], "job": job["job_name"]},
+            )
             if labels is not None:
                 out.append((labels["__address__"], labels["job"], labels["pod"], labels["endpoint"]))
         return out
 
     assert kept(service) == [("10.244.0.7:9090", "nanorun", "nanorun-abc", "metrics")]  # not healthz
-    other = {"metadata": service["metadata"] | {"labels": service["metadata"]["labels"] | {
-        "app.kubernetes.io/instance": "another"}}}
+    other = {
+        "metadata": service["metadata"]
+        | {"labels": service["metadata"]["labels"] | {"app.kubernetes.io/instance": "another"}}
+    }
     assert kept(other) == []  # another release's operator
 
 
@@ -155,16 +180,31 @@ def test_pods_that_ended_are_not_scraped(monitors) -> None:
     assert scraped(jobs, pods, phase="Succeeded") == [] and scraped(jobs, pods, phase="Failed") == []
 
 
-@pytest.mark.parametrize(("selector", "labels", "kept"), [
-    ({"matchLabels": {"app": "a"}}, {"app": "a"}, True),
-    ({"matchLabels": {"app": "a"}}, {"app": "b"}, False),
-    ({"matchLabels": {"app": ""}}, {}, False),  # an empty value is not a missing label
-    ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["x", "y"]}]}, {"tier": "y"}, True),
-    ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]}, {"tier": "x"}, False),
-    ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]}, {}, True),
-    ({"matchExpressions": [{"key": "nanorun.io/run", "operator": "Exists"}]}, {"nanorun.io/run": ""}, True),
-    ({"matchExpressions": [{"key": "nanorun.io/run", "operator": "DoesNotExist"}]}, {"nanorun.io/run": "r"}, False),
-])
+@pytest.mark.parametrize(
+    ("selector", "labels", "kept"),
+    [
+        ({"matchLabels": {"app": "a"}}, {"app": "a"}, True),
+        ({"matchLabels": {"app": "a"}}, {"app": "b"}, False),
+        ({"matchLabels": {"app": ""}}, {}, False),  # an empty value is not a missing label
+        (
+            {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["x", "y"]}]},
+            {"tier": "y"},
+            True,
+        ),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]}, {"tier": "x"}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]}, {}, True),
+        (
+            {"matchExpressions": [{"key": "nanorun.io/run", "operator": "Exists"}]},
+            {"nanorun.io/run": ""},
+            True,
+        ),
+        (
+            {"matchExpressions": [{"key": "nanorun.io/run", "operator": "DoesNotExist"}]},
+            {"nanorun.io/run": "r"},
+            False,
+        ),
+    ],
+)
 def test_selector_rules_match_as_kubernetes_label_selectors_do(selector, labels, kept) -> None:
     target = {f"__meta_kubernetes_pod_label_{label_name(k)}": v for k, v in labels.items()}
     target |= {f"__meta_kubernetes_pod_labelpresent_{label_name(k)}": "true" for k in labels}
@@ -172,8 +212,11 @@ def test_selector_rules_match_as_kubernetes_label_selectors_do(selector, labels,
 
 
 def test_a_monitor_without_a_namespace_selector_watches_its_own_namespace() -> None:
-    monitor = {"kind": "PodMonitor", "metadata": {"name": "m", "namespace": "team-a"},
-               "spec": {"selector": {}, "podMetricsEndpoints": [{"port": "metrics"}]}}
+    monitor = {
+        "kind": "PodMonitor",
+        "metadata": {"name": "m", "namespace": "team-a"},
+        "spec": {"selector": {}, "podMetricsEndpoints": [{"port": "metrics"}]},
+    }
     (job,) = scrape_config([monitor], "/k")
     assert job["kubernetes_sd_configs"][0]["namespaces"] == {"names": ["team-a"]}
     assert (job["metrics_path"], job["honor_labels"]) == ("/metrics", False) and "scrape_interval" not in job

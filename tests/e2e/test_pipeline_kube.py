@@ -68,9 +68,16 @@ NAME = "e2e"
 BUCKET = "nanorun"
 RUN_DIR = f"s3://{BUCKET}/runs/e2e"
 DATA = f"s3://{BUCKET}/data/bundled"
-STAGES = [("tokenizer", "tok_train"), ("pretrain", "base_train"), ("baseEval", "base_eval"),
-          ("midtrain", "mid_train"), ("sft", "chat_sft"), ("rl", "chat_rl"), ("eval", "chat_eval"),
-          ("report", "report")]
+STAGES = [
+    ("tokenizer", "tok_train"),
+    ("pretrain", "base_train"),
+    ("baseEval", "base_eval"),
+    ("midtrain", "mid_train"),
+    ("sft", "chat_sft"),
+    ("rl", "chat_rl"),
+    ("eval", "chat_eval"),
+    ("report", "report"),
+]
 TRAINING = ("pretrain", "midtrain", "sft", "rl")
 OPERATOR_KILLS = 3
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -78,7 +85,11 @@ CHART = REPO / "charts" / "nanorun"
 DASHBOARD = CHART / "files" / "dashboards" / "nanorun.json"
 REPLICAS = 2
 SCRAPE_SECONDS = 2  # the monitors' interval for this run (the chart's default is 15 s and 30 s)
-SCRAPE_EVERY = [f"{m}.{k}={SCRAPE_SECONDS}s" for m in ("serviceMonitor", "podMonitor") for k in ("interval", "scrapeTimeout")]
+SCRAPE_EVERY = [
+    f"{m}.{k}={SCRAPE_SECONDS}s"
+    for m in ("serviceMonitor", "podMonitor")
+    for k in ("interval", "scrapeTimeout")
+]
 # Panels that can only show data with GPUs: dcgm-exporter's, and MFU (the trainer reports it only
 # against a GPU's peak FLOPs). This cluster has none; every other panel must show the run.
 NEEDS_GPU = re.compile(r"\b(DCGM_\w+|llm_train_mfu_ratio)\b")
@@ -108,10 +119,14 @@ class Cluster:
         return self.kube.kubectl("logs", pod, "-n", self.ns, "-c", "pytorch", check=False).stdout
 
     def cluster_ip(self, service: str) -> str:
-        return self.kube.kubectl("get", "service", service, "-n", self.ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+        return self.kube.kubectl(
+            "get", "service", service, "-n", self.ns, "-o", "jsonpath={.spec.clusterIP}"
+        ).stdout
 
     def delete_operator_pod(self) -> None:
-        self.kube.kubectl("delete", "pod", "-n", self.ns, "-l", "app.kubernetes.io/name=nanorun", "--wait=false")
+        self.kube.kubectl(
+            "delete", "pod", "-n", self.ns, "-l", "app.kubernetes.io/name=nanorun", "--wait=false"
+        )
 
 
 def condition(obj: dict, type_: str) -> dict:
@@ -136,8 +151,10 @@ class OperatorKiller(threading.Thread):
         super().__init__(daemon=True)
         rng = random.Random(seed)
         self.c, self.done = c, threading.Event()
-        self.plan = [(stage, rng.uniform(0, 4)) for stage in sorted(rng.sample(self.STAGES, OPERATOR_KILLS),
-                                                                   key=self.STAGES.index)]
+        self.plan = [
+            (stage, rng.uniform(0, 4))
+            for stage in sorted(rng.sample(self.STAGES, OPERATOR_KILLS), key=self.STAGES.index)
+        ]
         self.killed_at: list[str] = []
 
     def run(self) -> None:
@@ -162,8 +179,9 @@ class Chatter(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.client.chat.completions.create(model="nanorun", max_tokens=4, temperature=0,
-                                                    messages=[{"role": "user", "content": "Hi"}])
+                self.client.chat.completions.create(
+                    model="nanorun", max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Hi"}]
+                )
                 self.ok += 1
             except openai.OpenAIError as err:
                 self.failures.append(f"{time.strftime('%H:%M:%S')} {err!r}")
@@ -183,8 +201,9 @@ def chat_in_chromium(url: str) -> str:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
         page = browser.new_page()
         page.goto(url + "/")
         page.fill("#max-tokens", "8")
@@ -199,8 +218,12 @@ def chat_in_chromium(url: str) -> str:
 
 def helm_sets(ns: str, endpoint: str = "") -> list[str]:
     """The chart's values for this run's release (`--set` items)."""
-    return [f"operator.watchNamespaces={{{ns}}}", f"operator.storage.endpoint={endpoint}",
-            "operator.storage.credentialsSecret=s3-creds", *SCRAPE_EVERY]
+    return [
+        f"operator.watchNamespaces={{{ns}}}",
+        f"operator.storage.endpoint={endpoint}",
+        "operator.storage.credentialsSecret=s3-creds",
+        *SCRAPE_EVERY,
+    ]
 
 
 @pytest.fixture
@@ -219,7 +242,8 @@ def scraped(prom: Prometheus, start: float, end: float, up: str = "up") -> dict[
     pods: dict[str, set[str]] = {}
     for series in prom.query_range(up, start, end, SCRAPE_SECONDS):
         pods.setdefault(series["metric"].get("endpoint", "?") + " " + series["metric"]["job"], set()).add(
-            series["metric"].get("pod", "?"))
+            series["metric"].get("pod", "?")
+        )
     return pods
 
 
@@ -229,15 +253,19 @@ def dashboard_without_data(prom: Prometheus, start: float, end: float) -> tuple[
     dashboard = grafana.load(DASHBOARD)
     options = grafana.resolve_variables(prom, dashboard, start, end)
     assert NAME in options["run"], f"the run selector does not list {NAME!r}: {options}"
-    results = grafana.evaluate_panels(prom, dashboard, {"run": [NAME]}, start, end, step=SCRAPE_SECONDS,
-                                      scrape_interval=SCRAPE_SECONDS)
-    empty = [f"{q.panel}: {q.expr}" for q, data in results.items() if not data and not NEEDS_GPU.search(q.expr)]
+    results = grafana.evaluate_panels(
+        prom, dashboard, {"run": [NAME]}, start, end, step=SCRAPE_SECONDS, scrape_interval=SCRAPE_SECONDS
+    )
+    empty = [
+        f"{q.panel}: {q.expr}" for q, data in results.items() if not data and not NEEDS_GPU.search(q.expr)
+    ]
     gpu = [f"{q.panel}: {q.expr}" for q in results if NEEDS_GPU.search(q.expr)]
     return empty, gpu
 
 
 def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts_serves_and_rolls(
-        kube_pods, kube_namespace, prometheus, monkeypatch):
+    kube_pods, kube_namespace, prometheus, monkeypatch
+):
     ns, kube, times = kube_namespace, kube_pods, {}
     c = Cluster(kube, ns)
     t0, started = time.monotonic(), time.time()
@@ -247,8 +275,12 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
 
     # Storage: an S3 server as a pod; this process reads it through the Service's cluster IP.
     endpoint = deploy_s3(kube, ns, BUCKET)
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{c.cluster_ip('s3')}:9000", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{c.cluster_ip('s3')}:9000",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     # The pretraining text is staged in the bucket, as on a cluster without internet access: the
@@ -257,19 +289,33 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
         storage.upload_from(shard, storage.join(DATA, Path(shard).name))
 
     # 1. The operator, as the chart's pod.
-    kube.helm("install", "nanorun", str(CHART), "-n", ns, *[a for v in helm_sets(ns, endpoint) for a in ("--set", v)],
-              "--wait", "--timeout", "180s")
+    kube.helm(
+        "install",
+        "nanorun",
+        str(CHART),
+        "-n",
+        ns,
+        *[a for v in helm_sets(ns, endpoint) for a in ("--set", v)],
+        "--wait",
+        "--timeout",
+        "180s",
+    )
     mark("operator_ready")
     # Scraped before the run exists, so that the operator's counters are seen rising from 0.
-    prometheus.wait_for_targets(lambda ts: any(t["labels"].get("job") == "nanorun" and t["health"] == "up" for t in ts))
+    prometheus.wait_for_targets(
+        lambda ts: any(t["labels"].get("job") == "nanorun" and t["health"] == "up" for t in ts)
+    )
     mark("operator_scraped")
 
-    manifest = e2e_llmrun(NAME, RUN_DIR, nodes=2, endpoint=endpoint, credentialsSecret="s3-creds",
-                          cleanupOnDelete=True)
+    manifest = e2e_llmrun(
+        NAME, RUN_DIR, nodes=2, endpoint=endpoint, credentialsSecret="s3-creds", cleanupOnDelete=True
+    )
     manifest["spec"]["data"]["pretrain"] = DATA
     # Evaluate mid-way too: the pod exits right after the last step's evaluation, often before a scrape.
     manifest["spec"]["stages"]["pretrain"]["evalEvery"] = PRETRAIN_STEPS // 2
-    manifest["spec"]["serving"].update(image="nanorun-serving:e2e", minReplicas=REPLICAS, maxReplicas=REPLICAS)
+    manifest["spec"]["serving"].update(
+        image="nanorun-serving:e2e", minReplicas=REPLICAS, maxReplicas=REPLICAS
+    )
     kube.apply(ns, manifest)
     seed = int(time.time())
     killer = OperatorKiller(c, seed)
@@ -281,8 +327,13 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     mark("first_checkpoint")
     master = "e2e-base-train-1-master-0"
     assert read_done(RUN_DIR, "base_train") is None, "pretraining finished before it could be preempted"
-    follow = subprocess.Popen([str(Path(kube.bin_dir) / "kubectl"), "logs", "-f", master, "-n", ns, "-c", "pytorch"],
-                              env=kube.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    follow = subprocess.Popen(
+        [str(Path(kube.bin_dir) / "kubectl"), "logs", "-f", master, "-n", ns, "-c", "pytorch"],
+        env=kube.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(1)  # the follow is attached before the pod goes
     kube.kubectl("delete", "pod", master, "-n", ns, "--wait=false")
     preempted_log = follow.communicate(timeout=180)[0]
@@ -302,13 +353,17 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     # Every stage succeeded; pretraining needed a second attempt that was not a counted failure.
     assert [(s["name"], s["phase"]) for s in status["stages"]] == [(key, "Succeeded") for key, _ in STAGES]
     records = {s["name"]: s for s in status["stages"]}
-    assert {k: r["attempts"] for k, r in records.items()} == {k: 2 if k == "pretrain" else 1 for k, _ in STAGES}
+    assert {k: r["attempts"] for k, r in records.items()} == {
+        k: 2 if k == "pretrain" else 1 for k, _ in STAGES
+    }
     assert (records["pretrain"].get("failures", 0), records["pretrain"]["preemptions"]) == (0, 1)
     # Exactly one PyTorchJob per stage attempt, though the operator was restarted three times.
     expected = sorted(f"e2e-{m.replace('_', '-')}-1" for _, m in STAGES) + ["e2e-base-train-2"]
     assert c.names("pytorchjobs") == sorted(expected)
     first, second = c.get("pytorchjob", "e2e-base-train-1"), c.get("pytorchjob", "e2e-base-train-2")
-    assert condition(first, "Failed")["status"] == "True" and condition(second, "Succeeded")["status"] == "True"
+    assert (
+        condition(first, "Failed")["status"] == "True" and condition(second, "Succeeded")["status"] == "True"
+    )
     assert second["status"]["replicaStatuses"]["Master"]["succeeded"] == 1
     assert second["status"]["replicaStatuses"]["Worker"]["succeeded"] == 1
 
@@ -321,7 +376,9 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     assert "base_train: rank 0/2" in resumed_log  # the Worker's pod may be gone: cleanPodPolicy Running
     pods = c.items("pods", "nanorun.io/stage=base_train,nanorun.io/attempt=2")
     env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
-    assert {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES"} <= set(env)  # injected, not ours
+    assert {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES"} <= set(
+        env
+    )  # injected, not ours
     assert env["NANORUN_ATTEMPT"] == "2"
 
     # Metrics from the stages' files; the report in storage.
@@ -334,7 +391,9 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     assert "chat_rl" in storage.read_text(storage.join(RUN_DIR, "report", "report.md"))
 
     # 4. KubeRay makes the chat service; the run is Ready because KubeRay says so.
-    ready = wait_until(c.run, lambda r: condition(r, "Ready").get("status") == "True", timeout=600, interval=1)
+    ready = wait_until(
+        c.run, lambda r: condition(r, "Ready").get("status") == "True", timeout=600, interval=1
+    )
     mark("serving_ready")
     assert ready["status"]["serving"]["ready"] is True
     rayservice = c.get("rayservice", f"{NAME}-chat")
@@ -346,14 +405,26 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
 
     def reply() -> str:
         try:
-            return chat.chat.completions.create(model="nanorun", max_tokens=12, temperature=0, messages=[
-                {"role": "user", "content": "What is 2 plus 3?"}]).choices[0].message.content
+            return (
+                chat.chat.completions.create(
+                    model="nanorun",
+                    max_tokens=12,
+                    temperature=0,
+                    messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+                )
+                .choices[0]
+                .message.content
+            )
         except openai.APIConnectionError as err:  # until kube-proxy has the Service's endpoints
             return f"APIConnectionError {err!r}"
+
     answer = wait_until(reply, lambda r: not r.startswith("APIConnectionError"), timeout=120, interval=1)
     assert isinstance(answer, str)
-    chunks = list(chat.chat.completions.create(model="nanorun", max_tokens=8, stream=True,
-                                               messages=[{"role": "user", "content": "Hi"}]))
+    chunks = list(
+        chat.chat.completions.create(
+            model="nanorun", max_tokens=8, stream=True, messages=[{"role": "user", "content": "Hi"}]
+        )
+    )
     assert any(ch.choices and ch.choices[0].delta.content for ch in chunks)
     assert final in health(url)["checkpoint"]
     assert chat_in_chromium(url).strip()
@@ -363,13 +434,22 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     # rolls into the running service while a client chats.
     chatter = Chatter(f"{url}/v1")
     chatter.start()
-    kube.kubectl("patch", "llmrun", NAME, "-n", ns, "--type=merge", "-p",
-                 json.dumps({"spec": {"stages": {"sft": {"numIterations": 8}}}}))
+    kube.kubectl(
+        "patch",
+        "llmrun",
+        NAME,
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"stages": {"sft": {"numIterations": 8}}}}),
+    )
     old_id = next(r["configId"] for r in status["stages"] if r["name"] == "rl")
 
     def rerun_done(run: dict) -> bool:
         rl = next((r for r in (run.get("status") or {}).get("stages", []) if r["name"] == "rl"), {})
         return rl.get("configId") not in (None, old_id) and phase(c) == "Succeeded"
+
     rerun = wait_until(c.run, rerun_done, timeout=600, interval=1)
     new_final = rerun["status"]["checkpoint"]
     new_id = next(r["configId"] for r in rerun["status"]["stages"] if r["name"] == "rl")
@@ -386,7 +466,12 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     assert chatter.failures == [] and chatter.ok > 0, (chatter.ok, chatter.failures[:5])
     assert c.names("rayclusters") == ray_clusters  # in place: the same Ray cluster
     records = {s["name"]: s for s in rerun["status"]["stages"]}
-    assert {k: records[k]["attempts"] for k in ("sft", "rl", "eval", "report")} == {"sft": 2, "rl": 2, "eval": 2, "report": 2}
+    assert {k: records[k]["attempts"] for k in ("sft", "rl", "eval", "report")} == {
+        "sft": 2,
+        "rl": 2,
+        "eval": 2,
+        "report": 2,
+    }
     assert {k: records[k]["attempts"] for k in ("tokenizer", "midtrain")} == {"tokenizer": 1, "midtrain": 1}
     assert read_done(RUN_DIR, "chat_sft").metrics and "e2e-chat-sft-2" in c.names("pytorchjobs")
 
@@ -394,14 +479,20 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     # and every dashboard panel shows the run.
     now = time.time()
     targets, scrapes = scraped(prometheus, started, now), scraped(prometheus, started, now, "up == 1")
-    operator, trainers, replicas = "metrics nanorun", f"metrics {ns}/nanorun-runs", f"serve-metrics {ns}/nanorun-runs"
+    operator, trainers, replicas = (
+        "metrics nanorun",
+        f"metrics {ns}/nanorun-runs",
+        f"serve-metrics {ns}/nanorun-runs",
+    )
     assert set(targets) == set(scrapes) == {operator, trainers, replicas}, targets
     assert len(scrapes[operator]) >= 2, scrapes  # the chart's pod and at least one after a deletion
     assert {"e2e-base-train-2-master-0", "e2e-base-train-2-worker-0"} <= scrapes[trainers], scrapes
     ray_workers = c.names("pods", "ray.io/node-type=worker")
     assert sorted(scrapes[replicas]) == sorted(targets[replicas]) == ray_workers, (targets, ray_workers)
     assert len(ray_workers) == REPLICAS
-    assert not targets[trainers] & set(c.names("pods", "ray.io/node-type")), targets  # Ray's own `metrics` ports
+    assert not targets[trainers] & set(c.names("pods", "ray.io/node-type")), (
+        targets
+    )  # Ray's own `metrics` ports
     empty, gpu_only = dashboard_without_data(prometheus, started, now)
     assert empty == [], "dashboard queries without data for the run:\n" + "\n".join(empty)
     mark("dashboard_checked")
@@ -412,13 +503,28 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     for kind in ("pytorchjobs", "rayservices", "rayclusters"):
         wait_until(lambda kind=kind: c.names(kind), lambda n: n == [], timeout=180, interval=1)
     wait_until(lambda: c.names("pods", "nanorun.io/run=e2e"), lambda n: n == [], timeout=180, interval=1)
-    wait_until(lambda: [s for s in c.names("services") if s.startswith(f"{NAME}-")], lambda n: n == [], timeout=180,
-               interval=1)
+    wait_until(
+        lambda: [s for s in c.names("services") if s.startswith(f"{NAME}-")],
+        lambda n: n == [],
+        timeout=180,
+        interval=1,
+    )
     assert storage.list_files(RUN_DIR) == []
     mark("deleted")
 
     stage_seconds = {s["name"]: round(s.get("durationSeconds") or 0, 1) for s in status["stages"]}
-    print("\ne2e " + json.dumps({"seconds": times, "stage_seconds": stage_seconds,
-                                 "sigterm_checkpoint_seconds": float(saved.group(1)),
-                                 "operator_killed_at": killer.killed_at, "seed": seed, "chat_requests_during_roll": chatter.ok,
-                                 "scraped_pods": {k: len(v) for k, v in scrapes.items()}, "gpu_only_queries": len(gpu_only)}))
+    print(
+        "\ne2e "
+        + json.dumps(
+            {
+                "seconds": times,
+                "stage_seconds": stage_seconds,
+                "sigterm_checkpoint_seconds": float(saved.group(1)),
+                "operator_killed_at": killer.killed_at,
+                "seed": seed,
+                "chat_requests_during_roll": chatter.ok,
+                "scraped_pods": {k: len(v) for k, v in scrapes.items()},
+                "gpu_only_queries": len(gpu_only),
+            }
+        )
+    )

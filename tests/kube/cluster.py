@@ -70,8 +70,20 @@ from tests.kube.pki import kubeconfig, write_pki
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "etcd", "kubectl",
-            "helm", "nanorun-node", "coredns", "training-operator.v1", "ray-operator", "kueue")
+BINARIES = (
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "etcd",
+    "kubectl",
+    "helm",
+    "nanorun-node",
+    "coredns",
+    "training-operator.v1",
+    "ray-operator",
+    "kueue",
+)
 CLUSTER_DOMAIN = "cluster.local"
 COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
 READY_TIMEOUT_S = 60.0
@@ -85,10 +97,21 @@ class NodeSpec:
     (`key=value:Effect`)."""
 
     name: str
-    capacity: dict[str, str] = field(default_factory=lambda: {
-        "cpu": "96", "memory": "1Ti", "pods": "110", "nvidia.com/gpu": "8", "ephemeral-storage": "1Ti"})
-    labels: dict[str, str] = field(default_factory=lambda: {
-        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"})
+    capacity: dict[str, str] = field(
+        default_factory=lambda: {
+            "cpu": "96",
+            "memory": "1Ti",
+            "pods": "110",
+            "nvidia.com/gpu": "8",
+            "ephemeral-storage": "1Ti",
+        }
+    )
+    labels: dict[str, str] = field(
+        default_factory=lambda: {
+            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+            "nvidia.com/gpu.count": "8",
+        }
+    )
     taints: tuple[str, ...] = ()
 
 
@@ -126,9 +149,15 @@ def pods_unsupported() -> str | None:
     """Why this machine cannot run the pod network, or None when it can."""
     if os.geteuid() != 0:
         return "running pods needs root (network namespaces, a bridge, iptables and mounts)"
-    missing = [tool for tool in ("ip", "iptables", "iptables-restore", "unshare", "nsenter") if not shutil.which(tool)]
+    missing = [
+        tool
+        for tool in ("ip", "iptables", "iptables-restore", "unshare", "nsenter")
+        if not shutil.which(tool)
+    ]
     if missing:
-        return f"running pods needs {', '.join(missing)} (Debian: apt-get install iproute2 iptables util-linux)"
+        return (
+            f"running pods needs {', '.join(missing)} (Debian: apt-get install iproute2 iptables util-linux)"
+        )
     return None
 
 
@@ -199,8 +228,13 @@ class Cluster:
                 self.network = claim_network(self.workdir)
                 (self.workdir / "network-slot").write_text(f"{self.network.slot}\n")
                 setup_network(self.network)
-            write_pki(self.pki, nodes=tuple(n.name for n in self.nodes), node_ip=self.network.gateway,
-                      service_ip=self.network.kubernetes_ip, api_ip=self.api_host)
+            write_pki(
+                self.pki,
+                nodes=tuple(n.name for n in self.nodes),
+                node_ip=self.network.gateway,
+                service_ip=self.network.kubernetes_ip,
+                api_ip=self.api_host,
+            )
             for attempt in range(1, attempts + 1):
                 try:
                     self._start_etcd()
@@ -246,14 +280,23 @@ class Cluster:
         data = self.workdir / "etcd-data"
         shutil.rmtree(data, ignore_errors=True)
         self.etcd_url = f"http://127.0.0.1:{client}"
-        self.processes["etcd"] = _spawn([
-            str(self.bin_dir / "etcd"), "--name=nanorun-test", f"--data-dir={data}",
-            f"--listen-client-urls={self.etcd_url}", f"--advertise-client-urls={self.etcd_url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-cluster=nanorun-test=http://127.0.0.1:{peer}",
-            # Test data is disposable: skipping fsync keeps etcd fast on a busy shared disk.
-            "--unsafe-no-fsync", "--log-level=warn",
-        ], self.workdir / "etcd.log", detach=self.detach)
+        self.processes["etcd"] = _spawn(
+            [
+                str(self.bin_dir / "etcd"),
+                "--name=nanorun-test",
+                f"--data-dir={data}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=nanorun-test=http://127.0.0.1:{peer}",
+                # Test data is disposable: skipping fsync keeps etcd fast on a busy shared disk.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+            self.workdir / "etcd.log",
+            detach=self.detach,
+        )
         self._wait_until(f"{self.etcd_url}/health", "etcd", context=None)
 
     def _start_apiserver(self) -> None:
@@ -261,27 +304,42 @@ class Cluster:
         port = free_port(host)
         pki = self.pki
         self.server = f"https://{host}:{port}"
-        reconciler = [] if self.pods else [
-            # Without the pod network the advertise address is loopback, which the `kubernetes`
-            # Service's endpoint reconciler refuses since v1.37; nothing in-cluster dials it then.
-            "--endpoint-reconciler-type=none"]
-        self.processes["kube-apiserver"] = _spawn([
-            str(self.bin_dir / "kube-apiserver"),
-            f"--etcd-servers={self.etcd_url}",
-            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={port}", *reconciler,
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--service-cluster-ip-range={self.network.service_cidr}",
-            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
-            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
-            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
-            "--kubelet-preferred-address-types=InternalIP",
-            "--allow-privileged=true", "--profiling=false",
-        ], self.workdir / "kube-apiserver.log", detach=self.detach)
+        reconciler = (
+            []
+            if self.pods
+            else [
+                # Without the pod network the advertise address is loopback, which the `kubernetes`
+                # Service's endpoint reconciler refuses since v1.37; nothing in-cluster dials it then.
+                "--endpoint-reconciler-type=none"
+            ]
+        )
+        self.processes["kube-apiserver"] = _spawn(
+            [
+                str(self.bin_dir / "kube-apiserver"),
+                f"--etcd-servers={self.etcd_url}",
+                f"--bind-address={host}",
+                f"--advertise-address={host}",
+                f"--secure-port={port}",
+                *reconciler,
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--service-cluster-ip-range={self.network.service_cidr}",
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+            self.workdir / "kube-apiserver.log",
+            detach=self.detach,
+        )
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
         self._wait_until(f"{self.server}/readyz", "kube-apiserver", context=ctx)
@@ -289,40 +347,72 @@ class Cluster:
     def _start_controllers(self) -> None:
         pki = self.pki
         cm = self._identity("kube-controller-manager")
-        self.processes["kube-controller-manager"] = _spawn([
-            str(self.bin_dir / "kube-controller-manager"),
-            f"--kubeconfig={cm}", f"--authentication-kubeconfig={cm}", f"--authorization-kubeconfig={cm}",
-            "--leader-elect=false", "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-            f"--service-cluster-ip-range={self.network.service_cidr}", f"--cluster-cidr={self.network.pod_network}",
-            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--profiling=false",
-            # The kubelet reports how pods end; without nodes (no pod network) nothing would.
-            "--terminated-pod-gc-threshold=500",
-        ], self.workdir / "kube-controller-manager.log", detach=self.detach)
+        self.processes["kube-controller-manager"] = _spawn(
+            [
+                str(self.bin_dir / "kube-controller-manager"),
+                f"--kubeconfig={cm}",
+                f"--authentication-kubeconfig={cm}",
+                f"--authorization-kubeconfig={cm}",
+                "--leader-elect=false",
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                f"--service-cluster-ip-range={self.network.service_cidr}",
+                f"--cluster-cidr={self.network.pod_network}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--profiling=false",
+                # The kubelet reports how pods end; without nodes (no pod network) nothing would.
+                "--terminated-pod-gc-threshold=500",
+            ],
+            self.workdir / "kube-controller-manager.log",
+            detach=self.detach,
+        )
         sched = self._identity("kube-scheduler")
-        self.processes["kube-scheduler"] = _spawn([
-            str(self.bin_dir / "kube-scheduler"),
-            f"--kubeconfig={sched}", f"--authentication-kubeconfig={sched}", f"--authorization-kubeconfig={sched}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--profiling=false",
-        ], self.workdir / "kube-scheduler.log", detach=self.detach)
+        self.processes["kube-scheduler"] = _spawn(
+            [
+                str(self.bin_dir / "kube-scheduler"),
+                f"--kubeconfig={sched}",
+                f"--authentication-kubeconfig={sched}",
+                f"--authorization-kubeconfig={sched}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--profiling=false",
+            ],
+            self.workdir / "kube-scheduler.log",
+            detach=self.detach,
+        )
 
     def _start_kube_proxy(self) -> None:
         config = self.workdir / "kube-proxy.yaml"
-        config.write_text(json.dumps({
-            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
-            "clientConnection": {"kubeconfig": str(self._identity("kube-proxy"))},
-            "mode": "iptables", "clusterCIDR": self.network.pod_network, "hostnameOverride": self.nodes[0].name,
-            "healthzBindAddress": "127.0.0.1:10256", "metricsBindAddress": "127.0.0.1:10249",
-            # Pods share one bridge: masquerading all Service traffic sends replies back through the
-            # host, where the DNAT is undone, also between two pods on the bridge.
-            "iptables": {"masqueradeAll": True, "minSyncPeriod": "0s", "syncPeriod": "30s"},
-            # Leave the host's conntrack table size alone.
-            "conntrack": {"maxPerCore": 0},
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                    "kind": "KubeProxyConfiguration",
+                    "clientConnection": {"kubeconfig": str(self._identity("kube-proxy"))},
+                    "mode": "iptables",
+                    "clusterCIDR": self.network.pod_network,
+                    "hostnameOverride": self.nodes[0].name,
+                    "healthzBindAddress": "127.0.0.1:10256",
+                    "metricsBindAddress": "127.0.0.1:10249",
+                    # Pods share one bridge: masquerading all Service traffic sends replies back through the
+                    # host, where the DNAT is undone, also between two pods on the bridge.
+                    "iptables": {"masqueradeAll": True, "minSyncPeriod": "0s", "syncPeriod": "30s"},
+                    # Leave the host's conntrack table size alone.
+                    "conntrack": {"maxPerCore": 0},
+                }
+            )
+        )
         self.processes["kube-proxy"] = _spawn(
             [*self.network.exec_argv(), str(self.bin_dir / "kube-proxy"), f"--config={config}"],
-            self.workdir / "kube-proxy.log", detach=self.detach, cgroup=self.network.cgroup)
+            self.workdir / "kube-proxy.log",
+            detach=self.detach,
+            cgroup=self.network.cgroup,
+        )
 
     def _start_node(self, index: int, node: NodeSpec) -> None:
         identity = f"node-{node.name}"
@@ -330,27 +420,51 @@ class Cluster:
         # The Python environment the images' programs run from: the checkout's (make setup), else
         # this interpreter's.
         venv = REPO / ".venv" if (REPO / ".venv/bin/python").exists() else Path(sys.prefix)
-        env = {**os.environ, "NANORUN_VENV": str(venv), "NANORUN_KUBE_BIN": str(self.bin_dir),
-               "NANORUN_REPO": str(REPO)}
+        env = {
+            **os.environ,
+            "NANORUN_VENV": str(venv),
+            "NANORUN_KUBE_BIN": str(self.bin_dir),
+            "NANORUN_REPO": str(REPO),
+        }
         net = self.network
         argv = [
             *net.exec_argv(),
-            str(self.bin_dir / "nanorun-node"), "run", f"--name={node.name}", f"--kubeconfig={kubeconfig_path}",
-            f"--listen={net.gateway}:{10249 + index}", f"--node-ip={net.gateway}",
-            f"--tls-cert={self.pki / 'kubelet.crt'}", f"--tls-key={self.pki / 'kubelet.key'}",
+            str(self.bin_dir / "nanorun-node"),
+            "run",
+            f"--name={node.name}",
+            f"--kubeconfig={kubeconfig_path}",
+            f"--listen={net.gateway}:{10249 + index}",
+            f"--node-ip={net.gateway}",
+            f"--tls-cert={self.pki / 'kubelet.crt'}",
+            f"--tls-key={self.pki / 'kubelet.key'}",
             f"--client-ca={self.pki / 'ca.crt'}",
             "--capacity=" + ",".join(f"{k}={v}" for k, v in node.capacity.items()),
-            *(f"--label={k}={v}" for k, v in node.labels.items()), *(f"--taint={t}" for t in node.taints),
-            f"--state-dir={self.workdir / 'nodes' / node.name}", f"--images={HERE / 'images.yaml'}",
-            f"--bridge={net.bridge}", f"--pod-cidr={net.node_pod_cidr(index)}",
-            f"--gateway={net.gateway}/16", f"--cluster-dns={net.dns_ip}",
-            f"--cluster-domain={CLUSTER_DOMAIN}", f"--netns-prefix={net.pod_netns_prefix}{node.name}-",
+            *(f"--label={k}={v}" for k, v in node.labels.items()),
+            *(f"--taint={t}" for t in node.taints),
+            f"--state-dir={self.workdir / 'nodes' / node.name}",
+            f"--images={HERE / 'images.yaml'}",
+            f"--bridge={net.bridge}",
+            f"--pod-cidr={net.node_pod_cidr(index)}",
+            f"--gateway={net.gateway}/16",
+            f"--cluster-dns={net.dns_ip}",
+            f"--cluster-domain={CLUSTER_DOMAIN}",
+            f"--netns-prefix={net.pod_netns_prefix}{node.name}-",
             # Where the images' programs live: containers see these even when they are under /tmp.
-            *(f"--host-path={p}" for p in sorted({str(REPO), str(venv), str(self.bin_dir),
-                                                  str(Path(venv / "bin" / "python").resolve().parents[1])})),
+            *(
+                f"--host-path={p}"
+                for p in sorted(
+                    {
+                        str(REPO),
+                        str(venv),
+                        str(self.bin_dir),
+                        str(Path(venv / "bin" / "python").resolve().parents[1]),
+                    }
+                )
+            ),
         ]
-        self.processes[f"node/{node.name}"] = _spawn(argv, self.workdir / f"node-{node.name}.log",
-                                                     detach=self.detach, env=env, cgroup=net.cgroup)
+        self.processes[f"node/{node.name}"] = _spawn(
+            argv, self.workdir / f"node-{node.name}.log", detach=self.detach, env=env, cgroup=net.cgroup
+        )
 
     def wait_nodes_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         want = {n.name for n in self.nodes}
@@ -364,13 +478,16 @@ class Cluster:
             if want <= ready:
                 return
             time.sleep(0.2)
-        raise ControlPlaneError(f"nodes not Ready after {timeout_s:.0f} s (ready: {sorted(ready)}); last lines of "
-                                f"{self.workdir / f'node-{self.nodes[0].name}.log'}:\n"
-                                f"{_log_tail(self.workdir / f'node-{self.nodes[0].name}.log')}")
+        raise ControlPlaneError(
+            f"nodes not Ready after {timeout_s:.0f} s (ready: {sorted(ready)}); last lines of "
+            f"{self.workdir / f'node-{self.nodes[0].name}.log'}:\n"
+            f"{_log_tail(self.workdir / f'node-{self.nodes[0].name}.log')}"
+        )
 
     def _start_dns(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         manifest = string.Template((HERE / "addons/coredns.yaml").read_text()).substitute(
-            DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=self.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE)
+            DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=self.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE
+        )
         self._kubectl("apply", "-f", "-", input=manifest)
         self._wait_deployment("kube-system", "coredns", timeout_s)
 
@@ -381,8 +498,14 @@ class Cluster:
         every namespace."""
         manifests = self.bin_dir.parent / "manifests"
         for name in ("training-operator", "kuberay-operator"):
-            self._kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests",
-                          "-f", str(manifests / f"{name}.yaml"))
+            self._kubectl(
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=nanorun-tests",
+                "-f",
+                str(manifests / f"{name}.yaml"),
+            )
         for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
             self._wait_deployment(namespace, deployment, timeout_s)
 
@@ -395,16 +518,31 @@ class Cluster:
         webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
         manifest = yaml.safe_load_all((self.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
         docs = [_kueue_doc(doc) for doc in manifest if doc and doc.get("kind") != "APIService"]
-        self._kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", "-f", "-",
-                      input=yaml.safe_dump_all(docs))
+        self._kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=nanorun-tests",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(docs),
+        )
         self._wait_deployment("kueue-system", "kueue-controller-manager", timeout_s)
 
     def _wait_deployment(self, namespace: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
-            out = self._kubectl("get", "deployment", name, "-n", namespace, "-o",
-                                "jsonpath={.status.readyReplicas}", check=False)
+            out = self._kubectl(
+                "get",
+                "deployment",
+                name,
+                "-n",
+                namespace,
+                "-o",
+                "jsonpath={.status.readyReplicas}",
+                check=False,
+            )
             if out.stdout.strip() == "1":
                 return
             time.sleep(0.25)
@@ -415,9 +553,13 @@ class Cluster:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
                 log = self.workdir / f"{name.replace('/', '-')}.log"
-                raise ControlPlaneError(f"{name} exited with {proc.returncode}; last lines of {log}:\n{_log_tail(log)}")
+                raise ControlPlaneError(
+                    f"{name} exited with {proc.returncode}; last lines of {log}:\n{_log_tail(log)}"
+                )
 
-    def _kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def _kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         out = _run([str(self.bin_dir / "kubectl"), *args], input=input, env=self.env())
         if check and out.returncode != 0:
             raise ControlPlaneError(f"`kubectl {' '.join(args)}` failed: {out.stderr.strip()}")
@@ -428,8 +570,10 @@ class Cluster:
         log = self.workdir / f"{name}.log"
         while time.monotonic() < deadline:
             if self.processes[name].poll() is not None:
-                raise ControlPlaneError(f"{name} exited with {self.processes[name].returncode}; "
-                                        f"last lines of {log}:\n{_log_tail(log)}")
+                raise ControlPlaneError(
+                    f"{name} exited with {self.processes[name].returncode}; "
+                    f"last lines of {log}:\n{_log_tail(log)}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                     if resp.status == 200:
@@ -437,8 +581,9 @@ class Cluster:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise ControlPlaneError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s at {url}; "
-                                f"last lines of {log}:\n{_log_tail(log)}")
+        raise ControlPlaneError(
+            f"{name} not ready after {READY_TIMEOUT_S:.0f} s at {url}; last lines of {log}:\n{_log_tail(log)}"
+        )
 
     def _stop_processes(self) -> None:
         """Nodes first (each stops its pods: SIGTERM, then SIGKILL), then the rest in reverse start
@@ -522,23 +667,41 @@ def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0
         return
     file_args = [arg for f in files for arg in ("-f", str(f))]
     applied = subprocess.run(
-        ["kubectl", "apply", "--server-side", "--force-conflicts", "--field-manager=nanorun-tests", "-o", "name",
-         *file_args],
-        env=env, capture_output=True, text=True,
+        [
+            "kubectl",
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=nanorun-tests",
+            "-o",
+            "name",
+            *file_args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if applied.returncode != 0:
         raise ControlPlaneError(f"installing CRDs failed:\n{applied.stderr.strip()}")
     # Polled rather than `kubectl wait`, which fails outright while a new CRD has no conditions yet.
-    columns = 'custom-columns=NAME:.metadata.name,ESTABLISHED:.status.conditions[?(@.type=="Established")].status'
+    columns = (
+        'custom-columns=NAME:.metadata.name,ESTABLISHED:.status.conditions[?(@.type=="Established")].status'
+    )
     deadline = time.monotonic() + timeout_s
     while True:
-        out = subprocess.run(["kubectl", "get", *applied.stdout.split(), "--no-headers", "-o", columns],
-                             env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            ["kubectl", "get", *applied.stdout.split(), "--no-headers", "-o", columns],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         pending = [line.split()[0] for line in out.stdout.splitlines() if not line.endswith("True")]
         if out.returncode == 0 and not pending:
             return
         if time.monotonic() > deadline:
-            raise ControlPlaneError(f"CRDs not Established after {timeout_s:.0f} s: {pending} {out.stderr.strip()}")
+            raise ControlPlaneError(
+                f"CRDs not Established after {timeout_s:.0f} s: {pending} {out.stderr.strip()}"
+            )
         time.sleep(0.2)
 
 
@@ -546,8 +709,10 @@ def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0
 
 
 def _pid_files(state: Path) -> dict[str, Path]:
-    return {f.stem.replace("node-", "node/", 1) if f.stem.startswith("node-") else f.stem: f
-            for f in state.glob("*.pid")}
+    return {
+        f.stem.replace("node-", "node/", 1) if f.stem.startswith("node-") else f.stem: f
+        for f in state.glob("*.pid")
+    }
 
 
 def _running_pids(state: Path) -> dict[str, int]:
@@ -582,12 +747,17 @@ def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
     except BaseException:
         cluster.stop()
         raise
-    pods = (f"{len(nodes)} nodes Ready, CoreDNS serving" if cluster.pods
-            else f"no pod network: {cluster.pods_unsupported}")
-    print(f"cluster up in {ready - started:.1f} s ({pods}); API server {cluster.server}; "
-          f"CRDs established {time.monotonic() - ready:.1f} s later\n"
-          f"  export KUBECONFIG={cluster.kubeconfig_path}\n"
-          f"  export PATH={cluster.bin_dir}:$PATH    # kubectl, helm")
+    pods = (
+        f"{len(nodes)} nodes Ready, CoreDNS serving"
+        if cluster.pods
+        else f"no pod network: {cluster.pods_unsupported}"
+    )
+    print(
+        f"cluster up in {ready - started:.1f} s ({pods}); API server {cluster.server}; "
+        f"CRDs established {time.monotonic() - ready:.1f} s later\n"
+        f"  export KUBECONFIG={cluster.kubeconfig_path}\n"
+        f"  export PATH={cluster.bin_dir}:$PATH    # kubectl, helm"
+    )
     return 0
 
 
@@ -606,8 +776,10 @@ def down(state: Path) -> int:
         if owner is None or owner.get("workdir") == str(state):
             removed = cleanup_network(network)
         slot_file.unlink()
-    print(f"stopped {', '.join(names) or 'nothing (not running)'}"
-          + (f"; removed {', '.join(removed)}" if removed else ""))
+    print(
+        f"stopped {', '.join(names) or 'nothing (not running)'}"
+        + (f"; removed {', '.join(removed)}" if removed else "")
+    )
     return 0
 
 
@@ -622,18 +794,29 @@ def status(state: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.kube.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
-                        help="where the kubeconfig, pid files, logs and etcd data live (default: .kube/)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=STATE_DIR,
+        help="where the kubeconfig, pid files, logs and etcd data live (default: .kube/)",
+    )
     parser.add_argument("--nodes", type=int, default=len(DEFAULT_NODES), help="number of nodes (default 2)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="nvidia.com/gpu each node declares (default 8)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=8, help="nvidia.com/gpu each node declares (default 8)"
+    )
     args = parser.parse_args(argv)
     state = args.state_dir.resolve()
     try:
         if args.command == "up":
             base = NodeSpec("node")
-            nodes = tuple(NodeSpec(f"node-{i}", capacity={**base.capacity, "nvidia.com/gpu": str(args.gpus_per_node)},
-                                   labels={**base.labels, "nvidia.com/gpu.count": str(args.gpus_per_node)})
-                          for i in range(1, args.nodes + 1))
+            nodes = tuple(
+                NodeSpec(
+                    f"node-{i}",
+                    capacity={**base.capacity, "nvidia.com/gpu": str(args.gpus_per_node)},
+                    labels={**base.labels, "nvidia.com/gpu.count": str(args.gpus_per_node)},
+                )
+                for i in range(1, args.nodes + 1)
+            )
             return up(state, nodes)
         return {"down": down, "status": status}[args.command](state)
     except ControlPlaneError as err:

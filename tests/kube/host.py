@@ -35,8 +35,9 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _spawn(argv: list[str], log: Path, *, detach: bool, env: dict[str, str] | None = None,
-           cgroup: Path | None = None) -> subprocess.Popen:
+def _spawn(
+    argv: list[str], log: Path, *, detach: bool, env: dict[str, str] | None = None, cgroup: Path | None = None
+) -> subprocess.Popen:
     def before_exec() -> None:
         if cgroup is not None:  # join it, so that everything this process starts is found later
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
@@ -45,8 +46,13 @@ def _spawn(argv: list[str], log: Path, *, detach: bool, env: dict[str, str] | No
 
     with open(log, "ab") as out:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=detach, preexec_fn=before_exec,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=detach,
+            preexec_fn=before_exec,
         )
 
 
@@ -185,8 +191,10 @@ def claim_network(workdir: Path) -> Network:
             cleanup_network(network)
             record_owner(network, workdir, [os.getpid()])
             return network
-    raise ControlPlaneError(f"all {SLOTS} test cluster network slots are in use (see {OWNERS}); stop a cluster first "
-                            "(`make kube-down`, or python -m tests.kube.cluster down --state-dir DIR)")
+    raise ControlPlaneError(
+        f"all {SLOTS} test cluster network slots are in use (see {OWNERS}); stop a cluster first "
+        "(`make kube-down`, or python -m tests.kube.cluster down --state-dir DIR)"
+    )
 
 
 def record_owner(network: Network, workdir: Path, pids: list[int]) -> None:

@@ -46,8 +46,14 @@ def _certificate(subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool
     return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
-def write_pki(folder: Path, *, nodes: tuple[str, ...] = (), node_ip: str = "127.0.0.1",
-              service_ip: str = "10.96.0.1", api_ip: str = "127.0.0.1") -> None:
+def write_pki(
+    folder: Path,
+    *,
+    nodes: tuple[str, ...] = (),
+    node_ip: str = "127.0.0.1",
+    service_ip: str = "10.96.0.1",
+    api_ip: str = "127.0.0.1",
+) -> None:
     """The CA and every certificate and key of the cluster (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -61,14 +67,24 @@ def write_pki(folder: Path, *, nodes: tuple[str, ...] = (), node_ip: str = "127.
             subject.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
         sans = [x509.DNSName(n) for n in dns] + [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
         extensions = [x509.SubjectAlternativeName(sans)] if sans else []
-        files[f"{name}.crt"] = _certificate(x509.Name(subject), key, ca_name, ca_key, ca=False, extensions=extensions)
+        files[f"{name}.crt"] = _certificate(
+            x509.Name(subject), key, ca_name, ca_key, ca=False, extensions=extensions
+        )
         files[f"{name}.key"] = _pem_key(key)
 
     # The first service IP is what in-cluster clients dial as kubernetes.default.
-    issue("apiserver", "kube-apiserver",
-          dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-               "kubernetes.default.svc.cluster.local"),
-          ips=sorted({"127.0.0.1", api_ip, service_ip}))
+    issue(
+        "apiserver",
+        "kube-apiserver",
+        dns=(
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
+        ips=sorted({"127.0.0.1", api_ip, service_ip}),
+    )
     issue("admin", "nanorun-admin", "system:masters")
     issue("kube-scheduler", "system:kube-scheduler")
     issue("kube-controller-manager", "system:kube-controller-manager")
@@ -91,16 +107,34 @@ def write_pki(folder: Path, *, nodes: tuple[str, ...] = (), node_ip: str = "127.
 def kubeconfig(server: str, pki: Path, user: str = "admin") -> str:
     """A kubeconfig for one identity (<user>.crt/.key) with the CA and client certificate embedded
     (one self-contained file)."""
+
     def b64(name: str) -> str:
         return base64.b64encode((pki / name).read_bytes()).decode()
 
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "nanorun-test", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(f"{user}.crt"),
-                                          "client-key-data": b64(f"{user}.key")}}],
-        "contexts": [{"name": "nanorun-test", "context": {"cluster": "nanorun-test", "user": user, "namespace": "default"}}],
+        "clusters": [
+            {
+                "name": "nanorun-test",
+                "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate-data": b64(f"{user}.crt"),
+                    "client-key-data": b64(f"{user}.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "nanorun-test",
+                "context": {"cluster": "nanorun-test", "user": user, "namespace": "default"},
+            }
+        ],
         "current-context": "nanorun-test",
     }
     return yaml.safe_dump(config, sort_keys=False)

@@ -25,14 +25,25 @@ GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 def pytorchjob(name: str, replicas: object = 1) -> dict:
     """A PyTorchJob as an API object only: `runPolicy.managedBy` hands it to another controller
     (MultiKueue's name), so the training-operator running in the cluster leaves it and its status alone."""
-    container = {"name": "pytorch", "image": "nanorun-trainer:test", "command": ["python", "-m", "nanorun.trainer.base_train"]}
+    container = {
+        "name": "pytorch",
+        "image": "nanorun-trainer:test",
+        "command": ["python", "-m", "nanorun.trainer.base_train"],
+    }
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "PyTorchJob",
         "metadata": {"name": name},
-        "spec": {"pytorchReplicaSpecs": {"Master": {
-            "replicas": replicas, "restartPolicy": "OnFailure", "template": {"spec": {"containers": [container]}},
-        }}, "runPolicy": {"managedBy": "kueue.x-k8s.io/multikueue"}},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "replicas": replicas,
+                    "restartPolicy": "OnFailure",
+                    "template": {"spec": {"containers": [container]}},
+                }
+            },
+            "runPolicy": {"managedBy": "kueue.x-k8s.io/multikueue"},
+        },
     }
 
 
@@ -50,12 +61,20 @@ def test_core_objects_round_trip(core, kube_namespace):
     ns = kube_namespace
     assert core.read_namespace(ns).status.phase == "Active"
     core.create_namespaced_config_map(ns, {"metadata": {"name": "settings"}, "data": {"depth": "20"}})
-    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "key"}})
+    core.create_namespaced_secret(
+        ns, {"metadata": {"name": "s3-creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "key"}}
+    )
     core.create_namespaced_service_account(ns, {"metadata": {"name": "trainer"}})
-    core.create_namespaced_event(ns, {
-        "metadata": {"name": "run.started"}, "type": "Normal", "reason": "StageStarted", "message": "base_train",
-        "involvedObject": {"kind": "ConfigMap", "namespace": ns, "name": "settings", "apiVersion": "v1"},
-    })
+    core.create_namespaced_event(
+        ns,
+        {
+            "metadata": {"name": "run.started"},
+            "type": "Normal",
+            "reason": "StageStarted",
+            "message": "base_train",
+            "involvedObject": {"kind": "ConfigMap", "namespace": ns, "name": "settings", "apiVersion": "v1"},
+        },
+    )
 
     assert core.read_namespaced_config_map("settings", ns).data == {"depth": "20"}
     # stringData is write-only: the server stores it base64-encoded under data.
@@ -68,28 +87,39 @@ def test_core_objects_round_trip(core, kube_namespace):
 def test_every_crd_is_established(kube):
     files = [arg for path in cluster.crd_files() for arg in ("-f", str(path))]
     names = kube.kubectl("get", *files, "-o", "name").stdout.split()
-    assert {"customresourcedefinition.apiextensions.k8s.io/pytorchjobs.kubeflow.org",
-            "customresourcedefinition.apiextensions.k8s.io/rayservices.ray.io"} <= set(names)
+    assert {
+        "customresourcedefinition.apiextensions.k8s.io/pytorchjobs.kubeflow.org",
+        "customresourcedefinition.apiextensions.k8s.io/rayservices.ray.io",
+    } <= set(names)
     for name in names:
-        established = kube.kubectl("get", name, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}')
+        established = kube.kubectl(
+            "get", name, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        )
         assert established.stdout == "True", name
 
 
 def test_custom_object_round_trips(jobs, kube_namespace):
-    created = jobs.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("d20-base-train-0"))
+    created = jobs.create_namespaced_custom_object(
+        GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("d20-base-train-0")
+    )
     read = jobs.get_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "d20-base-train-0")
     sent = pytorchjob("x")["spec"]
     assert read["spec"]["pytorchReplicaSpecs"] == sent["pytorchReplicaSpecs"]
     # The schema's defaults fill in what was left out (runPolicy.suspend: false); nothing else changes.
     assert read["spec"]["runPolicy"] == {**sent["runPolicy"], "suspend": False}
     assert read["metadata"]["uid"] == created["metadata"]["uid"]
-    names = [o["metadata"]["name"] for o in jobs.list_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL)["items"]]
+    names = [
+        o["metadata"]["name"]
+        for o in jobs.list_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL)["items"]
+    ]
     assert names == ["d20-base-train-0"]
 
 
 def test_structural_schema_rejects_invalid_object_with_server_message(jobs, kube_namespace):
     with pytest.raises(ApiException) as err:
-        jobs.create_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("bad", replicas="two"))
+        jobs.create_namespaced_custom_object(
+            GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("bad", replicas="two")
+        )
     assert err.value.status == 422
     status = json.loads(err.value.body)
     assert status["reason"] == "Invalid"
@@ -102,12 +132,22 @@ def test_status_subresource_separates_spec_and_status(jobs, kube_namespace):
     conditions = [{"type": "Running", "status": "True", "reason": "PyTorchJobRunning"}]
 
     # Writing through the main resource drops status changes...
-    jobs.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "split", {"status": {"conditions": conditions}})
+    jobs.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "split", {"status": {"conditions": conditions}}
+    )
     assert "status" not in jobs.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "split")
     # ...and writing through /status drops spec changes.
-    jobs.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, "split", {
-        "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 3}}}, "status": {"conditions": conditions},
-    })
+    jobs.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "split",
+        {
+            "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 3}}},
+            "status": {"conditions": conditions},
+        },
+    )
     job = jobs.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "split")
     assert job["status"]["conditions"][0]["type"] == "Running"
     assert job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
@@ -123,7 +163,9 @@ def test_finalizer_holds_deletion_until_removed(jobs, kube_namespace):
     job = jobs.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "held")
     assert job["metadata"]["deletionTimestamp"]
 
-    jobs.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "held", {"metadata": {"finalizers": None}})
+    jobs.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "held", {"metadata": {"finalizers": None}}
+    )
     with pytest.raises(ApiException) as err:
         jobs.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "held")
     assert err.value.status == 404
@@ -133,12 +175,16 @@ def test_watch_delivers_each_change_with_its_resource_version(core, kube_namespa
     ns = kube_namespace
     start = core.list_namespaced_config_map(ns).metadata.resource_version
     core.create_namespaced_config_map(ns, {"metadata": {"name": "w"}, "data": {"step": "1"}})
-    core.patch_namespaced_config_map("w", ns, {"data": {"step": "2"}}, _content_type="application/merge-patch+json")
+    core.patch_namespaced_config_map(
+        "w", ns, {"data": {"step": "2"}}, _content_type="application/merge-patch+json"
+    )
     core.delete_namespaced_config_map("w", ns)
 
     seen = []
     stream = watch.Watch()
-    for event in stream.stream(core.list_namespaced_config_map, ns, resource_version=start, timeout_seconds=10):
+    for event in stream.stream(
+        core.list_namespaced_config_map, ns, resource_version=start, timeout_seconds=10
+    ):
         if event["object"].metadata.name == "w":
             seen.append((event["type"], int(event["object"].metadata.resource_version)))
         if len(seen) == 3:
@@ -168,35 +214,66 @@ def bound_service_account(kube, kube_namespace):
     PyTorchJobs and read ConfigMaps, and nothing else."""
     ns = kube_namespace
     role = f"pytorchjob-runner-{ns}"
-    kube.apply_server_side(yaml.safe_dump_all([
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "runner", "namespace": ns}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": role},
-         "rules": [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["get", "list", "watch", "create"]},
-                   {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "runner", "namespace": ns},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-         "subjects": [{"kind": "ServiceAccount", "name": "runner", "namespace": ns}]},
-    ]))
+    kube.apply_server_side(
+        yaml.safe_dump_all(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": "runner", "namespace": ns},
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "ClusterRole",
+                    "metadata": {"name": role},
+                    "rules": [
+                        {
+                            "apiGroups": ["kubeflow.org"],
+                            "resources": ["pytorchjobs"],
+                            "verbs": ["get", "list", "watch", "create"],
+                        },
+                        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]},
+                    ],
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": "runner", "namespace": ns},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                    "subjects": [{"kind": "ServiceAccount", "name": "runner", "namespace": ns}],
+                },
+            ]
+        )
+    )
     yield f"system:serviceaccount:{ns}:runner"
     kube.kubectl("delete", "clusterrole", role, check=False)
 
 
-@pytest.mark.parametrize(("verb", "resource", "allowed"), [
-    ("create", "pytorchjobs.kubeflow.org", True),
-    ("watch", "pytorchjobs.kubeflow.org", True),
-    ("delete", "pytorchjobs.kubeflow.org", False),
-    ("list", "configmaps", True),
-    ("get", "secrets", False),
-    ("create", "rayservices.ray.io", False),
-])
-def test_rbac_grants_exactly_the_bound_verbs(kube, kube_namespace, bound_service_account, verb, resource, allowed):
-    out = kube.kubectl("auth", "can-i", verb, resource, "-n", kube_namespace, f"--as={bound_service_account}", check=False)
+@pytest.mark.parametrize(
+    ("verb", "resource", "allowed"),
+    [
+        ("create", "pytorchjobs.kubeflow.org", True),
+        ("watch", "pytorchjobs.kubeflow.org", True),
+        ("delete", "pytorchjobs.kubeflow.org", False),
+        ("list", "configmaps", True),
+        ("get", "secrets", False),
+        ("create", "rayservices.ray.io", False),
+    ],
+)
+def test_rbac_grants_exactly_the_bound_verbs(
+    kube, kube_namespace, bound_service_account, verb, resource, allowed
+):
+    out = kube.kubectl(
+        "auth", "can-i", verb, resource, "-n", kube_namespace, f"--as={bound_service_account}", check=False
+    )
     assert out.stdout.strip() == ("yes" if allowed else "no")
     assert out.returncode == (0 if allowed else 1)
 
 
 def test_rbac_binding_does_not_reach_other_namespaces(kube, bound_service_account):
-    out = kube.kubectl("auth", "can-i", "list", "configmaps", "-n", "default", f"--as={bound_service_account}", check=False)
+    out = kube.kubectl(
+        "auth", "can-i", "list", "configmaps", "-n", "default", f"--as={bound_service_account}", check=False
+    )
     assert (out.stdout.strip(), out.returncode) == ("no", 1)
 
 

@@ -40,7 +40,11 @@ def leftovers(network: cluster.Network) -> list[str]:
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     found += [f"link {network.host_link}" for line in links.splitlines() if f" {network.host_link}@" in line]
     routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True).stdout
-    found += [f"route {line}" for line in routes.splitlines() if line.startswith((network.pod_network, network.service_cidr))]
+    found += [
+        f"route {line}"
+        for line in routes.splitlines()
+        if line.startswith((network.pod_network, network.service_cidr))
+    ]
     mounts = Path("/proc/mounts").read_text()
     found += [f"mount {line}" for line in mounts.splitlines() if network.netns in line]
     if network.cgroup is not None and network.cgroup.exists():
@@ -57,7 +61,9 @@ def test_up_then_down_runs_pods_and_leaves_nothing_behind(kube_pods, tmp_path):
     state = tmp_path / "state"
     run = [sys.executable, "-m", "tests.kube.cluster"]
     for attempt in (1, 2):
-        up = subprocess.run([*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True)
+        up = subprocess.run(
+            [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+        )
         assert up.returncode == 0, up.stderr
         network = cluster.Network(int((state / "network-slot").read_text()))
         # The session's cluster holds a slot of its own: the two run side by side.
@@ -65,29 +71,57 @@ def test_up_then_down_runs_pods_and_leaves_nothing_behind(kube_pods, tmp_path):
         pids = [int(f.read_text()) for f in state.glob("*.pid")]
         assert len(pids) == 7  # etcd, apiserver, controller-manager, scheduler, kube-proxy, 2 nodes
         try:
-            assert subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 0
+            assert (
+                subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 0
+            )
             env = {**kube_pods.env, "KUBECONFIG": str(state / "config")}
             kubectl = ["kubectl", "--request-timeout=20s"]
-            nodes = subprocess.run([*kubectl, "get", "nodes", "--no-headers"], env=env, capture_output=True,
-                                   text=True, check=True).stdout
+            nodes = subprocess.run(
+                [*kubectl, "get", "nodes", "--no-headers"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             assert [line.split()[1] for line in nodes.splitlines()] == ["Ready", "Ready"]
-            subprocess.run([*kubectl, "run", "hello", "--image=nanorun-trainer", "--restart=Never", "--command", "--",
-                            "python", "-c", "print('up', 2 + 2)"], env=env, check=True, capture_output=True)
+            subprocess.run(
+                [
+                    *kubectl,
+                    "run",
+                    "hello",
+                    "--image=nanorun-trainer",
+                    "--restart=Never",
+                    "--command",
+                    "--",
+                    "python",
+                    "-c",
+                    "print('up', 2 + 2)",
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             deadline = time.monotonic() + 60
             phase = ""
             while phase != "Succeeded" and time.monotonic() < deadline:
-                phase = subprocess.run([*kubectl, "get", "pod", "hello", "-o", "jsonpath={.status.phase}"],
-                                       env=env, capture_output=True, text=True).stdout
+                phase = subprocess.run(
+                    [*kubectl, "get", "pod", "hello", "-o", "jsonpath={.status.phase}"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 time.sleep(0.3)
             logs = subprocess.run([*kubectl, "logs", "hello"], env=env, capture_output=True, text=True).stdout
             assert (phase, logs) == ("Succeeded", "up 4\n")
             if attempt == 1:
-                again = subprocess.run([*run, "up", "--state-dir", str(state)], cwd=cluster.REPO,
-                                       capture_output=True, text=True)
+                again = subprocess.run(
+                    [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+                )
                 assert "already running" in again.stdout
         finally:
-            down = subprocess.run([*run, "down", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True,
-                                  text=True)
+            down = subprocess.run(
+                [*run, "down", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+            )
         assert down.returncode == 0, down.stderr
         assert wait_gone(pids) == []
         assert leftovers(network) == []
@@ -108,8 +142,9 @@ time.sleep(600)
 
 @pytest.mark.kube
 def test_servers_die_with_a_killed_test_process(kube, tmp_path):
-    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], cwd=cluster.REPO,
-                               stdout=subprocess.PIPE, text=True)
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tmp_path)], cwd=cluster.REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         pids = json.loads(starter.stdout.readline())
         assert len(pids) == 4 and all(host.alive(p) for p in pids)

@@ -45,20 +45,49 @@ def condition(obj: dict, kind: str) -> dict:
 
 def test_a_pytorchjob_runs_on_two_nodes_through_the_training_operator(kube_pods, kube_namespace):
     ns = kube_namespace
-    replica = {"replicas": 1, "restartPolicy": "OnFailure", "template": {"spec": {
-        "containers": [{"name": "pytorch", "image": TRAINER, "command": ["python", "-c", ALL_REDUCE],
-                        "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}}
-    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "allreduce"},
-           "spec": {"pytorchReplicaSpecs": {"Master": replica, "Worker": replica}}}
+    replica = {
+        "replicas": 1,
+        "restartPolicy": "OnFailure",
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "pytorch",
+                        "image": TRAINER,
+                        "command": ["python", "-c", ALL_REDUCE],
+                        "resources": {"limits": {"nvidia.com/gpu": "8"}},
+                    }
+                ]
+            }
+        },
+    }
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "allreduce"},
+        "spec": {"pytorchReplicaSpecs": {"Master": replica, "Worker": replica}},
+    }
     kube_pods.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(job))
 
-    done = wait_for(lambda: kube_pods.get(ns, "pytorchjob", "allreduce"),
-                    lambda j: condition(j, "Succeeded").get("status") == "True" or condition(j, "Failed").get("status") == "True",
-                    timeout=240)
-    pods = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "training.kubeflow.org/job-name=allreduce",
-                                        "-o", "json").stdout)["items"]
-    logs = {p["metadata"]["name"]: kube_pods.kubectl("logs", p["metadata"]["name"], "-n", ns, "-c", "pytorch").stdout
-            for p in pods}
+    done = wait_for(
+        lambda: kube_pods.get(ns, "pytorchjob", "allreduce"),
+        lambda j: (
+            condition(j, "Succeeded").get("status") == "True"
+            or condition(j, "Failed").get("status") == "True"
+        ),
+        timeout=240,
+    )
+    pods = json.loads(
+        kube_pods.kubectl(
+            "get", "pods", "-n", ns, "-l", "training.kubeflow.org/job-name=allreduce", "-o", "json"
+        ).stdout
+    )["items"]
+    logs = {
+        p["metadata"]["name"]: kube_pods.kubectl(
+            "logs", p["metadata"]["name"], "-n", ns, "-c", "pytorch"
+        ).stdout
+        for p in pods
+    }
     assert condition(done, "Succeeded").get("status") == "True", (done["status"], logs)
     assert done["status"]["replicaStatuses"]["Master"].get("succeeded") == 1
     assert done["status"]["replicaStatuses"]["Worker"].get("succeeded") == 1
@@ -110,14 +139,34 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
     from nanorun.operator.plan import stage_plan
 
     ns = kube_namespace
-    kube_pods.apply(ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                         "stringData": {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}})
-    spec = parse_spec({"image": TRAINER, "compute": {"nodes": 2, "gpusPerNode": 2}, "serving": {"enabled": False},
-                       "storage": {"uri": "s3://nanorun/runs/env", "endpoint": "http://s3:9000",
-                                   "credentialsSecret": "s3-creds"}})
+    kube_pods.apply(
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+        },
+    )
+    spec = parse_spec(
+        {
+            "image": TRAINER,
+            "compute": {"nodes": 2, "gpusPerNode": 2},
+            "serving": {"enabled": False},
+            "storage": {
+                "uri": "s3://nanorun/runs/env",
+                "endpoint": "http://s3:9000",
+                "credentialsSecret": "s3-creds",
+            },
+        }
+    )
     pretrain = next(s for s in stage_plan(spec) if s.key == "pretrain")
-    job = pytorchjob_for_stage(RunRef(name="env", namespace=ns, uid="00000000-0000-0000-0000-000000000003"),
-                               spec, pretrain, attempt=1)
+    job = pytorchjob_for_stage(
+        RunRef(name="env", namespace=ns, uid="00000000-0000-0000-0000-000000000003"),
+        spec,
+        pretrain,
+        attempt=1,
+    )
     job["metadata"].pop("ownerReferences")  # the owner is not in this test
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         replica["template"]["spec"]["containers"][0]["command"] = ["python", "-c", PRINT_ENV]
@@ -127,16 +176,28 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
     kube_pods.apply(ns, job)
 
     pods = (f"{name}-master-0", f"{name}-worker-0")
-    phases = wait_for(lambda: [kube_pods.kubectl("get", "pod", pod, "-n", ns, "-o", "jsonpath={.status.phase}",
-                                                 check=False).stdout for pod in pods],
-                      lambda p: all(phase in ("Succeeded", "Failed") for phase in p), timeout=180)
+    phases = wait_for(
+        lambda: [
+            kube_pods.kubectl(
+                "get", "pod", pod, "-n", ns, "-o", "jsonpath={.status.phase}", check=False
+            ).stdout
+            for pod in pods
+        ],
+        lambda p: all(phase in ("Succeeded", "Failed") for phase in p),
+        timeout=180,
+    )
     logs = [kube_pods.kubectl("logs", pod, "-n", ns, "-c", "pytorch").stdout for pod in pods]
     assert phases == ["Succeeded", "Succeeded"], logs
-    done = wait_for(lambda: kube_pods.get(ns, "pytorchjob", name),
-                    lambda j: condition(j, "Succeeded").get("status") == "True", timeout=60)
+    done = wait_for(
+        lambda: kube_pods.get(ns, "pytorchjob", name),
+        lambda j: condition(j, "Succeeded").get("status") == "True",
+        timeout=60,
+    )
     assert done["status"]["replicaStatuses"]["Worker"].get("succeeded") == 1
     assert all(log.rstrip().endswith("met") for log in logs), logs
-    envs = [json.loads(next(line for line in log.splitlines() if line.startswith("env "))[4:]) for log in logs]
+    envs = [
+        json.loads(next(line for line in log.splitlines() if line.startswith("env "))[4:]) for log in logs
+    ]
     for rank, env in enumerate(envs):
         assert env["RANK"] == env["PET_NODE_RANK"] == str(rank)
         assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
@@ -144,27 +205,55 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
         assert env["MASTER_ADDR"] == env["PET_MASTER_ADDR"] == f"{name}-master-0"
         assert env["MASTER_PORT"] == env["PET_MASTER_PORT"] == str(RENDEZVOUS_PORT)
         assert env["PYTHONUNBUFFERED"] == "1"
-        assert env["NANORUN_RUN"] == "env" and env["NANORUN_STAGE"] == "base_train" and env["NANORUN_ATTEMPT"] == "1"
+        assert (
+            env["NANORUN_RUN"] == "env"
+            and env["NANORUN_STAGE"] == "base_train"
+            and env["NANORUN_ATTEMPT"] == "1"
+        )
         assert env["AWS_ENDPOINT_URL"] == "http://s3:9000"
         assert env["AWS_ACCESS_KEY_ID"] == "key-id" and env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
 
 
 def test_a_raycluster_gets_a_head_pod_running_ray(kube_pods, kube_namespace):
     ns = kube_namespace
-    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "raytest"},
-               "spec": {"headGroupSpec": {
-                   "rayStartParams": {"num-cpus": "1", "object-store-memory": "100000000"},
-                   "template": {"spec": {"containers": [{
-                       "name": "ray-head", "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
-                       "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
-                   }]}}}}}
+    cluster = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "raytest"},
+        "spec": {
+            "headGroupSpec": {
+                "rayStartParams": {"num-cpus": "1", "object-store-memory": "100000000"},
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "ray-head",
+                                "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
+                                "resources": {
+                                    "requests": {"cpu": "1", "memory": "2Gi"},
+                                    "limits": {"cpu": "1", "memory": "2Gi"},
+                                },
+                            }
+                        ]
+                    }
+                },
+            }
+        },
+    }
     kube_pods.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(cluster))
-    ready = wait_for(lambda: kube_pods.get(ns, "raycluster", "raytest"),
-                     lambda c: c.get("status", {}).get("state") == "ready", timeout=240)
+    ready = wait_for(
+        lambda: kube_pods.get(ns, "raycluster", "raytest"),
+        lambda c: c.get("status", {}).get("state") == "ready",
+        timeout=240,
+    )
     assert ready["status"]["head"]["serviceName"] == "raytest-head-svc"
-    head = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "ray.io/node-type=head", "-o", "json").stdout)["items"]
+    head = json.loads(
+        kube_pods.kubectl("get", "pods", "-n", ns, "-l", "ray.io/node-type=head", "-o", "json").stdout
+    )["items"]
     assert len(head) == 1
-    command = " ".join(head[0]["spec"]["containers"][0].get("args", []) + head[0]["spec"]["containers"][0].get("command", []))
+    command = " ".join(
+        head[0]["spec"]["containers"][0].get("args", []) + head[0]["spec"]["containers"][0].get("command", [])
+    )
     assert "ray start --head" in command
     logs = kube_pods.kubectl("logs", head[0]["metadata"]["name"], "-n", ns).stdout
     assert "Ray runtime started" in logs, logs
@@ -185,20 +274,34 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
 
     body = yaml.safe_load(example.read_text())
     spec = parse_spec(body["spec"])
-    run = RunRef(name=body["metadata"]["name"], namespace=kube_namespace, uid="00000000-0000-0000-0000-000000000001")
+    run = RunRef(
+        name=body["metadata"]["name"], namespace=kube_namespace, uid="00000000-0000-0000-0000-000000000001"
+    )
     objects = [pytorchjob_for_stage(run, spec, stage, attempt=1) for stage in stage_plan(spec)]
     if spec.serving.enabled:
         objects.append(rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints"))
     for obj in objects:
         obj["metadata"].pop("ownerReferences", None)  # the owner is not in this dry run
-        out = kube_pods.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(obj),
-                                check=False)
+        out = kube_pods.kubectl(
+            "apply",
+            "--dry-run=server",
+            "-n",
+            kube_namespace,
+            "-f",
+            "-",
+            input=yaml.safe_dump(obj),
+            check=False,
+        )
         assert out.returncode == 0, f"{obj['kind']} {obj['metadata']['name']}: {out.stderr}"
     # The webhook is in the path: a PyTorchJob it must refuse (two Master replicas) is refused.
     bad = yaml.safe_load(yaml.safe_dump(objects[0]))
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
-    out = kube_pods.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(bad), check=False)
-    assert out.returncode != 0 and "validator.pytorchjob.training-operator.kubeflow.org" in out.stderr, out.stderr
+    out = kube_pods.kubectl(
+        "apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(bad), check=False
+    )
+    assert out.returncode != 0 and "validator.pytorchjob.training-operator.kubeflow.org" in out.stderr, (
+        out.stderr
+    )
 
 
 def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespace, tiny_chat_run):
@@ -214,40 +317,63 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
-    spec = parse_spec({
-        "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
-        "storage": {"uri": "s3://nanorun/runs/chat", "endpoint": endpoint, "credentialsSecret": "s3-creds"},
-        "compute": {"nodes": 1, "gpusPerNode": 0, "cpu": "1"},
-        "serving": {"enabled": True, "minReplicas": 1, "maxReplicas": 1, "gpusPerReplica": 0, "cpusPerReplica": 1,
-                    "image": "ghcr.io/nanorun/nanorun-serving:0.1.0"},
-    })
+    spec = parse_spec(
+        {
+            "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
+            "storage": {
+                "uri": "s3://nanorun/runs/chat",
+                "endpoint": endpoint,
+                "credentialsSecret": "s3-creds",
+            },
+            "compute": {"nodes": 1, "gpusPerNode": 0, "cpu": "1"},
+            "serving": {
+                "enabled": True,
+                "minReplicas": 1,
+                "maxReplicas": 1,
+                "gpusPerReplica": 0,
+                "cpusPerReplica": 1,
+                "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
+            },
+        }
+    )
     run = RunRef(name="chat", namespace=ns, uid="00000000-0000-0000-0000-000000000002")
     service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/chat_sft")
     service["metadata"].pop("ownerReferences")
     kube_pods.apply(ns, service)
     name = rayservice_name(run.name)
 
-    ready = wait_for(lambda: kube_pods.get(ns, "rayservice", name),
-                     lambda s: condition(s, "Ready").get("status") == "True", timeout=600)
+    ready = wait_for(
+        lambda: kube_pods.get(ns, "rayservice", name),
+        lambda s: condition(s, "Ready").get("status") == "True",
+        timeout=600,
+    )
     clusters = kube_pods.kubectl("get", "rayclusters", "-n", ns, "-o", "name").stdout.split()
     assert len(clusters) == 1
     assert ready["status"]["activeServiceStatus"]["applicationStatuses"]["chat"]["status"] == "RUNNING"
-    serve_ip = kube_pods.kubectl("get", "service", f"{name}-serve-svc", "-n", ns, "-o",
-                                 "jsonpath={.spec.clusterIP}").stdout
+    serve_ip = kube_pods.kubectl(
+        "get", "service", f"{name}-serve-svc", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout
     client = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key="unused", timeout=60)
 
     def chat():
         # KubeRay labels the pods that serve (ray.io/serve) once their proxies are up, and kube-proxy
         # programs the Service's endpoints a moment later: until then the Service refuses.
         try:
-            return client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}],
-                                                  max_tokens=8).choices[0].message.content
+            return (
+                client.chat.completions.create(
+                    model="nanorun", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+                )
+                .choices[0]
+                .message.content
+            )
         except openai.APIConnectionError as err:
             return repr(err)
 
     reply = wait_for(chat, lambda r: not r.startswith("APIConnectionError"), timeout=120)
     assert reply
-    chunks = list(client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": "Hi"}],
-                                                 max_tokens=8, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="nanorun", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+        )
+    )
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
-

@@ -28,12 +28,21 @@ pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]
 ABSENT_IMAGE = "registry.invalid/nanorun-not-pulled:0"
-GPU = {"cpu": "192", "memory": "2Ti", "pods": "110", "nvidia.com/gpu": "8", "rdma/ib": "1",
-       "ephemeral-storage": "1Ti"}
+GPU = {
+    "cpu": "192",
+    "memory": "2Ti",
+    "pods": "110",
+    "nvidia.com/gpu": "8",
+    "rdma/ib": "1",
+    "ephemeral-storage": "1Ti",
+}
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"}
 NODES = (
-    NodeSpec("system", capacity={"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
-             labels={"node-role": "system"}),
+    NodeSpec(
+        "system",
+        capacity={"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
+        labels={"node-role": "system"},
+    ),
     NodeSpec("gpu-1", capacity=GPU, labels=H100, taints=("nvidia.com/gpu=present:NoSchedule",)),
     NodeSpec("gpu-2", capacity=GPU, labels=H100, taints=("nvidia.com/gpu=present:NoSchedule",)),
 )
@@ -65,16 +74,22 @@ def pods(kube: KubeEnv, ns: str, selector: str) -> list[dict]:
 
 def failed_scheduling(kube: KubeEnv, ns: str) -> list[str]:
     events = json.loads(kube.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
-    return [f"{e['involvedObject']['name']}: {e['message']}" for e in events if e["reason"] == "FailedScheduling"]
+    return [
+        f"{e['involvedObject']['name']}: {e['message']}" for e in events if e["reason"] == "FailedScheduling"
+    ]
 
 
 def all_scheduled(kube: KubeEnv, ns: str, selector: str, count: int) -> list[dict]:
     """Waits until `count` pods match and each is bound to a node; fails at the first FailedScheduling."""
+
     def check() -> list[dict]:
         refused = failed_scheduling(kube, ns)
         assert not refused, refused
         return pods(kube, ns, selector)
-    return wait_until(check, lambda ps: len(ps) == count and all(p["spec"].get("nodeName") for p in ps), timeout=120)
+
+    return wait_until(
+        check, lambda ps: len(ps) == count and all(p["spec"].get("nodeName") for p in ps), timeout=120
+    )
 
 
 def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
@@ -84,12 +99,26 @@ def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
     quota = [{"name": k, "nominalQuota": v} for k, v in capacity.items()]
     objects = [
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "any-node"}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": ns},
-         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-                  "resourceGroups": [{"coveredResources": [q["name"] for q in quota],
-                                      "flavors": [{"name": "any-node", "resources": quota}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": queue, "namespace": ns},
-         "spec": {"clusterQueue": ns}},
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": ns},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "resourceGroups": [
+                    {
+                        "coveredResources": [q["name"] for q in quota],
+                        "flavors": [{"name": "any-node", "resources": quota}],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": queue, "namespace": ns},
+            "spec": {"clusterQueue": ns},
+        },
     ]
     kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
 
@@ -105,7 +134,10 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
     body = yaml.safe_load(example.read_text())
     ns = f"schedule-{example.stem.replace('_', '-').replace('.', '-')}"[:50]
     kube.kubectl("create", "namespace", ns)
-    wait_until(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode, lambda rc: rc == 0)
+    wait_until(
+        lambda: kube.kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode,
+        lambda rc: rc == 0,
+    )
     spec = parse_spec(body["spec"])
     run = RunRef(name=body["metadata"]["name"], namespace=ns, uid="00000000-0000-0000-0000-000000000003")
     if spec.compute.queue:
@@ -122,10 +154,14 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
         scheduled = all_scheduled(kube, ns, f"training.kubeflow.org/job-name={name}", replicas)
         placed[stage.key] = sorted(p["spec"]["nodeName"] for p in scheduled)
         kube.kubectl("delete", "pytorchjob", name, "-n", ns, "--wait=true", "--timeout=60s")
-        wait_until(lambda name=name: pods(kube, ns, f"training.kubeflow.org/job-name={name}"), lambda ps: ps == [])
+        wait_until(
+            lambda name=name: pods(kube, ns, f"training.kubeflow.org/job-name={name}"), lambda ps: ps == []
+        )
     if spec.compute.gpus_per_node:  # GPU stages land on the GPU nodes, one pod per node
         pretrain = placed["pretrain"]
-        assert set(pretrain) <= {"gpu-1", "gpu-2"} and len(set(pretrain)) == len(pretrain) == spec.compute.nodes
+        assert (
+            set(pretrain) <= {"gpu-1", "gpu-2"} and len(set(pretrain)) == len(pretrain) == spec.compute.nodes
+        )
 
     if spec.serving.enabled:
         service = rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints/step_000001")

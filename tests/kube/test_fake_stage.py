@@ -18,11 +18,32 @@ BIN = HERE / "images" / "fake-stage" / "bin"
 
 
 def stage(run_dir, *flags: str, attempt: int = 1, launcher: str = "torchrun", **kw) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FAKE_STAGE_PYTHON": sys.executable,
-           "NANORUN_ATTEMPT": str(attempt), "NANORUN_CONFIG_ID": "cfg"}
-    return subprocess.Popen([launcher, "-m", "nanorun.trainer.base_train", "--run-dir", str(run_dir), "--depth", "2",
-                             *flags, "--metrics-port", "9090"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FAKE_STAGE_PYTHON": sys.executable,
+        "NANORUN_ATTEMPT": str(attempt),
+        "NANORUN_CONFIG_ID": "cfg",
+    }
+    return subprocess.Popen(
+        [
+            launcher,
+            "-m",
+            "nanorun.trainer.base_train",
+            "--run-dir",
+            str(run_dir),
+            "--depth",
+            "2",
+            *flags,
+            "--metrics-port",
+            "9090",
+        ],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def test_steps_write_progress_and_done_with_a_checkpoint(tmp_path):
@@ -31,7 +52,9 @@ def test_steps_write_progress_and_done_with_a_checkpoint(tmp_path):
     progress = read_progress(str(tmp_path), "base_train")
     assert (progress.step, progress.total_steps, progress.attempt) == (3, 3, 1)
     done = read_done(str(tmp_path), "base_train")
-    assert done.config_id == "cfg" and done.outputs["checkpoint"].endswith("base_train/checkpoints/step_000003")
+    assert done.config_id == "cfg" and done.outputs["checkpoint"].endswith(
+        "base_train/checkpoints/step_000003"
+    )
 
 
 def test_a_listed_attempt_fails_with_a_line_on_stderr_and_the_next_succeeds(tmp_path):
@@ -55,5 +78,7 @@ def test_sigterm_saves_progress_as_preempted_and_a_new_attempt_resumes_after_it(
     assert proc.returncode == 143
     stopped = read_progress(str(tmp_path), "base_train")
     assert stopped.stopped == "preempted" and stopped.attempt == 1 and 2 <= stopped.step < 50
-    out, _ = stage(tmp_path, "--fake-steps", "50", "--fake-step-seconds", "0.01", attempt=2).communicate(timeout=60)
+    out, _ = stage(tmp_path, "--fake-steps", "50", "--fake-step-seconds", "0.01", attempt=2).communicate(
+        timeout=60
+    )
     assert f"step {stopped.step + 1}/50" in out and "step 1/50" not in out

@@ -27,19 +27,27 @@ def pod(name: str, script: str, **spec) -> dict:
     """A pod running a Python script in the trainer image."""
     container = {"name": "main", "image": TRAINER, "command": ["python", "-c", textwrap.dedent(script)]}
     container.update(spec.pop("container", {}))
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": spec.pop("labels", {"app": name})},
-            "spec": {"restartPolicy": "Never", "containers": [container], **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": spec.pop("labels", {"app": name})},
+        "spec": {"restartPolicy": "Never", "containers": [container], **spec},
+    }
 
 
 wait_for = wait_until
 
 
 def wait_phase(kube, ns: str, name: str, phases: set[str], timeout: float = 60.0) -> dict:
-    return wait_for(lambda: kube.get(ns, "pod", name), lambda p: p.get("status", {}).get("phase") in phases, timeout)
+    return wait_for(
+        lambda: kube.get(ns, "pod", name), lambda p: p.get("status", {}).get("phase") in phases, timeout
+    )
 
 
 def events(kube, ns: str, name: str) -> list[dict]:
-    out = kube.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json")
+    out = kube.kubectl(
+        "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+    )
     return json.loads(out.stdout)["items"]
 
 
@@ -59,16 +67,24 @@ def test_nodes_are_ready_with_the_declared_capacity(kube_pods):
 
 def test_trainer_image_runs_to_success_and_logs_reach_kubectl(kube_pods, kube_namespace):
     ns = kube_namespace
-    kube_pods.apply(ns, pod("hello", """
+    kube_pods.apply(
+        ns,
+        pod(
+            "hello",
+            """
         import os, socket, sys
         print("hello from", socket.gethostname(), os.getcwd())
         print("on stderr", file=sys.stderr)
-    """))
+    """,
+        ),
+    )
     done = wait_phase(kube_pods, ns, "hello", {"Succeeded", "Failed"})
     assert done["status"]["phase"] == "Succeeded", done["status"]
     state = done["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (state["exitCode"], state["reason"]) == (0, "Completed")
-    assert ipaddress.ip_address(done["status"]["podIP"]) in ipaddress.ip_network(kube_pods.cluster.network.pod_network)
+    assert ipaddress.ip_address(done["status"]["podIP"]) in ipaddress.ip_network(
+        kube_pods.cluster.network.pod_network
+    )
     logs = kube_pods.kubectl("logs", "hello", "-n", ns).stdout
     # The pod's own hostname (UTS namespace) and the image's working directory.
     assert "hello from hello /home/nanorun\n" in logs
@@ -77,15 +93,31 @@ def test_trainer_image_runs_to_success_and_logs_reach_kubectl(kube_pods, kube_na
 
 def test_an_image_this_environment_lacks_fails_to_pull(kube_pods, kube_namespace):
     ns = kube_namespace
-    kube_pods.apply(ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bb"},
-                          "spec": {"containers": [{"name": "sh", "image": "busybox:1.36", "command": ["true"]}]}})
-    waiting = wait_for(lambda: kube_pods.get(ns, "pod", "bb"),
-                       lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {})
-                       .get("reason") in ("ErrImagePull", "ImagePullBackOff"))
+    kube_pods.apply(
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "bb"},
+            "spec": {"containers": [{"name": "sh", "image": "busybox:1.36", "command": ["true"]}]},
+        },
+    )
+    waiting = wait_for(
+        lambda: kube_pods.get(ns, "pod", "bb"),
+        lambda p: (
+            (p["status"].get("containerStatuses") or [{}])[0]
+            .get("state", {})
+            .get("waiting", {})
+            .get("reason")
+            in ("ErrImagePull", "ImagePullBackOff")
+        ),
+    )
     assert waiting["status"]["phase"] == "Pending"
     message = waiting["status"]["containerStatuses"][0]["state"]["waiting"].get("message", "")
     assert "busybox:1.36" in message
-    assert any(e["reason"] == "Failed" and "busybox:1.36" in e["message"] for e in events(kube_pods, ns, "bb"))
+    assert any(
+        e["reason"] == "Failed" and "busybox:1.36" in e["message"] for e in events(kube_pods, ns, "bb")
+    )
 
 
 def test_deployment_replicas_are_replaced_scaled_and_collected(kube_pods, kube_namespace):
@@ -93,15 +125,27 @@ def test_deployment_replicas_are_replaced_scaled_and_collected(kube_pods, kube_n
     template = pod("web", "import time; time.sleep(3600)")
     template["spec"]["restartPolicy"] = "Always"
     template["spec"]["terminationGracePeriodSeconds"] = 2
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-                  "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
-                           "template": {"metadata": {"labels": {"app": "web"}}, "spec": template["spec"]}}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": template["spec"]},
+        },
+    }
     kube_pods.apply(ns, deployment)
 
     def running():
-        items = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "app=web", "-o", "json").stdout)["items"]
-        return sorted(p["metadata"]["name"] for p in items
-                      if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp"))
+        items = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "app=web", "-o", "json").stdout)[
+            "items"
+        ]
+        return sorted(
+            p["metadata"]["name"]
+            for p in items
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        )
 
     first = wait_for(running, lambda names: len(names) == 2)
     # Spread over the nodes is the scheduler's choice; both pods are bound to a real node.
@@ -112,24 +156,35 @@ def test_deployment_replicas_are_replaced_scaled_and_collected(kube_pods, kube_n
     assert first[1] in replaced
 
     kube_pods.kubectl("scale", "deployment", "web", "-n", ns, "--replicas=0")
-    wait_for(lambda: kube_pods.kubectl("get", "pods", "-n", ns, "-l", "app=web", "-o", "name").stdout.split(),
-             lambda names: names == [])
+    wait_for(
+        lambda: kube_pods.kubectl("get", "pods", "-n", ns, "-l", "app=web", "-o", "name").stdout.split(),
+        lambda names: names == [],
+    )
 
     # Owner references cascade: deleting the Deployment takes its ReplicaSet (garbage collector).
     assert kube_pods.kubectl("get", "replicasets", "-n", ns, "-o", "name").stdout.split()
     kube_pods.kubectl("delete", "deployment", "web", "-n", ns)
-    wait_for(lambda: kube_pods.kubectl("get", "replicasets", "-n", ns, "-o", "name").stdout.split(),
-             lambda names: names == [])
+    wait_for(
+        lambda: kube_pods.kubectl("get", "replicasets", "-n", ns, "-o", "name").stdout.split(),
+        lambda names: names == [],
+    )
 
 
 def test_a_deleted_namespace_goes_away_with_its_pods(kube_pods):
     ns = f"gone-{time.monotonic_ns() % 100000}"
     kube_pods.kubectl("create", "namespace", ns)
-    wait_for(lambda: kube_pods.kubectl("get", "sa", "default", "-n", ns, check=False).returncode, lambda rc: rc == 0)
+    wait_for(
+        lambda: kube_pods.kubectl("get", "sa", "default", "-n", ns, check=False).returncode,
+        lambda rc: rc == 0,
+    )
     kube_pods.apply(ns, pod("sleeper", "import time; time.sleep(3600)", terminationGracePeriodSeconds=1))
     wait_phase(kube_pods, ns, "sleeper", {"Running"})
     kube_pods.kubectl("delete", "namespace", ns, "--wait=false")
-    wait_for(lambda: kube_pods.kubectl("get", "namespace", ns, check=False).returncode, lambda rc: rc != 0, timeout=90)
+    wait_for(
+        lambda: kube_pods.kubectl("get", "namespace", ns, check=False).returncode,
+        lambda rc: rc != 0,
+        timeout=90,
+    )
 
 
 def test_unschedulable_pods_stay_pending_with_the_schedulers_reason(kube_pods, kube_namespace):
@@ -137,8 +192,14 @@ def test_unschedulable_pods_stay_pending_with_the_schedulers_reason(kube_pods, k
     too_many = pod("nine-gpus", "pass", container={"resources": {"limits": {"nvidia.com/gpu": "9"}}})
     nowhere = pod("no-such-pool", "pass", nodeSelector={"cloud.google.com/gke-nodepool": "tpu"})
     kube_pods.apply(ns, too_many, nowhere)
-    for name, words in (("nine-gpus", "Insufficient nvidia.com/gpu"), ("no-such-pool", "didn't match Pod's node affinity/selector")):
-        found = wait_for(lambda name=name: events(kube_pods, ns, name), lambda evs: any(e["reason"] == "FailedScheduling" for e in evs))
+    for name, words in (
+        ("nine-gpus", "Insufficient nvidia.com/gpu"),
+        ("no-such-pool", "didn't match Pod's node affinity/selector"),
+    ):
+        found = wait_for(
+            lambda name=name: events(kube_pods, ns, name),
+            lambda evs: any(e["reason"] == "FailedScheduling" for e in evs),
+        )
         message = next(e["message"] for e in found if e["reason"] == "FailedScheduling")
         assert words in message and "0/2 nodes are available" in message
         status = kube_pods.get(ns, "pod", name)
@@ -151,11 +212,20 @@ def test_a_toleration_lets_a_pod_onto_a_tainted_node(kube_pods, kube_namespace):
     kube_pods.kubectl("taint", "nodes", "node-1", "nvidia.com/gpu=present:NoSchedule")
     try:
         plain = pod("plain", "pass")
-        tolerant = pod("tolerant", "pass", tolerations=[
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+        tolerant = pod(
+            "tolerant",
+            "pass",
+            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        )
         kube_pods.apply(ns, plain, tolerant)
-        assert wait_phase(kube_pods, ns, "tolerant", {"Succeeded"})["spec"]["nodeName"] in ("node-1", "node-2")
-        found = wait_for(lambda: events(kube_pods, ns, "plain"), lambda evs: any(e["reason"] == "FailedScheduling" for e in evs))
+        assert wait_phase(kube_pods, ns, "tolerant", {"Succeeded"})["spec"]["nodeName"] in (
+            "node-1",
+            "node-2",
+        )
+        found = wait_for(
+            lambda: events(kube_pods, ns, "plain"),
+            lambda evs: any(e["reason"] == "FailedScheduling" for e in evs),
+        )
         assert "untolerated taint" in next(e["message"] for e in found if e["reason"] == "FailedScheduling")
     finally:
         for node in ("node-1", "node-2"):
@@ -174,21 +244,45 @@ http.server.HTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
 
 def test_pods_reach_each_other_through_services_by_dns_name(kube_pods, kube_namespace):
     ns = kube_namespace
-    server = pod("backend", SERVER, labels={"app": "backend"}, container={
-        "ports": [{"name": "http", "containerPort": 8080}],
-        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}})
+    server = pod(
+        "backend",
+        SERVER,
+        labels={"app": "backend"},
+        container={
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+        },
+    )
     server["spec"]["terminationGracePeriodSeconds"] = 1
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
-               "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": "http"}]}}
-    headless = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend-headless"},
-                "spec": {"clusterIP": "None", "selector": {"app": "backend"}, "ports": [{"port": 8080}]}}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "backend"},
+        "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": "http"}]},
+    }
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "backend-headless"},
+        "spec": {"clusterIP": "None", "selector": {"app": "backend"}, "ports": [{"port": 8080}]},
+    }
     kube_pods.apply(ns, server, service, headless)
-    wait_for(lambda: kube_pods.get(ns, "pod", "backend"),
-             lambda p: any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])))
-    urls = ["http://backend/", f"http://backend.{ns}/", f"http://backend.{ns}.svc.cluster.local/",
-            f"http://backend-headless.{ns}.svc.cluster.local:8080/"]
+    wait_for(
+        lambda: kube_pods.get(ns, "pod", "backend"),
+        lambda p: any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])
+        ),
+    )
+    urls = [
+        "http://backend/",
+        f"http://backend.{ns}/",
+        f"http://backend.{ns}.svc.cluster.local/",
+        f"http://backend-headless.{ns}.svc.cluster.local:8080/",
+    ]
     # Endpoints reach kube-proxy's rules a moment after the pod turns Ready: retry like a client would.
-    client = pod("client", f"""
+    client = pod(
+        "client",
+        f"""
         import socket, time, urllib.request
         for url in {urls!r}:
             for attempt in range(40):
@@ -199,7 +293,8 @@ def test_pods_reach_each_other_through_services_by_dns_name(kube_pods, kube_name
                     print(url, "not yet:", err)
                     time.sleep(0.5)
         print("headless resolves to", socket.gethostbyname("backend-headless"))
-    """)
+    """,
+    )
     kube_pods.apply(ns, client)
     done = wait_phase(kube_pods, ns, "client", {"Succeeded", "Failed"})
     logs = kube_pods.kubectl("logs", "client", "-n", ns).stdout
@@ -215,8 +310,12 @@ def test_pods_reach_each_other_through_services_by_dns_name(kube_pods, kube_name
 def test_a_pod_uses_the_api_with_its_service_account_and_rbac_decides(kube_pods, kube_namespace):
     ns = kube_namespace
     kube_pods.kubectl("create", "serviceaccount", "reader", "-n", ns)
-    kube_pods.kubectl("create", "role", "read-configmaps", "--verb=get,list", "--resource=configmaps", "-n", ns)
-    kube_pods.kubectl("create", "rolebinding", "reader", "--role=read-configmaps", f"--serviceaccount={ns}:reader", "-n", ns)
+    kube_pods.kubectl(
+        "create", "role", "read-configmaps", "--verb=get,list", "--resource=configmaps", "-n", ns
+    )
+    kube_pods.kubectl(
+        "create", "rolebinding", "reader", "--role=read-configmaps", f"--serviceaccount={ns}:reader", "-n", ns
+    )
     kube_pods.kubectl("create", "configmap", "settings", "--from-literal=depth=20", "-n", ns)
     script = f"""
         from kubernetes import client, config
@@ -239,9 +338,19 @@ def test_a_pod_uses_the_api_with_its_service_account_and_rbac_decides(kube_pods,
 
 def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace):
     ns = kube_namespace
-    kube_pods.kubectl("create", "secret", "generic", "s3-creds", "--from-literal=AWS_ACCESS_KEY_ID=key-id",
-                      "--from-literal=AWS_SECRET_ACCESS_KEY=secret", "-n", ns)
-    kube_pods.kubectl("create", "configmap", "settings", "--from-literal=depth=20", "--from-literal=Corefile=. {}", "-n", ns)
+    kube_pods.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "s3-creds",
+        "--from-literal=AWS_ACCESS_KEY_ID=key-id",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=secret",
+        "-n",
+        ns,
+    )
+    kube_pods.kubectl(
+        "create", "configmap", "settings", "--from-literal=depth=20", "--from-literal=Corefile=. {}", "-n", ns
+    )
     script = """
         import os, pathlib, subprocess, sys
         print("argv", sys.argv[1:])
@@ -257,35 +366,62 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
         print("scratch writable", pathlib.Path("/scratch/x").write_text("ok"))
     """
     container = {
-        "envFrom": [{"secretRef": {"name": "s3-creds"}}, {"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+        "envFrom": [
+            {"secretRef": {"name": "s3-creds"}},
+            {"configMapRef": {"name": "settings"}, "prefix": "CFG_"},
+        ],
         "env": [
             {"name": "DEPTH", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "depth"}}},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+            {
+                "name": "MEM_MI",
+                "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+            },
             {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu"}}},
             {"name": "DERIVED", "value": "$(POD_NAME)-$(DEPTH)"},
         ],
         "args": ["$(POD_NAME)-$(DEPTH)", "$$(DEPTH)", "$(NOT_SET)"],  # expanded from the env, as in command
         "resources": {"requests": {"cpu": "1500m"}, "limits": {"memory": "2Gi"}},
-        "volumeMounts": [{"name": "settings", "mountPath": "/etc/settings"},
-                         {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
-                         {"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": "/scratch"}],
+        "volumeMounts": [
+            {"name": "settings", "mountPath": "/etc/settings"},
+            {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ],
     }
-    volumes = [{"name": "settings", "configMap": {"name": "settings"}},
-               {"name": "creds", "secret": {"secretName": "s3-creds"}},
-               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
-               {"name": "scratch", "emptyDir": {}}]
+    volumes = [
+        {"name": "settings", "configMap": {"name": "settings"}},
+        {"name": "creds", "secret": {"secretName": "s3-creds"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
     kube_pods.apply(ns, pod("env", script, container=container, volumes=volumes))
     done = wait_phase(kube_pods, ns, "env", {"Succeeded", "Failed"})
     logs = kube_pods.kubectl("logs", "env", "-n", ns).stdout
     assert done["status"]["phase"] == "Succeeded", logs
-    expected = ["argv ['env-20', '$(DEPTH)', '$(NOT_SET)']", "AWS_ACCESS_KEY_ID=key-id", "CFG_depth=20", "DEPTH=20", "POD_NAME=env", f"POD_NS={ns}",
-                f"NODE={done['spec']['nodeName']}", f"POD_IP={done['status']['podIP']}", "MEM_MI=2048", "CPU=2",
-                "DERIVED=env-20", f"KUBERNETES_SERVICE_HOST={kube_pods.cluster.network.kubernetes_ip}", f"token True ns {ns}", "ca True",
-                "config 20", "secret secret", "shm tmpfs", "scratch writable 2"]
+    expected = [
+        "argv ['env-20', '$(DEPTH)', '$(NOT_SET)']",
+        "AWS_ACCESS_KEY_ID=key-id",
+        "CFG_depth=20",
+        "DEPTH=20",
+        "POD_NAME=env",
+        f"POD_NS={ns}",
+        f"NODE={done['spec']['nodeName']}",
+        f"POD_IP={done['status']['podIP']}",
+        "MEM_MI=2048",
+        "CPU=2",
+        "DERIVED=env-20",
+        f"KUBERNETES_SERVICE_HOST={kube_pods.cluster.network.kubernetes_ip}",
+        f"token True ns {ns}",
+        "ca True",
+        "config 20",
+        "secret secret",
+        "shm tmpfs",
+        "scratch writable 2",
+    ]
     for line in expected:
         assert line in logs.splitlines(), f"{line!r} not in:\n{logs}"
 
@@ -308,32 +444,75 @@ def test_probes_restarts_and_previous_logs(kube_pods, kube_namespace):
         print("run started, first:", first, flush=True)
         http.server.HTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
     """
-    container = {"livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1,
-                                   "failureThreshold": 2, "initialDelaySeconds": 1},
-                 "readinessProbe": {"exec": {"command": ["python", "-c", "import pathlib; assert pathlib.Path('/state/ran').exists()"]},
-                                    "periodSeconds": 1},
-                 "volumeMounts": [{"name": "state", "mountPath": "/state"}]}
-    kube_pods.apply(ns, pod("flaky", script, restartPolicy="Always", terminationGracePeriodSeconds=1, container=container,
-                             volumes=[{"name": "state", "emptyDir": {}}]))
-    restarted = wait_for(lambda: kube_pods.get(ns, "pod", "flaky"),
-                         lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 1
-                         and "running" in p["status"]["containerStatuses"][0]["state"], timeout=90)
+    container = {
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": 8080},
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+            "initialDelaySeconds": 1,
+        },
+        "readinessProbe": {
+            "exec": {
+                "command": ["python", "-c", "import pathlib; assert pathlib.Path('/state/ran').exists()"]
+            },
+            "periodSeconds": 1,
+        },
+        "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+    }
+    kube_pods.apply(
+        ns,
+        pod(
+            "flaky",
+            script,
+            restartPolicy="Always",
+            terminationGracePeriodSeconds=1,
+            container=container,
+            volumes=[{"name": "state", "emptyDir": {}}],
+        ),
+    )
+    restarted = wait_for(
+        lambda: kube_pods.get(ns, "pod", "flaky"),
+        lambda p: (
+            (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 1
+            and "running" in p["status"]["containerStatuses"][0]["state"]
+        ),
+        timeout=90,
+    )
     status = restarted["status"]["containerStatuses"][0]
     assert status["lastState"]["terminated"]["exitCode"] in (137, 143)
-    assert any(e["reason"] == "Unhealthy" and "Liveness" in e["message"] for e in events(kube_pods, ns, "flaky"))
+    assert any(
+        e["reason"] == "Unhealthy" and "Liveness" in e["message"] for e in events(kube_pods, ns, "flaky")
+    )
     assert "run started, first: True" in kube_pods.kubectl("logs", "flaky", "-n", ns, "--previous").stdout
-    ready = wait_for(lambda: kube_pods.get(ns, "pod", "flaky")["status"]["containerStatuses"][0], lambda c: c["ready"])
+    ready = wait_for(
+        lambda: kube_pods.get(ns, "pod", "flaky")["status"]["containerStatuses"][0], lambda c: c["ready"]
+    )
     assert ready["restartCount"] == 1
     assert "run started, first: False" in kube_pods.kubectl("logs", "flaky", "-n", ns).stdout
 
 
 def test_exec_runs_in_the_container(kube_pods, kube_namespace):
     ns = kube_namespace
-    kube_pods.apply(ns, pod("box", "import time; time.sleep(3600)", terminationGracePeriodSeconds=1,
-                             container={"env": [{"name": "GREETING", "value": "hi"}]}))
+    kube_pods.apply(
+        ns,
+        pod(
+            "box",
+            "import time; time.sleep(3600)",
+            terminationGracePeriodSeconds=1,
+            container={"env": [{"name": "GREETING", "value": "hi"}]},
+        ),
+    )
     wait_phase(kube_pods, ns, "box", {"Running"})
-    out = kube_pods.kubectl("exec", "box", "-n", ns, "--", "python", "-c",
-                            "import os, socket; print(os.environ['GREETING'], socket.gethostname(), os.getcwd())")
+    out = kube_pods.kubectl(
+        "exec",
+        "box",
+        "-n",
+        ns,
+        "--",
+        "python",
+        "-c",
+        "import os, socket; print(os.environ['GREETING'], socket.gethostname(), os.getcwd())",
+    )
     assert out.stdout.strip() == "hi box /home/nanorun"
 
 
@@ -354,19 +533,27 @@ time.sleep(3600)
 """
 
 
-@pytest.mark.parametrize(("script", "grace", "code"), [(GRACEFUL, 30, 7), (STUBBORN, 3, 137)], ids=["handles", "ignores"])
-def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(kube_pods, kube_namespace, script, grace, code):
+@pytest.mark.parametrize(
+    ("script", "grace", "code"), [(GRACEFUL, 30, 7), (STUBBORN, 3, 137)], ids=["handles", "ignores"]
+)
+def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(
+    kube_pods, kube_namespace, script, grace, code
+):
     from kubernetes import client, watch
 
     ns = kube_namespace
     kube_pods.apply(ns, pod("victim", script, terminationGracePeriodSeconds=grace))
-    wait_for(lambda: kube_pods.kubectl("logs", "victim", "-n", ns, check=False).stdout, lambda out: "ready" in out)
+    wait_for(
+        lambda: kube_pods.kubectl("logs", "victim", "-n", ns, check=False).stdout, lambda out: "ready" in out
+    )
     core = client.CoreV1Api(kube_pods.api_client())
     stream = watch.Watch()
     started = time.monotonic()
     kube_pods.kubectl("delete", "pod", "victim", "-n", ns, "--wait=false")
     terminated = None
-    for event in stream.stream(core.list_namespaced_pod, ns, field_selector="metadata.name=victim", timeout_seconds=60):
+    for event in stream.stream(
+        core.list_namespaced_pod, ns, field_selector="metadata.name=victim", timeout_seconds=60
+    ):
         statuses = event["object"].status.container_statuses or []
         if statuses and statuses[0].state.terminated:
             terminated = statuses[0].state.terminated
@@ -379,8 +566,11 @@ def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(kube_p
     if code == 7:
         # As with a kubelet, the object goes once its containers have stopped, not a grace period
         # later (virtual-kubelet alone would keep it the whole 30 s).
-        wait_for(lambda: kube_pods.kubectl("get", "pod", "victim", "-n", ns, check=False).returncode,
-                 lambda rc: rc != 0, timeout=60)
+        wait_for(
+            lambda: kube_pods.kubectl("get", "pod", "victim", "-n", ns, check=False).returncode,
+            lambda rc: rc != 0,
+            timeout=60,
+        )
         assert time.monotonic() - started < grace
 
 
@@ -391,21 +581,42 @@ def test_helm_installs_the_operator_as_a_pod_that_reconciles(kube_pods, kube_nam
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     release = "nr"
-    kube_pods.helm("install", release, str(REPO / "charts" / "nanorun"), "-n", ns,
-                   "--set", f"operator.watchNamespaces={{{ns}}}", "--set", f"operator.storage.endpoint={endpoint}",
-                   "--set", "operator.storage.credentialsSecret=s3-creds", "--wait", "--timeout", "180s")
-    pods = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "app.kubernetes.io/name=nanorun",
-                                        "-o", "json").stdout)["items"]
+    kube_pods.helm(
+        "install",
+        release,
+        str(REPO / "charts" / "nanorun"),
+        "-n",
+        ns,
+        "--set",
+        f"operator.watchNamespaces={{{ns}}}",
+        "--set",
+        f"operator.storage.endpoint={endpoint}",
+        "--set",
+        "operator.storage.credentialsSecret=s3-creds",
+        "--wait",
+        "--timeout",
+        "180s",
+    )
+    pods = json.loads(
+        kube_pods.kubectl(
+            "get", "pods", "-n", ns, "-l", "app.kubernetes.io/name=nanorun", "-o", "json"
+        ).stdout
+    )["items"]
     assert [p["status"]["phase"] for p in pods] == ["Running"]
     assert pods[0]["spec"]["serviceAccountName"] == f"{release}-nanorun"
     assert pods[0]["spec"]["containers"][0]["command"] == ["nanorun", "operator"]
 
     run = yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())
     run["spec"]["storage"]["endpoint"] = endpoint
-    run["spec"]["image"] = "nanorun-fake-stage:test"  # the training-operator runs the job: a fake stage, not training
+    run["spec"]["image"] = (
+        "nanorun-fake-stage:test"  # the training-operator runs the job: a fake stage, not training
+    )
     kube_pods.apply(ns, run)
-    jobs = wait_for(lambda: json.loads(kube_pods.kubectl("get", "pytorchjobs", "-n", ns, "-o", "json").stdout)["items"],
-                    lambda items: len(items) >= 1, timeout=120)
+    jobs = wait_for(
+        lambda: json.loads(kube_pods.kubectl("get", "pytorchjobs", "-n", ns, "-o", "json").stdout)["items"],
+        lambda items: len(items) >= 1,
+        timeout=120,
+    )
     owner = jobs[0]["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"]) == ("LLMRun", "tiny-cpu")
     logs = kube_pods.kubectl("logs", f"deploy/{release}-nanorun", "-n", ns).stdout

@@ -20,8 +20,12 @@ pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 def requests_counted(text: str) -> float:
     """Chat completions a replica answered with 200."""
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "nanorun_serve_requests_total" and s.labels == {"status": "200"})
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "nanorun_serve_requests_total" and s.labels == {"status": "200"}
+    )
 
 
 def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_namespace, tiny_chat_run):
@@ -33,12 +37,24 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
-    spec = parse_spec({
-        "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
-        "storage": {"uri": "s3://nanorun/runs/chat", "endpoint": endpoint, "credentialsSecret": "s3-creds"},
-        "serving": {"enabled": True, "minReplicas": 2, "maxReplicas": 2, "gpusPerReplica": 0, "cpusPerReplica": 1,
-                    "image": "ghcr.io/nanorun/nanorun-serving:0.1.0"},
-    })
+    spec = parse_spec(
+        {
+            "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
+            "storage": {
+                "uri": "s3://nanorun/runs/chat",
+                "endpoint": endpoint,
+                "credentialsSecret": "s3-creds",
+            },
+            "serving": {
+                "enabled": True,
+                "minReplicas": 2,
+                "maxReplicas": 2,
+                "gpusPerReplica": 0,
+                "cpusPerReplica": 1,
+                "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
+            },
+        }
+    )
     run = RunRef(name="chat", namespace=ns, uid="00000000-0000-0000-0000-000000000003")
     service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/chat_sft")
     service["metadata"].pop("ownerReferences")
@@ -50,21 +66,25 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     wait_until(lambda: kube_pods.get(ns, "rayservice", name), ready, timeout=600, interval=1)
-    workers = json.loads(kube_pods.kubectl("get", "pods", "-n", ns, "-l", "ray.io/node-type=worker",
-                                           "-o", "json").stdout)["items"]
+    workers = json.loads(
+        kube_pods.kubectl("get", "pods", "-n", ns, "-l", "ray.io/node-type=worker", "-o", "json").stdout
+    )["items"]
     assert len(workers) == 2
     for pod in workers:
         ports = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         assert ports[SERVE_METRICS_PORT_NAME] == SERVE_METRICS_PORT
     scrape_urls = [f"http://{pod['status']['podIP']}:{SERVE_METRICS_PORT}/metrics" for pod in workers]
 
-    serve_ip = kube_pods.kubectl("get", "service", f"{name}-serve-svc", "-n", ns, "-o",
-                                 "jsonpath={.spec.clusterIP}").stdout
+    serve_ip = kube_pods.kubectl(
+        "get", "service", f"{name}-serve-svc", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout
     body = {"model": "nanorun", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
     def chat(_: int = 0) -> int:
         try:
-            return httpx.post(f"http://{serve_ip}:8000/v1/chat/completions", json=body, timeout=60).status_code
+            return httpx.post(
+                f"http://{serve_ip}:8000/v1/chat/completions", json=body, timeout=60
+            ).status_code
         except httpx.TransportError:  # the Service's endpoints are programmed a moment after Ready
             return 0
 

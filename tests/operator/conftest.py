@@ -45,14 +45,32 @@ class OperatorProcess:
 
     def start(self) -> None:
         self.liveness_port, self.metrics_port = free_port(), free_port()
-        env = {**self.kube_env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
-               "NANORUN_ERROR_BACKOFF_SECONDS": "0.5", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **self.kube_env,
+            **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+            "NANORUN_ERROR_BACKOFF_SECONDS": "0.5",
+            "PYTHONUNBUFFERED": "1",
+        }
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanorun.operator.cli", "operator", "-n", self.namespace,
-             "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
-             "--resync-seconds", "0.5"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "nanorun.operator.cli",
+                "operator",
+                "-n",
+                self.namespace,
+                "--liveness-port",
+                str(self.liveness_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--resync-seconds",
+                "0.5",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -110,10 +128,17 @@ def cluster_s3(kube_pods, kube_namespace, monkeypatch) -> ClusterS3:
     Service's ClusterIP rather than its DNS name: this machine reaches Services through the
     cluster's route but does not resolve cluster names."""
     deploy_s3(kube_pods, kube_namespace)
-    ip = kube_pods.kubectl("get", "service", "s3", "-n", kube_namespace, "-o", "jsonpath={.spec.clusterIP}").stdout
+    ip = kube_pods.kubectl(
+        "get", "service", "s3", "-n", kube_namespace, "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout
     s3 = ClusterS3(f"http://{ip}:9000")
-    for key, value in {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "AWS_ENDPOINT_URL_S3": s3.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     return s3
 
@@ -135,8 +160,13 @@ def custom_api(kube):
     return client.CustomObjectsApi(kube.api_client())
 
 
-def llmrun(name: str, run_dir: str, enabled: tuple[str, ...] = ("tokenizer", "pretrain"),
-           stage_args: dict[str, list[str]] | None = None, **spec: Any) -> dict[str, Any]:
+def llmrun(
+    name: str,
+    run_dir: str,
+    enabled: tuple[str, ...] = ("tokenizer", "pretrain"),
+    stage_args: dict[str, list[str]] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
     """A small LLMRun manifest on the fake-stage image with only the `enabled` stages on and quick
     retries; `stage_args` gives stages extraArgs (the fake stage's flags: --fake-steps, ...)."""
     keys = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
@@ -153,7 +183,9 @@ def llmrun(name: str, run_dir: str, enabled: tuple[str, ...] = ("tokenizer", "pr
     for key, args in (stage_args or {}).items():
         body["stages"][key]["extraArgs"] = args
     for key, value in spec.items():
-        body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
+        body[key] = (
+            {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
+        )
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun", "metadata": {"name": name}, "spec": body}
 
 
@@ -165,7 +197,9 @@ def get_llmrun(api, namespace: str, name: str) -> dict[str, Any]:
     return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, operator: OperatorProcess | None = None) -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 60, operator: OperatorProcess | None = None
+) -> Any:
     """Poll `check` until it returns something truthy; fail with the operator's log otherwise."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -175,7 +209,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, operator:
             return last
         time.sleep(0.2)
     log = operator.log() if operator else ""
-    raise AssertionError(f"timed out waiting for {what}; last: {yaml.safe_dump(last)[:3000]}\noperator log:\n{log}")
+    raise AssertionError(
+        f"timed out waiting for {what}; last: {yaml.safe_dump(last)[:3000]}\noperator log:\n{log}"
+    )
 
 
 def list_jobs(api, namespace: str) -> list[dict[str, Any]]:

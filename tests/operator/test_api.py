@@ -21,26 +21,39 @@ def test_a_minimal_spec_gets_every_default():
     assert spec.model.depth == 20 and spec.model.max_seq_len == 2048
     assert spec.compute.nodes == 1 and spec.compute.gpus_per_node == 1
     assert spec.retry.max_attempts == 3 and spec.serving.enabled
-    assert all(getattr(spec.stages, k).enabled for k in LLMRunSpec.model_fields["stages"].annotation.model_fields)
+    assert all(
+        getattr(spec.stages, k).enabled for k in LLMRunSpec.model_fields["stages"].annotation.model_fields
+    )
 
 
 def test_camel_case_fields_round_trip():
-    spec = parse_spec({**MINIMAL, "model": {"maxSeqLen": 256, "windowPattern": "SSSL"},
-                       "stages": {"baseEval": {"enabled": False}}})
+    spec = parse_spec(
+        {
+            **MINIMAL,
+            "model": {"maxSeqLen": 256, "windowPattern": "SSSL"},
+            "stages": {"baseEval": {"enabled": False}},
+        }
+    )
     dumped = api.spec_to_dict(spec)
     assert dumped["model"]["maxSeqLen"] == 256 and dumped["model"]["windowPattern"] == "SSSL"
     assert dumped["stages"]["baseEval"]["enabled"] is False
     assert "headDim" not in dumped["model"]  # unset optional fields stay unset
 
 
-@pytest.mark.parametrize("bad, where", [
-    ({"storage": {}}, "spec.storage.uri"),
-    ({**MINIMAL, "compute": {"nodes": 0}}, "spec.compute.nodes"),
-    ({**MINIMAL, "model": {"windowPattern": "SXL"}}, "spec.model.windowPattern"),
-    ({**MINIMAL, "imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
-    ({**MINIMAL, "stages": {"pretrain": {"numIterations": "many"}}}, "spec.stages.pretrain.numIterations"),
-    ({**MINIMAL, "surprise": 1}, "spec.surprise"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"storage": {}}, "spec.storage.uri"),
+        ({**MINIMAL, "compute": {"nodes": 0}}, "spec.compute.nodes"),
+        ({**MINIMAL, "model": {"windowPattern": "SXL"}}, "spec.model.windowPattern"),
+        ({**MINIMAL, "imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
+        (
+            {**MINIMAL, "stages": {"pretrain": {"numIterations": "many"}}},
+            "spec.stages.pretrain.numIterations",
+        ),
+        ({**MINIMAL, "surprise": 1}, "spec.surprise"),
+    ],
+)
 def test_schema_mistakes_name_the_field(bad, where):
     with pytest.raises(SpecError) as err:
         parse_spec(bad)
@@ -48,8 +61,12 @@ def test_schema_mistakes_name_the_field(bad, where):
 
 
 def test_total_batch_size_must_divide_into_micro_steps_over_all_processes():
-    ok = {**MINIMAL, "model": {"maxSeqLen": 1024}, "compute": {"nodes": 2, "gpusPerNode": 8},
-          "stages": {"pretrain": {"deviceBatchSize": 16, "totalBatchSize": 16 * 1024 * 16 * 2}}}
+    ok = {
+        **MINIMAL,
+        "model": {"maxSeqLen": 1024},
+        "compute": {"nodes": 2, "gpusPerNode": 8},
+        "stages": {"pretrain": {"deviceBatchSize": 16, "totalBatchSize": 16 * 1024 * 16 * 2}},
+    }
     parse_spec(ok)
     bad = copy.deepcopy(ok)
     bad["stages"]["pretrain"]["totalBatchSize"] = 16 * 1024 * 16 * 2 + 1024
@@ -59,8 +76,14 @@ def test_total_batch_size_must_divide_into_micro_steps_over_all_processes():
 
 
 def test_cpu_nodes_count_as_one_process_each():
-    parse_spec({**MINIMAL, "model": {"maxSeqLen": 64}, "compute": {"gpusPerNode": 0},
-                "stages": {"pretrain": {"deviceBatchSize": 2, "totalBatchSize": 256}}})
+    parse_spec(
+        {
+            **MINIMAL,
+            "model": {"maxSeqLen": 64},
+            "compute": {"gpusPerNode": 0},
+            "stages": {"pretrain": {"deviceBatchSize": 2, "totalBatchSize": 256}},
+        }
+    )
 
 
 def test_min_replicas_may_not_exceed_max_replicas():
@@ -69,23 +92,34 @@ def test_min_replicas_may_not_exceed_max_replicas():
 
 
 def test_serving_needs_a_stage_that_makes_a_model():
-    only_tokenizer = {k: {"enabled": k == "tokenizer"} for k in
-                      ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")}
+    only_tokenizer = {
+        k: {"enabled": k == "tokenizer"}
+        for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
+    }
     with pytest.raises(SpecError, match="serving.enabled needs a stage"):
         parse_spec({**MINIMAL, "stages": only_tokenizer})
     parse_spec({**MINIMAL, "stages": only_tokenizer, "serving": {"enabled": False}})
 
 
 def test_at_least_one_stage_must_be_enabled():
-    none = {k: {"enabled": False} for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")}
+    none = {
+        k: {"enabled": False}
+        for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
+    }
     with pytest.raises(SpecError, match="at least one stage must be enabled"):
         parse_spec({**MINIMAL, "stages": none, "serving": {"enabled": False}})
 
 
 def test_model_tokenizer_and_storage_are_frozen_once_a_stage_has_run():
     old = parse_spec(MINIMAL)
-    new = parse_spec({**MINIMAL, "model": {"depth": 12}, "tokenizer": {"vocabSize": 4096},
-                      "storage": {"uri": "s3://bucket/other"}})
+    new = parse_spec(
+        {
+            **MINIMAL,
+            "model": {"depth": 12},
+            "tokenizer": {"vocabSize": 4096},
+            "storage": {"uri": "s3://bucket/other"},
+        }
+    )
     assert check_update(old, new, stage_has_run=False) == []
     broken = check_update(old, new, stage_has_run=True)
     assert [m.split(" ")[0] for m in broken] == ["spec.model", "spec.tokenizer", "spec.storage.uri"]
@@ -123,11 +157,23 @@ def test_crd_is_structural_and_keeps_kopf_state_in_status():
     walk(schema["properties"]["spec"])
     assert schema["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "Loss", "ETA", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Stage",
+        "Progress",
+        "Loss",
+        "ETA",
+        "Age",
+    ]
     assert doc["spec"]["names"]["shortNames"] == ["llm"]
     spec = schema["properties"]["spec"]
     assert spec["properties"]["compute"]["default"] == {}  # so nested defaults apply
-    assert spec["properties"]["stages"]["properties"]["pretrain"]["properties"]["targetParamDataRatio"]["exclusiveMinimum"] is True
+    assert (
+        spec["properties"]["stages"]["properties"]["pretrain"]["properties"]["targetParamDataRatio"][
+            "exclusiveMinimum"
+        ]
+        is True
+    )
 
 
 def test_every_rule_is_in_the_crd_where_it_belongs():
@@ -141,7 +187,9 @@ def test_every_rule_is_in_the_crd_where_it_belongs():
 
 
 def test_generated_files_are_fresh():
-    stale = [str(p) for p, content in crd.generated_files().items() if not p.exists() or p.read_text() != content]
+    stale = [
+        str(p) for p, content in crd.generated_files().items() if not p.exists() or p.read_text() != content
+    ]
     assert stale == [], f"regenerate with `python -m nanorun.operator.crd --write`: {stale}"
 
 

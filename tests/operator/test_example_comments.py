@@ -23,10 +23,15 @@ SCALE = {"K": 1e3, "M": 1e6, "B": 1e9}
 
 def model(spec) -> GPT:
     m = spec.model
-    shape = {"aspect_ratio": m.aspect_ratio, "head_dim": m.head_dim, "n_kv_head": m.n_kv_head,
-             "window_pattern": m.window_pattern}  # unset: the trainer's defaults, as base_train builds it
-    config = GPTConfig.from_depth(m.depth, spec.tokenizer.vocab_size, m.max_seq_len,
-                                  **{k: v for k, v in shape.items() if v is not None})
+    shape = {
+        "aspect_ratio": m.aspect_ratio,
+        "head_dim": m.head_dim,
+        "n_kv_head": m.n_kv_head,
+        "window_pattern": m.window_pattern,
+    }  # unset: the trainer's defaults, as base_train builds it
+    config = GPTConfig.from_depth(
+        m.depth, spec.tokenizer.vocab_size, m.max_seq_len, **{k: v for k, v in shape.items() if v is not None}
+    )
     with torch.device("meta"):
         return GPT(config)
 
@@ -46,10 +51,14 @@ def test_the_comments_of_an_example_say_what_the_code_computes(example: Path):
     if stated:
         gpt = model(spec)
         assert number(*stated.group(1, 2)) == pytest.approx(gpt.num_params(), rel=0.01), stated.group(0)
-        assert number(*stated.group(3, 4)) == pytest.approx(gpt.num_scaling_params(), rel=0.01), stated.group(0)
+        assert number(*stated.group(3, 4)) == pytest.approx(gpt.num_scaling_params(), rel=0.01), stated.group(
+            0
+        )
         checked += 1
 
-    shards = re.search(r"shards: (\d+) +# ~(\d+)B characters \(250M a shard\): (\d+) x ([\d.]+)M tokens need ~(\d+)B", text)
+    shards = re.search(
+        r"shards: (\d+) +# ~(\d+)B characters \(250M a shard\): (\d+) x ([\d.]+)M tokens need ~(\d+)B", text
+    )
     if shards:
         count, chars, ratio, scaling, needed = shards.groups()
         assert int(count) == spec.data.shards and int(ratio) == pretrain.target_param_data_ratio
@@ -62,7 +71,9 @@ def test_the_comments_of_an_example_say_what_the_code_computes(example: Path):
         checked += 1
 
     procs = spec.compute.nodes * (spec.compute.gpus_per_node or 1)
-    for a, b, c in re.findall(r"totalBatchSize: \d+ +# (\d+) x (\d+) tokens x (\d+) processes = one micro-step", text):
+    for a, b, c in re.findall(
+        r"totalBatchSize: \d+ +# (\d+) x (\d+) tokens x (\d+) processes = one micro-step", text
+    ):
         assert (int(a), int(b), int(c)) == (pretrain.device_batch_size, spec.model.max_seq_len, procs)
         assert int(a) * int(b) * int(c) == pretrain.total_batch_size
         checked += 1
@@ -72,6 +83,8 @@ def test_the_comments_of_an_example_say_what_the_code_computes(example: Path):
         assert steps * int(a) * int(b) * procs == pretrain.total_batch_size
         checked += 1
     for tokens, unit in re.findall(r"numIterations: \d+ +# ([\d.]+)([KMB]) tokens", text):
-        assert number(tokens, unit) == pytest.approx(pretrain.num_iterations * pretrain.total_batch_size, rel=0.05)
+        assert number(tokens, unit) == pytest.approx(
+            pretrain.num_iterations * pretrain.total_batch_size, rel=0.05
+        )
         checked += 1
     assert checked, f"{example.name}: no numbers found to check"

@@ -30,12 +30,29 @@ TOKENIZER = {"vocabSize": 512, "maxChars": 20000}
 TOKENIZER_STAGE = {"extraArgs": ["--eval-chars", "20000"]}
 # A pretraining stage of about a second a step on one CPU thread: width 64, context 64.
 TINY_PRETRAIN = {
-    "numIterations": 30, "deviceBatchSize": 4, "totalBatchSize": 256, "saveEvery": 4, "evalEvery": 30,
-    "extraArgs": ["--warmup-steps", "2", "--eval-tokens", "1024", "--sample-every", "-1",
-                  "--data-streams", "1", "--doc-buffer", "16"],
+    "numIterations": 30,
+    "deviceBatchSize": 4,
+    "totalBatchSize": 256,
+    "saveEvery": 4,
+    "evalEvery": 30,
+    "extraArgs": [
+        "--warmup-steps",
+        "2",
+        "--eval-tokens",
+        "1024",
+        "--sample-every",
+        "-1",
+        "--data-streams",
+        "1",
+        "--doc-buffer",
+        "16",
+    ],
 }
 
-def llmrun_file(path: Path, name: str = "local", enabled: tuple[str, ...] = ("tokenizer",), **spec: Any) -> Path:
+
+def llmrun_file(
+    path: Path, name: str = "local", enabled: tuple[str, ...] = ("tokenizer",), **spec: Any
+) -> Path:
     body: dict[str, Any] = {
         "storage": {"uri": str(path.parent / "run")},
         "model": {"depth": 2, "maxSeqLen": 64, "aspectRatio": 32, "headDim": 32, "windowPattern": "L"},
@@ -52,8 +69,11 @@ def llmrun_file(path: Path, name: str = "local", enabled: tuple[str, ...] = ("to
                 body["stages"][stage] = {**body["stages"].get(stage, {}), **fields}
         else:
             body[key] = {**body[key], **value} if isinstance(body.get(key), dict) else value
-    path.write_text(yaml.safe_dump({"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun",
-                                    "metadata": {"name": name}, "spec": body}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMRun", "metadata": {"name": name}, "spec": body}
+        )
+    )
     return path
 
 
@@ -83,11 +103,14 @@ def test_schema_errors_name_the_field_and_every_problem_is_listed(tmp_path, caps
     assert any(line.startswith("spec.model.windowPattern: ") for line in err.splitlines())
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("kind: [unclosed", "is not valid YAML"),
-    ("- a list", "expected an LLMRun object"),
-    ("apiVersion: v1\nkind: ConfigMap\n", "expected apiVersion: nanorun.io/v1alpha1 and kind: LLMRun"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("kind: [unclosed", "is not valid YAML"),
+        ("- a list", "expected an LLMRun object"),
+        ("apiVersion: v1\nkind: ConfigMap\n", "expected apiVersion: nanorun.io/v1alpha1 and kind: LLMRun"),
+    ],
+)
 def test_a_file_that_is_no_llmrun_gets_a_clear_error(tmp_path, capsys, content, expected):
     path = tmp_path / "run.yaml"
     path.write_text(content)
@@ -144,7 +167,9 @@ def test_a_stage_whose_flags_changed_in_the_file_runs_again_and_so_do_the_stages
     run_dir, logs = str(tmp_path / "run"), tmp_path / "run" / "logs"
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 0, out
-    first = {key: read_done(run_dir, stage) for key, stage in (("tokenizer", "tok_train"), ("report", "report"))}
+    first = {
+        key: read_done(run_dir, stage) for key, stage in (("tokenizer", "tok_train"), ("report", "report"))
+    }
     ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
     assert {key: done.config_id for key, done in first.items()} == ids  # each stage got NANORUN_CONFIG_ID
     assert "# attempt 1, config " + ids["tokenizer"] in (logs / "tok_train.log").read_text()
@@ -185,22 +210,36 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path
         if proc.poll() is not None:
             break
         time.sleep(0.05)
-    raise AssertionError(f"no {what} (nanorun run exit {proc.poll()}); stage log:\n{log.read_text()[-3000:] if log.exists() else ''}")
+    raise AssertionError(
+        f"no {what} (nanorun run exit {proc.poll()}); stage log:\n{log.read_text()[-3000:] if log.exists() else ''}"
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path, capsys):
     # Steps take 10 ms on an idle machine and 100s of ms on a busy one: stop once the first periodic
     # checkpoint is committed, with most of the 100 steps still to go either way.
-    path = llmrun_file(tmp_path / "run.yaml", enabled=("tokenizer", "pretrain"),
-                       stages={"pretrain": {"numIterations": 100, "saveEvery": 10, "evalEvery": 100}})
+    path = llmrun_file(
+        tmp_path / "run.yaml",
+        enabled=("tokenizer", "pretrain"),
+        stages={"pretrain": {"numIterations": 100, "saveEvery": 10, "evalEvery": 100}},
+    )
     run_dir = tmp_path / "run"
     log = run_dir / "logs" / "base_train.log"
-    proc = subprocess.Popen([sys.executable, "-m", "nanorun.operator.cli", "run", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanorun.operator.cli", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_for("base_train's first checkpoint", lambda: checkpoint.latest_checkpoint(str(run_dir / "base_train")),
-                 timeout=180, proc=proc, log=log)
+        wait_for(
+            "base_train's first checkpoint",
+            lambda: checkpoint.latest_checkpoint(str(run_dir / "base_train")),
+            timeout=180,
+            proc=proc,
+            log=log,
+        )
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -229,7 +268,9 @@ def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tm
 
 
 def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
-    path = llmrun_file(tmp_path / "run.yaml", stages={"tokenizer": {"extraArgs": ["--vocab-size", "not-a-number"]}})
+    path = llmrun_file(
+        tmp_path / "run.yaml", stages={"tokenizer": {"extraArgs": ["--vocab-size", "not-a-number"]}}
+    )
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 1
     assert "tok_train exited with code 2" in out and "invalid int value" in out
@@ -239,7 +280,9 @@ def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
 def test_cpu_stages_get_half_the_cpus_as_threads_unless_the_user_chose(tmp_path, monkeypatch):
     from rich.console import Console
 
-    run = local.load_run_file(str(llmrun_file(tmp_path / "run.yaml", storage={"endpoint": "http://s3.example:9000"})))
+    run = local.load_run_file(
+        str(llmrun_file(tmp_path / "run.yaml", storage={"endpoint": "http://s3.example:9000"}))
+    )
     executor = local.LocalRun(run, str(tmp_path / "run"), tmp_path / "logs", Console())
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -270,8 +313,12 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
 
     run_dir = str(tmp_path / "run")
     shutil.copytree(tiny_base_run, run_dir)
-    path = llmrun_file(tmp_path / "tiny.yaml", enabled=("tokenizer", "pretrain"), storage={"uri": run_dir},
-                       serving={"enabled": True})
+    path = llmrun_file(
+        tmp_path / "tiny.yaml",
+        enabled=("tokenizer", "pretrain"),
+        storage={"uri": run_dir},
+        serving={"enabled": True},
+    )
     # The fixture's stages ran with other flags than this file's: make them this file's finished run
     # (otherwise their config ids differ and `nanorun run` trains them again, as it should).
     ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
@@ -280,8 +327,12 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanorun.operator.cli", "run", str(path), "--serve", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 240
@@ -294,8 +345,11 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         out = "".join(lines)
         assert "tok_train: already done" in out and "base_train: already done" in out
         assert f"http://localhost:{port}/" in line
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
-                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).json()
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        ).json()
         assert reply["usage"]["completion_tokens"] == 3
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
         assert "base_train" in health["checkpoint"]

@@ -16,8 +16,16 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def spec_of(**overrides):
-    return parse_spec({"storage": {"uri": "s3://bucket/runs/speedrun", "credentialsSecret": "s3-creds",
-                                   "endpoint": "http://minio:9000"}, **overrides})
+    return parse_spec(
+        {
+            "storage": {
+                "uri": "s3://bucket/runs/speedrun",
+                "credentialsSecret": "s3-creds",
+                "endpoint": "http://minio:9000",
+            },
+            **overrides,
+        }
+    )
 
 
 def planned(spec, key):
@@ -28,25 +36,55 @@ def test_plan_lists_enabled_stages_in_pipeline_order_with_their_modules():
     spec = spec_of(stages={"rl": {"enabled": False}})
     plan = stage_plan(spec)
     assert [(s.key, s.stage) for s in plan] == [
-        ("tokenizer", "tok_train"), ("pretrain", "base_train"), ("baseEval", "base_eval"),
-        ("midtrain", "mid_train"), ("sft", "chat_sft"), ("eval", "chat_eval"), ("report", "report")]
+        ("tokenizer", "tok_train"),
+        ("pretrain", "base_train"),
+        ("baseEval", "base_eval"),
+        ("midtrain", "mid_train"),
+        ("sft", "chat_sft"),
+        ("eval", "chat_eval"),
+        ("report", "report"),
+    ]
     assert [s.key for s in plan if not s.distributed] == ["tokenizer", "report"]
     assert final_model_stage(spec) == "sft"
 
 
 def test_plan_maps_spec_fields_to_nanochat_flags():
-    spec = spec_of(data={"pretrain": "s3://bucket/shards"}, model={"depth": 12, "maxSeqLen": 512, "windowPattern": "SL"},
-                   tokenizer={"vocabSize": 4096, "maxChars": 1000, "docCap": 50},
-                   stages={"pretrain": {"numIterations": 30, "deviceBatchSize": 4, "targetParamDataRatio": 8,
-                                        "extraArgs": ["--warmup-steps", "2"]},
-                           "sft": {"numIterations": 5}})
-    assert planned(spec, "tokenizer").args == ["--data", "s3://bucket/shards", "--vocab-size", "4096",
-                                                "--max-chars", "1000", "--doc-cap", "50"]
+    spec = spec_of(
+        data={"pretrain": "s3://bucket/shards"},
+        model={"depth": 12, "maxSeqLen": 512, "windowPattern": "SL"},
+        tokenizer={"vocabSize": 4096, "maxChars": 1000, "docCap": 50},
+        stages={
+            "pretrain": {
+                "numIterations": 30,
+                "deviceBatchSize": 4,
+                "targetParamDataRatio": 8,
+                "extraArgs": ["--warmup-steps", "2"],
+            },
+            "sft": {"numIterations": 5},
+        },
+    )
+    assert planned(spec, "tokenizer").args == [
+        "--data",
+        "s3://bucket/shards",
+        "--vocab-size",
+        "4096",
+        "--max-chars",
+        "1000",
+        "--doc-cap",
+        "50",
+    ]
     args = planned(spec, "pretrain").args
     flags = dict(zip(args[::2], args[1::2], strict=True))
-    assert flags == {"--data": "s3://bucket/shards", "--depth": "12", "--max-seq-len": "512", "--window-pattern": "SL",
-                     "--device-batch-size": "4", "--num-iterations": "30", "--target-param-data-ratio": "8.0",
-                     "--warmup-steps": "2"}
+    assert flags == {
+        "--data": "s3://bucket/shards",
+        "--depth": "12",
+        "--max-seq-len": "512",
+        "--window-pattern": "SL",
+        "--device-batch-size": "4",
+        "--num-iterations": "30",
+        "--target-param-data-ratio": "8.0",
+        "--warmup-steps": "2",
+    }
     assert args[-2:] == ["--warmup-steps", "2"]  # extraArgs last, so they win
     assert planned(spec, "sft").args == ["--num-iterations", "5"]
     assert planned(spec, "report").args == []
@@ -61,37 +99,77 @@ def test_job_names_are_deterministic_dns_labels_even_for_long_runs():
 
 
 def test_pytorchjob_has_master_workers_gpus_and_the_stage_command():
-    spec = spec_of(compute={"nodes": 3, "gpusPerNode": 8, "cpu": "32", "memory": "256Gi", "shmSize": "16Gi",
-                            "nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
-                            "affinity": {"nodeAffinity": {}}, "priorityClassName": "training",
-                            "resources": {"limits": {"rdma/ib": 1}}})
+    spec = spec_of(
+        compute={
+            "nodes": 3,
+            "gpusPerNode": 8,
+            "cpu": "32",
+            "memory": "256Gi",
+            "shmSize": "16Gi",
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}},
+            "priorityClassName": "training",
+            "resources": {"limits": {"rdma/ib": 1}},
+        }
+    )
     job = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), attempt=1)
     meta, body = job["metadata"], job["spec"]
-    assert (job["apiVersion"], job["kind"], meta["name"]) == ("kubeflow.org/v1", "PyTorchJob", "speedrun-base-train-1")
-    assert meta["labels"]["nanorun.io/run"] == "speedrun" and meta["labels"]["nanorun.io/stage"] == "base_train"
+    assert (job["apiVersion"], job["kind"], meta["name"]) == (
+        "kubeflow.org/v1",
+        "PyTorchJob",
+        "speedrun-base-train-1",
+    )
+    assert (
+        meta["labels"]["nanorun.io/run"] == "speedrun" and meta["labels"]["nanorun.io/stage"] == "base_train"
+    )
     assert meta["labels"]["nanorun.io/attempt"] == "1"
-    assert meta["ownerReferences"] == [{"apiVersion": "nanorun.io/v1alpha1", "kind": "LLMRun", "name": "speedrun",
-                                        "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}]
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "nanorun.io/v1alpha1",
+            "kind": "LLMRun",
+            "name": "speedrun",
+            "uid": "1234-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     replicas = body["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
     assert body["nprocPerNode"] == "8"
     pod = replicas["Worker"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
-    assert c["command"][:5] == ["torchrun", "-m", "nanorun.trainer.base_train", "--run-dir", "s3://bucket/runs/speedrun"]
+    assert c["command"][:5] == [
+        "torchrun",
+        "-m",
+        "nanorun.trainer.base_train",
+        "--run-dir",
+        "s3://bucket/runs/speedrun",
+    ]
     assert c["command"][-2:] == ["--metrics-port", "9400"]
     assert {"name": "metrics", "containerPort": 9400} in c["ports"]
     assert c["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": 8, "rdma/ib": 1}
     assert c["resources"]["requests"] == {"cpu": "32", "memory": "256Gi"}
     env = {e["name"]: e for e in c["env"]}
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+    }
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000" and env["NANORUN_RUN"]["value"] == "speedrun"
+    assert (
+        env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000" and env["NANORUN_RUN"]["value"] == "speedrun"
+    )
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "training"
-    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}] and pod["affinity"] == {"nodeAffinity": {}}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}] and pod["affinity"] == {
+        "nodeAffinity": {}
+    }
     assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
-    assert body["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 86400,
-                                 "suspend": False}
+    assert body["runPolicy"] == {
+        "backoffLimit": 0,
+        "cleanPodPolicy": "Running",
+        "ttlSecondsAfterFinished": 86400,
+        "suspend": False,
+    }
 
 
 def test_single_process_stages_run_python_on_one_pod_without_gpus():
@@ -109,22 +187,45 @@ def test_kueue_queue_labels_the_job_and_starts_it_suspended():
     job = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), attempt=1)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["runPolicy"]["suspend"] is True
-    assert "kueue.x-k8s.io/queue-name" not in pytorchjob_for_stage(RUN, spec_of(), planned(spec_of(), "pretrain"), 1)["metadata"]["labels"]
+    assert (
+        "kueue.x-k8s.io/queue-name"
+        not in pytorchjob_for_stage(RUN, spec_of(), planned(spec_of(), "pretrain"), 1)["metadata"]["labels"]
+    )
 
 
 def test_no_credentials_secret_means_no_secret_env():
     spec = parse_spec({"storage": {"uri": "s3://b/r"}})
-    c = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), 1)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    assert [e["name"] for e in c["env"]] == ["NANORUN_RUN", "NANORUN_STAGE", "NANORUN_ATTEMPT", "NANORUN_CONFIG_ID"]
+    c = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), 1)["spec"]["pytorchReplicaSpecs"][
+        "Master"
+    ]["template"]["spec"]["containers"][0]
+    assert [e["name"] for e in c["env"]] == [
+        "NANORUN_RUN",
+        "NANORUN_STAGE",
+        "NANORUN_ATTEMPT",
+        "NANORUN_CONFIG_ID",
+    ]
 
 
 def test_rayservice_serves_the_checkpoint_through_user_config():
-    spec = spec_of(serving={"minReplicas": 2, "maxReplicas": 6, "gpusPerReplica": 1, "targetOngoingRequests": 8,
-                            "memoryPerReplica": "32Gi", "headMemory": "8Gi", "nodeSelector": {"pool": "serve"}},
-                   compute={"nodeSelector": {"gpu": "h100"}, "memory": "900Gi", "cpu": "96"})
+    spec = spec_of(
+        serving={
+            "minReplicas": 2,
+            "maxReplicas": 6,
+            "gpusPerReplica": 1,
+            "targetOngoingRequests": 8,
+            "memoryPerReplica": "32Gi",
+            "headMemory": "8Gi",
+            "nodeSelector": {"pool": "serve"},
+        },
+        compute={"nodeSelector": {"gpu": "h100"}, "memory": "900Gi", "cpu": "96"},
+    )
     ckpt = "s3://bucket/runs/speedrun/chat_sft/checkpoints/step_000700"
     svc = rayservice_for_run(RUN, spec, ckpt)
-    assert (svc["apiVersion"], svc["kind"], svc["metadata"]["name"]) == ("ray.io/v1", "RayService", "speedrun-chat")
+    assert (svc["apiVersion"], svc["kind"], svc["metadata"]["name"]) == (
+        "ray.io/v1",
+        "RayService",
+        "speedrun-chat",
+    )
     assert svc["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
     (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
     assert app["import_path"] == SERVE_IMPORT_PATH and app["args"] == {"checkpoint": ckpt}
@@ -137,8 +238,14 @@ def test_rayservice_serves_the_checkpoint_through_user_config():
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     # Serving's own resources and placement; nothing of spec.compute (training's) leaks in.
     worker = group["template"]["spec"]
-    assert worker["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "32Gi", "nvidia.com/gpu": 1}
-    assert worker["containers"][0]["image"] == "ghcr.io/nanorun/nanorun-serving:0.1.0"  # the Ray image by default
+    assert worker["containers"][0]["resources"]["limits"] == {
+        "cpu": "1",
+        "memory": "32Gi",
+        "nvidia.com/gpu": 1,
+    }
+    assert (
+        worker["containers"][0]["image"] == "ghcr.io/nanorun/nanorun-serving:0.1.0"
+    )  # the Ray image by default
     head = svc["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     assert head["rayStartParams"]["num-cpus"] == "0"  # replicas run on the workers
@@ -165,7 +272,12 @@ def test_cpu_serving_requests_no_gpus():
     svc = rayservice_for_run(RUN, spec, "s3://b/c")
     worker = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in worker["resources"]["limits"]
-    assert "num_gpus" not in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]["ray_actor_options"]
+    assert (
+        "num_gpus"
+        not in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"][0][
+            "ray_actor_options"
+        ]
+    )
 
 
 def test_training_pods_get_the_grace_period_the_spec_asks_and_know_their_attempt_and_config():
@@ -176,5 +288,10 @@ def test_training_pods_get_the_grace_period_the_spec_asks_and_know_their_attempt
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["NANORUN_ATTEMPT"] == "3" and env["NANORUN_CONFIG_ID"] == "0123456789abcdef"
     assert job["metadata"]["labels"]["nanorun.io/config"] == "0123456789abcdef"
-    default = pytorchjob_for_stage(RUN, parse_spec({"storage": {"uri": "s3://b/r"}}), planned(spec, "pretrain"), 1)
-    assert default["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    default = pytorchjob_for_stage(
+        RUN, parse_spec({"storage": {"uri": "s3://b/r"}}), planned(spec, "pretrain"), 1
+    )
+    assert (
+        default["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 120
+    )

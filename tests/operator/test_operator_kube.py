@@ -29,6 +29,7 @@ def phase_is(api, ns, name, phase):
     def check():
         run = get_llmrun(api, ns, name)
         return run if (run.get("status") or {}).get("phase") == phase else None
+
     return check
 
 
@@ -40,7 +41,8 @@ def run_pods(kube, ns: str, run: str) -> list[dict]:
 
 
 def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpoint(
-        kube, kube_namespace, cluster_s3, custom_api, operator_process):
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
     ns = kube_namespace
     run_dir = cluster_s3.run_dir()
     manifest = llmrun("tiny", run_dir, enabled=("tokenizer", "pretrain", "sft"), storage=cluster_s3.access)
@@ -48,21 +50,36 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
     run = wait_for("Succeeded", phase_is(custom_api, ns, "tiny", "Succeeded"), TIMEOUT, operator_process)
 
     jobs = sorted(list_jobs(custom_api, ns), key=lambda j: j["metadata"]["creationTimestamp"])
-    assert [j["metadata"]["name"] for j in jobs] == ["tiny-tok-train-1", "tiny-base-train-1", "tiny-chat-sft-1"]
+    assert [j["metadata"]["name"] for j in jobs] == [
+        "tiny-tok-train-1",
+        "tiny-base-train-1",
+        "tiny-chat-sft-1",
+    ]
     for before, after in itertools.pairwise(jobs):  # in order: each stage's job once the one before finished
         assert after["metadata"]["creationTimestamp"] >= before["status"]["completionTime"]
     for j in jobs:
         assert condition(j, "Succeeded")["status"] == "True"  # the training-operator's word
         assert j["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
-        env = {e["name"]: e for e in j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+        env = {
+            e["name"]: e
+            for e in j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "s3-creds",
+            "key": "AWS_SECRET_ACCESS_KEY",
+        }
     assert sorted(p["status"]["phase"] for p in run_pods(kube, ns, "tiny")) == ["Succeeded"] * 3
 
     status = run["status"]
     assert [(s["name"], s["phase"], s["attempts"]) for s in status["stages"]] == [
-        ("tokenizer", "Succeeded", 1), ("pretrain", "Succeeded", 1), ("sft", "Succeeded", 1)]
+        ("tokenizer", "Succeeded", 1),
+        ("pretrain", "Succeeded", 1),
+        ("sft", "Succeeded", 1),
+    ]
     pretrain = status["stages"][1]
-    assert pretrain["metrics"]["loss"] == pytest.approx(4.0 / 3) and pretrain["metrics"]["valBpb"] == pytest.approx(0.5)
+    assert pretrain["metrics"]["loss"] == pytest.approx(4.0 / 3) and pretrain["metrics"][
+        "valBpb"
+    ] == pytest.approx(0.5)
     assert pretrain["durationSeconds"] >= 0 and pretrain["completionTime"]
     final = read_done(run_dir, "chat_sft").outputs["checkpoint"]
     assert status["checkpoint"] == final and status["observedGeneration"] == 1
@@ -95,11 +112,20 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
 
 
 def test_a_failed_attempt_is_retried_and_the_run_gives_up_after_the_last(
-        kube_namespace, cluster_s3, custom_api, operator_process):
+    kube_namespace, cluster_s3, custom_api, operator_process
+):
     ns = kube_namespace
-    create_llmrun(custom_api, ns, llmrun("flaky", cluster_s3.run_dir(), storage=cluster_s3.access,
-                                         serving={"enabled": False},
-                                         stage_args={"pretrain": ["--fake-fail-attempts", "1,2"]}))
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "flaky",
+            cluster_s3.run_dir(),
+            storage=cluster_s3.access,
+            serving={"enabled": False},
+            stage_args={"pretrain": ["--fake-fail-attempts", "1,2"]},
+        ),
+    )
     run = wait_for("Failed", phase_is(custom_api, ns, "flaky", "Failed"), TIMEOUT, operator_process)
     jobs = {j["metadata"]["name"]: j for j in list_jobs(custom_api, ns)}
     assert sorted(jobs) == ["flaky-base-train-1", "flaky-base-train-2", "flaky-tok-train-1"]
@@ -114,30 +140,59 @@ def test_a_failed_attempt_is_retried_and_the_run_gives_up_after_the_last(
     assert len(list_jobs(custom_api, ns)) == 3
 
 
-def test_a_failed_attempt_is_retried_and_the_stage_then_succeeds(kube_namespace, cluster_s3, custom_api,
-                                                                 operator_process):
+def test_a_failed_attempt_is_retried_and_the_stage_then_succeeds(
+    kube_namespace, cluster_s3, custom_api, operator_process
+):
     ns = kube_namespace
-    create_llmrun(custom_api, ns, llmrun("retry", cluster_s3.run_dir(), storage=cluster_s3.access,
-                                         serving={"enabled": False},
-                                         stage_args={"tokenizer": ["--fake-fail-attempts", "1"]}))
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "retry",
+            cluster_s3.run_dir(),
+            storage=cluster_s3.access,
+            serving={"enabled": False},
+            stage_args={"tokenizer": ["--fake-fail-attempts", "1"]},
+        ),
+    )
     run = wait_for("Succeeded", phase_is(custom_api, ns, "retry", "Succeeded"), TIMEOUT, operator_process)
-    assert [(s["name"], s["attempts"]) for s in run["status"]["stages"]] == [("tokenizer", 2), ("pretrain", 1)]
+    assert [(s["name"], s["attempts"]) for s in run["status"]["stages"]] == [
+        ("tokenizer", 2),
+        ("pretrain", 1),
+    ]
     assert sorted(j["metadata"]["name"] for j in list_jobs(custom_api, ns)) == [
-        "retry-base-train-1", "retry-tok-train-1", "retry-tok-train-2"]
+        "retry-base-train-1",
+        "retry-tok-train-1",
+        "retry-tok-train-2",
+    ]
 
 
 def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
-        kube, kube_namespace, cluster_s3, custom_api, operator_process):
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
     ns = kube_namespace
     run_dir = cluster_s3.run_dir()
     progress_file = storage.join(run_dir, "base_train", "progress.json")
-    create_llmrun(custom_api, ns, llmrun("pause", run_dir, enabled=("pretrain",), storage=cluster_s3.access,
-                                         serving={"enabled": False},
-                                         stage_args={"pretrain": ["--fake-steps", "40", "--fake-step-seconds", "0.2"]}))
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "pause",
+            run_dir,
+            enabled=("pretrain",),
+            storage=cluster_s3.access,
+            serving={"enabled": False},
+            stage_args={"pretrain": ["--fake-steps", "40", "--fake-step-seconds", "0.2"]},
+        ),
+    )
     wait_for("the job to run", lambda: storage.exists(progress_file), TIMEOUT, operator_process)
-    custom_api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": True}})
+    custom_api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": True}}
+    )
     wait_for("Suspended", phase_is(custom_api, ns, "pause", "Suspended"), operator=operator_process)
-    job = custom_api.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "pause-base-train-1")
+    job = custom_api.get_namespaced_custom_object(
+        "kubeflow.org", "v1", ns, "pytorchjobs", "pause-base-train-1"
+    )
     assert job["spec"]["runPolicy"]["suspend"] is True
     # The training-operator deletes the suspended job's pods: SIGTERM, and the stage saves its progress.
     wait_for("the pods deleted", lambda: not run_pods(kube, ns, "pause"), operator=operator_process)
@@ -147,10 +202,22 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
     time.sleep(1.5)
     assert storage.read_json(progress_file)["step"] == stopped["step"]  # paused
     assert condition(get_llmrun(custom_api, ns, "pause"), "Progressing")["reason"] == "Suspended"
-    wait_for("the job Suspended", lambda: condition(custom_api.get_namespaced_custom_object(
-        "kubeflow.org", "v1", ns, "pytorchjobs", "pause-base-train-1"), "Suspended").get("status") == "True")
+    wait_for(
+        "the job Suspended",
+        lambda: (
+            condition(
+                custom_api.get_namespaced_custom_object(
+                    "kubeflow.org", "v1", ns, "pytorchjobs", "pause-base-train-1"
+                ),
+                "Suspended",
+            ).get("status")
+            == "True"
+        ),
+    )
 
-    custom_api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": False}})
+    custom_api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": False}}
+    )
     wait_for("Succeeded", phase_is(custom_api, ns, "pause", "Succeeded"), TIMEOUT, operator_process)
     assert [j["metadata"]["name"] for j in list_jobs(custom_api, ns)] == ["pause-base-train-1"]
     # The recreated pod went on from the saved step.
@@ -160,14 +227,29 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
 
 @pytest.mark.slow
 def test_killing_the_operator_at_random_points_never_duplicates_or_loses_a_job(
-        kube, kube_namespace, cluster_s3, custom_api, operator_process):
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
     ns = kube_namespace
     stages = ("tokenizer", "pretrain", "midtrain", "sft", "report")
     fast = ["--fake-steps", "4", "--fake-step-seconds", "0.15"]
-    create_llmrun(custom_api, ns, llmrun(
-        "crashy", cluster_s3.run_dir(), enabled=stages, storage=cluster_s3.access, retry={"maxAttempts": 3},
-        stage_args={"tokenizer": fast, "pretrain": [*fast, "--fake-fail-attempts", "1"], "midtrain": fast, "sft": fast,
-                    "report": fast}))
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "crashy",
+            cluster_s3.run_dir(),
+            enabled=stages,
+            storage=cluster_s3.access,
+            retry={"maxAttempts": 3},
+            stage_args={
+                "tokenizer": fast,
+                "pretrain": [*fast, "--fake-fail-attempts", "1"],
+                "midtrain": fast,
+                "sft": fast,
+                "report": fast,
+            },
+        ),
+    )
     rng = random.Random(5)
     kills = 0
     deadline = time.monotonic() + 300
@@ -180,27 +262,52 @@ def test_killing_the_operator_at_random_points_never_duplicates_or_loses_a_job(
         operator_process.start()
     assert kills >= 3
     names = sorted(j["metadata"]["name"] for j in list_jobs(custom_api, ns))
-    assert names == ["crashy-base-train-1", "crashy-base-train-2", "crashy-chat-sft-1", "crashy-mid-train-1",
-                     "crashy-report-1", "crashy-tok-train-1"]
+    assert names == [
+        "crashy-base-train-1",
+        "crashy-base-train-2",
+        "crashy-chat-sft-1",
+        "crashy-mid-train-1",
+        "crashy-report-1",
+        "crashy-tok-train-1",
+    ]
     # Each job ran exactly once: one pod each (restartPolicy Never, backoffLimit 0).
-    pods = sorted(p["metadata"]["labels"]["training.kubeflow.org/job-name"] for p in run_pods(kube, ns, "crashy"))
+    pods = sorted(
+        p["metadata"]["labels"]["training.kubeflow.org/job-name"] for p in run_pods(kube, ns, "crashy")
+    )
     assert pods == names
     run = get_llmrun(custom_api, ns, "crashy")
     assert [(s["name"], s["phase"], s["attempts"]) for s in run["status"]["stages"]] == [
-        ("tokenizer", "Succeeded", 1), ("pretrain", "Succeeded", 2), ("midtrain", "Succeeded", 1),
-        ("sft", "Succeeded", 1), ("report", "Succeeded", 1)]
+        ("tokenizer", "Succeeded", 1),
+        ("pretrain", "Succeeded", 2),
+        ("midtrain", "Succeeded", 1),
+        ("sft", "Succeeded", 1),
+        ("report", "Succeeded", 1),
+    ]
     # The RayService once (its RayCluster waits in ImagePullBackOff: conftest.ABSENT_SERVING_IMAGE).
     assert len(custom_api.list_namespaced_custom_object("ray.io", "v1", ns, "rayservices")["items"]) == 1
 
 
 def test_deleting_a_run_removes_its_jobs_and_its_files_only_when_cleanup_is_asked(
-        kube, kube_namespace, cluster_s3, custom_api, operator_process):
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
     ns = kube_namespace
     keep, clean = cluster_s3.run_dir("keep"), cluster_s3.run_dir("clean")
-    create_llmrun(custom_api, ns, llmrun("keep", keep, enabled=("tokenizer",), serving={"enabled": False},
-                                         storage=cluster_s3.access))
-    create_llmrun(custom_api, ns, llmrun("clean", clean, enabled=("tokenizer",), serving={"enabled": False},
-                                         storage={**cluster_s3.access, "cleanupOnDelete": True}))
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun("keep", keep, enabled=("tokenizer",), serving={"enabled": False}, storage=cluster_s3.access),
+    )
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "clean",
+            clean,
+            enabled=("tokenizer",),
+            serving={"enabled": False},
+            storage={**cluster_s3.access, "cleanupOnDelete": True},
+        ),
+    )
     for name in ("keep", "clean"):
         wait_for(f"{name} Succeeded", phase_is(custom_api, ns, name, "Succeeded"), TIMEOUT, operator_process)
     assert get_llmrun(custom_api, ns, "clean")["metadata"].get("finalizers") == ["nanorun.io/cleanup"]
@@ -212,20 +319,33 @@ def test_deleting_a_run_removes_its_jobs_and_its_files_only_when_cleanup_is_aske
         custom_api.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
 
     def gone():
-        names = [r["metadata"]["name"] for r in custom_api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]]
+        names = [
+            r["metadata"]["name"]
+            for r in custom_api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        ]
         return not names
+
     wait_for("both runs gone", gone, operator=operator_process)
     assert storage.list_files(clean) == []
     assert storage.list_files(keep)  # not asked: the files stay
     # The garbage collector follows the owner references: the jobs, then their pods.
-    wait_for("the jobs and pods collected", lambda: not list_jobs(custom_api, ns)
-             and not run_pods(kube, ns, "keep") and not run_pods(kube, ns, "clean"), operator=operator_process)
+    wait_for(
+        "the jobs and pods collected",
+        lambda: (
+            not list_jobs(custom_api, ns)
+            and not run_pods(kube, ns, "keep")
+            and not run_pods(kube, ns, "clean")
+        ),
+        operator=operator_process,
+    )
 
 
 def test_a_serving_change_patches_the_rayservice(kube_namespace, cluster_s3, custom_api, operator_process):
     ns = kube_namespace
     # The RayCluster KubeRay makes for it waits in ImagePullBackOff (conftest.ABSENT_SERVING_IMAGE).
-    create_llmrun(custom_api, ns, llmrun("svc", cluster_s3.run_dir(), enabled=("pretrain",), storage=cluster_s3.access))
+    create_llmrun(
+        custom_api, ns, llmrun("svc", cluster_s3.run_dir(), enabled=("pretrain",), storage=cluster_s3.access)
+    )
     wait_for("Succeeded", phase_is(custom_api, ns, "svc", "Succeeded"), TIMEOUT, operator_process)
 
     def rayservice():
@@ -233,30 +353,51 @@ def test_a_serving_change_patches_the_rayservice(kube_namespace, cluster_s3, cus
             return custom_api.get_namespaced_custom_object("ray.io", "v1", ns, "rayservices", "svc-chat")
         except client.ApiException:
             return None
+
     before = wait_for("the RayService", rayservice, operator=operator_process)
-    custom_api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "svc",
-                                              {"spec": {"serving": {"maxReplicas": 3, "targetOngoingRequests": 5}}})
+    custom_api.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "svc",
+        {"spec": {"serving": {"maxReplicas": 3, "targetOngoingRequests": 5}}},
+    )
 
     def patched():
         svc = rayservice()
         dep = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]
         return svc if dep["autoscaling_config"]["max_replicas"] == 3 else None
+
     after = wait_for("the patched RayService", patched, operator=operator_process)
     dep = yaml.safe_load(after["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]
     assert dep["autoscaling_config"]["target_ongoing_requests"] == 5
     assert after["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 3
     assert after["metadata"]["uid"] == before["metadata"]["uid"]  # patched, not recreated
-    assert dep["user_config"] == yaml.safe_load(before["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]["user_config"]
+    assert (
+        dep["user_config"]
+        == yaml.safe_load(before["spec"]["serveConfigV2"])["applications"][0]["deployments"][0]["user_config"]
+    )
     assert condition(get_llmrun(custom_api, ns, "svc"), "Ready")["reason"] == "ServingNotReady"
 
 
 def test_unreadable_storage_is_retried_without_stopping_the_run(kube_namespace, custom_api, operator_process):
     ns = kube_namespace
-    create_llmrun(custom_api, ns, llmrun("nostore", "s3://Not_A_Bucket!/runs/x",  # every read fails
-                                         serving={"enabled": False}))
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "nostore",
+            "s3://Not_A_Bucket!/runs/x",  # every read fails
+            serving={"enabled": False},
+        ),
+    )
     wait_for("the first job", lambda: list_jobs(custom_api, ns), operator=operator_process)
-    wait_for("a counted error", lambda: "llmrun_reconcile_errors_total 0.0" not in operator_process.metrics(),
-             operator=operator_process)
+    wait_for(
+        "a counted error",
+        lambda: "llmrun_reconcile_errors_total 0.0" not in operator_process.metrics(),
+        operator=operator_process,
+    )
     assert "reconcile of" in operator_process.log() and "Invalid bucket name" in operator_process.log()
     assert operator_process.proc.poll() is None  # still running
     run = get_llmrun(custom_api, ns, "nostore")

@@ -16,27 +16,55 @@ from nanorun.pipeline.progress import Done, Progress
 
 RUN = RunRef("r1", "ns", "uid-1")
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-ALL_OFF = {k: {"enabled": False} for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")}
+ALL_OFF = {
+    k: {"enabled": False}
+    for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
+}
 
 
 def body(stages=("tokenizer", "pretrain"), status=None, **spec):
     enabled = {**ALL_OFF, **{k: {"enabled": True} for k in stages}}
-    return {"metadata": {"name": "r1", "namespace": "ns", "uid": "uid-1", "generation": 2,
-                         "creationTimestamp": "2026-01-01T11:59:00Z"},
-            "spec": {"storage": {"uri": "s3://b/r1"}, "stages": enabled, "retry": {"maxAttempts": 2, "backoffSeconds": 10},
-                     **spec},
-            "status": status or {}}
+    return {
+        "metadata": {
+            "name": "r1",
+            "namespace": "ns",
+            "uid": "uid-1",
+            "generation": 2,
+            "creationTimestamp": "2026-01-01T11:59:00Z",
+        },
+        "spec": {
+            "storage": {"uri": "s3://b/r1"},
+            "stages": enabled,
+            "retry": {"maxAttempts": 2, "backoffSeconds": 10},
+            **spec,
+        },
+        "status": status or {},
+    }
 
 
-def job(name, stage, attempt, condition=None, at="2026-01-01T12:00:00Z", suspend=False, reason="", message=""):
+def job(
+    name, stage, attempt, condition=None, at="2026-01-01T12:00:00Z", suspend=False, reason="", message=""
+):
     conditions = [{"type": "Created", "status": "True"}]
     if condition:
-        conditions.append({"type": condition, "status": "True", "reason": reason, "message": message,
-                           "lastTransitionTime": at})
-    return {"metadata": {"name": name, "labels": {"nanorun.io/run": "r1", "nanorun.io/stage": stage,
-                                                  "nanorun.io/attempt": str(attempt)},
-                         "creationTimestamp": "2026-01-01T12:00:00Z"},
-            "spec": {"runPolicy": {"suspend": suspend}}, "status": {"conditions": conditions}}
+        conditions.append(
+            {
+                "type": condition,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": at,
+            }
+        )
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"nanorun.io/run": "r1", "nanorun.io/stage": stage, "nanorun.io/attempt": str(attempt)},
+            "creationTimestamp": "2026-01-01T12:00:00Z",
+        },
+        "spec": {"runPolicy": {"suspend": suspend}},
+        "status": {"conditions": conditions},
+    }
 
 
 def storage(files=None):
@@ -54,7 +82,10 @@ def test_a_new_run_creates_the_first_stage_job():
     assert [e.reason for _, e in d.create_jobs] == ["StageStarted"]
     s = d.status
     assert (s["phase"], s["stage"], s["observedGeneration"]) == ("Running", "tokenizer", 2)
-    assert [(r["name"], r["phase"], r["attempts"]) for r in s["stages"]] == [("tokenizer", "Running", 1), ("pretrain", "Pending", 0)]
+    assert [(r["name"], r["phase"], r["attempts"]) for r in s["stages"]] == [
+        ("tokenizer", "Running", 1),
+        ("pretrain", "Pending", 0),
+    ]
     assert cond(s, "Progressing")["status"] == "True" and cond(s, "Ready")["status"] == "False"
 
 
@@ -66,22 +97,55 @@ def test_deciding_again_before_the_job_is_seen_names_the_same_job():
 
 
 def test_a_running_job_shows_progress_and_loss():
-    files = {"tok_train": (Progress(stage="tok_train", step=30, total_steps=120, loss=3.25, tokens_per_sec=5e5,
-                                    mfu=0.41, eta_seconds=90), None)}
+    files = {
+        "tok_train": (
+            Progress(
+                stage="tok_train",
+                step=30,
+                total_steps=120,
+                loss=3.25,
+                tokens_per_sec=5e5,
+                mfu=0.41,
+                eta_seconds=90,
+            ),
+            None,
+        )
+    }
     d = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Running")], None, storage(files), T0)
     assert d.create_jobs == []
     s = d.status
     assert (s["progress"], s["loss"], s["eta"]) == ("30/120", 3.25, "1m30s")
-    assert s["stages"][0]["metrics"] == {"step": 30, "totalSteps": 120, "loss": 3.25, "tokensPerSecond": 5e5,
-                                         "mfu": 0.41, "etaSeconds": 90}
+    assert s["stages"][0]["metrics"] == {
+        "step": 30,
+        "totalSteps": 120,
+        "loss": 3.25,
+        "tokensPerSecond": 5e5,
+        "mfu": 0.41,
+        "etaSeconds": 90,
+    }
 
 
 def test_a_succeeded_stage_records_its_outputs_and_starts_the_next():
-    done = Done(stage="tok_train", seconds=5, metrics={"loss": 1.0}, outputs={"tokenizer": "s3://b/r1/tok_train/tokenizer.tiktoken"})
-    d = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Succeeded", at="2026-01-01T12:05:00Z")],
-                  None, storage({"tok_train": (None, done)}), T0 + dt.timedelta(minutes=6))
+    done = Done(
+        stage="tok_train",
+        seconds=5,
+        metrics={"loss": 1.0},
+        outputs={"tokenizer": "s3://b/r1/tok_train/tokenizer.tiktoken"},
+    )
+    d = reconcile(
+        RUN,
+        body(),
+        [job("r1-tok-train-1", "tok_train", 1, "Succeeded", at="2026-01-01T12:05:00Z")],
+        None,
+        storage({"tok_train": (None, done)}),
+        T0 + dt.timedelta(minutes=6),
+    )
     tok, pre = d.status["stages"]
-    assert (tok["phase"], tok["completionTime"], tok["outputs"]) == ("Succeeded", "2026-01-01T12:05:00Z", done.outputs)
+    assert (tok["phase"], tok["completionTime"], tok["outputs"]) == (
+        "Succeeded",
+        "2026-01-01T12:05:00Z",
+        done.outputs,
+    )
     assert tok["durationSeconds"] == 300.0
     assert d.finished_stages == [("tok_train", 300.0)]
     assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-base-train-1"]
@@ -89,13 +153,22 @@ def test_a_succeeded_stage_records_its_outputs_and_starts_the_next():
 
 
 def test_a_failed_attempt_waits_for_the_backoff_then_retries():
-    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", at="2026-01-01T12:00:00Z", reason="PyTorchJobFailed",
-                 message="pytorch-master-0 exited with code 137")
+    failed = job(
+        "r1-tok-train-1",
+        "tok_train",
+        1,
+        "Failed",
+        at="2026-01-01T12:00:00Z",
+        reason="PyTorchJobFailed",
+        message="pytorch-master-0 exited with code 137",
+    )
     early = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=4))
     assert early.create_jobs == [] and 5.9 < early.requeue_after <= 6
     assert cond(early.status, "Degraded")["reason"] == "AttemptFailed"
     late = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=11))
-    assert [(m["metadata"]["name"], e.reason) for m, e in late.create_jobs] == [("r1-tok-train-2", "StageRetried")]
+    assert [(m["metadata"]["name"], e.reason) for m, e in late.create_jobs] == [
+        ("r1-tok-train-2", "StageRetried")
+    ]
     assert late.status["stages"][0]["attempts"] == 2
 
 
@@ -108,7 +181,10 @@ def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_li
     def inspect(j):
         inspected.append(j["metadata"]["name"])
         return FailureFacts(log_tail="loading shard 3\nValueError: shard 3 is corrupt\n")
-    d = reconcile(RUN, body(status=seen.status), [first, second], None, storage(), T0 + dt.timedelta(hours=1), inspect)
+
+    d = reconcile(
+        RUN, body(status=seen.status), [first, second], None, storage(), T0 + dt.timedelta(hours=1), inspect
+    )
     assert d.create_jobs == [] and d.status["phase"] == "Failed"
     degraded = cond(d.status, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "StageFailed"
@@ -118,19 +194,34 @@ def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_li
     assert d.status["stages"][0]["failures"] == 2
     assert d.ended_attempts == [("tok_train", "failed")]
     # Reconciling the failed run again repeats no event, creates nothing, and reads no pods again.
-    again = reconcile(RUN, body(status=d.status), [first, second], None, storage(), T0 + dt.timedelta(hours=2), inspect)
+    again = reconcile(
+        RUN, body(status=d.status), [first, second], None, storage(), T0 + dt.timedelta(hours=2), inspect
+    )
     assert again.create_jobs == [] and again.events == [] and inspected == ["r1-tok-train-2"]
 
 
 def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
     progress = Progress(stage="base_train", step=20, total_steps=100, attempt=1, stopped="preempted")
     files = {"tok_train": (None, Done(stage="tok_train", seconds=1))}
-    status = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Succeeded")], None, storage(files), T0).status
-    jobs = [job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
-            job("r1-base-train-1", "base_train", 1, "Failed", reason="PyTorchJobFailed", message="1 Master replica(s) failed")]
+    status = reconcile(
+        RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Succeeded")], None, storage(files), T0
+    ).status
+    jobs = [
+        job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
+        job(
+            "r1-base-train-1",
+            "base_train",
+            1,
+            "Failed",
+            reason="PyTorchJobFailed",
+            message="1 Master replica(s) failed",
+        ),
+    ]
     files["base_train"] = (progress, None)
     d = reconcile(RUN, body(status=status), jobs, None, storage(files), T0)  # no backoff wait
-    assert [(m["metadata"]["name"], e.reason) for m, e in d.create_jobs] == [("r1-base-train-2", "StageRetried")]
+    assert [(m["metadata"]["name"], e.reason) for m, e in d.create_jobs] == [
+        ("r1-base-train-2", "StageRetried")
+    ]
     pre = d.status["stages"][1]
     assert (pre["attempts"], pre["failures"], pre["preemptions"]) == (2, 0, 1)
     assert "attempt 1 preempted (the trainer checkpointed on SIGTERM" in pre["message"]
@@ -138,8 +229,17 @@ def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
     assert d.ended_attempts == [("base_train", "preempted")]
     # Preempted again (the pods say so this time), then a real failure: only that one counts.
     jobs.append(job("r1-base-train-2", "base_train", 2, "Failed"))
-    d = reconcile(RUN, body(status=d.status), jobs, None, storage(files), T0,
-                  lambda j: FailureFacts(disruption="pod r1-base-train-2-master-0: DisruptionTarget (EvictionByEvictionAPI)"))
+    d = reconcile(
+        RUN,
+        body(status=d.status),
+        jobs,
+        None,
+        storage(files),
+        T0,
+        lambda j: FailureFacts(
+            disruption="pod r1-base-train-2-master-0: DisruptionTarget (EvictionByEvictionAPI)"
+        ),
+    )
     jobs.append(job("r1-base-train-3", "base_train", 3, "Failed", message="exit 1"))
     d = reconcile(RUN, body(status=d.status), jobs, None, storage(files), T0)
     pre = d.status["stages"][1]
@@ -148,11 +248,25 @@ def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
 
 
 def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages_after_it():
-    base = {"stages": {**ALL_OFF, "tokenizer": {"enabled": True}, "pretrain": {"enabled": True, "numIterations": 10}}}
+    base = {
+        "stages": {
+            **ALL_OFF,
+            "tokenizer": {"enabled": True},
+            "pretrain": {"enabled": True, "numIterations": 10},
+        }
+    }
     spec = {k: v for k, v in body().items() if k == "spec"}["spec"] | base
-    done = {"tok_train": (None, Done(stage="tok_train", seconds=1, config_id="")),
-            "base_train": (None, Done(stage="base_train", seconds=1, outputs={"checkpoint": "s3://b/r1/base_train/c/step_10"}))}
-    jobs = [job("r1-tok-train-1", "tok_train", 1, "Succeeded"), job("r1-base-train-1", "base_train", 1, "Succeeded")]
+    done = {
+        "tok_train": (None, Done(stage="tok_train", seconds=1, config_id="")),
+        "base_train": (
+            None,
+            Done(stage="base_train", seconds=1, outputs={"checkpoint": "s3://b/r1/base_train/c/step_10"}),
+        ),
+    }
+    jobs = [
+        job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
+        job("r1-base-train-1", "base_train", 1, "Succeeded"),
+    ]
     first = reconcile(RUN, {**body(), "spec": spec}, jobs, None, storage(done), T0)
     assert first.status["phase"] == "Succeeded"
     ids = {r["name"]: r["configId"] for r in first.status["stages"]}
@@ -163,7 +277,7 @@ def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages
     tok, pre = d.status["stages"]
     assert tok["phase"] == "Succeeded" and tok["configId"] == ids["tokenizer"]
     assert pre["phase"] == "Running" and pre["configId"] != ids["pretrain"] and pre["attempts"] == 2
-    (manifest, event), = d.create_jobs
+    ((manifest, event),) = d.create_jobs
     assert manifest["metadata"]["name"] == "r1-base-train-2" and "--num-iterations" in str(manifest)
     assert manifest["metadata"]["labels"]["nanorun.io/config"] == pre["configId"]
     assert "StageRerun" in [e.reason for e in d.events] and d.status["phase"] == "Running"
@@ -203,8 +317,20 @@ def test_a_job_deleted_after_success_is_not_run_again_when_done_json_exists():
 
 
 def finished_run(serving=None):
-    jobs = [job("r1-tok-train-1", "tok_train", 1, "Succeeded"), job("r1-base-train-1", "base_train", 1, "Succeeded")]
-    files = {"base_train": (None, Done(stage="base_train", seconds=9, outputs={"checkpoint": "s3://b/r1/base_train/checkpoints/step_000009"}))}
+    jobs = [
+        job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
+        job("r1-base-train-1", "base_train", 1, "Succeeded"),
+    ]
+    files = {
+        "base_train": (
+            None,
+            Done(
+                stage="base_train",
+                seconds=9,
+                outputs={"checkpoint": "s3://b/r1/base_train/checkpoints/step_000009"},
+            ),
+        )
+    }
     spec = {"serving": serving} if serving else {}
     return jobs, storage(files), spec
 
@@ -219,15 +345,22 @@ def test_a_finished_run_creates_its_rayservice_and_is_ready_when_it_is():
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
     pretrain = d.status["stages"][1]
     # The version is the config id the served checkpoint was saved under (a re-run may reuse its path).
-    assert app["deployments"][0]["user_config"] == {"checkpoint": d.status["checkpoint"], "version": pretrain["configId"]}
+    assert app["deployments"][0]["user_config"] == {
+        "checkpoint": d.status["checkpoint"],
+        "version": pretrain["configId"],
+    }
     assert cond(d.status, "Ready")["reason"] == "ServingNotReady"
     svc = copy.deepcopy(svc)
     svc["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
     d = reconcile(RUN, body(status=d.status, **spec), jobs, svc, files, T0)
     assert d.create_rayservice is None and d.patch_rayservice is None
     assert cond(d.status, "Ready")["status"] == "True"
-    assert d.status["serving"] == {"rayService": "r1-chat", "ready": True, "url": "http://r1-chat-serve-svc.ns.svc:8000",
-                                   "checkpoint": "s3://b/r1/base_train/checkpoints/step_000009"}
+    assert d.status["serving"] == {
+        "rayService": "r1-chat",
+        "ready": True,
+        "url": "http://r1-chat-serve-svc.ns.svc:8000",
+        "checkpoint": "s3://b/r1/base_train/checkpoints/step_000009",
+    }
 
 
 def test_a_serving_change_patches_the_rayservice():
@@ -237,7 +370,9 @@ def test_a_serving_change_patches_the_rayservice():
     assert d.create_rayservice is None
     patched = yaml.safe_load(d.patch_rayservice["spec"]["serveConfigV2"])
     assert patched["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 5
-    d = reconcile(RUN, body(serving={"enabled": False}, stages=("tokenizer", "pretrain")), jobs, existing, files, T0)
+    d = reconcile(
+        RUN, body(serving={"enabled": False}, stages=("tokenizer", "pretrain")), jobs, existing, files, T0
+    )
     assert d.delete_rayservice == "r1-chat" and cond(d.status, "Ready")["reason"] == "Trained"
 
 
@@ -246,30 +381,55 @@ def test_an_invalid_spec_is_degraded_and_touches_nothing():
     d = reconcile(RUN, bad, [], None, storage(), T0)
     assert d.create_jobs == [] and d.create_rayservice is None
     degraded = cond(d.status, "Degraded")
-    assert degraded["reason"] == "InvalidSpec" and "serving.minReplicas must not exceed" in degraded["message"]
+    assert (
+        degraded["reason"] == "InvalidSpec" and "serving.minReplicas must not exceed" in degraded["message"]
+    )
     assert [e.reason for e in d.events] == ["InvalidSpec"]
-    assert reconcile(RUN, body(serving={"minReplicas": 4, "maxReplicas": 2}, status=d.status), [], None, storage(), T0).events == []
+    assert (
+        reconcile(
+            RUN, body(serving={"minReplicas": 4, "maxReplicas": 2}, status=d.status), [], None, storage(), T0
+        ).events
+        == []
+    )
 
 
 def test_condition_times_move_only_when_the_status_flips():
     first = reconcile(RUN, body(), [], None, storage(), T0)
-    later = reconcile(RUN, body(status=first.status), [job("r1-tok-train-1", "tok_train", 1, "Running")], None,
-                      storage(), T0 + dt.timedelta(minutes=5))
-    assert cond(later.status, "Progressing")["lastTransitionTime"] == cond(first.status, "Progressing")["lastTransitionTime"]
+    later = reconcile(
+        RUN,
+        body(status=first.status),
+        [job("r1-tok-train-1", "tok_train", 1, "Running")],
+        None,
+        storage(),
+        T0 + dt.timedelta(minutes=5),
+    )
+    assert (
+        cond(later.status, "Progressing")["lastTransitionTime"]
+        == cond(first.status, "Progressing")["lastTransitionTime"]
+    )
 
 
 def test_server_side_defaults_on_the_rayservice_are_not_a_change():
     jobs, files, _ = finished_run()
     existing = copy.deepcopy(reconcile(RUN, body(), jobs, None, files, T0).create_rayservice)
-    existing["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = "ClusterIP"  # a default the server adds
+    existing["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = (
+        "ClusterIP"  # a default the server adds
+    )
     existing["spec"]["upgradeStrategy"] = {"type": "NewCluster"}
     d = reconcile(RUN, body(), jobs, existing, files, T0)
     assert d.patch_rayservice is None and d.create_rayservice is None
 
 
 def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
-    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", at="2026-01-01T12:00:00Z", reason="PyTorchJobFailed",
-                 message="exit 1")
+    failed = job(
+        "r1-tok-train-1",
+        "tok_train",
+        1,
+        "Failed",
+        at="2026-01-01T12:00:00Z",
+        reason="PyTorchJobFailed",
+        message="exit 1",
+    )
     seen = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=2))
     assert seen.create_jobs == []
     # The job's TTL deleted it; the retry is due now.
@@ -285,12 +445,26 @@ def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
 def _pod(name, exit_code=None, disruption=None):
     from kubernetes import client
 
-    conditions = [client.V1PodCondition(type="DisruptionTarget", status="True", reason=disruption)] if disruption else []
-    state = client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code)) if exit_code is not None else None
-    statuses = [client.V1ContainerStatus(name="pytorch", state=state, image="i", image_id="", ready=False, restart_count=0)]
+    conditions = (
+        [client.V1PodCondition(type="DisruptionTarget", status="True", reason=disruption)]
+        if disruption
+        else []
+    )
+    state = (
+        client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code))
+        if exit_code is not None
+        else None
+    )
+    statuses = [
+        client.V1ContainerStatus(
+            name="pytorch", state=state, image="i", image_id="", ready=False, restart_count=0
+        )
+    ]
     phase = "Running" if exit_code is None else "Succeeded" if exit_code == 0 else "Failed"
-    return client.V1Pod(metadata=client.V1ObjectMeta(name=name, namespace="ns"),
-                        status=client.V1PodStatus(phase=phase, conditions=conditions, container_statuses=statuses))
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, namespace="ns"),
+        status=client.V1PodStatus(phase=phase, conditions=conditions, container_statuses=statuses),
+    )
 
 
 def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
@@ -298,31 +472,57 @@ def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
 
     logs = {"j-master-0": "step 3\nRuntimeError: boom\n", "j-worker-0": "connection reset by peer"}
     read = lambda pod: logs[pod.metadata.name]  # noqa: E731
-    assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 143)], read).disruption == "pod j-master-0: exited 143 (SIGTERM)"
+    assert (
+        failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 143)], read).disruption
+        == "pod j-master-0: exited 143 (SIGTERM)"
+    )
     evicted = failure_facts([_pod("j-master-0", 1, disruption="EvictionByEvictionAPI")], read)
     assert evicted.disruption == "pod j-master-0: DisruptionTarget (EvictionByEvictionAPI)"
     # A plain failure: no disruption, and the Master's log (rank 0) rather than the Worker's.
     facts = failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], read)
     assert facts.disruption == "" and facts.log_tail == "[j-master-0, exit 1]\nstep 3\nRuntimeError: boom"
+
     # A log that cannot be read is skipped; the next failed pod's is used.
     def flaky(pod):
         if pod.metadata.name == "j-master-0":
             raise OSError("kubelet unreachable")
         return logs[pod.metadata.name]
-    assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], flaky).log_tail.startswith("[j-worker-0, exit 1]")
+
+    assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], flaky).log_tail.startswith(
+        "[j-worker-0, exit 1]"
+    )
     assert failure_facts([_pod("j-master-0", 0)], read) == type(facts)()
     # A pod still stopping (the job is marked failed the moment a pod is deleted) is named, nothing decided.
-    assert failure_facts([_pod("j-worker-0"), _pod("j-master-0", 143)], read) == type(facts)(active=("j-worker-0",))
+    assert failure_facts([_pod("j-worker-0"), _pod("j-master-0", 143)], read) == type(facts)(
+        active=("j-worker-0",)
+    )
 
 
 def test_a_failed_job_whose_pods_are_still_stopping_is_decided_only_once_they_have_stopped():
-    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", reason="PyTorchJobFailed", message="1 Master replica(s) failed")
-    stopping = reconcile(RUN, body(), [failed], None, storage(), T0, lambda j: FailureFacts(active=("r1-tok-train-1-master-0",)))
+    failed = job(
+        "r1-tok-train-1",
+        "tok_train",
+        1,
+        "Failed",
+        reason="PyTorchJobFailed",
+        message="1 Master replica(s) failed",
+    )
+    stopping = reconcile(
+        RUN,
+        body(),
+        [failed],
+        None,
+        storage(),
+        T0,
+        lambda j: FailureFacts(active=("r1-tok-train-1-master-0",)),
+    )
     rec = stopping.status["stages"][0]
     assert stopping.create_jobs == [] and rec["phase"] == "Running" and rec.get("failures", 0) == 0
     assert "waiting for r1-tok-train-1-master-0 to stop" in rec["message"] and stopping.requeue_after == 2
     progress = Progress(stage="tok_train", attempt=1, stopped="preempted")  # written while it stopped
-    d = reconcile(RUN, body(status=stopping.status), [failed], None, storage({"tok_train": (progress, None)}), T0)
+    d = reconcile(
+        RUN, body(status=stopping.status), [failed], None, storage({"tok_train": (progress, None)}), T0
+    )
     assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-2"]
     assert d.status["stages"][0]["preemptions"] == 1
 
@@ -333,26 +533,37 @@ def test_the_eta_reads_like_a_person_writes_it():
 
     def eta(seconds, phase="Running"):
         return _eta(StageStatus(name="pretrain", metrics=StageMetrics(eta_seconds=seconds)), phase)
+
     assert [eta(35), eta(250), eta(3900), eta(90061)] == ["35s", "4m10s", "1h05m", "25h01m"]
     assert eta(None) == "" and eta(30, "Succeeded") == "" and _eta(None, "Running") == ""
 
 
 # --- Kueue: compute.queue -----------------------------------------------------------------------
 
+
 def workload(admitted=False, active=True, reason="Pending", message="", deactivated_by_operator=False):
     """A Kueue Workload as the API returns it (kueue.x-k8s.io/v1beta2)."""
-    conditions = [{"type": "QuotaReserved", "status": "True" if admitted else "False",
-                   "reason": "QuotaReserved" if admitted else reason, "message": "" if admitted else message}]
+    conditions = [
+        {
+            "type": "QuotaReserved",
+            "status": "True" if admitted else "False",
+            "reason": "QuotaReserved" if admitted else reason,
+            "message": "" if admitted else message,
+        }
+    ]
     if admitted:
         conditions.append({"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""})
     annotations = {"nanorun.io/deactivated": "true"} if deactivated_by_operator else {}
-    return {"metadata": {"name": "pytorchjob-r1-tok-train-1-1a2b3", "annotations": annotations},
-            "spec": {"active": active},
-            "status": {"conditions": conditions, **({"admission": {"clusterQueue": "gpus"}} if admitted else {})}}
+    return {
+        "metadata": {"name": "pytorchjob-r1-tok-train-1-1a2b3", "annotations": annotations},
+        "spec": {"active": active},
+        "status": {"conditions": conditions, **({"admission": {"clusterQueue": "gpus"}} if admitted else {})},
+    }
 
 
 def kueue_sees(wl):
     from nanorun.operator.kueue import admission_of
+
     return lambda job: admission_of(wl)
 
 
@@ -362,8 +573,15 @@ QUEUED = {"compute": {"queue": "team-a"}}
 def test_a_job_waiting_for_quota_makes_the_run_queued_with_kueues_reason():
     waiting = job("r1-tok-train-1", "tok_train", 1, suspend=True)
     why = "couldn't assign flavors to pod set master: insufficient unused quota for nvidia.com/gpu in flavor h100, 8 more needed"
-    d = reconcile(RUN, body(status={"phase": "Running"}, **QUEUED), [waiting], None, storage(), T0,
-                  admission_of=kueue_sees(workload(message=why)))
+    d = reconcile(
+        RUN,
+        body(status={"phase": "Running"}, **QUEUED),
+        [waiting],
+        None,
+        storage(),
+        T0,
+        admission_of=kueue_sees(workload(message=why)),
+    )
     s = d.status
     assert (s["phase"], s["stages"][0]["phase"]) == ("Queued", "Queued")
     q = cond(s, "Queued")
@@ -384,8 +602,15 @@ def test_no_workload_yet_says_so_and_looks_again_soon():
 
 def test_an_admitted_job_runs_and_the_condition_names_the_cluster_queue():
     started = job("r1-tok-train-1", "tok_train", 1, "Running", suspend=False)
-    d = reconcile(RUN, body(status={"phase": "Queued"}, **QUEUED), [started], None, storage(), T0,
-                  admission_of=kueue_sees(workload(admitted=True)))
+    d = reconcile(
+        RUN,
+        body(status={"phase": "Queued"}, **QUEUED),
+        [started],
+        None,
+        storage(),
+        T0,
+        admission_of=kueue_sees(workload(admitted=True)),
+    )
     assert d.status["phase"] == "Running"
     q = cond(d.status, "Queued")
     assert (q["status"], q["reason"]) == ("False", "Admitted") and "ClusterQueue gpus" in q["message"]
@@ -393,23 +618,42 @@ def test_an_admitted_job_runs_and_the_condition_names_the_cluster_queue():
 
 def test_suspend_with_a_queue_deactivates_the_workload_and_resume_reactivates_only_that():
     running = job("r1-tok-train-1", "tok_train", 1, "Running", suspend=False)
-    d = reconcile(RUN, body(suspend=True, **QUEUED), [running], None, storage(), T0,
-                  admission_of=kueue_sees(workload(admitted=True)))
+    d = reconcile(
+        RUN,
+        body(suspend=True, **QUEUED),
+        [running],
+        None,
+        storage(),
+        T0,
+        admission_of=kueue_sees(workload(admitted=True)),
+    )
     assert d.patch_jobs == []  # never runPolicy.suspend: Kueue would set it back
-    assert d.patch_workloads == [("pytorchjob-r1-tok-train-1-1a2b3",
-                                  {"metadata": {"annotations": {"nanorun.io/deactivated": "true"}}, "spec": {"active": False}})]
+    assert d.patch_workloads == [
+        (
+            "pytorchjob-r1-tok-train-1-1a2b3",
+            {"metadata": {"annotations": {"nanorun.io/deactivated": "true"}}, "spec": {"active": False}},
+        )
+    ]
     assert d.status["phase"] == "Suspended" and cond(d.status, "Queued")["reason"] == "Suspended"
 
     stopped = job("r1-tok-train-1", "tok_train", 1, "Suspended", suspend=True)
     mine = workload(active=False, reason="Deactivated", deactivated_by_operator=True)
-    d = reconcile(RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(mine))
-    assert d.patch_workloads == [("pytorchjob-r1-tok-train-1-1a2b3",
-                                  {"metadata": {"annotations": {"nanorun.io/deactivated": None}}, "spec": {"active": True}})]
+    d = reconcile(
+        RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(mine)
+    )
+    assert d.patch_workloads == [
+        (
+            "pytorchjob-r1-tok-train-1-1a2b3",
+            {"metadata": {"annotations": {"nanorun.io/deactivated": None}}, "spec": {"active": True}},
+        )
+    ]
     assert d.status["phase"] == "Queued" and [e.reason for e in d.events][:1] == ["StageResumed"]
 
     # A Workload that Kueue (or a person) deactivated is left as it is, and the status says why.
     theirs = workload(active=False, reason="RequeuingLimitExceeded", message="exceeded the backoff limit")
-    d = reconcile(RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(theirs))
+    d = reconcile(
+        RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(theirs)
+    )
     assert d.patch_workloads == []
     assert "is deactivated: RequeuingLimitExceeded" in cond(d.status, "Queued")["message"]
 
@@ -417,6 +661,7 @@ def test_suspend_with_a_queue_deactivates_the_workload_and_resume_reactivates_on
 def test_without_a_queue_no_workload_is_read():
     def refuse(job):
         raise AssertionError("Workloads are only read for runs with compute.queue")
+
     running = job("r1-tok-train-1", "tok_train", 1, "Running")
     d = reconcile(RUN, body(), [running], None, storage(), T0, admission_of=refuse)
     assert d.status["phase"] == "Running" and not any(c["type"] == "Queued" for c in d.status["conditions"])

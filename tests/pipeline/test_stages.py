@@ -43,9 +43,11 @@ def test_the_trainer_reads_its_stage_lists_from_the_table():
 
 def test_the_operator_imports_without_torch():
     # The operator image has no torch: its modules and the torch-free shared ones must not need it.
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import nanorun.operator.handlers, nanorun.operator.cli, nanorun.operator.local, nanorun.pipeline.stages\n"
-            "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import nanorun.operator.handlers, nanorun.operator.cli, nanorun.operator.local, nanorun.pipeline.stages\n"
+        "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -63,7 +65,9 @@ def test_the_layout_finds_the_run_of_a_checkpoint_and_refuses_other_paths():
 
 
 def test_the_shared_package_imports_nothing_from_the_trainer():
-    code = ("import sys, nanorun.pipeline.layout, nanorun.pipeline.progress, nanorun.pipeline.errors\n"
-            "assert not [m for m in sys.modules if m.startswith('nanorun.trainer')], sorted(sys.modules)")
+    code = (
+        "import sys, nanorun.pipeline.layout, nanorun.pipeline.progress, nanorun.pipeline.errors\n"
+        "assert not [m for m in sys.modules if m.startswith('nanorun.trainer')], sorted(sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -19,7 +19,9 @@ from nanorun.trainer.data.tokenizer import SPLIT_PATTERN
 from tests.fixtures.tiny_run import real_english_documents
 
 
-def reference_merges(texts: list[str], vocab_size: int, pattern: str = SPLIT_PATTERN) -> list[tuple[int, int]]:
+def reference_merges(
+    texts: list[str], vocab_size: int, pattern: str = SPLIT_PATTERN
+) -> list[tuple[int, int]]:
     chunks = Counter(chunk for text in texts for chunk in regex.findall(pattern, text))
     words = [(list(chunk.encode("utf-8")), n) for chunk, n in chunks.items()]
     merges = []

@@ -28,18 +28,24 @@ def free_port() -> int:
 
 
 def serve_config(args_checkpoint: str, checkpoint: str) -> dict:
-    return {"applications": [{
-        "name": SERVE_APP_NAME,
-        "route_prefix": "/",
-        "import_path": SERVE_IMPORT_PATH,
-        "args": {"checkpoint": args_checkpoint, "slots": SLOTS, "device": "cpu"},
-        "deployments": [{
-            "name": SERVE_DEPLOYMENT_NAME,
-            "num_replicas": 1,
-            "ray_actor_options": {"num_cpus": 1},
-            "user_config": {"checkpoint": checkpoint},
-        }],
-    }]}
+    return {
+        "applications": [
+            {
+                "name": SERVE_APP_NAME,
+                "route_prefix": "/",
+                "import_path": SERVE_IMPORT_PATH,
+                "args": {"checkpoint": args_checkpoint, "slots": SLOTS, "device": "cpu"},
+                "deployments": [
+                    {
+                        "name": SERVE_DEPLOYMENT_NAME,
+                        "num_replicas": 1,
+                        "ray_actor_options": {"num_cpus": 1},
+                        "user_config": {"checkpoint": checkpoint},
+                    }
+                ],
+            }
+        ]
+    }
 
 
 @dataclass
@@ -57,7 +63,9 @@ class ChatService:
         from ray.serve.schema import ServeDeploySchema
 
         client = serve.context._get_global_client()
-        client.deploy_apps(ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint)), _blocking=True)
+        client.deploy_apps(
+            ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint)), _blocking=True
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -75,8 +83,13 @@ def chat_service(tiny_chat_run) -> Iterator[ChatService]:
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=80 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     service = ChatService(url=f"http://127.0.0.1:{port}", args_checkpoint=tiny_chat_run)

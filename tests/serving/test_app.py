@@ -26,8 +26,11 @@ def client(chat_service) -> openai.OpenAI:
 
 def metric_values(url: str) -> dict[tuple[str, tuple], float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_openai_client_gets_a_completion_with_usage(client):
@@ -44,7 +47,9 @@ def test_openai_client_gets_a_completion_with_usage(client):
 def test_streaming_delivers_the_same_text_as_a_plain_request(client, chat_service):
     kwargs = dict(model="nanorun", messages=HELLO, max_tokens=20, temperature=0)
     plain = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain
@@ -52,8 +57,12 @@ def test_streaming_delivers_the_same_text_as_a_plain_request(client, chat_servic
     assert finishes in (["stop"], ["length"])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
 
-    with httpx.stream("POST", f"{chat_service.url}/v1/chat/completions", timeout=60,
-                      json={"messages": HELLO, "max_tokens": 5, "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        f"{chat_service.url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": HELLO, "max_tokens": 5, "stream": True},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         frames = [line for line in response.iter_lines() if line]
     assert all(f.startswith("data: ") for f in frames)
@@ -66,8 +75,12 @@ def test_sixteen_concurrent_clients_all_complete_and_decode_together(client, cha
 
     def ask(i: int):
         return client.chat.completions.create(
-            model="nanorun", messages=[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
-            max_tokens=32, temperature=0.9, seed=i)
+            model="nanorun",
+            messages=[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
+            max_tokens=32,
+            temperature=0.9,
+            seed=i,
+        )
 
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(ask, range(16)))
@@ -81,8 +94,13 @@ def test_sixteen_concurrent_clients_all_complete_and_decode_together(client, cha
 
 def test_greedy_replies_do_not_depend_on_what_else_is_in_the_batch(client):
     def ask(content: str):
-        return client.chat.completions.create(model="nanorun", messages=[{"role": "user", "content": content}],
-                                              max_tokens=24, temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="nanorun", messages=[{"role": "user", "content": content}], max_tokens=24, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
 
     prompts = [f"Tell me about item {i}" + " please" * i for i in range(8)]
     alone = [ask(p) for p in prompts]
@@ -104,11 +122,26 @@ INVALID = [
     ({"messages": []}, "messages"),
     ({}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]}, "messages.0"),
-    ({"messages": [{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}] * 2
-      + [{"role": "user", "content": "z" * 7000}] * 1 + [{"role": "assistant", "content": "w" * 5000},
-                                                         {"role": "user", "content": "v"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * (MAX_MESSAGES // 2)
-      + [{"role": "user", "content": "c"}]}, "messages"),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "x" * 7000},
+                {"role": "assistant", "content": "y" * 7000},
+            ]
+            * 2
+            + [{"role": "user", "content": "z" * 7000}] * 1
+            + [{"role": "assistant", "content": "w" * 5000}, {"role": "user", "content": "v"}]
+        },
+        "messages",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+            * (MAX_MESSAGES // 2)
+            + [{"role": "user", "content": "c"}]
+        },
+        "messages",
+    ),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
@@ -131,8 +164,12 @@ def test_invalid_requests_get_a_400_with_an_openai_error_body(chat_service, body
 
 @pytest.mark.parametrize("payload", [b"{not json", b"", b"[1, 2]", b"\xff\xfe", b'{"messages": [}'])
 def test_malformed_bodies_are_a_400_not_a_500(chat_service, payload):
-    response = httpx.post(f"{chat_service.url}/v1/chat/completions", content=payload, timeout=30,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{chat_service.url}/v1/chat/completions",
+        content=payload,
+        timeout=30,
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
 
@@ -163,11 +200,14 @@ def test_models_health_and_web_ui_are_served(chat_service):
 def test_a_long_conversation_is_trimmed_and_the_response_says_so(chat_service):
     messages = []
     for i in range(40):
-        messages += [{"role": "user", "content": f"message {i} " + "lorem ipsum " * 20},
-                     {"role": "assistant", "content": "ok " * 30}]
+        messages += [
+            {"role": "user", "content": f"message {i} " + "lorem ipsum " * 20},
+            {"role": "assistant", "content": "ok " * 30},
+        ]
     messages.append({"role": "user", "content": "last"})
-    response = httpx.post(f"{chat_service.url}/v1/chat/completions", timeout=60,
-                          json={"messages": messages, "max_tokens": 4})
+    response = httpx.post(
+        f"{chat_service.url}/v1/chat/completions", timeout=60, json={"messages": messages, "max_tokens": 4}
+    )
     assert response.status_code == 200, response.text
     assert "dropped the" in response.headers["x-nanorun-notice"]
 
@@ -175,9 +215,12 @@ def test_a_long_conversation_is_trimmed_and_the_response_says_so(chat_service):
 def test_client_disconnect_frees_its_slot(chat_service):
     url = chat_service.url
     before = metric_values(url)[("nanorun_serve_generated_tokens_total", ())]
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                      json={"messages": HELLO, "max_tokens": 4000, "temperature": 1.0, "top_k": 50, "stream": True}
-                      ) as response:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": HELLO, "max_tokens": 4000, "temperature": 1.0, "top_k": 50, "stream": True},
+    ) as response:
         lines = response.iter_lines()
         next(lines), next(lines)  # the role chunk and the first token, then hang up
     deadline = time.monotonic() + 10
@@ -204,8 +247,9 @@ def test_metrics_expose_every_serving_series(client, chat_service):
     assert values[("nanorun_serve_inflight_requests", ())] == 0
 
 
-def test_a_new_checkpoint_is_loaded_without_restarting_the_replica(client, chat_service, tiny_chat_run,
-                                                                   tiny_chat_run_v2):
+def test_a_new_checkpoint_is_loaded_without_restarting_the_replica(
+    client, chat_service, tiny_chat_run, tiny_chat_run_v2
+):
     kwargs = dict(model="nanorun", messages=HELLO, max_tokens=24, temperature=0)
     pid = chat_service.health()["pid"]
     before = client.chat.completions.create(**kwargs).choices[0].message.content
@@ -235,7 +279,9 @@ def test_a_checkpoint_path_is_loaded_again_when_the_config_id_it_must_have_chang
         deployment.slots, deployment.device, deployment.lock = 1, "cpu", asyncio.Lock()
         deployment.loaded = first = LoadedModel(tiny_chat_run, None, 1, "cpu")
         saved_id = first.info["config_id"]
-        assert saved_id == str(checkpoint.read_meta(engine.resolve_checkpoint(tiny_chat_run)).get("config_id") or "")
+        assert saved_id == str(
+            checkpoint.read_meta(engine.resolve_checkpoint(tiny_chat_run)).get("config_id") or ""
+        )
         await deployment.reconfigure({"checkpoint": tiny_chat_run, "version": saved_id})
         assert deployment.loaded is first  # the same weights: nothing to load
         await deployment.reconfigure({"checkpoint": tiny_chat_run, "version": "a-newer-config"})

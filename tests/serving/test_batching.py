@@ -20,7 +20,9 @@ def prompt(tokenizer, i: int) -> list[int]:
     return render_for_completion(tokenizer, {"messages": [{"role": "user", "content": text}]})
 
 
-async def collect(scheduler: Scheduler, tokens: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
+async def collect(
+    scheduler: Scheduler, tokens: list[int], params: SamplingParams
+) -> tuple[list[int], str, str]:
     out, text, reason = [], [], None
     async for event in scheduler.stream(tokens, params):
         if event.token is not None:
@@ -37,13 +39,17 @@ def test_concurrent_greedy_requests_get_exactly_their_solo_output(chat_model, ch
     expected = []
     for p, budget in zip(prompts, budgets, strict=True):
         (completion,), _ = engine.generate_batch(p, max_tokens=budget, temperature=0.0)
-        expected.append(completion[len(p):])
+        expected.append(completion[len(p) :])
 
     scheduler = Scheduler(chat_model, chat_tokenizer, slots=4).start()  # fewer rows than requests: some wait
 
     async def run():
-        return await asyncio.gather(*(collect(scheduler, p, SamplingParams(max_tokens=b, temperature=0.0))
-                                      for p, b in zip(prompts, budgets, strict=True)))
+        return await asyncio.gather(
+            *(
+                collect(scheduler, p, SamplingParams(max_tokens=b, temperature=0.0))
+                for p, b in zip(prompts, budgets, strict=True)
+            )
+        )
 
     try:
         results = asyncio.run(run())
@@ -78,8 +84,9 @@ def test_a_cancelled_request_frees_its_row_and_the_others_continue(chat_model, c
     async def run():
         events = scheduler.stream(prompt(chat_tokenizer, 1), long)
         await anext(events)  # generating
-        other = asyncio.create_task(collect(scheduler, prompt(chat_tokenizer, 2), SamplingParams(max_tokens=20,
-                                                                                            temperature=0.0)))
+        other = asyncio.create_task(
+            collect(scheduler, prompt(chat_tokenizer, 2), SamplingParams(max_tokens=20, temperature=0.0))
+        )
         await events.aclose()  # the client goes away
         for _ in range(200):
             if scheduler.stats()["inflight"] <= 1:

@@ -28,10 +28,28 @@ def test_serve_without_a_checkpoint_fails_fast_with_a_clear_message(tmp_path, ca
 def test_serve_prints_the_url_and_answers_there(tiny_chat_run):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nanorun.operator.cli", "serve", "--checkpoint", tiny_chat_run, "--port", str(port),
-         "--device", "cpu", "--num-cpus", "1", "--slots", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"},
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "nanorun.operator.cli",
+            "serve",
+            "--checkpoint",
+            tiny_chat_run,
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--num-cpus",
+            "1",
+            "--slots",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         lines = []
@@ -44,8 +62,11 @@ def test_serve_prints_the_url_and_answers_there(tiny_chat_run):
         assert f"http://localhost:{port}/" in line
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
         assert health["ready"] and health["checkpoint"].startswith(tiny_chat_run)
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
-                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).json()
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        ).json()
         assert reply["usage"]["completion_tokens"] == 3
     finally:
         proc.send_signal(signal.SIGTERM)

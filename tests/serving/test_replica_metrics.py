@@ -56,7 +56,9 @@ def test_a_replica_takes_a_full_batch_and_as_many_queued():
 def test_build_app_scales_out_when_a_replicas_batch_is_full():
     from nanorun.serving.app import build_app
 
-    config = build_app({"slots": 8, "autoscaling_config": {"max_replicas": 4}})._bound_deployment._deployment_config
+    config = build_app(
+        {"slots": 8, "autoscaling_config": {"max_replicas": 4}}
+    )._bound_deployment._deployment_config
     assert config.max_ongoing_requests == 16
     assert config.autoscaling_config.target_ongoing_requests == 8
     assert config.autoscaling_config.max_replicas == 4

@@ -26,16 +26,23 @@ def test_no_input_makes_the_service_fail_with_a_server_error(chat_service):
 
     for operation in operations:
         for mode in MODES:
+
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             def call(case):
                 if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
                     case.body["max_tokens"] = min(case.body["max_tokens"], 64)  # short replies; same validity
                 response = case.call(base_url=chat_service.url, timeout=60)
                 seen[response.status_code] = seen.get(response.status_code, 0) + 1
                 assert response.status_code < 500, (
-                    f"{case.method} {case.path} body={case.body!r} -> {response.status_code}: {response.text[:300]}")
+                    f"{case.method} {case.path} body={case.body!r} -> {response.status_code}: {response.text[:300]}"
+                )
 
             try:
                 call()

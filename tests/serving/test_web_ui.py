@@ -12,8 +12,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".artifacts"
 
 
@@ -56,9 +62,16 @@ def test_chat_page_streams_a_reply_and_keeps_history(page, chat_service):
     # the same reply the API gives for the same greedy request: what streamed in is the model's text
     import httpx
 
-    expected = httpx.post(f"{chat_service.url}/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Hello from the browser"}], "temperature": 0, "max_tokens": 24,
-        "top_k": 50}).json()["choices"][0]["message"]["content"]
+    expected = httpx.post(
+        f"{chat_service.url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "Hello from the browser"}],
+            "temperature": 0,
+            "max_tokens": 24,
+            "top_k": 50,
+        },
+    ).json()["choices"][0]["message"]["content"]
     assert reply.strip() == expected.strip()
 
     page.reload()  # history survives a reload

@@ -65,7 +65,11 @@ def tok():
 def test_bundle_format_is_read_with_baselines_and_shots():
     tasks = {t.label: t for t in core_eval.load_tasks(BUNDLE)}
     assert set(tasks) == {"arc_easy", "winograd", "lambada_openai"}
-    assert (tasks["arc_easy"].num_fewshot, tasks["arc_easy"].random_baseline, len(tasks["arc_easy"].items)) == (2, 0.25, 6)
+    assert (
+        tasks["arc_easy"].num_fewshot,
+        tasks["arc_easy"].random_baseline,
+        len(tasks["arc_easy"].items),
+    ) == (2, 0.25, 6)
     assert tasks["arc_easy"].delimiter == "\nAnswer: " and tasks["winograd"].delimiter == " "
     assert len(core_eval.load_tasks(BUNDLE, max_per_task=2)[0].items) == 2
 
@@ -74,10 +78,15 @@ def test_prompts_follow_the_few_shot_layout():
     task = core_eval.CoreTask("t", "multiple_choice", 1, "\nAnswer: ", 0.25, [])
     shot = {"query": "Q1?", "choices": ["a", "b"], "gold": 1}
     item = {"query": "Q2?", "choices": ["x", "y"], "gold": 0}
-    assert core_eval.render(task, item, [shot]) == ["Q1?\nAnswer: b\n\nQ2?\nAnswer: x", "Q1?\nAnswer: b\n\nQ2?\nAnswer: y"]
+    assert core_eval.render(task, item, [shot]) == [
+        "Q1?\nAnswer: b\n\nQ2?\nAnswer: x",
+        "Q1?\nAnswer: b\n\nQ2?\nAnswer: y",
+    ]
     lm = core_eval.CoreTask("t", "language_modeling", 0, " ", 0.0, [])
     assert core_eval.render(lm, {"context": "The end of the ", "continuation": "story"}, []) == [
-        "The end of the", "The end of the story"]
+        "The end of the",
+        "The end of the story",
+    ]
 
 
 def test_a_model_that_knows_the_answers_scores_core_one(tok):
@@ -102,8 +111,11 @@ def test_a_model_that_knows_wrong_answers_scores_below_the_random_baseline(tok):
 
 def test_core_csv_lists_tasks_then_core():
     text = core_eval.write_csv({"results": {"a": 0.5}, "centered": {"a": 0.25}, "core": 0.25})
-    assert list(csv.reader(io.StringIO(text))) == [["task", "accuracy", "centered"], ["a", "0.500000", "0.250000"],
-                                                    ["CORE", "", "0.250000"]]
+    assert list(csv.reader(io.StringIO(text))) == [
+        ["task", "accuracy", "centered"],
+        ["a", "0.500000", "0.250000"],
+        ["CORE", "", "0.250000"],
+    ]
 
 
 def test_bundle_zip_is_extracted_once_and_bad_sources_explain_themselves(tmp_path, s3_bucket):
@@ -129,8 +141,23 @@ def test_bundle_zip_is_extracted_once_and_bad_sources_explain_themselves(tmp_pat
 def test_base_eval_stage_reports_bpb_samples_and_core(tiny_base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_base_run, run)
-    check(run_stage("base_eval", "--run-dir", str(run), "--eval-bundle", str(BUNDLE), "--device-batch-size", "4",
-                    "--eval-tokens", "2048", "--sample-tokens", "4", "--device", "cpu"))
+    check(
+        run_stage(
+            "base_eval",
+            "--run-dir",
+            str(run),
+            "--eval-bundle",
+            str(BUNDLE),
+            "--device-batch-size",
+            "4",
+            "--eval-tokens",
+            "2048",
+            "--sample-tokens",
+            "4",
+            "--device",
+            "cpu",
+        )
+    )
     done = read_done(str(run), "base_eval")
     assert 0 < done.metrics["val_bpb"] < 20
     assert set(done.metrics["core_tasks"]) == {"arc_easy", "winograd", "lambada_openai"}

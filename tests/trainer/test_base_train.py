@@ -25,10 +25,36 @@ from nanorun.trainer.training.checkpoint import (
 from tests.fixtures.tiny_run import check, run_stage, stage_env
 
 FLAGS = [
-    "--depth", "2", "--max-seq-len", "128", "--head-dim", "64", "--window-pattern", "L",
-    "--device-batch-size", "4", "--total-batch-size", "1024", "--num-iterations", "6", "--warmup-steps", "1",
-    "--eval-every", "-1", "--eval-tokens", "1024", "--sample-every", "-1", "--save-every", "3",
-    "--data-streams", "2", "--doc-buffer", "16", "--device", "cpu",
+    "--depth",
+    "2",
+    "--max-seq-len",
+    "128",
+    "--head-dim",
+    "64",
+    "--window-pattern",
+    "L",
+    "--device-batch-size",
+    "4",
+    "--total-batch-size",
+    "1024",
+    "--num-iterations",
+    "6",
+    "--warmup-steps",
+    "1",
+    "--eval-every",
+    "-1",
+    "--eval-tokens",
+    "1024",
+    "--sample-every",
+    "-1",
+    "--save-every",
+    "3",
+    "--data-streams",
+    "2",
+    "--doc-buffer",
+    "16",
+    "--device",
+    "cpu",
 ]
 
 
@@ -64,9 +90,24 @@ def straight(tiny_base_run, tmp_path_factory) -> Path:
 def two_ranks(tiny_base_run, tmp_path_factory) -> Path:
     run, data = fresh_run(tiny_base_run, tmp_path_factory.mktemp("two_ranks"))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data, *FLAGS],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "nanorun.trainer.base_train",
+            "--run-dir",
+            run,
+            "--data",
+            data,
+            *FLAGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     check(proc)
     return Path(run)
@@ -81,7 +122,11 @@ def test_tiny_run_loss_falls_on_real_text_and_writes_the_stage_contract(tiny_bas
     assert done.metrics["steps"] == 40 and math.isfinite(done.metrics["val_bpb"])
     assert done.outputs["checkpoint"] == latest_checkpoint(storage.join(tiny_base_run, "base_train"))
     progress = read_progress(tiny_base_run, "base_train")
-    assert (progress.step, progress.total_steps, progress.last_checkpoint) == (40, 40, done.outputs["checkpoint"])
+    assert (progress.step, progress.total_steps, progress.last_checkpoint) == (
+        40,
+        40,
+        done.outputs["checkpoint"],
+    )
     model, meta = load_model(done.outputs["checkpoint"], "cpu")
     assert meta["step"] == 40 and model.config.n_layer == 2
     again = check(run_stage("base_train", "--run-dir", tiny_base_run))  # finished: a no-op
@@ -97,27 +142,71 @@ def test_resume_after_a_crash_sees_identical_losses(straight, tmp_path):
     assert losses(run) == losses(straight)  # bit for bit: same weights, optimizer state and batches
 
 
-def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(straight, tiny_base_run, tmp_path):
+def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(
+    straight, tiny_base_run, tmp_path
+):
     run = tmp_path / "run"
     shutil.copytree(straight, run)  # finished, checkpoints of steps 3 and 6, no config id
     data = str(Path(tiny_base_run).parent / "data")
     env = stage_env(NANORUN_CONFIG_ID="cfg-b")
-    rerun = check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run),
-                                  "--data", data, *FLAGS], capture_output=True, text=True, timeout=300, env=env))
-    assert "re-running after a spec change: done.json is of config (none), this run is config cfg-b" in rerun.stdout
+    rerun = check(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nanorun.trainer.base_train",
+                "--run-dir",
+                str(run),
+                "--data",
+                data,
+                *FLAGS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    )
+    assert (
+        "re-running after a spec change: done.json is of config (none), this run is config cfg-b"
+        in rerun.stdout
+    )
     assert "resuming from" not in rerun.stdout  # the step-6 checkpoint is of the old config
     assert losses(run) == losses(straight)  # from step 0 again
     done = read_done(str(run), "base_train")
     assert done.config_id == "cfg-b" and read_meta(done.outputs["checkpoint"])["config_id"] == "cfg-b"
     assert {read_meta(uri)["config_id"] for _, uri in list_checkpoints(str(run / "base_train"))} == {"cfg-b"}
 
-    again = check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run)],
-                                 capture_output=True, text=True, timeout=300, env=env))
+    again = check(
+        subprocess.run(
+            [sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    )
     assert "already done" in again.stdout
 
     forget_after(run, 3)  # a crash after step 3 of the cfg-b run: a retry of the same config resumes
-    resumed = check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run),
-                                    "--data", data, *FLAGS], capture_output=True, text=True, timeout=300, env=env))
+    resumed = check(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nanorun.trainer.base_train",
+                "--run-dir",
+                str(run),
+                "--data",
+                data,
+                *FLAGS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    )
     assert f"resuming from {checkpoint_dir(str(run / 'base_train'), 3)} (step 3," in resumed.stdout
 
 
@@ -137,7 +226,9 @@ def test_resume_on_fewer_ranks_continues_the_same_run(straight, two_ranks, tmp_p
     assert read_meta(checkpoint_dir(str(run / "base_train"), 3))["world_size"] == 2
     marker = storage.read_json(storage.join(checkpoint_dir(str(run / "base_train"), 3), "COMMITTED"))
     assert len([n for n in marker["files"] if n.endswith(".distcp")]) == 2  # one optimizer shard per rank...
-    assert set(marker["blake2b"]) == set(marker["files"])  # ...each checksummed by its rank, gathered by rank 0
+    assert set(marker["blake2b"]) == set(
+        marker["files"]
+    )  # ...each checksummed by its rank, gathered by rank 0
     check(run_stage("base_train", "--run-dir", str(run), *FLAGS))  # one process now
     one, resumed = losses(straight), losses(run)
     for step in (4, 5, 6):
@@ -147,9 +238,13 @@ def test_resume_on_fewer_ranks_continues_the_same_run(straight, two_ranks, tmp_p
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, tmp_path):
     run, data = fresh_run(tiny_base_run, tmp_path)
     flags = [f if f != "6" else "1000" for f in FLAGS]  # a long horizon: it must be stopped
-    proc = subprocess.Popen([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data,
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=stage_env(NANORUN_ATTEMPT="2"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=stage_env(NANORUN_ATTEMPT="2"),
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         progress = read_progress(run, "base_train")

@@ -29,7 +29,7 @@ def greedy_reply(run_dir: str, messages: list[dict], max_tokens: int) -> str:
     prompt = render_for_completion(tokenizer, {"messages": messages})
     (completion,), _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     stream = TextStream(tokenizer, engine.special)
-    return "".join(stream.push(t) for t in completion[len(prompt):]) + stream.flush()
+    return "".join(stream.push(t) for t in completion[len(prompt) :]) + stream.flush()
 
 
 def test_one_shot_prompt_prints_the_streamed_reply(tiny_chat_run):
@@ -48,12 +48,25 @@ def test_multi_turn_chat_with_slash_commands(tiny_chat_run):
 
 
 def test_second_turn_sees_the_first_and_clear_forgets_it(tiny_chat_run):
-    code, out = chat(tiny_chat_run, "--max-tokens", "6", "--temperature", "0",
-                     stdin="hi\nhow are you\n/clear\nhow are you\n")
+    code, out = chat(
+        tiny_chat_run,
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        stdin="hi\nhow are you\n/clear\nhow are you\n",
+    )
     assert code == 0
     first = greedy_reply(tiny_chat_run, [{"role": "user", "content": "hi"}], 6)
-    second = greedy_reply(tiny_chat_run, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
-                                          {"role": "user", "content": "how are you"}], 6)
+    second = greedy_reply(
+        tiny_chat_run,
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "how are you"},
+        ],
+        6,
+    )
     fresh = greedy_reply(tiny_chat_run, [{"role": "user", "content": "how are you"}], 6)
     assert second != fresh  # the history changes the answer, so the check below means something
     transcript = out.split("\n", 1)[1]  # after the banner line
@@ -62,8 +75,16 @@ def test_second_turn_sees_the_first_and_clear_forgets_it(tiny_chat_run):
 
 def test_a_conversation_longer_than_the_context_is_trimmed_with_a_note(tiny_chat_run):
     long_message = "please remember this sentence about files and modules. " * 60  # ~600 tokens > context
-    code, out = chat(tiny_chat_run, "--max-tokens", "4", "--temperature", "0", "--system", "Be brief.",
-                     stdin=f"{long_message}\nshort one\n")
+    code, out = chat(
+        tiny_chat_run,
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--system",
+        "Be brief.",
+        stdin=f"{long_message}\nshort one\n",
+    )
     assert code == 0
     assert "(note: the newest message is longer than the model's context" in out
 
@@ -77,8 +98,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_tool_calls_stay_tool_calls_in_the_history(tiny_chat_run):
     tokenizer = Tokenizer.from_run_dir(tiny_chat_run)
     s = SpecialTokens(tokenizer)
-    tokens = (tokenizer.encode("It is ") + [s.python_start] + tokenizer.encode("6*7") + [s.python_end, s.output_start]
-              + tokenizer.encode("42") + [s.output_end] + tokenizer.encode(" in all.") + [s.assistant_end])
+    tokens = (
+        tokenizer.encode("It is ")
+        + [s.python_start]
+        + tokenizer.encode("6*7")
+        + [s.python_end, s.output_start]
+        + tokenizer.encode("42")
+        + [s.output_end]
+        + tokenizer.encode(" in all.")
+        + [s.assistant_end]
+    )
     assert assistant_parts(tokens, tokenizer, s) == [
-        {"type": "text", "text": "It is "}, {"type": "python", "text": "6*7"},
-        {"type": "python_output", "text": "42"}, {"type": "text", "text": " in all."}]
+        {"type": "text", "text": "It is "},
+        {"type": "python", "text": "6*7"},
+        {"type": "python_output", "text": "42"},
+        {"type": "text", "text": " in all."},
+    ]

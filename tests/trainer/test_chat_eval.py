@@ -23,8 +23,20 @@ def test_chatcore_centres_each_task_on_its_random_baseline():
 @pytest.mark.slow
 def test_chat_eval_scores_every_finished_stage_and_resumes_missing_tasks(tiny_rl_run, fake_hub, tmp_path):
     run_dir = copy_run(tiny_rl_run, tmp_path / "run")
-    flags = ["--run-dir", run_dir, "--device", "cpu", "--source", "all", "-a", "ARC-Easy|MMLU|SpellingBee|HumanEval",
-             "--max-problems", "2", "--max-new-tokens", "8"]  # fmt: skip
+    flags = [
+        "--run-dir",
+        run_dir,
+        "--device",
+        "cpu",
+        "--source",
+        "all",
+        "-a",
+        "ARC-Easy|MMLU|SpellingBee|HumanEval",
+        "--max-problems",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]
     fake_hub.rows = {
         k: v for k, v in fake_hub.rows.items() if k[0] != "openai/openai_humaneval"
     }  # not downloadable

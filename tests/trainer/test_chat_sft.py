@@ -95,8 +95,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path
     flags = ["--device", "cpu", "--num-iterations", "1000", *SFT_FLAGS[4:]]
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanorun.trainer.chat_sft", "--run-dir", run_dir, *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(**OFFLINE, NANORUN_ATTEMPT="5"),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=stage_env(**OFFLINE, NANORUN_ATTEMPT="5"),
+    )
     for line in proc.stdout:
         if line.startswith("step 000002/1000"):
             proc.send_signal(signal.SIGTERM)
@@ -108,6 +111,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path
     assert (
         int(steps[-1].removeprefix("step_")) >= 2 and not (Path(run_dir) / "chat_sft" / "done.json").exists()
     )
-    progress = read_progress(run_dir, "chat_sft")  # the marker, through finetune's loop like mid_train and chat_rl
-    assert (progress.stopped, progress.attempt) == ("preempted", 5) and "SIGTERM checkpoint saved in" in output
+    progress = read_progress(
+        run_dir, "chat_sft"
+    )  # the marker, through finetune's loop like mid_train and chat_rl
+    assert (progress.stopped, progress.attempt) == (
+        "preempted",
+        5,
+    ) and "SIGTERM checkpoint saved in" in output
     assert progress.last_checkpoint.endswith(steps[-1])

@@ -32,7 +32,9 @@ def tiny_model(seed: int = 0) -> GPT:
 
 
 def optimizer_for(model: GPT):
-    return model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.3, weight_decay=0.1)
+    return model.setup_optimizer(
+        matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.3, weight_decay=0.1
+    )
 
 
 def train_steps(model: GPT, opt, steps: int, seed: int = 1) -> None:
@@ -48,7 +50,9 @@ def test_model_round_trips_through_safetensors_with_meta(tmp_path):
     model = tiny_model()
     uri = save_checkpoint(str(tmp_path / "base_train"), 7, model, None, {"note": "hello"})
     assert uri.endswith("checkpoints/step_000007")
-    assert b"pickle" not in (tmp_path / "base_train/checkpoints/step_000007/model.safetensors").read_bytes()[:64]
+    assert (
+        b"pickle" not in (tmp_path / "base_train/checkpoints/step_000007/model.safetensors").read_bytes()[:64]
+    )
     loaded, meta = load_model(uri, "cpu")
     assert not loaded.training
     assert meta["step"] == 7 and meta["note"] == "hello" and meta["model_config"] == model.config.to_dict()
@@ -113,7 +117,9 @@ def test_resume_skips_checkpoints_of_another_config_and_takes_its_own(tmp_path, 
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
     own = save_checkpoint(stage, 2, model, None, {})
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-old")
-    monkeypatch.setattr("nanorun.trainer.training.checkpoint._prune", lambda *a, **k: None)  # keep both configs' here
+    monkeypatch.setattr(
+        "nanorun.trainer.training.checkpoint._prune", lambda *a, **k: None
+    )  # keep both configs' here
     other = save_checkpoint(stage, 4, model, None, {})
     assert latest_checkpoint(stage) == other  # the newest of any config (what serving looks for)
     assert resumable_checkpoint(stage, "cfg-a") == own
@@ -210,11 +216,16 @@ def test_a_truncated_file_is_named_and_resume_falls_back_to_the_checkpoint_befor
         save_checkpoint(stage, step, model, opt, {})
     weights = tmp_path / "base_train/checkpoints/step_000006/model.safetensors"
     truncate(weights)
-    with pytest.raises(CheckpointError, match=f"checkpoint file {weights} is corrupt: 100 bytes, \\d+ bytes were committed"):
+    with pytest.raises(
+        CheckpointError, match=f"checkpoint file {weights} is corrupt: 100 bytes, \\d+ bytes were committed"
+    ):
         verify_checkpoint(checkpoint_dir(stage, 6))
     assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
     assert f"warning: checkpoint file {weights} is corrupt" in capsys.readouterr().err
-    assert [s for s, _ in list_checkpoints(stage)] == [3, 6]  # nothing deleted: the damaged one stays to be looked at
+    assert [s for s, _ in list_checkpoints(stage)] == [
+        3,
+        6,
+    ]  # nothing deleted: the damaged one stays to be looked at
     save_checkpoint(stage, 6, model, opt, {})  # the resumed run reaching step 6 again replaces it
     assert resumable_checkpoint(stage) == checkpoint_dir(stage, 6)
     load_model(checkpoint_dir(stage, 6), "cpu")
@@ -276,11 +287,18 @@ def test_same_size_damage_of_the_newest_checkpoint_resumes_from_the_one_before(t
         save_checkpoint(stage, step, model, opt, {})
     newest = tmp_path / "base_train/checkpoints/step_000006"
     # the middle of the file: tensor data, which neither safetensors nor DCP would notice
-    target = newest / "model.safetensors" if damaged == "model.safetensors" else next((newest / "optim").glob("*.distcp"))
+    target = (
+        newest / "model.safetensors"
+        if damaged == "model.safetensors"
+        else next((newest / "optim").glob("*.distcp"))
+    )
     size = target.stat().st_size
     flip_bytes(target)
     assert target.stat().st_size == size
-    with pytest.raises(CheckpointError, match=f"checkpoint file {target} is corrupt: its contents changed since it was committed"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"checkpoint file {target} is corrupt: its contents changed since it was committed",
+    ):
         verify_checkpoint(str(newest))
 
     assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)

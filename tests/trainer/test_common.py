@@ -25,9 +25,17 @@ from nanorun.trainer.training.common import (
 from tests.fixtures.s3 import free_port
 
 TRAINER_METRICS = [
-    "llm_train_step", "llm_train_total_steps", "llm_train_loss", "llm_train_val_bpb", "llm_train_tokens_total",
-    "llm_train_tokens_per_second", "llm_train_mfu_ratio", "llm_train_learning_rate", "llm_train_grad_norm",
-    "llm_train_eta_seconds", "llm_train_step_seconds_bucket",
+    "llm_train_step",
+    "llm_train_total_steps",
+    "llm_train_loss",
+    "llm_train_val_bpb",
+    "llm_train_tokens_total",
+    "llm_train_tokens_per_second",
+    "llm_train_mfu_ratio",
+    "llm_train_learning_rate",
+    "llm_train_grad_norm",
+    "llm_train_eta_seconds",
+    "llm_train_step_seconds_bucket",
 ]
 
 
@@ -47,10 +55,29 @@ def restore_sigterm():
 def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, monkeypatch, restore_sigterm):
     monkeypatch.setenv("NANORUN_RUN", "demo")
     port = free_port()
-    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--metrics-port", str(port), "--device", "cpu"]))
-    assert (ctx.rank, ctx.world_size, ctx.is_master, ctx.device.type, ctx.already_done) == (0, 1, True, "cpu", None)
-    ctx.progress(flush=True, step=5, total_steps=10, loss=2.5, lr=0.01, grad_norm=0.7, tokens=1000, step_seconds=0.2,
-                 tokens_per_sec=5000.0, eta_seconds=1.0, mfu=0.4)
+    ctx = setup_stage(
+        "base_train", parse(["--run-dir", str(tmp_path), "--metrics-port", str(port), "--device", "cpu"])
+    )
+    assert (ctx.rank, ctx.world_size, ctx.is_master, ctx.device.type, ctx.already_done) == (
+        0,
+        1,
+        True,
+        "cpu",
+        None,
+    )
+    ctx.progress(
+        flush=True,
+        step=5,
+        total_steps=10,
+        loss=2.5,
+        lr=0.01,
+        grad_norm=0.7,
+        tokens=1000,
+        step_seconds=0.2,
+        tokens_per_sec=5000.0,
+        eta_seconds=1.0,
+        mfu=0.4,
+    )
     progress = read_progress(str(tmp_path), "base_train")
     assert (progress.step, progress.total_steps, progress.loss, progress.extra["lr"]) == (5, 10, 2.5, 0.01)
     ctx.progress(flush=True, step=6, val_bpb=1.5)
@@ -59,14 +86,17 @@ def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, 
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in TRAINER_METRICS:
-        assert f'{name}{{' in body, name
+        assert f"{name}{{" in body, name
     assert 'llm_train_step{rank="0",run="demo",stage="base_train"} 6.0' in body
     assert 'llm_train_tokens_total{rank="0",run="demo",stage="base_train"} 1000.0' in body
 
     ctx.record(step=6, loss=2.5)
     ctx.done({"val_bpb": 1.5}, {"checkpoint": "somewhere"})
     assert read_done(str(tmp_path), "base_train").metrics == {"val_bpb": 1.5}
-    assert storage.read_text(str(tmp_path / "base_train" / "history.jsonl")).strip() == '{"loss": 2.5, "step": 6}'
+    assert (
+        storage.read_text(str(tmp_path / "base_train" / "history.jsonl")).strip()
+        == '{"loss": 2.5, "step": 6}'
+    )
     teardown(ctx)
 
 
@@ -98,7 +128,13 @@ def test_progress_carries_the_attempt_and_done_json_the_config_id(tmp_path, no_e
 
 @pytest.mark.parametrize(
     ("done_id", "env_id", "already_done"),
-    [("cfg-a", "cfg-a", True), ("cfg-a", "cfg-b", False), ("", "cfg-b", False), ("cfg-a", "", True), ("", "", True)],
+    [
+        ("cfg-a", "cfg-a", True),
+        ("cfg-a", "cfg-b", False),
+        ("", "cfg-b", False),
+        ("cfg-a", "", True),
+        ("", "", True),
+    ],
 )
 def test_a_done_json_of_another_config_id_runs_the_stage_again(
     tmp_path, no_executor_env, restore_sigterm, capsys, done_id, env_id, already_done
@@ -112,8 +148,10 @@ def test_a_done_json_of_another_config_id_runs_the_stage_again(
     if already_done:
         assert "already done" in out and ctx.metrics is None
     else:
-        assert f"re-running after a spec change: done.json is of config {done_id or '(none)'}, " \
-               f"this run is config {env_id}" in out
+        assert (
+            f"re-running after a spec change: done.json is of config {done_id or '(none)'}, "
+            f"this run is config {env_id}" in out
+        )
         assert ctx.metrics is not None  # set up to run
         ctx.done({}, {})
         assert read_done(str(tmp_path), "base_train").config_id == env_id  # the new run's done.json
@@ -133,7 +171,9 @@ def test_a_stage_stopped_by_sigterm_marks_progress_preempted_with_its_attempt(
     p = read_progress(str(tmp_path), "base_train")
     assert (p.stopped, p.attempt, p.step) == ("preempted", 3, 5)
     assert p.last_checkpoint == "run/base_train/checkpoints/step_000005"
-    assert re.search(r"SIGTERM checkpoint saved in \d+\.\d\d s \(\d+\.\d\d s after SIGTERM\)", capsys.readouterr().out)
+    assert re.search(
+        r"SIGTERM checkpoint saved in \d+\.\d\d s \(\d+\.\d\d s after SIGTERM\)", capsys.readouterr().out
+    )
 
 
 def test_sigterm_sets_the_stop_flag_instead_of_killing(tmp_path, restore_sigterm):
@@ -162,12 +202,20 @@ RANK_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "NANORUN_ATTEMPT": "4"}
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "NANORUN_ATTEMPT": "4",
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT, "--run-dir", str(tmp_path), "--device", "cpu"],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in range(2)
     ]
@@ -179,7 +227,11 @@ def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
     # rank 0 was not signalled itself, yet it writes the marker (rank 1 writes no status files)
     assert "SIGTERM checkpoint saved in" in outs[0][0] and "SIGTERM checkpoint" not in outs[1][0]
     progress = read_progress(str(tmp_path), "base_train")
-    assert (progress.stopped, progress.attempt, progress.last_checkpoint) == ("preempted", 4, "the-checkpoint")
+    assert (progress.stopped, progress.attempt, progress.last_checkpoint) == (
+        "preempted",
+        4,
+        "the-checkpoint",
+    )
 
 
 def test_world_size_without_master_address_is_a_clear_error(tmp_path, monkeypatch):

@@ -31,11 +31,20 @@ def test_user_turns_are_masked_and_assistant_text_and_end_are_trained():
         },
     )
     assert ids == (
-        S("bos") + S("user_start") + T("hi") + S("user_end")
-        + S("assistant_start") + T("yo") + S("assistant_end")
-        + S("user_start") + T("ok?") + S("user_end")
-        + S("assistant_start") + T("k") + S("assistant_end")
-    )  # fmt: skip
+        S("bos")
+        + S("user_start")
+        + T("hi")
+        + S("user_end")
+        + S("assistant_start")
+        + T("yo")
+        + S("assistant_end")
+        + S("user_start")
+        + T("ok?")
+        + S("user_end")
+        + S("assistant_start")
+        + T("k")
+        + S("assistant_end")
+    )
     assert mask == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1]
 
 
@@ -56,12 +65,21 @@ def test_tool_calls_are_trained_and_tool_outputs_are_not():
     }
     ids, mask = render_conversation(TOK, conversation)
     expected = [
-        (S("bos"), 0), (S("user_start"), 0), (T("2+2"), 0), (S("user_end"), 0),
-        (S("assistant_start"), 0), (T("ok "), 1),
-        (S("python_start"), 1), (T("2+2"), 1), (S("python_end"), 1),
-        (S("output_start"), 0), (T("4"), 0), (S("output_end"), 0),
-        (T(" #4"), 1), (S("assistant_end"), 1),
-    ]  # fmt: skip
+        (S("bos"), 0),
+        (S("user_start"), 0),
+        (T("2+2"), 0),
+        (S("user_end"), 0),
+        (S("assistant_start"), 0),
+        (T("ok "), 1),
+        (S("python_start"), 1),
+        (T("2+2"), 1),
+        (S("python_end"), 1),
+        (S("output_start"), 0),
+        (T("4"), 0),
+        (S("output_end"), 0),
+        (T(" #4"), 1),
+        (S("assistant_end"), 1),
+    ]
     assert ids == [t for tokens, _ in expected for t in tokens]
     assert mask == [m for tokens, m in expected for _ in tokens]
 

@@ -46,10 +46,20 @@ def shards(tmp_path_factory) -> list[str]:
     return write_shards(tmp_path_factory.mktemp("shards"), real_english_documents()[:600])
 
 
-def loader(tok, shards, *, rank=0, world=1, state=None, streams=2, rows=8, batch=2, buffer=32) -> PackedBatches:
+def loader(
+    tok, shards, *, rank=0, world=1, state=None, streams=2, rows=8, batch=2, buffer=32
+) -> PackedBatches:
     return PackedBatches.for_shards(
-        tok, shards, device_batch_size=batch, seq_len=T, rows_per_step=rows, streams=streams,
-        rank=rank, world_size=world, buffer_size=buffer, state=state,
+        tok,
+        shards,
+        device_batch_size=batch,
+        seq_len=T,
+        rows_per_step=rows,
+        streams=streams,
+        rank=rank,
+        world_size=world,
+        buffer_size=buffer,
+        state=state,
     )
 
 
@@ -78,9 +88,15 @@ def test_best_fit_prefers_the_largest_document_that_fits():
     lengths = [50, 10, 30, 20, 60, 5, 40, 25]
     docs = [[0] + [i + 1] * (n - 1) for i, n in enumerate(lengths)]
     source = functools.partial(SequenceDocuments, docs.__getitem__, len(docs))
-    ld = PackedBatches(lambda k: source(k, 1), device_batch_size=1, seq_len=T, rows_per_step=1, streams=1,
-                       buffer_size=len(docs))
-    (x, y), = ld.step_batches()
+    ld = PackedBatches(
+        lambda k: source(k, 1),
+        device_batch_size=1,
+        seq_len=T,
+        rows_per_step=1,
+        streams=1,
+        buffer_size=len(docs),
+    )
+    ((x, y),) = ld.step_batches()
     ld.close()
     row = torch.cat([x[0], y[0, -1:]]).tolist()
     # 65 tokens: the largest fitting document (60) first, then the largest that fits the 5 left (5)
@@ -200,7 +216,9 @@ def test_validation_rows_do_not_depend_on_world_size(tok, shards):
     one = validation_batches(tok, shards[-1], batch_size=2, seq_len=T)
     expected = [next(one) for _ in range(2)]
     one.close()
-    halves = [validation_batches(tok, shards[-1], batch_size=1, seq_len=T, rank=r, world_size=2) for r in range(2)]
+    halves = [
+        validation_batches(tok, shards[-1], batch_size=1, seq_len=T, rank=r, world_size=2) for r in range(2)
+    ]
     for x, _ in expected:
         got = [next(h)[0] for h in halves]
         assert torch.equal(torch.stack([got[0][0], got[1][0]]), x)

@@ -45,7 +45,9 @@ def test_bundled_corpus_is_real_english_of_at_least_20_mb(bundled_dir):
 
 def test_shards_have_the_fineweb_layout(bundled_dir):
     shards = resolve_shards(bundled_dir)
-    assert len(shards) >= 2 and [os.path.basename(s) for s in shards] == sorted(os.path.basename(s) for s in shards)
+    assert len(shards) >= 2 and [os.path.basename(s) for s in shards] == sorted(
+        os.path.basename(s) for s in shards
+    )
     for shard in shards:
         pf = pq.ParquetFile(shard)
         assert pf.schema_arrow.names == ["text"]
@@ -72,7 +74,9 @@ def test_prepare_from_a_text_directory_to_s3(text_dir, s3_run_dir):
     out = f"{s3_run_dir}/data"
     manifest = prepare(out, [str(text_dir)], shard_chars=150_000)
     shards = resolve_shards(out)
-    assert [s.rsplit("/", 1)[1] for s in shards] == manifest["shards"] and all(s.startswith("s3://") for s in shards)
+    assert [s.rsplit("/", 1)[1] for s in shards] == manifest["shards"] and all(
+        s.startswith("s3://") for s in shards
+    )
     docs = list(iter_texts(shards))
     assert len(docs) == manifest["documents"] and sum(map(len, docs)) == manifest["chars"]
     # Documents are re-cut at paragraph boundaries and shuffled, but every word of the source is kept.
@@ -92,7 +96,9 @@ def test_the_cli_prepares_shards(text_dir, tmp_path):
 
 
 def test_unknown_source_is_a_clear_error(tmp_path, capsys):
-    assert dataset.main(["prepare", "--source", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        dataset.main(["prepare", "--source", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")]) == 1
+    )
     assert "neither 'bundled', a .deb file nor a directory" in capsys.readouterr().err
 
 
@@ -103,8 +109,10 @@ def test_resolve_shards_of_an_empty_directory_explains_how_to_make_shards(tmp_pa
 
 def test_hf_uris_resolve_to_urls_with_the_validation_shard_last():
     urls = resolve_shards("hf://karpathy/fineweb-edu-100b-shuffle?shards=3")
-    assert urls == [f"https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"
-                    for i in (0, 1, 2, 1822)]
+    assert urls == [
+        f"https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"
+        for i in (0, 1, 2, 1822)
+    ]
     assert len(resolve_shards("hf://karpathy/climbmix-400b-shuffle")) == 6543
     with pytest.raises(DataError, match="unknown Hugging Face dataset"):
         resolve_shards("hf://someone/else")
@@ -166,7 +174,7 @@ class ShardServer:
 @pytest.fixture
 def shard_server():
     docs = real_english_documents()
-    files = {f"shard_{i:05d}.parquet": parquet_bytes(docs[i * 50:(i + 1) * 50]) for i in (0, 1, 2)}
+    files = {f"shard_{i:05d}.parquet": parquet_bytes(docs[i * 50 : (i + 1) * 50]) for i in (0, 1, 2)}
     files["shard_06542.parquet"] = parquet_bytes(docs[200:250])  # climbmix's validation shard
     server = ShardServer(files)
     yield server
@@ -174,8 +182,19 @@ def shard_server():
 
 
 def test_download_fetches_train_shards_and_the_validation_shard(shard_server, tmp_path):
-    rc = dataset.main(["download", "--dataset", "climbmix", "--shards", "2", "--out", str(tmp_path),
-                       "--base-url", shard_server.url])
+    rc = dataset.main(
+        [
+            "download",
+            "--dataset",
+            "climbmix",
+            "--shards",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--base-url",
+            shard_server.url,
+        ]
+    )
     assert rc == 0
     names = ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
     assert sorted(os.listdir(tmp_path)) == names
@@ -210,15 +229,21 @@ def test_download_rejects_a_checksum_mismatch(shard_server, tmp_path):
 
 def test_download_of_a_missing_shard_fails_without_retrying(shard_server, tmp_path):
     with pytest.raises(DataError, match="HTTP 404"):
-        dataset.download_shards([f"{shard_server.url}/shard_00000.parquet", f"{shard_server.url}/shard_09999.parquet"],
-                                str(tmp_path))
-    assert [r for r in shard_server.requests if r[0] == "shard_09999.parquet"] == [("shard_09999.parquet", None)]
+        dataset.download_shards(
+            [f"{shard_server.url}/shard_00000.parquet", f"{shard_server.url}/shard_09999.parquet"],
+            str(tmp_path),
+        )
+    assert [r for r in shard_server.requests if r[0] == "shard_09999.parquet"] == [
+        ("shard_09999.parquet", None)
+    ]
 
 
 def test_download_offline_fails_fast_with_a_clear_message(tmp_path, capsys):
     closed = socket_port_with_nothing_listening()
     t0 = time.time()
-    rc = dataset.main(["download", "--shards", "1", "--out", str(tmp_path), "--base-url", f"http://127.0.0.1:{closed}"])
+    rc = dataset.main(
+        ["download", "--shards", "1", "--out", str(tmp_path), "--base-url", f"http://127.0.0.1:{closed}"]
+    )
     assert rc == 1 and time.time() - t0 < 10
     assert "looks offline" in capsys.readouterr().err
 

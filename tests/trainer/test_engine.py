@@ -129,7 +129,7 @@ def test_tool_call_is_answered_with_forced_calculator_output(chat_model, chat_to
     scripted.fed = []  # the script counts positions from the start of a generation
     completions, completion_masks = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
     assert completions[0] == prompt + call + forced + after  # the stop token is not part of it
-    assert completion_masks[0][len(prompt):] == [1] * len(call) + [0] * len(forced) + [1] * len(after)
+    assert completion_masks[0][len(prompt) :] == [1] * len(call) + [0] * len(forced) + [1] * len(after)
 
     stream = TextStream(chat_tokenizer, s)
     assert "".join(stream.push(t) for t in tokens) + stream.flush() == "<<6*7=42>> done"
@@ -142,7 +142,7 @@ def test_refused_tool_call_gets_an_empty_output_and_generation_goes_on(chat_mode
     wanted = call + [5, 5] + [s.assistant_end]
     engine, _ = scripted_engine(chat_model, chat_tokenizer, prompt, wanted)
     (completion,), _ = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
-    assert completion[len(prompt):] == call + [s.output_start, s.output_end]
+    assert completion[len(prompt) :] == call + [s.output_start, s.output_end]
 
 
 def test_generation_stops_at_the_end_of_the_context_without_error(engine, chat_tokenizer):
@@ -172,15 +172,21 @@ def test_long_conversation_is_trimmed_from_the_oldest_turns_keeping_the_system_m
     assert "question number 0 " not in text and "question number 29 " in text
     # exactly the fewest whole exchanges were dropped: keeping one more would not fit
     dropped = int(notice.split("dropped the ")[1].split()[0])
-    kept = conversation["messages"][0:1] + conversation["messages"][1 + dropped - 2:]
+    kept = conversation["messages"][0:1] + conversation["messages"][1 + dropped - 2 :]
     assert len(render_for_completion(chat_tokenizer, {"messages": kept})) > 100
     assert fit_conversation(chat_tokenizer, long_conversation(1), 100) == (
-        render_for_completion(chat_tokenizer, long_conversation(1)), None)
+        render_for_completion(chat_tokenizer, long_conversation(1)),
+        None,
+    )
 
 
 def test_a_single_message_longer_than_the_context_keeps_its_end(engine, chat_tokenizer):
-    conversation = {"messages": [{"role": "system", "content": "Be kind."},
-                                 {"role": "user", "content": "BEGINNING " + "blah " * 500 + "THE END"}]}
+    conversation = {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "BEGINNING " + "blah " * 500 + "THE END"},
+        ]
+    }
     tokens, notice = fit_conversation(chat_tokenizer, conversation, 64)
     assert len(tokens) <= 64 and "kept only the last" in notice
     text = chat_tokenizer.decode(tokens)
@@ -188,8 +194,11 @@ def test_a_single_message_longer_than_the_context_keeps_its_end(engine, chat_tok
     columns = list(engine.generate(tokens, max_tokens=200, temperature=0.0))  # and it generates
     assert 0 < len(columns) <= CONTEXT - len(tokens)
     with pytest.raises(ContextOverflowError, match="system message"):
-        fit_conversation(chat_tokenizer, {"messages": [{"role": "system", "content": "long " * 200},
-                                                  {"role": "user", "content": "hi"}]}, 64)
+        fit_conversation(
+            chat_tokenizer,
+            {"messages": [{"role": "system", "content": "long " * 200}, {"role": "user", "content": "hi"}]},
+            64,
+        )
 
 
 def test_text_stream_never_splits_a_utf8_character(chat_tokenizer):

@@ -17,7 +17,17 @@ from nanorun.trainer.training.checkpoint import CheckpointError
 
 from tests.fixtures.tiny_run import stage_env
 
-STAGES = ["tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_sft", "chat_rl", "chat_eval", "report"]
+STAGES = [
+    "tok_train",
+    "tok_eval",
+    "base_train",
+    "base_eval",
+    "mid_train",
+    "chat_sft",
+    "chat_rl",
+    "chat_eval",
+    "report",
+]
 TRAINER = Path(__file__).parents[2] / "trainer"
 
 
@@ -30,14 +40,18 @@ def test_the_projects_known_errors_are_stage_errors():
 
 def test_a_stage_error_becomes_one_line_and_exit_code_1(capsys):
     def main() -> int:
-        raise dataset.DataError("shard s3://b/data/shard_00003.parquet is corrupt or not a parquet file: "
-                                "Parquet magic bytes not found\n  in footer. Either the file is corrupted")
+        raise dataset.DataError(
+            "shard s3://b/data/shard_00003.parquet is corrupt or not a parquet file: "
+            "Parquet magic bytes not found\n  in footer. Either the file is corrupted"
+        )
 
     assert run_main(main) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == ("error: shard s3://b/data/shard_00003.parquet is corrupt or not a parquet file: Parquet magic "
-                   "bytes not found in footer. Either the file is corrupted\n")
+    assert err == (
+        "error: shard s3://b/data/shard_00003.parquet is corrupt or not a parquet file: Parquet magic "
+        "bytes not found in footer. Either the file is corrupted\n"
+    )
 
 
 def test_a_stage_that_succeeds_keeps_its_exit_code(capsys):
@@ -70,9 +84,24 @@ def test_under_torchrun_its_failure_summary_ends_with_the_line(tmp_path):
     bad.write_bytes(os.urandom(4096))
     pq.write_table(pa.table({"text": ["a validation document"] * 10}), data / "shard_00001.parquet")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-         "-m", "nanorun.trainer.tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(data)],
-        capture_output=True, text=True, timeout=120, env=stage_env(),
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "nanorun.trainer.tok_train",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=stage_env(),
     )
     assert proc.returncode == 1
     line = f"error: shard {bad} is corrupt or not a parquet file: "
@@ -81,4 +110,3 @@ def test_under_torchrun_its_failure_summary_ends_with_the_line(tmp_path):
     # torchrun prints its own report after the worker's output: its last lines repeat the worker's line
     # (without the error file they would say "To enable traceback see: https://pytorch.org/...")
     assert f"traceback : {worker[0]}" in [x.strip() for x in proc.stderr.splitlines()[-3:]], proc.stderr
-

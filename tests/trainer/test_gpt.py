@@ -71,8 +71,9 @@ def test_config_round_trips_through_dict_and_rejects_bad_values():
 @pytest.mark.parametrize("flags", [{}, {"n_kv_head": 1}, {"value_embeds": False}, {"n_kv_head": 2}])
 def test_parameter_count_formula_matches_the_module(flags):
     for depth in (2, 3):
-        config = GPTConfig.from_depth(depth, vocab_size=1000, sequence_len=64, aspect_ratio=64,
-                                      head_dim=32, **flags)
+        config = GPTConfig.from_depth(
+            depth, vocab_size=1000, sequence_len=64, aspect_ratio=64, head_dim=32, **flags
+        )
         with torch.device("meta"):
             model = GPT(config)
         assert model.param_counts() == expected_param_counts(config)
@@ -84,8 +85,14 @@ def test_d20_parameter_counts_match_the_published_sizing():
     with torch.device("meta"):
         model = GPT(config)
     counts = {k: round(v / 1e6, 1) for k, v in model.param_counts().items()}
-    assert counts == {"wte": 41.9, "value_embeds": 419.4, "lm_head": 41.9, "matrices": 393.2,
-                      "scalars": 0.0, "total": 896.5}
+    assert counts == {
+        "wte": 41.9,
+        "value_embeds": 419.4,
+        "lm_head": 41.9,
+        "matrices": 393.2,
+        "scalars": 0.0,
+        "total": 896.5,
+    }
     assert model.num_scaling_params() == model.param_counts()["matrices"] + model.param_counts()["lm_head"]
 
 
@@ -144,8 +151,13 @@ def test_attention_matches_explicit_mask_reference(window):
 
 def test_band_mask_shows_each_query_itself_and_window_predecessors():
     mask = band_mask(torch.arange(5), 5, window=1)
-    assert mask.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0],
-                                   [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+    assert mask.int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
 
 
 def test_grouped_query_attention_equals_attention_with_repeated_kv_heads():
@@ -192,8 +204,9 @@ def test_flops_per_token_formula():
 
 def test_loss_falls_on_a_repeated_batch():
     model = tiny_model(window_pattern="SL", short_window=8)
-    optimizer = model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008,
-                                      scalar_lr=0.5, weight_decay=0.0)
+    optimizer = model.setup_optimizer(
+        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.0
+    )
     torch.manual_seed(0)
     batch = torch.randint(0, 100, (4, 33))
     losses = []

@@ -13,8 +13,9 @@ def random_model(seed: int = 0, **flags) -> GPT:
     would hide attention, and with it any cache bug)."""
     flags.setdefault("window_pattern", "SL")
     flags.setdefault("short_window", 5)
-    config = GPTConfig.from_depth(2, vocab_size=100, sequence_len=32, aspect_ratio=32, head_dim=16,
-                                  n_kv_head=2, **flags)
+    config = GPTConfig.from_depth(
+        2, vocab_size=100, sequence_len=32, aspect_ratio=32, head_dim=16, n_kv_head=2, **flags
+    )
     model = GPT(config)
     torch.manual_seed(seed)
     model.init_weights()
@@ -39,7 +40,7 @@ def test_incremental_decode_equals_full_recompute(flags):
     prefill = model(tokens[:, :7], kv_cache=cache)  # a chunk first, then one token at a time
     torch.testing.assert_close(prefill, full[:, :7], atol=1e-5, rtol=1e-5)
     for t in range(7, 20):
-        step = model(tokens[:, t:t + 1], kv_cache=cache)
+        step = model(tokens[:, t : t + 1], kv_cache=cache)
         torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
     assert cache.cache_seqlens.tolist() == [20, 20]
 
@@ -59,7 +60,7 @@ def test_rows_of_different_lengths_decode_independently():
         next_tokens = torch.randint(0, 100, (3, 1))
         logits = model(next_tokens, kv_cache=cache)
         for i in range(3):
-            sequences[i] = torch.cat([sequences[i], next_tokens[i:i + 1]], dim=1)
+            sequences[i] = torch.cat([sequences[i], next_tokens[i : i + 1]], dim=1)
             reference = model(sequences[i])[0, -1]
             torch.testing.assert_close(logits[i, 0], reference, atol=1e-5, rtol=1e-5)
     assert cache.cache_seqlens.tolist() == [n + 4 for n in lengths]

@@ -22,8 +22,9 @@ STEPS_BEFORE_SAVE = 3
 
 def make_model() -> GPT:
     # depth 3: the value-embedding gate group then holds 2 matrices, the (64, 64) group 6: uneven splits
-    config = GPTConfig.from_depth(3, vocab_size=120, sequence_len=16, aspect_ratio=16, head_dim=16,
-                                  window_pattern="SL", short_window=4)
+    config = GPTConfig.from_depth(
+        3, vocab_size=120, sequence_len=16, aspect_ratio=16, head_dim=16, window_pattern="SL", short_window=4
+    )
     model = GPT(config)
     torch.manual_seed(0)
     model.init_weights()
@@ -37,8 +38,9 @@ def make_model() -> GPT:
 
 
 def make_optimizer(model: GPT) -> MuonAdamW:
-    return model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.01, scalar_lr=0.5,
-                                 weight_decay=0.1)
+    return model.setup_optimizer(
+        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.01, scalar_lr=0.5, weight_decay=0.1
+    )
 
 
 def global_batch() -> torch.Tensor:
@@ -48,7 +50,7 @@ def global_batch() -> torch.Tensor:
 def train(model: GPT, optimizer: MuonAdamW, steps: int, rank: int = 0, world: int = 1) -> None:
     batch = global_batch()
     rows = batch.size(0) // world
-    local = batch[rank * rows:(rank + 1) * rows]  # each rank takes its slice of the global batch
+    local = batch[rank * rows : (rank + 1) * rows]  # each rank takes its slice of the global batch
     for _ in range(steps):
         half = rows // 2  # two micro-batches: step() must reduce accumulated gradients
         for micro in (local[:half], local[half:]):
@@ -70,8 +72,13 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
             torch.save(model.state_dict(), os.path.join(out, "params_saved.pt"))
         state = optimizer.sharded_state_dict()
         with open(os.path.join(out, f"layout_rank{rank}.json"), "w") as f:
-            json.dump({"wte_rows": optimizer.state[model.wte.weight]["exp_avg"].size(0),
-                       "muon_keys": sorted(k for k in state["state"] if k.startswith("blocks."))}, f)
+            json.dump(
+                {
+                    "wte_rows": optimizer.state[model.wte.weight]["exp_avg"].size(0),
+                    "muon_keys": sorted(k for k in state["state"] if k.startswith("blocks.")),
+                },
+                f,
+            )
         dcp.save(state, checkpoint_id=os.path.join(out, "optimizer"))
         train(model, optimizer, 1, rank, world)
         if rank == 0:
@@ -126,8 +133,10 @@ def test_two_processes_take_the_same_step_as_one(two_rank_run):
     two_ranks = torch.load(os.path.join(two_rank_run, "params_saved.pt"))
     assert_same_params(two_ranks, one_rank)
     assert not torch.equal(two_ranks["wte.weight"], make_model().wte.weight)  # it did train
-    assert_same_params(torch.load(os.path.join(two_rank_run, "params_next.pt")),
-                       torch.load(os.path.join(two_rank_run, "world1_next.pt")))
+    assert_same_params(
+        torch.load(os.path.join(two_rank_run, "params_next.pt")),
+        torch.load(os.path.join(two_rank_run, "world1_next.pt")),
+    )
 
 
 @pytest.mark.slow  # starts two processes (one shared run for these tests)
@@ -198,8 +207,17 @@ def test_muon_step_size_scales_with_matrix_shape():
         params = torch.zeros(1, m, n)
         grads = torch.randn(1, m, n)
         second = torch.zeros(1, m, 1) if m >= n else torch.zeros(1, 1, n)
-        muon_update(params, grads, torch.zeros(1, m, n), second, lr=0.01, momentum=0.95, beta2=0.95,
-                    weight_decay=0.0, ns_steps=5)
+        muon_update(
+            params,
+            grads,
+            torch.zeros(1, m, n),
+            second,
+            lr=0.01,
+            momentum=0.95,
+            beta2=0.95,
+            weight_decay=0.0,
+            ns_steps=5,
+        )
         # an orthogonal update has Frobenius norm sqrt(min(m, n)); tall matrices step sqrt(m/n) further
         expected = 0.01 * math.sqrt(max(1.0, m / n)) * math.sqrt(min(m, n))
         assert params.norm().item() == pytest.approx(expected, rel=0.1)
@@ -210,8 +228,17 @@ def test_cautious_weight_decay_only_shrinks_weights_the_update_agrees_with():
     grads = torch.zeros(1, 4, 4)
     grads[0, :2] = -1.0  # descent direction +: disagrees with the positive weights, so no decay
     grads[0, 2:] = 1.0
-    muon_update(params, grads, torch.zeros(1, 4, 4), torch.zeros(1, 4, 1), lr=0.1, momentum=0.0,
-                beta2=0.95, weight_decay=0.5, ns_steps=5)
+    muon_update(
+        params,
+        grads,
+        torch.zeros(1, 4, 4),
+        torch.zeros(1, 4, 1),
+        lr=0.1,
+        momentum=0.0,
+        beta2=0.95,
+        weight_decay=0.5,
+        ns_steps=5,
+    )
     grew, shrank = params[0, :2], params[0, 2:]
     assert (grew > 1).all() and (shrank < 1).all()
     # decayed rows moved further than the pure update by lr * wd * weight
@@ -221,8 +248,9 @@ def test_cautious_weight_decay_only_shrinks_weights_the_update_agrees_with():
 def test_optimizer_rejects_malformed_groups():
     a, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="one shape"):
-        MuonAdamW([dict(kind="muon", params=[a, b], lr=0.1, momentum=0.9, beta2=0.9, ns_steps=5,
-                        weight_decay=0.0)])
+        MuonAdamW(
+            [dict(kind="muon", params=[a, b], lr=0.1, momentum=0.9, beta2=0.9, ns_steps=5, weight_decay=0.0)]
+        )
     with pytest.raises(ValueError, match="kind"):
         MuonAdamW([dict(kind="sgd", params=[a], lr=0.1)])
 

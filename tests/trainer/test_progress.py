@@ -50,5 +50,7 @@ def test_new_fields_round_trip_and_old_files_read_with_defaults(tmp_path):
     write_done(run, Done(stage="base_train", seconds=1.0, config_id="cfg-a"))
     p, d = read_progress(run, "base_train"), read_done(run, "base_train")
     assert (p.attempt, p.stopped, d.config_id) == (2, "preempted", "cfg-a")
-    assert Progress.from_dict({"stage": "x"}).attempt == 0 and Progress.from_dict({"stage": "x"}).stopped == ""
+    assert (
+        Progress.from_dict({"stage": "x"}).attempt == 0 and Progress.from_dict({"stage": "x"}).stopped == ""
+    )
     assert Done.from_dict({"stage": "x", "seconds": 1.0}).config_id == ""

@@ -30,14 +30,24 @@ TINY = [f if f != "6" else "4" for f in FLAGS]  # 4 steps, checkpoints at 3 and 
 
 def history(run_dir: str) -> list[dict]:
     """base_train's history.jsonl less what the wall clock measured (step time, throughput)."""
-    rows = [json.loads(line) for line in storage.read_text(storage.join(run_dir, "base_train", "history.jsonl")).splitlines()]
+    rows = [
+        json.loads(line)
+        for line in storage.read_text(storage.join(run_dir, "base_train", "history.jsonl")).splitlines()
+    ]
     return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_sec", "mfu")} for r in rows]
 
 
 def base_train(run_dir: str, data: str, endpoint: str) -> subprocess.CompletedProcess:
     env = stage_env(AWS_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL_S3=endpoint)
-    return check(subprocess.run([sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run_dir,
-                                 "--data", data, *TINY], capture_output=True, text=True, timeout=300, env=env))
+    return check(
+        subprocess.run(
+            [sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run_dir, "--data", data, *TINY],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    )
 
 
 def test_reads_through_bodies_cut_short_return_the_whole_object(s3_server, s3_bucket):
@@ -53,7 +63,9 @@ def test_reads_through_bodies_cut_short_return_the_whole_object(s3_server, s3_bu
     assert all(r == blob for r in reads)
 
 
-def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(tiny_base_run, s3_server, s3_bucket, faulty_s3):
+def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(
+    tiny_base_run, s3_server, s3_bucket, faulty_s3
+):
     # the inputs go up through the faulty endpoint too (uploads, multipart-free: the files are small)
     data = f"s3://{s3_bucket}/data"
     for f in sorted((Path(tiny_base_run).parent / "data").iterdir()):
@@ -66,8 +78,10 @@ def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(tiny_base_run,
     base_train(runs["clean"], data, s3_server)
     before, start = faulty_s3.injected, time.time()
     base_train(runs["faulty"], data, faulty_s3.endpoint)
-    print(f"faulty run: {time.time() - start:.1f} s; {faulty_s3.injected - before} faults in the run; in all "
-          f"{faulty_s3.requests} requests, faults {dict(faulty_s3.faults)}")
+    print(
+        f"faulty run: {time.time() - start:.1f} s; {faulty_s3.injected - before} faults in the run; in all "
+        f"{faulty_s3.requests} requests, faults {dict(faulty_s3.faults)}"
+    )
 
     assert faulty_s3.injected > before  # the run itself met faults, not only the uploads above
     assert history(runs["faulty"]) == history(runs["clean"])
@@ -90,7 +104,9 @@ def flip_bytes_inside(weights: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [lose_the_end, flip_bytes_inside])
-def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_base_run, tmp_path, damage):
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(
+    tiny_base_run, tmp_path, damage
+):
     run, data = fresh_run(tiny_base_run, tmp_path / "run")
     check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))  # checkpoints at steps 3 and 6
     straight = losses(run)
@@ -99,8 +115,10 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
     found = damage(weights)  # ...and the disk damaged its weights
 
     out = check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))
-    assert (f"warning: checkpoint file {weights} is corrupt: {found}" in out.stderr
-            and f"; resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)}\n" in out.stderr), out.stderr
+    assert (
+        f"warning: checkpoint file {weights} is corrupt: {found}" in out.stderr
+        and f"; resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)}\n" in out.stderr
+    ), out.stderr
     assert f"resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)} (step 3" in out.stdout
     assert losses(run) == straight  # steps 4-6 trained again, identically
     verify_checkpoint(checkpoint_dir(str(Path(run) / "base_train"), 6))  # and saved whole this time

@@ -30,8 +30,25 @@ def data_dir(tmp_path_factory) -> str:
 def test_stage_writes_tokenizer_progress_and_done(data_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     port = free_port()
-    assert tok_train.main(["--run-dir", run_dir, "--data", data_dir, "--vocab-size", "700",
-                           "--max-chars", "300000", "--doc-cap", "2000", "--metrics-port", str(port)]) == 0
+    assert (
+        tok_train.main(
+            [
+                "--run-dir",
+                run_dir,
+                "--data",
+                data_dir,
+                "--vocab-size",
+                "700",
+                "--max-chars",
+                "300000",
+                "--doc-cap",
+                "2000",
+                "--metrics-port",
+                str(port),
+            ]
+        )
+        == 0
+    )
     done = read_done(run_dir, "tok_train")
     m = done.metrics
     assert 300_000 <= m["chars_seen"] < 302_000 and m["vocab_size"] == 700
@@ -53,7 +70,9 @@ def test_second_run_is_a_no_op(data_dir, tmp_path, capsys):
     assert {f: os.path.getmtime(f) for f in storage.list_files(run_dir)} == files
 
 
-def test_a_done_json_of_another_config_id_trains_again_with_the_new_flags(data_dir, tmp_path, capsys, monkeypatch):
+def test_a_done_json_of_another_config_id_trains_again_with_the_new_flags(
+    data_dir, tmp_path, capsys, monkeypatch
+):
     run_dir = str(tmp_path / "run")
     args = ["--run-dir", run_dir, "--data", data_dir, "--max-chars", "50000"]
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-300")
@@ -76,7 +95,19 @@ def test_stage_runs_with_an_s3_run_dir_and_s3_data(data_dir, s3_run_dir):
     data = f"{s3_run_dir}/data"
     for path in storage.list_files(data_dir):
         storage.upload_from(path, storage.join(data, os.path.relpath(path, data_dir)))
-    check(run_stage("tok_train", "--run-dir", s3_run_dir, "--data", data, "--vocab-size", "400", "--max-chars", "100000"))
+    check(
+        run_stage(
+            "tok_train",
+            "--run-dir",
+            s3_run_dir,
+            "--data",
+            data,
+            "--vocab-size",
+            "400",
+            "--max-chars",
+            "100000",
+        )
+    )
     assert read_done(s3_run_dir, "tok_train").metrics["vocab_size"] == 400
     assert Tokenizer.from_run_dir(s3_run_dir).encode("hello") != []
     again = check(run_stage("tok_train", "--run-dir", s3_run_dir, "--data", data))
@@ -104,11 +135,14 @@ def wrong_schema(path) -> None:
     pq.write_table(pa.table({"text": list(range(100))}), path)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (truncated, "is corrupt or not a parquet file: "),
-    (garbage, "is corrupt or not a parquet file: "),
-    (wrong_schema, "has a 'text' column of type int64, not string"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (truncated, "is corrupt or not a parquet file: "),
+        (garbage, "is corrupt or not a parquet file: "),
+        (wrong_schema, "has a 'text' column of type int64, not string"),
+    ],
+)
 def test_a_damaged_shard_ends_the_stage_with_one_line_naming_it(data_dir, tmp_path, damage, message):
     data = tmp_path / "data"
     data.mkdir()
@@ -116,7 +150,9 @@ def test_a_damaged_shard_ends_the_stage_with_one_line_naming_it(data_dir, tmp_pa
         storage.upload_from(path, str(data / os.path.basename(path)))
     bad = sorted(data.glob("*.parquet"))[0]
     damage(bad)
-    proc = run_stage("tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(data), "--vocab-size", "300")
+    proc = run_stage(
+        "tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(data), "--vocab-size", "300"
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr  # no traceback: the line is what the operator shows
     assert proc.stderr.startswith(f"error: shard {bad} {message}"), proc.stderr

@@ -62,14 +62,19 @@ def test_prepend_and_append_take_names_or_ids():
     tok = tokenizer()
     body = tok.encode("hello")
     assert tok.encode("hello", prepend="<|bos|>", append="<|assistant_end|>") == [
-        tok.bos_token_id, *body, tok.encode_special("<|assistant_end|>")]
+        tok.bos_token_id,
+        *body,
+        tok.encode_special("<|assistant_end|>"),
+    ]
     assert tok.encode("hello", prepend=tok.bos_token_id) == [tok.bos_token_id, *body]
 
 
 def test_encode_batch_matches_encode_and_prepends_bos():
     tok = tokenizer()
     texts = real_english_documents()[:20]
-    assert tok.encode_batch(texts, prepend="<|bos|>", num_threads=2) == [tok.encode(t, prepend="<|bos|>") for t in texts]
+    assert tok.encode_batch(texts, prepend="<|bos|>", num_threads=2) == [
+        tok.encode(t, prepend="<|bos|>") for t in texts
+    ]
 
 
 def test_unknown_special_token_is_a_clear_error():
@@ -113,7 +118,9 @@ def test_plain_tiktoken_loads_the_rank_file(tmp_path):
     tok = tokenizer()
     tok.save(str(tmp_path))
     ranks = tiktoken.load.load_tiktoken_bpe(str(tmp_path / "tokenizer.tiktoken"))
-    enc = tiktoken.Encoding("plain", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    enc = tiktoken.Encoding(
+        "plain", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens
+    )
     text = real_english_documents()[3]
     assert enc.encode_ordinary(text) == tok.encode(text)
     assert enc.encode("<|bos|>", allowed_special="all") == [tok.bos_token_id]

@@ -10,7 +10,9 @@ from nanorun.trainer.model.optim import MuonAdamW
 def tiny_gpt(vocab_size: int, sequence_len: int) -> GPT:
     torch.manual_seed(0)
     model = GPT(
-        GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+        GPTConfig(
+            sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64
+        )
     )
     model.init_weights()
     return model

@@ -69,8 +69,13 @@ def new_kv_cache(model: torch.nn.Module, batch_size: int, max_seq_len: int) -> A
 
 
 @torch.inference_mode()
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
     """One token id per row of `logits` (B, V): greedy at temperature 0, else top-k/top-p sampling."""
     if temperature <= 0.0:
         return torch.argmax(logits, dim=-1)
@@ -171,9 +176,16 @@ class Engine:
         self.special = SpecialTokens(tokenizer)
 
     @torch.inference_mode()
-    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+    def generate(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, per step, the next token of every row and its mask (1 sampled, 0 forced)."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (start with <|bos|>)")
@@ -213,8 +225,9 @@ class Engine:
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
             logits = self.model(ids, kv_cache=cache)[:, -1, :]
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1,
-                       **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
+    def generate_batch(
+        self, tokens: list[int], num_samples: int = 1, **kwargs: Any
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """Whole completions (prompt included, stop token excluded) and their masks, per row."""
         completions = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
@@ -233,8 +246,9 @@ class Engine:
         return completions, masks
 
 
-def fit_conversation(tokenizer: Any, conversation: dict[str, Any],
-                     max_prompt_tokens: int) -> tuple[list[int], str | None]:
+def fit_conversation(
+    tokenizer: Any, conversation: dict[str, Any], max_prompt_tokens: int
+) -> tuple[list[int], str | None]:
     """The completion prompt for `conversation`, at most `max_prompt_tokens` long, and a notice.
 
     When the whole conversation does not fit, the oldest user/assistant exchanges are dropped (the
@@ -245,7 +259,7 @@ def fit_conversation(tokenizer: Any, conversation: dict[str, Any],
         return tokens, None
     messages = list(conversation["messages"])
     system = [messages[0]] if messages and messages[0].get("role") == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     normalize_messages({"messages": system + turns})  # a malformed conversation fails here, clearly
 
     def render(kept: list[dict[str, Any]]) -> list[int]:
@@ -256,15 +270,21 @@ def fit_conversation(tokenizer: Any, conversation: dict[str, Any],
     lo, hi = 1, pairs
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(render(turns[2 * mid:])) <= max_prompt_tokens:
+        if len(render(turns[2 * mid :])) <= max_prompt_tokens:
             hi = mid
         else:
             lo = mid + 1
     dropped = lo if pairs else 0
-    kept = turns[2 * dropped:]
+    kept = turns[2 * dropped :]
     tokens = render(kept)
-    notice = (f"the conversation is longer than the model's context ({max_prompt_tokens} prompt tokens): "
-              f"dropped the {2 * dropped} oldest message(s)") if dropped else None
+    notice = (
+        (
+            f"the conversation is longer than the model's context ({max_prompt_tokens} prompt tokens): "
+            f"dropped the {2 * dropped} oldest message(s)"
+        )
+        if dropped
+        else None
+    )
     if len(tokens) <= max_prompt_tokens:
         return tokens, notice
 
@@ -286,7 +306,8 @@ def fit_conversation(tokenizer: Any, conversation: dict[str, Any],
         )
     cut = f"kept only the last {lo} of {len(text)} characters of the newest message"
     return tokens, f"{notice}; {cut}" if notice else (
-        f"the newest message is longer than the model's context ({max_prompt_tokens} prompt tokens): {cut}")
+        f"the newest message is longer than the model's context ({max_prompt_tokens} prompt tokens): {cut}"
+    )
 
 
 CHAT_STAGES = MODEL_MODULES  # stages with a model checkpoint, newest first
@@ -322,8 +343,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_chat_model(checkpoint: str, tokenizer_dir: str | None = None,
-                    device: torch.device | str | None = None) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+def load_chat_model(
+    checkpoint: str, tokenizer_dir: str | None = None, device: torch.device | str | None = None
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, info) for a checkpoint/stage/run URI (local path or s3://).
 
     The tokenizer comes from `tokenizer_dir`, or from the run the checkpoint belongs to."""
@@ -334,6 +356,11 @@ def load_chat_model(checkpoint: str, tokenizer_dir: str | None = None,
     tokenizer_dir = tokenizer_dir or tokenizer_dir_for(checkpoint_uri)
     tokenizer = Tokenizer.load(tokenizer_dir)
     model, meta = load_model(checkpoint_uri, device or default_device())
-    info = {"checkpoint": checkpoint_uri, "tokenizer": tokenizer_dir, "step": meta.get("step"),
-            "config_id": meta.get("config_id", ""), "context": context_length(model)}
+    info = {
+        "checkpoint": checkpoint_uri,
+        "tokenizer": tokenizer_dir,
+        "step": meta.get("step"),
+        "config_id": meta.get("config_id", ""),
+        "context": context_length(model),
+    }
     return model, tokenizer, info

@@ -184,11 +184,17 @@ def _seccomp_without_sockets() -> str | None:
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
     allow, eperm = 0x7FFF0000, 0x00050000 | 1
     program = [
-        (ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, eperm),  # another ABI (i386 on x86-64): nothing
-        (ld, 0, 0, 0), (jeq, 3, 0, nr_io_uring), (jeq, 0, 3, nr_socket),
-        (ld, 0, 0, 16), (jeq, 1, 0, 1),  # socket(AF_UNIX, ...) is allowed
-        (ret, 0, 0, eperm), (ret, 0, 0, allow),
-    ]  # fmt: skip
+        (ld, 0, 0, 4),
+        (jeq, 1, 0, audit_arch),
+        (ret, 0, 0, eperm),  # another ABI (i386 on x86-64): nothing
+        (ld, 0, 0, 0),
+        (jeq, 3, 0, nr_io_uring),
+        (jeq, 0, 3, nr_socket),
+        (ld, 0, 0, 16),
+        (jeq, 1, 0, 1),  # socket(AF_UNIX, ...) is allowed
+        (ret, 0, 0, eperm),
+        (ret, 0, 0, allow),
+    ]
     filters = b"".join(struct.pack("<HBBI", *insn) for insn in program)
     buf = ctypes.create_string_buffer(filters)
     fprog = struct.pack("<HxxxxxxQ", len(program), ctypes.addressof(buf))
@@ -211,9 +217,13 @@ def _launch(config: dict) -> None:
     """Confine this process as the module docstring lists, report the layers, exec the program."""
     layers = []
     memory = config["memory_mb"] * 1024 * 1024
-    for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, config["cpu_seconds"]),
-                         (resource.RLIMIT_FSIZE, MAX_FILE_BYTES), (resource.RLIMIT_CORE, 0),
-                         (resource.RLIMIT_NOFILE, MAX_OPEN_FILES)]:  # fmt: skip
+    for limit, value in [
+        (resource.RLIMIT_AS, memory),
+        (resource.RLIMIT_CPU, config["cpu_seconds"]),
+        (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
+    ]:
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
     if _libc.unshare(ctypes.c_int(CLONE_NEWNET)) == 0:  # needs CAP_SYS_ADMIN: rarely in a pod
         layers.append("netns")
@@ -239,8 +249,13 @@ def _launch(config: dict) -> None:
 
 
 def _read_paths() -> list[str]:
-    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-              os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}  # fmt: skip
+    python = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))),
+    }
     # never "/" (an interpreter installed there would open everything): it then fails to start, and is refused
     return sorted(python - {"/"}) + [*SYSTEM_READ_PATHS, *DEVICES]
 
@@ -255,9 +270,15 @@ def _run(code: str, timeout: float, memory_mb: int, drop_uid: bool) -> tuple[Exe
         if drop_uid:
             for path in (workdir, program):
                 os.chown(path, NOBODY, NOBODY)
-        config = {"program": program, "workdir": workdir, "memory_mb": memory_mb,
-                  "cpu_seconds": max(1, int(timeout) + 1), "drop_uid": drop_uid,
-                  "read_paths": _read_paths(), "report_fd": report_w}  # fmt: skip
+        config = {
+            "program": program,
+            "workdir": workdir,
+            "memory_mb": memory_mb,
+            "cpu_seconds": max(1, int(timeout) + 1),
+            "drop_uid": drop_uid,
+            "read_paths": _read_paths(),
+            "report_fd": report_w,
+        }
         env = {"PATH": SAFE_ENV_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
@@ -286,8 +307,11 @@ def _run(code: str, timeout: float, memory_mb: int, drop_uid: bool) -> tuple[Exe
         stderr = err.decode(errors="replace")[-MAX_OUTPUT_CHARS:]
         if not layers and not timed_out:  # the launcher stopped before running anything
             refused = [line for line in stderr.splitlines() if REFUSED_MARK in line]
-            raise SandboxUnavailable(refused[-1].split(REFUSED_MARK, 1)[1].strip() if refused
-                                     else f"the sandbox launcher failed: {stderr.strip()[-500:]}")  # fmt: skip
+            raise SandboxUnavailable(
+                refused[-1].split(REFUSED_MARK, 1)[1].strip()
+                if refused
+                else f"the sandbox launcher failed: {stderr.strip()[-500:]}"
+            )
         # CPU-limit kills (SIGXCPU) are timeouts too
         timed_out = timed_out or proc.returncode == -signal.SIGXCPU
         result = ExecutionResult(
@@ -321,8 +345,10 @@ def sandbox() -> Sandbox:
             continue
         if result.success and result.stdout.strip() == "ok":
             return Sandbox(drop_uid=drop_uid, layers=tuple(layers))
-        failures.append(f"the interpreter did not start {'as nobody ' if drop_uid else ''}under Landlock: "
-                        f"{result.error or result.returncode}")  # fmt: skip
+        failures.append(
+            f"the interpreter did not start {'as nobody ' if drop_uid else ''}under Landlock: "
+            f"{result.error or result.returncode}"
+        )
     raise SandboxUnavailable("; ".join(dict.fromkeys(failures)))
 
 

@@ -85,7 +85,9 @@ def _download(uri: str, dest: Path) -> None:
             raise DataError(f"shard {uri} does not exist") from err
         except Exception as err:  # network and server errors: retry with backoff
             if attempt == DOWNLOAD_ATTEMPTS:
-                raise DataError(f"shard {uri} could not be downloaded after {attempt} attempts: {err}") from err
+                raise DataError(
+                    f"shard {uri} could not be downloaded after {attempt} attempts: {err}"
+                ) from err
             time.sleep(min(2**attempt, 30) * 0.5)
 
 
@@ -145,7 +147,13 @@ class ParquetDocuments:
     def __init__(self, tokenizer: Any, shards: Sequence[str], stream: int, streams: int, cache: ShardCache):
         if not shards:
             raise DataError("no training shards: check --data (the last shard is kept for validation)")
-        self.tokenizer, self.shards, self.stream, self.streams, self.cache = tokenizer, list(shards), stream, streams, cache
+        self.tokenizer, self.shards, self.stream, self.streams, self.cache = (
+            tokenizer,
+            list(shards),
+            stream,
+            streams,
+            cache,
+        )
 
     def _texts(self, start: Position | None) -> Iterator[tuple[Position, str]]:
         epoch, shard, offset, rg0, row0 = start or [1, 0, 0, -1, 0]
@@ -183,7 +191,9 @@ class ParquetDocuments:
                 batch = []
 
     def _encode(self, batch: list[tuple[Position, str]]) -> list[tuple[Position, list[int]]]:
-        ids = self.tokenizer.encode_batch([t for _, t in batch], prepend=self.tokenizer.bos_token_id, num_threads=4)
+        ids = self.tokenizer.encode_batch(
+            [t for _, t in batch], prepend=self.tokenizer.bos_token_id, num_threads=4
+        )
         return [(pos, tok) for (pos, _), tok in zip(batch, ids, strict=True)]
 
     def fetch(self, positions: Sequence[Position]) -> list[list[int]]:
@@ -195,7 +205,11 @@ class ParquetDocuments:
                 uri = self.shards[pos[1]]
                 texts[key] = read_texts(open_shard(uri, self.cache), uri, pos[3])
             out.append(texts[key][pos[4]])
-        return self.tokenizer.encode_batch(out, prepend=self.tokenizer.bos_token_id, num_threads=4) if out else []
+        return (
+            self.tokenizer.encode_batch(out, prepend=self.tokenizer.bos_token_id, num_threads=4)
+            if out
+            else []
+        )
 
 
 class SequenceDocuments:
@@ -313,7 +327,9 @@ class PackedBatches:
                 f"use a world size that divides {streams}"
             )
         if rows_per_step % streams:
-            raise DataError(f"rows per step ({rows_per_step}) must be a multiple of the data streams ({streams})")
+            raise DataError(
+                f"rows per step ({rows_per_step}) must be a multiple of the data streams ({streams})"
+            )
         rows_per_rank = rows_per_step // world_size
         if rows_per_rank % device_batch_size:
             raise DataError(
@@ -347,7 +363,10 @@ class PackedBatches:
             chunk = rows[i : i + self.B]
             x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
             if self.device.type == "cuda":
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                x, y = (
+                    x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True),
+                )
             out.append((x, y))
         return out
 
@@ -382,13 +401,19 @@ def validation_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The validation rows, the same on any world size: one stream, rank r keeps rows r, r+w, ..."""
     loader = PackedBatches.for_shards(
-        tokenizer, [val_shard], device_batch_size=batch_size * world_size, seq_len=seq_len,
-        rows_per_step=batch_size * world_size, streams=1, device="cpu", buffer_size=buffer_size,
+        tokenizer,
+        [val_shard],
+        device_batch_size=batch_size * world_size,
+        seq_len=seq_len,
+        rows_per_step=batch_size * world_size,
+        streams=1,
+        device="cpu",
+        buffer_size=buffer_size,
     )
     device = torch.device(device)
     try:
         while True:
-            (x, y), = loader.step_batches()
+            ((x, y),) = loader.step_batches()
             yield x[rank::world_size].to(device), y[rank::world_size].to(device)
     finally:
         loader.close()

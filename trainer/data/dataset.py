@@ -69,7 +69,9 @@ class DataError(StageError):
 
 
 def user_cache_dir() -> Path:
-    root = os.environ.get("NANORUN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "nanorun")
+    root = os.environ.get("NANORUN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "nanorun"
+    )
     return Path(root).expanduser()
 
 
@@ -92,17 +94,21 @@ def resolve_shards(data_uri: str, run_dir: str | None = None) -> list[str]:
         prepare(out)
         return resolve_shards(out)
     if data_uri.startswith("hf://"):
-        repo, _, query = data_uri[len("hf://"):].partition("?")
+        repo, _, query = data_uri[len("hf://") :].partition("?")
         known = {r: n for r, n in HF_DATASETS.values()}
         if repo not in known:
-            raise DataError(f"unknown Hugging Face dataset {repo!r}; known: {sorted(known)}. Download other "
-                            "shards to a directory or s3:// prefix and pass that instead.")
+            raise DataError(
+                f"unknown Hugging Face dataset {repo!r}; known: {sorted(known)}. Download other "
+                "shards to a directory or s3:// prefix and pass that instead."
+            )
         count = int(query.split("=", 1)[1]) if query.startswith("shards=") else None
         return hf_shard_urls(repo, known[repo], count)
     shards = [u for u in storage.list_files(data_uri) if u.endswith(".parquet")]
     if len(shards) < 2:
-        raise DataError(f"{data_uri} holds {len(shards)} parquet shard(s); at least 2 are needed (train + "
-                        "validation). Create them with `nanorun data prepare --out URI` or `nanorun data download`.")
+        raise DataError(
+            f"{data_uri} holds {len(shards)} parquet shard(s); at least 2 are needed (train + "
+            "validation). Create them with `nanorun data prepare --out URI` or `nanorun data download`."
+        )
     return shards
 
 
@@ -153,7 +159,9 @@ def open_parquet(uri: str):
     return parquet_shard(uri, uri)
 
 
-def iter_texts(shard_uris: list[str], max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:
+def iter_texts(
+    shard_uris: list[str], max_chars: int | None = None, doc_cap: int | None = None
+) -> Iterator[str]:
     """The documents of `shard_uris` in order, row group by row group; each cut to `doc_cap` characters,
     stopping once `max_chars` characters (after the cut) have been yielded."""
     seen = 0
@@ -207,20 +215,31 @@ def fetch_deb(candidates: list[str], cache: Path) -> Path:
         if found:
             return found[-1]
     if not shutil.which("apt-get"):
-        raise DataError("the bundled corpus is built from Debian documentation packages, and apt-get is not "
-                        f"available here. Download one of {candidates} as a .deb elsewhere and pass it with "
-                        "--source FILE.deb, or pass --source DIR with your own text files.")
+        raise DataError(
+            "the bundled corpus is built from Debian documentation packages, and apt-get is not "
+            f"available here. Download one of {candidates} as a .deb elsewhere and pass it with "
+            "--source FILE.deb, or pass --source DIR with your own text files."
+        )
     errors = []
     for name in candidates:
         # Download into a private directory, then rename: a concurrent build never sees half a file.
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            proc = subprocess.run(["apt-get", "download", "-q", name], cwd=tmp, capture_output=True, text=True)
+            proc = subprocess.run(
+                ["apt-get", "download", "-q", name], cwd=tmp, capture_output=True, text=True
+            )
             found = sorted(Path(tmp).glob(f"{name}_*.deb"))
             if proc.returncode == 0 and found:
                 return Path(shutil.move(str(found[-1]), cache / found[-1].name))
-        errors.append(f"{name}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    raise DataError("could not download any of " + ", ".join(candidates) + " with apt-get (" + "; ".join(errors) +
-                    "). Run `apt-get update` first, or pass --source FILE.deb / --source DIR.")
+        errors.append(
+            f"{name}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        )
+    raise DataError(
+        "could not download any of "
+        + ", ".join(candidates)
+        + " with apt-get ("
+        + "; ".join(errors)
+        + "). Run `apt-get update` first, or pass --source FILE.deb / --source DIR."
+    )
 
 
 def deb_data_tar(deb: Path) -> tarfile.TarFile:
@@ -313,7 +332,9 @@ def prepare(out: str, sources: list[str] | None = None, shard_chars: int = 4_000
             docs += documents_from_dir(Path(source))
             used.append(source)
         else:
-            raise DataError(f"--source {source!r} is neither 'bundled', a .deb file nor a directory of text files")
+            raise DataError(
+                f"--source {source!r} is neither 'bundled', a .deb file nor a directory of text files"
+            )
     if not docs:
         raise DataError(f"no text found in {used}")
     # Shuffle so the validation shard (the last) is drawn from the same mix as the training shards.
@@ -321,8 +342,13 @@ def prepare(out: str, sources: list[str] | None = None, shard_chars: int = 4_000
     names = write_shards(docs, out, shard_chars)
     for deb_name, text in licenses.items():
         storage.write_text(storage.join(out, "LICENSES", deb_name.split("_")[0] + ".copyright"), text)
-    manifest = {"shards": names, "sources": used, "documents": len(docs),
-                "chars": sum(len(d) for d in docs), "seconds": round(time.time() - t0, 2)}
+    manifest = {
+        "shards": names,
+        "sources": used,
+        "documents": len(docs),
+        "chars": sum(len(d) for d in docs),
+        "seconds": round(time.time() - t0, 2),
+    }
     storage.write_json(storage.join(out, MANIFEST), manifest)
     return manifest
 
@@ -401,9 +427,11 @@ def download_shards(urls: list[str], out: str, workers: int = 4, retries: int = 
             client.head(urls[0])
         except (httpx.ConnectError, httpx.ConnectTimeout) as err:
             host = urlsplit(urls[0]).netloc
-            raise DataError(f"cannot reach {host} ({err}): this machine looks offline. Download the shards "
-                            "elsewhere (or pass --base-url for a mirror), or build the bundled corpus with "
-                            "`nanorun data prepare --out URI`.") from err
+            raise DataError(
+                f"cannot reach {host} ({err}): this machine looks offline. Download the shards "
+                "elsewhere (or pass --base-url for a mirror), or build the bundled corpus with "
+                "`nanorun data prepare --out URI`."
+            ) from err
         part_dir.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             paths = list(pool.map(lambda u: download_one(client, u, out, retries, part_dir), urls))
@@ -419,12 +447,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="pack text into parquet shards (default: the bundled English corpus)")
     p.add_argument("--out", required=True, help="output directory or s3:// prefix")
-    p.add_argument("--source", action="append", help="'bundled', a .deb, or a directory of .txt/.md/.rst files "
-                   "(repeatable; default: bundled)")
+    p.add_argument(
+        "--source",
+        action="append",
+        help="'bundled', a .deb, or a directory of .txt/.md/.rst files (repeatable; default: bundled)",
+    )
     p.add_argument("--shard-chars", type=int, default=4_000_000, help="characters per shard (about)")
     d = sub.add_parser("download", help="download public pretraining shards (Hugging Face)")
-    d.add_argument("--dataset", choices=sorted(HF_DATASETS), default="climbmix", help="which public shard set")
-    d.add_argument("--shards", type=int, required=True, help="number of training shards (the validation shard is added)")
+    d.add_argument(
+        "--dataset", choices=sorted(HF_DATASETS), default="climbmix", help="which public shard set"
+    )
+    d.add_argument(
+        "--shards", type=int, required=True, help="number of training shards (the validation shard is added)"
+    )
     d.add_argument("--out", required=True, help="output directory or s3:// prefix")
     d.add_argument("--workers", type=int, default=4, help="parallel downloads")
     d.add_argument("--base-url", help="a mirror serving shard_NNNNN.parquet (default: Hugging Face)")
@@ -432,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             m = prepare(args.out, args.source, args.shard_chars)
-            print(f"{len(m['shards'])} shards, {m['documents']} documents, {m['chars'] / 1e6:.1f}M chars in {args.out}")
+            print(
+                f"{len(m['shards'])} shards, {m['documents']} documents, {m['chars'] / 1e6:.1f}M chars in {args.out}"
+            )
         else:
             repo, total = HF_DATASETS[args.dataset]
             urls = hf_shard_urls(repo, total, args.shards)

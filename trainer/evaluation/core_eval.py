@@ -195,7 +195,9 @@ def spans(task: CoreTask, tokens: list[list[int]]) -> tuple[list[list[int]], lis
 
 
 @torch.no_grad()
-def score_item(model: torch.nn.Module, tokenizer: Any, task: CoreTask, idx: int, device: torch.device) -> bool:
+def score_item(
+    model: torch.nn.Module, tokenizer: Any, task: CoreTask, idx: int, device: torch.device
+) -> bool:
     item = task.items[idx]
     shots: list[dict[str, Any]] = []
     if task.num_fewshot > 0:
@@ -240,7 +242,11 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: CoreTask, device
 
 
 def evaluate_core(
-    model: torch.nn.Module, tokenizer: Any, bundle_dir: str | Path, device: torch.device, max_per_task: int = -1,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    bundle_dir: str | Path,
+    device: torch.device,
+    max_per_task: int = -1,
     log: Any = None,
 ) -> dict[str, Any]:
     """{"results": {label: accuracy}, "centered": {label: centred accuracy}, "core": mean centred}."""
@@ -250,7 +256,9 @@ def evaluate_core(
         results[task.label] = acc
         centered[task.label] = (acc - task.random_baseline) / (1.0 - task.random_baseline)
         if log is not None:
-            log(f"  {task.label:<36} {task.num_fewshot}-shot  acc {acc:.4f}  centered {centered[task.label]:+.4f}")
+            log(
+                f"  {task.label:<36} {task.num_fewshot}-shot  acc {acc:.4f}  centered {centered[task.label]:+.4f}"
+            )
     return {"results": results, "centered": centered, "core": sum(centered.values()) / len(centered)}
 
 

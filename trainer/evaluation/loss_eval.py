@@ -35,7 +35,9 @@ def evaluate_bpb(
         nats = model(x, y, loss_reduction="none").reshape(-1)  # per-token loss in nats (0 where y == -1)
         targets = y.reshape(-1)
         valid = targets >= 0
-        nbytes = torch.where(valid, token_bytes[targets.clamp(min=0)], torch.zeros_like(nats, dtype=torch.float64))
+        nbytes = torch.where(
+            valid, token_bytes[targets.clamp(min=0)], torch.zeros_like(nats, dtype=torch.float64)
+        )
         total_nats += (nats.double() * (nbytes > 0)).sum()
         total_bytes += nbytes.sum()
     if dist.is_initialized():

@@ -64,31 +64,47 @@ def band_mask(q_pos: torch.Tensor, k_len: int, window: int) -> torch.Tensor:
     return visible
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-          is_causal: bool, scale: float) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
     # SDPA wants heads before time: (B, H, T, D).
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                       enable_gqa=k.size(1) != q.size(1))
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=k.size(1) != q.size(1)
+    )
     return y.transpose(1, 2)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                     scale: float) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float
+) -> torch.Tensor:
     """Causal attention over one sequence per row. q (B,T,H,D), k/v (B,T,H_kv,D) -> (B,T,H,D)."""
     T = q.size(1)
     if _use_fa3(q):
-        return _first(_fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
-                                           window_size=(window, 0)))
+        return _first(
+            _fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=(window, 0))
+        )
     if window < 0 or window >= T - 1:  # the window covers the whole sequence: plain causal
         return _sdpa(q, k, v, None, True, scale)
     mask = band_mask(torch.arange(T, device=q.device), T, window)
     return _sdpa(q, k, v, mask, False, scale)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_seqlens: torch.Tensor, window: int,
-                     scale: float) -> torch.Tensor:
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
     """Attention for incremental decoding with a per-row KV cache (one layer).
 
     q (B,T,H,D) and k/v (B,T,H_kv,D) are the new tokens, already rotated; k_cache/v_cache are this
@@ -97,9 +113,19 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     """
     B, T = q.shape[:2]
     if _use_fa3(q) and k_cache.dtype == q.dtype:
-        return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                                   cache_seqlens=cache_seqlens, softmax_scale=scale,
-                                                   causal=True, window_size=(window, 0)))
+        return _first(
+            _fa3.flash_attn_with_kvcache(
+                q,
+                k_cache,
+                v_cache,
+                k=k,
+                v=v,
+                cache_seqlens=cache_seqlens,
+                softmax_scale=scale,
+                causal=True,
+                window_size=(window, 0),
+            )
+        )
     positions = cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=q.device)  # (B, T)
     rows = torch.arange(B, device=q.device).unsqueeze(1)
     k_cache[rows, positions] = k.to(k_cache.dtype)

@@ -37,13 +37,25 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return x8, scale.reciprocal()
 
 
-def scaled_matmul(a8: torch.Tensor, a_inv: torch.Tensor, b8: torch.Tensor, b_inv: torch.Tensor,
-                  out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+def scaled_matmul(
+    a8: torch.Tensor,
+    a_inv: torch.Tensor,
+    b8: torch.Tensor,
+    b_inv: torch.Tensor,
+    out_dtype: torch.dtype,
+    fast_accum: bool,
+) -> torch.Tensor:
     """(a8 * a_inv) @ (b8 * b_inv): a (M, K) row-major, b (K, N); FP8 tensor cores when present."""
     if native_fp8(a8.device):
         b_col_major = b8.t().contiguous().t()  # the kernel wants its second operand column-major
-        return torch._scaled_mm(a8.contiguous(), b_col_major, scale_a=a_inv, scale_b=b_inv,
-                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+        return torch._scaled_mm(
+            a8.contiguous(),
+            b_col_major,
+            scale_a=a_inv,
+            scale_b=b_inv,
+            out_dtype=out_dtype,
+            use_fast_accum=fast_accum,
+        )
     return ((a8.float() * a_inv) @ (b8.float() * b_inv)).to(out_dtype)
 
 
@@ -97,4 +109,3 @@ def disable_fp8(model: GPT) -> None:
     for module in model.modules():
         if type(module) is Float8Linear:
             module.__class__ = Linear
-

@@ -77,16 +77,32 @@ class GPTConfig:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64,
-                   head_dim: int = 128, n_kv_head: int | None = None, **flags) -> GPTConfig:
+    def from_depth(
+        cls,
+        depth: int,
+        vocab_size: int,
+        sequence_len: int,
+        aspect_ratio: int = 64,
+        head_dim: int = 128,
+        n_kv_head: int | None = None,
+        **flags,
+    ) -> GPTConfig:
         """Size a model from its depth: width = depth * aspect_ratio rounded up to whole heads."""
         if depth < 1 or aspect_ratio < 1 or head_dim < 2:
-            raise ValueError(f"depth ({depth}), aspect_ratio ({aspect_ratio}) and head_dim ({head_dim}) "
-                             "must be positive")
+            raise ValueError(
+                f"depth ({depth}), aspect_ratio ({aspect_ratio}) and head_dim ({head_dim}) must be positive"
+            )
         n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
         n_head = n_embd // head_dim
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_head if n_kv_head is None else n_kv_head, n_embd=n_embd, **flags)
+        return cls(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_head if n_kv_head is None else n_kv_head,
+            n_embd=n_embd,
+            **flags,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,8 +134,9 @@ class GPTConfig:
     def layer_windows(self) -> list[int]:
         """Per-layer left window in tokens (-1 = unlimited). The last layer always sees everything."""
         pattern = self.window_pattern.upper()
-        windows = [self.short_window_tokens if pattern[i % len(pattern)] == "S" else -1
-                   for i in range(self.n_layer)]
+        windows = [
+            self.short_window_tokens if pattern[i % len(pattern)] == "S" else -1 for i in range(self.n_layer)
+        ]
         windows[-1] = -1
         return windows
 
@@ -156,8 +173,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def rotary_tables(length: int, head_dim: int, base: float, device: torch.device | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    length: int, head_dim: int, base: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
@@ -185,8 +203,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(d, d)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer) else None
 
-    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -200,8 +225,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = causal_attention(q, k, v, window, scale)
         else:
-            y = cached_attention(q, k, v, kv_cache.k[self.layer], kv_cache.v[self.layer],
-                                 kv_cache.cache_seqlens, window, scale)
+            y = cached_attention(
+                q, k, v, kv_cache.k[self.layer], kv_cache.v[self.layer], kv_cache.cache_seqlens, window, scale
+            )
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -221,8 +247,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
         x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
         return x + self.mlp(norm(x))
 
@@ -234,16 +267,30 @@ class KVCache:
     pass with T new tokens writes them at cache_seqlens[b].. of row b and then advances every row by T.
     """
 
-    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 max_seq_len: int, device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
         shape = (num_layers, batch_size, max_seq_len, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
 
     @classmethod
-    def for_model(cls, config: GPTConfig, batch_size: int, max_seq_len: int,
-                  device: torch.device | str, dtype: torch.dtype) -> KVCache:
+    def for_model(
+        cls,
+        config: GPTConfig,
+        batch_size: int,
+        max_seq_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> KVCache:
         return cls(batch_size, config.n_layer, config.n_kv_head, config.head_dim, max_seq_len, device, dtype)
 
     @property
@@ -259,8 +306,8 @@ class KVCache:
         if not 0 <= i < self.batch_size:
             raise IndexError(f"row {i} out of range for a KV cache of batch size {self.batch_size}")
         view = object.__new__(KVCache)
-        view.k, view.v = self.k[:, i:i + 1], self.v[:, i:i + 1]
-        view.cache_seqlens = self.cache_seqlens[i:i + 1]
+        view.k, view.v = self.k[:, i : i + 1], self.v[:, i : i + 1]
+        view.cache_seqlens = self.cache_seqlens[i : i + 1]
         return view
 
     def reset(self, rows: list[int] | None = None) -> None:
@@ -279,8 +326,9 @@ class GPT(nn.Module):
         kv_dim = config.n_kv_head * config.head_dim
         self.wte = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab, kv_dim)
-                                           for i in range(config.n_layer) if config.has_value_embed(i)})
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(vocab, kv_dim) for i in range(config.n_layer) if config.has_value_embed(i)}
+        )
         self.lm_head = Linear(d, vocab)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -309,8 +357,9 @@ class GPT(nn.Module):
             ve.weight.uniform_(-bound, bound)
         self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, self.config.n_layer))
         self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, self.config.n_layer))
-        cos, sin = rotary_tables(self.cos.size(0), self.config.head_dim, self.config.rope_base,
-                                 self.wte.weight.device)
+        cos, sin = rotary_tables(
+            self.cos.size(0), self.config.head_dim, self.config.rope_base, self.wte.weight.device
+        )
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -319,8 +368,13 @@ class GPT(nn.Module):
         # Master weights stay fp32 for the optimizer; matmuls run in bf16 on GPUs, fp32 on CPU.
         return torch.bfloat16 if self.wte.weight.is_cuda else torch.float32
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab) fp32, or the cross-entropy loss when targets are given."""
         B, T = idx.shape
         dtype = self.compute_dtype
@@ -334,8 +388,10 @@ class GPT(nn.Module):
             positions = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)
             end = int(positions.max()) + 1
             if end > kv_cache.max_seq_len or end > self.cos.size(0):
-                raise ValueError(f"KV cache overflow: a row would reach {end} tokens, the cache holds "
-                                 f"{kv_cache.max_seq_len} and rotary covers {self.cos.size(0)}")
+                raise ValueError(
+                    f"KV cache overflow: a row would reach {end} tokens, the cache holds "
+                    f"{kv_cache.max_seq_len} and rotary covers {self.cos.size(0)}"
+                )
             cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
         cos, sin = cos.to(dtype), sin.to(dtype)
 
@@ -347,21 +403,24 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.windows[i], kv_cache)
         if kv_cache is not None:
             kv_cache.cache_seqlens += T
-        logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()
+        logits = self.lm_head(norm(x))[..., : self.config.vocab_size].float()
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
             return logits
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', not {loss_reduction!r}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
+        )
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by group, counted on the module (compare expected_param_counts)."""
+
         def count(params) -> int:
             return sum(p.numel() for p in params)
+
         counts = {
             "wte": count(self.wte.parameters()),
             "value_embeds": count(self.value_embeds.parameters()),
@@ -389,23 +448,37 @@ class GPT(nn.Module):
         counts = self.param_counts()
         matmul_params = counts["matrices"] + counts["lm_head"]
         T = self.config.sequence_len
-        attn = sum(12 * self.config.n_head * self.config.head_dim * (T if w < 0 else min(w + 1, T))
-                   for w in self.windows)
+        attn = sum(
+            12 * self.config.n_head * self.config.head_dim * (T if w < 0 else min(w + 1, T))
+            for w in self.windows
+        )
         return float(6 * matmul_params + attn)
 
     def named_param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by optimizer role: lm_head, wte, value_embeds, resid_lambdas, x0_lambdas, matrices."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
-            "lm_head": [], "wte": [], "value_embeds": [], "resid_lambdas": [], "x0_lambdas": [],
-            "matrices": []}
+            "lm_head": [],
+            "wte": [],
+            "value_embeds": [],
+            "resid_lambdas": [],
+            "x0_lambdas": [],
+            "matrices": [],
+        }
         for name, p in self.named_parameters():
             role = "matrices" if name.startswith("blocks.") else name.split(".")[0]
             groups[role].append((name, p))
         return groups
 
-    def setup_optimizer(self, *, matrix_lr: float, embedding_lr: float, unembedding_lr: float,
-                        scalar_lr: float, weight_decay: float,
-                        adam_betas: tuple[float, float] = (0.8, 0.95)) -> torch.optim.Optimizer:
+    def setup_optimizer(
+        self,
+        *,
+        matrix_lr: float,
+        embedding_lr: float,
+        unembedding_lr: float,
+        scalar_lr: float,
+        weight_decay: float,
+        adam_betas: tuple[float, float] = (0.8, 0.95),
+    ) -> torch.optim.Optimizer:
         """MuonAdamW: Muon for block matrices, AdamW (LRs scaled by (d_model/768)^-0.5) for the rest.
 
         `weight_decay` is Muon's (cautious) decay; the AdamW groups use small fixed decays.
@@ -415,21 +488,43 @@ class GPT(nn.Module):
 
         scale = (self.config.n_embd / 768) ** -0.5
         named = self.named_param_groups()
-        adamw = {"lm_head": (unembedding_lr * scale, 0.01), "wte": (embedding_lr * scale, 0.001),
-                 "value_embeds": (0.5 * embedding_lr * scale, 0.01),
-                 "resid_lambdas": (0.01 * scalar_lr, 0.05), "x0_lambdas": (scalar_lr, 0.0)}
+        adamw = {
+            "lm_head": (unembedding_lr * scale, 0.01),
+            "wte": (embedding_lr * scale, 0.001),
+            "value_embeds": (0.5 * embedding_lr * scale, 0.01),
+            "resid_lambdas": (0.01 * scalar_lr, 0.05),
+            "x0_lambdas": (scalar_lr, 0.0),
+        }
         groups = []
         for role, (lr, wd) in adamw.items():
             if named[role]:
-                groups.append(dict(kind="adamw", name=role, names=[n for n, _ in named[role]],
-                                   params=[p for _, p in named[role]], lr=lr, betas=adam_betas,
-                                   eps=1e-10, weight_decay=wd))
+                groups.append(
+                    dict(
+                        kind="adamw",
+                        name=role,
+                        names=[n for n, _ in named[role]],
+                        params=[p for _, p in named[role]],
+                        lr=lr,
+                        betas=adam_betas,
+                        eps=1e-10,
+                        weight_decay=wd,
+                    )
+                )
         by_shape: dict[tuple[int, ...], list[tuple[str, nn.Parameter]]] = {}
         for name, p in named["matrices"]:
             by_shape.setdefault(tuple(p.shape), []).append((name, p))
         for shape, members in sorted(by_shape.items()):
-            groups.append(dict(kind="muon", name="muon_" + "x".join(map(str, shape)),
-                               names=[n for n, _ in members], params=[p for _, p in members],
-                               lr=matrix_lr, momentum=0.95, beta2=0.95, ns_steps=5,
-                               weight_decay=weight_decay))
+            groups.append(
+                dict(
+                    kind="muon",
+                    name="muon_" + "x".join(map(str, shape)),
+                    names=[n for n, _ in members],
+                    params=[p for _, p in members],
+                    lr=matrix_lr,
+                    momentum=0.95,
+                    beta2=0.95,
+                    ns_steps=5,
+                    weight_decay=weight_decay,
+                )
+            )
         return MuonAdamW(groups)

@@ -62,8 +62,18 @@ def orthogonalize(G: Tensor, steps: int = 5) -> Tensor:
     return (X.mT if tall else X).to(G.dtype)
 
 
-def muon_update(params: Tensor, grads: Tensor, momentum_buf: Tensor, second_moment: Tensor, *,
-                lr: float, momentum: float, beta2: float, weight_decay: float, ns_steps: int) -> None:
+def muon_update(
+    params: Tensor,
+    grads: Tensor,
+    momentum_buf: Tensor,
+    second_moment: Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    beta2: float,
+    weight_decay: float,
+    ns_steps: int,
+) -> None:
     """One Muon step, in place, on a stack of same-shape matrices params/grads (K, m, n)."""
     momentum_buf.lerp_(grads, 1 - momentum)
     update = orthogonalize(grads.lerp(momentum_buf, momentum), ns_steps).float()  # Nesterov
@@ -82,8 +92,18 @@ def muon_update(params: Tensor, grads: Tensor, momentum_buf: Tensor, second_mome
     params.sub_(step * update + step * weight_decay * params * agree)
 
 
-def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int, lr: float,
-                 betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def adamw_update(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One AdamW step, in place, in fp32."""
     beta1, beta2 = betas
     grad = grad.float()
@@ -106,8 +126,11 @@ class MuonAdamW(torch.optim.Optimizer):
             names = list(group.get("names") or [f"group{gi}.param{i}" for i in range(len(params))])
             if len(names) != len(params):
                 raise ValueError(f"param group {gi}: {len(names)} names for {len(params)} params")
-            if kind == "muon" and len({tuple(p.shape) for p in params}) > 1 or any(
-                    kind == "muon" and p.ndim != 2 for p in params):
+            if (
+                kind == "muon"
+                and len({tuple(p.shape) for p in params}) > 1
+                or any(kind == "muon" and p.ndim != 2 for p in params)
+            ):
                 raise ValueError(f"param group {gi}: a Muon group needs 2-D params of one shape")
             group["params"], group["names"] = params, names
             group.setdefault("initial_lr", group["lr"])
@@ -170,8 +193,10 @@ class MuonAdamW(torch.optim.Optimizer):
         # Phase 1: start every gradient reduction so communication overlaps with the updates.
         reductions = [self._start_reduce(gi, group) for gi, group in enumerate(self.param_groups)]
         # Phase 2: as each reduction lands, update the local shard and start its all-gather.
-        gathers = [self._update(gi, group, reduced)
-                   for gi, (group, reduced) in enumerate(zip(self.param_groups, reductions, strict=True))]
+        gathers = [
+            self._update(gi, group, reduced)
+            for gi, (group, reduced) in enumerate(zip(self.param_groups, reductions, strict=True))
+        ]
         # Phase 3: wait for the gathers and write the full parameters back.
         for finish in gathers:
             finish()
@@ -196,8 +221,9 @@ class MuonAdamW(torch.optim.Optimizer):
             return out
         params = group["params"]
         chunk = self._muon_chunk(group)
-        stacked = torch.zeros(chunk * self.world, *params[0].shape, device=params[0].device,
-                              dtype=params[0].dtype)
+        stacked = torch.zeros(
+            chunk * self.world, *params[0].shape, device=params[0].device, dtype=params[0].dtype
+        )
         for i, p in enumerate(params):
             stacked[i].copy_(self._grad(p))
         if not self.distributed:
@@ -218,14 +244,22 @@ class MuonAdamW(torch.optim.Optimizer):
                 state = self._adamw_state(p)
                 sharded = self._sharded(p)
                 target = p[self._rows(p)] if sharded else p
-                adamw_update(target, grad, state["exp_avg"], state["exp_avg_sq"], step=self.steps_taken,
-                             lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                             weight_decay=group["weight_decay"])
+                adamw_update(
+                    target,
+                    grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step=self.steps_taken,
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
                 if sharded:
                     pending.append(dist.all_gather_into_tensor(p, target.clone(), async_op=True))
             return lambda: [work.wait() for work in pending]
 
-        (work, grads), = reduced
+        ((work, grads),) = reduced
         if work is not None:
             work.wait()
             grads.div_(self.world)
@@ -236,17 +270,26 @@ class MuonAdamW(torch.optim.Optimizer):
         for j, i in enumerate(owned):
             local[j].copy_(params[i])
         buffers = self._muon_buffers(gi)
-        muon_update(local, grads, buffers["momentum"], buffers["second_moment"], lr=group["lr"],
-                    momentum=group["momentum"], beta2=group["beta2"], weight_decay=group["weight_decay"],
-                    ns_steps=group["ns_steps"])
+        muon_update(
+            local,
+            grads,
+            buffers["momentum"],
+            buffers["second_moment"],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            beta2=group["beta2"],
+            weight_decay=group["weight_decay"],
+            ns_steps=group["ns_steps"],
+        )
         if not self.distributed:
-            return lambda: torch._foreach_copy_(params, list(local[:len(params)].unbind(0)))
+            return lambda: torch._foreach_copy_(params, list(local[: len(params)].unbind(0)))
         gathered = torch.empty(chunk * self.world, *local.shape[1:], device=local.device, dtype=local.dtype)
         work = dist.all_gather_into_tensor(gathered, local, async_op=True)
 
         def finish() -> None:
             work.wait()
-            torch._foreach_copy_(params, list(gathered[:len(params)].unbind(0)))
+            torch._foreach_copy_(params, list(gathered[: len(params)].unbind(0)))
+
         return finish
 
     # ---- state for torch.distributed.checkpoint -------------------------------------------------
@@ -263,8 +306,9 @@ class MuonAdamW(torch.optim.Optimizer):
         """Wrap a dim-0 shard of p's state as a DTensor describing the whole tensor."""
         from torch.distributed.tensor import DTensor, Shard
 
-        return DTensor.from_local(local, self._device_mesh(), [Shard(0)], run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        return DTensor.from_local(
+            local, self._device_mesh(), [Shard(0)], run_check=False, shape=p.shape, stride=p.stride()
+        )
 
     def sharded_state_dict(self) -> dict:
         """{"steps_taken": int, "state": {param name: {buffer: tensor}}}, keyed to survive re-sharding.
@@ -283,8 +327,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "adamw":
                 for name, p in zip(group["names"], group["params"], strict=True):
                     buffers = self._adamw_state(p)
-                    state[name] = {k: self._as_global(t, p) if self._sharded(p) else t
-                                   for k, t in buffers.items()}
+                    state[name] = {
+                        k: self._as_global(t, p) if self._sharded(p) else t for k, t in buffers.items()
+                    }
             else:
                 buffers = self._muon_buffers(gi)
                 for j, i in enumerate(self._owned(group)):
@@ -296,33 +341,41 @@ class MuonAdamW(torch.optim.Optimizer):
         expected = self.sharded_state_dict()
         missing = sorted(set(expected["state"]) - set(sd.get("state", {})))
         if missing or "steps_taken" not in sd:
-            raise KeyError(f"optimizer state is missing entries for {missing or ['steps_taken']}; "
-                           "was it saved for a different model?")
+            raise KeyError(
+                f"optimizer state is missing entries for {missing or ['steps_taken']}; "
+                "was it saved for a different model?"
+            )
         for name, buffers in expected["state"].items():
             for key, target in buffers.items():
                 source = sd["state"][name][key]
                 source = source.to_local() if hasattr(source, "to_local") else source
                 target = target.to_local() if hasattr(target, "to_local") else target
                 if source.shape != target.shape:
-                    raise ValueError(f"optimizer state {name}.{key}: saved shape {tuple(source.shape)} "
-                                     f"does not match {tuple(target.shape)}")
+                    raise ValueError(
+                        f"optimizer state {name}.{key}: saved shape {tuple(source.shape)} "
+                        f"does not match {tuple(target.shape)}"
+                    )
                 target.copy_(source)
         self.steps_taken = int(sd["steps_taken"])
 
     def state_dict(self) -> dict:
-        raise NotImplementedError("MuonAdamW state is sharded: use sharded_state_dict() with "
-                                  "torch.distributed.checkpoint")
+        raise NotImplementedError(
+            "MuonAdamW state is sharded: use sharded_state_dict() with torch.distributed.checkpoint"
+        )
 
     def load_state_dict(self, state_dict: dict) -> None:
         raise NotImplementedError("MuonAdamW state is sharded: use load_sharded_state_dict()")
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, warmup_steps: int, warmdown_ratio: float, final_lr_frac: float
+) -> float:
     """LR factor at `step` (0-based): linear warmup, constant, then linear warmdown to final_lr_frac."""
     if total_steps < 1 or warmup_steps < 0 or not 0.0 <= warmdown_ratio <= 1.0:
-        raise ValueError(f"bad schedule: total_steps={total_steps}, warmup_steps={warmup_steps}, "
-                         f"warmdown_ratio={warmdown_ratio}")
+        raise ValueError(
+            f"bad schedule: total_steps={total_steps}, warmup_steps={warmup_steps}, "
+            f"warmdown_ratio={warmdown_ratio}"
+        )
     warmdown_steps = round(warmdown_ratio * total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps

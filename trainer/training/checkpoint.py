@@ -136,8 +136,10 @@ def _check_contents(checkpoint_uri: str, marker: dict[str, Any], name: str, actu
     """CheckpointError naming file `name` when the checksum of its contents is not the one committed."""
     expected = (marker.get(CHECKSUMS) or {}).get(name)
     if expected and actual != expected:
-        raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: its contents "
-                              f"changed since it was committed ({CHECKSUMS} checksum mismatch)")
+        raise CheckpointError(
+            f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: its contents "
+            f"changed since it was committed ({CHECKSUMS} checksum mismatch)"
+        )
 
 
 def verify_checkpoint(checkpoint_uri: str) -> None:
@@ -153,13 +155,17 @@ def verify_checkpoint(checkpoint_uri: str) -> None:
     for name, size in sorted(committed.items()):
         if present.get(name) != size:
             found = "missing" if name not in present else f"{present[name]} bytes"
-            raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: {found}, "
-                                  f"{size} bytes were committed")
+            raise CheckpointError(
+                f"checkpoint file {storage.join(checkpoint_uri, name)} is corrupt: {found}, "
+                f"{size} bytes were committed"
+            )
     for name in sorted(marker.get(CHECKSUMS) or {}):
         try:
             actual = storage.file_checksum(storage.join(checkpoint_uri, name))
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint file {storage.join(checkpoint_uri, name)} is missing") from None
+            raise CheckpointError(
+                f"checkpoint file {storage.join(checkpoint_uri, name)} is missing"
+            ) from None
         _check_contents(checkpoint_uri, marker, name, actual)
 
 
@@ -205,7 +211,9 @@ def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> st
         dist.broadcast_object_list(box, src=0)
         found = box[0]
     uri, damaged = found
-    _known_good.difference_update(damaged)  # damaged since this process saved it: saving that step replaces it
+    _known_good.difference_update(
+        damaged
+    )  # damaged since this process saved it: saving that step replaces it
     if uri:
         _known_good.add(uri)
     return uri
@@ -227,7 +235,9 @@ def restore_rng(state: dict[str, Any] | None) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     random.setstate(pickle.loads(base64.b64decode(state["python"])))  # our own bytes, from meta.json
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+        torch.cuda.set_rng_state(
+            torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8)
+        )
 
 
 def _dcp(fn: Any, state: dict, **kwargs: Any) -> None:
@@ -308,7 +318,12 @@ def save_checkpoint(
         storage.write_bytes(storage.join(uri, META_FILE), meta_bytes)
         checksums[META_FILE] = storage.checksum(meta_bytes)
         # every rank's files are in place (barrier above): the marker lists them as they are now
-        marker = {"step": step, "committed_at": time.time(), "files": storage.file_sizes(uri), CHECKSUMS: checksums}
+        marker = {
+            "step": step,
+            "committed_at": time.time(),
+            "files": storage.file_sizes(uri),
+            CHECKSUMS: checksums,
+        }
         storage.write_json(storage.join(uri, COMMIT_MARKER), marker)
         _prune(stage_dir_uri, keep_last, newest=step, config_id=config_id)
     _known_good.add(uri)
@@ -426,7 +441,9 @@ def final_checkpoint(run_dir: str, stage: str) -> str:
         )
     uri = done.outputs.get("checkpoint")
     if not uri:
-        raise CheckpointError(f"{stage}/done.json in {run_dir} names no checkpoint (outputs: {json.dumps(done.outputs)})")
+        raise CheckpointError(
+            f"{stage}/done.json in {run_dir} names no checkpoint (outputs: {json.dumps(done.outputs)})"
+        )
     if not is_committed(uri):
         raise CheckpointError(f"{stage}/done.json points at {uri}, which is missing or not committed")
     return uri

@@ -69,7 +69,9 @@ HISTORY_MIN_INTERVAL_S = 30.0  # history.jsonl likewise (it grows with the run)
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("stage")
     g.add_argument("--run-dir", required=True, help="run directory: a local path or s3://bucket/prefix")
-    g.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on PORT+LOCAL_RANK")
+    g.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on PORT+LOCAL_RANK"
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
     g.add_argument("--seed", type=int, default=42, help="random seed (the same on every rank)")
 
@@ -148,7 +150,12 @@ class StageContext:
         for key, value in fields.items():
             if key in ("tokens", "step_seconds"):
                 continue
-            if key in Progress.__dataclass_fields__ and key not in ("stage", "extra", "updated_at", "attempt"):
+            if key in Progress.__dataclass_fields__ and key not in (
+                "stage",
+                "extra",
+                "updated_at",
+                "attempt",
+            ):
                 setattr(p, key, value)
             else:
                 p.extra[key] = value
@@ -191,8 +198,13 @@ class StageContext:
                 self.progress(flush=True, message="done")
             write_done(
                 self.run_dir,
-                Done(stage=self.stage, seconds=time.time() - self.started_at, metrics=metrics, outputs=outputs,
-                     config_id=self.config_id),
+                Done(
+                    stage=self.stage,
+                    seconds=time.time() - self.started_at,
+                    metrics=metrics,
+                    outputs=outputs,
+                    config_id=self.config_id,
+                ),
             )
         self.barrier()
 
@@ -213,8 +225,16 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU. Unknown devices: None.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -240,7 +260,9 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     if world_size > 1 and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
-            raise SystemExit(f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set (launch with torchrun)")
+            raise SystemExit(
+                f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set (launch with torchrun)"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
@@ -298,8 +320,12 @@ def exit_preempted(ctx: StageContext, checkpoint: str | None) -> int:
     since = f" ({now - ctx._sigterm_at:.2f} s after SIGTERM)" if ctx._sigterm_at else ""
     ctx.print0(f"SIGTERM checkpoint saved in {saved_in:.2f} s{since}")
     ctx.flush_history()
-    ctx.progress(flush=True, stopped=PREEMPTED, last_checkpoint=checkpoint,
-                 message=f"preempted: checkpoint saved in {saved_in:.2f} s")
+    ctx.progress(
+        flush=True,
+        stopped=PREEMPTED,
+        last_checkpoint=checkpoint,
+        message=f"preempted: checkpoint saved in {saved_in:.2f} s",
+    )
     ctx.print0(f"preempted: saved {checkpoint}; exiting {PREEMPTED_EXIT_CODE} so the job is retried")
     return teardown(ctx, PREEMPTED_EXIT_CODE)
 

@@ -247,10 +247,17 @@ def run_loop(
         took = f"{dt:.1f} s" if log_seconds else f"{dt * 1000:.0f} ms"
         ctx.print0(f"step {step:06d}/{steps} | {report.log} | {took}")
         ctx.progress(
-            step=step, total_steps=steps, loss=report.loss, **report.extra,
-            tokens_per_sec=report.tokens_per_step / dt, eta_seconds=eta, lr=start.base_lrs[-1] * report.lrm,
-            grad_norm=report.grad_norm, tokens=report.tokens, step_seconds=dt,
-        )  # fmt: skip
+            step=step,
+            total_steps=steps,
+            loss=report.loss,
+            **report.extra,
+            tokens_per_sec=report.tokens_per_step / dt,
+            eta_seconds=eta,
+            lr=start.base_lrs[-1] * report.lrm,
+            grad_norm=report.grad_norm,
+            tokens=report.tokens,
+            step_seconds=dt,
+        )
         ctx.record(step=step, **report.record)
         preempted = ctx.should_stop()
 

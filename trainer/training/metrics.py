@@ -56,7 +56,10 @@ class TrainMetrics:
         names = list(self.labels)
         # A gauge's series appears with its first value, not as 0 before it: a loss, ETA or MFU the
         # stage has not measured yet (MFU never is on a CPU) is no data on the dashboard, not a 0.
-        self.gauges = {field: Gauge(name, help_, names, registry=self.registry) for field, (name, help_) in GAUGES.items()}
+        self.gauges = {
+            field: Gauge(name, help_, names, registry=self.registry)
+            for field, (name, help_) in GAUGES.items()
+        }
         self.tokens = Counter(
             "llm_train_tokens", "Tokens trained on by all ranks", names, registry=self.registry
         ).labels(**self.labels)

@@ -50,7 +50,9 @@ from nanorun.pipeline.progress import (
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fake-stage", description=__doc__.splitlines()[0])
-    p.add_argument("-m", dest="module", required=True, help="the stage module, e.g. nanorun.trainer.base_train")
+    p.add_argument(
+        "-m", dest="module", required=True, help="the stage module, e.g. nanorun.trainer.base_train"
+    )
     p.add_argument("--run-dir", required=True, help="the run directory (s3:// or a local path)")
     p.add_argument("--fake-steps", type=int, default=3, help="steps to take")
     p.add_argument("--fake-step-seconds", type=float, default=0.05, help="seconds per step")
@@ -68,7 +70,9 @@ def main(argv: list[str]) -> int:
     terminated = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     rank = int(os.environ.get("RANK", "0"))
-    print(f"fake stage {stage}: attempt {attempt}, rank {rank}, {steps} steps of {step_seconds} s", flush=True)
+    print(
+        f"fake stage {stage}: attempt {attempt}, rank {rank}, {steps} steps of {step_seconds} s", flush=True
+    )
 
     if rank != 0:  # a worker pod: only rank 0 writes the contract's files
         return 143 if terminated.wait(steps * step_seconds) else 0
@@ -80,9 +84,19 @@ def main(argv: list[str]) -> int:
     began = time.monotonic()
 
     def progress(step: int, stopped: str = "") -> Progress:
-        return Progress(stage=stage, step=step, total_steps=steps, loss=4.0 / max(step, 1), val_bpb=1.5 / max(step, 1),
-                        tokens_per_sec=1000.0 * step, mfu=0.4, eta_seconds=(steps - step) * step_seconds,
-                        elapsed_seconds=time.monotonic() - began, attempt=attempt, stopped=stopped)
+        return Progress(
+            stage=stage,
+            step=step,
+            total_steps=steps,
+            loss=4.0 / max(step, 1),
+            val_bpb=1.5 / max(step, 1),
+            tokens_per_sec=1000.0 * step,
+            mfu=0.4,
+            eta_seconds=(steps - step) * step_seconds,
+            elapsed_seconds=time.monotonic() - began,
+            attempt=attempt,
+            stopped=stopped,
+        )
 
     for step in range(start + 1, steps + 1):
         if terminated.wait(step_seconds):
@@ -92,13 +106,23 @@ def main(argv: list[str]) -> int:
         write_progress(args.run_dir, progress(step))
         print(f"fake stage {stage}: step {step}/{steps}", flush=True)
     if attempt in fail_attempts:
-        print(f"fake stage {stage}: attempt {attempt} fails as asked (--fake-fail-attempts)", file=sys.stderr,
-              flush=True)
+        print(
+            f"fake stage {stage}: attempt {attempt} fails as asked (--fake-fail-attempts)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     checkpoint = storage.join(args.run_dir, stage, "checkpoints", f"step_{steps:06d}")
-    write_done(args.run_dir, Done(stage=stage, seconds=steps * step_seconds,
-                                  metrics={"loss": 4.0 / steps, "val_bpb": 1.5 / steps},
-                                  outputs={"checkpoint": checkpoint}, config_id=config_id))
+    write_done(
+        args.run_dir,
+        Done(
+            stage=stage,
+            seconds=steps * step_seconds,
+            metrics={"loss": 4.0 / steps, "val_bpb": 1.5 / steps},
+            outputs={"checkpoint": checkpoint},
+            config_id=config_id,
+        ),
+    )
     print(f"fake stage {stage}: done, checkpoint {checkpoint}", flush=True)
     return 0
 
