@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanorun.operator.local import load_run_file
+from nanorun.cli.run import load_run_file
 from nanorun.operator.plan import stage_plan
 from nanorun.pipeline.progress import read_done
 
@@ -37,7 +37,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "nanorun.operator.cli", "run", args.file, "--run-dir", run_dir],
+        [sys.executable, "-m", "nanorun.cli.main", "run", args.file, "--run-dir", run_dir],
         capture_output=True,
         text=True,
     )

@@ -68,7 +68,7 @@ def start_operator(namespace: str, env: dict[str, str], log: Path, verbose: bool
     argv = [
         sys.executable,
         "-m",
-        "nanorun.operator.cli",
+        "nanorun.cli.main",
         "operator",
         "-n",
         namespace,

@@ -21,19 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanorun.operator import kueue, metrics
+from nanorun.operator import kueue, metrics, names
 from nanorun.operator.api import GROUP, PLURAL, VERSION
-from nanorun.operator.jobs import (
-    CONTAINER_NAME,
+from nanorun.operator.jobs import CONTAINER_NAME, RunRef
+from nanorun.operator.names import (
     LABEL_ATTEMPT,
     LABEL_RUN,
     LABEL_STAGE,
     PYTORCHJOB_GROUP,
     PYTORCHJOB_PLURAL,
     PYTORCHJOB_VERSION,
-    RunRef,
+    RAYSERVICE_GROUP,
+    RAYSERVICE_PLURAL,
+    RAYSERVICE_VERSION,
 )
-from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
 from nanorun.operator.reconcile import Decision, Event, FailureFacts, reconcile
 from nanorun.operator.status import now_utc, parse_time, rfc3339
 from nanorun.pipeline import progress as stage_files
@@ -333,11 +334,11 @@ class Controller:
         meta = job["metadata"]
         try:
             found = self._clients()[0].list_namespaced_custom_object(
-                kueue.WORKLOAD_GROUP,
-                kueue.WORKLOAD_VERSION,
+                names.WORKLOAD_GROUP,
+                names.WORKLOAD_VERSION,
                 meta["namespace"],
-                kueue.WORKLOAD_PLURAL,
-                label_selector=f"{kueue.JOB_UID_LABEL}={meta.get('uid', '')}",
+                names.WORKLOAD_PLURAL,
+                label_selector=f"{names.JOB_UID_LABEL}={meta.get('uid', '')}",
             )
         except Exception as err:
             if _status_code(err) == 404:
@@ -358,7 +359,7 @@ class Controller:
                     continue  # already there: a previous reconcile (or operator process) created it
                 raise
             self._post_event(run, event)
-            if manifest["metadata"]["labels"].get("nanorun.io/attempt") == "1" and not any(
+            if manifest["metadata"]["labels"].get(LABEL_ATTEMPT) == "1" and not any(
                 (r.get("attempts") or 0) > 0 for r in ((body.get("status") or {}).get("stages") or [])
             ):
                 created = parse_time(body["metadata"].get("creationTimestamp"))
@@ -370,10 +371,10 @@ class Controller:
             )
         for workload, patch in d.patch_workloads:
             api.patch_namespaced_custom_object(
-                kueue.WORKLOAD_GROUP,
-                kueue.WORKLOAD_VERSION,
+                names.WORKLOAD_GROUP,
+                names.WORKLOAD_VERSION,
                 run.namespace,
-                kueue.WORKLOAD_PLURAL,
+                names.WORKLOAD_PLURAL,
                 workload,
                 patch,
             )

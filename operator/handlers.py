@@ -20,9 +20,19 @@ from typing import Any
 import kopf
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.controller import Controller
-from nanorun.operator.jobs import LABEL_RUN, PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
-from nanorun.operator.kueue import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
-from nanorun.operator.rayservice import RAYSERVICE_GROUP, RAYSERVICE_PLURAL, RAYSERVICE_VERSION
+from nanorun.operator.names import (
+    CLEANUP_FINALIZER,
+    LABEL_RUN,
+    PYTORCHJOB_GROUP,
+    PYTORCHJOB_PLURAL,
+    PYTORCHJOB_VERSION,
+    RAYSERVICE_GROUP,
+    RAYSERVICE_PLURAL,
+    RAYSERVICE_VERSION,
+    WORKLOAD_GROUP,
+    WORKLOAD_PLURAL,
+    WORKLOAD_VERSION,
+)
 from nanorun.pipeline import storage
 
 LLMRUNS = (GROUP, VERSION, PLURAL)
@@ -33,7 +43,6 @@ WORKLOADS = (
     WORKLOAD_VERSION,
     WORKLOAD_PLURAL,
 )  # Kueue's; kopf watches them only where served
-CLEANUP_FINALIZER = "nanorun.io/cleanup"
 
 log = logging.getLogger("nanorun.operator")
 CONTROLLER = Controller()

@@ -20,12 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec
-from nanorun.operator.kueue import QUEUE_LABEL
+from nanorun.operator.names import (
+    ANNOTATION_RUN_DIR,
+    ANNOTATION_STAGE_KEY,
+    LABEL_ATTEMPT,
+    LABEL_CONFIG,
+    LABEL_RUN,
+    LABEL_STAGE,
+    PYTORCHJOB_GROUP,
+    PYTORCHJOB_VERSION,
+    QUEUE_LABEL,
+)
 from nanorun.operator.plan import PlannedStage, processes_per_node
 
-PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
-LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
 CONTAINER_NAME = "pytorch"  # the training operator requires this name
 RENDEZVOUS_PORT = 23456  # the training operator's default `pytorchjob-port`
 MAX_NAME = 63  # DNS-1035 label; the training operator's Services are named after the job
@@ -114,16 +121,10 @@ def _resources(spec: LLMRunSpec, gpus: int) -> dict[str, Any]:
 
 
 def command_for_stage(spec: LLMRunSpec, stage: PlannedStage) -> list[str]:
+    """The container command: `torchrun` (the training-operator sets its node and rank flags
+    through PET_* variables) or `python` for a one-process stage."""
     launcher = ["torchrun", "-m"] if stage.distributed else ["python", "-m"]
-    return [
-        *launcher,
-        stage.module,
-        "--run-dir",
-        spec.storage.uri,
-        *stage.args,
-        "--metrics-port",
-        str(spec.metrics_port),
-    ]
+    return [*launcher, stage.module, *stage.flags(spec.storage.uri, spec.metrics_port)]
 
 
 def pytorchjob_for_stage(
@@ -206,7 +207,7 @@ def pytorchjob_for_stage(
             "name": name,
             "namespace": run.namespace,
             "labels": labels,
-            "annotations": {"nanorun.io/run-dir": spec.storage.uri, "nanorun.io/stage-key": stage.key},
+            "annotations": {ANNOTATION_RUN_DIR: spec.storage.uri, ANNOTATION_STAGE_KEY: stage.key},
             "ownerReferences": [run.owner_reference()],
         },
         "spec": {

@@ -15,8 +15,6 @@ Two rules follow from Kueue owning `runPolicy.suspend` of such a job:
   https://kueue.sigs.k8s.io/docs/concepts/workload/#active), and Kueue evicts and suspends the job
   itself. The operator marks the Workloads it deactivated, so resuming reactivates those and never
   one that Kueue (or a person) deactivated for a reason of its own.
-
-Workloads are read through `kueue.x-k8s.io/v1beta2` (served since Kueue v0.15).
 """
 
 from __future__ import annotations
@@ -24,10 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-WORKLOAD_GROUP, WORKLOAD_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
-DEACTIVATED_BY_OPERATOR = "nanorun.io/deactivated"
+from nanorun.operator.names import DEACTIVATED_BY_OPERATOR
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,12 @@ class PlannedStage:
     def module(self) -> str:
         return f"nanorun.trainer.{self.stage}"
 
+    def flags(self, run_dir: str, metrics_port: int | None) -> list[str]:
+        """What follows `-m <module>` in the stage's command, in both executors: the run
+        directory, the stage's flags, and the port of its Prometheus endpoint (None: none)."""
+        port = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
+        return ["--run-dir", run_dir, *self.args, *port]
+
 
 def _flags(pairs: list[tuple[str, object]]) -> list[str]:
     """`--flag value` for every pair whose value is set (None means: the stage's own default)."""

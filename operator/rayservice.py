@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 from nanorun.operator.api import LLMRunSpec
-from nanorun.operator.jobs import LABEL_RUN, RunRef, dns_name, storage_env
+from nanorun.operator.jobs import RunRef, dns_name, storage_env
+from nanorun.operator.names import LABEL_RUN, RAYSERVICE_GROUP, RAYSERVICE_VERSION
 from nanorun.serving import (
     SERVE_APP_NAME,
     SERVE_DEPLOYMENT_NAME,
@@ -34,7 +35,6 @@ from nanorun.serving import (
     SERVE_SLOTS,
 )
 
-RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL = "ray.io", "v1", "rayservices"
 SERVE_PORT = 8000
 SERVE_METRICS_PORT_NAME = "serve-metrics"  # the chart's podMonitor.servingPort
 

@@ -5,15 +5,13 @@ made of exactly these rules.
     from nanorun.operator.rbac import OPERATOR_RBAC_RULES
 
 Helm cannot import Python, so the chart reads the rules from `charts/nanorun/files/rbac-rules.yaml`
-and the plain manifests carry them in `manifests/rbac/clusterrole.yaml`; both are rendered here and
-written by `python -m nanorun.operator.crd --write` with the CRD (a test fails when one is stale).
+and the plain manifests carry them in `manifests/rbac/clusterrole.yaml`; both are written from this
+list by `python -m tools.generate --write` (a test fails when one is stale).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import yaml
 
 OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # LLMRuns: kopf lists and watches them; patch adds/removes the cleanup finalizer and kopf's
@@ -50,22 +48,3 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
         "verbs": ["list", "watch"],
     },
 ]
-
-
-def chart_rules_yaml(header: str) -> str:
-    """The rule list the chart's ClusterRole template reads (charts/nanorun/files/rbac-rules.yaml)."""
-    return header + yaml.safe_dump(OPERATOR_RBAC_RULES, sort_keys=False, default_flow_style=None)
-
-
-def cluster_role_yaml(header: str) -> str:
-    """The operator's ClusterRole for the plain manifests (manifests/rbac/clusterrole.yaml)."""
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {
-            "name": "nanorun-operator",
-            "labels": {"app.kubernetes.io/name": "nanorun", "app.kubernetes.io/component": "operator"},
-        },
-        "rules": OPERATOR_RBAC_RULES,
-    }
-    return header + yaml.safe_dump(role, sort_keys=False, default_flow_style=None)

@@ -28,14 +28,8 @@ from typing import Any
 from nanorun.operator import kueue
 from nanorun.operator import plan as plan_mod
 from nanorun.operator.api import LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
-from nanorun.operator.jobs import (
-    LABEL_ATTEMPT,
-    LABEL_CONFIG,
-    LABEL_STAGE,
-    RunRef,
-    job_name,
-    pytorchjob_for_stage,
-)
+from nanorun.operator.jobs import RunRef, job_name, pytorchjob_for_stage
+from nanorun.operator.names import LABEL_ATTEMPT, LABEL_CONFIG, LABEL_STAGE
 from nanorun.operator.rayservice import rayservice_for_run, rayservice_name, served_checkpoints, service_url
 from nanorun.operator.status import (
     job_state,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nanorun.cli.run import stage_command
 from nanorun.operator.api import parse_spec
 from nanorun.operator.jobs import command_for_stage
-from nanorun.operator.local import stage_command
 from nanorun.operator.plan import stage_plan
 from nanorun.pipeline.stages import KEYS
 

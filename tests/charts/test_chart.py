@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-from nanorun.operator import crd
 from nanorun.operator.api import DEFAULT_IMAGE, parse_spec
 from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
 from nanorun.operator.main import parse_args
@@ -31,6 +30,7 @@ from tests.charts.conftest import (
     run_helm,
     template_args,
 )
+from tools import generate
 
 PRODUCTION = CHART / "ci" / "production-values.yaml"
 NAMESPACED = CHART / "ci" / "namespaced-values.yaml"
@@ -119,11 +119,9 @@ def test_s3_credentials_come_from_the_referenced_secret(render: Render) -> None:
 
 
 def test_rbac_files_are_generated_from_the_operator_rules() -> None:
-    files = crd.generated_files()
-    for path in (crd.CHART_RBAC_PATH, crd.MANIFEST_ROLE_PATH):
-        assert path.read_text() == files[path], (
-            f"{path} is stale: run `python -m nanorun.operator.crd --write`"
-        )
+    files = generate.generated_files()
+    for path in (generate.CHART_RBAC_PATH, generate.MANIFEST_ROLE_PATH):
+        assert path.read_text() == files[path], f"{path} is stale: run `python -m tools.generate --write`"
 
 
 def test_cluster_role_has_exactly_the_operator_rules(render: Render) -> None:

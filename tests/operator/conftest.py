@@ -56,7 +56,7 @@ class OperatorProcess:
             [
                 sys.executable,
                 "-m",
-                "nanorun.operator.cli",
+                "nanorun.cli.main",
                 "operator",
                 "-n",
                 self.namespace,

@@ -9,6 +9,8 @@ import yaml
 from nanorun.operator import api, crd
 from nanorun.operator.api import RULES, LLMRunSpec, SpecError, check_update, parse_spec
 
+from tools import generate
+
 MINIMAL = {"storage": {"uri": "s3://bucket/runs/r1"}}
 
 
@@ -188,18 +190,21 @@ def test_every_rule_is_in_the_crd_where_it_belongs():
 
 def test_generated_files_are_fresh():
     stale = [
-        str(p) for p, content in crd.generated_files().items() if not p.exists() or p.read_text() != content
+        str(p)
+        for p, content in generate.generated_files().items()
+        if not p.exists() or p.read_text() != content
     ]
-    assert stale == [], f"regenerate with `python -m nanorun.operator.crd --write`: {stale}"
+    assert stale == [], f"regenerate with `python -m tools.generate --write`: {stale}"
 
 
 def test_nanorun_crd_prints_the_crd(capsys):
     assert crd.main([]) == 0
+    assert generate.main([]) == 0  # `python -m tools.generate` finds nothing stale
     assert yaml.safe_load(capsys.readouterr().out) == crd.crd()
 
 
 def test_configuration_reference_lists_every_section_and_rule():
-    text = crd.generated_files()[crd.DOCS_PATH]
+    text = generate.generated_files()[generate.DOCS_PATH]
     for section in ("spec.storage", "spec.compute", "spec.stages.pretrain", "spec.serving", "spec.retry"):
         assert f"## {section}\n" in text
     assert "`spec.stages.pretrain.totalBatchSize`" in text

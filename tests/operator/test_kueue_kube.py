@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION
-from nanorun.operator.kueue import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
+from nanorun.operator.names import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
 from nanorun.pipeline import storage
 
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, list_jobs, llmrun, wait_for

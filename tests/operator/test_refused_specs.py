@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from nanorun.operator import cli
+from nanorun.cli import main as cli
 from nanorun.operator.api import API_VERSION, KIND, RULES, parse_spec
 
 STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")

@@ -45,7 +45,7 @@ def test_the_operator_imports_without_torch():
     # The operator image has no torch: its modules and the torch-free shared ones must not need it.
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import nanorun.operator.handlers, nanorun.operator.cli, nanorun.operator.local, nanorun.pipeline.stages\n"
+        "import nanorun.operator.handlers, nanorun.cli.main, nanorun.cli.run, nanorun.pipeline.stages\n"
         "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

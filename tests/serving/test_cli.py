@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from nanorun.operator.cli import main as nanorun_main
+from nanorun.cli.main import main as nanorun_main
 
 from tests.serving.conftest import free_port
 
@@ -31,7 +31,7 @@ def test_serve_prints_the_url_and_answers_there(tiny_chat_run):
         [
             sys.executable,
             "-m",
-            "nanorun.operator.cli",
+            "nanorun.cli.main",
             "serve",
             "--checkpoint",
             tiny_chat_run,

@@ -11,7 +11,8 @@ import socket
 import httpx
 import yaml
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import LABEL_RUN, RunRef
+from nanorun.operator.jobs import RunRef
+from nanorun.operator.names import LABEL_RUN
 from nanorun.operator.rayservice import SERVE_METRICS_PORT_NAME, rayservice_for_run
 from nanorun.serving import SERVE_METRICS_PORT, SERVE_METRICS_PORT_ENV, SERVE_REPLICA_RESOURCE, SERVE_SLOTS
 from nanorun.serving import metrics as serving_metrics

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from nanorun.operator.cli import main as nanorun_main
+from nanorun.cli.main import main as nanorun_main
 from nanorun.trainer.chat.engine import Engine, SpecialTokens, load_chat_model
 from nanorun.trainer.chat_cli import assistant_parts, main
 from nanorun.trainer.data.tokenizer import Tokenizer

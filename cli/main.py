@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("nanorun.trainer.data.dataset", "build (prepare) or download pretraining shards"),
     "crd": ("nanorun.operator.crd", "print the LLMRun CustomResourceDefinition (YAML)"),
     "operator": ("nanorun.operator.main", "run the Kubernetes operator"),
-    "run": ("nanorun.operator.local", "run an LLMRun file on this machine, without a cluster"),
+    "run": ("nanorun.cli.run", "run an LLMRun file on this machine, without a cluster"),
     "serve": ("nanorun.serving.cli", "serve a checkpoint: OpenAI-compatible API and web UI"),
     "chat": ("nanorun.trainer.chat_cli", "chat with a checkpoint in the terminal"),
 }

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from nanorun.operator import local
+from nanorun.cli import run as local
 from nanorun.operator.api import GROUP, VERSION, parse_spec
 from nanorun.operator.plan import config_ids, stage_plan
 from nanorun.pipeline import storage
@@ -227,7 +227,7 @@ def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tm
     run_dir = tmp_path / "run"
     log = run_dir / "logs" / "base_train.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nanorun.operator.cli", "run", str(path)],
+        [sys.executable, "-m", "nanorun.cli.main", "run", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -326,7 +326,7 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         write_done(run_dir, dataclasses.replace(read_done(run_dir, stage), config_id=ids[key]))
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nanorun.operator.cli", "run", str(path), "--serve", "--port", str(port)],
+        [sys.executable, "-m", "nanorun.cli.main", "run", str(path), "--serve", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

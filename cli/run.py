@@ -146,10 +146,7 @@ def stage_command(stage: PlannedStage, run_dir: str, nproc: int, metrics_port: i
             "-m",
             stage.module,
         ]
-    cmd = launcher + ["--run-dir", run_dir, *stage.args]
-    if metrics_port is not None:
-        cmd += ["--metrics-port", str(metrics_port)]
-    return cmd
+    return launcher + stage.flags(run_dir, metrics_port)
 
 
 def _fmt_metric(v: Any) -> str:

@@ -1,0 +1,26 @@
+"""Every name the operator shares with the cluster, in one place: the kinds it reads and writes
+besides its own LLMRun (whose group and version are in api.py), and the labels, annotations and
+finalizer it puts on objects."""
+
+from __future__ import annotations
+
+# Kinds of other controllers: (group, version, plural).
+PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL = "ray.io", "v1", "rayservices"
+# Kueue's Workload, read through v1beta2 (served since Kueue v0.15).
+WORKLOAD_GROUP, WORKLOAD_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
+
+# Labels on every PyTorchJob (and its pods) and on the RayService.
+LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
+LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
+# Annotations on every PyTorchJob: where its run directory is, which spec.stages key it runs.
+ANNOTATION_RUN_DIR, ANNOTATION_STAGE_KEY = "nanorun.io/run-dir", "nanorun.io/stage-key"
+
+# Kueue: the queue label of a job, the label Kueue puts on a job's Workload, and the annotation
+# marking a Workload the operator deactivated (spec.suspend) and may therefore reactivate.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+DEACTIVATED_BY_OPERATOR = "nanorun.io/deactivated"
+
+# The finalizer for storage.cleanupOnDelete.
+CLEANUP_FINALIZER = "nanorun.io/cleanup"
