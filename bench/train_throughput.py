@@ -22,7 +22,7 @@ import time
 
 import torch
 from nanorun.trainer.model.attention import backend_name
-from nanorun.trainer.model.gpt import GPT, GPTConfig
+from nanorun.trainer.model.gpt import GPTConfig, build_model
 
 # Dense bf16 peak FLOP/s, matched against torch.cuda.get_device_name() (first match wins).
 PEAK_BF16_FLOPS = (
@@ -91,11 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         window_pattern=args.window_pattern,
         value_embeds=not args.no_value_embeds,
     )
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
     torch.manual_seed(args.seed)
-    model.init_weights()
+    model = build_model(config, device)
     optimizer = model.setup_optimizer(
         matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.2
     )

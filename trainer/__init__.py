@@ -4,7 +4,7 @@ chat_cli, the terminal chat), and the libraries they are made of:
 
     model/       the GPT, attention kernels, FP8, Muon and AdamW
     data/        shards, the token loader, the tokenizer
-    training/    the stage context, the post-training loop, checkpoints, metrics
+    training/    the stage context, the post-training loop, checkpoints, metrics, cross-rank helpers
     evaluation/  CORE and bits per byte
     chat/        the KV-cache engine, conversations, the calculator, the code sandbox
     tasks/       evaluation and finetuning datasets

@@ -35,6 +35,7 @@ from nanorun.trainer.evaluation import core_eval
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
+from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
 
 B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
 D_REF_DEPTH = 12
@@ -204,14 +205,6 @@ def greedy_sample(
     return tokenizer.decode(x[0, 1:].tolist())
 
 
-def global_mean(value: torch.Tensor, world_size: int) -> float:
-    if world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world_size
-    return value.item()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = setup_stage("base_train", args)
@@ -219,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return teardown(ctx)
     from nanorun.trainer.data.dataset import resolve_shards
     from nanorun.trainer.data.tokenizer import Tokenizer
-    from nanorun.trainer.model.gpt import GPT, GPTConfig
+    from nanorun.trainer.model.gpt import build_model
     from nanorun.trainer.model.optim import lr_multiplier, muon_momentum
 
     tokenizer = Tokenizer.from_run_dir(ctx.run_dir)
@@ -227,17 +220,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model, plan and optimizer: fresh, or as this configuration's newest committed checkpoint left them
     resume_uri = ckpt.resumable_checkpoint(ctx.stage_dir)
-    meta = ckpt.read_meta(resume_uri) if resume_uri else None
-    config = GPTConfig.from_dict(meta["model_config"]) if meta else model_config(args, tokenizer.vocab_size)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=ctx.device)
-    model.init_weights()
-    if meta:
-        ckpt.load_weights(resume_uri, model)
-    elif ctx.distributed:  # no DDP wrapper: make sure every rank starts from rank 0's weights
-        for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
+    if resume_uri:
+        model, meta = ckpt.load_model(resume_uri, ctx.device)
+        model.train()
+    else:
+        model, meta = build_model(model_config(args, tokenizer.vocab_size), ctx.device), None
+        if ctx.distributed:  # no DDP wrapper: make sure every rank starts from rank 0's weights
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+    config = model.config
     flops_per_token = model.estimate_flops()
     plan = meta["plan"] if meta else plan_run(args, config, flops_per_token, ctx.world_size)
     shards = meta["shards"] if meta else resolve_shards(args.data, ctx.run_dir)
@@ -359,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = train_model(x, y)
             loss_sum += loss.detach()
             (loss / accum).backward()
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
-        ).item()
+        norm = grad_norm(model)
         lrm = lr_multiplier(
             step, num_iterations, plan["warmup_steps"], plan["warmdown_ratio"], plan["final_lr_frac"]
         )
@@ -372,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 g["weight_decay"] = wd * 0.5 * (1 + math.cos(math.pi * step / num_iterations))
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train_loss = global_mean(loss_sum / len(batches), ctx.world_size)
+        train_loss = mean_across_ranks((loss_sum / len(batches)).item(), ctx.device)
         if ctx.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -390,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         eta = avg * (num_iterations - step)
         ctx.print0(
             f"step {step:06d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
-            f"grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
+            f"grad norm {norm:.3f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
             + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
             + f" | eta {eta / 60:.1f} min"
         )
@@ -402,11 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             mfu=mfu,
             eta_seconds=eta,
             lr=plan["lr"]["matrix_lr"] * lrm,
-            grad_norm=grad_norm,
+            grad_norm=norm,
             tokens=plan["total_batch_size"],
             step_seconds=dt,
         )
-        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=grad_norm, tokens_per_sec=tok_s, seconds=dt)
+        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm, tokens_per_sec=tok_s, seconds=dt)
         preempted = ctx.should_stop()
 
     loader.close()
@@ -426,16 +415,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, keep) -> str:
-    states = [loader.state_dict()]
-    if ctx.distributed:
-        states = [None] * ctx.world_size
-        dist.all_gather_object(states, loader.state_dict())
     meta = {
         "plan": plan,
         "shards": shards,
         "loop": loop,
         "val_bpb": val_bpb,
-        "dataloader": merge_states(states),
+        "dataloader": merge_states(gather_objects(loader.state_dict())),
         "model_config": model.config.to_dict(),
     }
     return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, meta, keep_last=keep)

@@ -25,16 +25,16 @@ from nanorun.pipeline import layout
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.stages import source_modules
 from nanorun.trainer.chat.conversation import render_for_completion
-from nanorun.trainer.tasks.common import Task, rank_and_world, sum_across_ranks
+from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import rl_tasks
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.distributed import grad_norm, rank_and_world, sum_across_ranks
 from nanorun.trainer.training.finetune import (
     StepReport,
     add_finetune_args,
     check_examples_per_step,
     epoch_steps,
     finish,
-    grad_norm,
     run_loop,
     set_learning_rate,
     start_training,

@@ -28,14 +28,13 @@ from nanorun.trainer.model.optim import lr_multiplier, muon_momentum
 from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import sft_mixture
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.distributed import grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import (
     StepReport,
     add_finetune_args,
     check_examples_per_step,
     epoch_steps,
     finish,
-    grad_norm,
-    mean_across_ranks,
     run_loop,
     set_learning_rate,
     start_training,

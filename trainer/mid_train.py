@@ -31,12 +31,11 @@ from nanorun.trainer.model.optim import lr_multiplier
 from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import midtrain_mixture
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import (
     StepReport,
     add_finetune_args,
     finish,
-    grad_norm,
-    mean_across_ranks,
     run_loop,
     set_learning_rate,
     start_training,
@@ -184,12 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"val_bpb": val_bpb}
 
     def checkpoint_meta(evals: dict[str, float]) -> dict:
-        states = [loader.state_dict()]
-        if ctx.distributed:
-            import torch.distributed as dist
-
-            states = [None] * ctx.world_size
-            dist.all_gather_object(states, loader.state_dict())
+        states = gather_objects(loader.state_dict())
         return {"loop": {**loop, "dataloader": merge_states(states)}, "val_bpb": evals.get("val_bpb")}
 
     def train_step(step: int) -> StepReport:

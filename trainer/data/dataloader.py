@@ -35,7 +35,6 @@ import queue
 import shutil
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,12 +43,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from nanorun.pipeline import storage
-from nanorun.trainer.data.dataset import DataError, parquet_shard, read_texts
+from nanorun.trainer.data.dataset import DataError, fetch, is_remote, parquet_shard, read_texts
 
 TOKENIZE_BATCH = 128  # documents per encode_batch call
 PREFETCH_BLOCKS = 3  # steps a stream may run ahead of the trainer
-DOWNLOAD_ATTEMPTS = 5
 
 Position = list[int]  # an opaque, JSON-able document position inside one source
 
@@ -61,34 +58,6 @@ def default_streams(world_size: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Shards: local paths, s3:// and https:// URLs, cached locally with the next one prefetched
-
-
-def _download(uri: str, dest: Path) -> None:
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        try:
-            if uri.startswith(("http://", "https://")):
-                import httpx
-
-                tmp = dest.with_suffix(".part")
-                with httpx.stream("GET", uri, follow_redirects=True, timeout=60) as resp:
-                    if resp.status_code == 404:
-                        raise FileNotFoundError(uri)
-                    resp.raise_for_status()
-                    with open(tmp, "wb") as f:
-                        for chunk in resp.iter_bytes(1 << 20):
-                            f.write(chunk)
-                tmp.replace(dest)
-            else:
-                storage.download_to(uri, dest)
-            return
-        except FileNotFoundError as err:
-            raise DataError(f"shard {uri} does not exist") from err
-        except Exception as err:  # network and server errors: retry with backoff
-            if attempt == DOWNLOAD_ATTEMPTS:
-                raise DataError(
-                    f"shard {uri} could not be downloaded after {attempt} attempts: {err}"
-                ) from err
-            time.sleep(min(2**attempt, 30) * 0.5)
 
 
 class ShardCache:
@@ -109,7 +78,7 @@ class ShardCache:
                 return self.entries[uri]
             self.downloads += 1
             dest = self.dir / f"shard-{self.downloads}.parquet"
-            fut = self.pool.submit(lambda: (_download(uri, dest), dest)[1])
+            fut = self.pool.submit(lambda: (fetch(uri, dest), dest)[1])
             self.entries[uri] = fut
             while len(self.entries) > self.keep:
                 _, old = self.entries.popitem(last=False)
@@ -117,14 +86,14 @@ class ShardCache:
             return fut
 
     def local_path(self, uri: str) -> Path:
-        if not (storage.is_s3(uri) or uri.startswith(("http://", "https://"))):
+        if not is_remote(uri):
             if not Path(uri).exists():
                 raise DataError(f"shard {uri} does not exist")
             return Path(uri)
         return self._future(uri).result()
 
     def prefetch(self, uri: str) -> None:
-        if storage.is_s3(uri) or uri.startswith(("http://", "https://")):
+        if is_remote(uri):
             self._future(uri)
 
     def close(self) -> None:

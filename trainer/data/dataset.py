@@ -31,14 +31,16 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import StageError
 
 MANIFEST = "manifest.json"
 ROW_GROUP_DOCS = 1024
+DOWNLOAD_ATTEMPTS = 5  # tries per shard download before giving up
 SHARD_NAME = "shard_{:05d}.parquet"
 
 # Public shard sets on Hugging Face: base URL and number of shards (the last one is validation).
@@ -58,6 +60,9 @@ DEB_TEXT = re.compile(r"/html/_sources/.*\.(rst|txt)(\.txt)?$")
 DEB_SKIP = re.compile(r"/translations/")
 DEB_LICENSE = re.compile(r"^\./usr/share/doc/[^/]+/copyright$")
 DOC_CHARS = 4000  # documents are cut at paragraph boundaries to about this size, like web pages
+
+
+T = TypeVar("T")
 
 
 class DataError(StageError):
@@ -112,17 +117,23 @@ def resolve_shards(data_uri: str, run_dir: str | None = None) -> list[str]:
     return shards
 
 
-def parquet_shard(source, uri: str):
-    """`source` (a local path or a file object holding shard `uri`) as a pyarrow ParquetFile with a
-    string `text` column, or a DataError naming `uri`. pyarrow's own message is kept in ours; its
-    stack is left out: it says nothing about which shard is bad."""
-    import pyarrow as pa
+def parquet_file(source, uri: str):
+    """`source` (a local path or a file object holding parquet file `uri`) as a pyarrow ParquetFile,
+    or a DataError naming `uri`. pyarrow's own message is kept in ours; its stack is left out: it
+    says nothing about which file is bad. The one way every parquet file is opened (shards, task data)."""
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(source)
+        return pq.ParquetFile(source)
     except Exception as err:  # ArrowInvalid, OSError: truncated, garbage, not parquet at all
         raise DataError(f"shard {uri} is corrupt or not a parquet file: {err}") from None
+
+
+def parquet_shard(source, uri: str):
+    """`source` as a checked ParquetFile (see `parquet_file`) with a string `text` column."""
+    import pyarrow as pa
+
+    pf = parquet_file(source, uri)
     schema = pf.schema_arrow
     if "text" not in schema.names:
         raise DataError(f"shard {uri} has no 'text' column (columns: {schema.names})")
@@ -140,20 +151,61 @@ def read_texts(pf, uri: str, row_group: int) -> list[str]:
         raise DataError(f"shard {uri}: row group {row_group} is unreadable: {err}") from None
 
 
-def open_parquet(uri: str):
-    """Shard `uri` (local, s3:// or https://) as a checked ParquetFile (see `parquet_shard`)."""
-    if uri.startswith(("http://", "https://")):
-        import httpx
+def is_remote(uri: str) -> bool:
+    return storage.is_s3(uri) or uri.startswith(("http://", "https://"))
 
-        resp = httpx.get(uri, follow_redirects=True, timeout=120)
-        resp.raise_for_status()
-        return parquet_shard(io.BytesIO(resp.content), uri)
-    if storage.is_s3(uri):
+
+def with_retries(action: Callable[[], T], attempts: int, what: str) -> T:
+    """`action()`, tried up to `attempts` times: network and server errors are usually transient, so
+    each failure waits 0.5 s, 1 s, 2 s, ... (at most 30 s, with jitter, so parallel downloads do not
+    retry in step). A DataError is final (a missing file, a refused request) and passes at once; the
+    last failure becomes a DataError saying `what` failed."""
+    for attempt in range(attempts):
         try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError:
-            raise DataError(f"shard {uri} does not exist") from None
-        return parquet_shard(io.BytesIO(data), uri)
+            return action()
+        except DataError:
+            raise
+        except Exception as err:
+            if attempt == attempts - 1:
+                raise DataError(f"{what}: failed after {attempts} attempts: {err}") from err
+            time.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+def fetch(uri: str, dest: Path, attempts: int = DOWNLOAD_ATTEMPTS) -> None:
+    """Copy shard `uri` (s3:// or https://) to the local file `dest`, retrying transient failures
+    (see `with_retries`); a shard that does not exist is a DataError at once."""
+
+    def once() -> None:
+        try:
+            if uri.startswith(("http://", "https://")):
+                import httpx
+
+                tmp = dest.with_suffix(".part")
+                with httpx.stream("GET", uri, follow_redirects=True, timeout=60) as resp:
+                    if resp.status_code == 404:
+                        raise FileNotFoundError(uri)
+                    resp.raise_for_status()
+                    with open(tmp, "wb") as f:
+                        for chunk in resp.iter_bytes(1 << 20):
+                            f.write(chunk)
+                tmp.replace(dest)
+            else:
+                storage.download_to(uri, dest)
+        except FileNotFoundError as err:
+            raise DataError(f"shard {uri} does not exist") from err
+
+    with_retries(once, attempts, f"shard {uri} could not be downloaded")
+
+
+def open_parquet(uri: str):
+    """Shard `uri` (local, s3:// or https://) as a checked ParquetFile (see `parquet_shard`); a remote
+    one is fetched first (`fetch`) and read from memory."""
+    if is_remote(uri):
+        with tempfile.TemporaryDirectory(prefix="nanorun-shard-") as tmp:
+            local = Path(tmp) / "shard.parquet"
+            fetch(uri, local)
+            return parquet_shard(io.BytesIO(local.read_bytes()), uri)
     if not Path(uri).is_file():
         raise DataError(f"shard {uri} does not exist")
     return parquet_shard(uri, uri)
@@ -359,55 +411,48 @@ def prepare(out: str, sources: list[str] | None = None, shard_chars: int = 4_000
 def download_one(client, url: str, out: str, retries: int, part_dir: Path) -> str:
     """Downloads one shard to `out`, resuming a partial file with a Range request; checks its size
     against Content-Length, its sha256 against the server's X-Linked-ETag (Hugging Face sends one for
-    LFS files) and its parquet magic bytes. Retries transient failures with exponential backoff."""
-    import httpx
-
+    LFS files) and its parquet magic bytes. Retries transient failures (see `with_retries`)."""
     name = url.rsplit("/", 1)[1]
     dest = storage.join(out, name)
     if storage.exists(dest):
         return dest
     part = part_dir / (name + ".part")
-    for attempt in range(retries + 1):
-        try:
-            have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            with client.stream("GET", url, headers=headers) as resp:
-                if resp.status_code in (401, 403, 404):
-                    raise DataError(f"{url}: HTTP {resp.status_code} (no such shard, or access denied)")
-                if resp.status_code == 416:  # the part file is already complete
-                    resp.read()
-                    expected = have
-                else:
-                    resp.raise_for_status()
-                    if resp.status_code != 206:
-                        have = 0  # the server ignored the Range header: start over
-                    length = int(resp.headers.get("content-length", -1))
-                    expected = have + length if length >= 0 else -1
-                    with open(part, "ab" if have else "wb") as f:
-                        for chunk in resp.iter_bytes(1 << 20):
-                            f.write(chunk)
-                sha = (resp.headers.get("x-linked-etag") or "").strip('"')
-            size = part.stat().st_size
-            if expected >= 0 and size != expected:
-                raise OSError(f"{url}: got {size} bytes, expected {expected}")
-            with open(part, "rb") as f:
-                data = f.read()
-            if len(sha) == 64 and hashlib.sha256(data).hexdigest() != sha:
-                part.unlink()
-                raise OSError(f"{url}: sha256 mismatch (corrupt download); starting over")
-            if data[:4] != b"PAR1" or data[-4:] != b"PAR1":
-                part.unlink()
-                raise OSError(f"{url}: not a parquet file; starting over")
-            storage.upload_from(part, dest)
+
+    def once() -> str:
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code in (401, 403, 404):
+                raise DataError(f"{url}: HTTP {resp.status_code} (no such shard, or access denied)")
+            if resp.status_code == 416:  # the part file is already complete
+                resp.read()
+                expected = have
+            else:
+                resp.raise_for_status()
+                if resp.status_code != 206:
+                    have = 0  # the server ignored the Range header: start over
+                length = int(resp.headers.get("content-length", -1))
+                expected = have + length if length >= 0 else -1
+                with open(part, "ab" if have else "wb") as f:
+                    for chunk in resp.iter_bytes(1 << 20):
+                        f.write(chunk)
+            sha = (resp.headers.get("x-linked-etag") or "").strip('"')
+        size = part.stat().st_size
+        if expected >= 0 and size != expected:
+            raise OSError(f"{url}: got {size} bytes, expected {expected}")
+        with open(part, "rb") as f:
+            data = f.read()
+        if len(sha) == 64 and hashlib.sha256(data).hexdigest() != sha:
             part.unlink()
-            return dest
-        except DataError:
-            raise
-        except (httpx.HTTPError, OSError) as err:
-            if attempt == retries:
-                raise DataError(f"{url}: failed after {retries + 1} attempts: {err}") from err
-            time.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random() / 2))
-    raise AssertionError("unreachable")
+            raise OSError(f"{url}: sha256 mismatch (corrupt download); starting over")
+        if data[:4] != b"PAR1" or data[-4:] != b"PAR1":
+            part.unlink()
+            raise OSError(f"{url}: not a parquet file; starting over")
+        storage.upload_from(part, dest)
+        part.unlink()
+        return dest
+
+    return with_retries(once, retries + 1, url)
 
 
 def download_shards(urls: list[str], out: str, workers: int = 4, retries: int = 5) -> list[str]:

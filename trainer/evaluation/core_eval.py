@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from nanorun.pipeline.errors import StageError
+from nanorun.trainer.training.distributed import rank_and_world, sum_tensors_across_ranks
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -231,13 +231,11 @@ def score_item(
 
 def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: CoreTask, device: torch.device) -> float:
     """Accuracy on one task; items are strided over ranks and the results summed."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = rank_and_world()
     correct = torch.zeros(len(task.items), dtype=torch.float32, device=device)
     for idx in range(rank, len(task.items), world):
         correct[idx] = float(score_item(model, tokenizer, task, idx, device))
-    if world > 1:
-        dist.all_reduce(correct)
+    sum_tensors_across_ranks(correct)
     return correct.mean().item() if len(task.items) else 0.0
 
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
+from nanorun.trainer.training.distributed import sum_tensors_across_ranks
 
 
 @torch.no_grad()
@@ -40,9 +40,7 @@ def evaluate_bpb(
         )
         total_nats += (nats.double() * (nbytes > 0)).sum()
         total_bytes += nbytes.sum()
-    if dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
+    sum_tensors_across_ranks(total_nats, total_bytes)
     if total_bytes.item() == 0:
         return float("inf")
     return total_nats.item() / (math.log(2) * total_bytes.item())

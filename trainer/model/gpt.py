@@ -15,13 +15,10 @@ Notable features (each documented, with measurements, in docs/model.md):
 - zero-initialised output projections; fp32 master weights, bf16 matmuls on CUDA, fp32 on CPU
 - an optional per-row KV cache for incremental decoding (KVCache below)
 
-Build it from depth and initialise, optionally on the meta device first:
+Build it from depth and initialise (`build_model`: on the meta device first, then on the device):
 
     config = GPTConfig.from_depth(20, vocab_size=32768, sequence_len=2048)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cuda")
-    model.init_weights()
+    model = build_model(config, "cuda")
     loss = model(idx, targets)
 """
 
@@ -528,3 +525,15 @@ class GPT(nn.Module):
                 )
             )
         return MuonAdamW(groups)
+
+
+def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
+    """A freshly initialised GPT of `config` on `device`: what training starts from, and what a
+    checkpoint's weights are loaded into. Built on the meta device first, so the parameters are
+    allocated once, directly on `device`; `init_weights` then fills them and the buffers a state dict
+    does not carry (the rotary tables)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -119,25 +119,6 @@ class MultipleChoiceTask(Task):
         return response.strip() == conversation["answer"]
 
 
-def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def sum_across_ranks(values: list[float], device: Any) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def run_categorical_eval(
     task: Task,
     model: Callable[..., Any],
@@ -150,6 +131,7 @@ def run_categorical_eval(
     """Accuracy of picking the answer letter with the highest logit (among the offered letters) at the
     first position of the assistant's reply. `model(ids)` returns logits (B, T, vocab)."""
     import torch
+    from nanorun.trainer.training.distributed import rank_and_world, sum_across_ranks
 
     rank, world = rank_and_world()
     n = len(task) if max_problems is None else min(len(task), max_problems)
@@ -201,6 +183,7 @@ def run_generative_eval(
     (token lists including the prompt, masks). If `samples_out` is given, the first reply of each
     problem is appended to it (for the report)."""
     from nanorun.trainer.chat.engine import ContextOverflowError
+    from nanorun.trainer.training.distributed import rank_and_world, sum_across_ranks
 
     rank, world = rank_and_world()
     n = len(task) if max_problems is None else min(len(task), max_problems)

@@ -105,11 +105,11 @@ def download_split(repo: str, config: str, split: str, cache: str) -> list[str]:
 
 def load_rows(repo: str, config: str, split: str, cache: str) -> list[dict[str, Any]]:
     """All rows of a split as dicts (column name -> Python value)."""
-    import pyarrow.parquet as pq
+    from nanorun.trainer.data.dataset import parquet_file
 
     rows: list[dict[str, Any]] = []
     for uri in download_split(repo, config, split, cache):
-        rows.extend(pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist())
+        rows.extend(parquet_file(io.BytesIO(storage.read_bytes(uri)), uri).read().to_pylist())
     return rows
 
 

@@ -51,6 +51,7 @@ from nanorun.pipeline import storage
 from nanorun.pipeline.errors import StageError, one_line
 from nanorun.pipeline.layout import STEP_DIR, checkpoint_dir, checkpoints_dir
 from nanorun.pipeline.progress import current_config_id, read_done
+from nanorun.trainer.training.distributed import barrier, gather_objects, is_distributed, rank_and_world
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.distributed.checkpoint.api import CheckpointException
@@ -70,15 +71,6 @@ _known_good: set[str] = set()
 
 class CheckpointError(StageError):
     """A checkpoint is missing or unusable; the message says which file and what to do."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -205,8 +197,8 @@ def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> st
     is left for inspection; the run replaces it when it saves that step again, and pruning never
     counts it against an older intact one (see _prune)."""
     config_id = current_config_id() if config_id is None else config_id
-    found = _newest_intact(stage_dir_uri, config_id) if _rank() == 0 else None
-    if dist.is_initialized():
+    found = _newest_intact(stage_dir_uri, config_id) if rank_and_world()[0] == 0 else None
+    if is_distributed():
         box = [found]
         dist.broadcast_object_list(box, src=0)
         found = box[0]
@@ -264,11 +256,7 @@ def _save_optimizer(optimizer: Any, ckpt_uri: str) -> dict[str, str]:
 
 def _gather(checksums: dict[str, str]) -> dict[str, str]:
     """Every rank's {file: checksum}, merged (on every rank: the marker is written by rank 0)."""
-    if not dist.is_initialized():
-        return checksums
-    every: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, checksums)
-    return {name: value for part in every for name, value in (part or {}).items()}
+    return {name: value for part in gather_objects(checksums) for name, value in (part or {}).items()}
 
 
 def save_checkpoint(
@@ -289,15 +277,15 @@ def save_checkpoint(
     # every rank decides alike (each holds the same _known_good): the directory is only changed by
     # rank 0, after the barrier below
     same = uri in _known_good and is_committed(uri) and saved_config_id(uri) == config_id
-    _barrier()
+    barrier()
     if same:  # e.g. SIGTERM right after a periodic save of the same step
         return uri
-    if _rank() == 0 and storage.list_files(uri):
+    if rank_and_world()[0] == 0 and storage.list_files(uri):
         delete_checkpoint(uri)  # a re-run reaching a step an earlier run saved, or an interrupted save
-    _barrier()
+    barrier()
     checksums = _gather(_save_optimizer(optimizer, uri)) if optimizer is not None else {}
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank_and_world()[0] == 0:
         module = _unwrap(model)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         weights = save_safetensors(tensors)
@@ -306,7 +294,7 @@ def save_checkpoint(
         full_meta = {
             "step": step,
             "saved_at": time.time(),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "world_size": rank_and_world()[1],
             "has_optimizer": optimizer is not None,
             "rng": rng_state(),
             "config_id": config_id,
@@ -327,7 +315,7 @@ def save_checkpoint(
         storage.write_json(storage.join(uri, COMMIT_MARKER), marker)
         _prune(stage_dir_uri, keep_last, newest=step, config_id=config_id)
     _known_good.add(uri)
-    _barrier()
+    barrier()
     return uri
 
 
@@ -388,17 +376,12 @@ def load_model(
     checkpoint_uri: str, device: torch.device | str, dtype: torch.dtype | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the GPT a checkpoint describes and load its weights; returns (model in eval mode, meta)."""
-    from nanorun.trainer.model.gpt import GPT, GPTConfig
+    from nanorun.trainer.model.gpt import GPTConfig, build_model
 
     meta = read_meta(checkpoint_uri)
     if "model_config" not in meta:
         raise CheckpointError(f"{checkpoint_uri}/meta.json has no model_config; it is not a GPT checkpoint")
-    config = GPTConfig.from_dict(meta["model_config"])
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # fills the buffers a state dict does not carry (rotary tables)
+    model = build_model(GPTConfig.from_dict(meta["model_config"]), torch.device(device))
     load_weights(checkpoint_uri, model)
     if dtype is not None:
         model.to(dtype=dtype)

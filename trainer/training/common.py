@@ -33,7 +33,6 @@ Configuration ids: a done.json counts as "already done" only for the same NANORU
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -44,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.layout import HISTORY_FILE
 from nanorun.pipeline.progress import (
@@ -59,6 +57,7 @@ from nanorun.pipeline.progress import (
     write_done,
     write_progress,
 )
+from nanorun.trainer.training import distributed
 from nanorun.trainer.training.metrics import TrainMetrics, WandbLogger
 
 PREEMPTED_EXIT_CODE = 143
@@ -111,8 +110,7 @@ class StageContext:
             print(*args, **kwargs, flush=True)
 
     def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+        distributed.barrier()
 
     @property
     def stop_requested(self) -> bool:
@@ -124,11 +122,7 @@ class StageContext:
 
     def should_stop(self) -> bool:
         """True on every rank when SIGTERM reached any rank (a collective: call it on all ranks)."""
-        stop = self.stop_requested
-        if self.distributed:
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item() > 0)
+        stop = distributed.any_rank(self.stop_requested, self.device)
         if stop and self._stop_agreed_at is None:
             self._stop_agreed_at = time.time()
         return stop
@@ -257,17 +251,13 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(args.device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not distributed.is_distributed():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
             raise SystemExit(
                 f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set (launch with torchrun)"
             )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30), **kwargs
-        )
+        distributed.init_process_group(device, rank, world_size)
     seed_everything(args.seed)
     run_dir = str(args.run_dir).rstrip("/")
     ctx = StageContext(
@@ -334,6 +324,5 @@ def teardown(ctx: StageContext, exit_code: int = 0) -> int:
     """Release the process group and loggers; returns `exit_code` so a stage can `return teardown(ctx)`."""
     if ctx.wandb is not None:
         ctx.wandb.finish()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.destroy_process_group()
     return exit_code

@@ -154,21 +154,6 @@ def save(
     return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, full, keep_last=keep_last)
 
 
-def grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 @dataclass
 class StepReport:
     """One optimizer step, as the loop reports it to the log, progress.json, metrics and history."""
