@@ -36,6 +36,7 @@ from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
 from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
+from nanorun.trainer.training.finetune import due, report_checkpoint
 
 B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
 D_REF_DEPTH = 12
@@ -294,10 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = None
     while True:
         last_step = step == num_iterations
-        periodic = (
-            not preempted and step > first_step
-        )  # no evaluations while being preempted or right after resuming
-        if last_step or (periodic and args.eval_every > 0 and step % args.eval_every == 0):
+        # periodic evaluations: not right after resuming (done before), not while being preempted
+        if last_step or (not preempted and due(args.eval_every, step, first_step)):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
             batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
@@ -310,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             ctx.progress(flush=True, step=step, total_steps=num_iterations, val_bpb=val_bpb)
             ctx.record(step=step, val_bpb=val_bpb)
             model.train()
-        if args.core_metric_every > 0 and (last_step or (periodic and step % args.core_metric_every == 0)):
+        if args.core_metric_every > 0 and (
+            last_step or (not preempted and due(args.core_metric_every, step, first_step))
+        ):
             bundle = bundle or core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
             if bundle is not None:
                 model.eval()
@@ -324,18 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         if (
             ctx.is_master
             and args.sample_every > 0
-            and (last_step or (periodic and step % args.sample_every == 0))
+            and (last_step or (not preempted and due(args.sample_every, step, first_step)))
         ):
             model.eval()
             for prompt in SAMPLE_PROMPTS:
                 ctx.print0("  sample:", repr(greedy_sample(model, tokenizer, prompt, 16, ctx.device)))
             model.train()
-        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0) or preempted:
+        if last_step or preempted or due(args.save_every, step, first_step):
             last_ckpt = save(
                 ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints
             )
-            ctx.progress(flush=True, step=step, last_checkpoint=last_ckpt)
-            ctx.flush_history()
+            report_checkpoint(ctx, step, num_iterations, last_ckpt)
         if preempted:
             loader.close()
             return exit_preempted(ctx, last_ckpt)

@@ -175,8 +175,17 @@ class Outcome:
     preempted: bool = False
 
 
-def _every(n: int, step: int, first_step: int) -> bool:
-    return n > 0 and step > first_step and step % n == 0
+def due(every: int, step: int, first_step: int) -> bool:
+    """Whether a periodic action (evaluate, save) every `every` steps falls on `step`. Never on the
+    step a run starts or resumes at: the run that saved that checkpoint did it already."""
+    return every > 0 and step > first_step and step % every == 0
+
+
+def report_checkpoint(ctx: Any, step: int, total_steps: int, checkpoint: str) -> None:
+    """After saving `checkpoint`: report it in progress.json and write the history up to it, so a
+    resumed run's history matches its checkpoint."""
+    ctx.progress(flush=True, step=step, total_steps=total_steps, last_checkpoint=checkpoint)
+    ctx.flush_history()
 
 
 def run_loop(
@@ -204,7 +213,7 @@ def run_loop(
     checkpoint, preempted, t_start = start.checkpoint if start.resumed else None, False, time.time()
     while True:
         last_step = step == steps
-        if last_step or _every(args.eval_every, step, start.step):
+        if last_step or due(args.eval_every, step, start.step):
             model.eval()
             evals = evaluate(step)
             # val_bpb is logged as "val bpb"
@@ -213,12 +222,11 @@ def run_loop(
             )
             ctx.record(step=step, **evals)
             model.train()
-        if last_step or preempted or _every(args.save_every, step, start.step):
+        if last_step or preempted or due(args.save_every, step, start.step):
             checkpoint = save(
                 ctx, step, model, optimizer, start, checkpoint_meta(evals), args.keep_checkpoints
             )
-            ctx.progress(flush=True, step=step, total_steps=steps, last_checkpoint=checkpoint)
-            ctx.flush_history()
+            report_checkpoint(ctx, step, steps, checkpoint)
         if preempted:
             return Outcome(checkpoint, evals, preempted=True)
         if last_step:
