@@ -7,6 +7,8 @@ heads than query heads):
 - `cached_attention(q, k, v, k_cache, v_cache, cache_seqlens, window, scale)`: incremental decoding;
   writes the new keys/values of row b at positions cache_seqlens[b]... and attends over that row's
   own prefix only, so rows of one batch may hold sequences of different lengths.
+- `attention_weights(q, k, window, scale)`: the probabilities themselves, computed explicitly, for
+  inspection only (the explainer pages); the fused kernels above never materialise them.
 
 `window` is the number of earlier tokens a query may see besides itself (FA3's left window);
 -1 means unlimited. FA3 implements windows natively; under SDPA a boolean band mask does the same
@@ -135,3 +137,17 @@ def cached_attention(
     keys = k_cache[:, :k_len].to(q.dtype)
     values = v_cache[:, :k_len].to(q.dtype)
     return _sdpa(q, keys, values, mask, False, scale)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """The attention probabilities (B, H, T, T) that `causal_attention` applies, computed explicitly.
+
+    q (B,T,H,D), k (B,T,H_kv,D). Query head h reads key head h // (H / H_kv), as SDPA's GQA does.
+    Masked entries (the future, and keys beyond a sliding window) are exactly 0; each row sums to 1.
+    Eval-only: it materialises T x T scores in fp32, which training never needs.
+    """
+    T, group = q.size(1), q.size(2) // k.size(2)
+    k = k.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    visible = band_mask(torch.arange(T, device=q.device), T, window)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)

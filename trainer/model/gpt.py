@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from nanorun.trainer.model.attention import cached_attention, causal_attention
+from nanorun.trainer.model.attention import attention_weights, cached_attention, causal_attention
 
 # Queries and keys leave QK-norm with unit RMS; a fixed gain sharpens attention a little (nanochat).
 QK_GAIN = 1.2
@@ -199,6 +199,17 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(d, kv_dim)
         self.c_proj = Linear(d, d)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if config.has_value_embed(layer) else None
+
+    def weights(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int) -> torch.Tensor:
+        """The attention probabilities (B, n_head, T, T) `forward` would apply to `x` (no KV cache).
+
+        Eval-only, for inspection: the same queries and keys as `forward` (rotary, QK-norm, gain),
+        scored explicitly by `attention_weights`; values and the output projection are skipped."""
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        return attention_weights(q, k, window, QK_GAIN**2 / math.sqrt(self.head_dim))
 
     def forward(
         self,
@@ -411,6 +422,31 @@ class GPT(nn.Module):
             logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    @torch.no_grad()
+    def attention_map(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention probabilities (B, n_head, T, T) of block `layer` for `idx` (B, T), fp32.
+
+        For explaining a trained model (the serving app's /api/attention): runs the blocks before
+        `layer` exactly as `forward` does, then scores that block's queries against its keys
+        explicitly. Causal; zero beyond the block's sliding window. Costs O(T^2) memory per head,
+        so keep T small; the training path never calls it."""
+        if not 0 <= layer < self.config.n_layer:
+            raise IndexError(f"layer {layer} out of range: the model has {self.config.n_layer} layers")
+        T = idx.size(1)
+        if self.cos.size(0) < T:
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(0)})")
+        dtype = self.compute_dtype
+        cos, sin = self.cos[None, :T, None].to(dtype), self.sin[None, :T, None].to(dtype)
+        x = norm(self.wte(idx).to(dtype))
+        x0 = x
+        for i, block in enumerate(self.blocks[: layer + 1]):
+            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            if i == layer:
+                return block.attn.weights(norm(x), cos, sin, self.windows[i])
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.windows[i], None)
+        raise AssertionError("unreachable")
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by group, counted on the module (compare expected_param_counts)."""
