@@ -8,14 +8,20 @@ or, on a cluster, a RayService whose serveConfigV2 names `nanorun.serving.SERVE_
 
 Routes: `POST /v1/chat/completions` (stream true: server-sent events in OpenAI's chunk format
 ending with `data: [DONE]`; false: one JSON with `usage`), `GET /v1/models`, `GET /healthz`,
-`GET /metrics` (Prometheus, names in `nanorun.serving.metrics`), and the web UI at `/`. On a
-cluster each replica also serves its metrics on its pod's port `$NANORUN_SERVE_METRICS_PORT`.
+`GET /metrics` (Prometheus, names in `nanorun.serving.metrics`), the web UI at `/`, and the
+explainer pages (`/explain/tokenizer|next-token|attention|training`) with their JSON endpoints
+(`POST /api/tokenize`, `/api/bpe-replay`, `/api/next-token`, `/api/attention`, `GET /api/run`;
+computed by `nanorun.serving.explain`). On a cluster each replica also serves its metrics on its
+pod's port `$NANORUN_SERVE_METRICS_PORT`.
 
 - One deployment, `ChatDeployment`, holds the model and a continuous-batching `Scheduler`
   (`nanorun.serving.batching`): concurrent requests decode together.
 - The checkpoint is the deployment's `user_config` (`{"checkpoint": URI, "tokenizer": URI?}`):
   `reconfigure()` loads a new one into the running replica, requests in flight finish on the old
   model, new ones go to the new model; the replica is not restarted.
+- The explainer endpoints run on a small thread pool of their own (`EXPLAIN_WORKERS` threads per
+  loaded model): plain forward passes over the same weights, without a KV cache, so they neither
+  wait for nor hold the batching thread, and the event loop stays free.
 - Bad input is a 400 with OpenAI's error body, never a 500. A conversation longer than the context
   is trimmed from its oldest turns, and the response says so in the `x-nanorun-notice` header.
 - `build_app(args)` takes `checkpoint`, `tokenizer`, `slots`, `device`, `num_gpus`, `num_cpus`,
@@ -33,7 +39,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +65,13 @@ from nanorun.serving.api import (
     now,
     validation_error_body,
 )
+from nanorun.serving.explain import (
+    AttentionRequest,
+    BpeReplayRequest,
+    ExplainInputError,
+    NextTokenRequest,
+    TokenizeRequest,
+)
 from nanorun.serving.metrics import export_replica_metrics, serve_metrics
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -68,6 +82,8 @@ log = logging.getLogger("nanorun.serving")
 MODEL_ID = "nanorun"
 STATIC_DIR = Path(__file__).parent / "static"
 CHAT_PATH = "/v1/chat/completions"
+EXPLAIN_PAGES = ("tokenizer", "next-token", "attention", "training")
+EXPLAIN_WORKERS = 2  # explainer computations at once per replica; more wait their turn
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request"},
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
@@ -139,6 +155,7 @@ class LoadedModel:
         self.model, self.tokenizer, self.info = load_chat_model(checkpoint, tokenizer, torch_device)
         self.source = (checkpoint, tokenizer)
         self.scheduler = Scheduler(self.model, self.tokenizer, slots=slots, metrics=serve_metrics()).start()
+        self.explain_pool = ThreadPoolExecutor(EXPLAIN_WORKERS, thread_name_prefix="nanorun-explain")
         log.info(
             "loaded %s (tokenizer %s) on %s", self.info["checkpoint"], self.info["tokenizer"], torch_device
         )
@@ -148,6 +165,32 @@ class LoadedModel:
 # this module's globals when it wraps the class, so later definitions would not be visible to it.
 class _NotReady(Exception):
     pass
+
+
+def _not_ready() -> JSONResponse:
+    return _error(
+        503,
+        "no model is loaded yet: set the deployment's user_config.checkpoint",
+        "service_unavailable",
+        code="not_ready",
+    )
+
+
+async def _explain(loaded: "LoadedModel | None", compute: Callable[..., Any], *args: Any) -> Any:
+    """`compute(model, tokenizer, *args)` on the loaded model's explainer threads, as a response."""
+    if loaded is None:
+        return _not_ready()
+
+    def run() -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return compute(loaded.model, loaded.tokenizer, *args)
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(loaded.explain_pool, run)
+    except ExplainInputError as e:
+        return _error(400, str(e), param=e.param)
 
 
 async def _complete(events: AsyncIterator[Any], start: float, headers: dict[str, str]) -> JSONResponse:
@@ -279,6 +322,62 @@ class ChatDeployment:
             raise StarletteHTTPException(404, f"no static file {name!r}")
         return FileResponse(STATIC_DIR / name)
 
+    @api.get("/explain/{page}", include_in_schema=False)
+    async def explain_page(self, page: str) -> FileResponse:
+        if page not in EXPLAIN_PAGES:
+            raise StarletteHTTPException(
+                404, f"no explainer page {page!r}; pages: {', '.join(EXPLAIN_PAGES)}"
+            )
+        return FileResponse(STATIC_DIR / f"explain-{page}.html")
+
+    @api.post("/api/tokenize", responses=ERROR_RESPONSES)
+    async def api_tokenize(self, body: TokenizeRequest) -> Any:
+        """The run's tokens of `text` (ids, bytes, the characters of each), chars per token, and the
+        token counts under tiktoken's gpt2 and cl100k_base when they are available offline."""
+        from nanorun.serving import explain
+
+        return await _explain(self.loaded, lambda _m, tok: explain.tokenize(tok, body.text))
+
+    @api.post("/api/bpe-replay", responses=ERROR_RESPONSES)
+    async def api_bpe_replay(self, body: BpeReplayRequest) -> Any:
+        """The tokens of `text` with only the first `merges` merges of the run's tokenizer."""
+        from nanorun.serving import explain
+
+        return await _explain(
+            self.loaded,
+            lambda _m, tok: explain.bpe_replay(tok, body.text, body.merges, body.list_merges),
+        )
+
+    @api.post("/api/next-token", responses=ERROR_RESPONSES)
+    async def api_next_token(self, body: NextTokenRequest) -> Any:
+        """The model's top-k next-token distribution after `prompt`, at `temperature`."""
+        from nanorun.serving import explain
+
+        return await _explain(
+            self.loaded,
+            lambda m, tok: explain.next_token(m, tok, body.prompt, body.temperature, body.top_k),
+        )
+
+    @api.post("/api/attention", responses=ERROR_RESPONSES)
+    async def api_attention(self, body: AttentionRequest) -> Any:
+        """One layer/head's attention probabilities (T x T) over a short prompt."""
+        from nanorun.serving import explain
+
+        return await _explain(
+            self.loaded, lambda m, tok: explain.attention(m, tok, body.prompt, body.layer, body.head)
+        )
+
+    @api.get("/api/run", responses=ERROR_RESPONSES)
+    async def api_run(self) -> Any:
+        """What is served, and the loss / val-bpb history of each stage of its run."""
+        from nanorun.serving import explain
+
+        loaded = self.loaded
+        if loaded is None:
+            return _not_ready()
+        info = loaded.info
+        return await _explain(loaded, lambda m, tok: explain.run_summary(m, tok, info))
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         if self.loaded is None:
@@ -315,12 +414,7 @@ class ChatDeployment:
         try:
             loaded = self._require()
         except _NotReady:
-            return _error(
-                503,
-                "no model is loaded yet: set the deployment's user_config.checkpoint",
-                "service_unavailable",
-                code="not_ready",
-            )
+            return _not_ready()
         sampling = body.sampling()
         context = loaded.scheduler.context
         reserve = min(sampling["max_tokens"], context // 2)  # room left to answer in

@@ -1,0 +1,123 @@
+"""The explainer's computations (`nanorun.serving.explain`) on the project's small tokenizer and a
+tiny random GPT, without Ray: spans, BPE replay, next-token distributions, attention maps, history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from nanorun.serving import explain
+
+from tests.fixtures.chat_model import save_chat_checkpoint, tiny_chat_model
+
+TEXTS = [
+    "Hello world! The tokenizer splits this sentence.",
+    "naïve café — 日本語 🙂 emoji",
+    "  spaces,\n\nnewlines\tand 12345 digits",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_spans_concatenate_to_the_input_and_ids_are_the_tokenizers(chat_tokenizer, text):
+    out = explain.tokenize(chat_tokenizer, text)
+    assert [t["id"] for t in out["tokens"]] == chat_tokenizer.encode(text)
+    assert "".join(t["text"] for t in out["tokens"]) == text
+    assert b"".join(bytes(t["bytes"]) for t in out["tokens"]) == text.encode("utf-8")
+    assert out["count"] == len(out["tokens"])
+    if text:
+        assert out["chars_per_token"] == round(len(text) / out["count"], 3)
+    for name in explain.OTHER_ENCODINGS:  # offline here: not available, and it says why
+        entry = out["compare"][name]
+        assert entry["available"] or entry["reason"]
+
+
+def test_a_token_inside_a_multibyte_character_has_no_text_of_its_own():
+    pieces = ["é".encode()[:1], "é".encode()[1:] + b"x"]
+    assert explain.token_texts(pieces) == ["", "éx"]
+    assert explain.token_texts([b"\xf0\x9f", b"\x99", b"\x82!"]) == ["", "", "🙂!"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_bpe_replay_goes_from_bytes_to_the_tokenizers_encoding(chat_tokenizer, text):
+    total = explain.total_merges(chat_tokenizer)
+    zero = explain.bpe_replay(chat_tokenizer, text, 0)
+    assert [t["id"] for t in zero["tokens"]] == list(text.encode("utf-8"))
+    assert zero["first_merges"] == []
+    full = explain.bpe_replay(chat_tokenizer, text, total)
+    assert [t["id"] for t in full["tokens"]] == chat_tokenizer.encode(text)
+    counts = [explain.bpe_replay(chat_tokenizer, text, m)["count"] for m in range(0, total + 1, 37)]
+    assert counts == sorted(counts, reverse=True)  # more merges never mean more tokens
+    for m in (0, 5, total):
+        assert "".join(t["text"] for t in explain.bpe_replay(chat_tokenizer, text, m)["tokens"]) == text
+    assert explain.bpe_replay(chat_tokenizer, text, total + 1000)["merges"] == total
+
+
+def test_first_merges_are_listed_in_rank_order_and_rebuild_their_token(chat_tokenizer):
+    merges = explain.bpe_replay(chat_tokenizer, "x", 40, list_merges=10)["first_merges"]
+    assert [m["rank"] for m in merges] == list(range(256, 266))
+    for m in merges:
+        assert m["left"] + m["right"] == m["text"]
+
+
+@pytest.fixture(scope="module")
+def model(chat_tokenizer):
+    return tiny_chat_model(chat_tokenizer.vocab_size)
+
+
+def test_next_token_is_a_sorted_top_k_of_a_distribution(model, chat_tokenizer):
+    out = explain.next_token(model, chat_tokenizer, "The capital of France is", 0.8, 25)
+    probs = [t["prob"] for t in out["tokens"]]
+    assert len(probs) == 25 and probs == sorted(probs, reverse=True)
+    assert 0 < sum(probs) <= 1 + 1e-6
+    assert out["prompt_tokens"] == len(chat_tokenizer.encode("The capital of France is")) + 1
+    greedy = explain.next_token(model, chat_tokenizer, "The capital of France is", 0, 3)
+    assert greedy["tokens"][0]["prob"] == 1.0 and greedy["tokens"][0]["id"] == out["tokens"][0]["id"]
+    sharp = explain.next_token(model, chat_tokenizer, "The capital of France is", 0.2, 1)
+    assert sharp["tokens"][0]["prob"] > out["tokens"][0]["prob"]  # lower temperature: more peaked
+    with pytest.raises(explain.ExplainInputError) as err:
+        explain.next_token(model, chat_tokenizer, "word " * 400, 1.0, 5)
+    assert err.value.param == "prompt"
+
+
+def test_attention_rows_are_causal_distributions_with_the_window_visible(model, chat_tokenizer):
+    prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    out = explain.attention(model, chat_tokenizer, prompt, layer=0, head=1)
+    T = len(out["tokens"])
+    assert T > out["window"] + 2 == 16 + 2
+    assert out["tokens"][0] == "<|bos|>" and len(out["weights"]) == T
+    for q, row in enumerate(out["weights"]):
+        assert len(row) == T and sum(row) == pytest.approx(1, abs=1e-4)
+        assert all(w == 0 for k, w in enumerate(row) if k > q or q - k > out["window"])
+    full = explain.attention(model, chat_tokenizer, prompt, layer=1, head=0)
+    assert full["window"] is None and full["weights"][T - 1][0] > 0
+    for field, layer, head in (("layer", 2, 0), ("head", 0, 4)):
+        with pytest.raises(explain.ExplainInputError) as err:
+            explain.attention(model, chat_tokenizer, prompt, layer, head)
+        assert err.value.param == field
+    with pytest.raises(explain.ExplainInputError, match="64"):
+        explain.attention(model, chat_tokenizer, "word " * 100, 0, 0)
+
+
+def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_tokenizer):
+    run = tmp_path / "run"
+    checkpoint = save_chat_checkpoint(str(run), model, stage="chat_sft", step=3)
+    records = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 6)] + [{"step": 5, "val_bpb": 2.5}]
+    (run / "base_train").mkdir()
+    (run / "base_train" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "base_train" / "done.json").write_text(json.dumps({"stage": "base_train", "seconds": 1.0}))
+    info = {"checkpoint": checkpoint, "step": 3, "context": 128}
+    out = explain.run_summary(model, chat_tokenizer, info)
+    assert out["stage"] == "chat_sft" and out["run_dir"] == str(run)
+    assert out["model"]["n_layer"] == 2 and out["vocab_size"] == chat_tokenizer.vocab_size
+    base = next(s for s in out["stages"] if s["stage"] == "base_train")
+    assert base["state"] == "done" and base["key"] == "pretrain"
+    assert [p["step"] for p in base["loss"]] == [1, 2, 3, 4, 5]
+    assert base["val_bpb"] == [{"step": 5, "value": 2.5}]
+    assert explain.run_summary(model, chat_tokenizer, {"checkpoint": "/somewhere/else"})["stages"] == []
+
+
+def test_long_histories_are_thinned_keeping_the_last_point():
+    records = [{"step": i} for i in range(10_001)]
+    thinned = explain.thin(records, 1000)
+    assert len(thinned) <= 1001 and thinned[-1] == {"step": 10_000} and thinned[0] == {"step": 0}
