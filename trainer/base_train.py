@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from nanorun.pipeline.errors import run_main
-from nanorun.trainer.data.dataloader import PackedBatches, default_streams, merge_states, validation_batches
+from nanorun.trainer.data.dataloader import PackedBatches, merge_states, validation_batches
 from nanorun.trainer.evaluation import core_eval
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.training import checkpoint as ckpt
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-streams",
         type=int,
         default=-1,
-        help="independent data streams (-1 = 8, or a multiple of the world size)",
+        help="independent data streams (-1 = fit the data: up to 8, or a multiple of the world size)",
     )
     d.add_argument(
         "--doc-buffer", type=int, default=256, help="tokenized documents per stream for best-fit packing"
@@ -172,13 +172,12 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
     else:
         steps = int(target_tokens // total_batch)
     lr_scale = math.sqrt(total_batch / B_REF)
-    streams = args.data_streams if args.data_streams > 0 else default_streams(world_size)
     return {
         "num_iterations": max(1, steps),
         "total_batch_size": total_batch,
         "rows_per_step": total_batch // args.max_seq_len,
         "seq_len": args.max_seq_len,
-        "data_streams": streams,
+        "data_streams": max(0, args.data_streams),  # 0: fitted to the data when the loader opens it
         "doc_buffer": args.doc_buffer,
         "lr": {
             "matrix_lr": args.matrix_lr * lr_scale,
@@ -271,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         buffer_size=plan["doc_buffer"],
         state=meta["dataloader"] if meta else None,
     )
+    plan["data_streams"] = (
+        loader.streams
+    )  # recorded in every checkpoint: a resumed run reads the same batches
     accum = plan["rows_per_step"] // (B * ctx.world_size)
     step = meta["step"] if meta else 0
     loop = (

@@ -25,7 +25,7 @@ from nanorun.pipeline import layout
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.stages import source_modules
 from nanorun.trainer.chat.conversation import render_conversation
-from nanorun.trainer.data.dataloader import PackedBatches, SequenceDocuments, default_streams, merge_states
+from nanorun.trainer.data.dataloader import PackedBatches, SequenceDocuments, fit_streams, merge_states
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.model.optim import lr_multiplier
 from nanorun.trainer.tasks.common import Task
@@ -138,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             else args.device_batch_size * T * ctx.world_size
         )
         rows = total // T
-        streams = args.data_streams if args.data_streams > 0 else default_streams(ctx.world_size)
-        if rows % streams:
-            streams = ctx.world_size
+        streams = (
+            args.data_streams
+            if args.data_streams > 0
+            else fit_streams(ctx.world_size, rows, len(train), "document(s)")
+        )
         steps = (
             args.num_iterations
             if args.num_iterations > 0

@@ -292,3 +292,28 @@ def test_corrupt_training_shard_fails_with_its_name(tiny_base_run, tmp_path):
     assert proc.stderr.splitlines()[-1].startswith(f"error: shard {first} is corrupt or not a parquet file: ")
     assert "Traceback" not in proc.stderr
     assert latest_checkpoint(storage.join(run, "base_train")) is None
+
+
+@pytest.mark.slow
+def test_a_corpus_of_a_few_hundred_documents_in_four_shards_trains_with_no_data_flags(
+    tiny_base_run, tmp_path
+):
+    # Three training shards of one row group each: the data streams fit the data (2: at most 3 row
+    # groups, and a divisor of the 8 rows of a step), and the checkpoint records the count.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanorun.trainer.training.checkpoint import latest_checkpoint, read_meta
+
+    from tests.fixtures.tiny_run import real_english_documents
+
+    docs = real_english_documents()[:458]
+    data = tmp_path / "small"
+    data.mkdir()
+    for i in range(4):
+        pq.write_table(pa.table({"text": docs[i::4]}), data / f"shard_{i:05d}.parquet")
+    run, _ = fresh_run(tiny_base_run, tmp_path / "run")
+    flags = [f for i, f in enumerate(FLAGS) if f != "--data-streams" and FLAGS[i - 1] != "--data-streams"]
+    check(run_stage("base_train", "--run-dir", run, "--data", str(data), *flags))
+    meta = read_meta(latest_checkpoint(storage.join(run, "base_train")))
+    assert meta["plan"]["data_streams"] == 2
+    assert meta["dataloader"]["count"] == 2

@@ -16,6 +16,7 @@ from nanorun.trainer.data.dataloader import (
     DataError,
     PackedBatches,
     SequenceDocuments,
+    fit_streams,
     merge_states,
     validation_batches,
 )
@@ -143,12 +144,62 @@ def test_streams_read_interleaved_row_groups(tok, shards):
             assert (offset + rg) % 2 == int(k)
 
 
+def first_step(tok, paths, **kwargs) -> list[torch.Tensor]:
+    ld = loader(tok, paths, **kwargs)
+    try:
+        return take(ld, 1)
+    finally:
+        ld.close()
+
+
 def test_more_streams_than_row_groups_is_a_clear_error(tok, tmp_path):
     paths = write_shards(tmp_path, real_english_documents()[:40], n_shards=1, row_group=20)
-    ld = loader(tok, paths, streams=4, rows=4, batch=1)
-    with pytest.raises(DataError, match="got no row groups"):
-        take(ld, 1)
-    ld.close()
+    with pytest.raises(
+        DataError, match="4 data streams need as many row groups, but the training shards hold 2"
+    ):
+        first_step(tok, paths, streams=4, rows=4, batch=1)
+
+
+def test_the_stream_count_fits_a_small_corpus(tok, tmp_path):
+    # 3 shards of one row group each: 8 streams cannot all read, and a step of 8 rows splits into
+    # 2 streams of 4 (3 does not divide 8). Nothing to pass: streams=0 fits the data.
+    paths = write_shards(tmp_path, real_english_documents()[:90], n_shards=3, row_group=100)
+    ld = loader(tok, paths, streams=0, rows=8, batch=4)
+    try:
+        assert ld.streams == 2 and ld.state_dict()["count"] == 2
+        assert [b.shape for b in take(ld, 2)] == [(8, T + 1), (8, T + 1)]
+    finally:
+        ld.close()
+    big = loader(tok, write_shards(tmp_path / "big", real_english_documents()[:600]), streams=0)
+    try:
+        assert big.streams == 8  # enough row groups: as many streams as a step of 8 rows allows
+    finally:
+        big.close()
+
+
+@pytest.mark.parametrize(
+    ("world", "rows", "units", "streams"),
+    [
+        (1, 8, 100, 8),
+        (1, 8, 3, 2),
+        (1, 6, 100, 6),
+        (2, 8, 3, 2),
+        (2, 8, 100, 8),
+        (3, 12, 100, 12),
+        (4, 16, 5, 4),
+    ],
+)
+def test_fit_streams_takes_the_most_that_the_ranks_the_step_and_the_data_allow(world, rows, units, streams):
+    assert fit_streams(world, rows, units, "row group(s)") == streams
+
+
+def test_too_little_data_says_how_much_there_is_and_what_the_ranks_need():
+    with pytest.raises(
+        DataError, match="the training data has 3 row group\\(s\\); each of the 4 ranks needs at least one"
+    ):
+        fit_streams(4, 16, 3, "row group(s)")
+    with pytest.raises(DataError, match="a step of 6 rows cannot be split evenly over 4 ranks"):
+        fit_streams(4, 6, 100, "row group(s)")
 
 
 def test_world_size_must_divide_the_streams(tok, shards):
@@ -159,17 +210,13 @@ def test_world_size_must_divide_the_streams(tok, shards):
 def test_corrupt_shard_is_an_error_naming_it(tok, shards, tmp_path):
     bad = tmp_path / "shard_bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet at all")
-    ld = loader(tok, [bad.as_posix()], streams=1)
     with pytest.raises(DataError, match="shard_bad.parquet is corrupt"):
-        take(ld, 1)
-    ld.close()
+        first_step(tok, [bad.as_posix()], streams=1)
 
 
 def test_missing_shard_is_an_error_naming_it(tok, tmp_path):
-    ld = loader(tok, [str(tmp_path / "nope.parquet")], streams=1)
     with pytest.raises(DataError, match="nope.parquet does not exist"):
-        take(ld, 1)
-    ld.close()
+        first_step(tok, [str(tmp_path / "nope.parquet")], streams=1)
 
 
 def test_s3_shards_stream_the_same_rows_as_local(tok, shards, s3_bucket):
@@ -187,10 +234,8 @@ def test_s3_shards_stream_the_same_rows_as_local(tok, shards, s3_bucket):
 def test_corrupt_s3_shard_is_an_error_naming_it(tok, s3_bucket):
     uri = f"s3://{s3_bucket}/data/shard_00000.parquet"
     storage.write_bytes(uri, b"garbage")
-    ld = loader(tok, [uri], streams=1)
     with pytest.raises(DataError, match=f"shard {uri} is corrupt"):
-        take(ld, 1)
-    ld.close()
+        first_step(tok, [uri], streams=1)
 
 
 def test_https_style_shards_download_from_a_web_server(tok, shards):
@@ -204,10 +249,8 @@ def test_https_style_shards_download_from_a_web_server(tok, shards):
         assert all(torch.equal(a, b) for a, b in zip(take(local, 2), take(remote, 2), strict=True))
         local.close()
         remote.close()
-        missing = loader(tok, [f"{base}/missing.parquet"], streams=1)
         with pytest.raises(DataError, match="missing.parquet does not exist"):
-            take(missing, 1)
-        missing.close()
+            first_step(tok, [f"{base}/missing.parquet"], streams=1)
     finally:
         server.shutdown()
 

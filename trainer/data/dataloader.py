@@ -52,8 +52,39 @@ Position = list[int]  # an opaque, JSON-able document position inside one source
 
 
 def default_streams(world_size: int) -> int:
-    """The stream count a run starts with: 8, or a multiple of the world size (so every rank owns some)."""
+    """The most streams a run uses: 8, or a multiple of the world size (so every rank owns some)."""
     return world_size * 8 // math.gcd(world_size, 8)
+
+
+def fit_streams(world_size: int, rows_per_step: int, units: int, what: str) -> int:
+    """The stream count for data of `units` indivisible pieces (`what`: row groups of the training
+    shards, or documents): the most, from `default_streams` down, that is a multiple of the world
+    size (every rank owns whole streams), divides the rows of a step (every stream gives the same
+    number) and is at most `units` (every stream reads at least one). A small corpus then trains as
+    it is; the checkpoint records the count, so a resumed run reads exactly the same batches."""
+    for k in range(default_streams(world_size), 0, -world_size):
+        if rows_per_step % k == 0 and k <= units:
+            return k
+    if units < world_size:
+        raise DataError(
+            f"the training data has {units} {what}; each of the {world_size} ranks needs at least one "
+            f"to read: add data (or write shards with smaller row groups), or train on fewer ranks"
+        )
+    raise DataError(
+        f"a step of {rows_per_step} rows cannot be split evenly over {world_size} ranks; "
+        f"make the total batch size a multiple of {world_size} x the sequence length"
+    )
+
+
+def count_row_groups(shards: Sequence[str], cache: ShardCache, enough: int) -> int:
+    """Row groups in `shards`, counted shard by shard until there are `enough` (a large corpus
+    opens only its first shard, which training reads first anyway)."""
+    total = 0
+    for uri in shards:
+        total += open_shard(uri, cache).num_row_groups
+        if total >= enough:
+            break
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +349,20 @@ class PackedBatches:
 
     @classmethod
     def for_shards(cls, tokenizer: Any, shards: Sequence[str], **kwargs: Any) -> PackedBatches:
+        """Batches from parquet shards. `streams=0` fits the count to the data (`fit_streams`);
+        the loader's `streams` says what it chose. An explicit count that the shards' row groups
+        cannot feed is refused here, saying how many there are."""
         cache = ShardCache()
+        world = kwargs.get("world_size", 1)
+        wanted = kwargs["streams"] or default_streams(world)
+        row_groups = count_row_groups(shards, cache, enough=wanted)
+        if not kwargs["streams"]:
+            kwargs["streams"] = fit_streams(world, kwargs["rows_per_step"], row_groups, "row group(s)")
+        elif row_groups < kwargs["streams"]:
+            raise DataError(
+                f"{kwargs['streams']} data streams need as many row groups, but the training shards hold "
+                f"{row_groups}: use --data-streams {row_groups} or fewer (or -1 to fit the data), or add data"
+            )
         streams = kwargs["streams"]
         loader = cls(lambda k: ParquetDocuments(tokenizer, shards, k, streams, cache), **kwargs)
         loader.cache = cache
