@@ -286,8 +286,14 @@ def next_token(model: Any, tokenizer: Any, prompt: str, temperature: float, top_
     else:
         probs = torch.softmax(logits / temperature, dim=-1)
     values, indices = torch.topk(probs, min(top_k, probs.numel()))
+    specials = set(tokenizer.special_tokens.values())
     top = [
-        {"id": int(i), "text": token_label(tokenizer, int(i)), "prob": float(p)}
+        {
+            "id": int(i),
+            "text": token_label(tokenizer, int(i)),
+            "prob": float(p),
+            "special": int(i) in specials,
+        }
         for p, i in zip(values.tolist(), indices.tolist(), strict=True)
     ]
     nonzero = probs[probs > 0]

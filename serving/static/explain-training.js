@@ -1,0 +1,93 @@
+// Training page: loss and validation bits-per-byte curves per stage, from GET /api/run; polls
+// while a stage is still running.
+"use strict";
+
+const POLL_MS = 5000;
+const SERIES = [
+  { key: "loss", label: "training loss", color: "#2563eb" },
+  { key: "val_bpb", label: "validation bits per byte", color: "#dc2626" },
+];
+
+// One line chart (SVG, no library): steps on x, values on y, with min/max tick labels.
+function chart(points, color, label) {
+  const W = 640, H = 220, L = 52, R = 12, T = 12, B = 28;
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img" });
+  const xs = points.map((p) => p.step), ys = points.map((p) => p.value);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
+  const [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  const sx = (x) => L + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => T + (y1 === y0 ? 0.5 : 1 - (y - y0) / (y1 - y0)) * (H - T - B);
+  svg.setAttribute("aria-label", `${label}: ${points.length} points, steps ${x0} to ${x1}, from ${ys[0].toFixed(4)} to ${ys[ys.length - 1].toFixed(4)}`);
+  svg.appendChild(svgEl("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
+  svg.appendChild(svgEl("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
+  svg.appendChild(svgEl("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, y1.toFixed(3)));
+  svg.appendChild(svgEl("text", { x: L - 4, y: H - B, "text-anchor": "end" }, y0.toFixed(3)));
+  svg.appendChild(svgEl("text", { x: L, y: H - 8 }, `step ${x0}`));
+  svg.appendChild(svgEl("text", { x: W - R, y: H - 8, "text-anchor": "end" }, `step ${x1}`));
+  const path = points.map((p) => `${sx(p.step).toFixed(1)},${sy(p.value).toFixed(1)}`).join(" ");
+  svg.appendChild(svgEl("polyline", { points: path, fill: "none", stroke: color, "stroke-width": 1.5, class: "curve" }));
+  if (points.length === 1) svg.appendChild(svgEl("circle", { cx: sx(xs[0]), cy: sy(ys[0]), r: 3, fill: color }));
+  return svg;
+}
+
+function summary(run) {
+  const rows = [
+    ["checkpoint", run.checkpoint],
+    ["stage, step", `${run.stage ?? "?"}, ${run.step ?? "?"}`],
+    ["model", `${run.model.n_layer} layers, ${run.model.n_head} heads (${run.model.n_kv_head} kv), width ${run.model.n_embd}, context ${run.model.sequence_len}, window pattern ${run.model.window_pattern}`],
+    ["parameters", run.parameters.toLocaleString()],
+    ["vocabulary", `${run.vocab_size} tokens (${run.merges} merges)`],
+    ["run directory", run.run_dir ?? "unknown (the checkpoint is not inside a run directory)"],
+  ];
+  const table = document.createElement("table");
+  table.className = "kv";
+  for (const [k, v] of rows) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = k;
+    tr.insertCell().textContent = v;
+  }
+  $("summary").replaceChildren(table);
+}
+
+function render(run) {
+  summary(run);
+  const charts = $("charts");
+  charts.replaceChildren();
+  if (!run.stages.length) charts.innerHTML = "<p class=\"muted\">No stage history found for this run.</p>";
+  for (const stage of run.stages) {
+    const section = document.createElement("section");
+    section.className = "stage";
+    section.dataset.stage = stage.stage;
+    const h = document.createElement("h2");
+    const progress = stage.total_steps ? ` — step ${stage.step} of ${stage.total_steps}` : "";
+    h.textContent = `${stage.key} (${stage.stage}): ${stage.state}${progress}`;
+    section.appendChild(h);
+    let drawn = 0;
+    for (const s of SERIES) {
+      const points = stage[s.key];
+      if (!points || !points.length) continue;
+      const legend = document.createElement("div");
+      legend.className = "legend";
+      legend.innerHTML = `<span><span class="swatch" style="background:${s.color}"></span>${s.label}</span>`;
+      section.append(legend, chart(points, s.color, `${stage.key} ${s.label}`));
+      drawn++;
+    }
+    if (!drawn) section.insertAdjacentHTML("beforeend", "<p class=\"muted\">no loss or val-bpb records</p>");
+    charts.appendChild(section);
+  }
+  document.body.dataset.ready = "1";
+}
+
+async function refresh() {
+  try {
+    const run = await api("run");
+    showError(null);
+    render(run);
+    if (run.running) setTimeout(refresh, POLL_MS);
+  } catch (err) {
+    showError(err);
+    setTimeout(refresh, POLL_MS);
+  }
+}
+
+refresh();
