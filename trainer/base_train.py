@@ -25,6 +25,8 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -192,6 +194,19 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
     }
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode with FP8 matmuls off (when --fp8 switched them on) for the block, then training again."""
+    from nanorun.trainer.model.fp8 import bf16_matmuls
+
+    model.eval()
+    try:
+        with bf16_matmuls(model):
+            yield
+    finally:
+        model.train()
+
+
 @torch.no_grad()
 def greedy_sample(
     model: torch.nn.Module, tokenizer: Any, prompt: str, max_tokens: int, device: torch.device
@@ -248,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         from nanorun.trainer.model.fp8 import enable_fp8, native_fp8
 
         if native_fp8(ctx.device):
-            # Before torch.compile, so the compiled graph holds the FP8 matmuls. Evaluation keeps them
-            # too: switching classes mid-run would force a recompile every evaluation.
+            # Before torch.compile, so the compiled graph holds the FP8 matmuls. Evaluation and
+            # sampling run the eager model with FP8 off (`evaluating`), as nanochat evaluates in bf16.
             ctx.print0(f"fp8: {enable_fp8(model)} block linears switched to FP8 matmuls")
         else:
             ctx.print0("fp8: this device has no FP8 tensor cores; training in the default precision")
@@ -299,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         last_step = step == num_iterations
         # periodic evaluations: not right after resuming (done before), not while being preempted
         if last_step or (not preempted and due(args.eval_every, step, first_step)):
-            model.eval()
             eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
             batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
-            val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+            with evaluating(model):
+                val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
             batches.close()
             loop["min_val_bpb"] = (
                 val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
@@ -310,29 +325,26 @@ def main(argv: list[str] | None = None) -> int:
             ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
             ctx.progress(flush=True, step=step, total_steps=num_iterations, val_bpb=val_bpb)
             ctx.record(step=step, val_bpb=val_bpb)
-            model.train()
         if args.core_metric_every > 0 and (
             last_step or (not preempted and due(args.core_metric_every, step, first_step))
         ):
             bundle = bundle or core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
             if bundle is not None:
-                model.eval()
-                core = core_eval.evaluate_core(
-                    model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task
-                )
+                with evaluating(model):
+                    core = core_eval.evaluate_core(
+                        model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task
+                    )
                 loop["core"] = core["core"]
                 ctx.print0(f"step {step:06d} | CORE {core['core']:.4f}")
                 ctx.record(step=step, core=core["core"])
-                model.train()
         if (
             ctx.is_master
             and args.sample_every > 0
             and (last_step or (not preempted and due(args.sample_every, step, first_step)))
         ):
-            model.eval()
-            for prompt in SAMPLE_PROMPTS:
-                ctx.print0("  sample:", repr(greedy_sample(model, tokenizer, prompt, 16, ctx.device)))
-            model.train()
+            with evaluating(model):
+                for prompt in SAMPLE_PROMPTS:
+                    ctx.print0("  sample:", repr(greedy_sample(model, tokenizer, prompt, 16, ctx.device)))
         if last_step or preempted or due(args.save_every, step, first_step):
             last_ckpt = save(
                 ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints

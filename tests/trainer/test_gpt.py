@@ -246,3 +246,19 @@ def test_fp8_linears_track_full_precision_and_switch_back():
 
     disable_fp8(model)
     torch.testing.assert_close(model(idx, targets), reference_loss)
+
+
+def test_evaluation_inside_bf16_matmuls_is_unquantised_and_fp8_training_resumes_after():
+    from nanorun.trainer.model.fp8 import Float8Linear, bf16_matmuls, enable_fp8
+
+    model = scramble(tiny_model())
+    idx, targets = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        reference = model(idx, targets)
+        enable_fp8(model, min_dim=16)
+        quantised = model(idx, targets)
+        with bf16_matmuls(model):
+            assert not any(type(m) is Float8Linear for m in model.modules())
+            torch.testing.assert_close(model(idx, targets), reference)
+        assert sum(type(m) is Float8Linear for m in model.modules()) == 12
+        assert model(idx, targets).item() == quantised.item()

@@ -1,8 +1,9 @@
 """FP8 training matmuls for the block linears (tensorwise scaling), for H100-class GPUs.
 
 `enable_fp8(model)` switches every eligible block linear (both dims divisible by 16 and at least
-`min_dim`) to `Float8Linear` in place; `disable_fp8(model)` switches them back (evaluation and
-sampling run in bf16). Weights, parameter identity and state-dict keys do not change, so the
+`min_dim`) to `Float8Linear` in place; `disable_fp8(model)` switches them back, and `bf16_matmuls(model)`
+does so for the length of a `with` block (evaluation and sampling run in bf16, training goes on in
+FP8). Weights, parameter identity and state-dict keys do not change, so the
 optimizer and checkpoints are unaffected. The LM head and embeddings stay in bf16/fp32: logits are
 the most precision-sensitive matmul and embeddings are lookups.
 
@@ -16,6 +17,9 @@ dequantise-then-matmul, which is how the CPU tests check the numerics; it is not
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from nanorun.trainer.model.gpt import GPT, Linear
@@ -109,3 +113,18 @@ def disable_fp8(model: GPT) -> None:
     for module in model.modules():
         if type(module) is Float8Linear:
             module.__class__ = Linear
+
+
+@contextmanager
+def bf16_matmuls(model: torch.nn.Module) -> Iterator[None]:
+    """FP8 off inside the block: its Float8Linears run plain matmuls, then switch back. Evaluation
+    and sampling use the eager model, so the compiled training graph never sees the change (its
+    guards see the same classes when training resumes, and nothing recompiles)."""
+    switched = [m for m in model.modules() if type(m) is Float8Linear]
+    for module in switched:
+        module.__class__ = Linear
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.__class__ = Float8Linear
