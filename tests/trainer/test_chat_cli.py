@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from nanorun.cli.main import main as nanorun_main
-from nanorun.trainer.chat.engine import Engine, SpecialTokens, load_chat_model
+from nanorun.trainer.chat.engine import Engine, SpecialTokens, inference_dtype, load_chat_model
 from nanorun.trainer.chat_cli import assistant_parts, main
 from nanorun.trainer.data.tokenizer import Tokenizer
 
@@ -114,3 +115,20 @@ def test_tool_calls_stay_tool_calls_in_the_history(tiny_chat_run):
         {"type": "python_output", "text": "42"},
         {"type": "text", "text": " in all."},
     ]
+
+
+def test_a_model_loaded_for_inference_holds_its_weights_in_the_compute_dtype(tiny_chat_run):
+    # On a GPU the chat model is loaded in bf16 once, so no decoding step casts weights; the same
+    # load, asked for bf16 on CPU, shows it: every weight is bf16 and Linear's cast is a no-op.
+    model, tokenizer, _ = load_chat_model(tiny_chat_run, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    linear = model.blocks[0].mlp.c_fc
+    assert linear.weight.to(torch.bfloat16) is linear.weight
+    (completion,), _ = Engine(model, tokenizer).generate_batch([tokenizer.bos_token_id], max_tokens=4)
+    assert len(completion) > 1
+    fp32, _, _ = load_chat_model(tiny_chat_run, device="cpu")
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}  # CPU computes in fp32
+    assert (
+        inference_dtype(torch.device("cuda")) is torch.bfloat16
+        and inference_dtype(torch.device("cpu")) is None
+    )

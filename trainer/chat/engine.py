@@ -343,19 +343,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype a model for inference is loaded in: bf16 on GPUs (the compute dtype, so the
+    weights are cast once at load, not in every decoding step), None (fp32 as saved) on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def load_chat_model(
-    checkpoint: str, tokenizer_dir: str | None = None, device: torch.device | str | None = None
+    checkpoint: str,
+    tokenizer_dir: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, info) for a checkpoint/stage/run URI (local path or s3://).
 
-    The tokenizer comes from `tokenizer_dir`, or from the run the checkpoint belongs to."""
+    The tokenizer comes from `tokenizer_dir`, or from the run the checkpoint belongs to. The weights
+    are in `dtype`, by default the device's `inference_dtype`."""
     from nanorun.trainer.data.tokenizer import Tokenizer
     from nanorun.trainer.training.checkpoint import load_model
 
     checkpoint_uri = resolve_checkpoint(checkpoint)
     tokenizer_dir = tokenizer_dir or tokenizer_dir_for(checkpoint_uri)
     tokenizer = Tokenizer.load(tokenizer_dir)
-    model, meta = load_model(checkpoint_uri, device or default_device())
+    device = torch.device(device) if device is not None else default_device()
+    model, meta = load_model(checkpoint_uri, device, dtype=dtype or inference_dtype(device))
     info = {
         "checkpoint": checkpoint_uri,
         "tokenizer": tokenizer_dir,
