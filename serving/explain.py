@@ -17,6 +17,7 @@ to the input exactly, and a token made of a character's leading bytes has text "
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -178,21 +179,41 @@ def other_encoding_count(name: str, text: str) -> dict[str, Any]:
 def bpe_merge(piece: bytes, ranks: dict[bytes, int], max_rank: int) -> list[bytes]:
     """Byte-level BPE of one pre-tokenized chunk using only ranks below `max_rank`.
 
-    The algorithm tiktoken's reference implementation uses (openai/tiktoken, `_educational.py`,
+    The rule of tiktoken's reference implementation (openai/tiktoken, `_educational.py`,
     `bpe_encode`): start from single bytes and repeatedly merge the adjacent pair whose joined bytes
-    have the lowest rank, until no pair has a rank below `max_rank`. With every rank allowed this
-    gives exactly tiktoken's (and so the run's) encoding."""
+    have the lowest rank (the leftmost such pair on a tie), until no pair has a rank below
+    `max_rank`. With every rank allowed this gives exactly tiktoken's (and so the run's) encoding.
+    A heap of candidate pairs over a linked list of parts keeps it O(n log n): a chunk of 4000
+    spaces, rescanned after every merge, would take seconds."""
     parts = [bytes([b]) for b in piece]
-    while len(parts) > 1:
-        best, best_rank = -1, max_rank
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best, best_rank = i, rank
-        if best < 0:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return parts
+    n = len(parts)
+    following = list(range(1, n)) + [-1]  # the next live part after part i, or -1
+    preceding = list(range(-1, n - 1))
+    heap: list[tuple[int, int]] = []
+
+    def push(i: int) -> None:
+        j = following[i] if i >= 0 else -1
+        if j >= 0:
+            rank = ranks.get(parts[i] + parts[j])
+            if rank is not None and rank < max_rank:
+                heapq.heappush(heap, (rank, i))
+
+    for i in range(n - 1):
+        push(i)
+    alive = [True] * n
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = following[i]
+        if not alive[i] or j < 0 or ranks.get(parts[i] + parts[j]) != rank:
+            continue  # stale: one of the two parts has merged since this pair was queued
+        parts[i] += parts[j]
+        alive[j] = False
+        following[i] = following[j]
+        if following[j] >= 0:
+            preceding[following[j]] = i
+        push(preceding[i])
+        push(i)
+    return [p for p, live in zip(parts, alive, strict=True) if live]
 
 
 def merge_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:

@@ -121,3 +121,33 @@ def test_long_histories_are_thinned_keeping_the_last_point():
     records = [{"step": i} for i in range(10_001)]
     thinned = explain.thin(records, 1000)
     assert len(thinned) <= 1001 and thinned[-1] == {"step": 10_000} and thinned[0] == {"step": 0}
+
+
+def naive_bpe(piece: bytes, ranks: dict[bytes, int], max_rank: int) -> list[bytes]:
+    """The textbook loop (rescan every pair after each merge), as a reference."""
+    parts = [bytes([b]) for b in piece]
+    while True:
+        found = [
+            (ranks.get(a + b, max_rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
+        ]
+        rank, i = min(found, default=(max_rank, -1))
+        if rank >= max_rank:
+            return parts
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+@pytest.mark.parametrize("merges", [0, 1, 7, 60, 300, 10_000])
+def test_bpe_merge_equals_the_textbook_loop(chat_tokenizer, merges):
+    ranks = chat_tokenizer.mergeable_ranks
+    for chunk in ["        ", " tokenization", "aaaaaaaaaaa", "naïve", "ababababab", "\n\n\n"]:
+        piece = chunk.encode()
+        assert explain.bpe_merge(piece, ranks, 256 + merges) == naive_bpe(piece, ranks, 256 + merges)
+
+
+def test_bpe_replay_of_a_long_run_of_spaces_is_fast(chat_tokenizer):
+    import time
+
+    start = time.monotonic()
+    out = explain.bpe_replay(chat_tokenizer, " " * explain.MAX_TEXT_CHARS, 10**6)
+    assert [t["id"] for t in out["tokens"]] == chat_tokenizer.encode(" " * explain.MAX_TEXT_CHARS)
+    assert time.monotonic() - start < 5
