@@ -116,14 +116,24 @@ def test_custom_object_round_trips(jobs, kube_namespace):
 
 
 def test_structural_schema_rejects_invalid_object_with_server_message(jobs, kube_namespace):
+    # An LLMRun: no admission webhook sees it first (Kueue's webhooks take every PyTorchJob and
+    # answer a mistyped one with their own decoding error), so the schema's own message comes back.
+    from nanorun.operator.api import GROUP as NANORUN
+    from nanorun.operator.api import PLURAL as LLMRUNS
+    from nanorun.operator.api import VERSION as V1ALPHA1
+
+    bad = {
+        "apiVersion": f"{NANORUN}/{V1ALPHA1}",
+        "kind": "LLMRun",
+        "metadata": {"name": "bad"},
+        "spec": {"storage": {"uri": "s3://b/r"}, "model": {"depth": "twenty"}},
+    }
     with pytest.raises(ApiException) as err:
-        jobs.create_namespaced_custom_object(
-            GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("bad", replicas="two")
-        )
+        jobs.create_namespaced_custom_object(NANORUN, V1ALPHA1, kube_namespace, LLMRUNS, bad)
     assert err.value.status == 422
     status = json.loads(err.value.body)
     assert status["reason"] == "Invalid"
-    assert "spec.pytorchReplicaSpecs.Master.replicas in body must be of type integer" in status["message"]
+    assert "spec.model.depth in body must be of type integer" in status["message"]
 
 
 def test_status_subresource_separates_spec_and_status(jobs, kube_namespace):

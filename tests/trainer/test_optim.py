@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from nanorun.trainer.model.gpt import GPT, GPTConfig
 from nanorun.trainer.model.optim import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize
+from nanorun.trainer.training.checkpoint import optimizer_files_for, optimizer_save_planner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,7 +81,11 @@ def distributed_worker(rank: int, world: int, port: int, out: str) -> None:
                 },
                 f,
             )
-        dcp.save(state, checkpoint_id=os.path.join(out, "optimizer"))
+        dcp.save(state, checkpoint_id=os.path.join(out, "optimizer"), planner=optimizer_save_planner())
+        template = make_optimizer(make_model()).sharded_state_dict()
+        needed = optimizer_files_for(template, os.path.join(out, "optimizer"))
+        with open(os.path.join(out, f"files_rank{rank}.json"), "w") as f:
+            json.dump(sorted(needed), f)
         train(model, optimizer, 1, rank, world)
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(out, "params_next.pt"))
@@ -272,3 +278,13 @@ def test_muon_momentum_warms_up_then_holds():
     assert muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == pytest.approx(0.95)
     assert muon_momentum(10_000) == pytest.approx(0.95)
+
+
+@pytest.mark.slow  # shares the two-process run
+def test_each_rank_resuming_fetches_only_the_optimizer_files_its_state_is_in(two_rank_run):
+    # What load_optimizer downloads from S3 for one rank: DCP's load plan for that rank's template.
+    written = sorted(p.name for p in Path(two_rank_run, "optimizer").glob("*.distcp"))
+    assert written == ["__0_0.distcp", "__1_0.distcp"]
+    files = [set(json.loads(Path(two_rank_run, f"files_rank{r}.json").read_text())) for r in (0, 1)]
+    assert files[0] == {"__0_0.distcp"}  # rank 0's own shard and the replicated entries
+    assert "__1_0.distcp" in files[1]  # rank 1's shard (and rank 0's file for what is replicated)

@@ -60,6 +60,7 @@ COMMIT_MARKER = "COMMITTED"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 OPTIM_DIR = "optim"
+DCP_METADATA = ".metadata"  # the index torch.distributed.checkpoint writes beside its data files
 CHECKSUMS = "blake2b"  # the marker's {file: storage.checksum of its contents}; absent in older markers
 
 # Checkpoints this process saved, or chose to resume from after reading them through. Saving such a
@@ -238,6 +239,13 @@ def _dcp(fn: Any, state: dict, **kwargs: Any) -> None:
         fn(state, **kwargs)
 
 
+def optimizer_save_planner() -> Any:
+    """DCP's planner with entries that every rank holds (replicated ones) saved by rank 0 only, not
+    spread over the ranks: a resuming rank then needs rank 0's file and its own (see
+    optimizer_files_for), not a piece of every file."""
+    return dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+
+
 def _save_optimizer(optimizer: Any, ckpt_uri: str) -> dict[str, str]:
     """Write this rank's optimizer shard (and, on rank 0, DCP's `.metadata`) under `optim/`; returns
     {file name in the checkpoint: checksum} of the files this rank wrote. DCP writes into a local
@@ -246,7 +254,7 @@ def _save_optimizer(optimizer: Any, ckpt_uri: str) -> dict[str, str]:
     state = optimizer.sharded_state_dict()
     checksums = {}
     with tempfile.TemporaryDirectory(prefix="nanorun-optim-") as tmp:
-        _dcp(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp))
+        _dcp(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp), planner=optimizer_save_planner())
         for path in storage.walk_local(tmp):
             name = f"{OPTIM_DIR}/{path.relative_to(tmp).as_posix()}"
             checksums[name] = storage.file_checksum(path)
@@ -397,13 +405,36 @@ def load_optimizer(checkpoint_uri: str, optimizer: Any) -> None:
     state = optimizer.sharded_state_dict()
     source = storage.join(checkpoint_uri, OPTIM_DIR)
     if storage.is_s3(source):
+        # Only DCP's index and the files this rank's part of the state is in: on 8 ranks each one
+        # fetches about an eighth of the optimizer state, not all of it.
         with tempfile.TemporaryDirectory(prefix="nanorun-optim-") as tmp:
-            for uri in storage.list_files(source):
-                storage.download_to(uri, Path(tmp) / uri[len(source) + 1 :])
+            try:
+                storage.download_to(storage.join(source, DCP_METADATA), Path(tmp) / DCP_METADATA)
+                for name in optimizer_files_for(state, tmp):
+                    storage.download_to(storage.join(source, name), Path(tmp) / name)
+            except (
+                OSError,
+                storage.StorageError,
+                CheckpointException,
+                ValueError,
+                pickle.UnpicklingError,
+            ) as err:
+                raise CheckpointError(f"optimizer state in {source} is missing or corrupt: {err}") from err
             _load_optimizer_files(state, tmp, source)
     else:
         _load_optimizer_files(state, source, source)
     optimizer.load_sharded_state_dict(state)
+
+
+def optimizer_files_for(state: dict, local_dir: str) -> set[str]:
+    """The files of the DCP checkpoint in `local_dir` (only its `.metadata` need be there) that
+    hold the entries of `state`, this rank's template: what DCP's own load plan for this rank reads."""
+    metadata = dcp.FileSystemReader(local_dir).read_metadata()
+    planner = dcp.DefaultLoadPlanner()
+    planner.set_up_planner(state, metadata, is_coordinator=False)
+    return {
+        metadata.storage_data[item.storage_index].relative_path for item in planner.create_local_plan().items
+    }
 
 
 def _load_optimizer_files(state: dict, local_dir: str, source: str) -> None:
