@@ -106,7 +106,7 @@ class ModelSpec(Model):
         None,
         pattern=r"^[SL]+$",
         max_length=64,
-        description="Sliding-window attention pattern per layer, S = short window, L = full context, repeated over depth (e.g. SSSL).",
+        description="Sliding-window attention pattern per layer, S = short window, L = full context, repeated over depth (e.g. SSSL). Unset: SSSL where Flash Attention 3 runs, L elsewhere.",
     )
 
 

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     m.add_argument(
-        "--window-pattern", default="SSSL", help="per-layer sliding-window pattern (S short, L long)"
+        "--window-pattern",
+        default="auto",
+        help="per-layer sliding-window pattern (S short, L long); auto: SSSL where Flash Attention 3 "
+        "runs (it skips the masked blocks), L elsewhere (a band mask saves nothing under SDPA)",
     )
     m.add_argument(
         "--fp8",
@@ -132,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--keep-checkpoints", type=int, default=3, help="committed checkpoints to keep")
     return p
+
+
+def window_pattern_for(flag: str, device: torch.device) -> str:
+    """The window pattern a fresh run trains with (a resumed one keeps its checkpoint's): `auto`
+    is nanochat's SSSL where FA3 makes short windows cheaper, and L where they would only add a mask."""
+    if flag != "auto":
+        return flag
+    from nanorun.trainer.model.attention import fa3_available
+
+    return "SSSL" if fa3_available(device) else "L"
 
 
 def model_config(args: argparse.Namespace, vocab_size: int, depth: int | None = None):
@@ -223,6 +236,7 @@ def greedy_sample(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = setup_stage("base_train", args)
+    args.window_pattern = window_pattern_for(args.window_pattern, ctx.device)
     if ctx.already_done:
         return teardown(ctx)
     from nanorun.trainer.data.dataset import resolve_shards

@@ -317,3 +317,11 @@ def test_a_corpus_of_a_few_hundred_documents_in_four_shards_trains_with_no_data_
     meta = read_meta(latest_checkpoint(storage.join(run, "base_train")))
     assert meta["plan"]["data_streams"] == 2
     assert meta["dataloader"]["count"] == 2
+
+
+def test_the_default_window_pattern_is_sssl_only_where_flash_attention_3_runs():
+    import torch
+    from nanorun.trainer.base_train import window_pattern_for
+
+    assert window_pattern_for("auto", torch.device("cpu")) == "L"  # SDPA: a band mask would save nothing
+    assert window_pattern_for("SSL", torch.device("cpu")) == "SSL"  # an explicit pattern is kept
