@@ -406,7 +406,7 @@ def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
 def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:
     """What is served (checkpoint, stage, step, model config, vocabulary) and the run's history."""
     from nanorun.pipeline import layout
-    from nanorun.pipeline.stages import STAGES
+    from nanorun.pipeline.stages import MODEL_STAGES
 
     checkpoint = info.get("checkpoint", "")
     try:
@@ -416,7 +416,7 @@ def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, A
         run_dir, stage = None, None
     stages = []
     if run_dir is not None:
-        for s in STAGES:
+        for s in MODEL_STAGES:  # the stages that train, and so have curves
             history = stage_history(run_dir, s.module)
             if history is not None:
                 stages.append({"key": s.key, **history})
