@@ -150,3 +150,16 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
         )
     finally:
         shutil.rmtree(stage_dir)
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "next-token", "attention", "training"])
+def test_pages_fit_a_phone_screen_and_are_reachable_by_keyboard(browser, chat_service, name):
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    try:
+        open_page(page, chat_service, name)
+        # nothing but the heatmap (which scrolls in its own box) is wider than the screen
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.keyboard.press("Tab")  # the first stop is the page's navigation
+        assert page.evaluate("document.activeElement.closest('nav') !== null")
+    finally:
+        page.close()
