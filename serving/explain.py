@@ -295,7 +295,7 @@ def next_token(model: Any, tokenizer: Any, prompt: str, temperature: float, top_
     Probabilities are over the whole vocabulary, so the k returned sum to at most 1 (the rest is
     the mass of all other tokens). Temperature 0 puts all the mass on the argmax (greedy)."""
     import torch
-    from nanorun.trainer.chat.engine import context_length, model_device
+    from nanorun.trainer.chat.engine import MIN_TEMPERATURE, context_length, model_device
 
     ids = prompt_ids(tokenizer, prompt, context_length(model))
     with torch.inference_mode():
@@ -304,8 +304,8 @@ def next_token(model: Any, tokenizer: Any, prompt: str, temperature: float, top_
     if temperature <= 0:
         probs = torch.zeros_like(logits)
         probs[int(torch.argmax(logits))] = 1.0
-    else:
-        probs = torch.softmax(logits / temperature, dim=-1)
+    else:  # as the sampler does it: shifted, and a tiny temperature never overflows into nan
+        probs = torch.softmax((logits - logits.max()) / max(temperature, MIN_TEMPERATURE), dim=-1)
     values, indices = torch.topk(probs, min(top_k, probs.numel()))
     specials = set(tokenizer.special_tokens.values())
     top = [

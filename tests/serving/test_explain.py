@@ -73,6 +73,8 @@ def test_next_token_is_a_sorted_top_k_of_a_distribution(model, chat_tokenizer):
     assert out["prompt_tokens"] == len(chat_tokenizer.encode("The capital of France is")) + 1
     greedy = explain.next_token(model, chat_tokenizer, "The capital of France is", 0, 3)
     assert greedy["tokens"][0]["prob"] == 1.0 and greedy["tokens"][0]["id"] == out["tokens"][0]["id"]
+    tiny = explain.next_token(model, chat_tokenizer, "The capital of France is", 5e-324, 3)
+    assert tiny["tokens"][0] == {**greedy["tokens"][0]} and tiny["tokens"][1]["prob"] == 0.0
     sharp = explain.next_token(model, chat_tokenizer, "The capital of France is", 0.2, 1)
     assert sharp["tokens"][0]["prob"] > out["tokens"][0]["prob"]  # lower temperature: more peaked
     with pytest.raises(explain.ExplainInputError) as err:

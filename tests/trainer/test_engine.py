@@ -82,6 +82,14 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert set(sample_tokens(logits, gen, 1.0).tolist()) >= {0, 1, 2, 3}
 
 
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing():
+    logits = torch.tensor([[4.0, 3.0, -2.0], [0.0, 9.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (5e-324, 1e-30):
+        assert sample_tokens(logits, gen, temperature).tolist() == [0, 1]
+        assert sample_tokens(logits, gen, temperature, top_k=2, top_p=0.5).tolist() == [0, 1]
+
+
 class ScriptedModel(torch.nn.Module):
     """The real tiny model with its preferred next token steered by a script (generated position
     -> token). It records every input the engine feeds it, so a test can see forced tokens arrive."""

@@ -45,6 +45,9 @@ DISPLAY_OF_SPECIAL = {  # how tool-call tokens read in a chat transcript: <<12*3
 }
 
 
+MIN_TEMPERATURE = 1e-6  # smaller temperatures sample as this one: all but certainly the argmax
+
+
 class ContextOverflowError(ValueError):
     """The prompt leaves no room to generate within the model's context."""
 
@@ -79,7 +82,11 @@ def sample_tokens(
     """One token id per row of `logits` (B, V): greedy at temperature 0, else top-k/top-p sampling."""
     if temperature <= 0.0:
         return torch.argmax(logits, dim=-1)
-    logits = logits.float() / temperature
+    # Shift each row's largest logit to 0 and keep the temperature representable in fp32: a tiny
+    # temperature (5e-324 is a valid request) then sends the others to -inf, where a plain
+    # division would overflow to inf (or divide by an fp32 zero), whose softmax is nan.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
