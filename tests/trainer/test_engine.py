@@ -88,6 +88,7 @@ def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing():
     for temperature in (5e-324, 1e-30):
         assert sample_tokens(logits, gen, temperature).tolist() == [0, 1]
         assert sample_tokens(logits, gen, temperature, top_k=2, top_p=0.5).tolist() == [0, 1]
+    assert sample_tokens(logits, gen, 1.0, top_p=5e-324).tolist() == [0, 1]  # 0 in fp32: still the top
 
 
 class ScriptedModel(torch.nn.Module):

@@ -95,6 +95,7 @@ def sample_tokens(
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         # drop a token when the tokens before it already cover top_p (the first one always stays)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop[..., 0] = False  # even when top_p (5e-324) rounds to 0 in fp32
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
