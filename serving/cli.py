@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{host}:{args.port}"
     print(
         f"nanorun serve: {checkpoint}\n  web UI   {url}/\n  API      {url}/v1  (OpenAI-compatible)\n"
+        f"  explain  {url}/explain/tokenizer, /explain/training, /explain/next-token, /explain/attention\n"
         f"  metrics  {url}/metrics\nCtrl-C to stop.",
         flush=True,
     )

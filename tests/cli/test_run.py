@@ -340,11 +340,13 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
             line = proc.stdout.readline()
             assert line, f"nanorun run --serve exited early ({proc.poll()}):\n{''.join(lines)}"
             lines.append(line)
-            if "web UI" in line:
+            if "explain  " in line:
                 break
         out = "".join(lines)
         assert "tok_train: already done" in out and "base_train: already done" in out
-        assert f"http://localhost:{port}/" in line
+        assert f"web UI   http://localhost:{port}/\n" in out
+        assert f"explain  http://localhost:{port}/explain/tokenizer" in line  # the demo prints them too
+        assert httpx.get(f"http://127.0.0.1:{port}/explain/tokenizer", timeout=30).status_code == 200
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             timeout=60,
