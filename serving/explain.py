@@ -32,6 +32,8 @@ MAX_ATTENTION_TOKENS = 64  # attention maps are T x T per head: keep them readab
 MAX_TOP_K = 200
 MAX_LISTED_MERGES = 500
 MAX_HISTORY_POINTS = 2000  # per stage; longer histories are thinned evenly (the last point kept)
+MAX_SAMPLE_STEPS = 50  # greedy samples of at most this many evaluations per stage (thinned like points)
+MAX_SAMPLE_CHARS = 400  # per sample text
 OTHER_ENCODINGS = ("gpt2", "cl100k_base")
 
 
@@ -381,7 +383,7 @@ def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
     text = storage.read_text(uri) if storage.exists(uri) else ""
     if progress is None and done is None and not text:
         return None
-    loss, val_bpb = [], []
+    loss, val_bpb, samples = [], [], []
     for line in text.splitlines():
         try:
             record = json.loads(line)
@@ -393,6 +395,8 @@ def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
             loss.append({"step": record["step"], "value": record["loss"]})
         if isinstance(record.get("val_bpb"), (int, float)):
             val_bpb.append({"step": record["step"], "value": record["val_bpb"]})
+        if isinstance(record.get("samples"), list):
+            samples.append({"step": record["step"], "samples": _samples(record["samples"])})
     return {
         "stage": module,
         "state": "done" if done is not None else "running" if progress is not None else "unknown",
@@ -400,7 +404,17 @@ def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
         "total_steps": progress.total_steps if progress else None,
         "loss": thin(loss),
         "val_bpb": thin(val_bpb),
+        "samples": thin(samples, MAX_SAMPLE_STEPS),
     }
+
+
+def _samples(raw: list[Any]) -> list[dict[str, str]]:
+    """The {prompt, text} pairs of one history record (base_train's greedy samples), bounded."""
+    out = []
+    for s in raw:
+        if isinstance(s, dict) and isinstance(s.get("prompt"), str) and isinstance(s.get("text"), str):
+            out.append({"prompt": s["prompt"][:MAX_SAMPLE_CHARS], "text": s["text"][:MAX_SAMPLE_CHARS]})
+    return out
 
 
 def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:

@@ -357,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
             and (last_step or (not preempted and due(args.sample_every, step, first_step)))
         ):
             with evaluating(model):
-                for prompt in SAMPLE_PROMPTS:
-                    ctx.print0("  sample:", repr(greedy_sample(model, tokenizer, prompt, 16, ctx.device)))
+                samples = [
+                    {"prompt": p, "text": greedy_sample(model, tokenizer, p, 16, ctx.device)}
+                    for p in SAMPLE_PROMPTS
+                ]
+            for sample in samples:
+                ctx.print0("  sample:", repr(sample["text"]))
+            # In the history too: the explainer's training page shows English emerging step by step.
+            ctx.record(step=step, samples=samples)
         if last_step or preempted or due(args.save_every, step, first_step):
             last_ckpt = save(
                 ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints

@@ -49,6 +49,35 @@ function summary(run) {
   $("summary").replaceChildren(table);
 }
 
+// The greedy continuations the model wrote at each evaluation: English emerging, step by step.
+function samplesTable(records) {
+  const details = document.createElement("details");
+  details.className = "samples";
+  details.open = true;
+  const summary = document.createElement("summary");
+  summary.textContent = `What the model wrote (greedy samples at ${records.length} step${records.length === 1 ? "" : "s"})`;
+  const table = document.createElement("table");
+  const head = table.createTHead().insertRow();
+  for (const h of ["step", "prompt", "continuation"]) {
+    const th = document.createElement("th");
+    th.textContent = h;
+    head.appendChild(th);
+  }
+  const body = table.createTBody();
+  for (const record of records) {
+    record.samples.forEach((s, i) => {
+      const tr = body.insertRow();
+      tr.insertCell().textContent = i === 0 ? String(record.step) : "";
+      tr.insertCell().textContent = s.prompt;
+      const text = tr.insertCell();
+      text.className = "sample-text";
+      text.textContent = s.text;
+    });
+  }
+  details.append(summary, table);
+  return details;
+}
+
 function render(run) {
   summary(run);
   const charts = $("charts");
@@ -73,6 +102,7 @@ function render(run) {
       drawn++;
     }
     if (!drawn) section.insertAdjacentHTML("beforeend", "<p class=\"muted\">no loss or val-bpb records</p>");
+    if (stage.samples && stage.samples.length) section.appendChild(samplesTable(stage.samples));
     charts.appendChild(section);
   }
   document.body.dataset.ready = "1";

@@ -105,6 +105,9 @@ def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_token
     run = tmp_path / "run"
     checkpoint = save_chat_checkpoint(str(run), model, stage="chat_sft", step=3)
     records = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 6)] + [{"step": 5, "val_bpb": 2.5}]
+    records += [
+        {"step": 5, "samples": [{"prompt": "Once", "text": " upon" * 200}, {"prompt": 3, "text": "bad"}]}
+    ]
     (run / "base_train").mkdir()
     (run / "base_train" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "base_train" / "done.json").write_text(json.dumps({"stage": "base_train", "seconds": 1.0}))
@@ -116,6 +119,8 @@ def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_token
     assert base["state"] == "done" and base["key"] == "pretrain"
     assert [p["step"] for p in base["loss"]] == [1, 2, 3, 4, 5]
     assert base["val_bpb"] == [{"step": 5, "value": 2.5}]
+    # the greedy samples, bounded in length, malformed ones dropped
+    assert base["samples"] == [{"step": 5, "samples": [{"prompt": "Once", "text": (" upon" * 200)[:400]}]}]
     assert explain.run_summary(model, chat_tokenizer, {"checkpoint": "/somewhere/else"})["stages"] == []
 
 

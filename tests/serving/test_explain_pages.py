@@ -131,6 +131,10 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
     def history(steps: int) -> None:
         records = [{"step": s, "loss": 6.0 * 0.97**s} for s in range(1, steps + 1)]
         records += [{"step": s, "val_bpb": 2.0 * 0.99**s} for s in range(0, steps + 1, 10)]
+        records += [
+            {"step": s, "samples": [{"prompt": "The capital of France is", "text": f" Paris {s}"}]}
+            for s in range(0, steps + 1, 20)
+        ]
         (stage_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     history(40)
@@ -141,6 +145,8 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
         section = "section[data-stage='base_train']"
         assert "running" in page.inner_text(f"{section} h2")
         assert page.locator(f"{section} polyline.curve").count() == 2  # loss and val bpb
+        samples = page.locator(f"{section} details.samples td.sample-text")
+        assert samples.all_inner_texts() == [" Paris 0", " Paris 20", " Paris 40"]  # what it wrote, per step
         screenshot(page, "training")
         history(80)
         write_progress(tiny_chat_run, Progress(stage="base_train", step=80, total_steps=80))

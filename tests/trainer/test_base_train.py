@@ -325,3 +325,24 @@ def test_the_default_window_pattern_is_sssl_only_where_flash_attention_3_runs():
 
     assert window_pattern_for("auto", torch.device("cpu")) == "L"  # SDPA: a band mask would save nothing
     assert window_pattern_for("SSL", torch.device("cpu")) == "SSL"  # an explicit pattern is kept
+
+
+@pytest.mark.slow
+def test_greedy_samples_land_in_the_history_for_the_explainer(tiny_base_run, tmp_path):
+    import json
+
+    from nanorun.trainer.base_train import SAMPLE_PROMPTS
+
+    run, data = fresh_run(tiny_base_run, tmp_path)
+    flags = [*FLAGS]
+    flags[flags.index("--sample-every") + 1] = "3"
+    out = check(run_stage("base_train", "--run-dir", run, "--data", data, *flags))
+    history = [
+        json.loads(line) for line in (Path(run) / "base_train" / "history.jsonl").read_text().splitlines()
+    ]
+    sampled = [r for r in history if "samples" in r]
+    assert [r["step"] for r in sampled] == [3, 6]  # every 3 steps and at the end
+    for record in sampled:
+        assert [s["prompt"] for s in record["samples"]] == list(SAMPLE_PROMPTS)
+        assert all(isinstance(s["text"], str) and s["text"] for s in record["samples"])
+    assert out.stdout.count("  sample:") == 2 * len(SAMPLE_PROMPTS)
