@@ -231,10 +231,11 @@ def total_merges(tokenizer: Any) -> int:
     return len(tokenizer.mergeable_ranks) - 256
 
 
-def first_merges(tokenizer: Any, n: int) -> list[dict[str, Any]]:
-    """The first `n` merges in the order they were learned, as readable strings."""
+def first_merges(tokenizer: Any, n: int, start: int = 0) -> list[dict[str, Any]]:
+    """Merges `start` to `start + n` (0 is the first learned) in the order they were learned, as
+    readable strings."""
     ranks = tokenizer.mergeable_ranks
-    by_rank = sorted((rank, token) for token, rank in ranks.items() if len(token) > 1)[:n]
+    by_rank = sorted((rank, token) for token, rank in ranks.items() if len(token) > 1)[start : start + n]
     merges = []
     for rank, token in by_rank:
         left, right = merge_pair(token, ranks)
@@ -269,6 +270,8 @@ def bpe_replay(tokenizer: Any, text: str, merges: int, list_merges: int = 50) ->
         "count": len(ids),
         "bytes": len(text.encode("utf-8")),
         "first_merges": first_merges(tokenizer, min(list_merges, merges)),
+        # the pair the slider's last step merged: what changed from `merges - 1` to `merges`
+        "last_merge": (first_merges(tokenizer, 1, start=merges - 1) or [None])[0] if merges else None,
     }
 
 

@@ -37,6 +37,10 @@ async function updateReplay() {
     renderTokens($("replay-tokens"), out.tokens, $("detail"));
     $("replay-count").textContent = out.count;
     $("merge-total").textContent = out.total_merges;
+    const m = out.last_merge;
+    $("last-merge").textContent = m
+      ? `merge ${out.merges} (token ${m.id}): ${visible(m.left)} + ${visible(m.right)} → ${visible(m.text)}`
+      : "no merges: every token is one byte";
     const list = $("merge-list");
     list.replaceChildren(...out.first_merges.map((m) => {
       const li = document.createElement("li");

@@ -60,6 +60,13 @@ def test_first_merges_are_listed_in_rank_order_and_rebuild_their_token(chat_toke
         assert m["left"] + m["right"] == m["text"]
 
 
+def test_the_replay_names_the_pair_its_last_merge_joined(chat_tokenizer):
+    assert explain.bpe_replay(chat_tokenizer, "x", 0)["last_merge"] is None
+    for n in (1, 40, explain.total_merges(chat_tokenizer)):
+        last = explain.bpe_replay(chat_tokenizer, "x", n)["last_merge"]
+        assert last["rank"] == 256 + n - 1 and last["left"] + last["right"] == last["text"]
+
+
 @pytest.fixture(scope="module")
 def model(chat_tokenizer):
     return tiny_chat_model(chat_tokenizer.vocab_size)

@@ -76,6 +76,11 @@ def test_tokenizer_spans_rebuild_the_text_and_the_slider_replays_merges(page, ch
     page.wait_for_function(
         "n => document.querySelector('#replay-count').textContent === String(n)", arg=len(text.encode())
     )
+    assert page.inner_text("#last-merge") == "no merges: every token is one byte"
+    page.fill("#merges", "1")
+    page.wait_for_function(
+        "() => document.querySelector('#last-merge').textContent.startsWith('merge 1 (token 256)')"
+    )
     total = int(page.get_attribute("#merges", "max"))
     page.fill("#merges", str(total))
     page.wait_for_function(
