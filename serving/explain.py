@@ -420,6 +420,35 @@ def _samples(raw: list[Any]) -> list[dict[str, str]]:
     return out
 
 
+def timeline(run_dir: str) -> list[dict[str, Any]]:
+    """Every stage of the run that has run, in pipeline order, with when it started and ended (Unix
+    seconds): a finished stage from its done.json (finished_at - seconds), a running one from its
+    progress.json (updated_at - elapsed_seconds, up to its last update)."""
+    from nanorun.pipeline.progress import read_done, read_progress
+    from nanorun.pipeline.stages import STAGES
+
+    out = []
+    for s in STAGES:
+        done, progress = read_done(run_dir, s.module), read_progress(run_dir, s.module)
+        if done is not None:
+            start, end, state = done.finished_at - done.seconds, done.finished_at, "done"
+        elif progress is not None:
+            start, end, state = progress.updated_at - progress.elapsed_seconds, progress.updated_at, "running"
+        else:
+            continue
+        out.append(
+            {
+                "key": s.key,
+                "stage": s.module,
+                "state": state,
+                "start": start,
+                "end": end,
+                "seconds": round(end - start, 3),
+            }
+        )
+    return out
+
+
 def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:
     """What is served (checkpoint, stage, step, model config, vocabulary) and the run's history."""
     from nanorun.pipeline import layout
@@ -452,5 +481,6 @@ def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, A
         "device": str(next(model.parameters()).device),
         "pid": os.getpid(),
         "stages": stages,
+        "timeline": timeline(run_dir) if run_dir is not None else [],
         "running": any(s["state"] == "running" for s in stages),
     }

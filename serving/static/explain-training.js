@@ -78,8 +78,43 @@ function samplesTable(records) {
   return details;
 }
 
+// The stage timeline: one bar per stage that has run, placed on the run's own time axis.
+function timelineChart(stages) {
+  if (!stages.length) {
+    const p = document.createElement("p");
+    p.className = "muted";
+    p.textContent = "No stage has run yet.";
+    return p;
+  }
+  const t0 = Math.min(...stages.map((s) => s.start)), t1 = Math.max(...stages.map((s) => s.end));
+  const span = Math.max(t1 - t0, 1e-3), W = 640, row = 22, label = 90;
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${row * stages.length + 4}`, class: "timeline", role: "img" });
+  svg.setAttribute("aria-label", `stage timeline: ${stages.map((s) => `${s.key} ${fmtSeconds(s.seconds)}`).join(", ")}`);
+  stages.forEach((s, i) => {
+    const x = label + ((s.start - t0) / span) * (W - label - 70), w = Math.max(2, (s.seconds / span) * (W - label - 70));
+    const y = i * row + 2;
+    const name = svgEl("text", { x: 0, y: y + 14, class: "axis" });
+    name.textContent = s.key;
+    const bar = svgEl("rect", { x, y, width: w, height: row - 6, class: `span ${s.state}` });
+    const title = svgEl("title", {});
+    title.textContent = `${s.key} (${s.stage}): ${s.state}, ${fmtSeconds(s.seconds)}`;
+    bar.appendChild(title);
+    const time = svgEl("text", { x: x + w + 4, y: y + 14, class: "axis" });
+    time.textContent = fmtSeconds(s.seconds);
+    svg.append(name, bar, time);
+  });
+  return svg;
+}
+
+function fmtSeconds(s) {
+  if (s >= 3600) return `${Math.floor(s / 3600)}h${String(Math.round((s % 3600) / 60)).padStart(2, "0")}m`;
+  if (s >= 60) return `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s`;
+  return `${s.toFixed(1)}s`;
+}
+
 function render(run) {
   summary(run);
+  $("timeline").replaceChildren(timelineChart(run.timeline || []));
   const charts = $("charts");
   charts.replaceChildren();
   if (!run.stages.length) charts.innerHTML = "<p class=\"muted\">No stage history found for this run.</p>";

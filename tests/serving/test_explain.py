@@ -131,6 +131,24 @@ def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_token
     assert explain.run_summary(model, chat_tokenizer, {"checkpoint": "/somewhere/else"})["stages"] == []
 
 
+def test_the_timeline_places_every_stage_that_ran_on_the_runs_clock(tmp_path):
+    from nanorun.pipeline.progress import Done, Progress, write_done, write_progress
+
+    run = str(tmp_path)
+    write_done(run, Done(stage="tok_train", seconds=10.0, finished_at=1000.0))
+    write_done(run, Done(stage="base_train", seconds=50.0, finished_at=1060.0))
+    progress = Progress(stage="mid_train", step=3, total_steps=9, elapsed_seconds=5.0)
+    write_progress(run, progress)  # stamps updated_at now
+    stages = explain.timeline(run)
+    assert [(s["key"], s["state"]) for s in stages] == [
+        ("tokenizer", "done"),
+        ("pretrain", "done"),
+        ("midtrain", "running"),
+    ]
+    assert (stages[0]["start"], stages[0]["end"], stages[1]["start"]) == (990.0, 1000.0, 1010.0)
+    assert stages[2]["seconds"] == 5.0 and stages[2]["end"] > 1060.0
+
+
 def test_long_histories_are_thinned_keeping_the_last_point():
     records = [{"step": i} for i in range(10_001)]
     thinned = explain.thin(records, 1000)

@@ -150,6 +150,8 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
         section = "section[data-stage='base_train']"
         assert "running" in page.inner_text(f"{section} h2")
         assert page.locator(f"{section} polyline.curve").count() == 2  # loss and val bpb
+        bar = page.locator("#timeline rect.span.running")  # pretraining, still running, on the timeline
+        assert bar.count() == 1 and "pretrain (base_train): running" in bar.locator("title").text_content()
         samples = page.locator(f"{section} details.samples td.sample-text")
         assert samples.all_inner_texts() == [" Paris 0", " Paris 20", " Paris 40"]  # what it wrote, per step
         screenshot(page, "training")
