@@ -511,10 +511,11 @@ class Cluster:
 
     def _start_kueue(self, timeout_s: float = 90.0) -> None:
         """Kueue from its install manifest (namespace kueue-system), with the integrations nanorun's
-        jobs and chat service use (KUEUE_FRAMEWORKS). Two changes, as a Kueue install made for these
-        integrations has them: only the admission webhooks of enabled integrations are registered
-        (Kueue's own helm chart renders them the same way), and the visibility API's APIServices
-        are left out (this API server runs without the aggregation layer they need). Ready once its
+        jobs and chat service use (KUEUE_FRAMEWORKS). Two changes to the upstream manifest: only the
+        admission webhooks of enabled integrations are registered (upstream registers every one and
+        answers the disabled ones with a no-op; leaving them out keeps, for example, every pod
+        creation from depending on Kueue being up), and the visibility API's APIServices are left
+        out (this API server runs without the aggregation layer they need). Ready once its
         webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
         manifest = yaml.safe_load_all((self.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
         docs = [_kueue_doc(doc) for doc in manifest if doc and doc.get("kind") != "APIService"]
