@@ -205,11 +205,18 @@ class CausalSelfAttention(nn.Module):
 
         Eval-only, for inspection: the same queries and keys as `forward` (rotary, QK-norm, gain),
         scored explicitly by `attention_weights`; values and the output projection are skipped."""
+        q, k, scale = self._queries_keys(x, cos, sin)
+        return attention_weights(q, k, window, scale)
+
+    def _queries_keys(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries and keys as attention scores them (rotary, then QK-norm), and the score scale."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        return attention_weights(q, k, window, QK_GAIN**2 / math.sqrt(self.head_dim))
+        return q, k, QK_GAIN**2 / math.sqrt(self.head_dim)
 
     def forward(
         self,
@@ -221,15 +228,12 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, scale = self._queries_keys(x, cos, sin)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             # Mix the token's value embedding into v, with a per-head gate in (0, 2); 1 at init.
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        scale = QK_GAIN**2 / math.sqrt(self.head_dim)
         if kv_cache is None:
             y = causal_attention(q, k, v, window, scale)
         else:
