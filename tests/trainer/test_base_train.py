@@ -148,25 +148,8 @@ def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(
     run = tmp_path / "run"
     shutil.copytree(straight, run)  # finished, checkpoints of steps 3 and 6, no config id
     data = str(Path(tiny_base_run).parent / "data")
-    env = stage_env(NANORUN_CONFIG_ID="cfg-b")
-    rerun = check(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nanorun.trainer.base_train",
-                "--run-dir",
-                str(run),
-                "--data",
-                data,
-                *FLAGS,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-    )
+    config = {"NANORUN_CONFIG_ID": "cfg-b"}
+    rerun = check(run_stage("base_train", "--run-dir", str(run), "--data", data, *FLAGS, env=config))
     assert (
         "re-running after a spec change: done.json is of config (none), this run is config cfg-b"
         in rerun.stdout
@@ -177,36 +160,11 @@ def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(
     assert done.config_id == "cfg-b" and read_meta(done.outputs["checkpoint"])["config_id"] == "cfg-b"
     assert {read_meta(uri)["config_id"] for _, uri in list_checkpoints(str(run / "base_train"))} == {"cfg-b"}
 
-    again = check(
-        subprocess.run(
-            [sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", str(run)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-    )
+    again = check(run_stage("base_train", "--run-dir", str(run), env=config))
     assert "already done" in again.stdout
 
     forget_after(run, 3)  # a crash after step 3 of the cfg-b run: a retry of the same config resumes
-    resumed = check(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nanorun.trainer.base_train",
-                "--run-dir",
-                str(run),
-                "--data",
-                data,
-                *FLAGS,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-    )
+    resumed = check(run_stage("base_train", "--run-dir", str(run), "--data", data, *FLAGS, env=config))
     assert f"resuming from {checkpoint_dir(str(run / 'base_train'), 3)} (step 3," in resumed.stdout
 
 
