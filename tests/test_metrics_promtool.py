@@ -13,20 +13,10 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.metrics import TRAINER_SERIES
+
 SERIES = {
-    "trainer": {
-        "llm_train_step",
-        "llm_train_total_steps",
-        "llm_train_loss",
-        "llm_train_val_bpb",
-        "llm_train_tokens_total",
-        "llm_train_tokens_per_second",
-        "llm_train_mfu_ratio",
-        "llm_train_learning_rate",
-        "llm_train_grad_norm",
-        "llm_train_eta_seconds",
-        "llm_train_step_seconds_bucket",
-    },
+    "trainer": set(TRAINER_SERIES),
     "operator": {
         "llmrun_reconciles_total",
         "llmrun_reconcile_errors_total",

@@ -22,21 +22,8 @@ from nanorun.trainer.training.common import (
     teardown,
 )
 
+from tests.fixtures.metrics import TRAINER_SERIES
 from tests.fixtures.s3 import free_port
-
-TRAINER_METRICS = [
-    "llm_train_step",
-    "llm_train_total_steps",
-    "llm_train_loss",
-    "llm_train_val_bpb",
-    "llm_train_tokens_total",
-    "llm_train_tokens_per_second",
-    "llm_train_mfu_ratio",
-    "llm_train_learning_rate",
-    "llm_train_grad_norm",
-    "llm_train_eta_seconds",
-    "llm_train_step_seconds_bucket",
-]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -85,7 +72,7 @@ def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, 
     assert (progress.step, progress.loss, progress.val_bpb) == (6, 2.5, 1.5)  # merged, not replaced
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for name in TRAINER_METRICS:
+    for name in TRAINER_SERIES:
         assert f"{name}{{" in body, name
     assert 'llm_train_step{rank="0",run="demo",stage="base_train"} 6.0' in body
     assert 'llm_train_tokens_total{rank="0",run="demo",stage="base_train"} 1000.0' in body
