@@ -271,3 +271,22 @@ def test_suspend_deactivates_the_workload_without_a_fight_and_resume_continues_f
     assert f"step {stopped['step'] + 1}/60" in log and "step 1/60" not in log, log
     stages = get_llmrun(custom_api, ns, "long")["status"]["stages"]
     assert stages[0]["failures"] == 0, stages
+
+
+def test_a_run_on_a_queue_that_does_not_exist_says_so(
+    kube_pods, kube_namespace, cluster_s3, custom_api, operator_process
+):
+    ns = kube_namespace
+    run = gpu_run("lost", cluster_s3.run_dir("lost"), cluster_s3, steps=3)
+    run["spec"]["compute"]["queue"] = "no-such-queue"
+    create_llmrun(custom_api, ns, run)
+    wait_for(
+        "Kueue's reason in the Queued condition",
+        lambda: (
+            "LocalQueue no-such-queue doesn't exist"
+            in condition(get_llmrun(custom_api, ns, "lost"), "Queued").get("message", "")
+        ),
+        TIMEOUT,
+        operator_process,
+    )
+    assert phase(custom_api, ns, "lost") == "Queued"
