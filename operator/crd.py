@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from nanorun.operator import api
+from nanorun.operator.rules import RULES
 
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
 
@@ -105,7 +106,7 @@ def openapi_schema() -> dict[str, Any]:
             "status": status,
         },
     }
-    for rule in api.RULES:
+    for rule in RULES:
         entry = {"rule": rule.cel, "message": rule.message}
         if rule.field:  # the field the API server names when the rule fails
             entry["fieldPath"] = rule.field

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from nanorun.operator.api import CHECKPOINT_STAGES, LLMRunSpec
+from nanorun.operator.api import LLMRunSpec
+from nanorun.operator.rules import CHECKPOINT_STAGES
 from nanorun.pipeline.stages import BY_KEY, KEYS, STAGES
 
 STAGE_KEYS = list(KEYS)

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from nanorun.operator import api
+from nanorun.operator.rules import RULES
 
 
 def _type(node: dict[str, Any]) -> str:
@@ -106,7 +107,7 @@ def configuration_markdown() -> str:
         "| where | rule | message |",
         "|---|---|---|",
     ]
-    for rule in api.RULES:
+    for rule in RULES:
         where = rule.path or "(whole object, on update)"
         cel = rule.cel.replace("|", "\\|")
         out.append(f"| `{where}` | `{cel}` | {rule.message} |")

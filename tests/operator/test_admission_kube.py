@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 from kubernetes import client
-from nanorun.operator.api import GROUP, PLURAL, RULES, VERSION, check_update, parse_spec
+from nanorun.operator.api import GROUP, PLURAL, VERSION, check_update, parse_spec
+from nanorun.operator.rules import RULES
 
 from tests.operator.conftest import create_llmrun, llmrun
 

@@ -7,14 +7,15 @@ import copy
 import pytest
 import yaml
 from nanorun.operator import api, crd
-from nanorun.operator.api import RULES, LLMRunSpec, SpecError, check_update, parse_spec
+from nanorun.operator.api import LLMRunSpec, SpecError, check_update, parse_spec
+from nanorun.operator.rules import RULES, Rule
 
 from tools import generate
 
 MINIMAL = {"storage": {"uri": "s3://bucket/runs/r1"}}
 
 
-def rule(message_start: str) -> api.Rule:
+def rule(message_start: str) -> Rule:
     return next(r for r in RULES if r.message.startswith(message_start))
 
 

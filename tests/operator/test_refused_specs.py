@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 from nanorun.cli import main as cli
-from nanorun.operator.api import API_VERSION, KIND, RULES, parse_spec
+from nanorun.operator.api import API_VERSION, KIND, parse_spec
+from nanorun.operator.rules import RULES
 
 STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
 

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 from nanorun.operator import crd
-from nanorun.operator.api import CHECKPOINT_STAGES, StagesSpec
+from nanorun.operator.api import StagesSpec
 from nanorun.operator.plan import STAGE_KEYS
+from nanorun.operator.rules import CHECKPOINT_STAGES
 from nanorun.pipeline import stages
 from nanorun.trainer import chat_eval, report
 from nanorun.trainer.chat import engine
