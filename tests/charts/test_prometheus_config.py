@@ -1,5 +1,5 @@
 """The scrape configuration a Prometheus gets from the chart's ServiceMonitor and PodMonitor
-(tests/fixtures/prometheus.py, what prometheus-operator would generate): Prometheus accepts it
+(tests/fixtures/prometheus/, what prometheus-operator would generate): Prometheus accepts it
 (`promtool check config`), and its relabeling, applied here to the discovery labels Prometheus gives
 the pods the operator creates, keeps the trainer's `metrics` port and each Ray worker's
 `serve-metrics` port and nothing else (not the `metrics` port of Ray's own agent). The end-to-end

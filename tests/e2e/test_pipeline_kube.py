@@ -21,7 +21,7 @@ One run of the test-sized LLMRun (tests/e2e/pipeline.py, every distributed stage
    chatting without a failed request.
 6. Deleting the LLMRun garbage-collects every child, and cleanupOnDelete empties its storage.
 
-All along, a real Prometheus (tests/fixtures/prometheus.py) scrapes what the chart's ServiceMonitor
+All along, a real Prometheus (tests/fixtures/prometheus/) scrapes what the chart's ServiceMonitor
 and PodMonitor select: the operator, every trainer pod and each chat replica. Before the deletion,
 every query of every panel of the chart's Grafana dashboard returns data for the run (evaluated over
 the run with the dashboard's variables resolved, as Grafana would; tests/fixtures/grafana.py), but
