@@ -117,6 +117,14 @@ class TokenizerSpec(Model):
     )
     max_chars: int = Field(2_000_000_000, ge=1, description="Characters of pretraining text to train on.")
     doc_cap: int = Field(10000, ge=1, description="At most this many characters from each document.")
+    from_run: str = Field(
+        "",
+        alias="from",
+        max_length=1024,
+        description="Another run's directory (`s3://...` or a local path): its tokenizer is copied into this "
+        "run instead of training one, so runs compared with each other (a sweep's points) share a "
+        "vocabulary; vocabSize, maxChars and docCap are then unused.",
+    )
 
 
 # A Kubernetes quantity in a resource map: `8`, `500m`, `256Gi` (int-or-string in the CRD).
@@ -217,6 +225,12 @@ class PretrainStage(StageSpec):
     )
     num_iterations: int | None = Field(
         None, ge=1, description="Optimizer steps; overrides the param:data ratio."
+    )
+    target_flops: float | None = Field(
+        None,
+        gt=0,
+        description="Training FLOPs to spend (FLOPs per token × tokens, as nanochat's --target-flops); sets the "
+        "horizon when numIterations is unset, before targetParamDataRatio.",
     )
     device_batch_size: int = Field(32, ge=1, description="Sequences per process per micro-step.")
     total_batch_size: int | None = Field(
@@ -491,6 +505,8 @@ _SERVER_WORDS: dict[str, Callable[[dict[str, Any], str], str]] = {
     "less_than_equal": lambda e, _: f"should be less than or equal to {_num(e['ctx']['le'])}",
     "less_than": lambda e, _: f"should be less than {_num(e['ctx']['lt'])}",
     "string_too_short": lambda e, _: f"should be at least {e['ctx']['min_length']} chars long",
+    "too_short": lambda e, _: f"should have at least {e['ctx']['min_length']} items",
+    "too_long": lambda e, _: f"Too many: must have at most {e['ctx']['max_length']} items",
     "string_too_long": lambda e, _: f"Too long: may not be more than {e['ctx']['max_length']} bytes",
     "string_pattern_mismatch": lambda e, _: f"should match '{e['ctx']['pattern']}'",
     "literal_error": lambda e, _: _supported(e),
@@ -510,7 +526,7 @@ _SERVER_WORDS: dict[str, Callable[[dict[str, Any], str], str]] = {
 def _format_pydantic(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(["spec", *(str(p) for p in e["loc"])])
+        where = "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
         words = _SERVER_WORDS.get(e["type"])
         lines.append(f"{where}: {words(e, where) if words else e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)

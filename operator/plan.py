@@ -53,6 +53,8 @@ def _flags(pairs: list[tuple[str, object]]) -> list[str]:
 def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
     m, t, s = spec.model, spec.tokenizer, spec.stages
     if key == "tokenizer":
+        if t.from_run:  # copy another run's tokenizer instead of training one
+            return ["--from", t.from_run]
         return _flags(
             [
                 ("--data", spec.data.pretrain),
@@ -76,6 +78,7 @@ def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
                 ("--device-batch-size", p.device_batch_size),
                 ("--total-batch-size", p.total_batch_size),
                 ("--num-iterations", p.num_iterations),
+                ("--target-flops", p.target_flops),
                 ("--target-param-data-ratio", p.target_param_data_ratio),
                 ("--embedding-lr", p.embedding_lr),
                 ("--unembedding-lr", p.unembedding_lr),

@@ -2,7 +2,8 @@
 
     python -m tools.generate --write     (from the repository root)
 
-- the LLMRun CRD (operator/crd.py) into manifests/crd/ and charts/nanorun/crds/;
+- the LLMRun and LLMSweep CRDs (operator/crd.py, operator/sweep_crd.py) into manifests/crd/ and
+  charts/nanorun/crds/;
 - the operator's RBAC rules (operator/rbac.py) into the chart's rules file and the plain
   manifests' ClusterRole;
 - the configuration reference, docs/configuration.md (tools/reference.py).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import yaml
 from nanorun.operator import api
+from nanorun.operator import sweep, sweep_crd
 from nanorun.operator.crd import crd_yaml
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
 
@@ -26,6 +28,8 @@ from tools.reference import configuration_markdown
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = f"{api.GROUP}_{api.PLURAL}.yaml"
 CRD_PATHS = [REPO_ROOT / "manifests" / "crd" / CRD_FILE, REPO_ROOT / "charts" / "nanorun" / "crds" / CRD_FILE]
+SWEEP_CRD_FILE = f"{api.GROUP}_{sweep.PLURAL}.yaml"
+SWEEP_CRD_PATHS = [p.parent / SWEEP_CRD_FILE for p in CRD_PATHS]
 DOCS_PATH = REPO_ROOT / "docs" / "configuration.md"
 CHART_RBAC_PATH = REPO_ROOT / "charts" / "nanorun" / "files" / "rbac-rules.yaml"
 MANIFEST_ROLE_PATH = REPO_ROOT / "manifests" / "rbac" / "clusterrole.yaml"
@@ -55,6 +59,7 @@ def cluster_role() -> dict:
 def generated_files() -> dict[Path, str]:
     """Every generated file and the content it must have."""
     files = {path: _header("operator/api.py") + crd_yaml() for path in CRD_PATHS}
+    files |= {path: _header("operator/sweep.py") + sweep_crd.crd_yaml() for path in SWEEP_CRD_PATHS}
     files[DOCS_PATH] = configuration_markdown()
     files[CHART_RBAC_PATH] = _header("operator/rbac.py") + _dump(OPERATOR_RBAC_RULES)
     files[MANIFEST_ROLE_PATH] = _header("operator/rbac.py") + _dump(cluster_role())

@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": num_iterations,
         "tokens": num_iterations * plan["total_batch_size"],
         "params": model.num_params(),
+        "scaling_params": model.num_scaling_params(),  # what the horizon and a sweep's fits count
         "train_seconds": loop["train_seconds"],
         "flops": flops_per_token * num_iterations * plan["total_batch_size"],
     }

@@ -5,7 +5,8 @@
 
 Reads the training shards (all but the last) through a streaming iterator into the Rust trainer, cuts
 every document to `--doc-cap` characters and stops after `--max-chars`; then measures compression
-(characters per token) on the validation shard. Writes, per the stage contract:
+(characters per token) on the validation shard. With `--from RUN_DIR` it copies that run's tokenizer
+instead (spec.tokenizer.from: a sweep's points share one). Writes, per the stage contract:
 
     <run-dir>/tok_train/tokenizer.tiktoken, tokenizer.json   the tokenizer (see tokenizer.py)
     <run-dir>/tok_train/progress.json                         characters read so far (rewritten ~1/s)
@@ -24,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from nanorun.pipeline import storage
+from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.progress import (
     Done,
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc-cap", type=int, default=10_000, help="cut every document to this many characters")
     p.add_argument(
         "--eval-chars", type=int, default=2_000_000, help="validation characters for the compression ratio"
+    )
+    p.add_argument(
+        "--from",
+        dest="from_run",
+        default="",
+        help="copy the tokenizer of this run directory instead of training one (--data etc. unused)",
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     return p.parse_args(argv)
@@ -122,6 +129,30 @@ def compression(tok: Tokenizer, val_uri: str, eval_chars: int) -> dict:
     }
 
 
+def copy_from(source_run: str, run_dir: str, config_id: str) -> int:
+    """Take another run's tokenizer: runs that are compared with each other (the points of a sweep)
+    must share one vocabulary, and training it once is enough. The files are copied, so this run's
+    directory stays self-contained (evaluating or serving it never reads the other run)."""
+    t0 = time.time()
+    tok = Tokenizer.from_run_dir(source_run)  # fails naming the directory when there is none
+    out_dir = layout.tokenizer_dir(run_dir)
+    tok.save(out_dir)
+    seconds = round(time.time() - t0, 2)
+    metrics = {"vocab_size": tok.vocab_size, "seconds": seconds}
+    write_done(
+        run_dir,
+        Done(
+            stage=STAGE,
+            seconds=seconds,
+            metrics=metrics,
+            outputs={"tokenizer": out_dir, "copied_from": source_run},
+            config_id=config_id,
+        ),
+    )
+    print(f"{STAGE}: copied the tokenizer of {source_run} (vocab {tok.vocab_size}) -> {out_dir}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     done, config_id = read_done(args.run_dir, STAGE), current_config_id()
     if is_current(done, config_id):
@@ -129,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if done is not None:
         print(rerun_reason(done, config_id))
+    if args.from_run:
+        return copy_from(args.from_run, args.run_dir, config_id)
     t0 = time.time()
     gauges = start_metrics(args.metrics_port)
     shards = resolve_shards(args.data, args.run_dir)

@@ -273,10 +273,11 @@ def test_helm_test_pod_scrapes_the_operator_service(render: Render) -> None:
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_chart_ships_the_generated_llmrun_crd() -> None:
+def test_chart_ships_the_generated_llmrun_and_llmsweep_crds() -> None:
     crds = sorted(p.name for p in (CHART / "crds").iterdir())
-    assert crds == ["nanorun.io_llmruns.yaml"]
-    assert (CHART / "crds" / crds[0]).read_text() == (REPO / "manifests" / "crd" / crds[0]).read_text()
+    assert crds == ["nanorun.io_llmruns.yaml", "nanorun.io_llmsweeps.yaml"]
+    for crd in crds:
+        assert (CHART / "crds" / crd).read_text() == (REPO / "manifests" / "crd" / crd).read_text()
 
 
 @pytest.mark.parametrize(

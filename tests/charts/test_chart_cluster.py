@@ -88,7 +88,7 @@ def test_every_rendering_passes_a_server_side_dry_run(
 
 def test_chart_crd_is_accepted_by_the_api_server(kube: KubeEnv, helm_bin: str) -> None:
     crds = [doc for doc in yaml.safe_load_all(run_helm(helm_bin, "show", "crds", str(CHART)).stdout) if doc]
-    assert [c["metadata"]["name"] for c in crds] == ["llmruns.nanorun.io"]
+    assert [c["metadata"]["name"] for c in crds] == ["llmruns.nanorun.io", "llmsweeps.nanorun.io"]
     dry_run_apply(kube, yaml.safe_dump_all(crds))
 
 
