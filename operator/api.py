@@ -182,18 +182,39 @@ class ComputeSpec(Model):
     affinity: dict[str, Any] = Field(
         default_factory=dict, description="Affinity of the training pods (core/v1 Affinity)."
     )
-    priority_class_name: str = Field("", max_length=253, description="PriorityClass of the training pods.")
+    priority_class_name: str = Field(
+        "",
+        max_length=253,
+        description="PriorityClass of the training pods (PyTorchJob; a TrainJob's pods take the one of its "
+        "training runtime, as Trainer v2's runtimePatches cannot set it).",
+    )
     queue: str = Field(
         "",
         max_length=63,
         description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label so Kueue admits the jobs.",
+    )
+    launcher: Literal["auto", "PyTorchJob", "TrainJob"] = Field(
+        "auto",
+        description="The kind of job that runs each stage: `PyTorchJob` (Kubeflow training-operator, "
+        "kubeflow.org/v1), `TrainJob` (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1) or `auto`: TrainJob "
+        "where the cluster serves the trainjobs.trainer.kubeflow.org CRD, else PyTorchJob. The choice is kept "
+        "in status.launcher for the rest of the run.",
+    )
+    training_runtime: str = Field(
+        "nanorun-torch",
+        max_length=253,
+        description="The ClusterTrainingRuntime a TrainJob references (the chart installs `nanorun-torch` with "
+        "`trainer.runtime.enabled`).",
     )
     resources: ResourceRequirements = Field(
         default_factory=dict,
         description="Extra container resources merged over the derived ones (core/v1 ResourceRequirements), e.g. `{limits: {rdma/ib: 1}}`.",
     )
     ttl_seconds_after_finished: int = Field(
-        86400, ge=0, description="Seconds a finished PyTorchJob is kept before Kubernetes deletes it."
+        86400,
+        ge=0,
+        description="Seconds a finished stage job is kept before it is deleted (by the training-operator for a "
+        "PyTorchJob, by the nanorun operator for a TrainJob).",
     )
     termination_grace_period_seconds: int = Field(
         120,
@@ -475,6 +496,11 @@ class LLMRunStatus(Model):
         default_factory=list, max_length=16, description="Per-stage records, in plan order."
     )
     checkpoint: str = Field("", description="Latest final checkpoint of the pipeline.")
+    launcher: str = Field(
+        "",
+        description="The kind of job the stages run as (PyTorchJob or TrainJob), chosen when the first job is "
+        "created and kept, so `compute.launcher: auto` never switches kinds in the middle of a run.",
+    )
     serving: ServingStatus = Field(default_factory=ServingStatus, description="The chat service.")
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -24,13 +24,11 @@ from typing import Any
 from nanorun.operator import kueue, metrics, names
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.jobs import CONTAINER_NAME, RunRef
+from nanorun.operator.launchers import LAUNCHERS, launcher_of
 from nanorun.operator.names import (
     LABEL_ATTEMPT,
     LABEL_RUN,
     LABEL_STAGE,
-    PYTORCHJOB_GROUP,
-    PYTORCHJOB_PLURAL,
-    PYTORCHJOB_VERSION,
     RAYSERVICE_GROUP,
     RAYSERVICE_PLURAL,
     RAYSERVICE_VERSION,
@@ -85,10 +83,19 @@ def _status_code(err: Exception) -> int | None:
 
 LOG_TAIL_LINES = 20
 SIGTERM_EXIT = 143  # 128 + 15: the process ended on the SIGTERM a pod deletion or eviction sends
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # a TrainJob pod's node rank
+TRAINJOB_RECHECK_SECONDS = 30.0  # how long the answer "is the TrainJob CRD served?" is kept
 
 
-def failure_facts(pods: list[Any], read_log: Any) -> FailureFacts:
-    """FailureFacts from a failed job's pods (kubernetes client V1Pod objects)."""
+def _rank0(pod: Any) -> bool:
+    """Rank 0's pod: a PyTorchJob's Master, or the TrainJob pod of completion index 0."""
+    labels = (pod.metadata.labels or {}) if pod.metadata else {}
+    return "master" in pod.metadata.name or labels.get(COMPLETION_INDEX) == "0"
+
+
+def failure_facts(pods: list[Any], read_log: Any, container: str = CONTAINER_NAME) -> FailureFacts:
+    """FailureFacts from a failed job's pods (kubernetes client V1Pod objects); `container` is the
+    trainer container's name (the launcher's)."""
     failed: list[tuple[Any, int]] = []
     active = tuple(
         sorted(
@@ -108,14 +115,14 @@ def failure_facts(pods: list[Any], read_log: Any) -> FailureFacts:
                 )
         for cs in (pod.status.container_statuses or []) if pod.status else []:
             term = cs.state.terminated if cs.state else None
-            if cs.name != CONTAINER_NAME or term is None:
+            if cs.name != container or term is None:
                 continue
             if term.exit_code == SIGTERM_EXIT:
                 return FailureFacts(disruption=f"pod {name}: exited {SIGTERM_EXIT} (SIGTERM)")
             if term.exit_code:
                 failed.append((pod, term.exit_code))
-    # The Master's log first: it is rank 0, and a Worker usually fails because the Master did.
-    failed.sort(key=lambda pf: "master" not in pf[0].metadata.name)
+    # Rank 0's log first (the Master): a Worker usually fails because the Master did.
+    failed.sort(key=lambda pf: not _rank0(pf[0]))
     for pod, code in failed:
         try:
             text = read_log(pod) or ""
@@ -133,7 +140,9 @@ class Controller:
         self.settings = settings or Settings()
         self.runs: Mapping[Key, Any] | None = None
         self.jobs: Mapping[Key, Any] | None = None
+        self.trainjobs: Mapping[Key, Any] | None = None
         self.rayservices: Mapping[Key, Any] | None = None
+        self._trainjob_served: tuple[float, bool] | None = None  # (when asked, answer)
         self._queue: asyncio.Queue[Key] | None = None
         self._queued: set[Key] = set()
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -141,18 +150,31 @@ class Controller:
         self._written: dict[Key, dict[str, Any]] = {}  # newest body we patched, until the index catches up
         self._tasks: list[asyncio.Task] = []
         self._api = None
+        self._api_client = None
         self._pool: ThreadPoolExecutor | None = None
 
     # --- wiring ---------------------------------------------------------------------------------
 
-    def attach(self, runs: Mapping, jobs: Mapping, rayservices: Mapping) -> None:
-        self.runs, self.jobs, self.rayservices = runs, jobs, rayservices
+    def attach(
+        self, runs: Mapping, jobs: Mapping, rayservices: Mapping, trainjobs: Mapping | None = None
+    ) -> None:
+        self.runs, self.jobs, self.rayservices, self.trainjobs = runs, jobs, rayservices, trainjobs
+
+    def _stage_jobs(self, key: Key) -> list[dict[str, Any]]:
+        """Copies of a run's stage jobs of every kind (PyTorchJobs and TrainJobs)."""
+        return [
+            copy.deepcopy(j)
+            for index in (self.jobs, self.trainjobs)
+            if index is not None
+            for j in index.get(key, [])
+        ]
 
     def run_of_job(self, namespace: str, job_names: set[str]) -> str | None:
-        """The run one of these PyTorchJobs belongs to (from the jobs index), if any."""
-        for (ns, run), jobs in (self.jobs or {}).items():
-            if ns == namespace and any(j["metadata"].get("name") in job_names for j in jobs):
-                return run
+        """The run one of these stage jobs belongs to (from the jobs indexes), if any."""
+        for index in (self.jobs, self.trainjobs):
+            for (ns, run), jobs in (index or {}).items():
+                if ns == namespace and any(j["metadata"].get("name") in job_names for j in jobs):
+                    return run
         return None
 
     def start(self) -> None:
@@ -177,6 +199,7 @@ class Controller:
             from kubernetes import client
 
             api = api_client()
+            self._api_client = api
             self._api = (client.CustomObjectsApi(api), client.CoreV1Api(api))
         return self._api
 
@@ -230,7 +253,7 @@ class Controller:
             self._errors.pop(key, None)
             self._locks.pop(key, None)
             return
-        jobs = [copy.deepcopy(j) for j in (self.jobs.get(key, []) if self.jobs is not None else [])]
+        jobs = self._stage_jobs(key)
         rs_store = self.rayservices.get(key, []) if self.rayservices is not None else []
         rayservice = copy.deepcopy(next(iter(rs_store), None))
         try:
@@ -280,10 +303,18 @@ class Controller:
 
         t0 = time.perf_counter()
         decision = reconcile(
-            run, body, jobs, rayservice, read_stage, now_utc(), self._inspect_failure, self._admission_of
+            run,
+            body,
+            jobs,
+            rayservice,
+            read_stage,
+            now_utc(),
+            self._inspect_failure,
+            self._admission_of,
+            self._trainjob_crd_served(),
         )
         t1 = time.perf_counter()
-        self._apply_children(run, body, decision)
+        self._apply_children(run, body, decision, jobs)
         t2 = time.perf_counter()
         self._apply_status(key, body, decision)
         t3 = time.perf_counter()
@@ -309,6 +340,30 @@ class Controller:
             raise StorageUnavailable("; ".join(storage_errors))
         return decision
 
+    def _trainjob_crd_served(self) -> bool:
+        """Whether the cluster has Trainer v2's TrainJob CRD (what `compute.launcher: auto` asks),
+        looked up again at most every TRAINJOB_RECHECK_SECONDS. An answer the API cannot give counts
+        as "no"; a run that has started keeps its launcher anyway (status.launcher)."""
+        now = time.monotonic()
+        if self._trainjob_served is None or now - self._trainjob_served[0] > TRAINJOB_RECHECK_SECONDS:
+            from kubernetes import client
+
+            self._clients()
+            try:
+                crds = client.ApiextensionsV1Api(self._api_client).list_custom_resource_definition(
+                    field_selector=f"metadata.name={names.TRAINJOB_CRD}"
+                )
+                established = any(
+                    c.type == "Established" and c.status == "True"
+                    for crd in crds.items
+                    for c in (crd.status.conditions or [])
+                )
+            except Exception as err:
+                log.info("could not look up the %s CRD: %s", names.TRAINJOB_CRD, err)
+                established = False
+            self._trainjob_served = (now, established)
+        return self._trainjob_served[1]
+
     def _inspect_failure(self, job: dict[str, Any]) -> FailureFacts:
         """Read a failed job's pods: any still running or stopping are named (the decision waits for
         them); a disruption (a DisruptionTarget condition — preemption,
@@ -320,11 +375,13 @@ class Controller:
         selector = ",".join(f"{k}={labels.get(k, '')}" for k in (LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT))
         core = self._clients()[1]
         pods = core.list_namespaced_pod(meta["namespace"], label_selector=selector).items
+        container = launcher_of(job).container
         return failure_facts(
             pods,
             lambda pod: core.read_namespaced_pod_log(
-                pod.metadata.name, pod.metadata.namespace, container=CONTAINER_NAME, tail_lines=LOG_TAIL_LINES
+                pod.metadata.name, pod.metadata.namespace, container=container, tail_lines=LOG_TAIL_LINES
             ),
+            container,
         )
 
     def _admission_of(self, job: dict[str, Any]) -> kueue.Admission:
@@ -347,12 +404,15 @@ class Controller:
         items = sorted(found.get("items") or [], key=lambda w: w["metadata"].get("creationTimestamp", ""))
         return kueue.admission_of(items[-1] if items else None)
 
-    def _apply_children(self, run: RunRef, body: dict[str, Any], d: Decision) -> None:
+    def _apply_children(
+        self, run: RunRef, body: dict[str, Any], d: Decision, jobs: list[dict[str, Any]]
+    ) -> None:
         api = self._clients()[0]
         for manifest, event in d.create_jobs:
+            launcher = launcher_of(manifest)
             try:
                 api.create_namespaced_custom_object(
-                    PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace, PYTORCHJOB_PLURAL, manifest
+                    launcher.group, launcher.version, run.namespace, launcher.plural, manifest
                 )
             except Exception as err:
                 if _status_code(err) == 409:
@@ -365,10 +425,27 @@ class Controller:
                 created = parse_time(body["metadata"].get("creationTimestamp"))
                 if created is not None:
                     metrics.TIME_TO_FIRST_JOB.observe(max(0.0, (now_utc() - created).total_seconds()))
+        # A decision names jobs it patches or deletes; their kind is the observed job's.
+        kinds = {j["metadata"]["name"]: launcher_of(j) for j in jobs}
         for job, patch in d.patch_jobs:
+            launcher = kinds.get(job, LAUNCHERS["PyTorchJob"])
             api.patch_namespaced_custom_object(
-                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace, PYTORCHJOB_PLURAL, job, patch
+                launcher.group, launcher.version, run.namespace, launcher.plural, job, patch
             )
+        for job in d.delete_jobs:
+            launcher = kinds.get(job, LAUNCHERS["PyTorchJob"])
+            try:
+                api.delete_namespaced_custom_object(
+                    launcher.group,
+                    launcher.version,
+                    run.namespace,
+                    launcher.plural,
+                    job,
+                    propagation_policy="Background",
+                )
+            except Exception as err:
+                if _status_code(err) != 404:
+                    raise
         for workload, patch in d.patch_workloads:
             api.patch_namespaced_custom_object(
                 names.WORKLOAD_GROUP,

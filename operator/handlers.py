@@ -2,8 +2,9 @@
 
     kopf run -m nanorun.operator.handlers --standalone -A     (or `nanorun operator`)
 
-Indexes keep a live, read-only view of every LLMRun and of the PyTorchJobs and RayServices
-labelled `nanorun.io/run`, keyed by (namespace, run); kopf fills them all before any handler runs,
+Indexes keep a live, read-only view of every LLMRun and of the stage jobs (PyTorchJobs, and
+TrainJobs where Trainer v2 is installed) and RayServices labelled `nanorun.io/run`, keyed by
+(namespace, run); kopf fills them all before any handler runs,
 so after a restart the operator sees every child before it decides anything. Watch events queue
 the run they concern; the `Controller` (controller.py) reconciles it. The only finalizer is for
 `storage.cleanupOnDelete`: it deletes the run's files, then lets the LLMRun go; its children go
@@ -29,6 +30,9 @@ from nanorun.operator.names import (
     RAYSERVICE_GROUP,
     RAYSERVICE_PLURAL,
     RAYSERVICE_VERSION,
+    TRAINJOB_GROUP,
+    TRAINJOB_PLURAL,
+    TRAINJOB_VERSION,
     WORKLOAD_GROUP,
     WORKLOAD_PLURAL,
     WORKLOAD_VERSION,
@@ -37,6 +41,7 @@ from nanorun.pipeline import storage
 
 LLMRUNS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
+TRAINJOBS = (TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL)  # kopf watches them only where served
 RAYSERVICES = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL)
 WORKLOADS = (
     WORKLOAD_GROUP,
@@ -82,8 +87,15 @@ def llmruns_by_key(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict
 
 @kopf.index(*PYTORCHJOBS, labels={LABEL_RUN: kopf.PRESENT})
 def pytorchjobs_by_run(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    job = _plain(body, ("metadata", "status"))
+    job = _plain(body, ("kind", "metadata", "status"))
     job["spec"] = {"runPolicy": copy.deepcopy(body.get("spec", {}).get("runPolicy", {}))}
+    return {(namespace, labels[LABEL_RUN]): job}
+
+
+@kopf.index(*TRAINJOBS, labels={LABEL_RUN: kopf.PRESENT})
+def trainjobs_by_run(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    job = _plain(body, ("kind", "metadata", "status"))
+    job["spec"] = {"suspend": body.get("spec", {}).get("suspend")}
     return {(namespace, labels[LABEL_RUN]): job}
 
 
@@ -95,7 +107,10 @@ def rayservices_by_run(namespace: str, labels: kopf.Labels, body: kopf.Body, **_
 def _attach(kwargs: dict[str, Any]) -> None:
     if CONTROLLER.runs is None:
         CONTROLLER.attach(
-            kwargs["llmruns_by_key"], kwargs["pytorchjobs_by_run"], kwargs["rayservices_by_run"]
+            kwargs["llmruns_by_key"],
+            kwargs["pytorchjobs_by_run"],
+            kwargs["rayservices_by_run"],
+            kwargs.get("trainjobs_by_run"),
         )
 
 
@@ -111,6 +126,12 @@ async def pytorchjob_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -
     CONTROLLER.enqueue((namespace, labels[LABEL_RUN]))
 
 
+@kopf.on.event(*TRAINJOBS, labels={LABEL_RUN: kopf.PRESENT})
+async def trainjob_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+    _attach(kwargs)
+    CONTROLLER.enqueue((namespace, labels[LABEL_RUN]))
+
+
 @kopf.on.event(*RAYSERVICES, labels={LABEL_RUN: kopf.PRESENT})
 async def rayservice_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
     _attach(kwargs)
@@ -119,9 +140,13 @@ async def rayservice_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -
 
 @kopf.on.event(*WORKLOADS)
 async def workload_event(namespace: str, meta: kopf.Meta, **kwargs: Any) -> None:
-    """Kueue admitted, evicted or re-described a Workload: queue the run whose PyTorchJob owns it."""
+    """Kueue admitted, evicted or re-described a Workload: queue the run whose stage job owns it."""
     _attach(kwargs)
-    owners = {o.get("name") for o in meta.get("ownerReferences") or [] if o.get("kind") == "PyTorchJob"}
+    owners = {
+        o.get("name")
+        for o in meta.get("ownerReferences") or []
+        if o.get("kind") in ("PyTorchJob", "TrainJob")
+    }
     if owners:
         run = CONTROLLER.run_of_job(namespace, owners)
         if run is not None:

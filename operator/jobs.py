@@ -57,11 +57,12 @@ class RunRef:
         }
 
 
-def dns_name(*parts: str) -> str:
-    """Join parts into a DNS-1035 label; a too-long first part is cut and keeps a short hash."""
+def dns_name(*parts: str, limit: int = MAX_NAME) -> str:
+    """Join parts into a DNS-1035 label of at most `limit` characters; a too-long first part is cut
+    and keeps a short hash."""
     tail = "-".join(re.sub(r"[^a-z0-9-]", "-", p.lower()) for p in parts[1:])
     head = re.sub(r"[^a-z0-9-]", "-", parts[0].lower()).strip("-")
-    room = MAX_NAME - len(tail) - 1
+    room = limit - len(tail) - 1
     if len(head) > room:
         digest = hashlib.sha256(parts[0].encode()).hexdigest()[:6]
         head = f"{head[: room - 7].rstrip('-')}-{digest}"
@@ -71,9 +72,9 @@ def dns_name(*parts: str) -> str:
     return name
 
 
-def job_name(run: str, stage: str, attempt: int) -> str:
+def job_name(run: str, stage: str, attempt: int, limit: int = MAX_NAME) -> str:
     """`<run>-<stage>-<attempt>`, e.g. `speedrun-base-train-1`."""
-    return dns_name(run, stage.replace("_", "-"), str(attempt))
+    return dns_name(run, stage.replace("_", "-"), str(attempt), limit=limit)
 
 
 def storage_env(spec: LLMRunSpec) -> list[dict[str, Any]]:
@@ -102,7 +103,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resources(spec: LLMRunSpec, gpus: int) -> dict[str, Any]:
+def resources(spec: LLMRunSpec, gpus: int) -> dict[str, Any]:
     c = spec.compute
     amounts: dict[str, Any] = {}
     if c.cpu:
@@ -127,12 +128,10 @@ def command_for_stage(spec: LLMRunSpec, stage: PlannedStage) -> list[str]:
     return [*launcher, stage.module, *stage.flags(spec.storage.uri, spec.metrics_port)]
 
 
-def pytorchjob_for_stage(
-    run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int, config_id: str = ""
-) -> dict[str, Any]:
-    """The PyTorchJob manifest for one attempt (from 1) at one planned stage; `config_id` (from
-    plan.config_ids) is passed to the stage, which records it in done.json and its checkpoints."""
-    name = job_name(run.name, stage.stage, attempt)
+def stage_labels(
+    run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int, config_id: str
+) -> dict[str, str]:
+    """The labels of a stage job (and, without the queue label, of its pods)."""
     labels = {
         LABEL_RUN: run.name,
         LABEL_STAGE: stage.stage,
@@ -143,16 +142,47 @@ def pytorchjob_for_stage(
     }
     if spec.compute.queue:
         labels[QUEUE_LABEL] = spec.compute.queue
-    nodes = spec.compute.nodes if stage.distributed else 1
-    nproc = processes_per_node(spec) if stage.distributed else 1
-    gpus = spec.compute.gpus_per_node if stage.distributed else 0
-    env = [
+    return labels
+
+
+def stage_env(
+    run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int, config_id: str
+) -> list[dict[str, Any]]:
+    """The trainer container's environment: which run, stage, attempt and configuration it is, and storage."""
+    return [
         {"name": "NANORUN_RUN", "value": run.name},
         {"name": "NANORUN_STAGE", "value": stage.stage},
         {"name": "NANORUN_ATTEMPT", "value": str(attempt)},
         {"name": "NANORUN_CONFIG_ID", "value": config_id},
         *storage_env(spec),
     ]
+
+
+def pod_metadata(spec: LLMRunSpec, labels: dict[str, str]) -> dict[str, Any]:
+    """The metadata of a stage's pods: the job's labels but Kueue's (which belongs on the job), and
+    the annotations Prometheus' pod discovery reads."""
+    return {
+        "labels": {k: v for k, v in labels.items() if k != QUEUE_LABEL},
+        "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port)},
+    }
+
+
+def stage_shape(spec: LLMRunSpec, stage: PlannedStage) -> tuple[int, int, int]:
+    """(nodes, processes per node, GPUs per node) of a stage: a one-process stage gets one CPU pod."""
+    if not stage.distributed:
+        return 1, 1, 0
+    return spec.compute.nodes, processes_per_node(spec), spec.compute.gpus_per_node
+
+
+def pytorchjob_for_stage(
+    run: RunRef, spec: LLMRunSpec, stage: PlannedStage, attempt: int, config_id: str = ""
+) -> dict[str, Any]:
+    """The PyTorchJob manifest for one attempt (from 1) at one planned stage; `config_id` (from
+    plan.config_ids) is passed to the stage, which records it in done.json and its checkpoints."""
+    name = job_name(run.name, stage.stage, attempt)
+    labels = stage_labels(run, spec, stage, attempt, config_id)
+    nodes, nproc, gpus = stage_shape(spec, stage)
+    env = stage_env(run, spec, stage, attempt, config_id)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image,
@@ -164,9 +194,9 @@ def pytorchjob_for_stage(
             {"name": "metrics", "containerPort": spec.metrics_port},
         ],
     }
-    resources = _resources(spec, gpus)
-    if resources:
-        container["resources"] = resources
+    amounts = resources(spec, gpus)
+    if amounts:
+        container["resources"] = amounts
     # SIGTERM → the trainer finishes its step, checkpoints and exits; the grace period must cover that.
     pod: dict[str, Any] = {
         "containers": [container],
@@ -186,13 +216,7 @@ def pytorchjob_for_stage(
     ):
         if value:
             pod[key] = copy.deepcopy(value)
-    template = {
-        "metadata": {
-            "labels": {k: v for k, v in labels.items() if k != QUEUE_LABEL},
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port)},
-        },
-        "spec": pod,
-    }
+    template = {"metadata": pod_metadata(spec, labels), "spec": pod}
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if nodes > 1:
         replicas["Worker"] = {

@@ -1,9 +1,11 @@
-"""What Kueue says about a stage's PyTorchJob, and how the operator suspends a job that Kueue manages.
+"""What Kueue says about a stage's job, and how the operator suspends a job that Kueue manages.
 
-With `spec.compute.queue` set, every PyTorchJob carries the label `kueue.x-k8s.io/queue-name` and
-is created suspended. Kueue's job integration (https://kueue.sigs.k8s.io/docs/tasks/run/kubeflow/pytorchjobs/)
+With `spec.compute.queue` set, every stage job (PyTorchJob or TrainJob) carries the label
+`kueue.x-k8s.io/queue-name` and is created suspended. Kueue's job integration (https://kueue.sigs.k8s.io/docs/tasks/run/kubeflow/pytorchjobs/)
 makes a Workload for it (owned by the job, labelled `kueue.x-k8s.io/job-uid`), admits it when the
-ClusterQueue behind the LocalQueue has quota, and only then sets `runPolicy.suspend: false`.
+ClusterQueue behind the LocalQueue has quota, and only then sets `runPolicy.suspend: false` (a
+TrainJob's `spec.suspend`, with Kueue's trainer.kubeflow.org/trainjob integration:
+https://kueue.sigs.k8s.io/docs/tasks/run/trainjobs/).
 
 Two rules follow from Kueue owning `runPolicy.suspend` of such a job:
 
@@ -75,12 +77,16 @@ def reactivate_patch() -> dict[str, Any]:
     return {"metadata": {"annotations": {DEACTIVATED_BY_OPERATOR: None}}, "spec": {"active": True}}
 
 
-def waiting_message(queue: str, job: str, adm: Admission) -> str:
-    """Why a stage's job has not started, in Kueue's words, naming the LocalQueue."""
+# Kueue's integration (its `integrations.frameworks` name) for each kind of stage job.
+INTEGRATIONS = {"PyTorchJob": "kubeflow.org/pytorchjob", "TrainJob": "trainer.kubeflow.org/trainjob"}
+
+
+def waiting_message(queue: str, job: str, adm: Admission, kind: str = "PyTorchJob") -> str:
+    """Why a stage's job (of `kind`) has not started, in Kueue's words, naming the LocalQueue."""
     if not adm.workload:
         return (
-            f"waiting in LocalQueue {queue}: Kueue has made no Workload for PyTorchJob {job} yet "
-            "(is Kueue installed, with the kubeflow.org/pytorchjob integration?)"
+            f"waiting in LocalQueue {queue}: Kueue has made no Workload for {kind} {job} yet "
+            f"(is Kueue installed, with the {INTEGRATIONS.get(kind, kind)} integration?)"
         )
     if not adm.active and not adm.deactivated_by_operator:
         return f"Kueue Workload {adm.workload} is deactivated: {adm.reason or 'spec.active is false'}: {adm.message}"

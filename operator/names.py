@@ -6,14 +6,18 @@ from __future__ import annotations
 
 # Kinds of other controllers: (group, version, plural).
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+TRAINJOB_CRD = (
+    f"{TRAINJOB_PLURAL}.{TRAINJOB_GROUP}"  # its presence makes `compute.launcher: auto` pick TrainJob
+)
 RAYSERVICE_GROUP, RAYSERVICE_VERSION, RAYSERVICE_PLURAL = "ray.io", "v1", "rayservices"
 # Kueue's Workload, read through v1beta2 (served since Kueue v0.15).
 WORKLOAD_GROUP, WORKLOAD_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 
-# Labels on every PyTorchJob (and its pods) and on the RayService.
+# Labels on every stage job (PyTorchJob or TrainJob, and its pods) and on the RayService.
 LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
 LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
-# Annotations on every PyTorchJob: where its run directory is, which spec.stages key it runs.
+# Annotations on every stage job: where its run directory is, which spec.stages key it runs.
 ANNOTATION_RUN_DIR, ANNOTATION_STAGE_KEY = "nanorun.io/run-dir", "nanorun.io/stage-key"
 
 # Kueue: the queue label of a job, the label Kueue puts on a job's Workload, and the annotation

@@ -25,6 +25,13 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
         "resources": ["pytorchjobs"],
         "verbs": ["list", "watch", "create", "patch"],
     },
+    # Or, with Kubeflow Trainer v2 (compute.launcher), one TrainJob per stage attempt: created, watched,
+    # patched (spec.suspend), and deleted after compute.ttlSecondsAfterFinished (a TrainJob has no TTL).
+    {
+        "apiGroups": ["trainer.kubeflow.org"],
+        "resources": ["trainjobs"],
+        "verbs": ["list", "watch", "create", "patch", "delete"],
+    },
     # The chat RayService: created, watched, patched (serving changes), deleted when serving is turned off.
     {
         "apiGroups": ["ray.io"],
@@ -40,7 +47,8 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list", "watch", "patch"]},
     # Kubernetes Events on every transition (the operator's and kopf's own).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # kopf lists namespaces when it watches the whole cluster, and watches CRDs to notice new resources.
+    # kopf lists namespaces when it watches the whole cluster, and watches CRDs to notice new resources;
+    # the operator lists the TrainJob CRD to tell whether `compute.launcher: auto` means TrainJob.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {
         "apiGroups": ["apiextensions.k8s.io"],

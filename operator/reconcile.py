@@ -3,7 +3,7 @@
     decision = reconcile(run, body, jobs, rayservice, read_stage, now)
 
 Level-triggered: the decision depends only on the LLMRun (spec and the status written before) and
-its children (PyTorchJobs, RayService) as they are now, plus the stage files in storage, so
+its children (stage jobs, RayService) as they are now, plus the stage files in storage, so
 running it twice, or after an operator restart, decides the same thing. Children have
 deterministic names, so creating one that is already there is a 409 and changes nothing.
 
@@ -25,14 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanorun.operator import kueue
+from nanorun.operator import kueue, launchers
 from nanorun.operator import plan as plan_mod
 from nanorun.operator.api import LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
-from nanorun.operator.jobs import RunRef, job_name, pytorchjob_for_stage
+from nanorun.operator.jobs import RunRef
+from nanorun.operator.launchers import Launcher, launcher_of
 from nanorun.operator.names import LABEL_ATTEMPT, LABEL_CONFIG, LABEL_STAGE
 from nanorun.operator.rayservice import rayservice_for_run, rayservice_name, served_checkpoints, service_url
 from nanorun.operator.status import (
-    job_state,
     metrics_from,
     outputs_from,
     parse_time,
@@ -59,7 +59,7 @@ class FailureFacts:
     log_tail: str = ""
 
 
-# Reads the pods of a failed PyTorchJob; called once per failed attempt. May raise (retried later).
+# Reads the pods of a failed stage job; called once per failed attempt. May raise (retried later).
 InspectFailure = Callable[[dict[str, Any]], FailureFacts]
 ACTIVE_POLL_SECONDS = 2.0  # how often a failed job's stopping pods are looked at again
 MAX_LOG_TAIL = 1500  # characters of log kept in the stage message (a condition message should stay readable)
@@ -69,7 +69,7 @@ def _no_pods(job: dict[str, Any]) -> FailureFacts:
     return FailureFacts()
 
 
-# Kueue's view of a PyTorchJob of a run with compute.queue (kueue.py). May raise (retried later).
+# Kueue's view of a stage job of a run with compute.queue (kueue.py). May raise (retried later).
 AdmissionOf = Callable[[dict[str, Any]], kueue.Admission]
 
 
@@ -91,6 +91,7 @@ class Decision:
         default_factory=list
     )  # (manifest, event if created)
     patch_jobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, merge patch)
+    delete_jobs: list[str] = field(default_factory=list)  # finished jobs past their TTL (a kind without one)
     patch_workloads: list[tuple[str, dict[str, Any]]] = field(
         default_factory=list
     )  # Kueue Workloads (name, merge patch)
@@ -157,8 +158,11 @@ def reconcile(
     now: dt.datetime,
     inspect_failure: InspectFailure = _no_pods,
     admission_of: AdmissionOf = _no_workload,
+    trainjob_served: bool = False,
 ) -> Decision:
-    """Decide what one reconcile of `body` (the LLMRun) does, given its children."""
+    """Decide what one reconcile of `body` (the LLMRun) does, given its children (`jobs`: the
+    run's stage jobs of every kind). `trainjob_served`: whether the cluster serves Trainer v2's
+    TrainJob CRD, which `compute.launcher: auto` takes when the run has not chosen yet."""
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
     old_raw = dict(body.get("status") or {})
@@ -168,7 +172,8 @@ def reconcile(
         return _invalid(old_raw, str(err), generation, now)
     old = _old_status(old_raw)
     d = Decision(status={})
-    children = Children(jobs, read_stage, inspect_failure, admission_of)
+    launcher = launchers.choose(spec.compute.launcher, old.launcher, trainjob_served)
+    children = Children(jobs, read_stage, inspect_failure, admission_of, launcher)
     records = _stage_records(run, spec, old, children, now, d)
     current = next((r for r in records if r.phase != "Succeeded"), None)
     failed = next((r for r in records if r.phase == "Failed"), None)
@@ -195,6 +200,8 @@ def reconcile(
         eta=_eta(shown, phase),
         stages=records,
         checkpoint=_final_checkpoint(spec, records),
+        # Recorded with the first job, so that `auto` keeps its choice for the rest of the run.
+        launcher=launcher.kind if (jobs or d.create_jobs or old.launcher) else "",
         serving=old.serving,
         observed_generation=generation,
     )
@@ -242,13 +249,15 @@ def _job_config(job: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Children:
-    """What the reconcile reads besides the LLMRun: its PyTorchJobs, and callbacks that read the
-    stage files, a failed job's pods, and Kueue's Workload of a job."""
+    """What the reconcile reads besides the LLMRun: its stage jobs (of any kind), callbacks that
+    read the stage files, a failed job's pods, and Kueue's Workload of a job; and the launcher of
+    the jobs it creates."""
 
     jobs: list[dict[str, Any]]
     read_stage: ReadStage
     inspect_failure: InspectFailure
     admission_of: AdmissionOf
+    launcher: Launcher
 
 
 def _stage_records(
@@ -266,6 +275,7 @@ def _stage_records(
             (j for j in children.jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
             key=_attempt,
         )
+        _expire(spec, old_records.get(ps.key), stage_jobs, now, d)
         if rec.config_id and rec.config_id != config_id and rec.phase in ("Succeeded", "Failed"):
             rec = _rerun(ps, rec, config_id, stage_jobs, d)
         if rec.phase == "Succeeded" or blocked:
@@ -290,13 +300,13 @@ def _stage_records(
             _succeed(ps, rec, done, now, d)
         elif rec.attempts and rec.failed_attempt == rec.attempts:
             # The failed job is gone (TTL) before its retry was due: the record remembers the failure.
-            _after_failure(run, spec, ps, rec, now, d)
+            _after_failure(run, spec, ps, rec, children.launcher, now, d)
         elif spec.suspend:
             rec.phase = "Suspended" if rec.attempts else "Pending"
         else:
             # No job yet for this attempt (or it vanished): create it; a 409 means it is there.
             rec.attempts = max(rec.attempts, 1)
-            _start_attempt(run, spec, ps, rec, now, d)
+            _start_attempt(run, spec, ps, rec, children.launcher, now, d)
         if rec.phase == "Succeeded":
             blocked = False
         records.append(rec)
@@ -322,18 +332,52 @@ def _rerun(
 
 
 def _start_attempt(
-    run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, now: dt.datetime, d: Decision
+    run: RunRef,
+    spec: LLMRunSpec,
+    ps: plan_mod.PlannedStage,
+    rec: StageStatus,
+    launcher: Launcher,
+    now: dt.datetime,
+    d: Decision,
 ) -> None:
-    rec.job = job_name(run.name, ps.stage, rec.attempts)
+    rec.job = launcher.job_name(run.name, ps.stage, rec.attempts)
     rec.phase = "Running"
     rec.start_time = rec.start_time or rfc3339(now)
     if rec.attempts == 1:
-        event = Event("Normal", "StageStarted", f"stage {ps.key}: created PyTorchJob {rec.job}")
+        event = Event("Normal", "StageStarted", f"stage {ps.key}: created {launcher.kind} {rec.job}")
     else:
         event = Event(
-            "Normal", "StageRetried", f"stage {ps.key}: attempt {rec.attempts}, PyTorchJob {rec.job}"
+            "Normal", "StageRetried", f"stage {ps.key}: attempt {rec.attempts}, {launcher.kind} {rec.job}"
         )
-    d.create_jobs.append((pytorchjob_for_stage(run, spec, ps, rec.attempts, rec.config_id), event))
+    d.create_jobs.append((launcher.build(run, spec, ps, rec.attempts, rec.config_id), event))
+
+
+def _expire(
+    spec: LLMRunSpec, old: StageStatus | None, stage_jobs: list[dict[str, Any]], now: dt.datetime, d: Decision
+) -> None:
+    """Delete a stage's finished jobs older than compute.ttlSecondsAfterFinished, for a kind whose
+    controller keeps them (TrainJob); only once the status written before records how the job
+    ended (an earlier attempt, the stage's success, or this attempt's counted end), so the outcome
+    outlives the job."""
+    ttl = dt.timedelta(seconds=spec.compute.ttl_seconds_after_finished)
+    for job in stage_jobs:
+        launcher = launcher_of(job)
+        state = launcher.state(job)
+        if not launcher.operator_ttl or state.phase not in ("Succeeded", "Failed") or state.since is None:
+            continue
+        attempt = _attempt(job)
+        recorded = old is not None and (
+            attempt < old.attempts
+            or (old.phase == "Succeeded" and attempt == old.attempts)
+            or old.failed_attempt == attempt
+        )
+        if not recorded:
+            continue
+        if now >= state.since + ttl:
+            d.delete_jobs.append(job["metadata"]["name"])
+        else:
+            due = (state.since + ttl - now).total_seconds()
+            d.requeue_after = min(d.requeue_after or due, due)
 
 
 def _succeed(
@@ -363,7 +407,8 @@ def _follow_job(
     now: dt.datetime,
     d: Decision,
 ) -> None:
-    state = job_state(job)
+    launcher = launcher_of(job)
+    state = launcher.state(job)
     rec.job = job["metadata"]["name"]
     rec.start_time = rec.start_time or job["metadata"].get("creationTimestamp") or rfc3339(now)
     if state.phase == "Succeeded":
@@ -381,20 +426,22 @@ def _follow_job(
                 return
             why = f"{state.reason}: {state.message}".strip(": ") or "job failed"
             _record_failure(spec, ps, rec, progress, facts, state.since or now, why, d)
-        _after_failure(run, spec, ps, rec, now, d)
+        _after_failure(run, spec, ps, rec, children.launcher, now, d)
         return
-    suspended = bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    suspended = launcher.suspended(job)
     if spec.compute.queue:
-        _follow_queued_job(spec, ps, rec, suspended, children.admission_of(job), d)
+        _follow_queued_job(spec, ps, rec, launcher.kind, suspended, children.admission_of(job), d)
         return
-    # Pending, Running or Suspended: bring runPolicy.suspend to what the spec asks.
+    # Pending, Running or Suspended: bring the job's suspend flag to what the spec asks.
     if spec.suspend and not suspended:
-        d.patch_jobs.append((rec.job, {"spec": {"runPolicy": {"suspend": True}}}))
-        d.events.append(Event("Normal", "StageSuspended", f"stage {ps.key}: suspended PyTorchJob {rec.job}"))
+        d.patch_jobs.append((rec.job, launcher.suspend_patch(True)))
+        d.events.append(
+            Event("Normal", "StageSuspended", f"stage {ps.key}: suspended {launcher.kind} {rec.job}")
+        )
         suspended = True
     elif not spec.suspend and suspended:
-        d.patch_jobs.append((rec.job, {"spec": {"runPolicy": {"suspend": False}}}))
-        d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: resumed PyTorchJob {rec.job}"))
+        d.patch_jobs.append((rec.job, launcher.suspend_patch(False)))
+        d.events.append(Event("Normal", "StageResumed", f"stage {ps.key}: resumed {launcher.kind} {rec.job}"))
         suspended = False
     rec.phase = "Suspended" if suspended and spec.suspend else "Running"
 
@@ -403,6 +450,7 @@ def _follow_queued_job(
     spec: LLMRunSpec,
     ps: plan_mod.PlannedStage,
     rec: StageStatus,
+    kind: str,
     suspended: bool,
     adm: kueue.Admission,
     d: Decision,
@@ -417,7 +465,7 @@ def _follow_queued_job(
                 Event(
                     "Normal",
                     "StageSuspended",
-                    f"stage {ps.key}: deactivated Kueue Workload {adm.workload} of PyTorchJob {rec.job}",
+                    f"stage {ps.key}: deactivated Kueue Workload {adm.workload} of {kind} {rec.job}",
                 )
             )
         elif not adm.workload:
@@ -448,7 +496,7 @@ def _follow_queued_job(
     d.queued = (
         True,
         adm.reason or "Waiting",
-        f"stage {ps.key}: {kueue.waiting_message(queue, rec.job, adm)}",
+        f"stage {ps.key}: {kueue.waiting_message(queue, rec.job, adm, kind)}",
     )
 
 
@@ -487,7 +535,13 @@ def _record_failure(
 
 
 def _after_failure(
-    run: RunRef, spec: LLMRunSpec, ps: plan_mod.PlannedStage, rec: StageStatus, now: dt.datetime, d: Decision
+    run: RunRef,
+    spec: LLMRunSpec,
+    ps: plan_mod.PlannedStage,
+    rec: StageStatus,
+    launcher: Launcher,
+    now: dt.datetime,
+    d: Decision,
 ) -> None:
     """After the recorded end of attempt `rec.attempts`: start the next one (at once after a
     preemption, after the backoff after a failure), or fail the stage after the last failure.
@@ -506,7 +560,7 @@ def _after_failure(
         rec.phase = "Suspended"
     elif now >= due:
         rec.attempts += 1
-        _start_attempt(run, spec, ps, rec, now, d)
+        _start_attempt(run, spec, ps, rec, launcher, now, d)
     else:
         rec.phase = "Running"
         d.requeue_after = (due - now).total_seconds()

@@ -159,6 +159,7 @@ def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluste
             "llmruns",
             "llmruns/status",
             "pytorchjobs",
+            "trainjobs",
             "rayservices",
             "workloads",
             "events",
