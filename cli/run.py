@@ -346,7 +346,9 @@ def default_log_dir(run_dir: str, name: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanorun run", description="Run an LLMRun file on this machine.")
-    p.add_argument("file", help="LLMRun YAML file (apiVersion: nanorun.io/v1alpha1, kind: LLMRun)")
+    p.add_argument(
+        "file", help="LLMRun or LLMSweep YAML file (apiVersion: nanorun.io/v1alpha1, kind: LLMRun or LLMSweep)"
+    )
     p.add_argument(
         "--run-dir", default=None, help="run directory (local path or s3://); overrides spec.storage.uri"
     )
@@ -367,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nanorun.cli import sweep  # an LLMSweep file: its points one after another (cli/sweep.py)
+
+    doc = sweep.read_doc(args.file)
+    if sweep.is_sweep(doc):
+        return sweep.run_sweep(args.file, doc, args)
     console = Console()
     try:
         run = load_run_file(args.file)

@@ -255,7 +255,7 @@ def tokenizer_spec(spec: LLMSweepSpec) -> LLMRunSpec:
 def point_spec(spec: LLMSweepSpec, point: Point) -> LLMRunSpec:
     """A point's LLMRun spec: the template at the point's depth and horizon, pretraining and base
     evaluation only, the sweep's tokenizer, its own folder of the sweep's directory."""
-    d = _child(spec, sweep_files.point_dir(sweep_dir(spec), _info(point)), POINT_STAGES)
+    d = _child(spec, sweep_files.point_dir(sweep_dir(spec), point_info(point)), POINT_STAGES)
     d["model"]["depth"] = point.depth
     d["tokenizer"]["from"] = tokenizer_source(spec)
     pretrain = d["stages"]["pretrain"]
@@ -266,7 +266,8 @@ def point_spec(spec: LLMSweepSpec, point: Point) -> LLMRunSpec:
     return parse_spec(d)
 
 
-def _info(point: Point, gpus: int = 0) -> sweep_files.PointInfo:
+def point_info(point: Point, gpus: int = 0) -> sweep_files.PointInfo:
+    """A point as sweep.json lists it (pipeline/sweep.py)."""
     return sweep_files.PointInfo(
         point.name, point.folder, point.depth, point.flop_budget, point.tokens_per_param, gpus
     )
@@ -275,4 +276,4 @@ def _info(point: Point, gpus: int = 0) -> sweep_files.PointInfo:
 def point_infos(name: str, spec: LLMSweepSpec) -> list[sweep_files.PointInfo]:
     """What sweep.json lists: the points and the GPUs each trains on (for GPU-hours)."""
     c = spec.template.compute
-    return [_info(p, c.nodes * c.gpus_per_node) for p in sweep_points(name, spec)]
+    return [point_info(p, c.nodes * c.gpus_per_node) for p in sweep_points(name, spec)]

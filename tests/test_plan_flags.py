@@ -15,6 +15,7 @@ from nanorun.cli.run import stage_command
 from nanorun.operator.api import parse_spec
 from nanorun.operator.jobs import command_for_stage
 from nanorun.operator.plan import stage_plan
+from nanorun.operator.sweep import parse_sweep_spec, point_spec, sweep_points
 from nanorun.pipeline.stages import KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,12 @@ def flags_after_module(command: list[str], module: str) -> list[str]:
 
 
 def load_example(path: Path):
-    return parse_spec(yaml.safe_load(path.read_text())["spec"])
+    """The example's LLMRun spec; for an LLMSweep, its last point's (the child runs it creates)."""
+    doc = yaml.safe_load(path.read_text())
+    if doc["kind"] == "LLMSweep":
+        sweep = parse_sweep_spec(doc["spec"])
+        return point_spec(sweep, sweep_points(doc["metadata"]["name"], sweep)[-1])
+    return parse_spec(doc["spec"])
 
 
 def test_there_are_examples_to_check():
