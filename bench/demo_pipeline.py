@@ -48,10 +48,10 @@ def main() -> int:
 
     stages, metrics = {}, {}
     for planned in stage_plan(load_run_file(args.file).spec):
-        done = read_done(run_dir, planned.stage)
-        stages[planned.stage] = round(done.seconds, 1) if done else None
+        done = read_done(run_dir, planned.key)
+        stages[planned.key] = round(done.seconds, 1) if done else None
         if done:
-            metrics[planned.stage] = {k: v for k, v in done.metrics.items() if isinstance(v, int | float)}
+            metrics[planned.key] = {k: v for k, v in done.metrics.items() if isinstance(v, int | float)}
     print(
         json.dumps(
             {
@@ -59,8 +59,8 @@ def main() -> int:
                 "file": os.path.relpath(args.file, REPO),
                 "wall_seconds": round(wall, 1),
                 "stage_seconds": stages,
-                "base_val_bpb": metrics.get("base_train", {}).get("val_bpb"),
-                "chatcore": metrics.get("chat_eval", {}).get("ChatCORE"),
+                "base_val_bpb": metrics.get("pretrain", {}).get("val_bpb"),
+                "chatcore": metrics.get("eval", {}).get("ChatCORE"),
                 "cpus": os.cpu_count(),
                 "load_average_before": round(load_before, 2),
                 "machine": platform.machine(),

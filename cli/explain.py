@@ -4,7 +4,7 @@
     nanorun explain tokenizer "Hello world" --checkpoint .runs/demo --merges 50   # BPE with 50 merges
 
 Prints the text as the run's tokenizer cuts it, one coloured span per token, then each token's id
-and text, and the counts. The tokenizer is the run's (`<run-dir>/tok_train/`), found from a run,
+and text, and the counts. The tokenizer is the run's (`<run-dir>/tokenizer/`), found from a run,
 stage or checkpoint URI as `nanorun serve` finds it, or given with `--tokenizer`. The spans and the
 replay are the ones `/explain/tokenizer` shows (`nanorun.serving.explain`).
 """
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="show how the run's tokenizer splits a text into tokens")
     tok.add_argument("text", help="the text to tokenize")
     tok.add_argument("--checkpoint", help="run, stage or checkpoint dir (local path or s3://)")
-    tok.add_argument("--tokenizer", help="tokenizer dir (default: the run's tok_train/)")
+    tok.add_argument("--tokenizer", help="tokenizer dir (default: the run's tokenizer/)")
     tok.add_argument(
         "--merges", type=int, default=None, help="replay BPE with only the first N merges (default: all)"
     )
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_tokenizer(checkpoint: str | None, tokenizer_dir: str | None) -> Any:
     """The tokenizer of `--tokenizer`, or of the run `--checkpoint` names (a run directory's own
-    tok_train/ first, so a run with a tokenizer but no checkpoint yet works too)."""
+    tokenizer/ first, so a run with a tokenizer but no checkpoint yet works too)."""
     from nanorun.pipeline import layout, storage
     from nanorun.trainer.chat.engine import resolve_checkpoint, tokenizer_dir_for
     from nanorun.trainer.data.tokenizer import TIKTOKEN_FILE, Tokenizer
@@ -42,7 +42,7 @@ def load_tokenizer(checkpoint: str | None, tokenizer_dir: str | None) -> Any:
         return Tokenizer.load(tokenizer_dir)
     if not checkpoint:
         raise ValueError("give --checkpoint (a run, stage or checkpoint dir) or --tokenizer")
-    own = layout.tokenizer_dir(checkpoint.rstrip("/"))
+    own = layout.tokenizer_dir_to_read(checkpoint.rstrip("/"))
     if storage.exists(storage.join(own, TIKTOKEN_FILE)):
         return Tokenizer.load(own)
     return Tokenizer.load(tokenizer_dir_for(resolve_checkpoint(checkpoint)))

@@ -212,10 +212,10 @@ class LocalRun:
         plan = stage_plan(self.run.spec)
         ids = config_ids(plan)
         for stage in plan:
-            done = stage_files.read_done(self.run_dir, stage.stage)
+            done = stage_files.read_done(self.run_dir, stage.key)
             if stage_files.is_current(done, ids[stage.key]):
                 self.console.print(
-                    f"[dim]✓ {stage.stage}: already done ({done.seconds:.0f}s), skipped[/dim]", soft_wrap=True
+                    f"[dim]✓ {stage.key}: already done ({done.seconds:.0f}s), skipped[/dim]", soft_wrap=True
                 )
                 outcomes.append(StageOutcome(stage, "done", done.seconds, done.metrics))
                 continue
@@ -234,11 +234,11 @@ class LocalRun:
     def run_stage(self, stage: PlannedStage, config_id: str = "") -> StageOutcome:
         nproc = processes_for(stage, self.run.spec, self.nproc)
         # the attempt after the one whose progress.json is there (a stage stopped or failed before)
-        previous = stage_files.read_progress(self.run_dir, stage.stage)
+        previous = stage_files.read_progress(self.run_dir, stage.key)
         attempt = previous.attempt + 1 if previous else 1
         cmd = stage_command(stage, self.run_dir, nproc, self.metrics_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{stage.stage}.log"
+        log_path = self.log_dir / f"{stage.key}.log"
         start, cpu_start = time.time(), _children_cpu_seconds()
         with open(log_path, "ab") as log:
             log.write(f"\n$ {' '.join(cmd)}\n# attempt {attempt}, config {config_id or '(none)'}\n".encode())
@@ -260,19 +260,19 @@ class LocalRun:
                     proc.wait()
         seconds, cpu = time.time() - start, _children_cpu_seconds() - cpu_start
         if rc == 0:
-            done = stage_files.read_done(self.run_dir, stage.stage)
+            done = stage_files.read_done(self.run_dir, stage.key)
             return StageOutcome(stage, "ran", seconds, done.metrics if done else {}, cpu)
         status = "stopped" if self.stop_requested else "failed"
         if status == "failed":
             tail = deque(log_path.read_text(errors="replace").splitlines(), maxlen=25)
             self.console.print(
-                f"[red]✗ {stage.stage} exited with code {rc}[/red]; last lines of {log_path}:", soft_wrap=True
+                f"[red]✗ {stage.key} exited with code {rc}[/red]; last lines of {log_path}:", soft_wrap=True
             )
             self.console.print("\n".join(tail), markup=False, highlight=False, soft_wrap=True)
         return StageOutcome(stage, status, seconds, {}, cpu)
 
     def _watch(self, stage: PlannedStage, proc: subprocess.Popen, nproc: int) -> int:
-        label = f"{stage.stage}" + (f" ×{nproc}" if nproc > 1 else "")
+        label = stage.key + (f" ×{nproc}" if nproc > 1 else "")
         columns = (
             TextColumn("[bold]{task.description:<14}"),
             BarColumn(),
@@ -289,7 +289,7 @@ class LocalRun:
                     rc: int | None = proc.wait(timeout=POLL_SECONDS)
                 except subprocess.TimeoutExpired:
                     rc = None
-                p = stage_files.read_progress(self.run_dir, stage.stage)
+                p = stage_files.read_progress(self.run_dir, stage.key)
                 if p and p.total_steps:
                     bars.update(
                         task,
@@ -334,7 +334,7 @@ def summary_table(outcomes: list[StageOutcome]) -> Table:
             shown = {k: v for k, v in list(o.metrics.items())[:4] if isinstance(v, int | float)}
         metrics = "  ".join(f"{k}={_fmt_metric(v)}" for k, v in shown.items())
         cpu = f"{o.cpu_seconds:.0f}s" if o.cpu_seconds is not None else ""
-        table.add_row(o.stage.stage, o.status, f"{o.seconds:.0f}s", cpu, metrics)
+        table.add_row(o.stage.key, o.status, f"{o.seconds:.0f}s", cpu, metrics)
     return table
 
 

@@ -2,10 +2,11 @@
 
     job = pytorchjob_for_stage(run, spec, planned_stage, attempt=1)
 
-Named `<run>-<stage>-<attempt>` (DNS-1035, deterministic, so a second create is a 409), owned by
-the LLMRun, labelled `nanorun.io/{run,stage,attempt}`. The container `pytorch` runs
+Named `<run>-<stage>-<attempt>` (`speedrun-base-eval-1`: the stage's key in kebab case; DNS-1035,
+deterministic, so a second create is a 409), owned by the LLMRun, labelled
+`nanorun.io/{run,stage,attempt}` (the stage's key). The container `pytorch` runs
 
-    torchrun -m nanorun.trainer.<stage> --run-dir <storage.uri> ... --metrics-port N
+    torchrun -m nanorun.trainer.<module> --run-dir <storage.uri> ... --metrics-port N
 
 (`python -m` for single-process stages) on a Master plus nodes-1 Workers; torchrun reads the PET_*
 variables the training operator injects. S3 credentials come from the referenced Secret.
@@ -32,6 +33,7 @@ from nanorun.operator.names import (
     QUEUE_LABEL,
 )
 from nanorun.operator.plan import PlannedStage, processes_per_node
+from nanorun.pipeline.stages import stage_named
 
 CONTAINER_NAME = "pytorch"  # the training operator requires this name
 RENDEZVOUS_PORT = 23456  # the training operator's default `pytorchjob-port`
@@ -73,8 +75,8 @@ def dns_name(*parts: str, limit: int = MAX_NAME) -> str:
 
 
 def job_name(run: str, stage: str, attempt: int, limit: int = MAX_NAME) -> str:
-    """`<run>-<stage>-<attempt>`, e.g. `speedrun-base-train-1`."""
-    return dns_name(run, stage.replace("_", "-"), str(attempt), limit=limit)
+    """`<run>-<stage>-<attempt>` with the stage key in kebab case, e.g. `speedrun-base-eval-1`."""
+    return dns_name(run, stage_named(stage).dns, str(attempt), limit=limit)
 
 
 def storage_env(spec: LLMRunSpec) -> list[dict[str, Any]]:
@@ -134,7 +136,7 @@ def stage_labels(
     """The labels of a stage job (and, without the queue label, of its pods)."""
     labels = {
         LABEL_RUN: run.name,
-        LABEL_STAGE: stage.stage,
+        LABEL_STAGE: stage.key,
         LABEL_ATTEMPT: str(attempt),
         LABEL_CONFIG: config_id,
         "app.kubernetes.io/name": "nanorun-trainer",
@@ -151,7 +153,7 @@ def stage_env(
     """The trainer container's environment: which run, stage, attempt and configuration it is, and storage."""
     return [
         {"name": "NANORUN_RUN", "value": run.name},
-        {"name": "NANORUN_STAGE", "value": stage.stage},
+        {"name": "NANORUN_STAGE", "value": stage.key},
         {"name": "NANORUN_ATTEMPT", "value": str(attempt)},
         {"name": "NANORUN_CONFIG_ID", "value": config_id},
         *storage_env(spec),
@@ -179,7 +181,7 @@ def pytorchjob_for_stage(
 ) -> dict[str, Any]:
     """The PyTorchJob manifest for one attempt (from 1) at one planned stage; `config_id` (from
     plan.config_ids) is passed to the stage, which records it in done.json and its checkpoints."""
-    name = job_name(run.name, stage.stage, attempt)
+    name = job_name(run.name, stage.key, attempt)
     labels = stage_labels(run, spec, stage, attempt, config_id)
     nodes, nproc, gpus = stage_shape(spec, stage)
     env = stage_env(run, spec, stage, attempt, config_id)

@@ -3,11 +3,11 @@
 Both executors read it: the operator turns each planned stage into a PyTorchJob, `nanorun run`
 into a local process. A stage runs as
 
-    python -m nanorun.trainer.<stage> --run-dir <storage.uri> <args...>
+    python -m nanorun.trainer.<entry> --run-dir <storage.uri> <args...>
 
 under torchrun on nodes × processes-per-node processes when `distributed`, else as one process.
 
-    for s in stage_plan(spec): print(s.key, s.stage, s.args)
+    for s in stage_plan(spec): print(s.key, s.module, s.args)
 """
 
 from __future__ import annotations
@@ -20,19 +20,18 @@ from nanorun.operator.rules import CHECKPOINT_STAGES
 from nanorun.pipeline.stages import BY_KEY, KEYS, STAGES
 
 STAGE_KEYS = list(KEYS)
-MODULE_OF = {s.key: s.module for s in STAGES}
 
 
 @dataclass(frozen=True)
 class PlannedStage:
-    key: str  # spec.stages key, e.g. "pretrain"
-    stage: str  # trainer module, e.g. "base_train"
+    key: str  # the stage's name, e.g. "pretrain": its folder, job label and job name
+    entry: str  # its trainer module, e.g. "base_train": the command line, nothing else
     args: list[str] = field(default_factory=list)  # flags after `--run-dir URI`
     distributed: bool = False
 
     @property
     def module(self) -> str:
-        return f"nanorun.trainer.{self.stage}"
+        return f"nanorun.trainer.{self.entry}"
 
     def flags(self, run_dir: str, metrics_port: int | None) -> list[str]:
         """What follows `-m <module>` in the stage's command, in both executors: the run
@@ -135,7 +134,9 @@ def config_ids(plan: list[PlannedStage]) -> dict[str, str]:
     ids: dict[str, str] = {}
     previous = ""
     for s in plan:
-        digest = hashlib.sha256("\0".join([previous, s.stage, *s.args]).encode()).hexdigest()[:16]
+        # The entry point (as ids always had), not the key: runs whose done.json and checkpoints
+        # carry ids from before stages were named by their keys keep their finished stages.
+        digest = hashlib.sha256("\0".join([previous, s.entry, *s.args]).encode()).hexdigest()[:16]
         ids[s.key] = previous = digest
     return ids
 

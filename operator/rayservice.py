@@ -1,6 +1,6 @@
 """The RayService (ray.io/v1) serving a run's chat model: a pure function of the spec.
 
-    svc = rayservice_for_run(run, spec, checkpoint="s3://.../chat_sft/checkpoints/step_000700")
+    svc = rayservice_for_run(run, spec, checkpoint="s3://.../sft/checkpoints/step_000700")
 
 Named `<run>-chat`, owned by the LLMRun. Its serveConfigV2 runs the nanorun serving application
 (`nanorun.serving.SERVE_IMPORT_PATH`) with the checkpoint in the deployment's `user_config`: a new

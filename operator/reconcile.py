@@ -42,8 +42,9 @@ from nanorun.operator.status import (
 )
 from nanorun.pipeline import layout
 from nanorun.pipeline.progress import Done, Progress
+from nanorun.pipeline.stages import stage_named
 
-# (progress, done) of a stage module; may raise on storage errors (the caller retries later).
+# (progress, done) of a stage (its key); may raise on storage errors (the caller retries later).
 ReadStage = Callable[[str], tuple[Progress | None, Done | None]]
 
 
@@ -247,6 +248,16 @@ def _job_config(job: dict[str, Any]) -> str:
     return (job["metadata"].get("labels") or {}).get(LABEL_CONFIG, "")
 
 
+def _job_stage(job: dict[str, Any]) -> str:
+    """The key of the stage a job runs; a job labelled with the stage's module name (made before
+    stages had one name) counts as that stage's, so an upgraded operator follows it."""
+    label = (job["metadata"].get("labels") or {}).get(LABEL_STAGE, "")
+    try:
+        return stage_named(label).key
+    except ValueError:
+        return ""
+
+
 @dataclass(frozen=True)
 class Children:
     """What the reconcile reads besides the LLMRun: its stage jobs (of any kind), callbacks that
@@ -271,10 +282,7 @@ def _stage_records(
     for ps in plan:
         config_id = config_ids[ps.key]
         rec = old_records.get(ps.key, StageStatus(name=ps.key)).model_copy(deep=True)
-        stage_jobs = sorted(
-            (j for j in children.jobs if (j["metadata"].get("labels") or {}).get(LABEL_STAGE) == ps.stage),
-            key=_attempt,
-        )
+        stage_jobs = sorted((j for j in children.jobs if _job_stage(j) == ps.key), key=_attempt)
         _expire(spec, old_records.get(ps.key), stage_jobs, now, d)
         if rec.config_id and rec.config_id != config_id and rec.phase in ("Succeeded", "Failed"):
             rec = _rerun(ps, rec, config_id, stage_jobs, d)
@@ -289,7 +297,7 @@ def _stage_records(
         stage_jobs = [j for j in stage_jobs if _job_config(j) in ("", rec.config_id)]
         latest = stage_jobs[-1] if stage_jobs else None
         rec.attempts = max(rec.attempts, _attempt(latest) if latest else 0)
-        progress, done = children.read_stage(ps.stage)
+        progress, done = children.read_stage(ps.key)
         if done is not None and done.config_id and done.config_id != rec.config_id:
             progress, done = None, None  # files of an earlier configuration: this one has not written yet
         rec.metrics = metrics_from(progress, done)
@@ -340,7 +348,7 @@ def _start_attempt(
     now: dt.datetime,
     d: Decision,
 ) -> None:
-    rec.job = launcher.job_name(run.name, ps.stage, rec.attempts)
+    rec.job = launcher.job_name(run.name, ps.key, rec.attempts)
     rec.phase = "Running"
     rec.start_time = rec.start_time or rfc3339(now)
     if rec.attempts == 1:
@@ -389,7 +397,7 @@ def _succeed(
     start = parse_time(rec.start_time)
     rec.duration_seconds = round((when - start).total_seconds(), 3) if start else None
     rec.outputs = outputs_from(done)
-    d.finished_stages.append((ps.stage, rec.duration_seconds or 0.0))
+    d.finished_stages.append((ps.key, rec.duration_seconds or 0.0))
     d.events.append(
         Event("Normal", "StageSucceeded", f"stage {ps.key} succeeded after {rec.attempts} attempt(s)")
     )
@@ -524,10 +532,10 @@ def _record_failure(
         rec.preempted_attempt = rec.attempts
         rec.message = f"attempt {rec.attempts} preempted ({disruption}); not counted as a failure"
         d.events.append(Event("Normal", "StagePreempted", f"stage {ps.key}: {rec.message}"))
-        d.ended_attempts.append((ps.stage, "preempted"))
+        d.ended_attempts.append((ps.key, "preempted"))
         return
     rec.failures += 1
-    d.ended_attempts.append((ps.stage, "failed"))
+    d.ended_attempts.append((ps.key, "failed"))
     rec.message = f"failure {rec.failures}/{spec.retry.max_attempts} (attempt {rec.attempts}): {why}"
     tail = facts.log_tail.strip()
     if tail:
@@ -573,7 +581,7 @@ def _final_checkpoint(spec: LLMRunSpec, records: list[StageStatus]) -> str:
         rec = by_key.get(key)
         if rec is not None and rec.phase == "Succeeded":
             return rec.outputs.get("checkpoint") or layout.checkpoints_dir(
-                layout.stage_dir(spec.storage.uri, plan_mod.MODULE_OF[key])
+                layout.stage_dir(spec.storage.uri, key)
             )
     return ""
 

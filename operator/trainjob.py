@@ -103,7 +103,7 @@ def trainjob_for_stage(
         "apiVersion": f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}",
         "kind": "TrainJob",
         "metadata": {
-            "name": trainjob_name(run.name, stage.stage, attempt),
+            "name": trainjob_name(run.name, stage.key, attempt),
             "namespace": run.namespace,
             "labels": labels,
             "annotations": {ANNOTATION_RUN_DIR: spec.storage.uri, ANNOTATION_STAGE_KEY: stage.key},

@@ -7,6 +7,9 @@ bars), the report. One dataclass each, so writer and readers agree on the fields
     <run-dir>/<stage>/progress.json   step, total_steps, loss, ..., attempt, stopped
     <run-dir>/<stage>/done.json       stage, seconds, metrics{...}, outputs{...}, config_id
 
+`<stage>` and the `stage` field are the stage's key (pipeline/stages.py); the readers also find the
+files of a run written before stages had one name (pipeline/layout.py, `stage_dir_to_read`).
+
 Two settings come from the executor (the operator or `nanorun run`), read here and nowhere else:
 
     NANORUN_ATTEMPT     which attempt of the stage this process is (1, 2, ...; unset: 0). Every
@@ -28,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nanorun.pipeline import storage
-from nanorun.pipeline.layout import DONE_FILE, PROGRESS_FILE, stage_dir
+from nanorun.pipeline.layout import DONE_FILE, PROGRESS_FILE, stage_dir, stage_dir_to_read
 
 ATTEMPT_ENV = "NANORUN_ATTEMPT"
 CONFIG_ID_ENV = "NANORUN_CONFIG_ID"
@@ -101,7 +104,9 @@ def write_progress(run_dir: str, progress: Progress) -> None:
 
 
 def read_progress(run_dir: str, stage: str) -> Progress | None:
-    d = storage.read_json_or_none(storage.join(stage_dir(run_dir, stage), PROGRESS_FILE))
+    d = storage.read_json_or_none(
+        storage.join(stage_dir_to_read(run_dir, stage, PROGRESS_FILE), PROGRESS_FILE)
+    )
     return Progress.from_dict(d) if isinstance(d, dict) else None
 
 
@@ -110,7 +115,7 @@ def write_done(run_dir: str, done: Done) -> None:
 
 
 def read_done(run_dir: str, stage: str) -> Done | None:
-    d = storage.read_json_or_none(storage.join(stage_dir(run_dir, stage), DONE_FILE))
+    d = storage.read_json_or_none(storage.join(stage_dir_to_read(run_dir, stage, DONE_FILE), DONE_FILE))
     return Done.from_dict(d) if isinstance(d, dict) else None
 
 

@@ -5,13 +5,16 @@ a test against `StagesSpec`), the CRD's validation rules, the operator's plan an
 the report, the chat stages that load and evaluate models, and the `--source` defaults of the
 post-training stages.
 
-A stage has two names:
+A stage has one name wherever a user sees it, its `key`: `spec.stages.pretrain`,
+`status.stages[].name`, `kubectl get llmrun`, its folder in the run directory (`<run-dir>/pretrain/`),
+its job label (`nanorun.io/stage=pretrain`) and job name (`<run>-pretrain-1`, the key in kebab case:
+`Stage.dns`), `NANORUN_STAGE`, the `stage` of progress.json and done.json and of the trainer's
+metrics, `--source`, logs and the report. Its `module` is only its entry point, the command line
+`python -m nanorun.trainer.<module>` (as in nanochat's scripts: `base_train`, `chat_sft`, ...).
 
-- `key`, the name a user sees: `spec.stages.pretrain`, `status.stages[].name`, `kubectl get llmrun`,
-  the report;
-- `module`, its entry point `python -m nanorun.trainer.<module>` (as in nanochat's scripts:
-  `base_train`, `chat_sft`, ...), which is also its folder in the run directory and its job label
-  (`nanorun.io/stage`).
+Runs written before stages had one name used the module as folder, label and `--source` value;
+`stage_named` still reads those names, and readers of a run directory (pipeline/layout.py) find an
+old run's files in its module folders, for one release.
 
 Adding a stage: a row here, its spec model in operator/api.py, its flags in operator/plan.py, and
 the module in trainer/.
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
-    key: str  # the spec/status name, e.g. "pretrain"
-    module: str  # nanorun.trainer.<module>, the run-directory folder and the job label, e.g. "base_train"
+    key: str  # the stage's name, e.g. "pretrain" (spec, status, folder, labels, metrics, logs)
+    module: str  # the entry point nanorun.trainer.<module>, e.g. "base_train"
     distributed: bool  # runs under torchrun on every GPU of every node (else one process)
     model: str = ""  # the checkpoint it saves: "" (none), "base" or "chat"
     starts_from: tuple[str, ...] = ()  # keys of the stages whose checkpoint it continues, first finished wins
@@ -35,7 +38,16 @@ class Stage:
     @property
     def attribute(self) -> str:
         """The Python name of `spec.stages.<key>` (the spec's fields are camelCase in YAML)."""
-        return re.sub(r"[A-Z]", lambda m: "_" + m.group(0).lower(), self.key)
+        return _split_words(self.key, "_")
+
+    @property
+    def dns(self) -> str:
+        """The key in a Kubernetes object's name, lowercase kebab case: "baseEval" → "base-eval"."""
+        return _split_words(self.key, "-")
+
+
+def _split_words(key: str, sep: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: sep + m.group(0).lower(), key)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -64,18 +76,28 @@ STAGES: tuple[Stage, ...] = (
 )
 
 BY_KEY: dict[str, Stage] = {s.key: s for s in STAGES}
-BY_MODULE: dict[str, Stage] = {s.module: s for s in STAGES}
 KEYS: tuple[str, ...] = tuple(s.key for s in STAGES)
 # Stages that save a model checkpoint, in pipeline order (the last enabled one is what serving loads).
 MODEL_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if s.model)
-# Modules whose checkpoints are chat models, newest first (what chat evaluation picks from).
-CHAT_MODULES: tuple[str, ...] = tuple(s.module for s in reversed(STAGES) if s.model == "chat")
-# Modules with any model checkpoint, newest first (what the chat engine loads from a run directory).
-MODEL_MODULES: tuple[str, ...] = tuple(s.module for s in reversed(MODEL_STAGES))
+# Keys of the stages whose checkpoints are chat models, newest first (what chat evaluation picks from).
+CHAT_KEYS: tuple[str, ...] = tuple(s.key for s in reversed(STAGES) if s.model == "chat")
+# Keys of the stages with any model checkpoint, newest first (what the chat engine loads from a run directory).
+MODEL_KEYS: tuple[str, ...] = tuple(s.key for s in reversed(MODEL_STAGES))
 TOKENIZER = BY_KEY["tokenizer"]
+# Every name a stage answers to: its key, and for one release the module name it went by before.
+_BY_NAME: dict[str, Stage] = {**{s.module: s for s in STAGES}, **BY_KEY}
 
 
-def source_modules(key: str) -> str:
-    """The `--source` default of a stage that continues a checkpoint: its sources' modules,
-    comma-separated (e.g. "mid_train,base_train" for sft)."""
-    return ",".join(BY_KEY[k].module for k in BY_KEY[key].starts_from)
+def stage_named(name: str) -> Stage:
+    """The stage called `name`: its key, or its module name (the folder, label and `--source` value
+    of runs written before stages had one name; accepted for one release)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"no stage {name!r}; the stages are {', '.join(KEYS)}") from None
+
+
+def source_keys(key: str) -> str:
+    """The `--source` default of a stage that continues a checkpoint: the keys of the stages it
+    starts from, comma-separated (e.g. "midtrain,pretrain" for sft)."""
+    return ",".join(BY_KEY[key].starts_from)

@@ -2,7 +2,7 @@
 
     from ray import serve
     from nanorun.serving.app import build_app
-    serve.run(build_app({"checkpoint": "s3://bucket/runs/d20/chat_sft"}), route_prefix="/")
+    serve.run(build_app({"checkpoint": "s3://bucket/runs/d20/sft"}), route_prefix="/")
 
 or, on a cluster, a RayService whose serveConfigV2 names `nanorun.serving.SERVE_IMPORT_PATH`.
 
@@ -133,7 +133,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(default=None, description="checkpoint, stage or run URI (path or s3://)")
-    tokenizer: str | None = Field(default=None, description="tokenizer dir; default <run-dir>/tok_train")
+    tokenizer: str | None = Field(default=None, description="tokenizer dir; default <run-dir>/tokenizer")
     slots: int = Field(
         default=SERVE_SLOTS, ge=1, le=1024, description="KV-cache rows: requests decoded together"
     )

@@ -1,7 +1,7 @@
 """`nanorun serve`: run the chat service on this machine with Ray Serve and print its URL.
 
     nanorun serve --checkpoint .runs/demo                     # newest trained stage of a run
-    nanorun serve --checkpoint s3://bucket/runs/d20/chat_sft --port 8000 --host 0.0.0.0
+    nanorun serve --checkpoint s3://bucket/runs/d20/sft --port 8000 --host 0.0.0.0
 
 Starts a local Ray instance, deploys `build_app` (the same application a RayService runs) at `/`,
 prints the web UI and API URLs, and serves until Ctrl-C. The checkpoint is checked before Ray
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint dir, stage dir or run dir (local path or s3://)"
     )
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run-dir>/tok_train)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run-dir>/tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (KV-cache rows)")

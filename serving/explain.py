@@ -375,14 +375,14 @@ def thin(records: list[dict[str, Any]], limit: int = MAX_HISTORY_POINTS) -> list
     return kept if kept[-1] is records[-1] else [*kept, records[-1]]
 
 
-def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
+def stage_history(run_dir: str, key: str) -> dict[str, Any] | None:
     """One stage's curves (loss and val_bpb by step) and state, or None when it has no files."""
     from nanorun.pipeline import layout, storage
     from nanorun.pipeline.progress import read_done, read_progress
 
-    progress = read_progress(run_dir, module)
-    done = read_done(run_dir, module)
-    uri = storage.join(layout.stage_dir(run_dir, module), layout.HISTORY_FILE)
+    progress = read_progress(run_dir, key)
+    done = read_done(run_dir, key)
+    uri = storage.join(layout.stage_dir_to_read(run_dir, key, layout.HISTORY_FILE), layout.HISTORY_FILE)
     text = storage.read_text(uri) if storage.exists(uri) else ""
     if progress is None and done is None and not text:
         return None
@@ -401,7 +401,7 @@ def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
         if isinstance(record.get("samples"), list):
             samples.append({"step": record["step"], "samples": _samples(record["samples"])})
     return {
-        "stage": module,
+        "key": key,
         "state": "done" if done is not None else "running" if progress is not None else "unknown",
         "step": progress.step if progress else None,
         "total_steps": progress.total_steps if progress else None,
@@ -412,7 +412,7 @@ def stage_history(run_dir: str, module: str) -> dict[str, Any] | None:
 
 
 def _samples(raw: list[Any]) -> list[dict[str, str]]:
-    """The {prompt, text} pairs of one history record (base_train's greedy samples), bounded."""
+    """The {prompt, text} pairs of one history record (pretraining's greedy samples), bounded."""
     out = []
     for s in raw:
         if isinstance(s, dict) and isinstance(s.get("prompt"), str) and isinstance(s.get("text"), str):
@@ -429,7 +429,7 @@ def timeline(run_dir: str) -> list[dict[str, Any]]:
 
     out = []
     for s in STAGES:
-        done, progress = read_done(run_dir, s.module), read_progress(run_dir, s.module)
+        done, progress = read_done(run_dir, s.key), read_progress(run_dir, s.key)
         if done is not None:
             start, end, state = done.finished_at - done.seconds, done.finished_at, "done"
         elif progress is not None:
@@ -439,7 +439,6 @@ def timeline(run_dir: str) -> list[dict[str, Any]]:
         out.append(
             {
                 "key": s.key,
-                "stage": s.module,
                 "state": state,
                 "start": start,
                 "end": end,
@@ -452,20 +451,21 @@ def timeline(run_dir: str) -> list[dict[str, Any]]:
 def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:
     """What is served (checkpoint, stage, step, model config, vocabulary) and the run's history."""
     from nanorun.pipeline import layout
-    from nanorun.pipeline.stages import MODEL_STAGES
+    from nanorun.pipeline.stages import MODEL_STAGES, stage_named
 
     checkpoint = info.get("checkpoint", "")
     try:
         run_dir: str | None = layout.run_dir_of_checkpoint(checkpoint)
-        stage = checkpoint.rstrip("/").rsplit("/", 3)[1]
+        # the folder is the stage's key (its module in a run written before stages had one name)
+        stage: str | None = stage_named(checkpoint.rstrip("/").rsplit("/", 3)[1]).key
     except ValueError:
         run_dir, stage = None, None
     stages = []
     if run_dir is not None:
         for s in MODEL_STAGES:  # the stages that train, and so have curves
-            history = stage_history(run_dir, s.module)
+            history = stage_history(run_dir, s.key)
             if history is not None:
-                stages.append({"key": s.key, **history})
+                stages.append(history)
     return {
         "checkpoint": checkpoint,
         "stage": stage,

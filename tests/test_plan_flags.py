@@ -94,7 +94,7 @@ def test_every_flag_the_plan_passes_for_an_example_is_accepted_by_the_stage(path
     for stage in plan:
         # The operator's container command and the local executor's command, flags only.
         for command in (command_for_stage(spec, stage), stage_command(stage, "/tmp/run", 1, 9400)):
-            args = parse_stage_args(stage.stage, flags_after_module(command, stage.module))
+            args = parse_stage_args(stage.entry, flags_after_module(command, stage.module))
             assert args.run_dir in (spec.storage.uri, "/tmp/run")
             assert args.metrics_port in (spec.metrics_port, 9400)
 
@@ -106,7 +106,7 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
 
     def parsed(key: str) -> argparse.Namespace:
         s = plan[key]
-        return parse_stage_args(s.stage, flags_after_module(command_for_stage(spec, s), s.module))
+        return parse_stage_args(s.entry, flags_after_module(command_for_stage(spec, s), s.module))
 
     tok = parsed("tokenizer")
     assert (tok.data, tok.vocab_size, tok.max_chars, tok.doc_cap) == ("s3://bucket/shards", 8192, 123456, 999)

@@ -1,5 +1,6 @@
-"""nanorun.trainer: one module per pipeline stage (`python -m nanorun.trainer.<stage> --run-dir URI`:
-tok_train, base_train, base_eval, mid_train, chat_sft, chat_rl, chat_eval, tok_eval, report; and
+"""nanorun.trainer: one entry point per pipeline stage (`python -m nanorun.trainer.<module> --run-dir
+URI`: tok_train, base_train, base_eval, mid_train, chat_sft, chat_rl, chat_eval, report, the stages
+tokenizer, pretrain, baseEval, midtrain, sft, rl, eval, report of pipeline/stages.py; tok_eval; and
 chat_cli, the terminal chat), and the libraries they are made of:
 
     model/       the GPT, attention kernels, FP8, Muon and AdamW

@@ -1,9 +1,9 @@
-"""The `base_eval` stage: validation bits per byte, sample completions and CORE of the base model.
+"""The `baseEval` stage: validation bits per byte, sample completions and CORE of the base model.
 
     python -m nanorun.trainer.base_eval --run-dir URI [--eval-bundle auto|DIR|ZIP] [--max-per-task 500]
     torchrun --nproc_per_node=8 -m nanorun.trainer.base_eval --run-dir URI
 
-Evaluates the checkpoint `<run-dir>/base_train/done.json` points at. Writes `<run-dir>/base_eval/`:
+Evaluates the checkpoint `<run-dir>/pretrain/done.json` points at. Writes `<run-dir>/baseEval/`:
 `core.csv` (per-task accuracy and centred accuracy, then CORE), `samples.json`, and done.json with
 `val_bpb`, `core` and the per-task centred results. The DCLM eval bundle is downloaded when the
 machine is online (`--eval-bundle auto`); offline, CORE is skipped with a note unless a local bundle
@@ -18,6 +18,7 @@ import sys
 import torch
 from nanorun.pipeline import storage
 from nanorun.pipeline.errors import run_main
+from nanorun.pipeline.stages import source_keys
 from nanorun.trainer.base_train import SAMPLE_PROMPTS, greedy_sample
 from nanorun.trainer.data.dataloader import validation_batches
 from nanorun.trainer.evaluation import core_eval
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m nanorun.trainer.base_eval", description=__doc__.split("\n")[0]
     )
     add_common_args(p)
-    p.add_argument("--source-stage", default="base_train", help="stage whose final checkpoint is evaluated")
+    p.add_argument(
+        "--source-stage",
+        default=source_keys("baseEval"),
+        help="stage whose final checkpoint is evaluated (its key; a module name like base_train works too)",
+    )
     p.add_argument(
         "--data", default=None, help="shards for bpb (default: the training run's; last = validation)"
     )
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = setup_stage("base_eval", args)
+    ctx = setup_stage("baseEval", args)
     if ctx.already_done:
         return teardown(ctx)
     from nanorun.trainer.data.tokenizer import Tokenizer

@@ -1,11 +1,11 @@
-"""The `base_train` stage: pretrain the GPT on parquet shards with Muon + AdamW.
+"""The `pretrain` stage: pretrain the GPT on parquet shards with Muon + AdamW.
 
     python -m nanorun.trainer.base_train --run-dir URI [--data bundled|URI] [--depth 20] ...
     torchrun --nproc_per_node=8 -m nanorun.trainer.base_train --run-dir s3://bucket/runs/d20 ...
 
 Same code on a laptop CPU, one GPU and several 8-GPU nodes (a PyTorchJob): one process, or one per
-device under torchrun. Reads the tokenizer from `<run-dir>/tok_train/`, writes
-`<run-dir>/base_train/` (progress.json, history.jsonl, checkpoints/, done.json).
+device under torchrun. Reads the tokenizer from `<run-dir>/tokenizer/`, writes
+`<run-dir>/pretrain/` (progress.json, history.jsonl, checkpoints/, done.json).
 
 Everything derived from `--depth` is computed in `plan_run`, nanochat's recipe (scripts/base_train.py in
 https://github.com/karpathy/nanochat):
@@ -235,7 +235,7 @@ def greedy_sample(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = setup_stage("base_train", args)
+    ctx = setup_stage("pretrain", args)
     args.window_pattern = window_pattern_for(args.window_pattern, ctx.device)
     if ctx.already_done:
         return teardown(ctx)
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops": flops_per_token * num_iterations * plan["total_batch_size"],
     }
     ctx.done(metrics, {"checkpoint": last_ckpt})
-    ctx.print0(f"base_train done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
+    ctx.print0(f"pretrain done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
     return teardown(ctx)
 
 

@@ -1,7 +1,7 @@
 """`nanorun chat`: talk to a checkpoint in the terminal.
 
     nanorun chat --checkpoint .runs/demo                 # a run dir: its newest trained stage
-    nanorun chat --checkpoint s3://bucket/runs/d20/chat_sft -p "Why is the sky blue?"
+    nanorun chat --checkpoint s3://bucket/runs/d20/sft -p "Why is the sky blue?"
 
 Replies stream as they are generated; the conversation is multi-turn. Commands: `/clear` (new
 conversation), `/temperature X`, `/topk N` (0 = off), `/help`, `/quit`. A conversation longer than
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint dir, stage dir or run dir (local path or s3://)"
     )
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run-dir>/tok_train)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run-dir>/tokenizer)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--system", default="", help="system message prepended to the conversation")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")

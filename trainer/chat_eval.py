@@ -1,19 +1,20 @@
-"""The `chat_eval` stage: evaluate a chat model on ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and
+"""The `eval` stage: evaluate a chat model on ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and
 SpellingBee, and summarise them as ChatCORE.
 
-    python -m nanorun.trainer.chat_eval --run-dir URI [--source latest|all|chat_sft|...] [-a "ARC-Easy|GSM8K"]
+    python -m nanorun.trainer.chat_eval --run-dir URI [--source latest|all|sft|...] [-a "ARC-Easy|GSM8K"]
     torchrun --nproc_per_node=8 -m nanorun.trainer.chat_eval --run-dir s3://bucket/runs/d20 --source all
 
-- `--source latest` evaluates the newest finished of chat_rl, chat_sft, mid_train; `all` evaluates each
-  of them that finished (the report's MID/SFT/RL columns); a stage name evaluates that stage.
+- `--source latest` evaluates the newest finished of rl, sft, midtrain; `all` evaluates each of them
+  that finished (the report's MID/SFT/RL columns); a stage's key evaluates that stage (its old module
+  name, e.g. chat_sft, is accepted too).
 - Multiple-choice tasks (ARC, MMLU) are scored by the letter with the highest logit; GSM8K,
   HumanEval and SpellingBee sample a reply (greedy by default) and check it (HumanEval runs the code
   in `nanorun.trainer.chat.execution`'s sandbox).
 - ChatCORE = mean over the tasks of (accuracy - random baseline) / (1 - baseline); tasks whose data
   cannot be downloaded are skipped, reported, and ChatCORE is then marked partial.
-- Each task's result is saved as soon as it is known (`chat_eval/results/<source>/<task>.json`), so an
+- Each task's result is saved as soon as it is known (`eval/results/<source>/<task>.json`), so an
   interrupted evaluation resumes with the tasks still missing. Sample replies go to
-  `chat_eval/samples/<source>.jsonl` for the report.
+  `eval/samples/<source>.jsonl` for the report.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from typing import Any
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.progress import is_done
-from nanorun.pipeline.stages import CHAT_MODULES
+from nanorun.pipeline.stages import CHAT_KEYS, MODEL_KEYS, stage_named
 from nanorun.trainer.chat.execution import SandboxUnavailable
 from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generative_eval
 from nanorun.trainer.tasks.hf import TaskDataUnavailable
 from nanorun.trainer.tasks.mixtures import CHATCORE_TASKS, EVAL_TASKS, RANDOM_BASELINE
 from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
-CHAT_STAGES = CHAT_MODULES  # stages with a chat model checkpoint, newest first
 SAMPLES_PER_TASK = 3
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m nanorun.trainer.chat_eval", description=__doc__.split("\n")[0]
     )
     add_common_args(p)
-    p.add_argument("--source", default="latest", help="latest | all | a stage (chat_rl, chat_sft, mid_train)")
+    p.add_argument("--source", default="latest", help=f"latest | all | a stage ({', '.join(MODEL_KEYS)})")
     p.add_argument(
         "-a", "--tasks", default="|".join(CHATCORE_TASKS), help=f"'|'-separated, from {'|'.join(EVAL_TASKS)}"
     )
@@ -68,18 +68,25 @@ def chatcore(results: dict[str, float]) -> tuple[float | None, list[str]]:
 
 
 def sources_to_evaluate(run_dir: str, source: str) -> list[str]:
-    finished = [s for s in CHAT_STAGES if is_done(run_dir, s)]
+    """The keys of the finished stages `--source` names (all: in pipeline order)."""
+    finished = [s for s in CHAT_KEYS if is_done(run_dir, s)]
     if source == "latest":
         chosen = finished[:1]
     elif source == "all":
         chosen = finished[::-1]
-    elif source in CHAT_STAGES + ("base_train",):
-        chosen = [source] if is_done(run_dir, source) else []
     else:
-        raise SystemExit(f"--source must be latest, all or one of {', '.join(CHAT_STAGES)}, got {source!r}")
+        try:
+            key = stage_named(source).key
+        except ValueError:
+            key = ""
+        if key not in MODEL_KEYS:
+            raise SystemExit(
+                f"--source must be latest, all or one of {', '.join(MODEL_KEYS)}, got {source!r}"
+            )
+        chosen = [key] if is_done(run_dir, key) else []
     if not chosen:
         raise SystemExit(
-            f"nothing to evaluate for --source {source}: none of {', '.join(CHAT_STAGES)} has finished in {run_dir}"
+            f"nothing to evaluate for --source {source}: none of {', '.join(CHAT_KEYS)} has finished in {run_dir}"
         )
     return chosen
 
@@ -167,7 +174,7 @@ def evaluate_source(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = setup_stage("chat_eval", args)
+    ctx = setup_stage("eval", args)
     if ctx.already_done:
         return teardown(ctx)
     from nanorun.trainer.data.tokenizer import Tokenizer

@@ -1,9 +1,9 @@
-"""The `chat_rl` stage: on-policy reinforcement learning on math word problems (GRPO-style).
+"""The `rl` stage: on-policy reinforcement learning on math word problems (GRPO-style).
 
     python -m nanorun.trainer.chat_rl --run-dir URI [--task GSM8K|Arithmetic] [--num-iterations N] ...
     torchrun --nproc_per_node=8 -m nanorun.trainer.chat_rl --run-dir s3://bucket/runs/d20
 
-Starts from chat_sft's final checkpoint (or resumes from its own). Each step, every rank takes its
+Starts from sft's final checkpoint (or resumes from its own). Each step, every rank takes its
 share of `--examples-per-step` problems and samples a group of `--num-samples` replies per problem
 with the engine (calculator included). The reward is 1 for a right final answer, else 0; a reply's
 advantage is its reward minus its group's mean (no std division, no KL, no clipping: nanochat's
@@ -11,7 +11,7 @@ simplified GRPO, i.e. REINFORCE with a group baseline). The loss is the advantag
 log-likelihood of the sampled tokens (forced tool outputs and the prompt excluded), normalised per
 token within each group. Every `--eval-every` steps and at the end, pass@1 and pass@k on held-out
 problems. GSM8K needs a download; offline it falls back to the synthetic arithmetic problems.
-LR: pretraining's times `--init-lr-frac` (0.05), linear to zero. Writes `<run-dir>/chat_rl/`.
+LR: pretraining's times `--init-lr-frac` (0.05), linear to zero. Writes `<run-dir>/rl/`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from nanorun.pipeline import layout
 from nanorun.pipeline.errors import run_main
-from nanorun.pipeline.stages import source_modules
+from nanorun.pipeline.stages import source_keys
 from nanorun.trainer.chat.conversation import render_for_completion
 from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import rl_tasks
@@ -44,7 +44,7 @@ from nanorun.trainer.training.finetune import (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanorun.trainer.chat_rl", description=__doc__.split("\n")[0])
     add_common_args(p)
-    add_finetune_args(p, source=source_modules("rl"), init_lr_frac=0.05)
+    add_finetune_args(p, source=source_keys("rl"), init_lr_frac=0.05)
     p.add_argument("--task", default="GSM8K", choices=["GSM8K", "Arithmetic"], help="problems to learn from")
     p.add_argument(
         "--examples-per-step", type=int, default=16, help="problems per optimizer step (all ranks)"
@@ -196,7 +196,7 @@ def rl_step(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = setup_stage("chat_rl", args)
+    ctx = setup_stage("rl", args)
     if ctx.already_done:
         return teardown(ctx)
     from nanorun.trainer.chat.engine import Engine
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = epoch_steps(start, args, len(train))
     loop = {"num_iterations": steps}
     ctx.print0(
-        f"chat_rl: {start.describe()}, {steps} steps x {args.examples_per_step} problems x "
+        f"rl: {start.describe()}, {steps} steps x {args.examples_per_step} problems x "
         f"{args.num_samples} samples"
     )
 

@@ -1,16 +1,16 @@
-"""The `chat_sft` stage: supervised finetuning on conversations, shaped the way the model is prompted.
+"""The `sft` stage: supervised finetuning on conversations, shaped the way the model is prompted.
 
     python -m nanorun.trainer.chat_sft --run-dir URI [--num-iterations N] [--examples-per-step 32] ...
     torchrun --nproc_per_node=8 -m nanorun.trainer.chat_sft --run-dir s3://bucket/runs/d20
 
-Starts from mid_train's final checkpoint, or base_train's when there was no midtraining (or resumes
+Starts from midtrain's final checkpoint, or pretrain's when there was no midtraining (or resumes
 from its own). Unlike midtraining, rows are not packed: each row is one conversation, padded to the
 longest in its micro-batch, and the loss covers only what the assistant must produce (the
 conversation mask; padding and everything else are -1 targets). Each optimizer step sees
 `--examples-per-step` conversations, split over ranks and micro-batches of `--device-batch-size`.
 LR: pretraining's times `--init-lr-frac`, linear to zero over the last `--warmdown-ratio` of steps;
 Muon momentum 0.85 -> 0.95 over the first 300 steps. Validation: bits per byte of the assistant
-tokens of held-out conversations. Writes `<run-dir>/chat_sft/`; SIGTERM saves and exits 143.
+tokens of held-out conversations. Writes `<run-dir>/sft/`; SIGTERM saves and exits 143.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import torch
 from nanorun.pipeline import layout
 from nanorun.pipeline.errors import run_main
-from nanorun.pipeline.stages import source_modules
+from nanorun.pipeline.stages import source_keys
 from nanorun.trainer.chat.conversation import render_conversation
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.model.optim import lr_multiplier, muon_momentum
@@ -44,7 +44,7 @@ from nanorun.trainer.training.finetune import (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nanorun.trainer.chat_sft", description=__doc__.split("\n")[0])
     add_common_args(p)
-    add_finetune_args(p, source=source_modules("sft"), init_lr_frac=0.8)
+    add_finetune_args(p, source=source_keys("sft"), init_lr_frac=0.8)
     p.add_argument(
         "--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)"
     )
@@ -90,7 +90,7 @@ def validation_bpb(model, tokenizer, task: Task, n: int, B: int, T: int, ctx, to
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = setup_stage("chat_sft", args)
+    ctx = setup_stage("sft", args)
     if ctx.already_done:
         return teardown(ctx)
     from nanorun.trainer.data.tokenizer import Tokenizer
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = epoch_steps(start, args, len(train))
     loop = {"num_iterations": steps}
     ctx.print0(
-        f"chat_sft: {start.describe()}, {steps} steps x {args.examples_per_step} conversations "
+        f"sft: {start.describe()}, {steps} steps x {args.examples_per_step} conversations "
         f"({len(train)} in the mixture)"
     )
 

@@ -1,15 +1,15 @@
-"""The `mid_train` stage: continue pretraining on conversations, so the base model learns the chat
+"""The `midtrain` stage: continue pretraining on conversations, so the base model learns the chat
 format, multiple-choice answers, tool calls and who it is.
 
     python -m nanorun.trainer.mid_train --run-dir URI [--num-iterations N] [--limit N] ...
     torchrun --nproc_per_node=8 -m nanorun.trainer.mid_train --run-dir s3://bucket/runs/d20
 
-Starts from base_train's final checkpoint (or resumes from its own). The mixture is SmolTalk, MMLU
+Starts from pretrain's final checkpoint (or resumes from its own). The mixture is SmolTalk, MMLU
 auxiliary_train, GSM8K, the identity set and the spelling tasks (offline: the tasks that need no
 download, see tasks/mixtures.py). Conversations are rendered with the chat special tokens and packed
 into rows exactly like pretraining (best-fit, every row starts at a document boundary, no padding),
 and every token is trained. The LR is pretraining's times `--init-lr-frac`, constant, then linear to
-zero over the last 20% of steps. Writes `<run-dir>/mid_train/` (progress.json, history.jsonl,
+zero over the last 20% of steps. Writes `<run-dir>/midtrain/` (progress.json, history.jsonl,
 checkpoints/, done.json); SIGTERM saves a checkpoint and exits 143.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from nanorun.pipeline import layout
 from nanorun.pipeline.errors import run_main
-from nanorun.pipeline.stages import source_modules
+from nanorun.pipeline.stages import source_keys
 from nanorun.trainer.chat.conversation import render_conversation
 from nanorun.trainer.data.dataloader import PackedBatches, SequenceDocuments, fit_streams, merge_states
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m nanorun.trainer.mid_train", description=__doc__.split("\n")[0]
     )
     add_common_args(p)
-    add_finetune_args(p, source=source_modules("midtrain"), init_lr_frac=1.0)
+    add_finetune_args(p, source=source_keys("midtrain"), init_lr_frac=1.0)
     p.add_argument(
         "--max-seq-len", type=int, default=-1, help="row length in tokens (-1 = the model's context)"
     )
@@ -118,7 +118,7 @@ def estimate_tokens(tokenizer, task: Task, seq_len: int, sample: int = 500) -> f
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = setup_stage("mid_train", args)
+    ctx = setup_stage("midtrain", args)
     if ctx.already_done:
         return teardown(ctx)
     from nanorun.trainer.data.tokenizer import Tokenizer
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop = {"plan": plan, "smooth_loss": start.loop.get("smooth_loss", 0.0)}
     ctx.print0(
-        f"mid_train: {start.describe()}, {steps} steps x {plan['total_batch_size']:,} tokens; "
+        f"midtrain: {start.describe()}, {steps} steps x {plan['total_batch_size']:,} tokens; "
         f"device batch {B} x {T}, {accum} accumulation step(s)"
     )
 

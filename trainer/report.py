@@ -3,7 +3,7 @@
     python -m nanorun.trainer.report --run-dir URI [--gpu-hour-price 3.0]
 
 Reads what the other stages left in the run directory (done.json, progress.json, history.jsonl,
-chat_eval's results and samples) and writes `<run-dir>/report/`:
+the eval stage's results and samples) and writes `<run-dir>/report/`:
 
 - `report.md`: environment (hardware, software, git commit), a metrics table by stage like nanochat's
   BASE/MID/SFT/RL summary (CORE, ARC-E/C, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE, bpb),
@@ -31,13 +31,13 @@ from typing import Any
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.progress import read_done, read_progress
-from nanorun.pipeline.stages import CHAT_MODULES, MODEL_STAGES
+from nanorun.pipeline.stages import CHAT_KEYS, MODEL_STAGES
 from nanorun.pipeline.stages import STAGES as PIPELINE
 from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
-STAGES = tuple(s.module for s in PIPELINE if s.module != "report")  # the stages reported on
-TRAINING_STAGES = tuple(s.module for s in MODEL_STAGES)
-COLUMNS = {s.report_column: s.module for s in MODEL_STAGES}
+STAGES = tuple(s.key for s in PIPELINE if s.key != "report")  # the stages reported on
+TRAINING_STAGES = tuple(s.key for s in MODEL_STAGES)
+COLUMNS = {s.report_column: s.key for s in MODEL_STAGES}
 TABLE_ROWS = (
     "CORE",
     "ARC-Easy",
@@ -63,11 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_history(run_dir: str, stage: str) -> list[dict[str, Any]]:
-    text = (
-        storage.read_text(storage.join(layout.stage_dir(run_dir, stage), layout.HISTORY_FILE))
-        if storage.exists(storage.join(layout.stage_dir(run_dir, stage), layout.HISTORY_FILE))
-        else ""
-    )
+    uri = storage.join(layout.stage_dir_to_read(run_dir, stage, layout.HISTORY_FILE), layout.HISTORY_FILE)
+    text = storage.read_text(uri) if storage.exists(uri) else ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -126,8 +123,8 @@ def environment() -> dict[str, str]:
 def metrics_table(run_dir: str) -> dict[str, dict[str, float | None]]:
     """{row: {column: value}} for the BASE/MID/SFT/RL table."""
     table: dict[str, dict[str, float | None]] = {row: dict.fromkeys(COLUMNS) for row in TABLE_ROWS}
-    base_train, base_eval = read_done(run_dir, "base_train"), read_done(run_dir, "base_eval")
-    for done in (base_train, base_eval):  # base_eval's numbers win over base_train's
+    pretrain, base_eval = read_done(run_dir, "pretrain"), read_done(run_dir, "baseEval")
+    for done in (pretrain, base_eval):  # baseEval's numbers win over pretrain's
         if done is not None:
             for key, row in (("core", "CORE"), ("CORE", "CORE"), ("val_bpb", "val bpb")):
                 if done.metrics.get(key) is not None:
@@ -139,8 +136,10 @@ def metrics_table(run_dir: str) -> dict[str, dict[str, float | None]]:
         if done is not None and done.metrics.get("val_bpb") is not None:
             table["val bpb"][column] = done.metrics["val_bpb"]
         if column == "RL" and done is not None and done.metrics.get("task") == "GSM8K":
-            table["GSM8K"]["RL"] = done.metrics.get("pass@1")  # chat_rl's own held-out pass@1
-        evaluated = storage.read_json_or_none(storage.join(run_dir, "chat_eval", f"{stage}.json"))
+            table["GSM8K"]["RL"] = done.metrics.get("pass@1")  # rl's own held-out pass@1
+        evaluated = storage.read_json_or_none(
+            storage.join(layout.stage_dir(run_dir, "eval"), f"{stage}.json")
+        )
         if evaluated:
             for task, accuracy in evaluated["results"].items():
                 if task in table:
@@ -217,12 +216,11 @@ def duration(seconds: float) -> str:
 
 
 def sample_conversations(run_dir: str, limit: int) -> list[dict[str, Any]]:
-    evaluated = [
-        s for s in CHAT_MODULES if storage.exists(storage.join(run_dir, "chat_eval", "samples", f"{s}.jsonl"))
-    ]
+    samples_dir = storage.join(layout.stage_dir(run_dir, "eval"), "samples")
+    evaluated = [s for s in CHAT_KEYS if storage.exists(storage.join(samples_dir, f"{s}.jsonl"))]
     if not evaluated:
         return []
-    text = storage.read_text(storage.join(run_dir, "chat_eval", "samples", f"{evaluated[0]}.jsonl"))
+    text = storage.read_text(storage.join(samples_dir, f"{evaluated[0]}.jsonl"))
     return [{**json.loads(line), "source": evaluated[0]} for line in text.splitlines() if line.strip()][
         :limit
     ]
@@ -257,7 +255,7 @@ def render_report(
     lines += [f"| {row} | " + " | ".join(fmt(table[row][c]) for c in COLUMNS) + " |" for row in TABLE_ROWS]
     lines += [
         "",
-        "GSM8K under RL is chat_rl's held-out pass@1 unless chat_eval evaluated chat_rl. ChatCORE is the mean "
+        "GSM8K under RL is the rl stage's held-out pass@1 unless the eval stage evaluated rl. ChatCORE is the mean "
         "of the baseline-centred accuracies of the tasks that were evaluated.",
         "",
     ]

@@ -5,7 +5,7 @@
 Measures the run's tokenizer on the validation shard (the last shard of `--data`, never trained on)
 and, when tiktoken can load them, GPT-2's and GPT-4's (cl100k_base) encodings on the same text. Those
 encodings are downloaded by tiktoken on first use (or read from TIKTOKEN_CACHE_DIR); offline they are
-reported as unavailable. Prints a table and writes `<run-dir>/tok_train/tok_eval.json` for the report.
+reported as unavailable. Prints a table and writes `<run-dir>/tokenizer/tok_eval.json` for the report.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m nanorun.trainer.tok_eval", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--run-dir", required=True, help="run directory holding tok_train/ (local path or s3://)")
+    p.add_argument("--run-dir", required=True, help="run directory holding tokenizer/ (local path or s3://)")
     p.add_argument("--data", default="bundled", help="data URI; its last shard is the held-out text")
     p.add_argument("--eval-chars", type=int, default=2_000_000, help="held-out characters to encode")
     args = p.parse_args(argv)

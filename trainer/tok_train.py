@@ -1,4 +1,4 @@
-"""Stage `tok_train`: train the BPE tokenizer on the first characters of the pretraining shards.
+"""Stage `tokenizer`: train the BPE tokenizer on the first characters of the pretraining shards.
 
     python -m nanorun.trainer.tok_train --run-dir URI --data bundled --vocab-size 32768 \\
         --max-chars 2000000000 --doc-cap 10000 [--metrics-port N]
@@ -8,9 +8,9 @@ every document to `--doc-cap` characters and stops after `--max-chars`; then mea
 (characters per token) on the validation shard. With `--from RUN_DIR` it copies that run's tokenizer
 instead (spec.tokenizer.from: a sweep's points share one). Writes, per the stage contract:
 
-    <run-dir>/tok_train/tokenizer.tiktoken, tokenizer.json   the tokenizer (see tokenizer.py)
-    <run-dir>/tok_train/progress.json                         characters read so far (rewritten ~1/s)
-    <run-dir>/tok_train/done.json                             chars seen, seconds, compression, vocab size
+    <run-dir>/tokenizer/tokenizer.tiktoken, tokenizer.json   the tokenizer (see tokenizer.py)
+    <run-dir>/tokenizer/progress.json                         characters read so far (rewritten ~1/s)
+    <run-dir>/tokenizer/done.json                             chars seen, seconds, compression, vocab size
 
 A finished stage (done.json of the same NANORUN_CONFIG_ID, see progress.is_current) is a no-op; a
 done.json of another configuration is replaced by a new run. The stage is short (no checkpoints): an
@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from nanorun.pipeline import layout, storage
+from nanorun.pipeline import layout
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.progress import (
     Done,
@@ -42,7 +42,7 @@ from nanorun.pipeline.stages import TOKENIZER
 from nanorun.trainer.data.dataset import iter_texts, resolve_shards
 from nanorun.trainer.data.tokenizer import Tokenizer
 
-STAGE = TOKENIZER.module
+STAGE = TOKENIZER.key
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,7 +156,7 @@ def copy_from(source_run: str, run_dir: str, config_id: str) -> int:
 def run(args: argparse.Namespace) -> int:
     done, config_id = read_done(args.run_dir, STAGE), current_config_id()
     if is_current(done, config_id):
-        print(f"tok_train: already done ({done.metrics.get('vocab_size')} tokens); nothing to do")
+        print(f"{STAGE}: already done ({done.metrics.get('vocab_size')} tokens); nothing to do")
         return 0
     if done is not None:
         print(rerun_reason(done, config_id))
@@ -167,14 +167,14 @@ def run(args: argparse.Namespace) -> int:
     shards = resolve_shards(args.data, args.run_dir)
     train_shards, val_shard = shards[:-1], shards[-1]
     print(
-        f"tok_train: {len(train_shards)} training shards, vocab {args.vocab_size}, up to {args.max_chars:,} chars"
+        f"{STAGE}: {len(train_shards)} training shards, vocab {args.vocab_size}, up to {args.max_chars:,} chars"
     )
     texts = tracked(
         iter_texts(train_shards, args.max_chars, args.doc_cap), args.run_dir, args.max_chars, t0, gauges
     )
     tok = Tokenizer.train_from_iterator(texts, args.vocab_size)
     train_seconds = time.time() - t0
-    out_dir = storage.join(args.run_dir, STAGE)
+    out_dir = layout.tokenizer_dir(args.run_dir)
     tok.save(out_dir)
     metrics = {
         "chars_seen": tok.train_stats["chars_seen"],
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     print(
-        f"tok_train: {metrics['chars_seen']:,} chars in {train_seconds:.1f}s, vocab {tok.vocab_size}, "
+        f"{STAGE}: {metrics['chars_seen']:,} chars in {train_seconds:.1f}s, vocab {tok.vocab_size}, "
         f"{metrics['compression_ratio']:.2f} chars/token on validation -> {out_dir}"
     )
     return 0

@@ -97,7 +97,7 @@ function timelineChart(stages) {
     name.textContent = s.key;
     const bar = svgEl("rect", { x, y, width: w, height: row - 6, class: `span ${s.state}` });
     const title = svgEl("title", {});
-    title.textContent = `${s.key} (${s.stage}): ${s.state}, ${fmtSeconds(s.seconds)}`;
+    title.textContent = `${s.key}: ${s.state}, ${fmtSeconds(s.seconds)}`;
     bar.appendChild(title);
     const time = svgEl("text", { x: x + w + 4, y: y + 14, class: "axis" });
     time.textContent = fmtSeconds(s.seconds);
@@ -121,10 +121,10 @@ function render(run) {
   for (const stage of run.stages) {
     const section = document.createElement("section");
     section.className = "stage";
-    section.dataset.stage = stage.stage;
+    section.dataset.stage = stage.key;
     const h = document.createElement("h2");
     const progress = stage.total_steps ? ` — step ${stage.step} of ${stage.total_steps}` : "";
-    h.textContent = `${stage.key} (${stage.stage}): ${stage.state}${progress}`;
+    h.textContent = `${stage.key}: ${stage.state}${progress}`;
     section.appendChild(h);
     let drawn = 0;
     for (const s of SERIES) {

@@ -215,7 +215,7 @@ def operator_pods() -> dict[str, dict[str, Any]]:
     run = RunRef(name="tiny", namespace="ml", uid="0")
     job = pytorchjob_for_stage(run, spec, stage_plan(spec)[1], attempt=1)
     pods = {"trainer": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]}
-    cluster = rayservice_for_run(run, spec, "s3://nanorun/runs/tiny/chat_sft")["spec"]["rayClusterConfig"]
+    cluster = rayservice_for_run(run, spec, "s3://nanorun/runs/tiny/sft")["spec"]["rayClusterConfig"]
     pods["ray-head"] = cluster["headGroupSpec"]["template"]
     for group in cluster.get("workerGroupSpecs", []):
         pods[f"ray-{group['groupName']}"] = group["template"]

@@ -84,9 +84,9 @@ def operator_pods() -> dict[str, dict[str, Any]]:
     spec = parse_spec(yaml.safe_load((REPO / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"])
     run = RunRef(name="tiny", namespace="ml", uid="0")
     job = pytorchjob_for_stage(run, spec, stage_plan(spec)[1], attempt=1)
-    cluster = rayservice_for_run(run, spec, "s3://nanorun/runs/tiny/chat_sft")["spec"]["rayClusterConfig"]
+    cluster = rayservice_for_run(run, spec, "s3://nanorun/runs/tiny/sft")["spec"]["rayClusterConfig"]
     pods = {
-        "tiny-base-train-1-master-0": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"],
+        "tiny-pretrain-1-master-0": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"],
         "tiny-chat-head": cluster["headGroupSpec"]["template"],
         "tiny-chat-worker": cluster["workerGroupSpecs"][0]["template"],
     }
@@ -170,7 +170,7 @@ def test_the_operator_job_keeps_the_operator_services_metrics_port(monitors, ren
 def test_pod_jobs_scrape_the_trainer_and_each_ray_worker_and_not_rays_own_metrics(monitors) -> None:
     # the pod's nanorun.io/run label becomes the series' `run`
     assert sorted(scraped(scrape_config(monitors, "/k"), operator_pods())) == [
-        (f"{RELEASE_NS}/nanorun-runs", "tiny-base-train-1-master-0", "metrics", "tiny"),
+        (f"{RELEASE_NS}/nanorun-runs", "tiny-pretrain-1-master-0", "metrics", "tiny"),
         (f"{RELEASE_NS}/nanorun-runs", "tiny-chat-worker", "serve-metrics", "tiny"),
     ]
 

@@ -12,10 +12,10 @@ TEXT = "Hello tokenizer, naïve 12345"
 
 
 def test_prints_the_tokens_with_their_ids_from_a_run_directory(tmp_path, capsys):
-    small_tokenizer().save(str(tmp_path / "run" / "tok_train"))
+    small_tokenizer().save(str(tmp_path / "run" / "tokenizer"))
     assert nanorun_main(["explain", "tokenizer", TEXT, "--checkpoint", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out.splitlines()
-    tok = Tokenizer.load(str(tmp_path / "run" / "tok_train"))
+    tok = Tokenizer.load(str(tmp_path / "run" / "tokenizer"))
     ids = tok.encode(TEXT)
     assert out[0] == TEXT  # the spans, uncoloured when not a terminal, read as the text
     assert [int(label.split(":")[0]) for label in out[1].split()] == ids
@@ -24,7 +24,7 @@ def test_prints_the_tokens_with_their_ids_from_a_run_directory(tmp_path, capsys)
 
 def test_a_checkpoint_finds_its_runs_tokenizer_and_merges_replays_bpe(tmp_path, capsys):
     tok = small_tokenizer()
-    tok.save(str(tmp_path / "run" / "tok_train"))
+    tok.save(str(tmp_path / "run" / "tokenizer"))
     checkpoint = save_chat_checkpoint(str(tmp_path / "run"), tiny_chat_model(tok.vocab_size))
     assert nanorun_main(["explain", "tokenizer", TEXT, "--checkpoint", checkpoint, "--merges", "0"]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -149,17 +149,17 @@ def test_a_run_dir_on_s3_works_and_a_rerun_skips_the_finished_stage(tmp_path, ca
     path = llmrun_file(tmp_path / "run.yaml")
     logs = tmp_path / "logs"
     rc, out, _ = run_local(capsys, str(path), "--run-dir", s3_run_dir, "--log-dir", str(logs))
-    assert rc == 0, out + (logs / "tok_train.log").read_text()
-    assert storage.exists(storage.join(s3_run_dir, "tok_train", "tokenizer.tiktoken"))
-    done = read_done(s3_run_dir, "tok_train")
+    assert rc == 0, out + (logs / "tokenizer.log").read_text()
+    assert storage.exists(storage.join(s3_run_dir, "tokenizer", "tokenizer.tiktoken"))
+    done = read_done(s3_run_dir, "tokenizer")
     assert done is not None and done.metrics["compression_ratio"] > 1
     assert not (tmp_path / "run").exists()  # --run-dir overrides spec.storage.uri
 
     rc, out, _ = run_local(capsys, str(path), "--run-dir", s3_run_dir, "--log-dir", str(logs))
     assert rc == 0
-    assert "tok_train: already done" in out
-    assert (logs / "tok_train.log").read_text().count("\n$ ") == 1  # the stage was not started again
-    assert read_done(s3_run_dir, "tok_train") == done
+    assert "tokenizer: already done" in out
+    assert (logs / "tokenizer.log").read_text().count("\n$ ") == 1  # the stage was not started again
+    assert read_done(s3_run_dir, "tokenizer") == done
 
 
 def test_a_stage_whose_flags_changed_in_the_file_runs_again_and_so_do_the_stages_after_it(tmp_path, capsys):
@@ -167,29 +167,27 @@ def test_a_stage_whose_flags_changed_in_the_file_runs_again_and_so_do_the_stages
     run_dir, logs = str(tmp_path / "run"), tmp_path / "run" / "logs"
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 0, out
-    first = {
-        key: read_done(run_dir, stage) for key, stage in (("tokenizer", "tok_train"), ("report", "report"))
-    }
+    first = {key: read_done(run_dir, key) for key in ("tokenizer", "report")}
     ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
     assert {key: done.config_id for key, done in first.items()} == ids  # each stage got NANORUN_CONFIG_ID
-    assert "# attempt 1, config " + ids["tokenizer"] in (logs / "tok_train.log").read_text()
-    assert read_progress(run_dir, "tok_train").attempt == 1  # and NANORUN_ATTEMPT
+    assert "# attempt 1, config " + ids["tokenizer"] in (logs / "tokenizer.log").read_text()
+    assert read_progress(run_dir, "tokenizer").attempt == 1  # and NANORUN_ATTEMPT
 
     rc, out, _ = run_local(capsys, str(path))  # unchanged: both skipped
-    assert rc == 0 and "tok_train: already done" in out and "report: already done" in out
+    assert rc == 0 and "tokenizer: already done" in out and "report: already done" in out
 
     path = llmrun_file(tmp_path / "run.yaml", enabled=("tokenizer", "report"), tokenizer={"vocabSize": 600})
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 0, out
     new_ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
     assert new_ids["tokenizer"] != ids["tokenizer"] and new_ids["report"] != ids["report"]  # chained
-    assert f"tok_train: re-running after a spec change: done.json is of config {ids['tokenizer']}" in out
-    done = read_done(run_dir, "tok_train")
+    assert f"tokenizer: re-running after a spec change: done.json is of config {ids['tokenizer']}" in out
+    done = read_done(run_dir, "tokenizer")
     assert (done.config_id, done.metrics["vocab_size"]) == (new_ids["tokenizer"], 600)
     assert read_done(run_dir, "report").config_id == new_ids["report"]  # the stage after it ran again too
-    for stage in ("tok_train", "report"):
+    for stage in ("tokenizer", "report"):
         assert (logs / f"{stage}.log").read_text().count("\n$ ") == 2, stage
-    assert read_progress(run_dir, "tok_train").attempt == 2  # the second process of the stage in this run dir
+    assert read_progress(run_dir, "tokenizer").attempt == 2  # the second process of the stage in this run dir
 
 
 def stage_processes(run_dir: Path) -> list[psutil.Process]:
@@ -225,7 +223,7 @@ def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tm
         stages={"pretrain": {"numIterations": 100, "saveEvery": 10, "evalEvery": 100}},
     )
     run_dir = tmp_path / "run"
-    log = run_dir / "logs" / "base_train.log"
+    log = run_dir / "logs" / "pretrain.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanorun.cli.main", "run", str(path)],
         stdout=subprocess.PIPE,
@@ -234,8 +232,8 @@ def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tm
     )
     try:
         wait_for(
-            "base_train's first checkpoint",
-            lambda: checkpoint.latest_checkpoint(str(run_dir / "base_train")),
+            "pretrain's first checkpoint",
+            lambda: checkpoint.latest_checkpoint(str(run_dir / "pretrain")),
             timeout=180,
             proc=proc,
             log=log,
@@ -248,22 +246,22 @@ def test_ctrl_c_stops_the_stage_with_a_checkpoint_and_a_rerun_resumes_from_it(tm
     assert proc.returncode == 130, out
     assert "run the same command again to resume" in out
     assert stage_processes(run_dir) == []  # the stage is gone too
-    assert read_done(str(run_dir), "base_train") is None
-    latest = checkpoint.latest_checkpoint(str(run_dir / "base_train"))
+    assert read_done(str(run_dir), "pretrain") is None
+    latest = checkpoint.latest_checkpoint(str(run_dir / "pretrain"))
     stopped_at = checkpoint.read_meta(latest)["step"]
     assert 10 <= stopped_at < 100  # the stop saved the step it had reached
     assert "preempted: saved" in log.read_text()
-    progress = read_progress(str(run_dir), "base_train")
+    progress = read_progress(str(run_dir), "pretrain")
     assert (progress.stopped, progress.attempt, progress.last_checkpoint) == ("preempted", 1, latest)
 
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 0, out
-    assert "tok_train: already done" in out
+    assert "tokenizer: already done" in out
     second_attempt = log.read_text().split("\n$ ")[-1]
     assert "# attempt 2, config " in second_attempt
     assert f"resuming from {latest} (step {stopped_at}," in second_attempt
     assert f"step {stopped_at:06d}/" not in second_attempt  # no step is trained twice
-    done = read_done(str(run_dir), "base_train")
+    done = read_done(str(run_dir), "pretrain")
     assert done is not None and done.outputs["checkpoint"].endswith("step_000100")
 
 
@@ -273,8 +271,8 @@ def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
     )
     rc, out, _ = run_local(capsys, str(path))
     assert rc == 1
-    assert "tok_train exited with code 2" in out and "invalid int value" in out
-    assert os.path.exists(tmp_path / "run" / "logs" / "tok_train.log")
+    assert "tokenizer exited with code 2" in out and "invalid int value" in out
+    assert os.path.exists(tmp_path / "run" / "logs" / "tokenizer.log")
 
 
 def test_cpu_stages_get_half_the_cpus_as_threads_unless_the_user_chose(tmp_path, monkeypatch):
@@ -322,8 +320,8 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
     # The fixture's stages ran with other flags than this file's: make them this file's finished run
     # (otherwise their config ids differ and `nanorun run` trains them again, as it should).
     ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
-    for key, stage in (("tokenizer", "tok_train"), ("pretrain", "base_train")):
-        write_done(run_dir, dataclasses.replace(read_done(run_dir, stage), config_id=ids[key]))
+    for key in ("tokenizer", "pretrain"):
+        write_done(run_dir, dataclasses.replace(read_done(run_dir, key), config_id=ids[key]))
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanorun.cli.main", "run", str(path), "--serve", "--port", str(port)],
@@ -343,7 +341,7 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
             if "explain  " in line:
                 break
         out = "".join(lines)
-        assert "tok_train: already done" in out and "base_train: already done" in out
+        assert "tokenizer: already done" in out and "pretrain: already done" in out
         assert f"web UI   http://localhost:{port}/\n" in out
         assert f"explain  http://localhost:{port}/explain/tokenizer" in line  # the demo prints them too
         assert httpx.get(f"http://127.0.0.1:{port}/explain/tokenizer", timeout=30).status_code == 200
@@ -354,7 +352,7 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         ).json()
         assert reply["usage"]["completion_tokens"] == 3
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
-        assert "base_train" in health["checkpoint"]
+        assert "/pretrain/checkpoints/" in health["checkpoint"]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -68,14 +68,14 @@ NAME = "e2e"
 BUCKET = "nanorun"
 RUN_DIR = f"s3://{BUCKET}/runs/e2e"
 DATA = f"s3://{BUCKET}/data/bundled"
-STAGES = [
-    ("tokenizer", "tok_train"),
-    ("pretrain", "base_train"),
-    ("baseEval", "base_eval"),
-    ("midtrain", "mid_train"),
-    ("sft", "chat_sft"),
-    ("rl", "chat_rl"),
-    ("eval", "chat_eval"),
+STAGES = [  # (key, its job name's part)
+    ("tokenizer", "tokenizer"),
+    ("pretrain", "pretrain"),
+    ("baseEval", "base-eval"),
+    ("midtrain", "midtrain"),
+    ("sft", "sft"),
+    ("rl", "rl"),
+    ("eval", "eval"),
     ("report", "report"),
 ]
 TRAINING = ("pretrain", "midtrain", "sft", "rl")
@@ -322,11 +322,11 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     killer.start()
 
     # 2. Preemption: delete pretraining's Master pod once a checkpoint is committed.
-    stage_dir = storage.join(RUN_DIR, "base_train")
+    stage_dir = storage.join(RUN_DIR, "pretrain")
     wait_until(lambda: checkpoint.latest_checkpoint(stage_dir), bool, timeout=420, interval=0.5)
     mark("first_checkpoint")
-    master = "e2e-base-train-1-master-0"
-    assert read_done(RUN_DIR, "base_train") is None, "pretraining finished before it could be preempted"
+    master = "e2e-pretrain-1-master-0"
+    assert read_done(RUN_DIR, "pretrain") is None, "pretraining finished before it could be preempted"
     follow = subprocess.Popen(
         [str(Path(kube.bin_dir) / "kubectl"), "logs", "-f", master, "-n", ns, "-c", "pytorch"],
         env=kube.env,
@@ -358,9 +358,9 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     }
     assert (records["pretrain"].get("failures", 0), records["pretrain"]["preemptions"]) == (0, 1)
     # Exactly one PyTorchJob per stage attempt, though the operator was restarted three times.
-    expected = sorted(f"e2e-{m.replace('_', '-')}-1" for _, m in STAGES) + ["e2e-base-train-2"]
+    expected = [f"e2e-{dns}-1" for _, dns in STAGES] + ["e2e-pretrain-2"]
     assert c.names("pytorchjobs") == sorted(expected)
-    first, second = c.get("pytorchjob", "e2e-base-train-1"), c.get("pytorchjob", "e2e-base-train-2")
+    first, second = c.get("pytorchjob", "e2e-pretrain-1"), c.get("pytorchjob", "e2e-pretrain-2")
     assert (
         condition(first, "Failed")["status"] == "True" and condition(second, "Succeeded")["status"] == "True"
     )
@@ -369,12 +369,12 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
 
     # The second attempt resumed from the preemption's checkpoint, on two ranks that met through
     # the training-operator's environment.
-    resumed_log = c.logs("e2e-base-train-2-master-0")
+    resumed_log = c.logs("e2e-pretrain-2-master-0")
     resumed = re.search(r"resuming from (\S+) \(step (\d+),", resumed_log)
     assert resumed, resumed_log[-3000:]
     assert resumed.group(1).startswith(f"{stage_dir}/checkpoints/") and int(resumed.group(2)) >= SAVE_EVERY
-    assert "base_train: rank 0/2" in resumed_log  # the Worker's pod may be gone: cleanPodPolicy Running
-    pods = c.items("pods", "nanorun.io/stage=base_train,nanorun.io/attempt=2")
+    assert "pretrain: rank 0/2" in resumed_log  # the Worker's pod may be gone: cleanPodPolicy Running
+    pods = c.items("pods", "nanorun.io/stage=pretrain,nanorun.io/attempt=2")
     env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
     assert {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES"} <= set(
         env
@@ -386,9 +386,9 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
         m = records[key]["metrics"]
         assert m["step"] == m["totalSteps"] > 0 and m["loss"] is not None, (key, m)
     assert records["pretrain"]["metrics"]["totalSteps"] == PRETRAIN_STEPS
-    final = read_done(RUN_DIR, "chat_rl").outputs["checkpoint"]
+    final = read_done(RUN_DIR, "rl").outputs["checkpoint"]
     assert status["checkpoint"] == final
-    assert "chat_rl" in storage.read_text(storage.join(RUN_DIR, "report", "report.md"))
+    assert "\n| rl | " in storage.read_text(storage.join(RUN_DIR, "report", "report.md"))  # its cost row
 
     # 4. KubeRay makes the chat service; the run is Ready because KubeRay says so.
     ready = wait_until(
@@ -473,7 +473,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
         "report": 2,
     }
     assert {k: records[k]["attempts"] for k in ("tokenizer", "midtrain")} == {"tokenizer": 1, "midtrain": 1}
-    assert read_done(RUN_DIR, "chat_sft").metrics and "e2e-chat-sft-2" in c.names("pytorchjobs")
+    assert read_done(RUN_DIR, "sft").metrics and "e2e-sft-2" in c.names("pytorchjobs")
 
     # Prometheus scraped the operator, the trainers and every chat replica (not Ray's own metrics),
     # and every dashboard panel shows the run.
@@ -486,7 +486,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     )
     assert set(targets) == set(scrapes) == {operator, trainers, replicas}, targets
     assert len(scrapes[operator]) >= 2, scrapes  # the chart's pod and at least one after a deletion
-    assert {"e2e-base-train-2-master-0", "e2e-base-train-2-worker-0"} <= scrapes[trainers], scrapes
+    assert {"e2e-pretrain-2-master-0", "e2e-pretrain-2-worker-0"} <= scrapes[trainers], scrapes
     ray_workers = c.names("pods", "ray.io/node-type=worker")
     assert sorted(scrapes[replicas]) == sorted(targets[replicas]) == ray_workers, (targets, ray_workers)
     assert len(ray_workers) == REPLICAS

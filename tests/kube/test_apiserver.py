@@ -71,7 +71,7 @@ def test_core_objects_round_trip(core, kube_namespace):
             "metadata": {"name": "run.started"},
             "type": "Normal",
             "reason": "StageStarted",
-            "message": "base_train",
+            "message": "pretrain",
             "involvedObject": {"kind": "ConfigMap", "namespace": ns, "name": "settings", "apiVersion": "v1"},
         },
     )
@@ -100,9 +100,9 @@ def test_every_crd_is_established(kube):
 
 def test_custom_object_round_trips(jobs, kube_namespace):
     created = jobs.create_namespaced_custom_object(
-        GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("d20-base-train-0")
+        GROUP, VERSION, kube_namespace, PLURAL, pytorchjob("d20-pretrain-0")
     )
-    read = jobs.get_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "d20-base-train-0")
+    read = jobs.get_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL, "d20-pretrain-0")
     sent = pytorchjob("x")["spec"]
     assert read["spec"]["pytorchReplicaSpecs"] == sent["pytorchReplicaSpecs"]
     # The schema's defaults fill in what was left out (runPolicy.suspend: false); nothing else changes.
@@ -112,7 +112,7 @@ def test_custom_object_round_trips(jobs, kube_namespace):
         o["metadata"]["name"]
         for o in jobs.list_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL)["items"]
     ]
-    assert names == ["d20-base-train-0"]
+    assert names == ["d20-pretrain-0"]
 
 
 def test_structural_schema_rejects_invalid_object_with_server_message(jobs, kube_namespace):

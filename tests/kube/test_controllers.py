@@ -207,7 +207,7 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
         assert env["PYTHONUNBUFFERED"] == "1"
         assert (
             env["NANORUN_RUN"] == "env"
-            and env["NANORUN_STAGE"] == "base_train"
+            and env["NANORUN_STAGE"] == "pretrain"
             and env["NANORUN_ATTEMPT"] == "1"
         )
         assert env["AWS_ENDPOINT_URL"] == "http://s3:9000"
@@ -279,7 +279,7 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
     )
     objects = [pytorchjob_for_stage(run, spec, stage, attempt=1) for stage in stage_plan(spec)]
     if spec.serving.enabled:
-        objects.append(rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints"))
+        objects.append(rayservice_for_run(run, spec, "s3://bucket/runs/x/sft/checkpoints"))
     for obj in objects:
         obj["metadata"].pop("ownerReferences", None)  # the owner is not in this dry run
         out = kube_pods.kubectl(
@@ -337,7 +337,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
         }
     )
     run = RunRef(name="chat", namespace=ns, uid="00000000-0000-0000-0000-000000000002")
-    service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/chat_sft")
+    service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/sft")
     service["metadata"].pop("ownerReferences")
     kube_pods.apply(ns, service)
     name = rayservice_name(run.name)

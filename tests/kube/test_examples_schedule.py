@@ -164,7 +164,7 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
         )
 
     if spec.serving.enabled:
-        service = rayservice_for_run(run, spec, "s3://bucket/runs/x/chat_sft/checkpoints/step_000001")
+        service = rayservice_for_run(run, spec, "s3://bucket/runs/x/sft/checkpoints/step_000001")
         service["metadata"].pop("ownerReferences")
         cluster_spec = service["spec"]["rayClusterConfig"]
         for group in [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]:

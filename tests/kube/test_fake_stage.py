@@ -49,34 +49,32 @@ def stage(run_dir, *flags: str, attempt: int = 1, launcher: str = "torchrun", **
 def test_steps_write_progress_and_done_with_a_checkpoint(tmp_path):
     out, _ = stage(tmp_path, "--fake-steps", "3", launcher="python").communicate(timeout=60)
     assert "step 3/3" in out
-    progress = read_progress(str(tmp_path), "base_train")
+    progress = read_progress(str(tmp_path), "pretrain")
     assert (progress.step, progress.total_steps, progress.attempt) == (3, 3, 1)
-    done = read_done(str(tmp_path), "base_train")
-    assert done.config_id == "cfg" and done.outputs["checkpoint"].endswith(
-        "base_train/checkpoints/step_000003"
-    )
+    done = read_done(str(tmp_path), "pretrain")
+    assert done.config_id == "cfg" and done.outputs["checkpoint"].endswith("pretrain/checkpoints/step_000003")
 
 
 def test_a_listed_attempt_fails_with_a_line_on_stderr_and_the_next_succeeds(tmp_path):
     proc = stage(tmp_path, "--fake-fail-attempts", "1")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "attempt 1 fails as asked" in err
-    assert read_done(str(tmp_path), "base_train") is None
+    assert read_done(str(tmp_path), "pretrain") is None
     proc = stage(tmp_path, "--fake-fail-attempts", "1", attempt=2)
     proc.communicate(timeout=60)
-    assert proc.returncode == 0 and read_done(str(tmp_path), "base_train") is not None
+    assert proc.returncode == 0 and read_done(str(tmp_path), "pretrain") is not None
 
 
 def test_sigterm_saves_progress_as_preempted_and_a_new_attempt_resumes_after_it(tmp_path):
     proc = stage(tmp_path, "--fake-steps", "50", "--fake-step-seconds", "0.1")
     deadline = time.monotonic() + 30
-    while (progress := read_progress(str(tmp_path), "base_train")) is None or progress.step < 2:
+    while (progress := read_progress(str(tmp_path), "pretrain")) is None or progress.step < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 143
-    stopped = read_progress(str(tmp_path), "base_train")
+    stopped = read_progress(str(tmp_path), "pretrain")
     assert stopped.stopped == "preempted" and stopped.attempt == 1 and 2 <= stopped.step < 50
     out, _ = stage(tmp_path, "--fake-steps", "50", "--fake-step-seconds", "0.01", attempt=2).communicate(
         timeout=60

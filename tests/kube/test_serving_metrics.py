@@ -56,7 +56,7 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
         }
     )
     run = RunRef(name="chat", namespace=ns, uid="00000000-0000-0000-0000-000000000003")
-    service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/chat_sft")
+    service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/sft")
     service["metadata"].pop("ownerReferences")
     kube_pods.apply(ns, service)
     name = rayservice_name(run.name)

@@ -125,7 +125,7 @@ def test_two_runs_share_8_gpus_one_waits_queued_and_runs_when_the_first_finishes
         "the first run admitted and running",
         lambda: (
             phase(custom_api, ns, "first") == "Running"
-            and job_condition_time(custom_api, ns, "first-base-train-1", "Running")
+            and job_condition_time(custom_api, ns, "first-pretrain-1", "Running")
         ),
         TIMEOUT,
         operator_process,
@@ -151,7 +151,7 @@ def test_two_runs_share_8_gpus_one_waits_queued_and_runs_when_the_first_finishes
     assert "Queued" in row.split(), table
     # Kueue holds the second job suspended; it has no pods while the first runs.
     second_job = custom_api.get_namespaced_custom_object(
-        "kubeflow.org", "v1", ns, "pytorchjobs", "second-base-train-1"
+        "kubeflow.org", "v1", ns, "pytorchjobs", "second-pretrain-1"
     )
     assert second_job["spec"]["runPolicy"]["suspend"] is True
     assert not kube_pods.kubectl(
@@ -170,8 +170,8 @@ def test_two_runs_share_8_gpus_one_waits_queued_and_runs_when_the_first_finishes
         TIMEOUT,
         operator_process,
     )
-    first_done = job_condition_time(custom_api, ns, "first-base-train-1", "Succeeded")
-    second_started = job_condition_time(custom_api, ns, "second-base-train-1", "Running")
+    first_done = job_condition_time(custom_api, ns, "first-pretrain-1", "Succeeded")
+    second_started = job_condition_time(custom_api, ns, "second-pretrain-1", "Running")
     assert first_done and second_started and first_done <= second_started, (first_done, second_started)
     events = kube_pods.kubectl(
         "get",
@@ -190,7 +190,7 @@ def test_suspend_deactivates_the_workload_without_a_fight_and_resume_continues_f
     kube_pods, kube_namespace, cluster_s3, custom_api, operator_process, gpu_queue
 ):
     ns = kube_namespace
-    progress_file = storage.join(cluster_s3.run_dir("long"), "base_train", "progress.json")
+    progress_file = storage.join(cluster_s3.run_dir("long"), "pretrain", "progress.json")
     create_llmrun(custom_api, ns, gpu_run("long", cluster_s3.run_dir("long"), cluster_s3, steps=60))
     wait_for("the first steps", lambda: storage.exists(progress_file), TIMEOUT, operator_process)
     create_llmrun(custom_api, ns, gpu_run("waiting", cluster_s3.run_dir("waiting"), cluster_s3, steps=3))
@@ -209,7 +209,7 @@ def test_suspend_deactivates_the_workload_without_a_fight_and_resume_continues_f
         "the queued run Suspended",
         lambda: (
             phase(custom_api, ns, "waiting") == "Suspended"
-            and workload_of(custom_api, ns, "waiting-base-train-1").get("spec", {}).get("active") is False
+            and workload_of(custom_api, ns, "waiting-pretrain-1").get("spec", {}).get("active") is False
         ),
         TIMEOUT,
         operator_process,
@@ -239,7 +239,7 @@ def test_suspend_deactivates_the_workload_without_a_fight_and_resume_continues_f
     # No fight over runPolicy.suspend: it stays true while both runs are suspended, and the
     # quota that the running run freed does not go to the suspended queued one.
     for _ in range(6):
-        for job in ("long-base-train-1", "waiting-base-train-1"):
+        for job in ("long-pretrain-1", "waiting-pretrain-1"):
             obj = custom_api.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", job)
             assert obj["spec"]["runPolicy"]["suspend"] is True, (job, obj["spec"]["runPolicy"])
         assert phase(custom_api, ns, "waiting") == "Suspended"
@@ -266,8 +266,8 @@ def test_suspend_deactivates_the_workload_without_a_fight_and_resume_continues_f
     )
     assert [
         j["metadata"]["name"] for j in list_jobs(custom_api, ns) if j["metadata"]["name"].startswith("long")
-    ] == ["long-base-train-1"]
-    log = kube_pods.kubectl("logs", "long-base-train-1-master-0", "-n", ns, "-c", "pytorch").stdout
+    ] == ["long-pretrain-1"]
+    log = kube_pods.kubectl("logs", "long-pretrain-1-master-0", "-n", ns, "-c", "pytorch").stdout
     assert f"step {stopped['step'] + 1}/60" in log and "step 1/60" not in log, log
     stages = get_llmrun(custom_api, ns, "long")["status"]["stages"]
     assert stages[0]["failures"] == 0, stages

@@ -35,7 +35,7 @@ def planned(spec, key):
 def test_plan_lists_enabled_stages_in_pipeline_order_with_their_modules():
     spec = spec_of(stages={"rl": {"enabled": False}})
     plan = stage_plan(spec)
-    assert [(s.key, s.stage) for s in plan] == [
+    assert [(s.key, s.entry) for s in plan] == [
         ("tokenizer", "tok_train"),
         ("pretrain", "base_train"),
         ("baseEval", "base_eval"),
@@ -91,11 +91,12 @@ def test_plan_maps_spec_fields_to_nanochat_flags():
 
 
 def test_job_names_are_deterministic_dns_labels_even_for_long_runs():
-    assert job_name("speedrun", "base_train", 2) == "speedrun-base-train-2"
+    assert job_name("speedrun", "pretrain", 2) == "speedrun-pretrain-2"
+    assert job_name("speedrun", "baseEval", 1) == "speedrun-base-eval-1"  # the key in kebab case
     long = "a" * 200
-    name = job_name(long, "chat_eval", 10)
-    assert len(name) <= 63 and DNS_1035.match(name) and name.endswith("-chat-eval-10")
-    assert name == job_name(long, "chat_eval", 10) != job_name("a" * 199 + "b", "chat_eval", 10)
+    name = job_name(long, "eval", 10)
+    assert len(name) <= 63 and DNS_1035.match(name) and name.endswith("-eval-10")
+    assert name == job_name(long, "eval", 10) != job_name("a" * 199 + "b", "eval", 10)
 
 
 def test_pytorchjob_has_master_workers_gpus_and_the_stage_command():
@@ -118,11 +119,9 @@ def test_pytorchjob_has_master_workers_gpus_and_the_stage_command():
     assert (job["apiVersion"], job["kind"], meta["name"]) == (
         "kubeflow.org/v1",
         "PyTorchJob",
-        "speedrun-base-train-1",
+        "speedrun-pretrain-1",
     )
-    assert (
-        meta["labels"]["nanorun.io/run"] == "speedrun" and meta["labels"]["nanorun.io/stage"] == "base_train"
-    )
+    assert meta["labels"]["nanorun.io/run"] == "speedrun" and meta["labels"]["nanorun.io/stage"] == "pretrain"
     assert meta["labels"]["nanorun.io/attempt"] == "1"
     assert meta["ownerReferences"] == [
         {
@@ -175,7 +174,7 @@ def test_pytorchjob_has_master_workers_gpus_and_the_stage_command():
 def test_single_process_stages_run_python_on_one_pod_without_gpus():
     spec = spec_of(compute={"nodes": 4, "gpusPerNode": 8})
     job = pytorchjob_for_stage(RUN, spec, planned(spec, "tokenizer"), attempt=3)
-    assert job["metadata"]["name"] == "speedrun-tok-train-3"
+    assert job["metadata"]["name"] == "speedrun-tokenizer-3"
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"} and job["spec"]["nprocPerNode"] == "1"
     c = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert c["command"][:3] == ["python", "-m", "nanorun.trainer.tok_train"]
@@ -219,7 +218,7 @@ def test_rayservice_serves_the_checkpoint_through_user_config():
         },
         compute={"nodeSelector": {"gpu": "h100"}, "memory": "900Gi", "cpu": "96"},
     )
-    ckpt = "s3://bucket/runs/speedrun/chat_sft/checkpoints/step_000700"
+    ckpt = "s3://bucket/runs/speedrun/sft/checkpoints/step_000700"
     svc = rayservice_for_run(RUN, spec, ckpt)
     assert (svc["apiVersion"], svc["kind"], svc["metadata"]["name"]) == (
         "ray.io/v1",

@@ -51,9 +51,9 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
 
     jobs = sorted(list_jobs(custom_api, ns), key=lambda j: j["metadata"]["creationTimestamp"])
     assert [j["metadata"]["name"] for j in jobs] == [
-        "tiny-tok-train-1",
-        "tiny-base-train-1",
-        "tiny-chat-sft-1",
+        "tiny-tokenizer-1",
+        "tiny-pretrain-1",
+        "tiny-sft-1",
     ]
     for before, after in itertools.pairwise(jobs):  # in order: each stage's job once the one before finished
         assert after["metadata"]["creationTimestamp"] >= before["status"]["completionTime"]
@@ -81,7 +81,7 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
         "valBpb"
     ] == pytest.approx(0.5)
     assert pretrain["durationSeconds"] >= 0 and pretrain["completionTime"]
-    final = read_done(run_dir, "chat_sft").outputs["checkpoint"]
+    final = read_done(run_dir, "sft").outputs["checkpoint"]
     assert status["checkpoint"] == final and status["observedGeneration"] == 1
 
     # The RayService for the final checkpoint; KubeRay's RayCluster cannot start here (the serving
@@ -105,7 +105,7 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
 
     text = operator_process.metrics()
     assert "llmrun_time_to_first_job_seconds_count 1.0" in text
-    assert 'llmrun_stage_duration_seconds_count{stage="base_train"} 1.0' in text
+    assert 'llmrun_stage_duration_seconds_count{stage="pretrain"} 1.0' in text
     assert f'llmrun_stage_info{{namespace="{ns}",phase="Succeeded",run="tiny",stage="sft"}} 1.0' in text
     assert 'llmrun_reconciles_total{result="ok"}' in text
     assert 'llmrun_runs{phase="Succeeded"} 1.0' in text and 'llmrun_runs{phase="Running"} 0.0' in text
@@ -128,13 +128,13 @@ def test_a_failed_attempt_is_retried_and_the_run_gives_up_after_the_last(
     )
     run = wait_for("Failed", phase_is(custom_api, ns, "flaky", "Failed"), TIMEOUT, operator_process)
     jobs = {j["metadata"]["name"]: j for j in list_jobs(custom_api, ns)}
-    assert sorted(jobs) == ["flaky-base-train-1", "flaky-base-train-2", "flaky-tok-train-1"]
-    assert condition(jobs["flaky-base-train-2"], "Failed")["status"] == "True"  # the training-operator's word
+    assert sorted(jobs) == ["flaky-pretrain-1", "flaky-pretrain-2", "flaky-tokenizer-1"]
+    assert condition(jobs["flaky-pretrain-2"], "Failed")["status"] == "True"  # the training-operator's word
     degraded = condition(run, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "StageFailed"
     assert "2/2" in degraded["message"] and "attempt 2" in degraded["message"], degraded["message"]
     # The failed pod's last log lines: the fake stage's stderr.
-    assert "fake stage base_train: attempt 2 fails as asked" in degraded["message"], degraded["message"]
+    assert "fake stage pretrain: attempt 2 fails as asked" in degraded["message"], degraded["message"]
     assert run["status"]["stages"][1]["phase"] == "Failed"
     time.sleep(2)  # a failed run stays failed: no further attempts
     assert len(list_jobs(custom_api, ns)) == 3
@@ -161,9 +161,9 @@ def test_a_failed_attempt_is_retried_and_the_stage_then_succeeds(
         ("pretrain", 1),
     ]
     assert sorted(j["metadata"]["name"] for j in list_jobs(custom_api, ns)) == [
-        "retry-base-train-1",
-        "retry-tok-train-1",
-        "retry-tok-train-2",
+        "retry-pretrain-1",
+        "retry-tokenizer-1",
+        "retry-tokenizer-2",
     ]
 
 
@@ -172,7 +172,7 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
 ):
     ns = kube_namespace
     run_dir = cluster_s3.run_dir()
-    progress_file = storage.join(run_dir, "base_train", "progress.json")
+    progress_file = storage.join(run_dir, "pretrain", "progress.json")
     create_llmrun(
         custom_api,
         ns,
@@ -190,9 +190,7 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
         GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": True}}
     )
     wait_for("Suspended", phase_is(custom_api, ns, "pause", "Suspended"), operator=operator_process)
-    job = custom_api.get_namespaced_custom_object(
-        "kubeflow.org", "v1", ns, "pytorchjobs", "pause-base-train-1"
-    )
+    job = custom_api.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "pause-pretrain-1")
     assert job["spec"]["runPolicy"]["suspend"] is True
     # The training-operator deletes the suspended job's pods: SIGTERM, and the stage saves its progress.
     wait_for("the pods deleted", lambda: not run_pods(kube, ns, "pause"), operator=operator_process)
@@ -207,7 +205,7 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
         lambda: (
             condition(
                 custom_api.get_namespaced_custom_object(
-                    "kubeflow.org", "v1", ns, "pytorchjobs", "pause-base-train-1"
+                    "kubeflow.org", "v1", ns, "pytorchjobs", "pause-pretrain-1"
                 ),
                 "Suspended",
             ).get("status")
@@ -219,9 +217,9 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
         GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": False}}
     )
     wait_for("Succeeded", phase_is(custom_api, ns, "pause", "Succeeded"), TIMEOUT, operator_process)
-    assert [j["metadata"]["name"] for j in list_jobs(custom_api, ns)] == ["pause-base-train-1"]
+    assert [j["metadata"]["name"] for j in list_jobs(custom_api, ns)] == ["pause-pretrain-1"]
     # The recreated pod went on from the saved step.
-    log = kube.kubectl("logs", "pause-base-train-1-master-0", "-n", ns, "-c", "pytorch").stdout
+    log = kube.kubectl("logs", "pause-pretrain-1-master-0", "-n", ns, "-c", "pytorch").stdout
     assert f"step {stopped['step'] + 1}/40" in log and "step 1/40" not in log, log
 
 
@@ -263,12 +261,12 @@ def test_killing_the_operator_at_random_points_never_duplicates_or_loses_a_job(
     assert kills >= 3
     names = sorted(j["metadata"]["name"] for j in list_jobs(custom_api, ns))
     assert names == [
-        "crashy-base-train-1",
-        "crashy-base-train-2",
-        "crashy-chat-sft-1",
-        "crashy-mid-train-1",
+        "crashy-midtrain-1",
+        "crashy-pretrain-1",
+        "crashy-pretrain-2",
         "crashy-report-1",
-        "crashy-tok-train-1",
+        "crashy-sft-1",
+        "crashy-tokenizer-1",
     ]
     # Each job ran exactly once: one pod each (restartPolicy Never, backoffLimit 0).
     pods = sorted(
@@ -401,4 +399,4 @@ def test_unreadable_storage_is_retried_without_stopping_the_run(kube_namespace, 
     assert "reconcile of" in operator_process.log() and "Invalid bucket name" in operator_process.log()
     assert operator_process.proc.poll() is None  # still running
     run = get_llmrun(custom_api, ns, "nostore")
-    assert run["status"]["phase"] == "Running" and run["status"]["stages"][0]["job"] == "nostore-tok-train-1"
+    assert run["status"]["phase"] == "Running" and run["status"]["stages"][0]["job"] == "nostore-tokenizer-1"

@@ -1,7 +1,7 @@
 """The reconcile decision as a pure function: the state machine without a cluster.
 
 Bodies and child objects are plain dicts shaped like the API server's; storage is a dict of
-(progress, done) per stage module.
+(progress, done) per stage key.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def cond(status, type_):
 
 def test_a_new_run_creates_the_first_stage_job():
     d = reconcile(RUN, body(), [], None, storage(), T0)
-    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-1"]
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tokenizer-1"]
     assert [e.reason for _, e in d.create_jobs] == ["StageStarted"]
     s = d.status
     assert (s["phase"], s["stage"], s["observedGeneration"]) == ("Running", "tokenizer", 2)
@@ -92,15 +92,15 @@ def test_a_new_run_creates_the_first_stage_job():
 def test_deciding_again_before_the_job_is_seen_names_the_same_job():
     first = reconcile(RUN, body(), [], None, storage(), T0)
     again = reconcile(RUN, body(status=first.status), [], None, storage(), T0 + dt.timedelta(seconds=1))
-    assert [m["metadata"]["name"] for m, _ in again.create_jobs] == ["r1-tok-train-1"]  # a 409 at the API
+    assert [m["metadata"]["name"] for m, _ in again.create_jobs] == ["r1-tokenizer-1"]  # a 409 at the API
     assert again.status["stages"][0]["attempts"] == 1
 
 
 def test_a_running_job_shows_progress_and_loss():
     files = {
-        "tok_train": (
+        "tokenizer": (
             Progress(
-                stage="tok_train",
+                stage="tokenizer",
                 step=30,
                 total_steps=120,
                 loss=3.25,
@@ -111,7 +111,7 @@ def test_a_running_job_shows_progress_and_loss():
             None,
         )
     }
-    d = reconcile(RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Running")], None, storage(files), T0)
+    d = reconcile(RUN, body(), [job("r1-tokenizer-1", "tokenizer", 1, "Running")], None, storage(files), T0)
     assert d.create_jobs == []
     s = d.status
     assert (s["progress"], s["loss"], s["eta"]) == ("30/120", 3.25, "1m30s")
@@ -125,19 +125,33 @@ def test_a_running_job_shows_progress_and_loss():
     }
 
 
+def test_a_job_labelled_with_the_stages_old_module_name_is_followed_not_made_again():
+    # A job an operator made before stages had one name: `<run>-tok-train-1`, label tok_train.
+    old = job("r1-tok-train-1", "tok_train", 1, "Running")
+    files = {"tokenizer": (Progress(stage="tok_train", step=3, total_steps=10, attempt=1), None)}
+    d = reconcile(RUN, body(), [old], None, storage(files), T0)
+    assert d.create_jobs == []
+    assert (d.status["phase"], d.status["progress"]) == ("Running", "3/10")
+    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", at="2026-01-01T12:00:00Z", message="exit 1")
+    retry = reconcile(
+        RUN, body(status=d.status), [failed], None, storage(files), T0 + dt.timedelta(minutes=1)
+    )
+    assert [m["metadata"]["name"] for m, _ in retry.create_jobs] == ["r1-tokenizer-2"]
+
+
 def test_a_succeeded_stage_records_its_outputs_and_starts_the_next():
     done = Done(
-        stage="tok_train",
+        stage="tokenizer",
         seconds=5,
         metrics={"loss": 1.0},
-        outputs={"tokenizer": "s3://b/r1/tok_train/tokenizer.tiktoken"},
+        outputs={"tokenizer": "s3://b/r1/tokenizer/tokenizer.tiktoken"},
     )
     d = reconcile(
         RUN,
         body(),
-        [job("r1-tok-train-1", "tok_train", 1, "Succeeded", at="2026-01-01T12:05:00Z")],
+        [job("r1-tokenizer-1", "tokenizer", 1, "Succeeded", at="2026-01-01T12:05:00Z")],
         None,
-        storage({"tok_train": (None, done)}),
+        storage({"tokenizer": (None, done)}),
         T0 + dt.timedelta(minutes=6),
     )
     tok, pre = d.status["stages"]
@@ -147,15 +161,15 @@ def test_a_succeeded_stage_records_its_outputs_and_starts_the_next():
         done.outputs,
     )
     assert tok["durationSeconds"] == 300.0
-    assert d.finished_stages == [("tok_train", 300.0)]
-    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-base-train-1"]
+    assert d.finished_stages == [("tokenizer", 300.0)]
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-pretrain-1"]
     assert pre["phase"] == "Running" and d.status["stage"] == "pretrain"
 
 
 def test_a_failed_attempt_waits_for_the_backoff_then_retries():
     failed = job(
-        "r1-tok-train-1",
-        "tok_train",
+        "r1-tokenizer-1",
+        "tokenizer",
         1,
         "Failed",
         at="2026-01-01T12:00:00Z",
@@ -167,15 +181,15 @@ def test_a_failed_attempt_waits_for_the_backoff_then_retries():
     assert cond(early.status, "Degraded")["reason"] == "AttemptFailed"
     late = reconcile(RUN, body(), [failed], None, storage(), T0 + dt.timedelta(seconds=11))
     assert [(m["metadata"]["name"], e.reason) for m, e in late.create_jobs] == [
-        ("r1-tok-train-2", "StageRetried")
+        ("r1-tokenizer-2", "StageRetried")
     ]
     assert late.status["stages"][0]["attempts"] == 2
 
 
 def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_lines():
-    first = job("r1-tok-train-1", "tok_train", 1, "Failed", reason="PyTorchJobFailed", message="exit 1")
+    first = job("r1-tokenizer-1", "tokenizer", 1, "Failed", reason="PyTorchJobFailed", message="exit 1")
     seen = reconcile(RUN, body(), [first], None, storage(), T0 + dt.timedelta(hours=1))
-    second = job("r1-tok-train-2", "tok_train", 2, "Failed", reason="PyTorchJobFailed", message="OOMKilled")
+    second = job("r1-tokenizer-2", "tokenizer", 2, "Failed", reason="PyTorchJobFailed", message="OOMKilled")
     inspected = []
 
     def inspect(j):
@@ -192,43 +206,43 @@ def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_li
     assert degraded["message"].endswith("last log lines:\nloading shard 3\nValueError: shard 3 is corrupt")
     assert {"StageFailed", "RunFailed"} <= {e.reason for e in d.events}
     assert d.status["stages"][0]["failures"] == 2
-    assert d.ended_attempts == [("tok_train", "failed")]
+    assert d.ended_attempts == [("tokenizer", "failed")]
     # Reconciling the failed run again repeats no event, creates nothing, and reads no pods again.
     again = reconcile(
         RUN, body(status=d.status), [first, second], None, storage(), T0 + dt.timedelta(hours=2), inspect
     )
-    assert again.create_jobs == [] and again.events == [] and inspected == ["r1-tok-train-2"]
+    assert again.create_jobs == [] and again.events == [] and inspected == ["r1-tokenizer-2"]
 
 
 def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
-    progress = Progress(stage="base_train", step=20, total_steps=100, attempt=1, stopped="preempted")
-    files = {"tok_train": (None, Done(stage="tok_train", seconds=1))}
+    progress = Progress(stage="pretrain", step=20, total_steps=100, attempt=1, stopped="preempted")
+    files = {"tokenizer": (None, Done(stage="tokenizer", seconds=1))}
     status = reconcile(
-        RUN, body(), [job("r1-tok-train-1", "tok_train", 1, "Succeeded")], None, storage(files), T0
+        RUN, body(), [job("r1-tokenizer-1", "tokenizer", 1, "Succeeded")], None, storage(files), T0
     ).status
     jobs = [
-        job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
+        job("r1-tokenizer-1", "tokenizer", 1, "Succeeded"),
         job(
-            "r1-base-train-1",
-            "base_train",
+            "r1-pretrain-1",
+            "pretrain",
             1,
             "Failed",
             reason="PyTorchJobFailed",
             message="1 Master replica(s) failed",
         ),
     ]
-    files["base_train"] = (progress, None)
+    files["pretrain"] = (progress, None)
     d = reconcile(RUN, body(status=status), jobs, None, storage(files), T0)  # no backoff wait
     assert [(m["metadata"]["name"], e.reason) for m, e in d.create_jobs] == [
-        ("r1-base-train-2", "StageRetried")
+        ("r1-pretrain-2", "StageRetried")
     ]
     pre = d.status["stages"][1]
     assert (pre["attempts"], pre["failures"], pre["preemptions"]) == (2, 0, 1)
     assert "attempt 1 preempted (the trainer checkpointed on SIGTERM" in pre["message"]
     assert "StagePreempted" in [e.reason for e in d.events]
-    assert d.ended_attempts == [("base_train", "preempted")]
+    assert d.ended_attempts == [("pretrain", "preempted")]
     # Preempted again (the pods say so this time), then a real failure: only that one counts.
-    jobs.append(job("r1-base-train-2", "base_train", 2, "Failed"))
+    jobs.append(job("r1-pretrain-2", "pretrain", 2, "Failed"))
     d = reconcile(
         RUN,
         body(status=d.status),
@@ -237,10 +251,10 @@ def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
         storage(files),
         T0,
         lambda j: FailureFacts(
-            disruption="pod r1-base-train-2-master-0: DisruptionTarget (EvictionByEvictionAPI)"
+            disruption="pod r1-pretrain-2-master-0: DisruptionTarget (EvictionByEvictionAPI)"
         ),
     )
-    jobs.append(job("r1-base-train-3", "base_train", 3, "Failed", message="exit 1"))
+    jobs.append(job("r1-pretrain-3", "pretrain", 3, "Failed", message="exit 1"))
     d = reconcile(RUN, body(status=d.status), jobs, None, storage(files), T0)
     pre = d.status["stages"][1]
     assert (pre["attempts"], pre["failures"], pre["preemptions"], pre["phase"]) == (3, 1, 2, "Running")
@@ -257,20 +271,20 @@ def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages
     }
     spec = {k: v for k, v in body().items() if k == "spec"}["spec"] | base
     done = {
-        "tok_train": (None, Done(stage="tok_train", seconds=1, config_id="")),
-        "base_train": (
+        "tokenizer": (None, Done(stage="tokenizer", seconds=1, config_id="")),
+        "pretrain": (
             None,
-            Done(stage="base_train", seconds=1, outputs={"checkpoint": "s3://b/r1/base_train/c/step_10"}),
+            Done(stage="pretrain", seconds=1, outputs={"checkpoint": "s3://b/r1/pretrain/c/step_10"}),
         ),
     }
     jobs = [
-        job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
-        job("r1-base-train-1", "base_train", 1, "Succeeded"),
+        job("r1-tokenizer-1", "tokenizer", 1, "Succeeded"),
+        job("r1-pretrain-1", "pretrain", 1, "Succeeded"),
     ]
     first = reconcile(RUN, {**body(), "spec": spec}, jobs, None, storage(done), T0)
     assert first.status["phase"] == "Succeeded"
     ids = {r["name"]: r["configId"] for r in first.status["stages"]}
-    done["base_train"][1].config_id = ids["pretrain"]
+    done["pretrain"][1].config_id = ids["pretrain"]
 
     spec["stages"]["pretrain"]["numIterations"] = 20  # the user asks for more steps
     d = reconcile(RUN, {**body(), "spec": spec, "status": first.status}, jobs, None, storage(done), T0)
@@ -278,7 +292,7 @@ def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages
     assert tok["phase"] == "Succeeded" and tok["configId"] == ids["tokenizer"]
     assert pre["phase"] == "Running" and pre["configId"] != ids["pretrain"] and pre["attempts"] == 2
     ((manifest, event),) = d.create_jobs
-    assert manifest["metadata"]["name"] == "r1-base-train-2" and "--num-iterations" in str(manifest)
+    assert manifest["metadata"]["name"] == "r1-pretrain-2" and "--num-iterations" in str(manifest)
     assert manifest["metadata"]["labels"]["nanorun.io/config"] == pre["configId"]
     assert "StageRerun" in [e.reason for e in d.events] and d.status["phase"] == "Running"
     # The old done.json is not this configuration's: the stage is not done until the new job is.
@@ -291,15 +305,15 @@ def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages
 
 
 def test_suspend_patches_the_running_job_and_resume_unpatches_it():
-    running = job("r1-tok-train-1", "tok_train", 1, "Running")
+    running = job("r1-tokenizer-1", "tokenizer", 1, "Running")
     d = reconcile(RUN, body(suspend=True), [running], None, storage(), T0)
-    assert d.patch_jobs == [("r1-tok-train-1", {"spec": {"runPolicy": {"suspend": True}}})]
+    assert d.patch_jobs == [("r1-tokenizer-1", {"spec": {"runPolicy": {"suspend": True}}})]
     assert d.status["phase"] == "Suspended"
-    suspended = job("r1-tok-train-1", "tok_train", 1, "Running", suspend=True)
+    suspended = job("r1-tokenizer-1", "tokenizer", 1, "Running", suspend=True)
     d = reconcile(RUN, body(suspend=True, status=d.status), [suspended], None, storage(), T0)
     assert d.patch_jobs == [] and d.status["phase"] == "Suspended"
     d = reconcile(RUN, body(status=d.status), [suspended], None, storage(), T0)
-    assert d.patch_jobs == [("r1-tok-train-1", {"spec": {"runPolicy": {"suspend": False}}})]
+    assert d.patch_jobs == [("r1-tokenizer-1", {"spec": {"runPolicy": {"suspend": False}}})]
     assert d.status["phase"] == "Running"
 
 
@@ -310,24 +324,24 @@ def test_a_suspended_run_starts_no_job():
 
 def test_a_job_deleted_after_success_is_not_run_again_when_done_json_exists():
     status = reconcile(RUN, body(), [], None, storage(), T0).status
-    done = Done(stage="tok_train", seconds=1)
-    d = reconcile(RUN, body(status=status), [], None, storage({"tok_train": (None, done)}), T0)
+    done = Done(stage="tokenizer", seconds=1)
+    d = reconcile(RUN, body(status=status), [], None, storage({"tokenizer": (None, done)}), T0)
     assert d.status["stages"][0]["phase"] == "Succeeded"
-    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-base-train-1"]
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-pretrain-1"]
 
 
 def finished_run(serving=None):
     jobs = [
-        job("r1-tok-train-1", "tok_train", 1, "Succeeded"),
-        job("r1-base-train-1", "base_train", 1, "Succeeded"),
+        job("r1-tokenizer-1", "tokenizer", 1, "Succeeded"),
+        job("r1-pretrain-1", "pretrain", 1, "Succeeded"),
     ]
     files = {
-        "base_train": (
+        "pretrain": (
             None,
             Done(
-                stage="base_train",
+                stage="pretrain",
                 seconds=9,
-                outputs={"checkpoint": "s3://b/r1/base_train/checkpoints/step_000009"},
+                outputs={"checkpoint": "s3://b/r1/pretrain/checkpoints/step_000009"},
             ),
         )
     }
@@ -339,7 +353,7 @@ def test_a_finished_run_creates_its_rayservice_and_is_ready_when_it_is():
     jobs, files, spec = finished_run()
     d = reconcile(RUN, body(**spec), jobs, None, files, T0)
     assert d.status["phase"] == "Succeeded" and d.status["progress"] == "done"
-    assert d.status["checkpoint"] == "s3://b/r1/base_train/checkpoints/step_000009"
+    assert d.status["checkpoint"] == "s3://b/r1/pretrain/checkpoints/step_000009"
     svc = d.create_rayservice
     assert svc["metadata"]["name"] == "r1-chat"
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
@@ -359,7 +373,7 @@ def test_a_finished_run_creates_its_rayservice_and_is_ready_when_it_is():
         "rayService": "r1-chat",
         "ready": True,
         "url": "http://r1-chat-serve-svc.ns.svc:8000",
-        "checkpoint": "s3://b/r1/base_train/checkpoints/step_000009",
+        "checkpoint": "s3://b/r1/pretrain/checkpoints/step_000009",
     }
 
 
@@ -398,7 +412,7 @@ def test_condition_times_move_only_when_the_status_flips():
     later = reconcile(
         RUN,
         body(status=first.status),
-        [job("r1-tok-train-1", "tok_train", 1, "Running")],
+        [job("r1-tokenizer-1", "tokenizer", 1, "Running")],
         None,
         storage(),
         T0 + dt.timedelta(minutes=5),
@@ -422,8 +436,8 @@ def test_server_side_defaults_on_the_rayservice_are_not_a_change():
 
 def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
     failed = job(
-        "r1-tok-train-1",
-        "tok_train",
+        "r1-tokenizer-1",
+        "tokenizer",
         1,
         "Failed",
         at="2026-01-01T12:00:00Z",
@@ -434,9 +448,9 @@ def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
     assert seen.create_jobs == []
     # The job's TTL deleted it; the retry is due now.
     d = reconcile(RUN, body(status=seen.status), [], None, storage(), T0 + dt.timedelta(seconds=11))
-    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-2"]
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tokenizer-2"]
     # And after the last attempt's job is gone too, the run stays failed instead of starting over.
-    last = job("r1-tok-train-2", "tok_train", 2, "Failed", at="2026-01-01T12:01:00Z", message="exit 1")
+    last = job("r1-tokenizer-2", "tokenizer", 2, "Failed", at="2026-01-01T12:01:00Z", message="exit 1")
     failed_run = reconcile(RUN, body(status=d.status), [last], None, storage(), T0 + dt.timedelta(minutes=2))
     gone = reconcile(RUN, body(status=failed_run.status), [], None, storage(), T0 + dt.timedelta(days=2))
     assert gone.create_jobs == [] and gone.status["phase"] == "Failed" and gone.events == []
@@ -500,8 +514,8 @@ def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
 
 def test_a_failed_job_whose_pods_are_still_stopping_is_decided_only_once_they_have_stopped():
     failed = job(
-        "r1-tok-train-1",
-        "tok_train",
+        "r1-tokenizer-1",
+        "tokenizer",
         1,
         "Failed",
         reason="PyTorchJobFailed",
@@ -514,16 +528,16 @@ def test_a_failed_job_whose_pods_are_still_stopping_is_decided_only_once_they_ha
         None,
         storage(),
         T0,
-        lambda j: FailureFacts(active=("r1-tok-train-1-master-0",)),
+        lambda j: FailureFacts(active=("r1-tokenizer-1-master-0",)),
     )
     rec = stopping.status["stages"][0]
     assert stopping.create_jobs == [] and rec["phase"] == "Running" and rec.get("failures", 0) == 0
-    assert "waiting for r1-tok-train-1-master-0 to stop" in rec["message"] and stopping.requeue_after == 2
-    progress = Progress(stage="tok_train", attempt=1, stopped="preempted")  # written while it stopped
+    assert "waiting for r1-tokenizer-1-master-0 to stop" in rec["message"] and stopping.requeue_after == 2
+    progress = Progress(stage="tokenizer", attempt=1, stopped="preempted")  # written while it stopped
     d = reconcile(
-        RUN, body(status=stopping.status), [failed], None, storage({"tok_train": (progress, None)}), T0
+        RUN, body(status=stopping.status), [failed], None, storage({"tokenizer": (progress, None)}), T0
     )
-    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tok-train-2"]
+    assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-tokenizer-2"]
     assert d.status["stages"][0]["preemptions"] == 1
 
 
@@ -555,7 +569,7 @@ def workload(admitted=False, active=True, reason="Pending", message="", deactiva
         conditions.append({"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""})
     annotations = {"nanorun.io/deactivated": "true"} if deactivated_by_operator else {}
     return {
-        "metadata": {"name": "pytorchjob-r1-tok-train-1-1a2b3", "annotations": annotations},
+        "metadata": {"name": "pytorchjob-r1-tokenizer-1-1a2b3", "annotations": annotations},
         "spec": {"active": active},
         "status": {"conditions": conditions, **({"admission": {"clusterQueue": "gpus"}} if admitted else {})},
     }
@@ -571,7 +585,7 @@ QUEUED = {"compute": {"queue": "team-a"}}
 
 
 def test_a_job_waiting_for_quota_makes_the_run_queued_with_kueues_reason():
-    waiting = job("r1-tok-train-1", "tok_train", 1, suspend=True)
+    waiting = job("r1-tokenizer-1", "tokenizer", 1, suspend=True)
     why = "couldn't assign flavors to pod set master: insufficient unused quota for nvidia.com/gpu in flavor h100, 8 more needed"
     d = reconcile(
         RUN,
@@ -593,15 +607,15 @@ def test_a_job_waiting_for_quota_makes_the_run_queued_with_kueues_reason():
 
 
 def test_no_workload_yet_says_so_and_looks_again_soon():
-    waiting = job("r1-tok-train-1", "tok_train", 1, suspend=True)
+    waiting = job("r1-tokenizer-1", "tokenizer", 1, suspend=True)
     d = reconcile(RUN, body(**QUEUED), [waiting], None, storage(), T0)
     assert d.status["phase"] == "Queued"
-    assert "Kueue has made no Workload for PyTorchJob r1-tok-train-1" in cond(d.status, "Queued")["message"]
+    assert "Kueue has made no Workload for PyTorchJob r1-tokenizer-1" in cond(d.status, "Queued")["message"]
     assert d.requeue_after is not None
 
 
 def test_an_admitted_job_runs_and_the_condition_names_the_cluster_queue():
-    started = job("r1-tok-train-1", "tok_train", 1, "Running", suspend=False)
+    started = job("r1-tokenizer-1", "tokenizer", 1, "Running", suspend=False)
     d = reconcile(
         RUN,
         body(status={"phase": "Queued"}, **QUEUED),
@@ -617,7 +631,7 @@ def test_an_admitted_job_runs_and_the_condition_names_the_cluster_queue():
 
 
 def test_suspend_with_a_queue_deactivates_the_workload_and_resume_reactivates_only_that():
-    running = job("r1-tok-train-1", "tok_train", 1, "Running", suspend=False)
+    running = job("r1-tokenizer-1", "tokenizer", 1, "Running", suspend=False)
     d = reconcile(
         RUN,
         body(suspend=True, **QUEUED),
@@ -630,20 +644,20 @@ def test_suspend_with_a_queue_deactivates_the_workload_and_resume_reactivates_on
     assert d.patch_jobs == []  # never runPolicy.suspend: Kueue would set it back
     assert d.patch_workloads == [
         (
-            "pytorchjob-r1-tok-train-1-1a2b3",
+            "pytorchjob-r1-tokenizer-1-1a2b3",
             {"metadata": {"annotations": {"nanorun.io/deactivated": "true"}}, "spec": {"active": False}},
         )
     ]
     assert d.status["phase"] == "Suspended" and cond(d.status, "Queued")["reason"] == "Suspended"
 
-    stopped = job("r1-tok-train-1", "tok_train", 1, "Suspended", suspend=True)
+    stopped = job("r1-tokenizer-1", "tokenizer", 1, "Suspended", suspend=True)
     mine = workload(active=False, reason="Deactivated", deactivated_by_operator=True)
     d = reconcile(
         RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(mine)
     )
     assert d.patch_workloads == [
         (
-            "pytorchjob-r1-tok-train-1-1a2b3",
+            "pytorchjob-r1-tokenizer-1-1a2b3",
             {"metadata": {"annotations": {"nanorun.io/deactivated": None}}, "spec": {"active": True}},
         )
     ]
@@ -662,6 +676,6 @@ def test_without_a_queue_no_workload_is_read():
     def refuse(job):
         raise AssertionError("Workloads are only read for runs with compute.queue")
 
-    running = job("r1-tok-train-1", "tok_train", 1, "Running")
+    running = job("r1-tokenizer-1", "tokenizer", 1, "Running")
     d = reconcile(RUN, body(), [running], None, storage(), T0, admission_of=refuse)
     assert d.status["phase"] == "Running" and not any(c["type"] == "Queued" for c in d.status["conditions"])

@@ -110,19 +110,19 @@ def test_attention_rows_are_causal_distributions_with_the_window_visible(model, 
 
 def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_tokenizer):
     run = tmp_path / "run"
-    checkpoint = save_chat_checkpoint(str(run), model, stage="chat_sft", step=3)
+    checkpoint = save_chat_checkpoint(str(run), model, stage="sft", step=3)
     records = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 6)] + [{"step": 5, "val_bpb": 2.5}]
     records += [
         {"step": 5, "samples": [{"prompt": "Once", "text": " upon" * 200}, {"prompt": 3, "text": "bad"}]}
     ]
-    (run / "base_train").mkdir()
-    (run / "base_train" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run / "base_train" / "done.json").write_text(json.dumps({"stage": "base_train", "seconds": 1.0}))
+    (run / "pretrain").mkdir()
+    (run / "pretrain" / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "pretrain" / "done.json").write_text(json.dumps({"stage": "pretrain", "seconds": 1.0}))
     info = {"checkpoint": checkpoint, "step": 3, "context": 128}
     out = explain.run_summary(model, chat_tokenizer, info)
-    assert out["stage"] == "chat_sft" and out["run_dir"] == str(run)
+    assert out["stage"] == "sft" and out["run_dir"] == str(run)
     assert out["model"]["n_layer"] == 2 and out["vocab_size"] == chat_tokenizer.vocab_size
-    base = next(s for s in out["stages"] if s["stage"] == "base_train")
+    base = next(s for s in out["stages"] if s["key"] == "pretrain")
     assert base["state"] == "done" and base["key"] == "pretrain"
     assert [p["step"] for p in base["loss"]] == [1, 2, 3, 4, 5]
     assert base["val_bpb"] == [{"step": 5, "value": 2.5}]
@@ -131,13 +131,30 @@ def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_token
     assert explain.run_summary(model, chat_tokenizer, {"checkpoint": "/somewhere/else"})["stages"] == []
 
 
+def test_a_run_written_with_module_folders_is_still_found_and_named_by_keys(tmp_path, model, chat_tokenizer):
+    from nanorun.trainer.chat.engine import resolve_checkpoint, tokenizer_dir_for
+
+    # A run directory from before stages had one name: base_train/, chat_sft/, tok_train/.
+    run = tmp_path / "run"
+    chat_tokenizer.save(str(run / "tok_train"))
+    older = save_chat_checkpoint(str(run), model, stage="base_train", step=2)
+    checkpoint = save_chat_checkpoint(str(run), model, stage="chat_sft", step=3)
+    (run / "base_train" / "history.jsonl").write_text(json.dumps({"step": 2, "loss": 4.0}) + "\n")
+    assert resolve_checkpoint(str(run)) == checkpoint  # the newest trained stage, as with key folders
+    assert resolve_checkpoint(str(run / "base_train")) == older
+    assert tokenizer_dir_for(checkpoint) == str(run / "tok_train")
+    out = explain.run_summary(model, chat_tokenizer, {"checkpoint": checkpoint})
+    assert out["stage"] == "sft"
+    assert [(s["key"], [p["step"] for p in s["loss"]]) for s in out["stages"]] == [("pretrain", [2])]
+
+
 def test_the_timeline_places_every_stage_that_ran_on_the_runs_clock(tmp_path):
     from nanorun.pipeline.progress import Done, Progress, write_done, write_progress
 
     run = str(tmp_path)
-    write_done(run, Done(stage="tok_train", seconds=10.0, finished_at=1000.0))
-    write_done(run, Done(stage="base_train", seconds=50.0, finished_at=1060.0))
-    progress = Progress(stage="mid_train", step=3, total_steps=9, elapsed_seconds=5.0)
+    write_done(run, Done(stage="tokenizer", seconds=10.0, finished_at=1000.0))
+    write_done(run, Done(stage="pretrain", seconds=50.0, finished_at=1060.0))
+    progress = Progress(stage="midtrain", step=3, total_steps=9, elapsed_seconds=5.0)
     write_progress(run, progress)  # stamps updated_at now
     stages = explain.timeline(run)
     assert [(s["key"], s["state"]) for s in stages] == [

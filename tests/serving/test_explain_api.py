@@ -19,7 +19,7 @@ TEXT = "Hello there! Tokenizers cut naïve text into 12345 pieces 🙂"
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_chat_run) -> Tokenizer:
-    return Tokenizer.load(f"{tiny_chat_run}/tok_train")
+    return Tokenizer.load(f"{tiny_chat_run}/tokenizer")
 
 
 def post(service, path: str, body: dict) -> httpx.Response:
@@ -72,7 +72,7 @@ def test_attention_rows_are_causal_distributions(chat_service):
 
 def test_run_describes_the_served_checkpoint(chat_service, tiny_chat_run):
     out = httpx.get(f"{chat_service.url}/api/run", timeout=30).json()
-    assert out["stage"] == "chat_sft" and out["run_dir"] == tiny_chat_run
+    assert out["stage"] == "sft" and out["run_dir"] == tiny_chat_run
     assert out["model"]["n_layer"] == 2 and out["context"] == 512 and out["vocab_size"] > 256
 
 

@@ -130,7 +130,7 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
     its loss and val-bpb curves, then, polling, picks up the finished stage."""
     from nanorun.pipeline.progress import Done, Progress, write_done, write_progress
 
-    stage_dir = Path(tiny_chat_run) / "base_train"
+    stage_dir = Path(tiny_chat_run) / "pretrain"
     stage_dir.mkdir(exist_ok=True)
 
     def history(steps: int) -> None:
@@ -143,21 +143,21 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
         (stage_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     history(40)
-    write_progress(tiny_chat_run, Progress(stage="base_train", step=40, total_steps=80))
+    write_progress(tiny_chat_run, Progress(stage="pretrain", step=40, total_steps=80))
     try:
         open_page(page, chat_service, "training")
         assert tiny_chat_run in page.inner_text("#summary")
-        section = "section[data-stage='base_train']"
+        section = "section[data-stage='pretrain']"
         assert "running" in page.inner_text(f"{section} h2")
         assert page.locator(f"{section} polyline.curve").count() == 2  # loss and val bpb
         bar = page.locator("#timeline rect.span.running")  # pretraining, still running, on the timeline
-        assert bar.count() == 1 and "pretrain (base_train): running" in bar.locator("title").text_content()
+        assert bar.count() == 1 and "pretrain: running" in bar.locator("title").text_content()
         samples = page.locator(f"{section} details.samples td.sample-text")
         assert samples.all_inner_texts() == [" Paris 0", " Paris 20", " Paris 40"]  # what it wrote, per step
         screenshot(page, "training")
         history(80)
-        write_progress(tiny_chat_run, Progress(stage="base_train", step=80, total_steps=80))
-        write_done(tiny_chat_run, Done(stage="base_train", seconds=1.0))
+        write_progress(tiny_chat_run, Progress(stage="pretrain", step=80, total_steps=80))
+        write_done(tiny_chat_run, Done(stage="pretrain", seconds=1.0))
         page.wait_for_function(
             "s => document.querySelector(s + ' h2').textContent.includes('done')", arg=section, timeout=20_000
         )

@@ -24,7 +24,7 @@ RUN = RunRef(name="speedrun", namespace="ml", uid="0")
 
 def rayservice(**serving):
     spec = parse_spec({"storage": {"uri": "s3://b/r"}, "serving": {"gpusPerReplica": 0.5, **serving}})
-    return rayservice_for_run(RUN, spec, "s3://b/r/chat_sft")
+    return rayservice_for_run(RUN, spec, "s3://b/r/sft")
 
 
 def test_each_worker_pod_declares_its_replicas_metrics_port_and_the_head_does_not():

@@ -1,4 +1,4 @@
-"""CORE on tiny tasks in the DCLM bundle's own format, and the base_eval stage on a tiny run."""
+"""CORE on tiny tasks in the DCLM bundle's own format, and the baseEval stage on a tiny run."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_base_eval_stage_reports_bpb_samples_and_core(tiny_base_run, tmp_path):
             "cpu",
         )
     )
-    done = read_done(str(run), "base_eval")
+    done = read_done(str(run), "baseEval")
     assert 0 < done.metrics["val_bpb"] < 20
     assert set(done.metrics["core_tasks"]) == {"arc_easy", "winograd", "lambada_openai"}
     assert -1.5 <= done.metrics["core"] <= 1.0

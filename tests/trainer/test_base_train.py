@@ -1,4 +1,4 @@
-"""The base_train stage end to end: contract files, resume equivalence, 1 vs 2 ranks, preemption, S3."""
+"""The pretrain stage end to end: contract files, resume equivalence, 1 vs 2 ranks, preemption, S3."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ FLAGS = [
 
 
 def losses(run: Path | str) -> dict[int, float]:
-    lines = storage.read_text(storage.join(str(run), "base_train", "history.jsonl")).splitlines()
+    lines = storage.read_text(storage.join(str(run), "pretrain", "history.jsonl")).splitlines()
     import json
 
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
@@ -67,14 +67,14 @@ def losses(run: Path | str) -> dict[int, float]:
 
 def fresh_run(tiny_base_run: str, dest: Path) -> tuple[str, str]:
     """A run dir holding only the tiny run's tokenizer; returns (run dir, data dir)."""
-    shutil.copytree(Path(tiny_base_run) / "tok_train", dest / "tok_train")
+    shutil.copytree(Path(tiny_base_run) / "tokenizer", dest / "tokenizer")
     return str(dest), str(Path(tiny_base_run).parent / "data")
 
 
 def forget_after(run: Path, step: int) -> None:
     """What a crash right after checkpoint `step` leaves behind: no later checkpoint, no done.json."""
-    (run / "base_train" / "done.json").unlink()
-    for s, uri in list_checkpoints(str(run / "base_train")):
+    (run / "pretrain" / "done.json").unlink()
+    for s, uri in list_checkpoints(str(run / "pretrain")):
         if s > step:
             shutil.rmtree(uri)
 
@@ -118,10 +118,10 @@ def test_tiny_run_loss_falls_on_real_text_and_writes_the_stage_contract(tiny_bas
     curve = losses(tiny_base_run)
     assert len(curve) == 40
     assert sum(curve[s] for s in range(36, 41)) / 5 < curve[1] - 1.0
-    done = read_done(tiny_base_run, "base_train")
+    done = read_done(tiny_base_run, "pretrain")
     assert done.metrics["steps"] == 40 and math.isfinite(done.metrics["val_bpb"])
-    assert done.outputs["checkpoint"] == latest_checkpoint(storage.join(tiny_base_run, "base_train"))
-    progress = read_progress(tiny_base_run, "base_train")
+    assert done.outputs["checkpoint"] == latest_checkpoint(storage.join(tiny_base_run, "pretrain"))
+    progress = read_progress(tiny_base_run, "pretrain")
     assert (progress.step, progress.total_steps, progress.last_checkpoint) == (
         40,
         40,
@@ -156,16 +156,16 @@ def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(
     )
     assert "resuming from" not in rerun.stdout  # the step-6 checkpoint is of the old config
     assert losses(run) == losses(straight)  # from step 0 again
-    done = read_done(str(run), "base_train")
+    done = read_done(str(run), "pretrain")
     assert done.config_id == "cfg-b" and read_meta(done.outputs["checkpoint"])["config_id"] == "cfg-b"
-    assert {read_meta(uri)["config_id"] for _, uri in list_checkpoints(str(run / "base_train"))} == {"cfg-b"}
+    assert {read_meta(uri)["config_id"] for _, uri in list_checkpoints(str(run / "pretrain"))} == {"cfg-b"}
 
     again = check(run_stage("base_train", "--run-dir", str(run), env=config))
     assert "already done" in again.stdout
 
     forget_after(run, 3)  # a crash after step 3 of the cfg-b run: a retry of the same config resumes
     resumed = check(run_stage("base_train", "--run-dir", str(run), "--data", data, *FLAGS, env=config))
-    assert f"resuming from {checkpoint_dir(str(run / 'base_train'), 3)} (step 3," in resumed.stdout
+    assert f"resuming from {checkpoint_dir(str(run / 'pretrain'), 3)} (step 3," in resumed.stdout
 
 
 @pytest.mark.slow
@@ -181,8 +181,8 @@ def test_resume_on_fewer_ranks_continues_the_same_run(straight, two_ranks, tmp_p
     run = tmp_path / "run"
     shutil.copytree(two_ranks, run)
     forget_after(run, 3)
-    assert read_meta(checkpoint_dir(str(run / "base_train"), 3))["world_size"] == 2
-    marker = storage.read_json(storage.join(checkpoint_dir(str(run / "base_train"), 3), "COMMITTED"))
+    assert read_meta(checkpoint_dir(str(run / "pretrain"), 3))["world_size"] == 2
+    marker = storage.read_json(storage.join(checkpoint_dir(str(run / "pretrain"), 3), "COMMITTED"))
     assert len([n for n in marker["files"] if n.endswith(".distcp")]) == 2  # one optimizer shard per rank...
     assert set(marker["blake2b"]) == set(
         marker["files"]
@@ -205,7 +205,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, 
     )
     deadline = time.time() + 180
     while time.time() < deadline:
-        progress = read_progress(run, "base_train")
+        progress = read_progress(run, "pretrain")
         if progress is not None and progress.step >= 2:
             break
         time.sleep(0.2)
@@ -214,26 +214,26 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, 
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "preempted: saved" in out and re.search(r"SIGTERM checkpoint saved in \d+\.\d\d s", out)
-    latest = latest_checkpoint(storage.join(run, "base_train"))
+    latest = latest_checkpoint(storage.join(run, "pretrain"))
     model, meta = load_model(latest, "cpu")
     assert meta["step"] >= 2 and meta["has_optimizer"]
-    assert read_done(run, "base_train") is None
+    assert read_done(run, "pretrain") is None
     # the marker the operator reads (under torchrun the exit code would be torchrun's 1, not 143)
-    progress = read_progress(run, "base_train")
+    progress = read_progress(run, "pretrain")
     assert (progress.stopped, progress.attempt, progress.last_checkpoint) == ("preempted", 2, latest)
 
 
 def test_s3_run_dir_and_shards(tiny_base_run, s3_run_dir):
-    for f in (Path(tiny_base_run) / "tok_train").iterdir():
-        storage.upload_from(f, storage.join(s3_run_dir, "tok_train", f.name))
+    for f in (Path(tiny_base_run) / "tokenizer").iterdir():
+        storage.upload_from(f, storage.join(s3_run_dir, "tokenizer", f.name))
     data = storage.join(s3_run_dir.rsplit("/", 1)[0], "data")
     for f in sorted((Path(tiny_base_run).parent / "data").iterdir()):
         storage.upload_from(f, storage.join(data, f.name))
     flags = [f if f != "6" else "4" for f in FLAGS]
     check(run_stage("base_train", "--run-dir", s3_run_dir, "--data", data, *flags))
-    done = read_done(s3_run_dir, "base_train")
+    done = read_done(s3_run_dir, "pretrain")
     assert done.outputs["checkpoint"].startswith("s3://") and done.metrics["steps"] == 4
-    assert [s for s, _ in list_checkpoints(storage.join(s3_run_dir, "base_train"))] == [3, 4]
+    assert [s for s, _ in list_checkpoints(storage.join(s3_run_dir, "pretrain"))] == [3, 4]
     model, meta = load_model(done.outputs["checkpoint"], "cpu")
     assert all(shard.startswith("s3://") for shard in meta["shards"])
 
@@ -249,7 +249,7 @@ def test_corrupt_training_shard_fails_with_its_name(tiny_base_run, tmp_path):
     # one line, the last the pod logs (what the operator shows): the shard, and what pyarrow found in it
     assert proc.stderr.splitlines()[-1].startswith(f"error: shard {first} is corrupt or not a parquet file: ")
     assert "Traceback" not in proc.stderr
-    assert latest_checkpoint(storage.join(run, "base_train")) is None
+    assert latest_checkpoint(storage.join(run, "pretrain")) is None
 
 
 @pytest.mark.slow
@@ -272,7 +272,7 @@ def test_a_corpus_of_a_few_hundred_documents_in_four_shards_trains_with_no_data_
     run, _ = fresh_run(tiny_base_run, tmp_path / "run")
     flags = [f for i, f in enumerate(FLAGS) if f != "--data-streams" and FLAGS[i - 1] != "--data-streams"]
     check(run_stage("base_train", "--run-dir", run, "--data", str(data), *flags))
-    meta = read_meta(latest_checkpoint(storage.join(run, "base_train")))
+    meta = read_meta(latest_checkpoint(storage.join(run, "pretrain")))
     assert meta["plan"]["data_streams"] == 2
     assert meta["dataloader"]["count"] == 2
 
@@ -296,7 +296,7 @@ def test_greedy_samples_land_in_the_history_for_the_explainer(tiny_base_run, tmp
     flags[flags.index("--sample-every") + 1] = "3"
     out = check(run_stage("base_train", "--run-dir", run, "--data", data, *flags))
     history = [
-        json.loads(line) for line in (Path(run) / "base_train" / "history.jsonl").read_text().splitlines()
+        json.loads(line) for line in (Path(run) / "pretrain" / "history.jsonl").read_text().splitlines()
     ]
     sampled = [r for r in history if "samples" in r]
     assert [r["step"] for r in sampled] == [3, 6]  # every 3 steps and at the end

@@ -1,4 +1,4 @@
-"""chat_eval: scores (with stand-in models whose answers are known, see tests/tasks/test_task_eval.py),
+"""eval: scores (with stand-in models whose answers are known, see tests/tasks/test_task_eval.py),
 ChatCORE, and the stage on a tiny run: every finished chat stage, skipped tasks, resume, report."""
 
 from __future__ import annotations
@@ -42,25 +42,25 @@ def test_chat_eval_scores_every_finished_stage_and_resumes_missing_tasks(tiny_rl
     }  # not downloadable
     proc = check(run_stage("chat_eval", *flags))
     assert "skipping HumanEval" in proc.stdout
-    eval_dir = Path(run_dir) / "chat_eval"
-    for stage in ("mid_train", "chat_sft", "chat_rl"):
+    eval_dir = Path(run_dir) / "eval"
+    for stage in ("midtrain", "sft", "rl"):
         summary = json.loads((eval_dir / f"{stage}.json").read_text())
         assert set(summary["results"]) == {"ARC-Easy", "MMLU", "SpellingBee"}
         assert all(0.0 <= v <= 1.0 for v in summary["results"].values())
         assert summary["chatcore_partial"] and "HumanEval" in summary["skipped"]
         assert summary["ChatCORE"] == pytest.approx(chatcore(summary["results"])[0])
     done = json.loads((eval_dir / "done.json").read_text())
-    assert done["metrics"]["source"] == "chat_rl" and set(done["metrics"]["by_source"]) == {
-        "mid_train",
-        "chat_sft",
-        "chat_rl",
+    assert done["metrics"]["source"] == "rl" and set(done["metrics"]["by_source"]) == {
+        "midtrain",
+        "sft",
+        "rl",
     }
 
     # interrupted before SpellingBee of chat_rl was saved: only that task runs again
     (eval_dir / "done.json").unlink()
-    (eval_dir / "results" / "chat_rl" / "SpellingBee.json").unlink()
-    proc = check(run_stage("chat_eval", *flags[:5], "chat_rl", *flags[6:]))
-    assert "chat_rl: SpellingBee" in proc.stdout and "chat_rl: ARC-Easy" not in proc.stdout
+    (eval_dir / "results" / "rl" / "SpellingBee.json").unlink()
+    proc = check(run_stage("chat_eval", *flags[:5], "rl", *flags[6:]))
+    assert "rl: SpellingBee" in proc.stdout and "rl: ARC-Easy" not in proc.stdout
 
     report = check(run_stage("report", "--run-dir", run_dir, "--device", "cpu"))
     text = (Path(run_dir) / "report" / "report.md").read_text()

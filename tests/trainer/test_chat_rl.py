@@ -1,4 +1,4 @@
-"""chat_rl: GRPO-style updates raise the mean reward; the stage is resumable and idempotent."""
+"""rl: GRPO-style updates raise the mean reward; the stage is resumable and idempotent."""
 
 from __future__ import annotations
 
@@ -102,18 +102,18 @@ def test_advantage_raises_the_likelihood_of_the_better_sample_only_on_sampled_to
 
 @pytest.mark.slow
 def test_chat_rl_falls_back_to_arithmetic_offline_and_reports_pass_at_k(tiny_rl_run):
-    done = stage_done(tiny_rl_run, "chat_rl")
+    done = stage_done(tiny_rl_run, "rl")
     assert done["metrics"]["task"] == "Arithmetic" and done["metrics"]["steps"] == 2
     assert 0.0 <= done["metrics"]["pass@1"] <= done["metrics"]["pass@4"] <= 1.0
-    history = stage_history(tiny_rl_run, "chat_rl")
+    history = stage_history(tiny_rl_run, "rl")
     assert [r["step"] for r in history if "reward" in r] == [1, 2]
 
 
 @pytest.mark.slow
 def test_interrupted_chat_rl_resumes_to_the_same_weights(tiny_rl_run, tmp_path):
-    assert_resumes_exactly("chat_rl", tiny_rl_run, tmp_path / "run", RL_FLAGS, resume_step=1, final_step=2)
+    assert_resumes_exactly("rl", tiny_rl_run, tmp_path / "run", RL_FLAGS, resume_step=1, final_step=2)
 
 
 @pytest.mark.slow
 def test_finished_chat_rl_is_a_no_op(tiny_rl_run, tmp_path):
-    assert_idempotent("chat_rl", tiny_rl_run, tmp_path / "run", RL_FLAGS)
+    assert_idempotent("rl", tiny_rl_run, tmp_path / "run", RL_FLAGS)

@@ -1,4 +1,4 @@
-"""chat_sft: padded rows with masked targets; the loss falls on fixture conversations."""
+"""sft: padded rows with masked targets; the loss falls on fixture conversations."""
 
 from __future__ import annotations
 
@@ -64,29 +64,29 @@ def test_sft_loss_falls_on_fixture_conversations():
 
 @pytest.mark.slow
 def test_chat_sft_starts_from_mid_train_and_its_loss_falls(tiny_sft_run):
-    done = stage_done(tiny_sft_run, "chat_sft")
-    assert done["outputs"]["checkpoint"].endswith("chat_sft/checkpoints/step_000004")
+    done = stage_done(tiny_sft_run, "sft")
+    assert done["outputs"]["checkpoint"].endswith("sft/checkpoints/step_000004")
     meta = json.loads((Path(done["outputs"]["checkpoint"]) / "meta.json").read_text())
-    assert meta["source"] == "mid_train"
-    losses = [r["loss"] for r in stage_history(tiny_sft_run, "chat_sft") if "loss" in r]
+    assert meta["source"] == "midtrain"
+    losses = [r["loss"] for r in stage_history(tiny_sft_run, "sft") if "loss" in r]
     assert len(losses) == 4 and min(losses[2:]) < losses[0]
 
 
 @pytest.mark.slow
 def test_interrupted_chat_sft_resumes_to_the_same_weights(tiny_sft_run, tmp_path):
-    assert_resumes_exactly("chat_sft", tiny_sft_run, tmp_path / "run", SFT_FLAGS, resume_step=2, final_step=4)
+    assert_resumes_exactly("sft", tiny_sft_run, tmp_path / "run", SFT_FLAGS, resume_step=2, final_step=4)
 
 
 @pytest.mark.slow
 def test_finished_chat_sft_is_a_no_op(tiny_sft_run, tmp_path):
-    assert_idempotent("chat_sft", tiny_sft_run, tmp_path / "run", SFT_FLAGS)
+    assert_idempotent("sft", tiny_sft_run, tmp_path / "run", SFT_FLAGS)
 
 
 def test_chat_sft_without_a_finished_source_stage_says_what_to_run(tmp_path):
     from nanorun.trainer.training.finetune import source_checkpoint
 
-    with pytest.raises(SystemExit, match="none of the source stages mid_train, base_train has finished"):
-        source_checkpoint(str(tmp_path / "run"), "mid_train,base_train")
+    with pytest.raises(SystemExit, match="none of the source stages midtrain, pretrain has finished"):
+        source_checkpoint(str(tmp_path / "run"), "midtrain,pretrain")
 
 
 @pytest.mark.slow
@@ -106,14 +106,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path
             break
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, output
-    steps = sorted(p.name for p in (Path(run_dir) / "chat_sft" / "checkpoints").iterdir())
-    assert steps and (Path(run_dir) / "chat_sft" / "checkpoints" / steps[-1] / "COMMITTED").exists()
-    assert (
-        int(steps[-1].removeprefix("step_")) >= 2 and not (Path(run_dir) / "chat_sft" / "done.json").exists()
-    )
-    progress = read_progress(
-        run_dir, "chat_sft"
-    )  # the marker, through finetune's loop like mid_train and chat_rl
+    steps = sorted(p.name for p in (Path(run_dir) / "sft" / "checkpoints").iterdir())
+    assert steps and (Path(run_dir) / "sft" / "checkpoints" / steps[-1] / "COMMITTED").exists()
+    assert int(steps[-1].removeprefix("step_")) >= 2 and not (Path(run_dir) / "sft" / "done.json").exists()
+    progress = read_progress(run_dir, "sft")  # the marker, through finetune's loop like mid_train and chat_rl
     assert (progress.stopped, progress.attempt) == (
         "preempted",
         5,

@@ -48,10 +48,10 @@ def train_steps(model: GPT, opt, steps: int, seed: int = 1) -> None:
 
 def test_model_round_trips_through_safetensors_with_meta(tmp_path):
     model = tiny_model()
-    uri = save_checkpoint(str(tmp_path / "base_train"), 7, model, None, {"note": "hello"})
+    uri = save_checkpoint(str(tmp_path / "pretrain"), 7, model, None, {"note": "hello"})
     assert uri.endswith("checkpoints/step_000007")
     assert (
-        b"pickle" not in (tmp_path / "base_train/checkpoints/step_000007/model.safetensors").read_bytes()[:64]
+        b"pickle" not in (tmp_path / "pretrain/checkpoints/step_000007/model.safetensors").read_bytes()[:64]
     )
     loaded, meta = load_model(uri, "cpu")
     assert not loaded.training
@@ -79,7 +79,7 @@ def test_optimizer_state_resumes_the_same_trajectory(tmp_path):
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     good = save_checkpoint(stage, 10, model, None, {})
     half = checkpoint_dir(stage, 20)  # a save killed before its commit marker
@@ -108,12 +108,12 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 def test_meta_records_the_config_id_of_the_run_that_saved_it(tmp_path, monkeypatch):
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
-    uri = save_checkpoint(str(tmp_path / "base_train"), 3, tiny_model(), None, {})
+    uri = save_checkpoint(str(tmp_path / "pretrain"), 3, tiny_model(), None, {})
     assert read_meta(uri)["config_id"] == "cfg-a"
 
 
 def test_resume_skips_checkpoints_of_another_config_and_takes_its_own(tmp_path, monkeypatch):
-    stage, model = str(tmp_path / "base_train"), tiny_model()
+    stage, model = str(tmp_path / "pretrain"), tiny_model()
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
     own = save_checkpoint(stage, 2, model, None, {})
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-old")
@@ -131,7 +131,7 @@ def test_resume_skips_checkpoints_of_another_config_and_takes_its_own(tmp_path, 
 
 
 def test_a_rerun_saving_a_step_an_earlier_config_saved_replaces_it_marker_first(tmp_path, monkeypatch):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-old")
     old = save_checkpoint(stage, 3, tiny_model(seed=0), None, {"note": "old"})
     later_old = save_checkpoint(stage, 6, tiny_model(seed=0), None, {"note": "old"})
@@ -161,7 +161,7 @@ def test_a_rerun_saving_a_step_an_earlier_config_saved_replaces_it_marker_first(
 
 
 def test_saving_a_step_this_config_already_committed_keeps_it(tmp_path, monkeypatch):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
     uri = save_checkpoint(stage, 3, tiny_model(), None, {"note": "periodic"})
     save_checkpoint(stage, 3, tiny_model(seed=1), None, {"note": "sigterm"})  # SIGTERM right after the save
@@ -171,14 +171,14 @@ def test_saving_a_step_this_config_already_committed_keeps_it(tmp_path, monkeypa
 def test_final_checkpoint_follows_done_json_and_explains_when_missing(tmp_path):
     run = str(tmp_path)
     with pytest.raises(CheckpointError, match="has not finished"):
-        final_checkpoint(run, "base_train")
-    uri = save_checkpoint(storage.join(run, "base_train"), 3, tiny_model(), None, {})
-    write_done(run, Done(stage="base_train", seconds=1.0, outputs={"checkpoint": uri}))
-    assert final_checkpoint(run, "base_train") == uri
+        final_checkpoint(run, "pretrain")
+    uri = save_checkpoint(storage.join(run, "pretrain"), 3, tiny_model(), None, {})
+    write_done(run, Done(stage="pretrain", seconds=1.0, outputs={"checkpoint": uri}))
+    assert final_checkpoint(run, "pretrain") == uri
 
 
 def test_s3_checkpoint_with_optimizer_round_trips(s3_run_dir):
-    stage = storage.join(s3_run_dir, "base_train")
+    stage = storage.join(s3_run_dir, "pretrain")
     model = tiny_model()
     opt = optimizer_for(model)
     train_steps(model, opt, 2)
@@ -209,12 +209,12 @@ def truncate(path, keep: int = 100) -> None:
 
 
 def test_a_truncated_file_is_named_and_resume_falls_back_to_the_checkpoint_before(tmp_path, capsys):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     opt = optimizer_for(model)
     for step in (3, 6):
         save_checkpoint(stage, step, model, opt, {})
-    weights = tmp_path / "base_train/checkpoints/step_000006/model.safetensors"
+    weights = tmp_path / "pretrain/checkpoints/step_000006/model.safetensors"
     truncate(weights)
     with pytest.raises(
         CheckpointError, match=f"checkpoint file {weights} is corrupt: 100 bytes, \\d+ bytes were committed"
@@ -232,10 +232,10 @@ def test_a_truncated_file_is_named_and_resume_falls_back_to_the_checkpoint_befor
 
 
 def test_damage_the_file_list_cannot_see_fails_the_load_naming_the_file(tmp_path):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     uri = save_checkpoint(stage, 3, model, optimizer_for(model), {})
-    ckpt = tmp_path / "base_train/checkpoints/step_000003"
+    ckpt = tmp_path / "pretrain/checkpoints/step_000003"
     weights = ckpt / "model.safetensors"
     weights.write_bytes(b"\xff" * weights.stat().st_size)  # same size, garbage
     with pytest.raises(CheckpointError, match=f"checkpoint file {weights} is corrupt"):
@@ -247,10 +247,10 @@ def test_damage_the_file_list_cannot_see_fails_the_load_naming_the_file(tmp_path
 
 
 def test_a_corrupt_optimizer_shard_is_a_checkpoint_error_naming_the_directory(tmp_path):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     uri = save_checkpoint(stage, 3, model, optimizer_for(model), {})
-    for shard in (tmp_path / "base_train/checkpoints/step_000003/optim").glob("*.distcp"):
+    for shard in (tmp_path / "pretrain/checkpoints/step_000003/optim").glob("*.distcp"):
         truncate(shard, 10)
     with pytest.raises(CheckpointError, match=f"optimizer state in {uri}/optim is missing or corrupt"):
         load_optimizer(uri, optimizer_for(tiny_model()))
@@ -280,12 +280,12 @@ def test_the_marker_records_a_checksum_of_every_file_of_every_rank(tmp_path):
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optim"])
 def test_same_size_damage_of_the_newest_checkpoint_resumes_from_the_one_before(tmp_path, capsys, damaged):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     opt = optimizer_for(model)
     for step in (3, 6):
         save_checkpoint(stage, step, model, opt, {})
-    newest = tmp_path / "base_train/checkpoints/step_000006"
+    newest = tmp_path / "pretrain/checkpoints/step_000006"
     # the middle of the file: tensor data, which neither safetensors nor DCP would notice
     target = (
         newest / "model.safetensors"
@@ -314,8 +314,8 @@ def test_same_size_damage_of_the_newest_checkpoint_resumes_from_the_one_before(t
 
 
 def test_loading_a_damaged_checkpoint_for_evaluation_names_the_file(tmp_path):
-    uri = save_checkpoint(str(tmp_path / "base_train"), 3, tiny_model(), None, {})
-    weights = tmp_path / "base_train/checkpoints/step_000003/model.safetensors"
+    uri = save_checkpoint(str(tmp_path / "pretrain"), 3, tiny_model(), None, {})
+    weights = tmp_path / "pretrain/checkpoints/step_000003/model.safetensors"
     flip_bytes(weights)  # safetensors itself would load these weights without a word
     with pytest.raises(CheckpointError, match=f"^checkpoint file {weights} is corrupt: its contents changed"):
         load_model(uri, "cpu")
@@ -323,11 +323,11 @@ def test_loading_a_damaged_checkpoint_for_evaluation_names_the_file(tmp_path):
 
 def test_a_damaged_meta_json_is_named_and_resume_falls_back(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-a")
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     for step in (3, 6):
         save_checkpoint(stage, step, model, None, {"note": "hello"})
-    meta = tmp_path / "base_train/checkpoints/step_000006/meta.json"
+    meta = tmp_path / "pretrain/checkpoints/step_000006/meta.json"
     meta.write_text(meta.read_text().replace('"hello"', '"HELLO"'))  # still valid JSON, same size
     with pytest.raises(CheckpointError, match=f"checkpoint file {meta} is corrupt: its contents changed"):
         read_meta(checkpoint_dir(stage, 6))
@@ -340,13 +340,13 @@ def test_a_damaged_meta_json_is_named_and_resume_falls_back(tmp_path, capsys, mo
 
 
 def test_pruning_keeps_the_checkpoint_resumed_from_until_a_newer_good_one_exists(tmp_path, capsys):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     for step in (3, 6):
         save_checkpoint(stage, step, model, None, {}, keep_last=1)
     assert [s for s, _ in list_checkpoints(stage)] == [6]
     save_checkpoint(stage, 3, model, None, {}, keep_last=5)  # an older good one, as a longer keep_last leaves
-    flip_bytes(tmp_path / "base_train/checkpoints/step_000006/model.safetensors")
+    flip_bytes(tmp_path / "pretrain/checkpoints/step_000006/model.safetensors")
     assert resumable_checkpoint(stage) == checkpoint_dir(stage, 3)
     # the resumed run saves step 4 with keep_last=1: the damaged step 6 does not count against it, so
     # neither the step just saved nor (until then) the one resumed from is pruned on its account
@@ -357,7 +357,7 @@ def test_pruning_keeps_the_checkpoint_resumed_from_until_a_newer_good_one_exists
 
 
 def test_checkpoints_saved_before_checksums_still_verify_and_load(tmp_path):
-    stage = str(tmp_path / "base_train")
+    stage = str(tmp_path / "pretrain")
     model = tiny_model()
     uri = save_checkpoint(stage, 3, model, optimizer_for(model), {})
     m = marker(uri)

@@ -43,7 +43,7 @@ def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, 
     monkeypatch.setenv("NANORUN_RUN", "demo")
     port = free_port()
     ctx = setup_stage(
-        "base_train", parse(["--run-dir", str(tmp_path), "--metrics-port", str(port), "--device", "cpu"])
+        "pretrain", parse(["--run-dir", str(tmp_path), "--metrics-port", str(port), "--device", "cpu"])
     )
     assert (ctx.rank, ctx.world_size, ctx.is_master, ctx.device.type, ctx.already_done) == (
         0,
@@ -65,31 +65,30 @@ def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, 
         eta_seconds=1.0,
         mfu=0.4,
     )
-    progress = read_progress(str(tmp_path), "base_train")
+    progress = read_progress(str(tmp_path), "pretrain")
     assert (progress.step, progress.total_steps, progress.loss, progress.extra["lr"]) == (5, 10, 2.5, 0.01)
     ctx.progress(flush=True, step=6, val_bpb=1.5)
-    progress = read_progress(str(tmp_path), "base_train")
+    progress = read_progress(str(tmp_path), "pretrain")
     assert (progress.step, progress.loss, progress.val_bpb) == (6, 2.5, 1.5)  # merged, not replaced
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in TRAINER_SERIES:
         assert f"{name}{{" in body, name
-    assert 'llm_train_step{rank="0",run="demo",stage="base_train"} 6.0' in body
-    assert 'llm_train_tokens_total{rank="0",run="demo",stage="base_train"} 1000.0' in body
+    assert 'llm_train_step{rank="0",run="demo",stage="pretrain"} 6.0' in body
+    assert 'llm_train_tokens_total{rank="0",run="demo",stage="pretrain"} 1000.0' in body
 
     ctx.record(step=6, loss=2.5)
     ctx.done({"val_bpb": 1.5}, {"checkpoint": "somewhere"})
-    assert read_done(str(tmp_path), "base_train").metrics == {"val_bpb": 1.5}
+    assert read_done(str(tmp_path), "pretrain").metrics == {"val_bpb": 1.5}
     assert (
-        storage.read_text(str(tmp_path / "base_train" / "history.jsonl")).strip()
-        == '{"loss": 2.5, "step": 6}'
+        storage.read_text(str(tmp_path / "pretrain" / "history.jsonl")).strip() == '{"loss": 2.5, "step": 6}'
     )
     teardown(ctx)
 
 
 def test_a_finished_stage_reports_already_done(tmp_path):
-    write_done(str(tmp_path), Done(stage="base_train", seconds=3.0, outputs={"checkpoint": "x"}))
-    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    write_done(str(tmp_path), Done(stage="pretrain", seconds=3.0, outputs={"checkpoint": "x"}))
+    ctx = setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
     assert ctx.already_done is not None and ctx.already_done.outputs == {"checkpoint": "x"}
     assert ctx.metrics is None  # no server, no signal handler: the stage only exits
     teardown(ctx)
@@ -105,11 +104,11 @@ def no_executor_env(monkeypatch):
 def test_progress_carries_the_attempt_and_done_json_the_config_id(tmp_path, no_executor_env, restore_sigterm):
     no_executor_env.setenv("NANORUN_ATTEMPT", "2")
     no_executor_env.setenv("NANORUN_CONFIG_ID", "cfg-a")
-    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx = setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
     ctx.progress(flush=True, step=1, total_steps=3)
-    assert read_progress(str(tmp_path), "base_train").attempt == 2
+    assert read_progress(str(tmp_path), "pretrain").attempt == 2
     ctx.done({}, {"checkpoint": "x"})
-    assert read_done(str(tmp_path), "base_train").config_id == "cfg-a"
+    assert read_done(str(tmp_path), "pretrain").config_id == "cfg-a"
     teardown(ctx)
 
 
@@ -126,10 +125,10 @@ def test_progress_carries_the_attempt_and_done_json_the_config_id(tmp_path, no_e
 def test_a_done_json_of_another_config_id_runs_the_stage_again(
     tmp_path, no_executor_env, restore_sigterm, capsys, done_id, env_id, already_done
 ):
-    write_done(str(tmp_path), Done(stage="base_train", seconds=3.0, config_id=done_id))
+    write_done(str(tmp_path), Done(stage="pretrain", seconds=3.0, config_id=done_id))
     if env_id:
         no_executor_env.setenv("NANORUN_CONFIG_ID", env_id)
-    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx = setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
     out = capsys.readouterr().out
     assert (ctx.already_done is not None) is already_done
     if already_done:
@@ -141,7 +140,7 @@ def test_a_done_json_of_another_config_id_runs_the_stage_again(
         )
         assert ctx.metrics is not None  # set up to run
         ctx.done({}, {})
-        assert read_done(str(tmp_path), "base_train").config_id == env_id  # the new run's done.json
+        assert read_done(str(tmp_path), "pretrain").config_id == env_id  # the new run's done.json
     teardown(ctx)
 
 
@@ -149,22 +148,22 @@ def test_a_stage_stopped_by_sigterm_marks_progress_preempted_with_its_attempt(
     tmp_path, no_executor_env, restore_sigterm, capsys
 ):
     no_executor_env.setenv("NANORUN_ATTEMPT", "3")
-    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx = setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
     ctx.progress(flush=True, step=5, total_steps=10)
-    assert read_progress(str(tmp_path), "base_train").stopped == ""
+    assert read_progress(str(tmp_path), "pretrain").stopped == ""
     os.kill(os.getpid(), signal.SIGTERM)
     assert ctx.should_stop()
-    assert exit_preempted(ctx, "run/base_train/checkpoints/step_000005") == PREEMPTED_EXIT_CODE
-    p = read_progress(str(tmp_path), "base_train")
+    assert exit_preempted(ctx, "run/pretrain/checkpoints/step_000005") == PREEMPTED_EXIT_CODE
+    p = read_progress(str(tmp_path), "pretrain")
     assert (p.stopped, p.attempt, p.step) == ("preempted", 3, 5)
-    assert p.last_checkpoint == "run/base_train/checkpoints/step_000005"
+    assert p.last_checkpoint == "run/pretrain/checkpoints/step_000005"
     assert re.search(
         r"SIGTERM checkpoint saved in \d+\.\d\d s \(\d+\.\d\d s after SIGTERM\)", capsys.readouterr().out
     )
 
 
 def test_sigterm_sets_the_stop_flag_instead_of_killing(tmp_path, restore_sigterm):
-    ctx = setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx = setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
     assert not ctx.should_stop()
     os.kill(os.getpid(), signal.SIGTERM)
     assert ctx.should_stop()
@@ -213,7 +212,7 @@ def test_torchrun_environment_starts_gloo_and_ranks_agree_on_sigterm(tmp_path):
     assert "rank=1 world=2 local=1 before=False after=True" in outs[1][0]
     # rank 0 was not signalled itself, yet it writes the marker (rank 1 writes no status files)
     assert "SIGTERM checkpoint saved in" in outs[0][0] and "SIGTERM checkpoint" not in outs[1][0]
-    progress = read_progress(str(tmp_path), "base_train")
+    progress = read_progress(str(tmp_path), "pretrain")
     assert (progress.stopped, progress.attempt, progress.last_checkpoint) == (
         "preempted",
         4,
@@ -227,4 +226,4 @@ def test_world_size_without_master_address_is_a_clear_error(tmp_path, monkeypatc
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(SystemExit, match="MASTER_ADDR, MASTER_PORT is not set"):
-        setup_stage("base_train", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+        setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))

@@ -20,7 +20,7 @@ def exported(m: TrainMetrics) -> dict[str, float]:
 
 
 def test_gauges_are_exported_from_their_first_value_and_counters_from_zero() -> None:
-    m = TrainMetrics("base_train", rank=0, run="r")
+    m = TrainMetrics("pretrain", rank=0, run="r")
     assert exported(m) == {
         "llm_train_tokens_total": 0.0,
         "llm_train_step_seconds_count": 0.0,

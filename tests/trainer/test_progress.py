@@ -27,7 +27,7 @@ from nanorun.pipeline.progress import (
     ],
 )
 def test_a_done_json_counts_as_done_only_for_the_same_config_id(done_id, env_id, current):
-    assert is_current(Done(stage="base_train", seconds=1.0, config_id=done_id), env_id) is current
+    assert is_current(Done(stage="pretrain", seconds=1.0, config_id=done_id), env_id) is current
 
 
 def test_no_done_json_is_never_done():
@@ -46,9 +46,9 @@ def test_attempt_and_config_id_come_from_the_environment(monkeypatch):
 
 def test_new_fields_round_trip_and_old_files_read_with_defaults(tmp_path):
     run = str(tmp_path)
-    write_progress(run, Progress(stage="base_train", step=4, attempt=2, stopped="preempted"))
-    write_done(run, Done(stage="base_train", seconds=1.0, config_id="cfg-a"))
-    p, d = read_progress(run, "base_train"), read_done(run, "base_train")
+    write_progress(run, Progress(stage="pretrain", step=4, attempt=2, stopped="preempted"))
+    write_done(run, Done(stage="pretrain", seconds=1.0, config_id="cfg-a"))
+    p, d = read_progress(run, "pretrain"), read_done(run, "pretrain")
     assert (p.attempt, p.stopped, d.config_id) == (2, "preempted", "cfg-a")
     assert (
         Progress.from_dict({"stage": "x"}).attempt == 0 and Progress.from_dict({"stage": "x"}).stopped == ""

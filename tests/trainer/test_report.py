@@ -25,35 +25,35 @@ def fake_run(run_dir: str) -> None:
                 storage.join(run_dir, name, "history.jsonl"), "".join(json.dumps(r) + "\n" for r in history)
             )
 
-    stage("tok_train", 60, {})
+    stage("tokenizer", 60, {})
     stage(
-        "base_train",
+        "pretrain",
         7200,
         {"val_bpb": 0.8123},
         world_size=8,
         history=[{"step": s, "loss": 5 - s / 100} for s in range(0, 300, 10)]
         + [{"step": 300, "val_bpb": 0.8123}],
     )
-    stage("base_eval", 600, {"core": 0.2219}, world_size=8)
+    stage("baseEval", 600, {"core": 0.2219}, world_size=8)
     stage(
-        "mid_train",
+        "midtrain",
         900,
         {"val_bpb": 0.7011},
         history=[{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.1}, {"step": 2, "val_bpb": 0.7011}],
     )
-    stage("chat_sft", 300, {"val_bpb": 0.6555}, history=[{"step": 1, "loss": 1.9}, {"step": 2, "loss": 1.7}])
+    stage("sft", 300, {"val_bpb": 0.6555}, history=[{"step": 1, "loss": 1.9}, {"step": 2, "loss": 1.7}])
     stage(
-        "chat_rl",
+        "rl",
         1800,
         {"pass@1": 0.0758, "task": "GSM8K"},
         history=[{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.3}],
     )
     storage.write_json(
-        storage.join(run_dir, "chat_eval", "chat_sft.json"),
+        storage.join(run_dir, "eval", "sft.json"),
         {"results": {"ARC-Easy": 0.3876, "MMLU": 0.3151, "GSM8K": 0.0455}, "ChatCORE": 0.0884},
     )
     storage.write_text(
-        storage.join(run_dir, "chat_eval", "samples", "chat_sft.jsonl"),
+        storage.join(run_dir, "eval", "samples", "sft.jsonl"),
         json.dumps(
             {
                 "task": "GSM8K",
@@ -64,7 +64,7 @@ def fake_run(run_dir: str) -> None:
         )
         + "\n",
     )
-    stage("chat_eval", 120, {})
+    stage("eval", 120, {})
 
 
 def run_report(run_dir: str, *args: str) -> subprocess.CompletedProcess:
@@ -89,8 +89,8 @@ def test_report_has_the_stage_table_costs_samples_and_plots(tmp_path):
     assert "| GSM8K | - | - | 0.0455 | 0.0758 |" in report
     assert "| val bpb | 0.8123 | 0.7011 | 0.6555 | - |" in report
     assert "| ChatCORE | - | - | 0.0884 | - |" in report
-    # base_train: 2 h on 8 processes = 16 GPU-hours at 2.50 = 40.00
-    assert "| base_train | 2h00m00s | 8 | 16.000 | $40.00 |" in report
+    # pretrain: 2 h on 8 processes = 16 GPU-hours at 2.50 = 40.00
+    assert "| pretrain | 2h00m00s | 8 | 16.000 | $40.00 |" in report
     assert "What is 2+3?" in report and "#### 5" in report
     assert "python" in report and "git commit" in report
     for plot in ("loss.png", "bpb.png", "rl.png"):
@@ -104,7 +104,7 @@ def test_report_has_the_stage_table_costs_samples_and_plots(tmp_path):
 def test_report_of_a_partial_run_in_s3_shows_missing_stages_as_dashes(s3_run_dir):
     from nanorun.trainer.report import write_report
 
-    write_done(s3_run_dir, Done(stage="base_train", seconds=30, metrics={"val_bpb": 1.5}))
+    write_done(s3_run_dir, Done(stage="pretrain", seconds=30, metrics={"val_bpb": 1.5}))
     uri = write_report(s3_run_dir)
     report = storage.read_text(uri)
     assert "| val bpb | 1.5000 | - | - | - |" in report and "## Curves" not in report

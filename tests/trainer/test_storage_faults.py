@@ -29,10 +29,10 @@ TINY = [f if f != "6" else "4" for f in FLAGS]  # 4 steps, checkpoints at 3 and 
 
 
 def history(run_dir: str) -> list[dict]:
-    """base_train's history.jsonl less what the wall clock measured (step time, throughput)."""
+    """pretrain's history.jsonl less what the wall clock measured (step time, throughput)."""
     rows = [
         json.loads(line)
-        for line in storage.read_text(storage.join(run_dir, "base_train", "history.jsonl")).splitlines()
+        for line in storage.read_text(storage.join(run_dir, "pretrain", "history.jsonl")).splitlines()
     ]
     return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_sec", "mfu")} for r in rows]
 
@@ -72,8 +72,8 @@ def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(
         storage.upload_from(f, storage.join(data, f.name))
     runs = {"clean": f"s3://{s3_bucket}/runs/clean", "faulty": f"s3://{s3_bucket}/runs/faulty"}
     for run in runs.values():
-        for f in (Path(tiny_base_run) / "tok_train").iterdir():
-            storage.upload_from(f, storage.join(run, "tok_train", f.name))
+        for f in (Path(tiny_base_run) / "tokenizer").iterdir():
+            storage.upload_from(f, storage.join(run, "tokenizer", f.name))
 
     base_train(runs["clean"], data, s3_server)
     before, start = faulty_s3.injected, time.time()
@@ -85,9 +85,9 @@ def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(
 
     assert faulty_s3.injected > before  # the run itself met faults, not only the uploads above
     assert history(runs["faulty"]) == history(runs["clean"])
-    done = read_done(runs["faulty"], "base_train")
+    done = read_done(runs["faulty"], "pretrain")
     assert done.metrics["steps"] == 4
-    assert [s for s, _ in list_checkpoints(storage.join(runs["faulty"], "base_train"))] == [3, 4]
+    assert [s for s, _ in list_checkpoints(storage.join(runs["faulty"], "pretrain"))] == [3, 4]
     load_model(done.outputs["checkpoint"], "cpu")  # every file of it whole
 
 
@@ -110,16 +110,16 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
     run, data = fresh_run(tiny_base_run, tmp_path / "run")
     check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))  # checkpoints at steps 3 and 6
     straight = losses(run)
-    (Path(run) / "base_train" / "done.json").unlink()  # as if it crashed right after saving step 6...
-    weights = Path(checkpoint_dir(str(Path(run) / "base_train"), 6)) / "model.safetensors"
+    (Path(run) / "pretrain" / "done.json").unlink()  # as if it crashed right after saving step 6...
+    weights = Path(checkpoint_dir(str(Path(run) / "pretrain"), 6)) / "model.safetensors"
     found = damage(weights)  # ...and the disk damaged its weights
 
     out = check(run_stage("base_train", "--run-dir", run, "--data", data, *FLAGS))
     assert (
         f"warning: checkpoint file {weights} is corrupt: {found}" in out.stderr
-        and f"; resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)}\n" in out.stderr
+        and f"; resuming from {checkpoint_dir(str(Path(run) / 'pretrain'), 3)}\n" in out.stderr
     ), out.stderr
-    assert f"resuming from {checkpoint_dir(str(Path(run) / 'base_train'), 3)} (step 3" in out.stdout
+    assert f"resuming from {checkpoint_dir(str(Path(run) / 'pretrain'), 3)} (step 3" in out.stdout
     assert losses(run) == straight  # steps 4-6 trained again, identically
-    verify_checkpoint(checkpoint_dir(str(Path(run) / "base_train"), 6))  # and saved whole this time
-    assert [s for s, _ in list_checkpoints(str(Path(run) / "base_train"))] == [3, 6]
+    verify_checkpoint(checkpoint_dir(str(Path(run) / "pretrain"), 6))  # and saved whole this time
+    assert [s for s, _ in list_checkpoints(str(Path(run) / "pretrain"))] == [3, 6]

@@ -1,4 +1,4 @@
-"""The tok_train stage: writes the stage-contract files, is a no-op when done, works on local and S3
+"""The tokenizer stage: writes the stage-contract files, is a no-op when done, works on local and S3
 run dirs (the S3 run goes through `python -m`, like the operator's job)."""
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ def test_stage_writes_tokenizer_progress_and_done(data_dir, tmp_path):
         )
         == 0
     )
-    done = read_done(run_dir, "tok_train")
+    done = read_done(run_dir, "tokenizer")
     m = done.metrics
     assert 300_000 <= m["chars_seen"] < 302_000 and m["vocab_size"] == 700
     assert m["compression_ratio"] > 2.0 and m["val_tokens"] > 0 and done.seconds > 0
-    assert read_progress(run_dir, "tok_train").message == "done"
+    assert read_progress(run_dir, "tokenizer").message == "done"
     tok = Tokenizer.from_run_dir(run_dir)
-    assert tok.vocab_size == 700 and done.outputs["tokenizer"] == os.path.join(run_dir, "tok_train")
+    assert tok.vocab_size == 700 and done.outputs["tokenizer"] == os.path.join(run_dir, "tokenizer")
     scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    assert 'llm_train_total_steps{rank="0",run="local",stage="tok_train"} 300000.0' in scrape
+    assert 'llm_train_total_steps{rank="0",run="local",stage="tokenizer"} 300000.0' in scrape
 
 
 def test_second_run_is_a_no_op(data_dir, tmp_path, capsys):
@@ -78,8 +78,8 @@ def test_a_done_json_of_another_config_id_trains_again_with_the_new_flags(
     monkeypatch.setenv("NANORUN_CONFIG_ID", "cfg-300")
     monkeypatch.setenv("NANORUN_ATTEMPT", "1")
     assert tok_train.main([*args, "--vocab-size", "300"]) == 0
-    assert read_done(run_dir, "tok_train").config_id == "cfg-300"
-    assert read_progress(run_dir, "tok_train").attempt == 1
+    assert read_done(run_dir, "tokenizer").config_id == "cfg-300"
+    assert read_progress(run_dir, "tokenizer").attempt == 1
     assert tok_train.main([*args, "--vocab-size", "300"]) == 0  # the same config: a no-op
     assert "already done" in capsys.readouterr().out
 
@@ -87,7 +87,7 @@ def test_a_done_json_of_another_config_id_trains_again_with_the_new_flags(
     assert tok_train.main([*args, "--vocab-size", "400"]) == 0
     out = capsys.readouterr().out
     assert "re-running after a spec change: done.json is of config cfg-300, this run is config cfg-400" in out
-    done = read_done(run_dir, "tok_train")
+    done = read_done(run_dir, "tokenizer")
     assert (done.config_id, done.metrics["vocab_size"]) == ("cfg-400", 400)
 
 
@@ -108,7 +108,7 @@ def test_stage_runs_with_an_s3_run_dir_and_s3_data(data_dir, s3_run_dir):
             "100000",
         )
     )
-    assert read_done(s3_run_dir, "tok_train").metrics["vocab_size"] == 400
+    assert read_done(s3_run_dir, "tokenizer").metrics["vocab_size"] == 400
     assert Tokenizer.from_run_dir(s3_run_dir).encode("hello") != []
     again = check(run_stage("tok_train", "--run-dir", s3_run_dir, "--data", data))
     assert "already done" in again.stdout
@@ -117,7 +117,7 @@ def test_stage_runs_with_an_s3_run_dir_and_s3_data(data_dir, s3_run_dir):
 def test_missing_data_fails_with_a_clear_message(tmp_path):
     proc = run_stage("tok_train", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "nothing"))
     assert proc.returncode == 1 and "nanorun data prepare" in proc.stderr
-    assert read_done(str(tmp_path / "run"), "tok_train") is None
+    assert read_done(str(tmp_path / "run"), "tokenizer") is None
 
 
 def truncated(path) -> None:
@@ -156,4 +156,4 @@ def test_a_damaged_shard_ends_the_stage_with_one_line_naming_it(data_dir, tmp_pa
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr  # no traceback: the line is what the operator shows
     assert proc.stderr.startswith(f"error: shard {bad} {message}"), proc.stderr
-    assert read_done(str(tmp_path / "run"), "tok_train") is None
+    assert read_done(str(tmp_path / "run"), "tokenizer") is None

@@ -109,8 +109,8 @@ def test_save_and_load_round_trip_locally(tmp_path):
 
 
 def test_save_and_load_round_trip_on_s3(s3_run_dir):
-    tokenizer().save(f"{s3_run_dir}/tok_train")
-    assert storage.exists(f"{s3_run_dir}/tok_train/tokenizer.tiktoken")
+    tokenizer().save(f"{s3_run_dir}/tokenizer")
+    assert storage.exists(f"{s3_run_dir}/tokenizer/tokenizer.tiktoken")
     assert_same_tokenizer(Tokenizer.from_run_dir(s3_run_dir), tokenizer())
 
 
@@ -127,7 +127,7 @@ def test_plain_tiktoken_loads_the_rank_file(tmp_path):
 
 
 def test_missing_run_tokenizer_says_to_run_tok_train(tmp_path):
-    with pytest.raises(TokenizerError, match="run the tok_train stage first"):
+    with pytest.raises(TokenizerError, match="run the tokenizer stage first"):
         Tokenizer.from_run_dir(str(tmp_path))
 
 

@@ -19,10 +19,10 @@ def test_tok_eval_reports_compression_on_the_validation_shard(tmp_path, capsys):
         (src / f"{i:04d}.txt").write_text(doc)
     prepare(str(tmp_path / "data"), [str(src)], shard_chars=150_000)
     run_dir = str(tmp_path / "run")
-    Tokenizer.train_from_iterator(iter(real_english_documents()), 500).save(f"{run_dir}/tok_train")
+    Tokenizer.train_from_iterator(iter(real_english_documents()), 500).save(f"{run_dir}/tokenizer")
 
     assert tok_eval.main(["--run-dir", run_dir, "--data", str(tmp_path / "data")]) == 0
-    report = storage.read_json(f"{run_dir}/tok_train/tok_eval.json")
+    report = storage.read_json(f"{run_dir}/tokenizer/tok_eval.json")
     ours = report["results"]["nanorun"]
     assert ours["vocab_size"] == 500 and 2.0 < ours["chars_per_token"] < 5.0
     assert ours["bytes_per_token"] >= ours["chars_per_token"]
@@ -35,4 +35,4 @@ def test_tok_eval_reports_compression_on_the_validation_shard(tmp_path, capsys):
 def test_tok_eval_without_a_tokenizer_says_to_run_tok_train(tmp_path, capsys):
     assert run_main(lambda: tok_eval.main(["--run-dir", str(tmp_path), "--data", str(tmp_path)])) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "run the tok_train stage first" in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "run the tokenizer stage first" in err

@@ -1,4 +1,4 @@
-"""A one-layer GPT and its optimizer for the post-training unit tests (chat_sft, chat_rl)."""
+"""A one-layer GPT and its optimizer for the post-training unit tests (sft, rl)."""
 
 from __future__ import annotations
 

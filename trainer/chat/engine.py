@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from nanorun.pipeline import layout
-from nanorun.pipeline.stages import MODEL_MODULES
+from nanorun.pipeline.stages import MODEL_KEYS
 from nanorun.trainer.chat.calculator import calculate
 from nanorun.trainer.chat.conversation import normalize_messages, render_for_completion
 
@@ -318,19 +318,18 @@ def fit_conversation(
     )
 
 
-CHAT_STAGES = MODEL_MODULES  # stages with a model checkpoint, newest first
-
-
 def resolve_checkpoint(uri: str) -> str:
     """A committed checkpoint for `uri`: a checkpoint directory itself, the newest one of a stage
-    directory, or the newest one of the latest-trained stage of a run directory."""
-    from nanorun.pipeline import storage
+    directory, or the newest one of the latest-trained stage of a run directory (also in the stage
+    folders of a run written before stages had one name, `<run-dir>/chat_sft/`)."""
     from nanorun.trainer.training.checkpoint import CheckpointError, is_committed, latest_checkpoint
 
     uri = uri.rstrip("/")
     if is_committed(uri):
         return uri
-    candidates = [uri] + [storage.join(uri, stage) for stage in CHAT_STAGES]
+    candidates = [uri] + [
+        d for key in MODEL_KEYS for d in (layout.stage_dir(uri, key), layout.legacy_stage_dir(uri, key))
+    ]
     for candidate in candidates:
         found = latest_checkpoint(candidate)
         if found:
@@ -338,13 +337,13 @@ def resolve_checkpoint(uri: str) -> str:
     raise CheckpointError(
         f"no checkpoint at {uri}: give a checkpoint directory (<run-dir>/<stage>/checkpoints/step_NNNNNN "
         f"with a COMMITTED marker), a stage directory, or a run directory in which one of "
-        f"{', '.join(CHAT_STAGES)} has saved a checkpoint (train one with `nanorun run FILE`)"
+        f"{', '.join(MODEL_KEYS)} has saved a checkpoint (train one with `nanorun run FILE`)"
     )
 
 
 def tokenizer_dir_for(checkpoint_uri: str) -> str:
     """The tokenizer folder of the run a checkpoint (`<run-dir>/<stage>/checkpoints/step_NNNNNN`) belongs to."""
-    return layout.tokenizer_dir(layout.run_dir_of_checkpoint(checkpoint_uri))
+    return layout.tokenizer_dir_to_read(layout.run_dir_of_checkpoint(checkpoint_uri))
 
 
 def default_device() -> torch.device:

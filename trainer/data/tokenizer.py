@@ -1,7 +1,7 @@
 """The nanorun tokenizer: byte-level BPE trained by the Rust trainer (`nanorun._bpe`), served by tiktoken.
 
     tok = Tokenizer.train_from_iterator(texts, vocab_size=32768)   # merges learned in Rust
-    tok.save("s3://bucket/run/tok_train")                          # or a local directory
+    tok.save("s3://bucket/run/tokenizer")                          # or a local directory
     tok = Tokenizer.from_run_dir("s3://bucket/run")                # what every later stage does
     ids = tok.encode("Hello", prepend="<|bos|>")
 
@@ -43,7 +43,7 @@ SPECIAL_TOKENS = [
 # newlines, and whitespace.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-TIKTOKEN_FILE = "tokenizer.tiktoken"
+TIKTOKEN_FILE = layout.TOKENIZER_FILE  # "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 
@@ -163,7 +163,7 @@ class Tokenizer:
         except FileNotFoundError as err:
             raise TokenizerError(
                 f"no tokenizer in {dir_uri}: {err} is missing (it needs {TIKTOKEN_FILE} "
-                f"and {CONFIG_FILE}, as written by the tok_train stage)"
+                f"and {CONFIG_FILE}, as written by the tokenizer stage)"
             ) from err
         except ValueError as err:
             raise TokenizerError(f"{config_uri} is not valid JSON: {err}") from err
@@ -176,11 +176,11 @@ class Tokenizer:
 
     @classmethod
     def from_run_dir(cls, run_dir: str) -> Tokenizer:
-        """The tokenizer of a run: `<run_dir>/tok_train/` (written by the tok_train stage)."""
-        dir_uri = layout.tokenizer_dir(run_dir)
+        """The tokenizer of a run: `<run_dir>/tokenizer/` (written by the tokenizer stage)."""
+        dir_uri = layout.tokenizer_dir_to_read(run_dir)
         if not storage.exists(storage.join(dir_uri, TIKTOKEN_FILE)):
             raise TokenizerError(
-                f"no tokenizer in {dir_uri}: run the tok_train stage first "
+                f"no tokenizer in {dir_uri}: run the tokenizer stage first "
                 f"(python -m nanorun.trainer.tok_train --run-dir {run_dir})"
             )
         return cls.load(dir_uri)

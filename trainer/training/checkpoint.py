@@ -49,8 +49,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from nanorun.pipeline import storage
 from nanorun.pipeline.errors import StageError, one_line
-from nanorun.pipeline.layout import STEP_DIR, checkpoint_dir, checkpoints_dir
+from nanorun.pipeline.layout import DONE_FILE, STEP_DIR, checkpoint_dir, checkpoints_dir, stage_dir
 from nanorun.pipeline.progress import current_config_id, read_done
+from nanorun.pipeline.stages import stage_named
 from nanorun.trainer.training.distributed import barrier, gather_objects, is_distributed, rank_and_world
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -446,12 +447,18 @@ def _load_optimizer_files(state: dict, local_dir: str, source: str) -> None:
 
 
 def final_checkpoint(run_dir: str, stage: str) -> str:
-    """The checkpoint a finished stage's done.json points at (a clear error when there is none)."""
-    done = read_done(run_dir, stage)
+    """The checkpoint a finished stage's done.json points at (a clear error when there is none).
+    `stage`: its key, or its old module name."""
+    try:
+        named = stage_named(stage)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    stage, done = named.key, read_done(run_dir, named.key)
     if done is None:
         raise CheckpointError(
-            f"stage {stage!r} has not finished in {run_dir}: no {storage.join(run_dir, stage, 'done.json')}; "
-            f"run `python -m nanorun.trainer.{stage} --run-dir {run_dir}` first"
+            f"stage {stage!r} has not finished in {run_dir}: no "
+            f"{storage.join(stage_dir(run_dir, stage), DONE_FILE)}; "
+            f"run `python -m nanorun.trainer.{named.module} --run-dir {run_dir}` first"
         )
     uri = done.outputs.get("checkpoint")
     if not uri:

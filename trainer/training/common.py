@@ -4,7 +4,7 @@ A stage's file is about what the stage does; everything every stage needs lives 
 
     parser = argparse.ArgumentParser(...)
     add_common_args(parser)                 # --run-dir, --metrics-port, --device, --seed
-    ctx = setup_stage("base_train", parser.parse_args())
+    ctx = setup_stage("pretrain", parser.parse_args())
     if ctx.already_done:                    # the stage finished before: a no-op (idempotent)
         return teardown(ctx)
     resume = resumable_checkpoint(ctx.stage_dir)  # (checkpoint.py) this configuration's newest
@@ -57,6 +57,7 @@ from nanorun.pipeline.progress import (
     write_done,
     write_progress,
 )
+from nanorun.pipeline.stages import stage_named
 from nanorun.trainer.training import distributed
 from nanorun.trainer.training.metrics import TrainMetrics, WandbLogger
 
@@ -246,7 +247,9 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
-    """Start a stage process: distributed init, device, seeds, metrics server, SIGTERM handler."""
+    """Start a stage process: distributed init, device, seeds, metrics server, SIGTERM handler.
+    `stage` is the stage's key (pipeline/stages.py), the name of its folder, files, metrics and logs."""
+    stage = stage_named(stage).key  # an entry point may still name itself by its module
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -1,7 +1,7 @@
-"""What the post-training stages (`mid_train`, `chat_sft`, `chat_rl`) share: where they start from,
+"""What the post-training stages (`midtrain`, `sft`, `rl`) share: where they start from,
 their optimizer and learning-rate schedule, their loop and their checkpoints.
 
-    model, optimizer, start = start_training(ctx, sources=("mid_train", "base_train"), init_lr_frac=0.8)
+    model, optimizer, start = start_training(ctx, sources=("midtrain", "pretrain"), init_lr_frac=0.8)
     outcome = run_loop(ctx, args, model, optimizer, start, steps, evaluate=..., train_step=...,
                        checkpoint_meta=...)       # the stage's own evaluation, step and loop state
     if outcome.preempted:
@@ -15,7 +15,7 @@ their optimizer and learning-rate schedule, their loop and their checkpoints.
   `--save-every` steps and when preempted (SIGTERM: it then returns `preempted`), and reports each
   step to the log, progress.json, the metrics and history.jsonl.
 - Learning rates are the pretraining run's (stored in every checkpoint's meta) times
-  `--init-lr-frac`, so post-training inherits the scaling base_train derived from the model size.
+  `--init-lr-frac`, so post-training inherits the scaling pretraining derived from the model size.
 - Each checkpoint records `lr` and `source`, so the next stage inherits them too.
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from nanorun.pipeline.progress import is_done
+from nanorun.pipeline.stages import BY_KEY, stage_named
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import teardown
 
@@ -45,7 +46,7 @@ DEFAULT_LR = {
 def add_finetune_args(parser: argparse.ArgumentParser, *, source: str, init_lr_frac: float) -> None:
     g = parser.add_argument_group("training")
     g.add_argument(
-        "--source", default=source, help="stage(s) to start from, first finished wins (comma-separated)"
+        "--source", default=source, help="stage key(s) to start from, first finished wins (comma-separated)"
     )
     g.add_argument(
         "--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the data)"
@@ -80,14 +81,19 @@ class Start:
 
 
 def source_checkpoint(run_dir: str, sources: tuple[str, ...] | str) -> tuple[str, str]:
-    """(stage, final checkpoint) of the first finished stage in `sources`."""
-    stages = tuple(s.strip() for s in sources.split(",")) if isinstance(sources, str) else sources
+    """(stage key, final checkpoint) of the first finished stage in `sources` (keys; a stage's old
+    module name, e.g. base_train, names it too)."""
+    names = tuple(s.strip() for s in sources.split(",")) if isinstance(sources, str) else sources
+    try:
+        stages = tuple(stage_named(name).key for name in names)
+    except ValueError as err:
+        raise SystemExit(f"--source {','.join(names)}: {err}") from None
     for stage in stages:
         if is_done(run_dir, stage):
             return stage, ckpt.final_checkpoint(run_dir, stage)
     raise SystemExit(
         f"none of the source stages {', '.join(stages)} has finished in {run_dir}; run one of them first "
-        f"(e.g. `python -m nanorun.trainer.{stages[-1]} --run-dir {run_dir}`)"
+        f"(e.g. `python -m nanorun.trainer.{BY_KEY[stages[-1]].module} --run-dir {run_dir}`)"
     )
 
 

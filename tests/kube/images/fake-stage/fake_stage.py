@@ -1,12 +1,13 @@
-"""The fake stage: what `torchrun -m nanorun.trainer.<stage> ...` and `python -m nanorun.trainer.<stage>
+"""The fake stage: what `torchrun -m nanorun.trainer.<module> ...` and `python -m nanorun.trainer.<module>
 ...` run in the test image `nanorun-fake-stage` (tests/kube/images.yaml), so the operator tests drive
 real PyTorchJobs through the real training-operator in seconds instead of training.
 
 It keeps the stage contract (nanorun.pipeline.progress) as a trainer does, on rank 0:
 
-- `<run-dir>/<stage>/progress.json` after every step (with NANORUN_ATTEMPT), starting after the
-  step the last progress.json reached: a stage whose pods were deleted (suspend, preemption) and
-  recreated goes on where it stopped, as a trainer resumes from its checkpoint;
+- `<run-dir>/<stage>/progress.json` (`<stage>`: the key of the stage its module runs) after every
+  step (with NANORUN_ATTEMPT), starting after the step the last progress.json reached: a stage
+  whose pods were deleted (suspend, preemption) and recreated goes on where it stopped, as a
+  trainer resumes from its checkpoint;
 - `<run-dir>/<stage>/done.json` at the end, with a checkpoint output and NANORUN_CONFIG_ID; a stage
   whose done.json is current for its configuration does nothing, as a finished stage does;
 - on SIGTERM: progress.json with `stopped="preempted"` and the attempt, then exit 143.
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 
-from nanorun.pipeline import storage
+from nanorun.pipeline import layout
 from nanorun.pipeline.progress import (
     PREEMPTED,
     Done,
@@ -46,6 +47,7 @@ from nanorun.pipeline.progress import (
     write_done,
     write_progress,
 )
+from nanorun.pipeline.stages import stage_named
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,7 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    stage = args.module.rsplit(".", 1)[-1]
+    stage = stage_named(args.module.rsplit(".", 1)[-1]).key  # as the trainer's setup_stage names it
     attempt, config_id = current_attempt(), current_config_id()
     fail_attempts = {int(a) for a in args.fake_fail_attempts.split(",") if a.strip()}
     steps, step_seconds = args.fake_steps, args.fake_step_seconds
@@ -112,7 +114,7 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
         return 1
-    checkpoint = storage.join(args.run_dir, stage, "checkpoints", f"step_{steps:06d}")
+    checkpoint = layout.checkpoint_dir(layout.stage_dir(args.run_dir, stage), steps)
     write_done(
         args.run_dir,
         Done(
