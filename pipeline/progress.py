@@ -4,7 +4,7 @@
 Writers: every stage (rank 0). Readers: the operator (LLMRun status), the local executor (progress
 bars), the report. One dataclass each, so writer and readers agree on the fields.
 
-    <run-dir>/<stage>/progress.json   step, total_steps, loss, ..., attempt, stopped
+    <run-dir>/<stage>/progress.json   stage, step, total_steps, loss, ..., attempt, stopped
     <run-dir>/<stage>/done.json       stage, seconds, metrics{...}, outputs{...}, config_id
 
 `<stage>` and the `stage` field are the stage's key (pipeline/stages.py); the readers also find the
