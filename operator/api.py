@@ -233,11 +233,11 @@ class StageSpec(Model):
 
 
 class TokenizerStage(StageSpec):
-    """Train the BPE tokenizer (`tok_train`); its settings are in spec.tokenizer."""
+    """Train the BPE tokenizer (entry point `tok_train`); its settings are in spec.tokenizer."""
 
 
 class PretrainStage(StageSpec):
-    """Pretrain the base model (`base_train`). Unset values are derived from depth, as in nanochat."""
+    """Pretrain the base model (entry point `base_train`). Unset values are derived from depth, as in nanochat."""
 
     target_param_data_ratio: float | None = Field(
         None,
@@ -273,14 +273,14 @@ class PretrainStage(StageSpec):
 
 
 class BaseEvalStage(StageSpec):
-    """Evaluate the base model (`base_eval`): validation bpb, CORE, samples."""
+    """Evaluate the base model (entry point `base_eval`): validation bpb, CORE, samples."""
 
     max_per_task: int | None = Field(None, ge=1, description="At most this many examples per CORE task.")
     device_batch_size: int | None = Field(None, ge=1, description="Sequences per process per forward pass.")
 
 
 class PostTrainStage(StageSpec):
-    """A post-training stage (`mid_train`, `chat_sft`, `chat_rl`)."""
+    """A post-training stage: midtrain, sft or rl (entry points `mid_train`, `chat_sft`, `chat_rl`)."""
 
     num_iterations: int | None = Field(
         None, ge=1, description="Optimizer steps (stage default: one epoch of its mixture)."
@@ -289,7 +289,7 @@ class PostTrainStage(StageSpec):
 
 
 class EvalStage(StageSpec):
-    """Evaluate the chat model (`chat_eval`): ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE."""
+    """Evaluate the chat model (entry point `chat_eval`): ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE."""
 
     max_problems: int | None = Field(None, ge=1, description="At most this many problems per task.")
 
