@@ -169,3 +169,7 @@ async def delete_run_files(spec: kopf.Spec, namespace: str, name: str, **_: Any)
     except Exception as err:
         raise kopf.TemporaryError(f"could not delete {uri}: {err}; retrying", delay=30) from err
     log.info("%s/%s: deleted %d objects under %s", namespace, name, deleted, uri)
+
+
+# LLMSweeps have their own indexes, handlers and reconcile loop in the same operator (sweep_handlers.py).
+from nanorun.operator import sweep_handlers  # noqa: E402, F401

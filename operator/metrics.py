@@ -8,6 +8,8 @@
     llmrun_stage_info{namespace,run,stage,phase} 1 for each run's current stage (the stage timeline)
     llmrun_attempts_ended_total{stage,outcome}   stage attempts whose job failed: preempted (not counted
                                                  against retry.maxAttempts) | failed (counted)
+    llmsweep_point_info{namespace,sweep,run,phase} 1 for each point of each LLMSweep (the dashboard's
+                                                 sweep selector)
 
 `serve(port)` exposes them over HTTP (`nanorun operator --metrics-port`).
 """
@@ -54,7 +56,29 @@ STAGE_INFO = Gauge(
     registry=REGISTRY,
 )
 
+SWEEP_POINT_INFO = Gauge(
+    "llmsweep_point_info",
+    "1 for each point of each LLMSweep, with its LLMRun and phase.",
+    ["namespace", "sweep", "run", "phase"],
+    registry=REGISTRY,
+)
+
 _stage_labels: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+_sweep_labels: dict[tuple[str, str], set[tuple[str, str, str, str]]] = {}
+
+
+def set_sweep_points(namespace: str, sweep: str, phases: dict[str, str]) -> None:
+    """A sweep's points (run → phase) as llmsweep_point_info series, replacing its previous ones;
+    an empty dict forgets the sweep."""
+    labels = {(namespace, sweep, run, phase) for run, phase in phases.items()}
+    for gone in _sweep_labels.get((namespace, sweep), set()) - labels:
+        SWEEP_POINT_INFO.remove(*gone)
+    for series in labels:
+        SWEEP_POINT_INFO.labels(*series).set(1)
+    if labels:
+        _sweep_labels[(namespace, sweep)] = labels
+    else:
+        _sweep_labels.pop((namespace, sweep), None)
 
 
 _run_phase: dict[tuple[str, str], str] = {}

@@ -16,6 +16,8 @@ WORKLOAD_GROUP, WORKLOAD_VERSION, WORKLOAD_PLURAL = "kueue.x-k8s.io", "v1beta2",
 
 # Labels on every stage job (PyTorchJob or TrainJob, and its pods) and on the RayService.
 LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "nanorun.io/attempt"
+# On an LLMSweep's children (its point and tokenizer LLMRuns, its report job): the sweep's name.
+LABEL_SWEEP = "nanorun.io/sweep"
 LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
 # Annotations on every stage job: where its run directory is, which spec.stages key it runs.
 ANNOTATION_RUN_DIR, ANNOTATION_STAGE_KEY = "nanorun.io/run-dir", "nanorun.io/stage-key"

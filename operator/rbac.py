@@ -15,10 +15,14 @@ from typing import Any
 
 OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # LLMRuns: kopf lists and watches them; patch adds/removes the cleanup finalizer and kopf's
-    # bookkeeping annotations.
-    {"apiGroups": ["nanorun.io"], "resources": ["llmruns"], "verbs": ["list", "watch", "patch"]},
+    # bookkeeping annotations; an LLMSweep's children are created.
+    {"apiGroups": ["nanorun.io"], "resources": ["llmruns"], "verbs": ["list", "watch", "patch", "create"]},
     # The operator writes the status (phase, stages, conditions) as a merge patch.
     {"apiGroups": ["nanorun.io"], "resources": ["llmruns/status"], "verbs": ["patch"]},
+    # LLMSweeps: listed and watched; their status is written as a merge patch. A sweep creates its
+    # points and tokenizer run as LLMRuns (the `create` above) and its report as a PyTorchJob.
+    {"apiGroups": ["nanorun.io"], "resources": ["llmsweeps"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["nanorun.io"], "resources": ["llmsweeps/status"], "verbs": ["patch"]},
     # One PyTorchJob per stage attempt: created, watched, patched (runPolicy.suspend).
     {
         "apiGroups": ["kubeflow.org"],

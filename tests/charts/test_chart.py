@@ -158,6 +158,8 @@ def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluste
         assert {r for rule in namespaced for r in rule["resources"]} == {
             "llmruns",
             "llmruns/status",
+            "llmsweeps",
+            "llmsweeps/status",
             "pytorchjobs",
             "trainjobs",
             "rayservices",

@@ -34,7 +34,7 @@ REQUIRED = {
     "serving tokens/s": "nanorun_serve_generated_tokens_total",
 }
 # Grafana's variables, as Prometheus would receive them with "All" selected.
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$run": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$run": ".*", "${sweep}": ".*"}
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,19 @@ def test_run_selector_lists_runs_from_trainer_and_operator_metrics(dashboard: di
     assert run["datasource"]["uid"] == "${datasource}"
     selector = re.fullmatch(r"label_values\((.*),\s*run\)", run["query"]["query"]).group(1)
     assert set(metric_names(parse(selector))) == {"llm_train_step", "llmrun_stage_info"}
+
+
+def test_sweep_selector_lists_sweeps_and_narrows_the_run_selector_to_their_points(
+    dashboard: dict[str, Any],
+) -> None:
+    variables = [v["name"] for v in dashboard["templating"]["list"]]
+    assert variables.index("sweep") < variables.index("run")  # Grafana resolves them in this order
+    sweep = dashboard["templating"]["list"][variables.index("sweep")]
+    assert sweep["query"]["query"] == "label_values(llmsweep_point_info, sweep)"
+    assert sweep["includeAll"] and sweep["allValue"] == ".*"  # All: every run, in a sweep or not
+    run = dashboard["templating"]["list"][variables.index("run")]
+    # A sweep's points are named <sweep>-d<depth>[-f<budget>] (operator/sweep.py).
+    assert 'run=~"${sweep}.*"' in run["query"]["query"]
 
 
 def test_run_scoped_panels_filter_by_the_selected_runs(dashboard: dict[str, Any]) -> None:

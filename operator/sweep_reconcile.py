@@ -1,0 +1,262 @@
+"""One reconcile of one LLMSweep, as a pure decision: which child LLMRuns and report job to create,
+and the sweep's status.
+
+    decision = reconcile_sweep(sweep, body, runs, jobs, read_done, now)
+
+Level-triggered like reconcile.py: it depends only on the sweep, its children as they are now and
+the points' done.json files, so running it twice decides the same thing. The children:
+
+1. unless `template.tokenizer.from` names a run, the tokenizer run `<sweep>-tokenizer`, first;
+2. once it has succeeded, every point's LLMRun at once (owned by the sweep, labelled
+   `nanorun.io/sweep`): they run as many at a time as the cluster, or Kueue with `compute.queue`,
+   admits. A point is an LLMRun, so a failed attempt resumes from its checkpoint as any stage does;
+   a point that has succeeded is never created again;
+3. when every point has ended, the report job `python -m nanorun.trainer.sweep_report` (one CPU
+   process) over the points that succeeded; it is retried up to `template.retry.maxAttempts`.
+
+The status lists every point with its phase and, once it has succeeded, its numbers (read once from
+its done.json files), and counts the points done and running for `kubectl get llmsweep`, with the
+best point so far (lowest validation bits per byte).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanorun.operator.api import API_VERSION, GROUP, VERSION, SpecError, spec_to_dict
+from nanorun.operator.api import KIND as RUN_KIND
+from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
+from nanorun.operator.names import LABEL_ATTEMPT, LABEL_RUN, LABEL_SWEEP
+from nanorun.operator.plan import PlannedStage
+from nanorun.operator.reconcile import Event
+from nanorun.operator.status import job_state, set_condition
+from nanorun.operator.sweep import (
+    KIND,
+    LLMSweepSpec,
+    Point,
+    SweepPointStatus,
+    parse_sweep_spec,
+    point_info,
+    point_infos,
+    point_spec,
+    sweep_dir,
+    sweep_points,
+    tokenizer_run_name,
+    tokenizer_source,
+    tokenizer_spec,
+    trains_tokenizer,
+)
+from nanorun.pipeline import storage
+from nanorun.pipeline import sweep as sweep_files
+from nanorun.pipeline.progress import Done
+from nanorun.pipeline.stages import BY_KEY
+
+# (run directory, stage) → its done.json, or None; may raise on storage errors (retried later).
+ReadDone = Callable[[str, str], Done | None]
+ENDED = ("Succeeded", "Failed")
+ACTIVE = ("Running", "Queued", "Suspended")
+REPORT = PlannedStage("report", "sweep_report", [], False)
+
+
+@dataclass
+class SweepDecision:
+    status: dict[str, Any]
+    create_runs: list[dict[str, Any]] = field(default_factory=list)  # child LLMRun manifests
+    create_jobs: list[dict[str, Any]] = field(default_factory=list)  # the report's PyTorchJob
+    manifest: list[sweep_files.PointInfo] = field(default_factory=list)  # sweep.json, for the report
+    events: list[Event] = field(default_factory=list)
+
+
+def owner_reference(sweep: RunRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": sweep.name,
+        "uid": sweep.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_run(sweep: RunRef, name: str, spec: Any) -> dict[str, Any]:
+    """A child LLMRun: owned by the sweep (deleting the sweep deletes it), labelled with it."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": RUN_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": sweep.namespace,
+            "labels": {LABEL_SWEEP: sweep.name, "app.kubernetes.io/managed-by": "nanorun"},
+            "ownerReferences": [owner_reference(sweep)],
+        },
+        "spec": spec_to_dict(spec),
+    }
+
+
+def report_job(sweep: RunRef, spec: LLMSweepSpec, attempt: int) -> dict[str, Any]:
+    """The report's PyTorchJob: the stage job builder's, owned by the sweep and labelled with it
+    (not with `nanorun.io/run`: no LLMRun follows it)."""
+    job_spec = tokenizer_spec(spec).model_copy(update={"storage": spec.template.storage})
+    job = pytorchjob_for_stage(sweep, job_spec, REPORT, attempt)
+    meta = job["metadata"]
+    meta["ownerReferences"] = [owner_reference(sweep)]
+    for labels in (
+        meta["labels"],
+        job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"],
+    ):
+        labels.pop(LABEL_RUN, None)
+        labels[LABEL_SWEEP] = sweep.name
+    return job
+
+
+def _attempt(job: dict[str, Any]) -> int:
+    try:
+        return int(job["metadata"]["labels"][LABEL_ATTEMPT])
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _point_status(
+    point: Point,
+    run: dict[str, Any] | None,
+    old: dict[str, Any] | None,
+    spec: LLMSweepSpec,
+    read_done: ReadDone,
+) -> SweepPointStatus:
+    phase = ((run or {}).get("status") or {}).get("phase") or "Pending"
+    rec = SweepPointStatus(name=point.name, depth=point.depth, flop_budget=point.flop_budget, phase=phase)
+    if phase != "Succeeded":
+        return rec
+    if old and old.get("phase") == "Succeeded" and old.get("valBpb") is not None:
+        return SweepPointStatus.model_validate(old)  # read once: a finished point does not change
+    run_dir = sweep_files.point_dir(sweep_dir(spec), point_info(point))
+    pre = read_done(run_dir, BY_KEY["pretrain"].module)
+    ev = read_done(run_dir, BY_KEY["baseEval"].module)
+    if pre is not None:
+        m = pre.metrics
+        params, tokens = m.get("scaling_params") or m.get("params"), m.get("tokens")
+        rec.params = int(params) if params is not None else None
+        rec.tokens = int(tokens) if tokens is not None else None
+        rec.flops = m.get("flops")
+        rec.val_bpb = (ev.metrics.get("val_bpb") if ev else None) or m.get("val_bpb")
+        rec.core = ev.metrics.get("core") if ev else None
+        rec.seconds = pre.seconds + (ev.seconds if ev else 0.0)
+    return rec
+
+
+def _invalid(old: dict[str, Any], message: str, generation: int, now: dt.datetime) -> SweepDecision:
+    status = dict(old)
+    conditions = set_condition(
+        list(status.get("conditions") or []), "Degraded", True, "InvalidSpec", message, now
+    )
+    status.update(
+        conditions=conditions, observedGeneration=generation, phase=status.get("phase") or "Pending"
+    )
+    seen = any(
+        c.get("reason") == "InvalidSpec" and c.get("message") == message for c in old.get("conditions") or []
+    )
+    return SweepDecision(status=status, events=[] if seen else [Event("Warning", "InvalidSpec", message)])
+
+
+def reconcile_sweep(
+    sweep: RunRef,
+    body: dict[str, Any],
+    runs: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    read_done: ReadDone,
+    now: dt.datetime,
+) -> SweepDecision:
+    """What to do next for one sweep, given its children (LLMRuns and report jobs labelled with it)."""
+    old = body.get("status") or {}
+    generation = body["metadata"].get("generation", 0)
+    try:
+        spec = parse_sweep_spec(body.get("spec"))
+    except SpecError as err:
+        return _invalid(old, str(err), generation, now)
+    by_name = {r["metadata"]["name"]: r for r in runs}
+    old_points = {p.get("name"): p for p in old.get("points") or []}
+    points = sweep_points(sweep.name, spec)
+    d = SweepDecision(status={}, manifest=point_infos(sweep.name, spec))
+    conditions = list(old.get("conditions") or [])
+
+    tokenizer_phase = "Succeeded"
+    if trains_tokenizer(spec):
+        name = tokenizer_run_name(sweep.name)
+        run = by_name.get(name)
+        if run is None:
+            d.create_runs.append(child_run(sweep, name, tokenizer_spec(spec)))
+            d.events.append(Event("Normal", "TokenizerStarted", f"training the sweep's tokenizer in {name}"))
+        tokenizer_phase = ((run or {}).get("status") or {}).get("phase") or "Pending"
+
+    records = []
+    for point in points:
+        run = by_name.get(point.name)
+        if run is None and tokenizer_phase == "Succeeded":
+            d.create_runs.append(child_run(sweep, point.name, point_spec(spec, point)))
+        records.append(_point_status(point, run, old_points.get(point.name), spec, read_done))
+    if tokenizer_phase == "Succeeded" and any(r.name not in by_name for r in records):
+        created = sum(1 for r in records if r.name not in by_name)
+        d.events.append(Event("Normal", "PointsCreated", f"created {created} of {len(records)} points"))
+
+    done = [r for r in records if r.phase == "Succeeded"]
+    measured = [r for r in done if r.val_bpb is not None]
+    best = min(measured, key=lambda r: r.val_bpb) if measured else None
+    ended = all(r.phase in ENDED for r in records)
+    failed = [r.name for r in records if r.phase == "Failed"]
+
+    report, report_job_name, report_attempts = old.get("report", ""), old.get("reportJob", ""), 0
+    phase = "Running" if runs or d.create_runs else "Pending"
+    message = ""
+    if tokenizer_phase == "Failed":
+        phase, message = "Failed", f"the tokenizer run {tokenizer_run_name(sweep.name)} failed"
+    elif ended and done:
+        mine = sorted(jobs, key=_attempt)
+        latest = mine[-1] if mine else None
+        report_attempts = max(_attempt(latest) if latest else 0, old.get("reportAttempts") or 0)
+        state = job_state(latest).phase if latest else ""
+        if latest is None and not report:
+            job = report_job(sweep, spec, 1)
+            d.create_jobs.append(job)
+            report_job_name, report_attempts = job["metadata"]["name"], 1
+        elif state == "Failed" and report_attempts < spec.template.retry.max_attempts:
+            job = report_job(sweep, spec, report_attempts + 1)
+            d.create_jobs.append(job)
+            report_job_name, report_attempts = job["metadata"]["name"], report_attempts + 1
+        elif state == "Failed":
+            phase, message = "Failed", f"the report job {latest['metadata']['name']} failed"
+        if latest is not None:
+            report_job_name = report_job_name if d.create_jobs else latest["metadata"]["name"]
+        if state == "Succeeded" or (report and latest is None):
+            report = storage.join(sweep_files.report_dir(sweep_dir(spec)), "report.md")
+            phase = "Failed" if failed else "Succeeded"
+            message = f"points failed: {', '.join(failed)}" if failed else ""
+            if not old.get("report"):
+                d.events.append(Event("Normal", "ReportWritten", f"sweep report: {report}"))
+    elif ended:
+        phase, message = "Failed", "every point failed"
+
+    if phase in ENDED and old.get("phase") != phase:
+        d.events.append(
+            Event("Normal" if phase == "Succeeded" else "Warning", f"Sweep{phase}", message or phase)
+        )
+    conditions = set_condition(conditions, "Ready", phase == "Succeeded", phase, message, now)
+    conditions = set_condition(conditions, "Degraded", phase == "Failed" or bool(failed), phase, message, now)
+    d.status = {
+        "phase": phase,
+        "done": len(done),
+        "running": sum(1 for r in records if r.phase in ACTIVE),
+        "total": len(records),
+        "best": best.name if best else "",
+        "bestBpb": best.val_bpb if best else None,
+        "tokenizer": tokenizer_source(spec),
+        "points": [r.model_dump(by_alias=True, exclude_none=True) for r in records],
+        "report": report,
+        "reportJob": report_job_name,
+        "reportAttempts": report_attempts,
+        "conditions": conditions,
+        "observedGeneration": generation,
+    }
+    return d

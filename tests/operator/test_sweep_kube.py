@@ -1,0 +1,119 @@
+"""An LLMSweep on the test cluster, with the operator as a real process and the real controllers:
+the Kubeflow training-operator runs the points' PyTorchJobs on the cluster's nodes (the fake-stage
+image keeps the stage contract on an S3 server in the test's namespace). The points run at once, a
+point whose pod is deleted mid-stage resumes as a new attempt while the others go on, and deleting
+the sweep takes its children with it. Nothing here sets a controller's status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from nanorun.operator.api import GROUP, PLURAL, VERSION
+from nanorun.operator.sweep import KIND
+from nanorun.operator.sweep import PLURAL as SWEEPS
+
+from tests.operator.conftest import get_llmrun, list_jobs, llmrun, wait_for
+
+pytestmark = pytest.mark.kube
+TIMEOUT = 240
+POINTS = ["ladder-d2-f1e9", "ladder-d3-f1e9", "ladder-d2-f2e9", "ladder-d3-f2e9"]
+
+
+def sweep_manifest(run_dir: str, access: dict) -> dict:
+    template = llmrun("template", run_dir, enabled=("pretrain",), storage=access, serving={"enabled": False})[
+        "spec"
+    ]
+    # Slow enough that the points overlap and a pod can be deleted mid-stage.
+    template["stages"]["pretrain"] = {"extraArgs": ["--fake-steps", "40", "--fake-step-seconds", "0.25"]}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": "ladder"},
+        "spec": {"template": template, "depths": [2, 3], "flopBudgets": [1e9, 2e9]},
+    }
+
+
+def get_sweep(api, ns: str) -> dict:
+    return api.get_namespaced_custom_object(GROUP, VERSION, ns, SWEEPS, "ladder")
+
+
+def children(api, ns: str) -> list[str]:
+    runs = api.list_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, label_selector="nanorun.io/sweep=ladder"
+    )
+    return sorted(r["metadata"]["name"] for r in runs["items"])
+
+
+def running_pretrain_pods(kube, ns: str) -> dict[str, str]:
+    """point → its running pretrain pod."""
+    out = kube.kubectl("get", "pods", "-n", ns, "-l", "training.kubeflow.org/job-name", "-o", "json").stdout
+    pods = {}
+    for pod in json.loads(out)["items"]:
+        labels = pod["metadata"]["labels"]
+        pretrain = labels.get("nanorun.io/stage") in ("base_train", "pretrain")  # before and after keys
+        if pretrain and labels.get("nanorun.io/run") in POINTS and pod["status"].get("phase") == "Running":
+            pods[labels["nanorun.io/run"]] = pod["metadata"]["name"]
+    return pods
+
+
+def test_points_run_at_once_a_killed_point_resumes_and_deleting_the_sweep_collects_them(
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
+    ns = kube_namespace
+    custom_api.create_namespaced_custom_object(
+        GROUP, VERSION, ns, SWEEPS, sweep_manifest(cluster_s3.run_dir("ladder"), cluster_s3.access)
+    )
+    # The tokenizer run first, then every point at once: their pretraining pods run side by side.
+    running = wait_for(
+        "two points pretraining at the same time",
+        lambda: (lambda pods: pods if len(pods) >= 2 else None)(running_pretrain_pods(kube, ns)),
+        TIMEOUT,
+        operator_process,
+    )
+    assert children(custom_api, ns) == sorted(["ladder-tokenizer", *POINTS])
+    sweep = get_sweep(custom_api, ns)["status"]
+    assert sweep["total"] == 4 and sweep["running"] >= 2
+
+    # Delete one point's pod mid-stage (what an eviction does): that point gets a new attempt.
+    killed, pod = sorted(running.items())[0]
+    kube.kubectl("delete", "pod", "-n", ns, pod, "--wait=false")
+
+    def all_done():
+        s = (get_sweep(custom_api, ns).get("status")) or {}
+        return s if s.get("done") == 4 else None
+
+    status = wait_for("every point Succeeded", all_done, TIMEOUT, operator_process)
+    pretrain = {
+        p: next(s for s in get_llmrun(custom_api, ns, p)["status"]["stages"] if s["name"] == "pretrain")
+        for p in POINTS
+    }
+    assert pretrain[killed]["attempts"] == 2 and pretrain[killed]["preemptions"] == 1
+    assert all(pretrain[p]["attempts"] == 1 for p in POINTS if p != killed)
+    assert {p["name"] for p in status["points"]} == set(POINTS)
+    assert all(p["phase"] == "Succeeded" for p in status["points"])
+    best = min(status["points"], key=lambda p: p["valBpb"])["name"]
+    assert status["best"] == best
+    header, row = kube.kubectl("get", "llmsweep", "ladder", "-n", ns).stdout.splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "PHASE", "DONE", "RUNNING", "TOTAL", "BEST"]
+    assert row.split()[2:6] == ["4", "0", "4", best]
+    # Every point ended: the report job (owned by the sweep) is created.
+    report = wait_for(
+        "the report job",
+        lambda: [
+            j
+            for j in list_jobs(custom_api, ns)
+            if j["metadata"]["labels"].get("nanorun.io/sweep") == "ladder"
+        ],
+        TIMEOUT,
+        operator_process,
+    )
+    assert report[0]["metadata"]["ownerReferences"][0]["kind"] == KIND
+
+    custom_api.delete_namespaced_custom_object(GROUP, VERSION, ns, SWEEPS, "ladder")
+    wait_for(
+        "the points, their jobs and the report job collected",
+        lambda: not children(custom_api, ns) and not list_jobs(custom_api, ns),
+        TIMEOUT,
+        operator_process,
+    )
