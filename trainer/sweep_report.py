@@ -33,7 +33,6 @@ from typing import Any
 from nanorun.pipeline import progress, storage
 from nanorun.pipeline import sweep as sweep_files
 from nanorun.pipeline.errors import run_main
-from nanorun.pipeline.stages import BY_KEY
 from nanorun.trainer.evaluation.scaling import ComputeOptimal, compute_optimal
 
 
@@ -59,8 +58,8 @@ class PointResult:
 def read_point(sweep_dir: str, info: sweep_files.PointInfo) -> PointResult:
     """A point's numbers from its done.json files (none while it has not finished pretraining)."""
     run_dir = sweep_files.point_dir(sweep_dir, info)
-    pre = progress.read_done(run_dir, BY_KEY["pretrain"].module)
-    ev = progress.read_done(run_dir, BY_KEY["baseEval"].module)
+    pre = progress.read_done(run_dir, "pretrain")
+    ev = progress.read_done(run_dir, "baseEval")
     result = PointResult(info)
     if pre is None:
         return result

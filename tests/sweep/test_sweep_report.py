@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 from nanorun.pipeline import sweep as sweep_files
 from nanorun.pipeline.progress import Done, write_done
-from nanorun.pipeline.stages import BY_KEY
 from nanorun.trainer import sweep_report
 
 A = 0.45  # the synthetic points' compute-optimal size grows as C^A
@@ -25,12 +24,8 @@ def write_point(sweep_dir: str, info: sweep_files.PointInfo, params: float, bpb:
         "tokens": int(tokens),
         "flops": flops,
     }
-    write_done(
-        run_dir, Done(stage=BY_KEY["pretrain"].module, seconds=3600.0, metrics={**pretrain, "val_bpb": bpb})
-    )
-    write_done(
-        run_dir, Done(stage=BY_KEY["baseEval"].module, seconds=360.0, metrics={"val_bpb": bpb, "core": core})
-    )
+    write_done(run_dir, Done(stage="pretrain", seconds=3600.0, metrics={**pretrain, "val_bpb": bpb}))
+    write_done(run_dir, Done(stage="baseEval", seconds=360.0, metrics={"val_bpb": bpb, "core": core}))
 
 
 def isoflop_sweep(sweep_dir: str, unfinished: str = "") -> list[sweep_files.PointInfo]:
