@@ -52,7 +52,6 @@ from nanorun.operator.sweep import (
 from nanorun.pipeline import storage
 from nanorun.pipeline import sweep as sweep_files
 from nanorun.pipeline.progress import Done
-from nanorun.pipeline.stages import BY_KEY
 
 # (run directory, stage) → its done.json, or None; may raise on storage errors (retried later).
 ReadDone = Callable[[str, str], Done | None]
@@ -133,8 +132,8 @@ def _point_status(
     if old and old.get("phase") == "Succeeded" and old.get("valBpb") is not None:
         return SweepPointStatus.model_validate(old)  # read once: a finished point does not change
     run_dir = sweep_files.point_dir(sweep_dir(spec), point_info(point))
-    pre = read_done(run_dir, BY_KEY["pretrain"].module)
-    ev = read_done(run_dir, BY_KEY["baseEval"].module)
+    pre = read_done(run_dir, "pretrain")
+    ev = read_done(run_dir, "baseEval")
     if pre is not None:
         m = pre.metrics
         params, tokens = m.get("scaling_params") or m.get("params"), m.get("tokens")

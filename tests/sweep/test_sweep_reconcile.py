@@ -12,7 +12,6 @@ from nanorun.operator.jobs import RunRef
 from nanorun.operator.names import LABEL_RUN, LABEL_SWEEP
 from nanorun.operator.sweep_reconcile import reconcile_sweep
 from nanorun.pipeline.progress import Done
-from nanorun.pipeline.stages import BY_KEY
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 SWEEP = RunRef("scaling", "team", "uid-1")
@@ -55,7 +54,7 @@ class Files:
         self.reads.append((run_dir, stage))
         folder = run_dir.rsplit("/", 1)[1]
         bpb = BPB[folder]
-        if stage == BY_KEY["pretrain"].module:
+        if stage == "pretrain":
             metrics = {
                 "scaling_params": 100_000_000,
                 "tokens": 1_600_000_000,
