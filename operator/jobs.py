@@ -23,7 +23,6 @@ from typing import Any
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec
 from nanorun.operator.names import (
     ANNOTATION_RUN_DIR,
-    ANNOTATION_STAGE_KEY,
     LABEL_ATTEMPT,
     LABEL_CONFIG,
     LABEL_RUN,
@@ -233,7 +232,7 @@ def pytorchjob_for_stage(
             "name": name,
             "namespace": run.namespace,
             "labels": labels,
-            "annotations": {ANNOTATION_RUN_DIR: spec.storage.uri, ANNOTATION_STAGE_KEY: stage.key},
+            "annotations": {ANNOTATION_RUN_DIR: spec.storage.uri},
             "ownerReferences": [run.owner_reference()],
         },
         "spec": {

@@ -19,8 +19,8 @@ LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "nanorun.io/run", "nanorun.io/stage", "n
 # On an LLMSweep's children (its point and tokenizer LLMRuns, its report job): the sweep's name.
 LABEL_SWEEP = "nanorun.io/sweep"
 LABEL_CONFIG = "nanorun.io/config"  # the stage's config id (plan.config_ids): which flags this job ran
-# Annotations on every stage job: where its run directory is, which spec.stages key it runs.
-ANNOTATION_RUN_DIR, ANNOTATION_STAGE_KEY = "nanorun.io/run-dir", "nanorun.io/stage-key"
+# Annotation on every stage job: where its run directory is (its stage key is its LABEL_STAGE).
+ANNOTATION_RUN_DIR = "nanorun.io/run-dir"
 
 # Kueue: the queue label of a job, the label Kueue puts on a job's Workload, and the annotation
 # marking a Workload the operator deactivated (spec.suspend) and may therefore reactivate.

@@ -44,7 +44,6 @@ from nanorun.operator.jobs import (
 )
 from nanorun.operator.names import (
     ANNOTATION_RUN_DIR,
-    ANNOTATION_STAGE_KEY,
     TRAINJOB_GROUP,
     TRAINJOB_VERSION,
 )
@@ -106,7 +105,7 @@ def trainjob_for_stage(
             "name": trainjob_name(run.name, stage.key, attempt),
             "namespace": run.namespace,
             "labels": labels,
-            "annotations": {ANNOTATION_RUN_DIR: spec.storage.uri, ANNOTATION_STAGE_KEY: stage.key},
+            "annotations": {ANNOTATION_RUN_DIR: spec.storage.uri},
             "ownerReferences": [run.owner_reference()],
         },
         "spec": {
