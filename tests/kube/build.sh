@@ -5,11 +5,12 @@
 #   bin/nanorun-node     (tests/kube/node: the node agent, virtual-kubelet pinned in its go.mod)
 #   bin/coredns          (tests/kube/coredns: CoreDNS pinned in its go.mod)
 #   bin/helm             (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
-#   bin/training-operator.v1, bin/ray-operator, bin/kueue
-#                        (go install of the Kubeflow training-operator, KubeRay and Kueue modules)
+#   bin/training-operator.v1, bin/ray-operator, bin/kueue, bin/trainer-controller-manager, bin/jobset
+#                        (the Kubeflow training-operator, KubeRay, Kueue, Kubeflow Trainer v2 and
+#                         JobSet modules)
 #   crds/*.yaml          (PyTorchJob and RayService CRDs from their Go modules)
-#   manifests/*.yaml     (the training-operator's, KubeRay's and Kueue's install manifests from their modules,
-#                         rendered with this kubectl's kustomize)
+#   manifests/*.yaml     (the training-operator's, KubeRay's, Kueue's, Trainer v2's and JobSet's install
+#                         manifests from their modules, rendered with this kubectl's kustomize)
 # Does nothing when that folder is already complete. Go's module and build caches are Go's own
 # defaults (under $HOME), so a fresh clone on this machine, or a pin change, rebuilds incrementally.
 # Usage: tests/kube/build.sh   (or `make setup-kube`); needs Go >= 1.26 and the Go module proxy.
@@ -78,6 +79,14 @@ step "building the KubeRay operator $KUBERAY_VERSION"
 GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "$KUBERAY_MODULE@$KUBERAY_VERSION"
 step "building Kueue $KUEUE_VERSION"
 GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" "$KUEUE_MODULE/cmd/kueue@$KUEUE_VERSION"
+step "building Kubeflow Trainer $TRAINER_VERSION"
+GOBIN="$tmp/bin" go install -trimpath -ldflags="-s -w" \
+  "$TRAINER_MODULE/cmd/trainer-controller-manager@$TRAINER_VERSION"
+step "building JobSet $JOBSET_VERSION"
+# Built inside its module (whose go.sum pins its dependencies): `go install sigs.k8s.io/jobset@v...`
+# also asks the proxy for the module's version list, which the proxy refuses for this module.
+jobset_dir="$(module_dir "$JOBSET_MODULE" "$JOBSET_VERSION")"
+(cd "$jobset_dir" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/jobset" .)
 
 step "rendering the controllers' install manifests"
 mkdir -p "$tmp/manifests"
@@ -87,6 +96,14 @@ mkdir -p "$tmp/manifests"
   > "$tmp/manifests/kuberay-operator.yaml"
 "$tmp/bin/kubectl" kustomize "$(module_dir "$KUEUE_MODULE" "$KUEUE_VERSION")/$KUEUE_MANIFESTS" \
   > "$tmp/manifests/kueue.yaml"
+"$tmp/bin/kubectl" kustomize "$jobset_dir/$JOBSET_MANIFESTS" > "$tmp/manifests/jobset.yaml"
+# Trainer's overlay lists JobSet's release manifest by URL; render a copy without that line.
+trainer_src="$tmp/trainer-manifests"
+cp -r "$(module_dir "$TRAINER_MODULE" "$TRAINER_VERSION")/manifests" "$trainer_src"
+chmod -R u+w "$trainer_src"
+sed -i '/third-party\/jobset/d' "$trainer_src/${TRAINER_MANIFESTS#manifests/}/kustomization.yaml"
+"$tmp/bin/kubectl" kustomize "$trainer_src/${TRAINER_MANIFESTS#manifests/}" > "$tmp/manifests/trainer.yaml"
+rm -rf "$trainer_src"
 
 touch "$tmp/complete"
 # Drop builds for older pins not used for an hour (Go's caches stay; a cluster started a moment

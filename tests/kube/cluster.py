@@ -17,7 +17,10 @@ starts, in order:
 - the Kubeflow training-operator (PyTorchJob) and the KubeRay operator (RayCluster, RayService), as
   pods from their upstream install manifests, each with the RBAC those manifests give it;
 - Kueue (namespace kueue-system) from its install manifest, with its PyTorchJob, RayCluster and
-  RayService integrations and their admission webhooks (no ClusterQueue: a test makes its own).
+  RayService integrations and their admission webhooks (no ClusterQueue: a test makes its own);
+- with `trainer=True` (`up --trainer`), JobSet (namespace jobset-system) and Kubeflow Trainer v2
+  (namespace kubeflow-system) from their install manifests, webhooks included, so the cluster serves
+  TrainJobs beside PyTorchJobs (without it, nanorun's `compute.launcher: auto` means PyTorchJob).
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler: the API and controllers work, pods are scheduled but never run, and
@@ -83,6 +86,8 @@ BINARIES = (
     "training-operator.v1",
     "ray-operator",
     "kueue",
+    "trainer-controller-manager",
+    "jobset",
 )
 CLUSTER_DOMAIN = "cluster.local"
 COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
@@ -184,6 +189,7 @@ class Cluster:
     nodes: tuple[NodeSpec, ...] = DEFAULT_NODES
     pods: bool | None = None
     controllers: bool = True
+    trainer: bool = False  # JobSet and Kubeflow Trainer v2 (TrainJob) too
     bin_dir: Path = field(default_factory=require_binaries)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     etcd_url: str = ""
@@ -261,6 +267,8 @@ class Cluster:
                 if self.controllers:
                     self._start_training_controllers()
                     self._start_kueue()
+                    if self.trainer:
+                        self._start_trainer()
                     done("controllers_ready")
         except BaseException:
             self.stop()
@@ -530,6 +538,26 @@ class Cluster:
         )
         self._wait_deployment("kueue-system", "kueue-controller-manager", timeout_s)
 
+    def _start_trainer(self, timeout_s: float = 120.0) -> None:
+        """JobSet (namespace jobset-system), then Kubeflow Trainer v2 (namespace kubeflow-system,
+        which watches JobSets), each from its install manifest with its CRDs, RBAC and admission
+        webhooks; both make their webhook certificates themselves. Ready once their Deployments
+        are: each one's readiness waits for its certificates."""
+        manifests = self.bin_dir.parent / "manifests"
+        for name, namespace, deployment in (
+            ("jobset", "jobset-system", "jobset-controller-manager"),
+            ("trainer", "kubeflow-system", "kubeflow-trainer-controller-manager"),
+        ):
+            self._kubectl(
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=nanorun-tests",
+                "-f",
+                str(manifests / f"{name}.yaml"),
+            )
+            self._wait_deployment(namespace, deployment, timeout_s)
+
     def _wait_deployment(self, namespace: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -730,14 +758,14 @@ def _running_pids(state: Path) -> dict[str, int]:
     return pids
 
 
-def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
+def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, trainer: bool = False) -> int:
     running = _running_pids(state)
     if running and len(running) == len(_pid_files(state)):
         print(f"already running ({state / 'config'}); `make kube-down` stops it")
         return 0
     if running:  # part of a cluster (a process died): start over
         down(state)
-    cluster = Cluster(state, detach=True, nodes=nodes)
+    cluster = Cluster(state, detach=True, nodes=nodes, trainer=trainer)
     started = time.monotonic()
     try:
         cluster.start()
@@ -805,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpus-per-node", type=int, default=8, help="nvidia.com/gpu each node declares (default 8)"
     )
+    parser.add_argument(
+        "--trainer", action="store_true", help="also run JobSet and Kubeflow Trainer v2 (TrainJob)"
+    )
     args = parser.parse_args(argv)
     state = args.state_dir.resolve()
     try:
@@ -818,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for i in range(1, args.nodes + 1)
             )
-            return up(state, nodes)
+            return up(state, nodes, trainer=args.trainer)
         return {"down": down, "status": status}[args.command](state)
     except ControlPlaneError as err:
         print(f"error: {err}", file=sys.stderr)

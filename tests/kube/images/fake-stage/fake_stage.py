@@ -12,8 +12,9 @@ It keeps the stage contract (nanorun.pipeline.progress) as a trainer does, on ra
   whose done.json is current for its configuration does nothing, as a finished stage does;
 - on SIGTERM: progress.json with `stopped="preempted"` and the attempt, then exit 143.
 
-Other ranks (RANK, which the training-operator sets per pod) only take the same time. Storage is
-the pod's: AWS_ENDPOINT_URL and the credentials the operator puts in its env.
+Other ranks (RANK, which the training-operator sets per pod, or a TrainJob pod's PET_NODE_RANK)
+only take the same time. Storage is the pod's: AWS_ENDPOINT_URL and the credentials the operator
+puts in its env.
 
 Its own flags reach it through the LLMRun's `spec.stages.<key>.extraArgs`; every other flag (the
 stage's, `--metrics-port`) is accepted and ignored:
@@ -71,7 +72,9 @@ def main(argv: list[str]) -> int:
     steps, step_seconds = args.fake_steps, args.fake_step_seconds
     terminated = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())
-    rank = int(os.environ.get("RANK", "0"))
+    # The training-operator sets RANK per pod; under a TrainJob, Trainer's torch plugin sets only
+    # torchrun's PET_NODE_RANK (torchrun, which this stands in for, derives RANK from it).
+    rank = int(os.environ.get("RANK", os.environ.get("PET_NODE_RANK", "0")))
     print(
         f"fake stage {stage}: attempt {attempt}, rank {rank}, {steps} steps of {step_seconds} s", flush=True
     )

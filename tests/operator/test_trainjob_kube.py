@@ -1,0 +1,226 @@
+"""Stages as Kubeflow Trainer v2 TrainJobs on a cluster of their own that runs the real Trainer v2
+controller and JobSet (built from their modules, tests/kube/build.sh) beside the training-operator:
+the chart's ClusterTrainingRuntime, a TrainJob as nanorun builds it meeting on two nodes through
+the PET_* environment Trainer's torch plugin injects, and the operator as a process choosing
+TrainJob for `compute.launcher: auto`, suspending a TrainJob and resuming a preempted one without
+counting a failure. Nothing here sets a controller's status."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from nanorun.operator.api import GROUP, PLURAL, VERSION, parse_spec
+from nanorun.operator.jobs import RunRef
+from nanorun.operator.plan import stage_plan
+from nanorun.operator.trainjob import trainjob_for_stage
+from nanorun.pipeline import storage
+
+from tests.fixtures.kube import KubeEnv, wait_until
+from tests.fixtures.trainer import trainer_cluster
+from tests.operator.conftest import condition, create_llmrun, get_llmrun, llmrun, wait_for
+
+pytestmark = [pytest.mark.kube, pytest.mark.slow]
+
+TIMEOUT = 240
+TRAINJOBS = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+    """This module's cluster, with Trainer v2 (tests/fixtures/trainer.py); it stands in for the
+    session's `kube`, so the operator fixtures (tests/operator/conftest.py) use it."""
+    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster")) as env:
+        yield env
+
+
+def trainjob_pods(kube: KubeEnv, ns: str, job: str) -> list[dict]:
+    out = kube.kubectl("get", "pods", "-n", ns, "-l", f"jobset.sigs.k8s.io/jobset-name={job}", "-o", "json")
+    return json.loads(out.stdout)["items"]
+
+
+# Under torchrun (which reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT): one gloo
+# all-reduce across the two pods, then the rank, the sum and the environment on one line each.
+ALLREDUCE = textwrap.dedent("""
+    import json, os, socket
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(t)
+    print(f"rank {dist.get_rank()} of {dist.get_world_size()} on {socket.gethostname()}: sum {int(t.item())}")
+    print("env", json.dumps(dict(os.environ)), flush=True)
+""")
+
+
+def test_a_two_node_trainjob_as_nanorun_builds_it_meets_through_trainers_rendezvous_env(kube, kube_namespace):
+    """The pretraining TrainJob nanorun builds for two nodes, its command swapped for an all-reduce
+    under torchrun on the trainer image: Trainer v2 renders it with the chart's runtime into a
+    JobSet of two pods whose torchrun agents meet at `<job>-node-0-0.<job>` and all-reduce."""
+    ns = kube_namespace
+    kube.apply(
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"},
+        },
+    )
+    spec = parse_spec(
+        {
+            "image": "nanorun-trainer:test",
+            "compute": {
+                "nodes": 2,
+                "gpusPerNode": 0,
+                "launcher": "TrainJob",
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+            },
+            "storage": {
+                "uri": "s3://nanorun/runs/env",
+                "endpoint": "http://s3:9000",
+                "credentialsSecret": "s3-creds",
+            },
+        }
+    )
+    pretrain = next(s for s in stage_plan(spec) if s.key == "pretrain")
+    job = trainjob_for_stage(
+        RunRef("env", ns, "00000000-0000-0000-0000-000000000004"), spec, pretrain, attempt=1
+    )
+    job["metadata"].pop("ownerReferences")  # the owner is not in this test
+    job["spec"]["trainer"]["command"] = ["torchrun", "--no-python", "python", "-c", ALLREDUCE]
+    name = job["metadata"]["name"]
+    kube.apply(ns, job)
+
+    done = wait_until(
+        lambda: kube.get(ns, "trainjob", name),
+        lambda j: (
+            condition(j, "Complete").get("status") == "True" or condition(j, "Failed").get("status") == "True"
+        ),
+        timeout=TIMEOUT,
+    )
+    pods = sorted(trainjob_pods(kube, ns, name), key=lambda p: p["metadata"]["name"])
+    logs = [kube.kubectl("logs", p["metadata"]["name"], "-n", ns, "-c", "node").stdout for p in pods]
+    assert condition(done, "Complete").get("status") == "True", (done.get("status"), logs)
+    assert len(pods) == 2
+    for rank, (pod, log) in enumerate(zip(pods, logs, strict=True)):
+        assert pod["metadata"]["labels"]["nanorun.io/run"] == "env"  # the runtime patch's pod labels
+        assert pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+        assert f"rank {rank} of 2 on {name}-node-0-{rank}: sum 3" in log, log
+        env = json.loads(next(line for line in log.splitlines() if line.startswith("env "))[4:])
+        assert (
+            env["PET_NNODES"] == "2"
+            and env["PET_NPROC_PER_NODE"] == "1"
+            and env["PET_NODE_RANK"] == str(rank)
+        )
+        assert env["PET_MASTER_ADDR"] == f"{name}-node-0-0.{name}"
+        assert env["NANORUN_RUN"] == "env" and env["NANORUN_ATTEMPT"] == "1"
+        assert env["AWS_ACCESS_KEY_ID"] == "key-id" and env["AWS_ENDPOINT_URL"] == "http://s3:9000"
+
+
+def phase_is(api, ns, name, phase):
+    def check():
+        run = get_llmrun(api, ns, name)
+        return run if (run.get("status") or {}).get("phase") == phase else None
+
+    return check
+
+
+def step_of(progress_file: str) -> int:
+    return storage.read_json(progress_file).get("step", 0) if storage.exists(progress_file) else 0
+
+
+def trainjobs(api, ns: str) -> list[dict]:
+    return api.list_namespaced_custom_object(TRAINJOBS[0], TRAINJOBS[1], ns, TRAINJOBS[2])["items"]
+
+
+def test_auto_runs_every_stage_as_a_trainjob_and_a_deleted_pod_is_a_preemption_not_a_failure(
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
+    ns = kube_namespace
+    run_dir = cluster_s3.run_dir()
+    progress_file = storage.join(run_dir, "pretrain", "progress.json")
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "tj",
+            run_dir,
+            enabled=("tokenizer", "pretrain"),
+            storage=cluster_s3.access,
+            serving={"enabled": False},
+            compute={"nodes": 2},
+            stage_args={"pretrain": ["--fake-steps", "40", "--fake-step-seconds", "0.2"]},
+        ),
+    )
+    wait_for("pretraining's third step", lambda: step_of(progress_file) >= 3, TIMEOUT, operator_process)
+    run = get_llmrun(custom_api, ns, "tj")
+    assert run["status"]["launcher"] == "TrainJob"
+    (job,) = [j for j in trainjobs(custom_api, ns) if j["spec"]["trainer"]["numNodes"] == 2]
+    name = job["metadata"]["name"]
+    pods = trainjob_pods(kube, ns, name)
+    assert len(pods) == 2
+    rank0 = next(
+        p for p in pods if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0"
+    )
+    kube.kubectl("delete", "pod", rank0["metadata"]["name"], "-n", ns, "--wait=false")
+
+    done = wait_for("Succeeded", phase_is(custom_api, ns, "tj", "Succeeded"), TIMEOUT, operator_process)
+    rec = next(s for s in done["status"]["stages"] if s["name"] == "pretrain")
+    assert rec["preemptions"] == 1 and rec.get("failures", 0) == 0 and rec["attempts"] == 2, rec
+    kinds = {(j["kind"], j["metadata"]["labels"]["nanorun.io/attempt"]) for j in trainjobs(custom_api, ns)}
+    assert ("TrainJob", "2") in kinds
+    assert custom_api.list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs")["items"] == []
+    # Attempt 2 went on from the step the SIGTERM saved, not from the start.
+    final = storage.read_json(progress_file)
+    assert final["attempt"] == 2 and final["step"] == 40
+
+
+def test_suspend_sets_the_trainjob_s_spec_suspend_and_resume_finishes_it(
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
+    ns = kube_namespace
+    run_dir = cluster_s3.run_dir()
+    progress_file = storage.join(run_dir, "pretrain", "progress.json")
+    create_llmrun(
+        custom_api,
+        ns,
+        llmrun(
+            "pause",
+            run_dir,
+            enabled=("pretrain",),
+            storage=cluster_s3.access,
+            serving={"enabled": False},
+            compute={"launcher": "TrainJob"},
+            stage_args={"pretrain": ["--fake-steps", "30", "--fake-step-seconds", "0.2"]},
+        ),
+    )
+    wait_for("the job to run", lambda: storage.exists(progress_file), TIMEOUT, operator_process)
+    custom_api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": True}}
+    )
+    wait_for("Suspended", phase_is(custom_api, ns, "pause", "Suspended"), operator=operator_process)
+    (job,) = trainjobs(custom_api, ns)
+    assert job["spec"]["suspend"] is True
+    name = job["metadata"]["name"]
+    # Trainer suspends the JobSet, the Job controller deletes the pods: SIGTERM, the stage saves its step.
+    wait_for("the pods deleted", lambda: not trainjob_pods(kube, ns, name), TIMEOUT, operator_process)
+    wait_for(
+        "the TrainJob Suspended",
+        lambda: (
+            condition(
+                custom_api.get_namespaced_custom_object(*TRAINJOBS[:2], ns, TRAINJOBS[2], name), "Suspended"
+            ).get("status")
+            == "True"
+        ),
+    )
+    stopped = storage.read_json(progress_file)
+    assert stopped["stopped"] == "preempted" and 0 < stopped["step"] < 30
+
+    custom_api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "pause", {"spec": {"suspend": False}}
+    )
+    wait_for("Succeeded", phase_is(custom_api, ns, "pause", "Succeeded"), TIMEOUT, operator_process)
+    assert [j["metadata"]["name"] for j in trainjobs(custom_api, ns)] == [name]  # the same job, resumed
+    assert storage.read_json(progress_file)["step"] == 30
