@@ -2,21 +2,26 @@
 the Kubeflow training-operator runs the points' PyTorchJobs on the cluster's nodes (the fake-stage
 image keeps the stage contract on an S3 server in the test's namespace). The points run at once, a
 point whose pod is deleted mid-stage resumes as a new attempt while the others go on, and deleting
-the sweep takes its children with it. Nothing here sets a controller's status."""
+the sweep takes its children with it. The API server refuses the bad sweeps `nanorun run` refuses,
+with the same message. Nothing here sets a controller's status."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from nanorun.operator.api import GROUP, PLURAL, VERSION
-from nanorun.operator.sweep import KIND
+import yaml
+from nanorun.operator.api import GROUP, PLURAL, VERSION, SpecError
+from nanorun.operator.sweep import KIND, parse_sweep_spec
 from nanorun.operator.sweep import PLURAL as SWEEPS
 
 from tests.operator.conftest import get_llmrun, list_jobs, llmrun, wait_for
+from tests.sweep.test_sweep_spec import REFUSED
 
 pytestmark = pytest.mark.kube
 TIMEOUT = 240
+REPO = Path(__file__).resolve().parents[2]
 POINTS = ["ladder-d2-f1e9", "ladder-d3-f1e9", "ladder-d2-f2e9", "ladder-d3-f2e9"]
 
 
@@ -117,3 +122,23 @@ def test_points_run_at_once_a_killed_point_resumes_and_deleting_the_sweep_collec
         TIMEOUT,
         operator_process,
     )
+
+
+@pytest.mark.parametrize("data, field, message", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_the_api_server_refuses_a_bad_sweep_with_the_message_nanorun_run_gives(
+    kube, tmp_path, data, field, message
+):
+    path = tmp_path / "bad.yaml"
+    doc = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "bad"}, "spec": data}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError) as refused:
+        parse_sweep_spec(data)
+    [local] = str(refused.value).splitlines()
+    server = kube.kubectl("create", "--dry-run=server", "-n", "default", "-f", str(path), check=False)
+    assert server.returncode != 0, server.stdout
+    assert field in server.stderr and local.removeprefix(f"{field}: ") in server.stderr, server.stderr
+
+
+def test_the_api_server_accepts_the_example_sweeps(kube):
+    for example in ("sweep-tiny.yaml", "sweep-d10-d20.yaml"):
+        kube.kubectl("create", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples" / example))
