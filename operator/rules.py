@@ -140,6 +140,27 @@ RULES: list[Rule] = [
         lambda s: s.compute.gpus_per_node > 0 or not _asks_for_gpus(s.compute),
         field=".resources",
     ),
+    # tokenizer.from: the tokenizer stage's pod reads that run's tokenizer, so on a cluster it is on S3.
+    Rule(
+        "spec",
+        "self.tokenizer.from == '' || !self.storage.uri.startsWith('s3://') || "
+        "self.tokenizer.from.startsWith('s3://')",
+        "tokenizer.from must be on S3 (s3://bucket/prefix) when storage.uri is: the tokenizer stage's pod "
+        "reads it from there",
+        lambda s: (
+            not s.tokenizer.from_run
+            or not s.storage.uri.startswith("s3://")
+            or s.tokenizer.from_run.startswith("s3://")
+        ),
+        field=".tokenizer.from",
+    ),
+    Rule(
+        "spec",
+        "self.tokenizer.from == '' || self.tokenizer.from != self.storage.uri",
+        "tokenizer.from must be another run's directory, not this run's own storage.uri",
+        lambda s: not s.tokenizer.from_run or s.tokenizer.from_run != s.storage.uri,
+        field=".tokenizer.from",
+    ),
     Rule(
         "spec.storage.uri",
         f"!self.startsWith('s3:') || self.matches('{S3_URI_PATTERN}')",

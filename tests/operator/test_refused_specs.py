@@ -1,4 +1,4 @@
-"""Bad input: twenty malformed or contradictory LLMRuns, each one mistake in an otherwise valid
+"""Bad input: twenty-two malformed or contradictory LLMRuns, each one mistake in an otherwise valid
 spec. The API server refuses every one at admission and `nanorun run FILE` refuses the same file,
 both naming the field, with the same message text. One table drives both checks."""
 
@@ -140,6 +140,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.stages.pretrain.totalBatchSize",
         "stages.pretrain.totalBatchSize must be a multiple of deviceBatchSize",
     ),
+    (
+        "tokenizer-from-a-local-path-on-a-cluster",
+        {"tokenizer": {"from": "/data/runs/other"}},
+        "spec.tokenizer.from",
+        "tokenizer.from must be on S3 (s3://bucket/prefix) when storage.uri is",
+    ),
+    (
+        "tokenizer-from-itself",
+        {"tokenizer": {"from": "s3://nanorun/runs/bad"}},
+        "spec.tokenizer.from",
+        "tokenizer.from must be another run's directory",
+    ),
 ]
 PARAMS = [pytest.param(patch, field, message, id=case) for case, patch, field, message in CASES]
 
@@ -176,8 +188,8 @@ def nanorun_run_refusal(path: Path, capsys) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("spec")]
 
 
-def test_the_table_has_twenty_cases_and_one_for_every_rule():
-    assert len(CASES) == 20 and len({case for case, *_ in CASES}) == 20
+def test_the_table_has_twenty_two_cases_and_one_for_every_rule():
+    assert len(CASES) == 22 and len({case for case, *_ in CASES}) == 22
     fields_of: dict[str, set[str]] = {}  # one case serves rules that differ only in their field (quantities)
     for rule in RULES:
         if not rule.transition:
