@@ -57,6 +57,7 @@ class Progress:
     val_bpb: float | None = None
     tokens_per_sec: float | None = None
     mfu: float | None = None  # model FLOPs utilisation, 0..1 (None on CPU: no peak to compare with)
+    compile_seconds: float | None = None  # torch.compile time so far, apart from step time (None: eager)
     eta_seconds: float | None = None
     elapsed_seconds: float = 0.0
     last_checkpoint: str | None = None

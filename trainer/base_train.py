@@ -37,6 +37,7 @@ from nanorun.trainer.evaluation import core_eval
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
+from nanorun.trainer.training.compilation import CompileClock, add_compile_arg, compiled_model
 from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import due, report_checkpoint
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="key/value heads (grouped-query attention; default = heads)",
     )
+    add_compile_arg(m)
     h = p.add_argument_group("horizon (first one set wins)")
     h.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
     h.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs to spend (-1 = off)")
@@ -273,18 +275,25 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.restore_rng(meta.get("rng"))
     base_lr = [g["lr"] for g in optimizer.param_groups]
     base_wd = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
+    fp8 = False
     if args.fp8:
         from nanorun.trainer.model.fp8 import enable_fp8, native_fp8
 
-        if native_fp8(ctx.device):
+        fp8 = native_fp8(ctx.device)
+        if fp8:
             # Before torch.compile, so the compiled graph holds the FP8 matmuls. Evaluation and
             # sampling run the eager model with FP8 off (`evaluating`), as nanochat evaluates in bf16.
             ctx.print0(f"fp8: {enable_fp8(model)} block linears switched to FP8 matmuls")
         else:
             ctx.print0("fp8: this device has no FP8 tensor cores; training in the default precision")
-    train_model = torch.compile(model, dynamic=False) if ctx.device_type == "cuda" else model
-
+    step = meta["step"] if meta else 0
     num_iterations, T = plan["num_iterations"], plan["seq_len"]
+    train_flops = flops_per_token * plan["total_batch_size"] * (num_iterations - step)
+    train_model = compiled_model(model, args.compile, ctx.device, train_flops)
+    clock = CompileClock(compiled=train_model is not model)
+    # bpb evaluation runs the compiled module too (a no-grad graph of its own, compiled at the first
+    # evaluation); with FP8 on it runs the eager model in bf16 instead, leaving the training graph as is.
+    eval_model = model if fp8 else train_model
     B = min(args.device_batch_size, plan["rows_per_step"] // ctx.world_size)
     loader = PackedBatches.for_shards(
         tokenizer,
@@ -303,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         loader.streams
     )  # recorded in every checkpoint: a resumed run reads the same batches
     accum = plan["rows_per_step"] // (B * ctx.world_size)
-    step = meta["step"] if meta else 0
     loop = (
         meta["loop"]
         if meta
@@ -316,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ctx.print0(
         f"plan: {num_iterations} steps x {plan['total_batch_size']:,} tokens; device batch {B} x {T}, "
-        f"{accum} accumulation step(s) x {ctx.world_size} rank(s); lr {plan['lr']}"
+        f"{accum} accumulation step(s) x {ctx.world_size} rank(s); lr {plan['lr']}; "
+        f"torch.compile {'on' if clock.compiled else 'off'}"
     )
     if meta:
         ctx.print0(f"resuming from {resume_uri} (step {step}, saved on {meta['world_size']} rank(s))")
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
             batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
             with evaluating(model):
-                val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+                val_bpb = evaluate_bpb(eval_model, batches, eval_steps, token_bytes, clock=clock)
             batches.close()
             loop["min_val_bpb"] = (
                 val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
@@ -401,19 +410,21 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.time() - t0
         step += 1
 
-        # -- numbers: loss, throughput, MFU, ETA
+        # -- numbers: loss, throughput, MFU, ETA; a step that compiled counts as compile time only
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
         smooth = loop["smooth_loss"] / (1 - 0.9**step)
-        if step > 3:  # the first steps include compilation and warm-up
-            loop["train_seconds"] += dt
+        steady = clock.step_seconds(dt)
+        if steady is not None:
+            loop["train_seconds"] += steady
             loop["timed_steps"] += 1
         avg = loop["train_seconds"] / loop["timed_steps"] if loop["timed_steps"] else dt
-        tok_s = plan["total_batch_size"] / dt
-        mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak else None
+        tok_s = plan["total_batch_size"] / steady if steady is not None else None
+        mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak and tok_s else None
         eta = avg * (num_iterations - step)
+        timing = f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s" if tok_s else f"compile + first step {dt:.1f} s"
         ctx.print0(
             f"step {step:06d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
-            f"grad norm {norm:.3f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
+            f"grad norm {norm:.3f} | {timing}"
             + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
             + f" | eta {eta / 60:.1f} min"
         )
@@ -427,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             lr=plan["lr"]["matrix_lr"] * lrm,
             grad_norm=norm,
             tokens=plan["total_batch_size"],
-            step_seconds=dt,
+            step_seconds=steady,
+            compile_seconds=clock.seconds if clock.compiled else None,
         )
         ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm, tokens_per_sec=tok_s, seconds=dt)
         preempted = ctx.should_stop()
@@ -442,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": model.num_params(),
         "scaling_params": model.num_scaling_params(),  # what the horizon and a sweep's fits count
         "train_seconds": loop["train_seconds"],
+        "compile_seconds": clock.seconds,  # this attempt's, like done.json's seconds
         "flops": flops_per_token * num_iterations * plan["total_batch_size"],
     }
     ctx.done(metrics, {"checkpoint": last_ckpt})

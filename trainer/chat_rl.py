@@ -28,6 +28,7 @@ from nanorun.trainer.chat.conversation import render_for_completion
 from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import rl_tasks
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.compilation import CompileClock, compiled_model
 from nanorun.trainer.training.distributed import grad_norm, rank_and_world, sum_across_ranks
 from nanorun.trainer.training.finetune import (
     StepReport,
@@ -157,8 +158,10 @@ def rl_step(
     base_lrs: list[float],
     lrm: float,
     device,
+    forward=None,
 ) -> dict[str, float]:
-    """One on-policy step over this rank's problems `indices`; returns the rank's mean reward and loss."""
+    """One on-policy step over this rank's problems `indices`; returns the rank's mean reward and loss.
+    `forward`: the module scoring the samples (the compiled model, when the stage compiles), else `model`."""
     from nanorun.trainer.chat.engine import ContextOverflowError
 
     pad = tokenizer.encode_special("<|assistant_end|>")
@@ -182,7 +185,14 @@ def rl_step(
         completions, masks, rewards, prompt_len = group
         model.train()
         loss_sum += group_loss(
-            model, completions, masks, rewards, pad, device, args.device_batch_size, 1 / len(indices)
+            forward or model,
+            completions,
+            masks,
+            rewards,
+            pad,
+            device,
+            args.device_batch_size,
+            1 / len(indices),
         )
         rewards_all += rewards
         sampled_tokens += sum(sum(m[prompt_len:]) for m in masks)
@@ -210,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx.print0(str(report))
     steps = epoch_steps(start, args, len(train))
     loop = {"num_iterations": steps}
+    # Sampling runs the eager model (the engine's KV cache); the scoring forward sees rows padded to
+    # each group's longest sample, so it compiles only with --compile (then with dynamic shapes).
+    forward = compiled_model(model, args.compile, ctx.device, 0, static_shapes=False)
+    clock = CompileClock(compiled=forward is not model)
     ctx.print0(
         f"rl: {start.describe()}, {steps} steps x {args.examples_per_step} problems x "
         f"{args.num_samples} samples"
@@ -233,7 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         indices = [(first + i) % len(train) for i in range(ctx.rank, args.examples_per_step, ctx.world_size)]
         lrm = 1.0 - step / steps
         out = rl_step(
-            model, optimizer, engine, tokenizer, train, indices, args, step, start.base_lrs, lrm, ctx.device
+            model,
+            optimizer,
+            engine,
+            tokenizer,
+            train,
+            indices,
+            args,
+            step,
+            start.base_lrs,
+            lrm,
+            ctx.device,
+            forward=forward,
         )
         reward, loss, tokens = sum_across_ranks(
             [out["reward"], out["loss"], out["sampled_tokens"]], ctx.device
@@ -262,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_meta=lambda evals: {"loop": {**loop, "evals": evals}},
         evals=start.loop.get("evals", {}),
         log_seconds=True,
+        clock=clock,
     )
     if outcome.preempted:
         return exit_preempted(ctx, outcome.checkpoint)

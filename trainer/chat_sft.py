@@ -28,6 +28,7 @@ from nanorun.trainer.model.optim import lr_multiplier, muon_momentum
 from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import sft_mixture
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.compilation import CompileClock, compiled_model
 from nanorun.trainer.training.distributed import grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import (
     StepReport,
@@ -106,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     B = min(args.device_batch_size, per_rank)
     steps = epoch_steps(start, args, len(train))
     loop = {"num_iterations": steps}
+    # Rows are padded to the longest conversation of their batch, so shapes change from batch to
+    # batch: compiled only with --compile (then with dynamic shapes), since each shape would recompile.
+    forward = compiled_model(model, args.compile, ctx.device, 0, static_shapes=False)
+    clock = CompileClock(compiled=forward is not model)
     ctx.print0(
         f"sft: {start.describe()}, {steps} steps x {args.examples_per_step} conversations "
         f"({len(train)} in the mixture)"
     )
 
     def evaluate(step: int) -> dict[str, float]:
-        val_bpb = validation_bpb(model, tokenizer, val, args.eval_examples, B, T, ctx, token_bytes)
+        val_bpb = validation_bpb(forward, tokenizer, val, args.eval_examples, B, T, ctx, token_bytes)
         ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
         return {"val_bpb": val_bpb}
 
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             n = int((y >= 0).sum())
             if n == 0:
                 continue
-            loss = model(x, y)
+            loss = forward(x, y)
             (loss * n / trained).backward()
             loss_sum += loss.item() * n
             tokens += n
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate=evaluate,
         train_step=train_step,
         checkpoint_meta=lambda evals: {"loop": loop, "val_bpb": evals.get("val_bpb")},
+        clock=clock,
     )
     if outcome.preempted:
         return exit_preempted(ctx, outcome.checkpoint)

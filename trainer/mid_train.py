@@ -31,6 +31,7 @@ from nanorun.trainer.model.optim import lr_multiplier
 from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import midtrain_mixture
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
+from nanorun.trainer.training.compilation import CompileClock, compiled_model
 from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import (
     StepReport,
@@ -171,15 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         start.loop.get("dataloader"),
     )
     loop = {"plan": plan, "smooth_loss": start.loop.get("smooth_loss", 0.0)}
+    # Packed rows of one shape, as in pretraining: one compiled graph for training, one for evaluation.
+    train_flops = model.estimate_flops() * plan["total_batch_size"] * (steps - start.step)
+    forward = compiled_model(model, args.compile, ctx.device, train_flops)
+    clock = CompileClock(compiled=forward is not model)
     ctx.print0(
         f"midtrain: {start.describe()}, {steps} steps x {plan['total_batch_size']:,} tokens; "
-        f"device batch {B} x {T}, {accum} accumulation step(s)"
+        f"device batch {B} x {T}, {accum} accumulation step(s); torch.compile {'on' if clock.compiled else 'off'}"
     )
 
     def evaluate(step: int) -> dict[str, float]:
         eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
         batches = validation(tokenizer, val, T, B, ctx.rank, ctx.world_size, ctx.device)
-        val_bpb = evaluate_bpb(model, batches, eval_steps, token_bytes)
+        val_bpb = evaluate_bpb(forward, batches, eval_steps, token_bytes, clock=clock)
         batches.close()  # stops and joins its packing thread
         ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
         return {"val_bpb": val_bpb}
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     def train_step(step: int) -> StepReport:
         loss_sum = 0.0
         for x, y in loader.step_batches():
-            loss = model(x, y)
+            loss = forward(x, y)
             loss_sum += loss.item()
             (loss / accum).backward()
         norm = grad_norm(model)
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate=evaluate,
         train_step=train_step,
         checkpoint_meta=checkpoint_meta,
+        clock=clock,
     )
     close_loader(loader)
     if outcome.preempted:

@@ -161,6 +161,7 @@ def stage_costs(run_dir: str, price: float) -> list[dict[str, Any]]:
             {
                 "stage": stage,
                 "seconds": done.seconds,
+                "compile_seconds": done.metrics.get("compile_seconds") or 0.0,
                 "processes": processes,
                 "gpu_hours": gpu_hours,
                 "cost": gpu_hours * price,
@@ -264,15 +265,22 @@ def render_report(
     lines += [
         "## Wall time and estimated cost",
         "",
-        f"GPU-hours = wall time x processes; price {currency}{price:.2f} per GPU-hour.",
+        f"GPU-hours = wall time x processes; price {currency}{price:.2f} per GPU-hour. Compile: the part "
+        "of the wall time torch.compile took (the steps that compiled), apart from the training steps.",
         "",
     ]
-    lines += ["| Stage | Wall time | Processes | GPU-hours | Cost |", "|---|---|---|---|---|"]
+    lines += ["| Stage | Wall time | Compile | Processes | GPU-hours | Cost |", "|---|---|---|---|---|---|"]
     lines += [
-        f"| {c['stage']} | {duration(c['seconds'])} | {c['processes']} | {c['gpu_hours']:.3f} | {currency}{c['cost']:.2f} |"
+        f"| {c['stage']} | {duration(c['seconds'])} | {duration(c['compile_seconds']) if c['compile_seconds'] else '-'} "
+        f"| {c['processes']} | {c['gpu_hours']:.3f} | {currency}{c['cost']:.2f} |"
         for c in costs
     ]
-    lines += [f"| **total** | **{duration(total_seconds)}** | | | **{currency}{total_cost:.2f}** |", ""]
+    total_compile = sum(c["compile_seconds"] for c in costs)
+    lines += [
+        f"| **total** | **{duration(total_seconds)}** | {duration(total_compile) if total_compile else '-'} "
+        f"| | | **{currency}{total_cost:.2f}** |",
+        "",
+    ]
     if plots:
         lines += ["## Curves", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     if samples:

@@ -29,7 +29,7 @@ def fake_run(run_dir: str) -> None:
     stage(
         "pretrain",
         7200,
-        {"val_bpb": 0.8123},
+        {"val_bpb": 0.8123, "compile_seconds": 95.0},
         world_size=8,
         history=[{"step": s, "loss": 5 - s / 100} for s in range(0, 300, 10)]
         + [{"step": 300, "val_bpb": 0.8123}],
@@ -89,8 +89,9 @@ def test_report_has_the_stage_table_costs_samples_and_plots(tmp_path):
     assert "| GSM8K | - | - | 0.0455 | 0.0758 |" in report
     assert "| val bpb | 0.8123 | 0.7011 | 0.6555 | - |" in report
     assert "| ChatCORE | - | - | 0.0884 | - |" in report
-    # pretrain: 2 h on 8 processes = 16 GPU-hours at 2.50 = 40.00
-    assert "| pretrain | 2h00m00s | 8 | 16.000 | $40.00 |" in report
+    # pretrain: 2 h on 8 processes = 16 GPU-hours at 2.50 = 40.00, 95 s of it compiling
+    assert "| pretrain | 2h00m00s | 1m35s | 8 | 16.000 | $40.00 |" in report
+    assert "| baseEval | 10m00s | - | 8 |" in report  # a stage that compiled nothing
     assert "What is 2+3?" in report and "#### 5" in report
     assert "python" in report and "git commit" in report
     for plot in ("loss.png", "bpb.png", "rl.png"):

@@ -10,7 +10,9 @@ process group is up.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from nanorun.trainer.training.distributed import sum_tensors_across_ranks
@@ -22,17 +24,24 @@ def evaluate_bpb(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     token_bytes: torch.Tensor | Sequence[int],
+    clock: Any = None,
 ) -> float:
-    """Bits per byte of `model` over `steps` (inputs, targets) batches; inf when no byte was scored."""
+    """Bits per byte of `model` over `steps` (inputs, targets) batches; inf when no byte was scored.
+
+    `model` may be the torch.compile'd module; `clock` (a training.compilation.CompileClock) then
+    gets the first batch's time, when the evaluation graph compiles."""
     device = next(model.parameters()).device
     token_bytes = torch.as_tensor(token_bytes, dtype=torch.float64, device=device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
     batch_iter = iter(batches)
-    for _ in range(steps):
+    for i in range(steps):
         x, y = next(batch_iter)
         x, y = x.to(device), y.to(device)
+        t0 = time.time()
         nats = model(x, y, loss_reduction="none").reshape(-1)  # per-token loss in nats (0 where y == -1)
+        if i == 0 and clock is not None:
+            clock.eval_batch_seconds(time.time() - t0)
         targets = y.reshape(-1)
         valid = targets >= 0
         nbytes = torch.where(

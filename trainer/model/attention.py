@@ -31,9 +31,13 @@ except ImportError:  # pragma: no cover - depends on the machine
     _fa3 = None
 
 
+SDPA_FORCED = os.environ.get("NANORUN_ATTENTION") == "sdpa"  # read once, never inside a compiled forward
+
+
+@torch.compiler.assume_constant_result  # a compiled forward asks once per device, at trace time
 def fa3_available(device: torch.device) -> bool:
     """True when Flash Attention 3 can run on `device` (installed, Hopper GPU, not disabled)."""
-    if _fa3 is None or device.type != "cuda" or os.environ.get("NANORUN_ATTENTION") == "sdpa":
+    if _fa3 is None or device.type != "cuda" or SDPA_FORCED:
         return False
     return torch.cuda.get_device_capability(device)[0] == 9
 

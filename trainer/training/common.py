@@ -131,8 +131,8 @@ class StageContext:
     def progress(self, flush: bool = False, **fields: Any) -> None:
         """Record progress: metrics on this rank; rank 0 also (re)writes progress.json.
 
-        Known `Progress` fields (step, total_steps, loss, val_bpb, tokens_per_sec, mfu, eta_seconds,
-        last_checkpoint, message) are merged into the stage's progress; anything else goes to
+        Known `Progress` fields (step, total_steps, loss, val_bpb, tokens_per_sec, mfu, compile_seconds,
+        eta_seconds, last_checkpoint, message) are merged into the stage's progress; anything else goes to
         `extra` (and to a metric where one exists: lr, grad_norm, tokens, step_seconds).
         """
         if self.metrics is not None:

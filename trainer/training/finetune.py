@@ -32,6 +32,7 @@ from nanorun.pipeline.progress import is_done
 from nanorun.pipeline.stages import BY_KEY, stage_named
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import teardown
+from nanorun.trainer.training.compilation import CompileClock, add_compile_arg
 
 # nanochat's base learning rates, for a source checkpoint that does not record its own
 DEFAULT_LR = {
@@ -64,6 +65,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, *, source: str, init_lr_f
     g.add_argument(
         "--limit", type=int, default=None, help="at most N examples per downloaded task (small runs)"
     )
+    add_compile_arg(g)
 
 
 @dataclass
@@ -179,6 +181,7 @@ class Outcome:
     checkpoint: str | None  # the last checkpoint saved
     evals: dict[str, float]  # the last evaluation's results
     preempted: bool = False
+    compile_seconds: float = 0.0  # torch.compile time of this attempt (0 when the model ran eagerly)
 
 
 def due(every: int, step: int, first_step: int) -> bool:
@@ -207,15 +210,19 @@ def run_loop(
     checkpoint_meta: Callable[[dict[str, float]], dict[str, Any]],
     evals: dict[str, float] | None = None,
     log_seconds: bool = False,
+    clock: CompileClock | None = None,
 ) -> Outcome:
     """Run the stage from `start.step` to `steps` optimizer steps.
 
     `evaluate(step)` (model in eval mode) returns the evaluation's numbers, logged and recorded;
     `train_step(step)` runs one optimizer step; `checkpoint_meta(evals)` is the meta saved with a
     checkpoint (with the last evaluation's numbers). `evals`: a resumed run's last evaluation.
-    `log_seconds`: log step durations in seconds rather than milliseconds.
+    `log_seconds`: log step durations in seconds rather than milliseconds. `clock`: when the stage
+    compiled its model, splits compile time from step time (the first step's time is compile time,
+    left out of tokens/s and the ETA).
     """
     step, evals = start.step, evals or {}
+    clock = clock or CompileClock(compiled=False)
     checkpoint, preempted, t_start = start.checkpoint if start.resumed else None, False, time.time()
     while True:
         last_step = step == steps
@@ -234,28 +241,33 @@ def run_loop(
             )
             report_checkpoint(ctx, step, steps, checkpoint)
         if preempted:
-            return Outcome(checkpoint, evals, preempted=True)
+            return Outcome(checkpoint, evals, preempted=True, compile_seconds=clock.seconds)
         if last_step:
-            return Outcome(checkpoint, evals)
+            return Outcome(checkpoint, evals, compile_seconds=clock.seconds)
 
         t0 = time.time()
         report = train_step(step)
         step += 1
         dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start.step) * (steps - step)
-        took = f"{dt:.1f} s" if log_seconds else f"{dt * 1000:.0f} ms"
+        steady = clock.step_seconds(dt)  # None: the step compiled the model
+        eta = (time.time() - t_start - clock.seconds) / (step - start.step) * (steps - step)
+        if steady is None:
+            took = f"compile + first step {dt:.1f} s"
+        else:
+            took = f"{dt:.1f} s" if log_seconds else f"{dt * 1000:.0f} ms"
         ctx.print0(f"step {step:06d}/{steps} | {report.log} | {took}")
         ctx.progress(
             step=step,
             total_steps=steps,
             loss=report.loss,
             **report.extra,
-            tokens_per_sec=report.tokens_per_step / dt,
+            tokens_per_sec=report.tokens_per_step / steady if steady else None,
             eta_seconds=eta,
             lr=start.base_lrs[-1] * report.lrm,
             grad_norm=report.grad_norm,
             tokens=report.tokens,
-            step_seconds=dt,
+            step_seconds=steady,
+            compile_seconds=clock.seconds if clock.compiled else None,
         )
         ctx.record(step=step, **report.record)
         preempted = ctx.should_stop()
@@ -263,6 +275,6 @@ def run_loop(
 
 def finish(ctx: Any, outcome: Outcome, metrics: dict[str, Any], summary: str) -> int:
     """Mark the stage done (its metrics, its final checkpoint) and end the process group."""
-    ctx.done(metrics, {"checkpoint": outcome.checkpoint})
+    ctx.done({**metrics, "compile_seconds": outcome.compile_seconds}, {"checkpoint": outcome.checkpoint})
     ctx.print0(f"{ctx.stage} done: {summary}, checkpoint {outcome.checkpoint}")
     return teardown(ctx)
