@@ -17,7 +17,8 @@ A progress bar per stage is fed by the stage's progress.json; a summary table fo
   starts the unfinished stage again). Change a stage's flags in the file and that stage, and every
   stage after it, runs again from its input instead of being skipped.
 - Ctrl-C sends SIGTERM to the running stage, which saves a checkpoint and exits; re-run to resume.
-- Without GPUs a stage gets OMP_NUM_THREADS = half the CPUs unless the variable is set already.
+- Without GPUs a stage gets OMP_NUM_THREADS = the CPUs idle as it starts (all of them on an idle
+  machine, at least one) unless the variable is set already.
 - The file is validated with the same rules and messages as the CRD on a cluster.
 """
 
@@ -117,13 +118,34 @@ def local_gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def cpu_threads_per_stage() -> int:
-    """Torch threads of a stage on a machine without GPUs: half the CPUs, at least one.
+def idle_cpus(interval: float = 0.25) -> float | None:
+    """How many CPUs were idle over the next `interval` seconds (/proc/stat; None where there is none)."""
 
-    Small models gain little from more threads, and threads that spin-wait for a busy core make each
-    step several times slower (measured on a shared 2-core machine: 10 s a step with 2 threads, 1.5-4 s
-    with 1; docs/benchmarks.md). Set OMP_NUM_THREADS to choose otherwise."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    def times() -> list[int]:  # all CPUs' user nice system idle iowait irq softirq steal
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+
+    try:
+        before = times()
+        time.sleep(interval)
+        after = times()
+    except (OSError, ValueError):
+        return None
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    return (os.cpu_count() or 1) * (delta[3] + delta[4]) / max(sum(delta), 1)
+
+
+def cpu_threads_per_stage() -> int:
+    """Torch threads of a stage on a machine without GPUs: the CPUs idle when it starts, at least one.
+
+    A stage on an idle machine gets every core. On a busy one, threads that spin-wait for a core
+    make each step several times slower (measured on a shared 2-core machine: 10 s a step with 2
+    threads, 1.5-4 s with 1; docs/benchmarks.md), so it gets only the idle ones. Measured over a
+    quarter second as the stage starts (the stage before it has exited by then; a load average would
+    still count it). Without /proc/stat: half the CPUs. Set OMP_NUM_THREADS to choose otherwise."""
+    cpus = os.cpu_count() or 2
+    idle = idle_cpus()
+    return max(1, min(cpus, round(idle) if idle is not None else cpus // 2))
 
 
 def processes_for(stage: PlannedStage, spec: LLMRunSpec, override: int | None) -> int:
@@ -347,7 +369,8 @@ def default_log_dir(run_dir: str, name: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanorun run", description="Run an LLMRun file on this machine.")
     p.add_argument(
-        "file", help="LLMRun or LLMSweep YAML file (apiVersion: nanorun.io/v1alpha1, kind: LLMRun or LLMSweep)"
+        "file",
+        help="LLMRun or LLMSweep YAML file (apiVersion: nanorun.io/v1alpha1, kind: LLMRun or LLMSweep)",
     )
     p.add_argument(
         "--run-dir", default=None, help="run directory (local path or s3://); overrides spec.storage.uri"

@@ -275,7 +275,7 @@ def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
     assert os.path.exists(tmp_path / "run" / "logs" / "tokenizer.log")
 
 
-def test_cpu_stages_get_half_the_cpus_as_threads_unless_the_user_chose(tmp_path, monkeypatch):
+def test_cpu_stages_get_the_idle_cpus_as_threads_unless_the_user_chose(tmp_path, monkeypatch):
     from rich.console import Console
 
     run = local.load_run_file(
@@ -287,9 +287,17 @@ def test_cpu_stages_get_half_the_cpus_as_threads_unless_the_user_chose(tmp_path,
     try:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
         local.local_gpu_count.cache_clear()
+        monkeypatch.setattr(local.os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(local, "idle_cpus", lambda: 3.9)  # an idle machine: every core
         env = executor.env()
-        assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 2) // 2))
+        assert env["OMP_NUM_THREADS"] == "4"
         assert env["NANORUN_RUN"] == "local" and env["AWS_ENDPOINT_URL"] == "http://s3.example:9000"
+        monkeypatch.setattr(local, "idle_cpus", lambda: 1.2)  # a busy one: the idle cores
+        assert executor.env()["OMP_NUM_THREADS"] == "1"
+        monkeypatch.setattr(local, "idle_cpus", lambda: 0.1)  # fully busy: still one
+        assert executor.env()["OMP_NUM_THREADS"] == "1"
+        monkeypatch.setattr(local, "idle_cpus", lambda: None)  # no /proc/stat: half the CPUs
+        assert executor.env()["OMP_NUM_THREADS"] == "2"
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert executor.env()["OMP_NUM_THREADS"] == "3"
         monkeypatch.delenv("OMP_NUM_THREADS")
