@@ -9,15 +9,23 @@ model flags on real text. Prints one JSON line.
     python bench/train_throughput.py --depth 20 --seq-len 2048 --batch-size 16 --steps 20 --device cuda
     python bench/train_throughput.py --depth 2 --seq-len 128 --batch-size 8 --steps 200 --text FILE
 
-On CUDA the model runs its matmuls in bf16 and is compiled with torch.compile (`--no-compile` to
-skip); on CPU it runs in fp32, eagerly by default. MFU is model FLOPs (GPT.estimate_flops, the
-6N + attention count) over the device's dense bf16 peak; null where the peak is unknown (CPUs).
+The model is compiled with torch.compile (`--no-compile` to run it eagerly); on CUDA its matmuls
+run in bf16, on CPU in fp32. The first warm-up step compiles: its time is `compile_seconds`, apart
+from the steps. `tokens_per_second` is the steady rate, from the median time of the timed steps.
+`--vs-eager` also trains an eager copy (same weights, same batches), alternating blocks of
+`--block` steps with the compiled one, and reports its numbers and the `speedup`: on a shared
+machine both see the same load. MFU is model FLOPs (GPT.estimate_flops, the 6N + attention count)
+over the device's dense bf16 peak; null where the peak is unknown (CPUs).
+
+    OMP_NUM_THREADS=2 python bench/train_throughput.py --depth 4 --head-dim 64 --seq-len 256 \
+        --batch-size 8 --vocab-size 8192 --steps 100 --warmup-steps 3 --device cpu --vs-eager
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -47,13 +55,67 @@ def device_label(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+class Trainer:
+    """One model, its optimizer and its batches; `step()` runs one timed optimizer step."""
+
+    def __init__(self, args: argparse.Namespace, config: GPTConfig, device: torch.device, compile_: bool):
+        torch.manual_seed(args.seed)  # the same weights and batches for the eager and the compiled run
+        self.args, self.device, self.compiled = args, device, compile_
+        self.model = build_model(config, device)
+        self.optimizer = self.model.setup_optimizer(
+            matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.2
+        )
+        self.forward = torch.compile(self.model, dynamic=False) if compile_ else self.model
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.fixed = None if args.text else self.next_batch()
+        self.times: list[float] = []
+        self.loss = torch.zeros(())
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        args, rows = self.args, self.args.seq_len + 1
+        if args.text:
+            train = args.train_data
+            starts = torch.randint(0, len(train) - rows, (args.batch_size,), generator=self.generator)
+            tokens = torch.stack([train[s : s + rows] for s in starts])
+        else:
+            tokens = torch.randint(0, args.vocab_size, (args.batch_size, rows), generator=self.generator)
+        tokens = tokens.to(self.device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def step(self) -> float:
+        """One forward, backward and optimizer step; returns its wall time (synchronized)."""
+        t0 = time.perf_counter()
+        x, y = self.fixed or self.next_batch()
+        loss = self.forward(x, y)
+        loss.backward()
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+        self.loss = loss.detach()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def summary(self, tokens_per_step: int, flops_per_token: float, peak: float | None) -> dict:
+        step_seconds = statistics.median(self.times)
+        tokens_per_second = tokens_per_step / step_seconds
+        return {
+            "compile": self.compiled,
+            "step_seconds": round(step_seconds, 4),  # median of the timed steps
+            "tokens_per_second": round(tokens_per_second, 1),
+            "mfu": round(flops_per_token * tokens_per_second / peak, 4) if peak else None,
+            "final_loss": round(float(self.loss), 4),
+        }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=4, help="model depth (width = depth x aspect ratio)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per row")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (per variant)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=2, help="untimed steps first; the first one compiles"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size")
     parser.add_argument("--aspect-ratio", type=int, default=64, help="width per layer of depth")
@@ -62,12 +124,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-value-embeds", action="store_true", help="disable value embeddings")
     parser.add_argument(
         "--compile",
-        dest="compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the model (default: on for CUDA)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the model (as the trainer does on GPUs and on long CPU runs)",
     )
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--vs-eager",
+        action="store_true",
+        help="also time the eager model, alternating blocks of steps with the compiled one, and "
+        "report the speed-up (a fair ratio on a busy machine)",
+    )
+    parser.add_argument("--block", type=int, default=5, help="steps per alternating block (--vs-eager)")
     parser.add_argument("--text", help="train on this file's bytes and report a held-out loss")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
     args = parser.parse_args(argv)
@@ -81,7 +148,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device == "auto"
         else args.device
     )
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
     config = GPTConfig.from_depth(
         args.depth,
         args.vocab_size,
@@ -91,12 +157,6 @@ def main(argv: list[str] | None = None) -> dict:
         window_pattern=args.window_pattern,
         value_embeds=not args.no_value_embeds,
     )
-    torch.manual_seed(args.seed)
-    model = build_model(config, device)
-    optimizer = model.setup_optimizer(
-        matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.2
-    )
-    forward = torch.compile(model, dynamic=False) if use_compile else model
     rows = args.seq_len + 1
     if args.text:
         with open(args.text, "rb") as f:
@@ -104,46 +164,32 @@ def main(argv: list[str] | None = None) -> dict:
         split = int(0.9 * len(data))
         if split < 2 * rows:
             raise SystemExit(f"--text {args.text} is too short for --seq-len {args.seq_len}")
-        train_data, val_data = data[:split], data[split:]
+        args.train_data, val_data = data[:split], data[split:]
         starts = torch.arange(0, len(val_data) - rows, rows)[:64]
         val_batch = torch.stack([val_data[s : s + rows] for s in starts]).to(device)
-    generator = torch.Generator().manual_seed(args.seed)
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        if args.text:
-            starts = torch.randint(0, len(train_data) - rows, (args.batch_size,), generator=generator)
-            tokens = torch.stack([train_data[s : s + rows] for s in starts])
-        else:
-            tokens = torch.randint(0, args.vocab_size, (args.batch_size, rows), generator=generator)
-        tokens = tokens.to(device)
-        return tokens[:, :-1], tokens[:, 1:]
+    main_run = Trainer(args, config, device, args.compile)
+    runs = [main_run] + ([Trainer(args, config, device, False)] if args.vs_eager and args.compile else [])
+    # Warm-up: the first step of a compiled model compiles it; that step's time is its compile time.
+    compile_seconds = None
+    for run in runs:
+        first = run.step()
+        if run.compiled:
+            compile_seconds = first
+        for _ in range(args.warmup_steps - 1):
+            run.step()
+    # Timed steps, in alternating blocks when comparing, so both variants see the same machine load.
+    done = 0
+    while done < args.steps:
+        n = min(args.block if len(runs) > 1 else args.steps, args.steps - done)
+        for run in runs:
+            run.times += [run.step() for _ in range(n)]
+        done += n
 
-    inputs, targets = next_batch()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def train_step() -> torch.Tensor:
-        x, y = next_batch() if args.text else (inputs, targets)
-        loss = forward(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    for _ in range(args.warmup_steps):
-        train_step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = train_step()
-    sync()
-    elapsed = time.perf_counter() - start
-
-    tokens_per_second = args.batch_size * args.seq_len * args.steps / elapsed
+    model = main_run.model
     flops_per_token = model.estimate_flops()
     peak = peak_flops(device)
+    tokens_per_step = args.batch_size * args.seq_len
     result = {
         "benchmark": "train_throughput",
         "device": device_label(device),
@@ -152,20 +198,22 @@ def main(argv: list[str] | None = None) -> dict:
         "params": model.num_params(),
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
+        "vocab_size": args.vocab_size,
         "window_pattern": args.window_pattern,
         "value_embeds": config.value_embeds,
         "attention": backend_name(device),
-        "compile": use_compile,
         "dtype": str(model.compute_dtype).removeprefix("torch."),
         "steps": args.steps,
-        "step_seconds": round(elapsed / args.steps, 4),
-        "tokens_per_second": round(tokens_per_second, 1),
+        "warmup_steps": args.warmup_steps,
+        **main_run.summary(tokens_per_step, flops_per_token, peak),
+        "compile_seconds": round(compile_seconds, 2) if compile_seconds is not None else None,
         "flops_per_token": flops_per_token,
         "peak_flops": peak,
-        "mfu": round(flops_per_token * tokens_per_second / peak, 4) if peak else None,
-        "final_loss": round(float(loss), 4),
         "torch": torch.__version__,
     }
+    if len(runs) > 1:
+        result["eager"] = runs[1].summary(tokens_per_step, flops_per_token, peak)
+        result["speedup"] = round(result["eager"]["step_seconds"] / result["step_seconds"], 3)
     if args.text:
         with torch.no_grad():
             result["val_loss"] = round(float(model(val_batch[:, :-1], val_batch[:, 1:])), 4)
