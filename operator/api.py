@@ -107,6 +107,10 @@ class ModelSpec(Model):
         max_length=64,
         description="Sliding-window attention pattern per layer, S = short window, L = full context, repeated over depth (e.g. SSSL). Unset: SSSL where Flash Attention 3 runs, L elsewhere.",
     )
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the model in the training stages (pretrain, midtrain, sft, rl): true forces it, false runs eagerly. Unset: pretrain and midtrain compile on GPUs, and on CPUs from 1e13 training FLOPs; sft and rl (batches of changing shape) only when true.",
+    )
 
 
 class TokenizerSpec(Model):

@@ -49,6 +49,11 @@ def _flags(pairs: list[tuple[str, object]]) -> list[str]:
     return out
 
 
+def _compile_flag(compile_: bool | None) -> list[str]:
+    """spec.model.compile as the training stages' --compile / --no-compile (unset: their own default)."""
+    return [] if compile_ is None else ["--compile" if compile_ else "--no-compile"]
+
+
 def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
     m, t, s = spec.model, spec.tokenizer, spec.stages
     if key == "tokenizer":
@@ -87,7 +92,7 @@ def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
                 ("--eval-every", p.eval_every),
                 ("--save-every", p.save_every),
             ]
-        )
+        ) + _compile_flag(m.compile)
     if key == "baseEval":
         return _flags(
             [
@@ -99,7 +104,7 @@ def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
         st = getattr(s, key)
         return _flags(
             [("--num-iterations", st.num_iterations), ("--device-batch-size", st.device_batch_size)]
-        )
+        ) + _compile_flag(m.compile)
     if key == "eval":
         return _flags([("--max-problems", s.eval.max_problems)])
     return []

@@ -32,6 +32,7 @@ EVERY_FLAG_SPEC = {
         "aspectRatio": 32,
         "nKvHead": 1,
         "windowPattern": "SL",
+        "compile": False,
     },
     "tokenizer": {"vocabSize": 8192, "maxChars": 123456, "docCap": 999},
     "compute": {"gpusPerNode": 2},
@@ -134,12 +135,12 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
         0.4,
         0.1,
     )
-    assert (pre.eval_every, pre.save_every) == (5, 3)
+    assert (pre.eval_every, pre.save_every, pre.compile) == (5, 3, False)
     base_eval = parsed("baseEval")
     assert (base_eval.max_per_task, base_eval.device_batch_size) == (9, 3)
     for key, (iters, batch) in {"midtrain": (12, 5), "sft": (13, 6), "rl": (14, 7)}.items():
         args = parsed(key)
-        assert (args.num_iterations, args.device_batch_size) == (iters, batch), key
+        assert (args.num_iterations, args.device_batch_size, args.compile) == (iters, batch, False), key
     assert parsed("eval").max_problems == 15
     parsed("report")
 
