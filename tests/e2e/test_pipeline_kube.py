@@ -349,6 +349,8 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     assert len(killer.killed_at) == OPERATOR_KILLS, killer.killed_at
     run = c.run()
     status = run["status"]
+    # `compute.launcher: auto` on a cluster without Trainer v2 (test_pipeline_trainjob_kube.py has one).
+    assert status["launcher"] == "PyTorchJob"
 
     # Every stage succeeded; pretraining needed a second attempt that was not a counted failure.
     assert [(s["name"], s["phase"]) for s in status["stages"]] == [(key, "Succeeded") for key, _ in STAGES]

@@ -1,0 +1,216 @@
+"""The end-to-end path once more with Kubeflow Trainer v2, on a cluster that runs the Trainer v2
+controller and JobSet (tests/fixtures/trainer.py) beside the training-operator: the chart's operator
+pod, `compute.launcher: auto` choosing TrainJob, Trainer v2 rendering each stage's TrainJob with
+the chart's ClusterTrainingRuntime into a JobSet whose pods' torchrun agents meet through the PET_*
+environment its torch plugin injects, storage on an S3 server pod, and KubeRay serving the result
+to the `openai` client. Shorter than test_pipeline_kube.py (the PyTorchJob run): tokenizer,
+pretraining and SFT, each distributed stage on two pods.
+
+1. `helm install` of the chart; the operator runs as its Deployment's pod.
+2. Pretraining's rank-0 pod is deleted after the first checkpoint: the trainer checkpoints on
+   SIGTERM, the TrainJob fails, and the operator starts attempt 2 (a new TrainJob) from that
+   checkpoint without counting a failure.
+3. KubeRay reports the RayService ready; chat through the Service KubeRay made.
+
+Run: .venv/bin/pytest tests/e2e/test_pipeline_trainjob_kube.py -s   (needs root for the pod network)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from nanorun.pipeline import storage
+from nanorun.pipeline.progress import read_done
+from nanorun.trainer.data.dataset import resolve_shards
+from nanorun.trainer.training import checkpoint
+
+from tests.e2e.pipeline import SAVE_EVERY, e2e_llmrun
+from tests.fixtures.kube import KubeEnv, deploy_s3, wait_until
+from tests.fixtures.trainer import trainer_cluster
+from tests.kube.cluster import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.kube]
+
+NAME = "e2t"
+BUCKET = "nanorun"
+RUN_DIR = f"s3://{BUCKET}/runs/{NAME}"
+DATA = f"s3://{BUCKET}/data/bundled"
+STAGES = ("tokenizer", "pretrain", "sft")
+CHART = REPO / "charts" / "nanorun"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+    """This module's cluster, with Trainer v2; it stands in for the session's `kube`."""
+    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster")) as env:
+        yield env
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def test_an_llmrun_on_trainjobs_pretrains_on_two_nodes_survives_preemption_and_serves(
+    kube_pods, kube_namespace, monkeypatch
+):
+    ns, kube, times = kube_namespace, kube_pods, {}
+    t0 = time.monotonic()
+
+    def mark(what: str) -> None:
+        times[what] = round(time.monotonic() - t0, 1)
+
+    def get(kind: str, name: str) -> dict:
+        out = kube.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else {}
+
+    def items(kind: str, selector: str = "") -> list[dict]:
+        args = ["get", kind, "-n", ns, "-o", "json"] + (["-l", selector] if selector else [])
+        return json.loads(kube.kubectl(*args).stdout)["items"]
+
+    def logs(pod: str) -> str:
+        return kube.kubectl("logs", pod, "-n", ns, "-c", "node", check=False).stdout
+
+    def phase() -> str:
+        status = get("llmrun", NAME).get("status") or {}
+        assert status.get("phase") != "Failed", status
+        return status.get("phase", "")
+
+    endpoint = deploy_s3(kube, ns, BUCKET)
+    ip = kube.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{ip}:9000",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    for shard in resolve_shards("bundled"):
+        storage.upload_from(shard, storage.join(DATA, Path(shard).name))
+
+    # 1. The operator, as the chart's pod (the cluster has the chart's runtime already).
+    sets = [f"operator.watchNamespaces={{{ns}}}", f"operator.storage.endpoint={endpoint}"]
+    sets.append("operator.storage.credentialsSecret=s3-creds")
+    kube.helm(
+        "install",
+        "nanorun",
+        str(CHART),
+        "-n",
+        ns,
+        *[a for v in sets for a in ("--set", v)],
+        "--wait",
+        "--timeout",
+        "180s",
+    )
+    mark("operator_ready")
+
+    manifest = e2e_llmrun(NAME, RUN_DIR, nodes=2, endpoint=endpoint, credentialsSecret="s3-creds")
+    manifest["spec"]["data"]["pretrain"] = DATA
+    for key in manifest["spec"]["stages"]:
+        manifest["spec"]["stages"][key]["enabled"] = key in STAGES
+    manifest["spec"]["serving"].update(image="nanorun-serving:e2e", minReplicas=1, maxReplicas=1)
+    kube.apply(ns, manifest)
+
+    # 2. Preemption: delete pretraining's rank-0 pod once a checkpoint is committed.
+    stage_dir = storage.join(RUN_DIR, "pretrain")
+    wait_until(lambda: checkpoint.latest_checkpoint(stage_dir), bool, timeout=600, interval=0.5)
+    mark("first_checkpoint")
+    assert read_done(RUN_DIR, "pretrain") is None, "pretraining finished before it could be preempted"
+    (rank0,) = [
+        p
+        for p in items("pods", "nanorun.io/stage=pretrain,nanorun.io/attempt=1")
+        if p["metadata"]["labels"].get(COMPLETION_INDEX) == "0"
+    ]
+    rank0 = rank0["metadata"]["name"]
+    follow = subprocess.Popen(
+        [str(Path(kube.bin_dir) / "kubectl"), "logs", "-f", rank0, "-n", ns, "-c", "node"],
+        env=kube.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1)  # the follow is attached before the pod goes
+    kube.kubectl("delete", "pod", rank0, "-n", ns, "--wait=false")
+    preempted_log = follow.communicate(timeout=180)[0]
+    mark("preempted")
+    assert "SIGTERM: will checkpoint" in preempted_log, preempted_log[-3000:]
+    assert re.search(r"SIGTERM checkpoint saved in ([0-9.]+) s", preempted_log), preempted_log[-3000:]
+
+    wait_until(phase, lambda p: p == "Succeeded", timeout=900, interval=1)
+    mark("pipeline_succeeded")
+    status = get("llmrun", NAME)["status"]
+    assert status["launcher"] == "TrainJob"
+    records = {s["name"]: s for s in status["stages"]}
+    assert {k: (r["phase"], r["attempts"]) for k, r in records.items()} == {
+        k: ("Succeeded", 2 if k == "pretrain" else 1) for k in STAGES
+    }
+    assert (records["pretrain"].get("failures", 0), records["pretrain"]["preemptions"]) == (0, 1)
+    # One TrainJob per stage attempt and no PyTorchJob, though the training-operator runs too.
+    jobs: dict[str, list[dict]] = {}
+    for j in items("trainjobs"):
+        jobs.setdefault(j["metadata"]["labels"]["nanorun.io/stage"], []).append(j)
+    assert sorted((s, len(js)) for s, js in jobs.items()) == [
+        ("pretrain", 2),
+        ("sft", 1),
+        ("tokenizer", 1),
+    ]
+    assert items("pytorchjobs") == []
+    first, second = sorted(jobs["pretrain"], key=lambda j: j["metadata"]["labels"]["nanorun.io/attempt"])
+    assert (
+        condition(first, "Failed")["status"] == "True" and condition(second, "Complete")["status"] == "True"
+    )
+
+    # Attempt 2 resumed from the preemption's checkpoint on two ranks that met through Trainer's PET_*.
+    (resumed_pod,) = [
+        p
+        for p in items("pods", "nanorun.io/stage=pretrain,nanorun.io/attempt=2")
+        if p["metadata"]["labels"].get(COMPLETION_INDEX) == "0"
+    ]
+    resumed_log = logs(resumed_pod["metadata"]["name"])
+    resumed = re.search(r"resuming from (\S+) \(step (\d+),", resumed_log)
+    assert resumed, resumed_log[-3000:]
+    assert resumed.group(1).startswith(f"{stage_dir}/checkpoints/") and int(resumed.group(2)) >= SAVE_EVERY
+    assert "pretrain: rank 0/2" in resumed_log
+    env = {e["name"]: e.get("value") for e in resumed_pod["spec"]["containers"][0]["env"]}
+    assert env["PET_NNODES"] == "2" and env["NANORUN_ATTEMPT"] == "2"  # Trainer's and ours
+    final = read_done(RUN_DIR, "sft").outputs["checkpoint"]
+    assert status["checkpoint"] == final
+
+    # 3. KubeRay makes the chat service; the run is Ready because KubeRay says so.
+    wait_until(
+        lambda: get("llmrun", NAME),
+        lambda r: condition(r, "Ready").get("status") == "True",
+        timeout=600,
+        interval=1,
+    )
+    mark("serving_ready")
+    serve = kube.kubectl(
+        "get", "service", f"{NAME}-chat-serve-svc", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"
+    )
+    url = f"http://{serve.stdout}:8000"
+    chat = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def reply() -> str:
+        try:
+            return (
+                chat.chat.completions.create(
+                    model="nanorun", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Hi"}]
+                )
+                .choices[0]
+                .message.content
+            )
+        except openai.APIConnectionError as err:  # until kube-proxy has the Service's endpoints
+            return f"APIConnectionError {err!r}"
+
+    answer = wait_until(reply, lambda r: not r.startswith("APIConnectionError"), timeout=120, interval=1)
+    assert isinstance(answer, str)
+    mark("chatted")
+    print("e2e-trainjob", json.dumps(times))
