@@ -12,6 +12,7 @@ import torch
 from nanorun.pipeline import layout
 from nanorun.pipeline.progress import read_done, read_progress
 from nanorun.trainer.model.gpt import GPTConfig, build_model
+from nanorun.trainer.training import compilation
 from nanorun.trainer.training.compilation import CPU_MIN_FLOPS, CompileClock, compiled_model, should_compile
 
 from tests.fixtures.tiny_run import check, run_stage
@@ -84,6 +85,12 @@ def test_the_flag_decides_else_gpus_and_long_cpu_runs_compile():
     # shapes that change every batch would recompile: only when asked for
     assert not should_compile(None, CUDA, train_flops=1e20, static_shapes=False)
     assert should_compile(True, CUDA, train_flops=0, static_shapes=False)
+
+
+def test_without_a_cxx_compiler_only_the_flag_compiles(monkeypatch):
+    monkeypatch.setattr(compilation, "compiler_available", lambda: False)
+    assert not should_compile(None, CUDA, train_flops=1e20)  # eager, rather than failing at step 1
+    assert should_compile(True, CUDA, train_flops=0)
 
 
 def test_compiled_model_shares_the_parameters_of_the_model():

@@ -18,6 +18,8 @@ When (`--compile` forces it, `--no-compile` turns it off, no flag: auto):
   least `CPU_MIN_FLOPS`: compiling the forward and backward costs tens of seconds on a CPU, which a
   small or short run never earns back (the tests' tiny runs take seconds), while a run of several
   minutes gains more than that (docs/benchmarks.md, "Training throughput");
+- never without a C++ compiler on the PATH (inductor builds its CPU kernels, and Triton its GPU
+  launchers, with one at run time), so an image without one trains eagerly instead of failing;
 - never for inputs whose shapes change from batch to batch (`static_shapes=False`: the sft and
   rl stages' padded rows), unless forced, since every new shape would compile again.
 
@@ -30,6 +32,8 @@ see steady steps.
 from __future__ import annotations
 
 import argparse
+import functools
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +52,21 @@ def add_compile_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
     )
 
 
+@functools.cache
+def compiler_available() -> bool:
+    """Whether a C++ compiler is on the PATH, which torch.compile's default backend needs."""
+    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
 def should_compile(
     flag: bool | None, device: torch.device, train_flops: float, static_shapes: bool = True
 ) -> bool:
-    """The policy above: `flag` when given, else a GPU, or a CPU with enough work; static shapes only."""
+    """The policy above: `flag` when given, else a GPU, or a CPU with enough work; static shapes
+    and a compiler only."""
     if flag is not None:
         return flag
-    return static_shapes and (device.type == "cuda" or train_flops >= CPU_MIN_FLOPS)
+    worth_it = device.type == "cuda" or train_flops >= CPU_MIN_FLOPS
+    return static_shapes and worth_it and compiler_available()
 
 
 def compiled_model(
