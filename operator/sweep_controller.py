@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from nanorun.operator import metrics
+from nanorun.operator import launchers, metrics
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.controller import Settings, _status_code, api_client
 from nanorun.operator.jobs import RunRef
-from nanorun.operator.names import PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
 from nanorun.operator.reconcile import Event
 from nanorun.operator.status import now_utc, rfc3339
 from nanorun.operator.sweep import KIND
@@ -39,7 +38,7 @@ class SweepController:
         self.workers = workers
         self.sweeps: Mapping[Key, Any] | None = None
         self.runs: Mapping[Key, Any] | None = None
-        self.jobs: Mapping[Key, Any] | None = None
+        self.jobs: list[Mapping[Key, Any]] = []  # one index per kind of job (PyTorchJob, TrainJob)
         self._queue: asyncio.Queue[Key] | None = None
         self._queued: set[Key] = set()
         self._errors: dict[Key, int] = {}
@@ -49,8 +48,8 @@ class SweepController:
         self._pool: ThreadPoolExecutor | None = None
         self._api = None
 
-    def attach(self, sweeps: Mapping, runs: Mapping, jobs: Mapping) -> None:
-        self.sweeps, self.runs, self.jobs = sweeps, runs, jobs
+    def attach(self, sweeps: Mapping, runs: Mapping, *jobs: Mapping | None) -> None:
+        self.sweeps, self.runs, self.jobs = sweeps, runs, [j for j in jobs if j is not None]
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -87,7 +86,7 @@ class SweepController:
                 metrics.set_sweep_points(*key, {})
                 continue
             runs = [copy.deepcopy(r) for r in (self.runs or {}).get(key, [])]
-            jobs = [copy.deepcopy(j) for j in (self.jobs or {}).get(key, [])]
+            jobs = [copy.deepcopy(j) for index in self.jobs for j in index.get(key, [])]
             try:
                 await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._decide_and_apply, key, body, runs, jobs
@@ -142,10 +141,11 @@ class SweepController:
             self._create(
                 lambda m=manifest: api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, m)
             )
-        for manifest in d.create_jobs:
+        for manifest in d.create_jobs:  # a PyTorchJob or a TrainJob (sweep_reconcile.report_launcher)
+            kind = launchers.LAUNCHERS[manifest["kind"]]
             self._create(
-                lambda m=manifest: api.create_namespaced_custom_object(
-                    PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL, m
+                lambda m=manifest, k=kind: api.create_namespaced_custom_object(
+                    k.group, k.version, namespace, k.plural, m
                 )
             )
         old = body.get("status") or {}

@@ -1,7 +1,7 @@
 """kopf registrations of LLMSweeps (imported by handlers.py, so `nanorun operator` runs both).
 
-Indexes keep a live view of every LLMSweep, of the LLMRuns and of the PyTorchJobs labelled
-`nanorun.io/sweep` (a sweep's points, its tokenizer run and its report job), keyed by
+Indexes keep a live view of every LLMSweep, of the LLMRuns and of the PyTorchJobs and TrainJobs
+labelled `nanorun.io/sweep` (a sweep's points, its tokenizer run and its report job), keyed by
 (namespace, sweep). Watch events of any of them queue the sweep; the `SweepController`
 (sweep_controller.py) reconciles it. No finalizer: deleting a sweep deletes its children through
 their owner references, and the points' LLMRuns take their jobs with them.
@@ -14,13 +14,22 @@ from typing import Any
 import kopf
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.handlers import _plain
-from nanorun.operator.names import LABEL_SWEEP, PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION
+from nanorun.operator.names import (
+    LABEL_SWEEP,
+    PYTORCHJOB_GROUP,
+    PYTORCHJOB_PLURAL,
+    PYTORCHJOB_VERSION,
+    TRAINJOB_GROUP,
+    TRAINJOB_PLURAL,
+    TRAINJOB_VERSION,
+)
 from nanorun.operator.sweep import PLURAL as SWEEP_PLURAL
 from nanorun.operator.sweep_controller import SweepController
 
 LLMSWEEPS = (GROUP, VERSION, SWEEP_PLURAL)
 LLMRUNS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
+TRAINJOBS = (TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL)  # kopf watches them only where served
 SWEEPS = SweepController()
 
 
@@ -46,12 +55,24 @@ def llmruns_by_sweep(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
 
 @kopf.index(*PYTORCHJOBS, labels={LABEL_SWEEP: kopf.PRESENT})
 def pytorchjobs_by_sweep(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_SWEEP]): _plain(body, ("metadata", "status"))}
+    return {(namespace, labels[LABEL_SWEEP]): _plain(body, ("apiVersion", "kind", "metadata", "status"))}
+
+
+@kopf.index(*TRAINJOBS, labels={LABEL_SWEEP: kopf.PRESENT})
+def trainjobs_by_sweep(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {
+        (namespace, labels[LABEL_SWEEP]): _plain(body, ("apiVersion", "kind", "metadata", "spec", "status"))
+    }
 
 
 def _attach(kwargs: dict[str, Any]) -> None:
     if SWEEPS.sweeps is None:
-        SWEEPS.attach(kwargs["llmsweeps_by_key"], kwargs["llmruns_by_sweep"], kwargs["pytorchjobs_by_sweep"])
+        SWEEPS.attach(
+            kwargs["llmsweeps_by_key"],
+            kwargs["llmruns_by_sweep"],
+            kwargs["pytorchjobs_by_sweep"],
+            kwargs.get("trainjobs_by_sweep"),
+        )
 
 
 @kopf.on.event(*LLMSWEEPS)
@@ -67,6 +88,7 @@ async def sweep_run_event(namespace: str, labels: kopf.Labels, **kwargs: Any) ->
 
 
 @kopf.on.event(*PYTORCHJOBS, labels={LABEL_SWEEP: kopf.PRESENT})
+@kopf.on.event(*TRAINJOBS, labels={LABEL_SWEEP: kopf.PRESENT})
 async def sweep_job_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
     _attach(kwargs)
     SWEEPS.enqueue((namespace, labels[LABEL_SWEEP]))

@@ -12,7 +12,8 @@ the points' done.json files, so running it twice decides the same thing. The chi
    admits. A point is an LLMRun, so a failed attempt resumes from its checkpoint as any stage does;
    a point that has succeeded is never created again;
 3. when every point has ended, the report job `python -m nanorun.trainer.sweep_report` (one CPU
-   process) over the points that succeeded; it is retried up to `template.retry.maxAttempts`.
+   process) over the points that succeeded, a PyTorchJob or a TrainJob as the points' stages ran
+   (`report_launcher`); it is retried up to `template.retry.maxAttempts`.
 
 The status lists every point with its phase and, once it has succeeded, its numbers (read once from
 its done.json files), and counts the points done and running for `kubectl get llmsweep`, with the
@@ -26,13 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanorun.operator import launchers
 from nanorun.operator.api import API_VERSION, GROUP, VERSION, SpecError, spec_to_dict
 from nanorun.operator.api import KIND as RUN_KIND
-from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
+from nanorun.operator.jobs import RunRef
 from nanorun.operator.names import LABEL_ATTEMPT, LABEL_RUN, LABEL_SWEEP
 from nanorun.operator.plan import PlannedStage
 from nanorun.operator.reconcile import Event
-from nanorun.operator.status import job_state, set_condition
+from nanorun.operator.status import set_condition
 from nanorun.operator.sweep import (
     KIND,
     LLMSweepSpec,
@@ -95,19 +97,36 @@ def child_run(sweep: RunRef, name: str, spec: Any) -> dict[str, Any]:
     }
 
 
-def report_job(sweep: RunRef, spec: LLMSweepSpec, attempt: int) -> dict[str, Any]:
-    """The report's PyTorchJob: the stage job builder's, owned by the sweep and labelled with it
-    (not with `nanorun.io/run`: no LLMRun follows it)."""
+def report_launcher(spec: LLMSweepSpec, runs: list[dict[str, Any]]) -> launchers.Launcher:
+    """The kind of job the report runs as: the template's compute.launcher, else the kind the
+    points ran as (their status.launcher), else PyTorchJob."""
+    recorded = next((r["status"]["launcher"] for r in runs if (r.get("status") or {}).get("launcher")), "")
+    return launchers.choose(spec.template.compute.launcher, recorded, trainjob_served=False)
+
+
+def _relabel(node: Any, sweep: str) -> None:
+    """Every label set in a job manifest: the sweep's label instead of `nanorun.io/run`."""
+    if isinstance(node, dict):
+        labels = node.get("labels")
+        if isinstance(labels, dict) and LABEL_RUN in labels:
+            labels.pop(LABEL_RUN)
+            labels[LABEL_SWEEP] = sweep
+        for value in node.values():
+            _relabel(value, sweep)
+    elif isinstance(node, list):
+        for value in node:
+            _relabel(value, sweep)
+
+
+def report_job(
+    sweep: RunRef, spec: LLMSweepSpec, attempt: int, launcher: launchers.Launcher
+) -> dict[str, Any]:
+    """The report's job, built by the stage job builder of `launcher` (PyTorchJob or TrainJob), owned
+    by the sweep and labelled with it, not with `nanorun.io/run`: no LLMRun follows it."""
     job_spec = tokenizer_spec(spec).model_copy(update={"storage": spec.template.storage})
-    job = pytorchjob_for_stage(sweep, job_spec, REPORT, attempt)
-    meta = job["metadata"]
-    meta["ownerReferences"] = [owner_reference(sweep)]
-    for labels in (
-        meta["labels"],
-        job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"],
-    ):
-        labels.pop(LABEL_RUN, None)
-        labels[LABEL_SWEEP] = sweep.name
+    job = launcher.build(sweep, job_spec, REPORT, attempt, "")
+    job["metadata"]["ownerReferences"] = [owner_reference(sweep)]
+    _relabel(job, sweep.name)
     return job
 
 
@@ -215,13 +234,14 @@ def reconcile_sweep(
         mine = sorted(jobs, key=_attempt)
         latest = mine[-1] if mine else None
         report_attempts = max(_attempt(latest) if latest else 0, old.get("reportAttempts") or 0)
-        state = job_state(latest).phase if latest else ""
+        state = launchers.launcher_of(latest).state(latest).phase if latest else ""
+        launcher = launchers.launcher_of(latest) if latest else report_launcher(spec, runs)
         if latest is None and not report:
-            job = report_job(sweep, spec, 1)
+            job = report_job(sweep, spec, 1, launcher)
             d.create_jobs.append(job)
             report_job_name, report_attempts = job["metadata"]["name"], 1
         elif state == "Failed" and report_attempts < spec.template.retry.max_attempts:
-            job = report_job(sweep, spec, report_attempts + 1)
+            job = report_job(sweep, spec, report_attempts + 1, launcher)
             d.create_jobs.append(job)
             report_job_name, report_attempts = job["metadata"]["name"], report_attempts + 1
         elif state == "Failed":

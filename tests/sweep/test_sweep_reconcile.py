@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 from typing import Any
 
 from nanorun.operator.jobs import RunRef
@@ -183,3 +184,23 @@ def test_an_invalid_spec_creates_nothing_and_says_why():
     assert d.create_runs == [] and d.create_jobs == []
     [degraded] = [c for c in d.status["conditions"] if c["type"] == "Degraded"]
     assert degraded["reason"] == "InvalidSpec" and "spec.tokensPerParam" in degraded["message"]
+
+
+def test_the_report_runs_as_the_kind_of_job_the_points_ran_as():
+    points = [
+        {**run(p, "Succeeded"), "status": {"phase": "Succeeded", "launcher": "TrainJob"}} for p in POINTS
+    ]
+    runs = [run("scaling-tokenizer", "Succeeded"), *points]
+    [report] = decide(body(), runs).create_jobs
+    assert report["kind"] == "TrainJob"
+    assert report["metadata"]["ownerReferences"][0]["kind"] == "LLMSweep"
+    assert f'"{LABEL_RUN}":' not in json.dumps(report)  # no LLMRun follows it: no such label anywhere
+    assert report["metadata"]["labels"][LABEL_SWEEP] == "scaling"
+    assert "nanorun.trainer.sweep_report" in json.dumps(report)
+    complete = {**report, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert decide(body(), runs, [complete]).status["phase"] == "Succeeded"
+
+    spec = copy.deepcopy(SPEC)
+    spec["template"]["compute"]["launcher"] = "PyTorchJob"  # the template's choice wins
+    [report] = decide(body(spec), runs).create_jobs
+    assert report["kind"] == "PyTorchJob"
