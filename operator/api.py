@@ -109,7 +109,7 @@ class ModelSpec(Model):
     )
     compile: bool | None = Field(
         None,
-        description="torch.compile the model in the training stages (pretrain, midtrain, sft, rl): true forces it, false runs eagerly. Unset: pretrain and midtrain compile on GPUs, and on CPUs from 1e13 training FLOPs; sft and rl (batches of changing shape) only when true.",
+        description="torch.compile the model in pretrain, baseEval (bits per byte), midtrain, sft and rl: true forces it, false runs eagerly. Unset: pretrain, baseEval and midtrain compile on GPUs, and on CPUs from 1e13 FLOPs of work; sft and rl (batches of changing shape) only when true.",
     )
 
 

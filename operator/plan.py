@@ -50,7 +50,7 @@ def _flags(pairs: list[tuple[str, object]]) -> list[str]:
 
 
 def _compile_flag(compile_: bool | None) -> list[str]:
-    """spec.model.compile as the training stages' --compile / --no-compile (unset: their own default)."""
+    """spec.model.compile as the stages' --compile / --no-compile (unset: their own default)."""
     return [] if compile_ is None else ["--compile" if compile_ else "--no-compile"]
 
 
@@ -99,7 +99,7 @@ def _stage_args(key: str, spec: LLMRunSpec) -> list[str]:
                 ("--device-batch-size", s.base_eval.device_batch_size),
                 ("--max-per-task", s.base_eval.max_per_task),
             ]
-        )
+        ) + _compile_flag(m.compile)
     if key in ("midtrain", "sft", "rl"):
         st = getattr(s, key)
         return _flags(

@@ -137,7 +137,7 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
     )
     assert (pre.eval_every, pre.save_every, pre.compile) == (5, 3, False)
     base_eval = parsed("baseEval")
-    assert (base_eval.max_per_task, base_eval.device_batch_size) == (9, 3)
+    assert (base_eval.max_per_task, base_eval.device_batch_size, base_eval.compile) == (9, 3, False)
     for key, (iters, batch) in {"midtrain": (12, 5), "sft": (13, 6), "rl": (14, 7)}.items():
         args = parsed(key)
         assert (args.num_iterations, args.device_batch_size, args.compile) == (iters, batch, False), key

@@ -25,6 +25,7 @@ from nanorun.trainer.evaluation import core_eval
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.training.checkpoint import final_checkpoint, load_model
 from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
+from nanorun.trainer.training.compilation import CompileClock, add_compile_arg, compiled_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-bundle", default="auto", help="DCLM eval bundle: dir, zip URI, or 'auto' (download)"
     )
     p.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
+    add_compile_arg(p)
     return p
 
 
@@ -75,12 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     B = args.device_batch_size
     steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
     batches = validation_batches(tokenizer, val_shard, B, T, ctx.rank, ctx.world_size, ctx.device)
-    metrics["val_bpb"] = evaluate_bpb(model, batches, steps, tokenizer.token_bytes())
+    # Batches of one shape: compiled where it pays, by the training stages' rule (a forward pass is
+    # a third of a training step's FLOPs). CORE and the samples (changing shapes) stay eager.
+    eval_flops = model.estimate_flops() / 3 * steps * B * T * ctx.world_size
+    forward = compiled_model(model, args.compile, ctx.device, eval_flops)
+    clock = CompileClock(compiled=forward is not model)
+    metrics["val_bpb"] = evaluate_bpb(forward, batches, steps, tokenizer.token_bytes(), clock=clock)
+    metrics["compile_seconds"] = clock.seconds
     batches.close()
     ctx.print0(
         f"val bpb: {metrics['val_bpb']:.4f} ({steps * B * T * ctx.world_size:,} tokens of {val_shard})"
     )
-    ctx.progress(flush=True, step=1, total_steps=3, val_bpb=metrics["val_bpb"])
+    compiled = clock.seconds if clock.compiled else None
+    ctx.progress(flush=True, step=1, total_steps=3, val_bpb=metrics["val_bpb"], compile_seconds=compiled)
 
     # -- samples
     if ctx.is_master:
