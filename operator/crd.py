@@ -1,6 +1,7 @@
 """The LLMRun CustomResourceDefinition, generated from the pydantic models in `api.py`.
 
     nanorun crd              print the CRD (YAML)
+    nanorun crd --sweep      print the LLMSweep CRD (operator/sweep_crd.py)
 
 (`python -m tools.generate --write` writes its committed copies, with the RBAC files and
 docs/configuration.md.)
@@ -170,9 +171,15 @@ def crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="nanorun crd", description="Print the LLMRun CustomResourceDefinition (YAML)."
-    ).parse_args(argv)
+    )
+    parser.add_argument("--sweep", action="store_true", help="print the LLMSweep CRD instead")
+    if parser.parse_args(argv).sweep:
+        from nanorun.operator.sweep_crd import crd_yaml as sweep_crd_yaml  # it imports this module
+
+        sys.stdout.write(sweep_crd_yaml())
+        return 0
     sys.stdout.write(crd_yaml())
     return 0
 

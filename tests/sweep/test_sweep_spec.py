@@ -4,9 +4,11 @@ are refused (by `parse_sweep_spec`, which `nanorun run` uses, with the messages 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+from nanorun.cli import main as cli
 from nanorun.operator.api import SpecError
 from nanorun.operator.plan import config_ids, stage_plan
 from nanorun.operator.sweep import (
@@ -174,3 +176,9 @@ def test_the_crd_carries_every_rule_of_the_template_under_spec_template():
     rules = [r["rule"] for r in template["x-kubernetes-validations"]]
     assert "self.compute.nodes == 1 || self.storage.uri.startsWith('s3://')" in rules
     assert template["properties"]["tokenizer"]["properties"]["from"]["type"] == "string"
+
+
+def test_nanorun_crd_sweep_prints_the_committed_llmsweep_crd(capsys):
+    assert cli.main(["crd", "--sweep"]) == 0
+    committed = Path(__file__).resolve().parents[2] / "manifests" / "crd" / "nanorun.io_llmsweeps.yaml"
+    assert capsys.readouterr().out == committed.read_text().split("\n", 1)[1]  # after the generated-by line
