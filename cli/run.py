@@ -187,6 +187,8 @@ def _progress_fields(p: stage_files.Progress | None) -> str:
         parts.append(f"bpb {p.val_bpb:.3f}")
     if p.tokens_per_sec:
         parts.append(f"{p.tokens_per_sec:,.0f} tok/s")
+    if p.compile_seconds:
+        parts.append(f"compile {p.compile_seconds:.0f}s")
     if p.eta_seconds is not None and p.step < p.total_steps:
         parts.append(f"ETA {int(p.eta_seconds) // 60}m{int(p.eta_seconds) % 60:02d}s")
     return "  ".join(parts)

@@ -22,7 +22,7 @@ from nanorun.cli import run as local
 from nanorun.operator.api import GROUP, VERSION, parse_spec
 from nanorun.operator.plan import config_ids, stage_plan
 from nanorun.pipeline import storage
-from nanorun.pipeline.progress import read_done, read_progress, write_done
+from nanorun.pipeline.progress import Progress, read_done, read_progress, write_done
 from nanorun.trainer.training import checkpoint
 
 STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
@@ -273,6 +273,14 @@ def test_a_failing_stage_stops_the_run_with_its_log_tail(tmp_path, capsys):
     assert rc == 1
     assert "tokenizer exited with code 2" in out and "invalid int value" in out
     assert os.path.exists(tmp_path / "run" / "logs" / "tokenizer.log")
+
+
+def test_the_progress_bar_shows_compile_time_apart_from_tokens_per_second():
+    compiling = Progress(stage="pretrain", step=1, total_steps=10, loss=5.5, compile_seconds=41.6)
+    assert local._progress_fields(compiling) == "loss 5.500  compile 42s"
+    steady = Progress(stage="pretrain", step=5, total_steps=10, tokens_per_sec=1500.0, compile_seconds=41.6)
+    assert local._progress_fields(steady) == "1,500 tok/s  compile 42s"
+    assert local._progress_fields(Progress(stage="sft", tokens_per_sec=900.0)) == "900 tok/s"  # eager
 
 
 def test_cpu_stages_get_the_idle_cpus_as_threads_unless_the_user_chose(tmp_path, monkeypatch):
