@@ -100,10 +100,13 @@ def _is_missing(err: Exception) -> bool:
 
 def _is_cut_short(err: Exception) -> bool:
     """A transport failure botocore did not retry: the connection broke while the body streamed.
-    (Errors before the response, and 5xx/SlowDown answers, botocore has already retried.)"""
+    (Errors before the response, and 5xx/SlowDown answers, botocore has already retried.) An error
+    answer's body (a 404's XML) is read inside botocore itself, which lets urllib3's ProtocolError
+    through when that body is cut."""
     from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
 
-    return isinstance(err, (IncompleteReadError, ReadTimeoutError, ResponseStreamingError))
+    return isinstance(err, (IncompleteReadError, ReadTimeoutError, ResponseStreamingError, ProtocolError))
 
 
 def _read_with_retries(uri: str, read: Any) -> Any:

@@ -170,8 +170,8 @@ def test_the_operator_job_keeps_the_operator_services_metrics_port(monitors, ren
 def test_pod_jobs_scrape_the_trainer_and_each_ray_worker_and_not_rays_own_metrics(monitors) -> None:
     # the pod's nanorun.io/run label becomes the series' `run`
     assert sorted(scraped(scrape_config(monitors, "/k"), operator_pods())) == [
-        (f"{RELEASE_NS}/nanorun-runs", "tiny-pretrain-1-master-0", "metrics", "tiny"),
         (f"{RELEASE_NS}/nanorun-runs", "tiny-chat-worker", "serve-metrics", "tiny"),
+        (f"{RELEASE_NS}/nanorun-runs", "tiny-pretrain-1-master-0", "metrics", "tiny"),
     ]
 
 

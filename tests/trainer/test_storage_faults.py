@@ -63,6 +63,18 @@ def test_reads_through_bodies_cut_short_return_the_whole_object(s3_server, s3_bu
     assert all(r == blob for r in reads)
 
 
+def test_a_missing_object_read_through_cut_answers_is_still_missing(s3_server, s3_bucket):
+    # A 404's body is read inside botocore, which lets the cut connection's error through.
+    with FaultyProxy(s3_server, rate=0.5, seed=7, kinds=("cut",)) as proxy:
+        os.environ["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
+        try:
+            reads = [storage.read_json_or_none(f"s3://{s3_bucket}/nothing/done.json") for _ in range(10)]
+        finally:
+            os.environ["AWS_ENDPOINT_URL_S3"] = s3_server
+    assert proxy.faults["cut"] > 0
+    assert reads == [None] * 10
+
+
 def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(
     tiny_base_run, s3_server, s3_bucket, faulty_s3
 ):
