@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-every", type=int, default=2000, help="print greedy samples every N steps (-1 = off)"
     )
     e.add_argument(
-        "--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = off; base_eval runs it)"
+        "--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = off; baseEval runs it)"
     )
     e.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
     e.add_argument(
