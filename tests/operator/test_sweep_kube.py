@@ -56,7 +56,7 @@ def running_pretrain_pods(kube, ns: str) -> dict[str, str]:
     pods = {}
     for pod in json.loads(out)["items"]:
         labels = pod["metadata"]["labels"]
-        pretrain = labels.get("nanorun.io/stage") in ("base_train", "pretrain")  # before and after keys
+        pretrain = labels.get("nanorun.io/stage") == "pretrain"
         if pretrain and labels.get("nanorun.io/run") in POINTS and pod["status"].get("phase") == "Running":
             pods[labels["nanorun.io/run"]] = pod["metadata"]["name"]
     return pods
