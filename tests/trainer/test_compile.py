@@ -15,6 +15,7 @@ from nanorun.trainer.model.gpt import GPTConfig, build_model
 from nanorun.trainer.training import compilation
 from nanorun.trainer.training.compilation import CPU_MIN_FLOPS, CompileClock, compiled_model, should_compile
 
+from tests.fixtures.post_training import MID_FLAGS, SFT_FLAGS, copy_run, run_post_stage, stage_done
 from tests.fixtures.tiny_run import check, run_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -133,3 +134,19 @@ def test_pretrain_reports_compile_time_apart_from_step_time(tiny_base_run, tmp_p
     assert done.metrics["compile_seconds"] > 0
     assert progress.compile_seconds == pytest.approx(done.metrics["compile_seconds"])
     assert progress.tokens_per_sec > 0
+
+
+@pytest.mark.slow
+def test_midtrain_and_sft_train_compiled_when_asked_and_report_the_compile(tiny_mid_run, tmp_path):
+    # midtrain again from the same base checkpoint, compiled (packed rows: static shapes)
+    mid = copy_run(tiny_mid_run, tmp_path / "mid")
+    shutil.rmtree(layout.stage_dir(mid, "midtrain"))
+    proc = check(run_post_stage("midtrain", mid, [*MID_FLAGS, "--compile"], timeout=600))
+    assert "torch.compile on" in proc.stdout and "compile + first step" in proc.stdout
+    assert stage_done(mid, "midtrain")["metrics"]["compile_seconds"] > 0
+    # sft compiled on request, with dynamic shapes for its padded rows
+    sft = copy_run(tiny_mid_run, tmp_path / "sft")
+    proc = check(run_post_stage("sft", sft, [*SFT_FLAGS, "--compile"], timeout=600))
+    assert "compile + first step" in proc.stdout
+    done = stage_done(sft, "sft")
+    assert done["metrics"]["compile_seconds"] > 0 and done["metrics"]["val_bpb"] > 0
