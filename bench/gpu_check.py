@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"gpu_check: {device_label(device)}, torch {torch.__version__}, attention {backend_name(device)}",
         flush=True,
     )
-    compile_ = device.type == "cuda"  # the trainer compiles on CUDA; on CPU the smoke run stays eager
+    compile_ = device.type == "cuda"  # as the trainer; a CPU smoke run is far too small to repay a compile
     result: dict[str, Any] = {
         "benchmark": "gpu_check",
         "device": device_label(device),
