@@ -14,8 +14,8 @@ offers per job goes where the API puts it:
 
 - `spec.trainer`: image, command, env, numNodes, numProcPerNode, resourcesPerNode;
 - `spec.runtimePatches` (one entry, manager `nanorun.io/operator`): the pods' labels and Prometheus
-  annotations, nodeSelector, tolerations, affinity, terminationGracePeriodSeconds, and the /dev/shm
-  volume with its mount in the trainer container `node`;
+  annotations, nodeSelector, tolerations, affinity, terminationGracePeriodSeconds (not with a Kueue
+  queue: see below), and the /dev/shm volume with its mount in the trainer container `node`;
 - `spec.suspend` (the PyTorchJob's runPolicy.suspend): true with spec.suspend or a Kueue queue.
 
 What the API leaves to the runtime (the pods' priorityClassName, image pull policy, the ports,
@@ -80,8 +80,13 @@ def trainjob_for_stage(
     amounts = resources(spec, gpus)
     if amounts:
         trainer["resourcesPerNode"] = amounts
-    # SIGTERM → the trainer finishes its step, checkpoints and exits; the grace period must cover that.
-    pod: dict[str, Any] = {"terminationGracePeriodSeconds": c.termination_grace_period_seconds}
+    pod: dict[str, Any] = {}
+    if not c.queue:
+        # SIGTERM → the trainer finishes its step, checkpoints and exits; the grace period must cover
+        # that. Not with Kueue: Kueue v0.17 updates an admitted TrainJob through Trainer v2.2's API,
+        # which lacks this field, so the patch would lose it and Trainer's JobSet update (a changed
+        # pod field) is refused; the runtime's grace period (the chart's trainer.runtime) applies.
+        pod["terminationGracePeriodSeconds"] = c.termination_grace_period_seconds
     if c.shm_size:
         pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": c.shm_size}}]
         pod["containers"] = [

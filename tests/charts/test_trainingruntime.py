@@ -35,6 +35,7 @@ def test_the_runtime_is_the_one_a_default_trainjob_references(render: Render) ->
     assert node["template"]["spec"]["backoffLimit"] == 0  # a failed pod ends the attempt; nanorun retries
     pod = node["template"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["priorityClassName"] == "training"
+    assert pod["terminationGracePeriodSeconds"] == spec.compute.termination_grace_period_seconds
     (container,) = pod["containers"]
     assert container["name"] == trainjob.CONTAINER_NAME
     podmonitor_port = "metrics"  # values.yaml podMonitor.trainerPort

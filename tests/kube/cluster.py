@@ -20,7 +20,8 @@ starts, in order:
   RayService integrations and their admission webhooks (no ClusterQueue: a test makes its own);
 - with `trainer=True` (`up --trainer`), JobSet (namespace jobset-system) and Kubeflow Trainer v2
   (namespace kubeflow-system) from their install manifests, webhooks included, so the cluster serves
-  TrainJobs beside PyTorchJobs (without it, nanorun's `compute.launcher: auto` means PyTorchJob).
+  TrainJobs beside PyTorchJobs (without it, nanorun's `compute.launcher: auto` means PyTorchJob);
+  they start before Kueue, which then has its TrainJob integration on too.
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler: the API and controllers work, pods are scheduled but never run, and
@@ -266,9 +267,9 @@ class Cluster:
                 done("dns_ready")
                 if self.controllers:
                     self._start_training_controllers()
-                    self._start_kueue()
-                    if self.trainer:
+                    if self.trainer:  # before Kueue, whose TrainJob integration needs the CRD
                         self._start_trainer()
+                    self._start_kueue()
                     done("controllers_ready")
         except BaseException:
             self.stop()
@@ -526,7 +527,8 @@ class Cluster:
         out (this API server runs without the aggregation layer they need). Ready once its
         webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
         manifest = yaml.safe_load_all((self.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
-        docs = [_kueue_doc(doc) for doc in manifest if doc and doc.get("kind") != "APIService"]
+        frameworks = KUEUE_FRAMEWORKS + ((KUEUE_TRAINJOB,) if self.trainer else ())
+        docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc and doc.get("kind") != "APIService"]
         self._kubectl(
             "apply",
             "--server-side",
@@ -654,30 +656,31 @@ class Cluster:
 # Kueue's job integrations the test cluster turns on: nanorun's stage jobs (PyTorchJob) and its
 # chat service (RayService, and the RayCluster KubeRay makes for it).
 KUEUE_FRAMEWORKS = ("kubeflow.org/pytorchjob", "ray.io/raycluster", "ray.io/rayservice")
+KUEUE_TRAINJOB = "trainer.kubeflow.org/trainjob"  # on too where Trainer v2 runs (`trainer=True`)
 
 
-def _kueue_webhook_enabled(webhook: dict[str, Any]) -> bool:
+def _kueue_webhook_enabled(webhook: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> bool:
     """Whether a webhook of Kueue's manifest serves Kueue's own API or an enabled integration (its
     path names the group and kind: /mutate-kubeflow-org-v1-pytorchjob)."""
     path = ((webhook.get("clientConfig") or {}).get("service") or {}).get("path", "")
     if "-kueue-x-k8s-io-" in path:
         return True
-    for framework in KUEUE_FRAMEWORKS:
+    for framework in frameworks:
         group, kind = framework.split("/")
         if f"-{group.replace('.', '-')}-" in path and path.endswith(f"-{kind}"):
             return True
     return False
 
 
-def _kueue_doc(doc: dict[str, Any]) -> dict[str, Any]:
-    """One object of Kueue's manifest, with the integrations of KUEUE_FRAMEWORKS."""
+def _kueue_doc(doc: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> dict[str, Any]:
+    """One object of Kueue's manifest, with the integrations `frameworks`."""
     kind = doc.get("kind")
     if kind == "ConfigMap" and doc["metadata"]["name"] == "kueue-manager-config":
         config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
-        config["integrations"] = {"frameworks": list(KUEUE_FRAMEWORKS)}
+        config["integrations"] = {"frameworks": list(frameworks)}
         doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
     elif kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
-        doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w)]
+        doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w, frameworks)]
     return doc
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from nanorun.operator import launchers
+from nanorun.operator import kueue, launchers
 from nanorun.operator.api import parse_spec
 from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
 from nanorun.operator.plan import stage_plan
@@ -111,6 +111,9 @@ def test_a_queued_or_suspended_run_creates_its_trainjob_suspended_with_the_queue
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert "kueue.x-k8s.io/queue-name" not in node_patch(job)["metadata"]["labels"]
+    # Kueue v0.17 rewrites an admitted TrainJob through Trainer v2.2's API, which has no grace
+    # period in runtimePatches: left to the runtime, so Trainer's JobSet update stays valid.
+    assert "terminationGracePeriodSeconds" not in node_patch(job)["spec"]
     assert (
         trainjob_for_stage(RUN, spec_of(suspend=True), planned(spec, "pretrain"), 1)["spec"]["suspend"]
         is True
@@ -305,3 +308,29 @@ def test_a_pytorchjob_is_left_to_the_training_operator_s_own_ttl():
     seen = reconcile(RUN, body(d.status), [pyjob], None, nothing, T0)
     later = reconcile(RUN, body(seen.status), [pyjob], None, nothing, T0 + dt.timedelta(hours=1))
     assert seen.delete_jobs == later.delete_jobs == []
+
+
+def test_a_queued_trainjob_waits_for_kueue_which_owns_its_spec_suspend():
+    spec = {"compute": {"launcher": "TrainJob", "queue": "training"}}
+    d = reconcile(RUN, body(**spec), [], None, nothing, T0)
+    ((manifest, _),) = d.create_jobs
+    assert manifest["spec"]["suspend"] is True
+    waiting = observed(manifest, active=0)
+    q = reconcile(RUN, body(d.status, **spec), [waiting], None, nothing, T0)
+    assert q.status["phase"] == "Queued" and q.patch_jobs == []
+    message = next(c for c in q.status["conditions"] if c["type"] == "Queued")["message"]
+    assert f"TrainJob {manifest['metadata']['name']}" in message
+    assert "trainer.kubeflow.org/trainjob integration" in message
+    # spec.suspend deactivates the Workload; the TrainJob's spec.suspend stays Kueue's.
+    workload = kueue.Admission(workload="trainjob-w", admitted=True, cluster_queue="gpus")
+    s = reconcile(
+        RUN,
+        body(q.status, suspend=True, **spec),
+        [waiting],
+        None,
+        nothing,
+        T0,
+        admission_of=lambda job: workload,
+    )
+    assert s.patch_jobs == [] and [w for w, _ in s.patch_workloads] == ["trainjob-w"]
+    assert "of TrainJob" in s.events[0].message

@@ -3,7 +3,7 @@ controller and JobSet (built from their modules, tests/kube/build.sh) beside the
 the chart's ClusterTrainingRuntime, a TrainJob as nanorun builds it meeting on two nodes through
 the PET_* environment Trainer's torch plugin injects, and the operator as a process choosing
 TrainJob for `compute.launcher: auto`, suspending a TrainJob and resuming a preempted one without
-counting a failure. Nothing here sets a controller's status."""
+counting a failure, and Kueue admitting queued TrainJobs. Nothing here sets a controller's status."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from nanorun.operator.api import GROUP, PLURAL, VERSION, parse_spec
 from nanorun.operator.jobs import RunRef
+from nanorun.operator.names import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
 from nanorun.operator.plan import stage_plan
 from nanorun.operator.trainjob import trainjob_for_stage
 from nanorun.pipeline import storage
@@ -21,6 +22,7 @@ from nanorun.pipeline import storage
 from tests.fixtures.kube import KubeEnv, wait_until
 from tests.fixtures.trainer import trainer_cluster
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, llmrun, wait_for
+from tests.operator.test_kueue_kube import QUEUE, gpu_queue  # noqa: F401 (gpu_queue: a fixture)
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -224,3 +226,53 @@ def test_suspend_sets_the_trainjob_s_spec_suspend_and_resume_finishes_it(
     wait_for("Succeeded", phase_is(custom_api, ns, "pause", "Succeeded"), TIMEOUT, operator_process)
     assert [j["metadata"]["name"] for j in trainjobs(custom_api, ns)] == [name]  # the same job, resumed
     assert storage.read_json(progress_file)["step"] == 30
+
+
+@pytest.mark.usefixtures("gpu_queue")
+def test_queued_runs_trainjobs_wait_for_kueue_s_quota_and_run_once_admitted(
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
+    """Kueue's trainer.kubeflow.org/trainjob integration: two runs whose pretraining needs the
+    ClusterQueue's 8 GPUs each. One TrainJob is admitted and runs, the other waits `Queued` in
+    Kueue's words until the first gives its quota back; each Workload is owned by a TrainJob."""
+    ns = kube_namespace
+    for name in ("first", "second"):
+        create_llmrun(
+            custom_api,
+            ns,
+            llmrun(
+                name,
+                cluster_s3.run_dir(name),
+                enabled=("pretrain",),
+                storage=cluster_s3.access,
+                serving={"enabled": False},
+                compute={"gpusPerNode": 8, "queue": QUEUE},
+                stage_args={"pretrain": ["--fake-steps", "20", "--fake-step-seconds", "0.2"]},
+            ),
+        )
+    queued = wait_for(
+        "one run Queued",
+        lambda: [r for r in ("first", "second") if phase_is(custom_api, ns, r, "Queued")()],
+        TIMEOUT,
+        operator_process,
+    )
+    # Kueue's own reason, once it has tried to admit the Workload of the second TrainJob.
+    wait_for(
+        "Kueue's reason in the Queued condition",
+        lambda: (
+            "insufficient unused quota"
+            in condition(get_llmrun(custom_api, ns, queued[0]), "Queued").get("message", "")
+        ),
+        TIMEOUT,
+        operator_process,
+    )
+    for name in ("first", "second"):
+        wait_for(f"{name} Succeeded", phase_is(custom_api, ns, name, "Succeeded"), TIMEOUT, operator_process)
+    workloads = custom_api.list_namespaced_custom_object(
+        WORKLOAD_GROUP, WORKLOAD_VERSION, ns, WORKLOAD_PLURAL
+    )
+    owners = [o["kind"] for w in workloads["items"] for o in w["metadata"]["ownerReferences"]]
+    assert owners == ["TrainJob", "TrainJob"]
+    assert {j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] for j in trainjobs(custom_api, ns)} == {
+        QUEUE
+    }
