@@ -39,7 +39,7 @@ from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
 from nanorun.trainer.training.compilation import CompileClock, add_compile_arg, compiled_model
 from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
-from nanorun.trainer.training.finetune import due, report_checkpoint
+from nanorun.trainer.training.loop import due, report_checkpoint
 
 B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
 D_REF_DEPTH = 12

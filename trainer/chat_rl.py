@@ -31,15 +31,15 @@ from nanorun.trainer.training.common import add_common_args, exit_preempted, set
 from nanorun.trainer.training.compilation import CompileClock, compiled_model
 from nanorun.trainer.training.distributed import grad_norm, rank_and_world, sum_across_ranks
 from nanorun.trainer.training.finetune import (
-    StepReport,
     add_finetune_args,
     check_examples_per_step,
     epoch_steps,
     finish,
-    run_loop,
+    save_checkpoint,
     set_learning_rate,
     start_training,
 )
+from nanorun.trainer.training.loop import Evaluation, StepReport, run_loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,28 +265,33 @@ def main(argv: list[str] | None = None) -> int:
         )
         reward, loss = reward / ctx.world_size, loss / ctx.world_size
         return StepReport(
-            lrm=lrm,
+            log=f"reward {reward:.4f} | loss {loss:.4f} | lrm {lrm:.3f}",
             loss=loss,
+            lr=start.base_lrs[-1] * lrm,
             grad_norm=out["grad_norm"],
             tokens=int(tokens),
             tokens_per_step=tokens,
-            log=f"reward {reward:.4f} | loss {loss:.4f} | lrm {lrm:.3f}",
             record={"reward": reward, "loss": loss, "lrm": lrm},
-            extra={"reward": reward},
+            progress={"reward": reward},
         )
 
+    def save(step: int, evals: dict[str, float]) -> str:
+        meta = {"loop": {**loop, "evals": evals}}
+        return save_checkpoint(ctx, step, model, optimizer, start, meta, args.keep_checkpoints)
+
+    # pass@k samples with generators seeded per problem, never the training RNG: skipping it (when
+    # preempted) leaves a resumed run on the uninterrupted run's path
     outcome = run_loop(
         ctx,
-        args,
         model,
-        optimizer,
-        start,
-        steps,
-        evaluate=evaluate,
+        first_step=start.step,
+        steps=steps,
         train_step=train_step,
-        checkpoint_meta=lambda evals: {"loop": {**loop, "evals": evals}},
+        evaluations=[Evaluation("pass@k", args.eval_every, evaluate)],
+        save=save,
+        save_every=args.save_every,
+        checkpoint=start.resumed_from,
         evals=start.loop.get("evals", {}),
-        log_seconds=True,
         clock=clock,
     )
     if outcome.preempted:

@@ -31,15 +31,15 @@ from nanorun.trainer.training.common import add_common_args, exit_preempted, set
 from nanorun.trainer.training.compilation import CompileClock, compiled_model
 from nanorun.trainer.training.distributed import grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import (
-    StepReport,
     add_finetune_args,
     check_examples_per_step,
     epoch_steps,
     finish,
-    run_loop,
+    save_checkpoint,
     set_learning_rate,
     start_training,
 )
+from nanorun.trainer.training.loop import Evaluation, StepReport, run_loop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,25 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         model.zero_grad(set_to_none=True)
         train_loss = mean_across_ranks(loss_sum / max(tokens, 1), ctx.device)
         return StepReport(
-            lrm=lrm,
+            log=f"loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens",
             loss=train_loss,
+            lr=start.base_lrs[-1] * lrm,
             grad_norm=norm,
             tokens=tokens,
             tokens_per_step=tokens * ctx.world_size,
-            log=f"loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens",
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )
 
+    def save(step: int, evals: dict[str, float]) -> str:
+        meta = {"loop": loop, "val_bpb": evals.get("val_bpb")}
+        return save_checkpoint(ctx, step, model, optimizer, start, meta, args.keep_checkpoints)
+
     outcome = run_loop(
         ctx,
-        args,
         model,
-        optimizer,
-        start,
-        steps,
-        evaluate=evaluate,
+        first_step=start.step,
+        steps=steps,
         train_step=train_step,
-        checkpoint_meta=lambda evals: {"loop": loop, "val_bpb": evals.get("val_bpb")},
+        evaluations=[Evaluation("val", args.eval_every, evaluate)],
+        save=save,
+        save_every=args.save_every,
+        checkpoint=start.resumed_from,
         clock=clock,
     )
     if outcome.preempted:

@@ -34,13 +34,13 @@ from nanorun.trainer.training.common import add_common_args, exit_preempted, set
 from nanorun.trainer.training.compilation import CompileClock, compiled_model
 from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
 from nanorun.trainer.training.finetune import (
-    StepReport,
     add_finetune_args,
     finish,
-    run_loop,
+    save_checkpoint,
     set_learning_rate,
     start_training,
 )
+from nanorun.trainer.training.loop import Evaluation, StepReport, run_loop
 
 WARMDOWN_RATIO = 0.2
 
@@ -189,10 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         ctx.progress(flush=True, step=step, total_steps=steps, val_bpb=val_bpb)
         return {"val_bpb": val_bpb}
 
-    def checkpoint_meta(evals: dict[str, float]) -> dict:
-        states = gather_objects(loader.state_dict())
-        return {"loop": {**loop, "dataloader": merge_states(states)}, "val_bpb": evals.get("val_bpb")}
-
     def train_step(step: int) -> StepReport:
         loss_sum = 0.0
         for x, y in loader.step_batches():
@@ -208,25 +204,30 @@ def main(argv: list[str] | None = None) -> int:
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
         smooth = loop["smooth_loss"] / (1 - 0.9 ** (step + 1 - start.step))
         return StepReport(
-            lrm=lrm,
+            log=f"loss {train_loss:.4f} | lrm {lrm:.3f}",
             loss=smooth,
+            lr=start.base_lrs[-1] * lrm,
             grad_norm=norm,
             tokens=plan["total_batch_size"],
             tokens_per_step=plan["total_batch_size"],
-            log=f"loss {train_loss:.4f} | lrm {lrm:.3f}",
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )
 
+    def save(step: int, evals: dict[str, float]) -> str:
+        states = gather_objects(loader.state_dict())
+        meta = {"loop": {**loop, "dataloader": merge_states(states)}, "val_bpb": evals.get("val_bpb")}
+        return save_checkpoint(ctx, step, model, optimizer, start, meta, args.keep_checkpoints)
+
     outcome = run_loop(
         ctx,
-        args,
         model,
-        optimizer,
-        start,
-        steps,
-        evaluate=evaluate,
+        first_step=start.step,
+        steps=steps,
         train_step=train_step,
-        checkpoint_meta=checkpoint_meta,
+        evaluations=[Evaluation("val", args.eval_every, evaluate)],
+        save=save,
+        save_every=args.save_every,
+        checkpoint=start.resumed_from,
         clock=clock,
     )
     close_loader(loader)

@@ -2,8 +2,7 @@
 their optimizer and learning-rate schedule, their loop and their checkpoints.
 
     model, optimizer, start = start_training(ctx, sources=("midtrain", "pretrain"), init_lr_frac=0.8)
-    outcome = run_loop(ctx, args, model, optimizer, start, steps, evaluate=..., train_step=...,
-                       checkpoint_meta=...)       # the stage's own evaluation, step and loop state
+    outcome = run_loop(ctx, model, first_step=start.step, ..., checkpoint=start.resumed_from)  # loop.py
     if outcome.preempted:
         return exit_preempted(ctx, outcome.checkpoint)
     return finish(ctx, outcome, metrics, summary)
@@ -11,9 +10,8 @@ their optimizer and learning-rate schedule, their loop and their checkpoints.
 - A stage resumes from its own newest committed checkpoint of the same configuration id (model,
   optimizer, step, loop state, history.jsonl up to that step); otherwise it starts from the final
   checkpoint of the first finished stage in `sources`.
-- The loop evaluates at the end and every `--eval-every` steps, saves at the end, every
-  `--save-every` steps and when preempted (SIGTERM: it then returns `preempted`), and reports each
-  step to the log, progress.json, the metrics and history.jsonl.
+- They run the loop of every stage (training/loop.py): evaluations at the end and every
+  `--eval-every` steps, checkpoints at the end, every `--save-every` steps and when preempted.
 - Learning rates are the pretraining run's (stored in every checkpoint's meta) times
   `--init-lr-frac`, so post-training inherits the scaling pretraining derived from the model size.
 - Each checkpoint records `lr` and `source`, so the next stage inherits them too.
@@ -22,8 +20,6 @@ their optimizer and learning-rate schedule, their loop and their checkpoints.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +28,8 @@ from nanorun.pipeline.progress import is_done
 from nanorun.pipeline.stages import BY_KEY, stage_named
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import teardown
-from nanorun.trainer.training.compilation import CompileClock, add_compile_arg
+from nanorun.trainer.training.compilation import add_compile_arg
+from nanorun.trainer.training.loop import Outcome
 
 # nanochat's base learning rates, for a source checkpoint that does not record its own
 DEFAULT_LR = {
@@ -77,6 +74,11 @@ class Start:
     base_lrs: list[float] = field(default_factory=list)  # per parameter group, at multiplier 1
     loop: dict[str, Any] = field(default_factory=dict)  # the stage's own loop state, from its checkpoint
     resumed: bool = False
+
+    @property
+    def resumed_from(self) -> str | None:
+        """The checkpoint a resumed run continues (None for a fresh start from a source stage)."""
+        return self.checkpoint if self.resumed else None
 
     def describe(self) -> str:
         return f"from {self.checkpoint} ({'resumed' if self.resumed else self.source_stage})"
@@ -149,7 +151,7 @@ def set_learning_rate(
             group["momentum"] = momentum
 
 
-def save(
+def save_checkpoint(
     ctx: Any,
     step: int,
     model: torch.nn.Module,
@@ -158,119 +160,9 @@ def save(
     meta: dict[str, Any],
     keep_last: int,
 ) -> str:
+    """A checkpoint of the stage: the stage's `meta` plus where post-training started and its LRs."""
     full = {"source": start.source_stage, "lr": start.lr, "model_config": model.config.to_dict(), **meta}
     return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, full, keep_last=keep_last)
-
-
-@dataclass
-class StepReport:
-    """One optimizer step, as the loop reports it to the log, progress.json, metrics and history."""
-
-    lrm: float  # the step's learning-rate multiplier
-    loss: float  # the loss shown as progress
-    grad_norm: float
-    tokens: int  # added to the tokens metric
-    tokens_per_step: float  # all ranks' tokens of the step, for tokens/s
-    log: str  # the log line between "step N/M" and the step's duration
-    record: dict[str, float]  # the step's history.jsonl record, besides the step
-    extra: dict[str, float] = field(default_factory=dict)  # more progress fields (after the loss)
-
-
-@dataclass
-class Outcome:
-    checkpoint: str | None  # the last checkpoint saved
-    evals: dict[str, float]  # the last evaluation's results
-    preempted: bool = False
-    compile_seconds: float = 0.0  # torch.compile time of this attempt (0 when the model ran eagerly)
-
-
-def due(every: int, step: int, first_step: int) -> bool:
-    """Whether a periodic action (evaluate, save) every `every` steps falls on `step`. Never on the
-    step a run starts or resumes at: the run that saved that checkpoint did it already."""
-    return every > 0 and step > first_step and step % every == 0
-
-
-def report_checkpoint(ctx: Any, step: int, total_steps: int, checkpoint: str) -> None:
-    """After saving `checkpoint`: report it in progress.json and write the history up to it, so a
-    resumed run's history matches its checkpoint."""
-    ctx.progress(flush=True, step=step, total_steps=total_steps, last_checkpoint=checkpoint)
-    ctx.flush_history()
-
-
-def run_loop(
-    ctx: Any,
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    optimizer: Any,
-    start: Start,
-    steps: int,
-    *,
-    evaluate: Callable[[int], dict[str, float]],
-    train_step: Callable[[int], StepReport],
-    checkpoint_meta: Callable[[dict[str, float]], dict[str, Any]],
-    evals: dict[str, float] | None = None,
-    log_seconds: bool = False,
-    clock: CompileClock | None = None,
-) -> Outcome:
-    """Run the stage from `start.step` to `steps` optimizer steps.
-
-    `evaluate(step)` (model in eval mode) returns the evaluation's numbers, logged and recorded;
-    `train_step(step)` runs one optimizer step; `checkpoint_meta(evals)` is the meta saved with a
-    checkpoint (with the last evaluation's numbers). `evals`: a resumed run's last evaluation.
-    `log_seconds`: log step durations in seconds rather than milliseconds. `clock`: when the stage
-    compiled its model, splits compile time from step time (the first step's time is compile time,
-    left out of tokens/s and the ETA).
-    """
-    step, evals = start.step, evals or {}
-    clock = clock or CompileClock(compiled=False)
-    checkpoint, preempted, t_start = start.checkpoint if start.resumed else None, False, time.time()
-    while True:
-        last_step = step == steps
-        if last_step or due(args.eval_every, step, start.step):
-            model.eval()
-            evals = evaluate(step)
-            # val_bpb is logged as "val bpb"
-            ctx.print0(
-                f"step {step:06d} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in evals.items())
-            )
-            ctx.record(step=step, **evals)
-            model.train()
-        if last_step or preempted or due(args.save_every, step, start.step):
-            checkpoint = save(
-                ctx, step, model, optimizer, start, checkpoint_meta(evals), args.keep_checkpoints
-            )
-            report_checkpoint(ctx, step, steps, checkpoint)
-        if preempted:
-            return Outcome(checkpoint, evals, preempted=True, compile_seconds=clock.seconds)
-        if last_step:
-            return Outcome(checkpoint, evals, compile_seconds=clock.seconds)
-
-        t0 = time.time()
-        report = train_step(step)
-        step += 1
-        dt = time.time() - t0
-        steady = clock.step_seconds(dt)  # None: the step compiled the model
-        eta = (time.time() - t_start - clock.seconds) / (step - start.step) * (steps - step)
-        if steady is None:
-            took = f"compile + first step {dt:.1f} s"
-        else:
-            took = f"{dt:.1f} s" if log_seconds else f"{dt * 1000:.0f} ms"
-        ctx.print0(f"step {step:06d}/{steps} | {report.log} | {took}")
-        ctx.progress(
-            step=step,
-            total_steps=steps,
-            loss=report.loss,
-            **report.extra,
-            tokens_per_sec=report.tokens_per_step / steady if steady else None,
-            eta_seconds=eta,
-            lr=start.base_lrs[-1] * report.lrm,
-            grad_norm=report.grad_norm,
-            tokens=report.tokens,
-            step_seconds=steady,
-            compile_seconds=clock.seconds if clock.compiled else None,
-        )
-        ctx.record(step=step, **report.record)
-        preempted = ctx.should_stop()
 
 
 def finish(ctx: Any, outcome: Outcome, metrics: dict[str, Any], summary: str) -> int:
