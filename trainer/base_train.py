@@ -17,6 +17,9 @@ The plan is stored in every checkpoint and a resumed run uses the stored plan, s
 cannot silently change a run half-way. Resume is automatic from the newest committed checkpoint,
 on any world size that divides the run's data streams (see dataloader.py), with exactly the batches
 the uninterrupted run would have seen. SIGTERM saves a checkpoint and exits 143 (retryable).
+The loop is the one every training stage runs (training/loop.py); this stage hands it its step,
+its evaluations (val bpb every --eval-every, CORE every --core-metric-every, greedy samples every
+--sample-every) and its save (weights, optimizer, plan, loop state, the data loader's position).
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,10 +36,10 @@ from nanorun.trainer.data.dataloader import PackedBatches, merge_states, validat
 from nanorun.trainer.evaluation import core_eval
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
 from nanorun.trainer.training import checkpoint as ckpt
-from nanorun.trainer.training.common import add_common_args, exit_preempted, peak_flops, setup_stage, teardown
+from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.training.compilation import CompileClock, add_compile_arg, compiled_model
 from nanorun.trainer.training.distributed import gather_objects, grad_norm, mean_across_ranks
-from nanorun.trainer.training.loop import due, report_checkpoint
+from nanorun.trainer.training.loop import Evaluation, StepReport, run_loop
 
 B_REF = 2**19  # tokens per step at the d12 reference (nanochat, measured)
 D_REF_DEPTH = 12
@@ -209,19 +209,6 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
     }
 
 
-@contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode with FP8 matmuls off (when --fp8 switched them on) for the block, then training again."""
-    from nanorun.trainer.model.fp8 import bf16_matmuls
-
-    model.eval()
-    try:
-        with bf16_matmuls(model):
-            yield
-    finally:
-        model.train()
-
-
 @torch.no_grad()
 def greedy_sample(
     model: torch.nn.Module, tokenizer: Any, prompt: str, max_tokens: int, device: torch.device
@@ -282,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         fp8 = native_fp8(ctx.device)
         if fp8:
             # Before torch.compile, so the compiled graph holds the FP8 matmuls. Evaluation and
-            # sampling run the eager model with FP8 off (`evaluating`), as nanochat evaluates in bf16.
+            # sampling run the eager model with FP8 off (loop.evaluating), as nanochat evaluates in bf16.
             ctx.print0(f"fp8: {enable_fp8(model)} block linears switched to FP8 matmuls")
         else:
             ctx.print0("fp8: this device has no FP8 tensor cores; training in the default precision")
@@ -330,63 +317,44 @@ def main(argv: list[str] | None = None) -> int:
     if meta:
         ctx.print0(f"resuming from {resume_uri} (step {step}, saved on {meta['world_size']} rank(s))")
 
-    peak = peak_flops(ctx.device)
-    val_bpb, last_ckpt, preempted, first_step = meta.get("val_bpb") if meta else None, resume_uri, False, step
-    bundle = None
-    while True:
-        last_step = step == num_iterations
-        # periodic evaluations: not right after resuming (done before), not while being preempted
-        if last_step or (not preempted and due(args.eval_every, step, first_step)):
-            eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
-            batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
-            with evaluating(model):
-                val_bpb = evaluate_bpb(eval_model, batches, eval_steps, token_bytes, clock=clock)
-            batches.close()
-            loop["min_val_bpb"] = (
-                val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
-            )
-            ctx.print0(f"step {step:06d} | val bpb {val_bpb:.4f}")
-            ctx.progress(flush=True, step=step, total_steps=num_iterations, val_bpb=val_bpb)
-            ctx.record(step=step, val_bpb=val_bpb)
-        if args.core_metric_every > 0 and (
-            last_step or (not preempted and due(args.core_metric_every, step, first_step))
-        ):
-            bundle = bundle or core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
-            if bundle is not None:
-                with evaluating(model):
-                    core = core_eval.evaluate_core(
-                        model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task
-                    )
-                loop["core"] = core["core"]
-                ctx.print0(f"step {step:06d} | CORE {core['core']:.4f}")
-                ctx.record(step=step, core=core["core"])
-        if (
-            ctx.is_master
-            and args.sample_every > 0
-            and (last_step or (not preempted and due(args.sample_every, step, first_step)))
-        ):
-            with evaluating(model):
-                samples = [
-                    {"prompt": p, "text": greedy_sample(model, tokenizer, p, 16, ctx.device)}
-                    for p in SAMPLE_PROMPTS
-                ]
-            for sample in samples:
-                ctx.print0("  sample:", repr(sample["text"]))
-            # In the history too: the explainer's training page shows English emerging step by step.
-            ctx.record(step=step, samples=samples)
-        if last_step or preempted or due(args.save_every, step, first_step):
-            last_ckpt = save(
-                ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, args.keep_checkpoints
-            )
-            report_checkpoint(ctx, step, num_iterations, last_ckpt)
-        if preempted:
-            loader.close()
-            return exit_preempted(ctx, last_ckpt)
-        if last_step:
-            break
+    def validate(step: int) -> dict[str, float]:
+        eval_steps = max(1, args.eval_tokens // (B * T * ctx.world_size))
+        batches = validation_batches(tokenizer, shards[-1], B, T, ctx.rank, ctx.world_size, ctx.device)
+        val_bpb = evaluate_bpb(eval_model, batches, eval_steps, token_bytes, clock=clock)
+        batches.close()
+        loop["min_val_bpb"] = val_bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], val_bpb)
+        ctx.progress(flush=True, step=step, total_steps=num_iterations, val_bpb=val_bpb)
+        return {"val_bpb": val_bpb}
 
-        # -- one optimizer step: accumulate gradients over this rank's micro-batches
-        t0 = time.time()
+    bundle = None  # the DCLM eval bundle, opened at the first CORE evaluation
+
+    def core_metric(step: int) -> dict[str, float]:
+        nonlocal bundle
+        bundle = bundle or core_eval.bundle_or_none(args.eval_bundle, ctx.print0)
+        if bundle is None:
+            return {}
+        core = core_eval.evaluate_core(model, tokenizer, bundle, ctx.device, args.core_metric_max_per_task)
+        loop["core"] = core["core"]
+        return {"core": core["core"]}
+
+    def samples(step: int) -> dict[str, float]:
+        texts = [
+            {"prompt": p, "text": greedy_sample(model, tokenizer, p, 16, ctx.device)} for p in SAMPLE_PROMPTS
+        ]
+        for sample in texts:
+            ctx.print0("  sample:", repr(sample["text"]))
+        # In the history too: the explainer's training page shows English emerging step by step.
+        ctx.record(step=step, samples=texts)
+        return {}
+
+    evaluations = [Evaluation("val", args.eval_every, validate)]
+    if args.core_metric_every > 0:
+        evaluations.append(Evaluation("core", args.core_metric_every, core_metric))
+    if ctx.is_master and args.sample_every > 0:
+        evaluations.append(Evaluation("samples", args.sample_every, samples))
+
+    def train_step(step: int) -> StepReport:
+        """One optimizer step: accumulate gradients over this rank's micro-batches."""
         batches = loader.step_batches()
         loss_sum = torch.zeros((), device=ctx.device)
         for x, y in batches:
@@ -405,46 +373,50 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss = mean_across_ranks((loss_sum / len(batches)).item(), ctx.device)
-        if ctx.device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        step += 1
-
-        # -- numbers: loss, throughput, MFU, ETA; a step that compiled counts as compile time only
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-        smooth = loop["smooth_loss"] / (1 - 0.9**step)
-        steady = clock.step_seconds(dt)
-        if steady is not None:
-            loop["train_seconds"] += steady
-            loop["timed_steps"] += 1
-        avg = loop["train_seconds"] / loop["timed_steps"] if loop["timed_steps"] else dt
-        tok_s = plan["total_batch_size"] / steady if steady is not None else None
-        mfu = flops_per_token * tok_s / (peak * ctx.world_size) if peak and tok_s else None
-        eta = avg * (num_iterations - step)
-        timing = f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s" if tok_s else f"compile + first step {dt:.1f} s"
-        ctx.print0(
-            f"step {step:06d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | "
-            f"grad norm {norm:.3f} | {timing}"
-            + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-            + f" | eta {eta / 60:.1f} min"
-        )
-        ctx.progress(
-            step=step,
-            total_steps=num_iterations,
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** (step + 1))
+        return StepReport(
+            log=f"loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | grad norm {norm:.3f}",
             loss=smooth,
-            tokens_per_sec=tok_s,
-            mfu=mfu,
-            eta_seconds=eta,
             lr=plan["lr"]["matrix_lr"] * lrm,
             grad_norm=norm,
             tokens=plan["total_batch_size"],
-            step_seconds=steady,
-            compile_seconds=clock.seconds if clock.compiled else None,
+            tokens_per_step=plan["total_batch_size"],
+            record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )
-        ctx.record(step=step, loss=train_loss, lrm=lrm, grad_norm=norm, tokens_per_sec=tok_s, seconds=dt)
-        preempted = ctx.should_stop()
 
+    def save(step: int, evals: dict[str, float]) -> str:
+        saved = {
+            "plan": plan,
+            "shards": shards,
+            "loop": loop,
+            "val_bpb": evals.get("val_bpb"),
+            "dataloader": merge_states(gather_objects(loader.state_dict())),
+            "model_config": model.config.to_dict(),
+        }
+        return ckpt.save_checkpoint(
+            ctx.stage_dir, step, model, optimizer, saved, keep_last=args.keep_checkpoints
+        )
+
+    outcome = run_loop(
+        ctx,
+        model,
+        first_step=step,
+        steps=num_iterations,
+        train_step=train_step,
+        evaluations=evaluations,
+        save=save,
+        save_every=args.save_every,
+        checkpoint=resume_uri,
+        evals={"val_bpb": meta["val_bpb"]} if meta and meta.get("val_bpb") is not None else None,
+        clock=clock,
+        timing=loop,  # its train_seconds and timed_steps travel in the checkpoint
+        flops_per_token=flops_per_token,
+    )
     loader.close()
+    if outcome.preempted:
+        return exit_preempted(ctx, outcome.checkpoint)
+    val_bpb = outcome.evals["val_bpb"]
     metrics = {
         "val_bpb": val_bpb,
         "min_val_bpb": loop["min_val_bpb"],
@@ -454,24 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         "params": model.num_params(),
         "scaling_params": model.num_scaling_params(),  # what the horizon and a sweep's fits count
         "train_seconds": loop["train_seconds"],
-        "compile_seconds": clock.seconds,  # this attempt's, like done.json's seconds
+        "compile_seconds": outcome.compile_seconds,  # this attempt's, like done.json's seconds
         "flops": flops_per_token * num_iterations * plan["total_batch_size"],
     }
-    ctx.done(metrics, {"checkpoint": last_ckpt})
-    ctx.print0(f"pretrain done: val bpb {val_bpb:.4f}, checkpoint {last_ckpt}")
+    ctx.done(metrics, {"checkpoint": outcome.checkpoint})
+    ctx.print0(f"pretrain done: val bpb {val_bpb:.4f}, checkpoint {outcome.checkpoint}")
     return teardown(ctx)
-
-
-def save(ctx, model, optimizer, loader, step, plan, shards, loop, val_bpb, keep) -> str:
-    meta = {
-        "plan": plan,
-        "shards": shards,
-        "loop": loop,
-        "val_bpb": val_bpb,
-        "dataloader": merge_states(gather_objects(loader.state_dict())),
-        "model_config": model.config.to_dict(),
-    }
-    return ckpt.save_checkpoint(ctx.stage_dir, step, model, optimizer, meta, keep_last=keep)
 
 
 if __name__ == "__main__":

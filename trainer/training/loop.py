@@ -123,7 +123,8 @@ def run_loop(
     step, evals = first_step, dict(evals or {})
     clock = clock or CompileClock(compiled=False)
     timing = timing if timing is not None else {"train_seconds": 0.0, "timed_steps": 0}
-    peak = peak_flops(ctx.device) * ctx.world_size if flops_per_token else None
+    device_peak = peak_flops(ctx.device) if flops_per_token else None  # None off GPUs it knows
+    peak = device_peak * ctx.world_size if device_peak else None
     preempted = False
     while True:
         last_step = step == steps
