@@ -6,7 +6,7 @@
     nanorun run examples/tiny.yaml --dry-run             # print the stage commands and stop
 
 The same stage plan the operator turns into PyTorchJobs (`nanorun.operator.plan.stage_plan`) runs
-here as local processes: `python -m nanorun.trainer.<stage> --run-dir URI ...`, under torchrun when
+here as local processes: `python -m nanorun.trainer.<module> --run-dir URI ...`, under torchrun when
 a distributed stage has several processes (one per local GPU, capped by compute.gpusPerNode).
 A progress bar per stage is fed by the stage's progress.json; a summary table follows.
 
