@@ -114,6 +114,17 @@ def test_points_run_at_once_a_killed_point_resumes_and_deleting_the_sweep_collec
         operator_process,
     )
     assert report[0]["metadata"]["ownerReferences"][0]["kind"] == KIND
+    # The report job (the fake stage's one-process job) succeeds, and with it the sweep.
+    final = wait_for(
+        "the sweep Succeeded with its report",
+        lambda: (s := get_sweep(custom_api, ns).get("status") or {}).get("phase") == "Succeeded" and s,
+        TIMEOUT,
+        operator_process,
+    )
+    assert final["report"].endswith("/report/report.md") and final["reportAttempts"] == 1
+    assert (
+        kube.kubectl("get", "llmsweep", "ladder", "-n", ns).stdout.splitlines()[1].split()[1] == "Succeeded"
+    )
 
     custom_api.delete_namespaced_custom_object(GROUP, VERSION, ns, SWEEPS, "ladder")
     wait_for(
