@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from nanorun.operator import api
-from nanorun.operator import sweep, sweep_crd
+from nanorun.operator import api, sweep, sweep_crd
 from nanorun.operator.crd import crd_yaml
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
 
