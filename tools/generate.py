@@ -57,8 +57,10 @@ def cluster_role() -> dict:
 
 def generated_files() -> dict[Path, str]:
     """Every generated file and the content it must have."""
-    files = {path: _header("operator/api.py") + crd_yaml() for path in CRD_PATHS}
-    files |= {path: _header("operator/sweep.py") + sweep_crd.crd_yaml() for path in SWEEP_CRD_PATHS}
+    # A CRD file opens its document with `---`: `helm show crds` and `kubectl apply -f` on a
+    # concatenation of the files must still see one document per CRD.
+    files = {path: _header("operator/api.py") + "---\n" + crd_yaml() for path in CRD_PATHS}
+    files |= {path: _header("operator/sweep.py") + "---\n" + sweep_crd.crd_yaml() for path in SWEEP_CRD_PATHS}
     files[DOCS_PATH] = configuration_markdown()
     files[CHART_RBAC_PATH] = _header("operator/rbac.py") + _dump(OPERATOR_RBAC_RULES)
     files[MANIFEST_ROLE_PATH] = _header("operator/rbac.py") + _dump(cluster_role())

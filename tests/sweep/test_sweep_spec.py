@@ -181,4 +181,4 @@ def test_the_crd_carries_every_rule_of_the_template_under_spec_template():
 def test_nanorun_crd_sweep_prints_the_committed_llmsweep_crd(capsys):
     assert cli.main(["crd", "--sweep"]) == 0
     committed = Path(__file__).resolve().parents[2] / "manifests" / "crd" / "nanorun.io_llmsweeps.yaml"
-    assert capsys.readouterr().out == committed.read_text().split("\n", 1)[1]  # after the generated-by line
+    assert capsys.readouterr().out == committed.read_text().split("\n---\n", 1)[1]  # after the header
