@@ -135,21 +135,24 @@ PRINTER_COLUMNS = [
 ]
 
 
-def crd() -> dict[str, Any]:
-    """The CustomResourceDefinition object."""
+def custom_resource_definition(
+    *, kind: str, plural: str, singular: str, short_names: tuple[str, ...], schema: dict, columns: list
+) -> dict[str, Any]:
+    """A namespaced CustomResourceDefinition of nanorun's group, one version with a status
+    subresource: the frame the LLMRun and LLMSweep CRDs share."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "nanorun"}},
+        "metadata": {"name": f"{plural}.{api.GROUP}", "labels": {"app.kubernetes.io/part-of": "nanorun"}},
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": ["nanorun"],
             },
             "versions": [
@@ -157,13 +160,25 @@ def crd() -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": schema},
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                    "additionalPrinterColumns": copy.deepcopy(columns),
                 }
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return custom_resource_definition(
+        kind=api.KIND,
+        plural=api.PLURAL,
+        singular=api.SINGULAR,
+        short_names=tuple(api.SHORT_NAMES),
+        schema=openapi_schema(),
+        columns=PRINTER_COLUMNS,
+    )
 
 
 def crd_yaml() -> str:

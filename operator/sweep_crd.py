@@ -7,12 +7,11 @@ the sweep's own rules sit on `spec`.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import yaml
 from nanorun.operator import api, sweep
-from nanorun.operator.crd import _at, model_schema
+from nanorun.operator.crd import _at, custom_resource_definition, model_schema
 
 CRD_NAME = f"{sweep.PLURAL}.{api.GROUP}"
 
@@ -59,33 +58,14 @@ PRINTER_COLUMNS = [
 
 
 def crd() -> dict[str, Any]:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "nanorun"}},
-        "spec": {
-            "group": api.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": sweep.KIND,
-                "listKind": f"{sweep.KIND}List",
-                "plural": sweep.PLURAL,
-                "singular": sweep.SINGULAR,
-                "shortNames": list(sweep.SHORT_NAMES),
-                "categories": ["nanorun"],
-            },
-            "versions": [
-                {
-                    "name": api.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
-                }
-            ],
-        },
-    }
+    return custom_resource_definition(
+        kind=sweep.KIND,
+        plural=sweep.PLURAL,
+        singular=sweep.SINGULAR,
+        short_names=tuple(sweep.SHORT_NAMES),
+        schema=openapi_schema(),
+        columns=PRINTER_COLUMNS,
+    )
 
 
 def crd_yaml() -> str:
