@@ -490,24 +490,7 @@ class Controller:
 
     def _post_event(self, run: RunRef, event: Event) -> None:
         now = rfc3339(now_utc())
-        body = {
-            "metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "LLMRun",
-                "name": run.name,
-                "namespace": run.namespace,
-                "uid": run.uid,
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "source": {"component": "nanorun-operator"},
-            "reportingComponent": "nanorun-operator",
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event.to_object("LLMRun", run, now)
         try:
             self._clients()[1].create_namespaced_event(run.namespace, body)
         except Exception as err:  # an Event is best effort: never fail a reconcile over one

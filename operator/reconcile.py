@@ -27,7 +27,7 @@ from typing import Any
 
 from nanorun.operator import kueue, launchers
 from nanorun.operator import plan as plan_mod
-from nanorun.operator.api import LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
+from nanorun.operator.api import GROUP, VERSION, LLMRunSpec, LLMRunStatus, SpecError, StageStatus, parse_spec
 from nanorun.operator.jobs import RunRef
 from nanorun.operator.launchers import Launcher, launcher_of
 from nanorun.operator.names import LABEL_ATTEMPT, LABEL_CONFIG, LABEL_STAGE
@@ -83,6 +83,28 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+
+    def to_object(self, kind: str, ref: RunRef, now: str) -> dict[str, Any]:
+        """The core/v1 Event about `ref` (a RunRef of an object of `kind` in nanorun's group),
+        created with a generated name at `now` (RFC 3339)."""
+        return {
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": kind,
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+            },
+            "reason": self.reason,
+            "message": self.message[:1024],
+            "type": self.type,
+            "source": {"component": "nanorun-operator"},
+            "reportingComponent": "nanorun-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
 
 
 @dataclass

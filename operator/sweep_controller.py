@@ -169,24 +169,7 @@ class SweepController:
 
     def _post_event(self, sweep: RunRef, event: Event) -> None:
         now = rfc3339(now_utc())
-        body = {
-            "metadata": {"generateName": f"{sweep.name}.", "namespace": sweep.namespace},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": KIND,
-                "name": sweep.name,
-                "namespace": sweep.namespace,
-                "uid": sweep.uid,
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "source": {"component": "nanorun-operator"},
-            "reportingComponent": "nanorun-operator",
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event.to_object(KIND, sweep, now)
         try:
             self._clients()[1].create_namespaced_event(sweep.namespace, body)
         except Exception as err:  # best effort

@@ -11,7 +11,7 @@ import datetime as dt
 
 import yaml
 from nanorun.operator.jobs import RunRef
-from nanorun.operator.reconcile import FailureFacts, reconcile
+from nanorun.operator.reconcile import Event, FailureFacts, reconcile
 from nanorun.pipeline.progress import Done, Progress
 
 RUN = RunRef("r1", "ns", "uid-1")
@@ -679,3 +679,18 @@ def test_without_a_queue_no_workload_is_read():
     running = job("r1-tokenizer-1", "tokenizer", 1, "Running")
     d = reconcile(RUN, body(), [running], None, storage(), T0, admission_of=refuse)
     assert d.status["phase"] == "Running" and not any(c["type"] == "Queued" for c in d.status["conditions"])
+
+
+def test_an_event_object_names_its_run_and_cuts_a_long_message():
+    ref = RunRef(name="speedrun", namespace="team-a", uid="u-1")
+    event = Event("Warning", "StageFailed", "x" * 2000).to_object("LLMRun", ref, "2026-01-01T00:00:00Z")
+    assert event["metadata"] == {"generateName": "speedrun.", "namespace": "team-a"}
+    assert event["involvedObject"] == {
+        "apiVersion": "nanorun.io/v1alpha1",
+        "kind": "LLMRun",
+        "name": "speedrun",
+        "namespace": "team-a",
+        "uid": "u-1",
+    }
+    assert (event["type"], event["reason"], len(event["message"])) == ("Warning", "StageFailed", 1024)
+    assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-01-01T00:00:00Z"
