@@ -49,6 +49,18 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
+def newest_body(indexed: dict[str, Any], written: dict[str, Any] | None) -> dict[str, Any]:
+    """The newer of kopf's indexed body and the one a status patch returned: `written` when it is
+    the same object (uid) at a higher resourceVersion, as a patch lands before its watch event."""
+    if written is not None and written["metadata"].get("uid") == indexed["metadata"].get("uid"):
+        try:
+            if int(written["metadata"]["resourceVersion"]) > int(indexed["metadata"]["resourceVersion"]):
+                return written
+        except (KeyError, ValueError):
+            pass
+    return indexed
+
+
 @dataclass
 class Settings:
     resync_seconds: float = field(default_factory=lambda: _env_float("NANORUN_RESYNC_SECONDS", 15.0))
@@ -237,12 +249,8 @@ class Controller:
         written = self._written.get(key)
         if indexed is None:
             return None
-        if written is not None and written["metadata"].get("uid") == indexed["metadata"].get("uid"):
-            try:
-                if int(written["metadata"]["resourceVersion"]) > int(indexed["metadata"]["resourceVersion"]):
-                    return written
-            except (KeyError, ValueError):
-                pass
+        if newest_body(indexed, written) is written:
+            return written
         self._written.pop(key, None)
         return indexed
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from nanorun.operator import launchers, metrics
 from nanorun.operator.api import GROUP, PLURAL, VERSION
-from nanorun.operator.controller import Settings, _status_code, api_client
+from nanorun.operator.controller import Settings, _status_code, api_client, newest_body
 from nanorun.operator.jobs import RunRef
 from nanorun.operator.reconcile import Event
 from nanorun.operator.status import now_utc, rfc3339
@@ -108,12 +108,8 @@ class SweepController:
         written = self._written.get(key)
         if indexed is None:
             return None
-        if written is not None and written["metadata"].get("uid") == indexed["metadata"].get("uid"):
-            try:
-                if int(written["metadata"]["resourceVersion"]) > int(indexed["metadata"]["resourceVersion"]):
-                    return written
-            except (KeyError, ValueError):
-                pass
+        if newest_body(indexed, written) is written:
+            return written
         self._written.pop(key, None)
         return indexed
 
