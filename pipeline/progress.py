@@ -20,6 +20,9 @@ Two settings come from the executor (the operator or `nanorun run`), read here a
                         (unset: ""). done.json and checkpoints record it; a finished stage counts as
                         done, and a checkpoint as resumable, only for the same id (`is_current`).
 
+In a Kubeflow Trainer v2 TrainJob whose Trainer reports progress, both writers also hand their
+record to `trainer_status`, which sends it on as the TrainJob's `status.trainerStatus`.
+
 Torch-free on purpose: the operator image imports it.
 """
 
@@ -30,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nanorun.pipeline import storage
+from nanorun.pipeline import storage, trainer_status
 from nanorun.pipeline.layout import DONE_FILE, PROGRESS_FILE, stage_dir, stage_dir_to_read
 
 ATTEMPT_ENV = "NANORUN_ATTEMPT"
@@ -102,6 +105,7 @@ class Done:
 def write_progress(run_dir: str, progress: Progress) -> None:
     progress.updated_at = time.time()
     storage.write_json(storage.join(stage_dir(run_dir, progress.stage), PROGRESS_FILE), progress.to_dict())
+    trainer_status.publish(progress)
 
 
 def read_progress(run_dir: str, stage: str) -> Progress | None:
@@ -113,6 +117,7 @@ def read_progress(run_dir: str, stage: str) -> Progress | None:
 
 def write_done(run_dir: str, done: Done) -> None:
     storage.write_json(storage.join(stage_dir(run_dir, done.stage), DONE_FILE), done.to_dict())
+    trainer_status.publish_done(done)
 
 
 def read_done(run_dir: str, stage: str) -> Done | None:

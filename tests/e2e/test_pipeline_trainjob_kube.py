@@ -9,7 +9,8 @@ pretraining and SFT, each distributed stage on two pods.
 1. `helm install` of the chart; the operator runs as its Deployment's pod.
 2. Pretraining's rank-0 pod is deleted after the first checkpoint: the trainer checkpoints on
    SIGTERM, the TrainJob fails, and the operator starts attempt 2 (a new TrainJob) from that
-   checkpoint without counting a failure.
+   checkpoint without counting a failure. Both attempts report their progress to Trainer's status
+   server, which writes it into each TrainJob's `status.trainerStatus`.
 3. KubeRay reports the RayService ready; chat through the Service KubeRay made.
 
 Run: .venv/bin/pytest tests/e2e/test_pipeline_trainjob_kube.py -s   (needs root for the pod network)
@@ -183,6 +184,18 @@ def test_an_llmrun_on_trainjobs_pretrains_on_two_nodes_survives_preemption_and_s
     assert env["PET_NNODES"] == "2" and env["NANORUN_ATTEMPT"] == "2"  # Trainer's and ours
     final = read_done(RUN_DIR, "sft").outputs["checkpoint"]
     assert status["checkpoint"] == final
+
+    # Each attempt's rank 0 reported to Trainer's status server (its TrainJobStatus gate is on),
+    # which wrote status.trainerStatus: attempt 1 short of the end, attempt 2 finished with the
+    # numbers of done.json.
+    assert "pretrain: reporting progress to Kubeflow Trainer at https://" in resumed_log
+    assert 0 < first["status"]["trainerStatus"]["progressPercentage"] < 100, first["status"]
+    reported = second["status"]["trainerStatus"]
+    values = {m["name"]: m["value"] for m in reported["metrics"]}
+    assert reported["progressPercentage"] == 100 and values["attempt"] == "2", reported
+    done = read_done(RUN_DIR, "pretrain").metrics
+    assert float(values["val_bpb"]) == pytest.approx(done["val_bpb"], rel=1e-5)
+    assert int(values["steps"]) == done["steps"] and float(values["loss"]) > 0
 
     # 3. KubeRay makes the chat service; the run is Ready because KubeRay says so.
     wait_until(

@@ -21,7 +21,9 @@ starts, in order:
 - with `trainer=True` (`up --trainer`), JobSet (namespace jobset-system) and Kubeflow Trainer v2
   (namespace kubeflow-system) from their install manifests, webhooks included, so the cluster serves
   TrainJobs beside PyTorchJobs (without it, nanorun's `compute.launcher: auto` means PyTorchJob);
-  they start before Kueue, which then has its TrainJob integration on too.
+  they start before Kueue, which then has its TrainJob integration on too. Trainer runs with its
+  alpha `TrainJobStatus` feature gate on: its status server takes the progress a TrainJob's pods
+  report (HTTPS, projected ServiceAccount token) into `status.trainerStatus`.
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler: the API and controllers work, pods are scheduled but never run, and
@@ -550,13 +552,15 @@ class Cluster:
             ("jobset", "jobset-system", "jobset-controller-manager"),
             ("trainer", "kubeflow-system", "kubeflow-trainer-controller-manager"),
         ):
+            docs = [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())]
             self._kubectl(
                 "apply",
                 "--server-side",
                 "--force-conflicts",
                 "--field-manager=nanorun-tests",
                 "-f",
-                str(manifests / f"{name}.yaml"),
+                "-",
+                input=yaml.safe_dump_all([doc for doc in docs if doc]),
             )
             self._wait_deployment(namespace, deployment, timeout_s)
 
@@ -681,6 +685,20 @@ def _kueue_doc(doc: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWOR
         doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
     elif kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
         doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w, frameworks)]
+    return doc
+
+
+# Trainer v2's feature gates the test cluster turns on: TrainJobStatus (alpha, off by default) runs
+# the status server to which a TrainJob's pods report progress and metrics (`status.trainerStatus`).
+TRAINER_FEATURE_GATES = {"TrainJobStatus": True}
+
+
+def _trainer_doc(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One object of Trainer v2's (or JobSet's) manifest, with `TRAINER_FEATURE_GATES` on."""
+    if doc and doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "kubeflow-trainer-config":
+        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
+        config["featureGates"] = {**config.get("featureGates", {}), **TRAINER_FEATURE_GATES}
+        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
     return doc
 
 

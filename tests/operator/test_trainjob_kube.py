@@ -3,7 +3,9 @@ controller and JobSet (built from their modules, tests/kube/build.sh) beside the
 the chart's ClusterTrainingRuntime, a TrainJob as nanorun builds it meeting on two nodes through
 the PET_* environment Trainer's torch plugin injects, and the operator as a process choosing
 TrainJob for `compute.launcher: auto`, suspending a TrainJob and resuming a preempted one without
-counting a failure, and Kueue admitting queued TrainJobs. Nothing here sets a controller's status."""
+counting a failure, each stage's progress reported to Trainer's status server (its `TrainJobStatus`
+gate on) and written into the TrainJob's `status.trainerStatus`, and Kueue admitting queued
+TrainJobs. Nothing here sets a controller's status."""
 
 from __future__ import annotations
 
@@ -119,6 +121,11 @@ def test_a_two_node_trainjob_as_nanorun_builds_it_meets_through_trainers_rendezv
         assert env["PET_MASTER_ADDR"] == f"{name}-node-0-0.{name}"
         assert env["NANORUN_RUN"] == "env" and env["NANORUN_ATTEMPT"] == "1"
         assert env["AWS_ACCESS_KEY_ID"] == "key-id" and env["AWS_ENDPOINT_URL"] == "http://s3:9000"
+        # Trainer's TrainJobStatus plugin: where rank 0 reports progress (nanorun.pipeline.trainer_status).
+        assert env["KUBEFLOW_TRAINER_SERVER_URL"] == (
+            "https://kubeflow-trainer-controller-manager.kubeflow-system.svc:10443"
+            f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs/{name}/status"
+        )
 
 
 def phase_is(api, ns, name, phase):
@@ -177,6 +184,23 @@ def test_auto_runs_every_stage_as_a_trainjob_and_a_deleted_pod_is_a_preemption_n
     # Attempt 2 went on from the step the SIGTERM saved, not from the start.
     final = storage.read_json(progress_file)
     assert final["attempt"] == 2 and final["step"] == 40
+
+    # Rank 0 of each attempt reported to Trainer's status server, which wrote status.trainerStatus:
+    # attempt 1 up to the step its SIGTERM saved, attempt 2 to the end; the tokenizer's job too.
+    reported = {
+        (j["spec"]["trainer"]["numNodes"], j["metadata"]["labels"]["nanorun.io/attempt"]): j["status"].get(
+            "trainerStatus"
+        )
+        for j in trainjobs(custom_api, ns)
+    }
+    tokenizer, preempted, last = reported[(1, "1")], reported[(2, "1")], reported[(2, "2")]
+    assert tokenizer["progressPercentage"] == 100, reported
+    values = {m["name"]: m["value"] for m in preempted["metrics"]}
+    assert 0 < preempted["progressPercentage"] < 100 and values["attempt"] == "1", preempted
+    assert preempted["progressPercentage"] == int(values["step"]) * 100 // 40
+    values = {m["name"]: m["value"] for m in last["metrics"]}
+    assert last["progressPercentage"] == 100 and last["estimatedRemainingSeconds"] == 0, last
+    assert values["step"] == "40" and values["attempt"] == "2" and values["val_bpb"] == f"{1.5 / 40:.6g}"
 
 
 def test_suspend_sets_the_trainjob_s_spec_suspend_and_resume_finishes_it(

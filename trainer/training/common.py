@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from nanorun.pipeline import layout, storage
+from nanorun.pipeline import layout, storage, trainer_status
 from nanorun.pipeline.layout import HISTORY_FILE
 from nanorun.pipeline.progress import (
     PREEMPTED,
@@ -288,6 +288,9 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     if args.metrics_port is not None:
         port = ctx.metrics.serve(args.metrics_port + local_rank if args.metrics_port else 0)
         print(f"[rank {rank}] metrics on http://0.0.0.0:{port}/metrics", flush=True)
+    if ctx.is_master and (status := trainer_status.reporter()) is not None:
+        status.listeners.append(ctx.metrics.count_status_report)
+        ctx.print0(f"{stage}: reporting progress to Kubeflow Trainer at {status.url}")
     if ctx.is_master:
         ctx.wandb = WandbLogger(project="nanorun", name=f"{os.environ.get('NANORUN_RUN', 'local')}-{stage}")
 

@@ -6,7 +6,9 @@ one Grafana dashboard shows every stage and every rank of every run:
     llm_train_step, llm_train_total_steps, llm_train_loss, llm_train_val_bpb,
     llm_train_tokens_total (counter), llm_train_tokens_per_second, llm_train_mfu_ratio,
     llm_train_learning_rate, llm_train_grad_norm, llm_train_eta_seconds,
-    llm_train_step_seconds (histogram)
+    llm_train_step_seconds (histogram),
+    llm_train_status_reports_total{outcome} (counter; only in a TrainJob whose Kubeflow Trainer
+    takes progress reports, see nanorun.pipeline.trainer_status)
 
 Gauges are exported from their first value on; the token counter and the step-time histogram from
 the start (at 0, so that `rate()` counts the first tokens).
@@ -70,6 +72,12 @@ class TrainMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=self.registry,
         ).labels(**self.labels)
+        self.status_reports = Counter(
+            "llm_train_status_reports",
+            "POSTs of the stage's progress to Kubeflow Trainer v2 (the TrainJob's status.trainerStatus)",
+            [*names, "outcome"],
+            registry=self.registry,
+        )
         self.port: int | None = None
 
     def serve(self, port: int) -> int:
@@ -77,6 +85,10 @@ class TrainMetrics:
         server, _ = start_http_server(port, registry=self.registry)
         self.port = server.server_port
         return self.port
+
+    def count_status_report(self, outcome: str) -> None:
+        """One POST to Trainer's status server ended: `outcome` "sent" or "failed"."""
+        self.status_reports.labels(**self.labels, outcome=outcome).inc()
 
     def update(self, fields: dict[str, Any]) -> None:
         for key, value in fields.items():
