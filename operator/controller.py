@@ -29,6 +29,7 @@ from nanorun.operator.names import (
     LABEL_ATTEMPT,
     LABEL_RUN,
     LABEL_STAGE,
+    LABEL_SWEEP,
     RAYSERVICE_GROUP,
     RAYSERVICE_PLURAL,
     RAYSERVICE_VERSION,
@@ -342,7 +343,13 @@ class Controller:
         for stage, outcome in decision.ended_attempts:
             metrics.ATTEMPTS_ENDED.labels(stage=stage, outcome=outcome).inc()
         status = decision.status
-        metrics.set_stage(namespace, name, status.get("stage", ""), status.get("phase", "Pending"))
+        metrics.set_stage(
+            namespace,
+            name,
+            status.get("stage", ""),
+            status.get("phase", "Pending"),
+            sweep=(meta.get("labels") or {}).get(LABEL_SWEEP, ""),
+        )
         metrics.set_run_phase(namespace, name, status.get("phase", "Pending"))
         if storage_errors:
             raise StorageUnavailable("; ".join(storage_errors))

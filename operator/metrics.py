@@ -5,7 +5,9 @@
     llmrun_runs{phase}                           LLMRuns by phase
     llmrun_stage_duration_seconds{stage}         seconds from a stage's first job to its success
     llmrun_time_to_first_job_seconds             seconds from LLMRun creation to its first PyTorchJob
-    llmrun_stage_info{namespace,run,stage,phase} 1 for each run's current stage (the stage timeline)
+    llmrun_stage_info{namespace,run,stage,phase,sweep}
+                                                 1 for each run's current stage (the stage timeline);
+                                                 `sweep`: the LLMSweep the run is a point of, or ""
     llmrun_attempts_ended_total{stage,outcome}   stage attempts whose job failed: preempted (not counted
                                                  against retry.maxAttempts) | failed (counted)
     llmsweep_point_info{namespace,sweep,run,phase} 1 for each point of each LLMSweep (the dashboard's
@@ -51,8 +53,8 @@ ATTEMPTS_ENDED = PromCounter(
 )
 STAGE_INFO = Gauge(
     "llmrun_stage_info",
-    "1 for the stage each run is at, with its phase.",
-    ["namespace", "run", "stage", "phase"],
+    "1 for the stage each run is at, with its phase (and the sweep it is a point of, if any).",
+    ["namespace", "run", "stage", "phase", "sweep"],
     registry=REGISTRY,
 )
 
@@ -63,7 +65,7 @@ SWEEP_POINT_INFO = Gauge(
     registry=REGISTRY,
 )
 
-_stage_labels: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+_stage_labels: dict[tuple[str, str], tuple[str, str, str, str, str]] = {}
 _sweep_labels: dict[tuple[str, str], set[tuple[str, str, str, str]]] = {}
 
 
@@ -95,9 +97,10 @@ def set_run_phase(namespace: str, run: str, phase: str) -> None:
     RUNS.labels(phase=phase).inc()
 
 
-def set_stage(namespace: str, run: str, stage: str, phase: str) -> None:
-    """Point the run's stage_info series at (stage, phase), dropping its previous one."""
-    labels = (namespace, run, stage, phase)
+def set_stage(namespace: str, run: str, stage: str, phase: str, sweep: str = "") -> None:
+    """Point the run's stage_info series at (stage, phase), dropping its previous one. `sweep` (the
+    run's `nanorun.io/sweep` label) lets the dashboard list a sweep's points by that label."""
+    labels = (namespace, run, stage, phase, sweep)
     previous = _stage_labels.get((namespace, run))
     if previous == labels:
         return

@@ -39,7 +39,7 @@ LABELS = {name: {"run", "stage", "rank"} for name in SERIES["trainer"]} | {
     "llmrun_reconciles_total": {"result"},
     "llmrun_runs": {"phase"},
     "llmrun_stage_duration_seconds_bucket": {"stage"},
-    "llmrun_stage_info": {"namespace", "run", "stage", "phase"},
+    "llmrun_stage_info": {"namespace", "run", "stage", "phase", "sweep"},
     "nanorun_serve_requests_total": {"status"},
 }
 

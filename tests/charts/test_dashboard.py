@@ -12,6 +12,8 @@ from typing import Any
 
 import promql_parser
 import pytest
+from nanorun.operator import metrics as operator_metrics
+from nanorun.trainer.training.metrics import TrainMetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.charts.conftest import CHART
@@ -159,8 +161,50 @@ def test_sweep_selector_lists_sweeps_and_narrows_the_run_selector_to_their_point
     assert sweep["query"]["query"] == "label_values(llmsweep_point_info, sweep)"
     assert sweep["includeAll"] and sweep["allValue"] == ".*"  # All: every run, in a sweep or not
     run = dashboard["templating"]["list"][variables.index("run")]
-    # A sweep's points are named <sweep>-d<depth>[-f<budget>] (operator/sweep.py).
-    assert 'run=~"${sweep}.*"' in run["query"]["query"]
+    selector = re.fullmatch(r"label_values\((.*),\s*run\)", run["query"]["query"]).group(1)
+
+    # The series the operator and a trainer export: a plain run, a sweep's point, a run whose name
+    # merely starts with the sweep's, and a local run's trainer (no operator, no sweep label).
+    for name, sweep_name in (("speedrun", ""), ("scaling-d2-f1e12", "scaling"), ("scaling-v2", "")):
+        operator_metrics.set_stage("team", name, "pretrain", "Running", sweep=sweep_name)
+    trainer = TrainMetrics("pretrain", 0, run="local")
+    trainer.update({"step": 3})
+    series = [
+        {"__name__": sample.name, **sample.labels}
+        for registry in (operator_metrics.REGISTRY, trainer.registry)
+        for family in registry.collect()
+        for sample in family.samples
+    ]
+    try:
+        assert runs_selected(selector, series, {"${sweep}": "scaling"}) == {"scaling-d2-f1e12"}
+        assert runs_selected(selector, series, {"${sweep}": ".*"}) == {
+            "speedrun",
+            "scaling-d2-f1e12",
+            "scaling-v2",
+            "local",
+        }
+    finally:
+        for name in ("speedrun", "scaling-d2-f1e12", "scaling-v2"):
+            operator_metrics.forget_run("team", name)
+
+
+def runs_selected(selector: str, series: list[dict[str, str]], variables: dict[str, str]) -> set[str]:
+    """The `run` values of the series a PromQL selector matches (Prometheus semantics: an absent
+    label is "", regular expressions are anchored)."""
+    for name, value in variables.items():
+        selector = selector.replace(name, value)
+    matchers = promql_parser.parse(selector).matchers.matchers
+    tests = {  # MatchOp is not hashable: keyed by its name
+        "Equal": lambda have, want: have == want,
+        "NotEqual": lambda have, want: have != want,
+        "Re": lambda have, want: re.fullmatch(want, have) is not None,
+        "NotRe": lambda have, want: re.fullmatch(want, have) is None,
+    }
+    return {
+        s["run"]
+        for s in series
+        if "run" in s and all(tests[str(m.op).split(".")[-1]](s.get(m.name, ""), m.value) for m in matchers)
+    }
 
 
 def test_run_scoped_panels_filter_by_the_selected_runs(dashboard: dict[str, Any]) -> None:

@@ -106,7 +106,9 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
     text = operator_process.metrics()
     assert "llmrun_time_to_first_job_seconds_count 1.0" in text
     assert 'llmrun_stage_duration_seconds_count{stage="pretrain"} 1.0' in text
-    assert f'llmrun_stage_info{{namespace="{ns}",phase="Succeeded",run="tiny",stage="sft"}} 1.0' in text
+    assert (
+        f'llmrun_stage_info{{namespace="{ns}",phase="Succeeded",run="tiny",stage="sft",sweep=""}} 1.0' in text
+    )
     assert 'llmrun_reconciles_total{result="ok"}' in text
     assert 'llmrun_runs{phase="Succeeded"} 1.0' in text and 'llmrun_runs{phase="Running"} 0.0' in text
 

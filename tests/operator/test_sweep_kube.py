@@ -102,6 +102,14 @@ def test_points_run_at_once_a_killed_point_resumes_and_deleting_the_sweep_collec
     header, row = kube.kubectl("get", "llmsweep", "ladder", "-n", ns).stdout.splitlines()[:2]
     assert header.split()[:6] == ["NAME", "PHASE", "DONE", "RUNNING", "TOTAL", "BEST"]
     assert row.split()[2:6] == ["4", "0", "4", best]
+    # The dashboard's sweep selector: each point's series carry the sweep, the sweep lists them.
+    text = operator_process.metrics()
+    for point in POINTS:
+        assert f'phase="Succeeded",run="{point}",stage="baseEval",sweep="ladder"}} 1.0' in text, point
+        assert (
+            f'llmsweep_point_info{{namespace="{ns}",phase="Succeeded",run="{point}",sweep="ladder"}} 1.0'
+            in text
+        )
     # Every point ended: the report job (owned by the sweep) is created.
     report = wait_for(
         "the report job",
