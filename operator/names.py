@@ -27,6 +27,9 @@ ANNOTATION_RUN_DIR = "nanorun.io/run-dir"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 DEACTIVATED_BY_OPERATOR = "nanorun.io/deactivated"
+# Annotation on a sweep's child LLMRun that the sweep's `spec.suspend` suspended: resuming the sweep
+# resumes only these, not a point a user suspended on its own.
+SUSPENDED_BY_SWEEP = "nanorun.io/suspended-by-sweep"
 
 # The finalizer for storage.cleanupOnDelete.
 CLEANUP_FINALIZER = "nanorun.io/cleanup"

@@ -47,7 +47,7 @@ PLURAL = "llmsweeps"
 SINGULAR = "llmsweep"
 SHORT_NAMES = ["sweep"]
 
-SweepPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+SweepPhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 # The only stages a point runs: its tokenizer (copied), pretraining and the base model's evaluation.
 POINT_STAGES = ("tokenizer", "pretrain", "baseEval")
 
@@ -77,6 +77,11 @@ class LLMSweepSpec(Model):
         "(stages.pretrain.targetFlops), as nanochat's scaling_laws.sh; the report fits the compute-optimal "
         "parameters and tokens per budget.",
     )
+    suspend: bool = Field(
+        False,
+        description="Suspend the sweep: every unfinished point (and the tokenizer run) is suspended, "
+        "its pods stop and it keeps its checkpoints; unsetting it resumes the runs the sweep suspended.",
+    )
 
 
 class SweepPointStatus(Model):
@@ -97,9 +102,9 @@ class SweepPointStatus(Model):
 class LLMSweepStatus(Model):
     """Observed state, written by the operator."""
 
-    phase: SweepPhase = Field("Pending", description="Pending, Running, Succeeded or Failed.")
+    phase: SweepPhase = Field("Pending", description="Pending, Running, Suspended, Succeeded or Failed.")
     done: int = Field(0, description="Points that have succeeded.")
-    running: int = Field(0, description="Points training or evaluating now (or queued).")
+    running: int = Field(0, description="Points training or evaluating now (or queued), not suspended.")
     total: int = Field(0, description="Points in the sweep.")
     best: str = Field("", description="The finished point with the lowest validation bpb so far.")
     best_bpb: float | None = Field(None, description="Its validation bpb.")

@@ -2,7 +2,7 @@
 the sweeps and of their children (sweep_handlers.py) and by a periodic resync; each reconcile takes
 the sweep and its children from kopf's indexes, runs the pure `reconcile_sweep()` in a thread and
 applies it: writes `sweep.json` once, creates child LLMRuns and the report job (409 = already there),
-patches the status, posts Events. API and storage errors are logged and retried with a growing delay.
+patches the children's `spec.suspend` as the sweep's asks, patches the status, posts Events. API and storage errors are logged and retried with a growing delay.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ class SweepController:
             self._create(
                 lambda m=manifest: api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, m)
             )
+        for child, patch in d.patch_runs:  # the sweep's spec.suspend, passed on to its runs
+            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, child, patch)
         for manifest in d.create_jobs:  # a PyTorchJob or a TrainJob (sweep_reconcile.report_launcher)
             kind = launchers.LAUNCHERS[manifest["kind"]]
             self._create(

@@ -19,6 +19,7 @@ from nanorun.operator.names import (
     PYTORCHJOB_GROUP,
     PYTORCHJOB_PLURAL,
     PYTORCHJOB_VERSION,
+    SUSPENDED_BY_SWEEP,
     TRAINJOB_GROUP,
     TRAINJOB_PLURAL,
     TRAINJOB_VERSION,
@@ -50,7 +51,12 @@ def llmsweeps_by_key(namespace: str, name: str, body: kopf.Body, **_: Any) -> di
 
 @kopf.index(*LLMRUNS, labels={LABEL_SWEEP: kopf.PRESENT})
 def llmruns_by_sweep(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[LABEL_SWEEP]): _plain(body, ("metadata", "status"))}
+    run = _plain(body, ("metadata", "status"))
+    # What the sweep passes on (its spec.suspend) and whether it was the sweep that suspended the run.
+    run["spec"] = {"suspend": bool((body.get("spec") or {}).get("suspend"))}
+    if SUSPENDED_BY_SWEEP in body.metadata.annotations:
+        run["metadata"]["annotations"] = {SUSPENDED_BY_SWEEP: body.metadata.annotations[SUSPENDED_BY_SWEEP]}
+    return {(namespace, labels[LABEL_SWEEP]): run}
 
 
 @kopf.index(*PYTORCHJOBS, labels={LABEL_SWEEP: kopf.PRESENT})

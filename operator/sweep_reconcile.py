@@ -15,6 +15,11 @@ the points' done.json files, so running it twice decides the same thing. The chi
    process) over the points that succeeded, a PyTorchJob or a TrainJob as the points' stages ran
    (`report_launcher`); it is retried up to `template.retry.maxAttempts`.
 
+`spec.suspend` suspends every unfinished child run (their `spec.suspend`, marked with the
+annotation `nanorun.io/suspended-by-sweep`), creates new children suspended and holds back the
+report job; unsetting it resumes the marked runs only. A running report job is let finish (one CPU
+process, minutes).
+
 The status lists every point with its phase and, once it has succeeded, its numbers (read once from
 its done.json files), and counts the points done and running for `kubectl get llmsweep`, with the
 best point so far (lowest validation bits per byte).
@@ -31,7 +36,7 @@ from nanorun.operator import launchers
 from nanorun.operator.api import API_VERSION, GROUP, VERSION, SpecError, spec_to_dict
 from nanorun.operator.api import KIND as RUN_KIND
 from nanorun.operator.jobs import RunRef
-from nanorun.operator.names import LABEL_ATTEMPT, LABEL_RUN, LABEL_SWEEP
+from nanorun.operator.names import LABEL_ATTEMPT, LABEL_RUN, LABEL_SWEEP, SUSPENDED_BY_SWEEP
 from nanorun.operator.plan import PlannedStage
 from nanorun.operator.reconcile import Event
 from nanorun.operator.status import set_condition
@@ -58,7 +63,7 @@ from nanorun.pipeline.progress import Done
 # (run directory, stage) → its done.json, or None; may raise on storage errors (retried later).
 ReadDone = Callable[[str, str], Done | None]
 ENDED = ("Succeeded", "Failed")
-ACTIVE = ("Running", "Queued", "Suspended")
+ACTIVE = ("Running", "Queued")
 REPORT = PlannedStage("report", "sweep_report", [], False)
 
 
@@ -67,6 +72,7 @@ class SweepDecision:
     status: dict[str, Any]
     create_runs: list[dict[str, Any]] = field(default_factory=list)  # child LLMRun manifests
     create_jobs: list[dict[str, Any]] = field(default_factory=list)  # the report's PyTorchJob
+    patch_runs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (child, merge patch)
     manifest: list[sweep_files.PointInfo] = field(default_factory=list)  # sweep.json, for the report
     events: list[Event] = field(default_factory=list)
 
@@ -95,6 +101,30 @@ def child_run(sweep: RunRef, name: str, spec: Any) -> dict[str, Any]:
         },
         "spec": spec_to_dict(spec),
     }
+
+
+def suspension(manifest: dict[str, Any], suspend: bool) -> dict[str, Any]:
+    """A new child run's manifest as the sweep's `spec.suspend` has it: created suspended (and
+    marked as the sweep's doing) while the sweep is."""
+    if suspend:
+        manifest["spec"]["suspend"] = True
+        manifest["metadata"]["annotations"] = {SUSPENDED_BY_SWEEP: "true"}
+    return manifest
+
+
+def suspension_patch(run: dict[str, Any], suspend: bool) -> dict[str, Any] | None:
+    """The merge patch that brings an unfinished child run to the sweep's `spec.suspend`, or None.
+    Suspending marks the run; resuming resumes only marked runs, so a point a user suspended on
+    its own stays suspended."""
+    if ((run.get("status") or {}).get("phase")) in ENDED:
+        return None
+    suspended = bool((run.get("spec") or {}).get("suspend"))
+    ours = ((run["metadata"].get("annotations") or {}).get(SUSPENDED_BY_SWEEP)) == "true"
+    if suspend and not suspended:
+        return {"metadata": {"annotations": {SUSPENDED_BY_SWEEP: "true"}}, "spec": {"suspend": True}}
+    if not suspend and suspended and ours:
+        return {"metadata": {"annotations": {SUSPENDED_BY_SWEEP: None}}, "spec": {"suspend": False}}
+    return None
 
 
 def report_launcher(spec: LLMSweepSpec, runs: list[dict[str, Any]]) -> launchers.Launcher:
@@ -205,7 +235,7 @@ def reconcile_sweep(
         name = tokenizer_run_name(sweep.name)
         run = by_name.get(name)
         if run is None:
-            d.create_runs.append(child_run(sweep, name, tokenizer_spec(spec)))
+            d.create_runs.append(suspension(child_run(sweep, name, tokenizer_spec(spec)), spec.suspend))
             d.events.append(Event("Normal", "TokenizerStarted", f"training the sweep's tokenizer in {name}"))
         tokenizer_phase = ((run or {}).get("status") or {}).get("phase") or "Pending"
 
@@ -213,11 +243,17 @@ def reconcile_sweep(
     for point in points:
         run = by_name.get(point.name)
         if run is None and tokenizer_phase == "Succeeded":
-            d.create_runs.append(child_run(sweep, point.name, point_spec(spec, point)))
+            d.create_runs.append(
+                suspension(child_run(sweep, point.name, point_spec(spec, point)), spec.suspend)
+            )
         records.append(_point_status(point, run, old_points.get(point.name), spec, read_done))
     if tokenizer_phase == "Succeeded" and any(r.name not in by_name for r in records):
         created = sum(1 for r in records if r.name not in by_name)
         d.events.append(Event("Normal", "PointsCreated", f"created {created} of {len(records)} points"))
+
+    for run in runs:
+        if (patch := suspension_patch(run, spec.suspend)) is not None:
+            d.patch_runs.append((run["metadata"]["name"], patch))
 
     done = [r for r in records if r.phase == "Succeeded"]
     measured = [r for r in done if r.val_bpb is not None]
@@ -230,6 +266,11 @@ def reconcile_sweep(
     message = ""
     if tokenizer_phase == "Failed":
         phase, message = "Failed", f"the tokenizer run {tokenizer_run_name(sweep.name)} failed"
+    elif spec.suspend and not ended:
+        stopped = sum(1 for r in records if r.phase not in ENDED)
+        phase, message = "Suspended", f"suspended: {stopped} of {len(records)} points unfinished"
+    elif ended and done and spec.suspend and not report and not jobs:
+        phase, message = "Suspended", "suspended before the report job"
     elif ended and done:
         mine = sorted(jobs, key=_attempt)
         latest = mine[-1] if mine else None
@@ -257,6 +298,10 @@ def reconcile_sweep(
     elif ended:
         phase, message = "Failed", "every point failed"
 
+    if phase == "Suspended" and old.get("phase") != phase:
+        d.events.append(Event("Normal", "SweepSuspended", message))
+    elif old.get("phase") == "Suspended" and phase != "Suspended" and not spec.suspend:
+        d.events.append(Event("Normal", "SweepResumed", f"resumed {len(d.patch_runs)} runs"))
     if phase in ENDED and old.get("phase") != phase:
         d.events.append(
             Event("Normal" if phase == "Succeeded" else "Warning", f"Sweep{phase}", message or phase)

@@ -1,8 +1,9 @@
 """An LLMSweep on the test cluster, with the operator as a real process and the real controllers:
 the Kubeflow training-operator runs the points' PyTorchJobs on the cluster's nodes (the fake-stage
 image keeps the stage contract on an S3 server in the test's namespace). The points run at once, a
-point whose pod is deleted mid-stage resumes as a new attempt while the others go on, and deleting
-the sweep takes its children with it. The API server refuses the bad sweeps `nanorun run` refuses,
+point whose pod is deleted mid-stage resumes as a new attempt while the others go on, suspending
+the sweep stops its points' pods and resuming finishes them, and deleting the sweep takes its
+children with it. The API server refuses the bad sweeps `nanorun run` refuses,
 with the same message. Nothing here sets a controller's status."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION, SpecError
 from nanorun.operator.sweep import KIND, parse_sweep_spec
 from nanorun.operator.sweep import PLURAL as SWEEPS
+from nanorun.pipeline import storage
 
 from tests.operator.conftest import get_llmrun, list_jobs, llmrun, wait_for
 from tests.sweep.test_sweep_spec import REFUSED
@@ -141,6 +143,74 @@ def test_points_run_at_once_a_killed_point_resumes_and_deleting_the_sweep_collec
         TIMEOUT,
         operator_process,
     )
+
+
+def test_suspending_a_sweep_stops_its_points_pods_and_resuming_finishes_them(
+    kube, kube_namespace, cluster_s3, custom_api, operator_process
+):
+    ns = kube_namespace
+    manifest = sweep_manifest(cluster_s3.run_dir("ladder"), cluster_s3.access)
+    manifest["spec"]["flopBudgets"] = [1e9]  # two points
+    points = ["ladder-d2-f1e9", "ladder-d3-f1e9"]
+    progress = {
+        p: storage.join(cluster_s3.run_dir("ladder"), p.split("-", 1)[1], "pretrain", "progress.json")
+        for p in points
+    }
+    custom_api.create_namespaced_custom_object(GROUP, VERSION, ns, SWEEPS, manifest)
+    wait_for(
+        "both points past their third step",
+        lambda: all(storage.exists(f) and storage.read_json(f)["step"] >= 3 for f in progress.values()),
+        TIMEOUT,
+        operator_process,
+    )
+    custom_api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, SWEEPS, "ladder", {"spec": {"suspend": True}}
+    )
+    wait_for(
+        "the sweep and both points Suspended, their pods gone",
+        lambda: (
+            get_sweep(custom_api, ns).get("status", {}).get("phase") == "Suspended"
+            and all(
+                get_llmrun(custom_api, ns, p).get("status", {}).get("phase") == "Suspended" for p in points
+            )
+            and not running_pretrain_pods(kube, ns)
+        ),
+        TIMEOUT,
+        operator_process,
+    )
+    saved = {}
+    for point in points:
+        run = get_llmrun(custom_api, ns, point)
+        assert run["spec"]["suspend"] is True
+        assert run["metadata"]["annotations"]["nanorun.io/suspended-by-sweep"] == "true"
+        saved[point] = storage.read_json(progress[point])
+        assert saved[point]["stopped"] == "preempted" and 3 <= saved[point]["step"] < 40
+    assert (
+        kube.kubectl("get", "llmsweep", "ladder", "-n", ns).stdout.splitlines()[1].split()[1] == "Suspended"
+    )
+
+    custom_api.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, SWEEPS, "ladder", {"spec": {"suspend": False}}
+    )
+    final = wait_for(
+        "the sweep Succeeded",
+        lambda: (s := get_sweep(custom_api, ns).get("status") or {}).get("phase") == "Succeeded" and s,
+        TIMEOUT,
+        operator_process,
+    )
+    assert final["done"] == 2
+    for point in points:
+        run = get_llmrun(custom_api, ns, point)
+        assert run["spec"]["suspend"] is False
+        assert "nanorun.io/suspended-by-sweep" not in (run["metadata"].get("annotations") or {})
+        # Resumed at once, the training-operator may count the SIGTERM'd pod against the suspended
+        # job's backoff limit; then the next attempt resumes instead: a preemption, never a failure.
+        pretrain = next(s for s in run["status"]["stages"] if s["name"] == "pretrain")
+        assert pretrain.get("failures", 0) == 0 and pretrain["attempts"] in (1, 2), pretrain
+        log = kube.kubectl("logs", f"{pretrain['job']}-master-0", "-n", ns, "-c", "pytorch").stdout
+        assert f"step {saved[point]['step'] + 1}/40" in log and "step 1/40" not in log, log
+    events = kube.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=ladder").stdout
+    assert "SweepSuspended" in events and "SweepResumed" in events
 
 
 @pytest.mark.parametrize("data, field, message", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])

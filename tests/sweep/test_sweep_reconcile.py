@@ -9,9 +9,11 @@ import datetime as dt
 import json
 from typing import Any
 
+import kopf
 from nanorun.operator.jobs import RunRef
-from nanorun.operator.names import LABEL_RUN, LABEL_SWEEP
-from nanorun.operator.sweep_reconcile import reconcile_sweep
+from nanorun.operator.names import LABEL_RUN, LABEL_SWEEP, SUSPENDED_BY_SWEEP
+from nanorun.operator.sweep_handlers import llmruns_by_sweep
+from nanorun.operator.sweep_reconcile import reconcile_sweep, suspension_patch
 from nanorun.pipeline.progress import Done
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -204,3 +206,92 @@ def test_the_report_runs_as_the_kind_of_job_the_points_ran_as():
     spec["template"]["compute"]["launcher"] = "PyTorchJob"  # the template's choice wins
     [report] = decide(body(spec), runs).create_jobs
     assert report["kind"] == "PyTorchJob"
+
+
+def suspended(spec: dict[str, Any] = SPEC, on: bool = True) -> dict[str, Any]:
+    return {**copy.deepcopy(spec), "suspend": on}
+
+
+def child(name: str, phase: str, suspend: bool = False, ours: bool = False) -> dict[str, Any]:
+    r = run(name, phase)
+    r["spec"] = {"suspend": suspend}
+    if ours:
+        r["metadata"]["annotations"] = {SUSPENDED_BY_SWEEP: "true"}
+    return r
+
+
+def test_suspending_a_sweep_suspends_its_unfinished_runs_and_marks_them():
+    runs = [
+        child("scaling-tokenizer", "Succeeded"),
+        child(POINTS[0], "Succeeded"),
+        child(POINTS[1], "Running"),
+        child(POINTS[2], "Queued"),
+    ]
+    d = decide(body(suspended(), {"phase": "Running"}), runs)
+    patch = {"metadata": {"annotations": {SUSPENDED_BY_SWEEP: "true"}}, "spec": {"suspend": True}}
+    assert d.patch_runs == [(POINTS[1], patch), (POINTS[2], patch)]  # finished runs are left alone
+    assert d.status["phase"] == "Suspended" and d.status["running"] == 2  # until their runs say so
+    assert "2 of 3 points unfinished" in {c["type"]: c for c in d.status["conditions"]}["Ready"]["message"]
+    assert [e.reason for e in d.events] == ["SweepSuspended"]
+    # Once suspended, nothing more to patch, no event again, and the suspended points are not running.
+    runs = [
+        runs[0],
+        runs[1],
+        child(POINTS[1], "Suspended", True, True),
+        child(POINTS[2], "Suspended", True, True),
+    ]
+    again = decide(body(suspended(), d.status), runs)
+    assert again.patch_runs == [] and again.events == [] and again.status["running"] == 0
+
+
+def test_a_suspended_sweep_creates_its_children_suspended_and_holds_back_the_report():
+    d = decide(body(suspended()))
+    [tok] = d.create_runs
+    assert tok["spec"]["suspend"] is True and tok["metadata"]["annotations"] == {SUSPENDED_BY_SWEEP: "true"}
+    d = decide(body(suspended()), [child("scaling-tokenizer", "Succeeded")])
+    assert [r["spec"]["suspend"] for r in d.create_runs] == [True] * 3
+    ended = [child("scaling-tokenizer", "Succeeded")] + [child(p, "Succeeded") for p in POINTS]
+    d = decide(body(suspended()), ended)
+    assert d.create_jobs == [] and d.status["phase"] == "Suspended"
+    d = decide(body(suspended(on=False), d.status), ended)
+    assert [j["metadata"]["name"] for j in d.create_jobs] == ["scaling-report-1"]
+    assert [e.reason for e in d.events] == ["SweepResumed"]
+
+
+def test_resuming_a_sweep_resumes_only_the_runs_it_suspended():
+    runs = [
+        child("scaling-tokenizer", "Succeeded"),
+        child(POINTS[0], "Suspended", suspend=True, ours=True),
+        child(POINTS[1], "Suspended", suspend=True),  # a user suspended this point on its own
+        child(POINTS[2], "Running"),
+    ]
+    d = decide(body(suspended(on=False), {"phase": "Suspended"}), runs)
+    assert d.patch_runs == [
+        (POINTS[0], {"metadata": {"annotations": {SUSPENDED_BY_SWEEP: None}}, "spec": {"suspend": False}})
+    ]
+    assert d.status["phase"] == "Running"
+    assert [e.reason for e in d.events] == ["SweepResumed"]
+
+
+def test_the_index_of_child_runs_keeps_what_suspending_and_resuming_read():
+    """The operator's index of a sweep's runs (sweep_handlers.py) holds a slim copy of each run: it
+    must keep spec.suspend and the sweep's annotation, or a resumed sweep would never resume them."""
+    body = kopf.Body(
+        {
+            "metadata": {
+                "name": POINTS[0],
+                "labels": {LABEL_SWEEP: "scaling"},
+                "annotations": {SUSPENDED_BY_SWEEP: "true", "kopf.zalando.org/last-handled": "{...}"},
+            },
+            "spec": {"suspend": True, "model": {"depth": 10}},
+            "status": {"phase": "Suspended"},
+        }
+    )
+    [(key, indexed)] = llmruns_by_sweep(namespace="team", labels=body.metadata.labels, body=body).items()
+    assert key == ("team", "scaling")
+    assert indexed["spec"] == {"suspend": True}
+    assert indexed["metadata"]["annotations"] == {SUSPENDED_BY_SWEEP: "true"}
+    assert suspension_patch(indexed, False) == {
+        "metadata": {"annotations": {SUSPENDED_BY_SWEEP: None}},
+        "spec": {"suspend": False},
+    }
