@@ -1,4 +1,4 @@
-"""The kinds of job a stage can run as, behind one small interface: reconcile.py speaks of "the
+"""The kinds of job a stage can run as, behind one small interface: attempts.py speaks of "the
 stage's job" and asks its `Launcher` how to build, read, suspend and address it.
 
     launcher = choose(spec.compute.launcher, status.launcher, trainjob_served)

@@ -22,7 +22,7 @@ What the API leaves to the runtime (the pods' priorityClassName, image pull poli
 `backoffLimit: 0` so one failed pod fails the attempt) is in the chart's runtime
 (charts/nanorun/templates/trainingruntime.yaml). A finished TrainJob has no TTL of its own (a
 JobSet's ttlSecondsAfterFinished would remove only the JobSet), so the operator deletes it after
-`compute.ttlSecondsAfterFinished` (reconcile.py).
+`compute.ttlSecondsAfterFinished` (attempts.py).
 """
 
 from __future__ import annotations
