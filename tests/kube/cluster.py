@@ -13,25 +13,18 @@ starts, in order:
 - the nodes (by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each a `nanorun-node`
   process: every pod gets its own network namespace and IP on the bridge, a cluster resolv.conf and
   its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
-- CoreDNS as the upstream addon (a Deployment in kube-system behind the `kube-dns` Service);
-- the Kubeflow training-operator (PyTorchJob) and the KubeRay operator (RayCluster, RayService), as
-  pods from their upstream install manifests, each with the RBAC those manifests give it;
-- Kueue (namespace kueue-system) from its install manifest, with its PyTorchJob, RayCluster and
-  RayService integrations and their admission webhooks (no ClusterQueue: a test makes its own);
-- with `trainer=True` (`up --trainer`), JobSet (namespace jobset-system) and Kubeflow Trainer v2
-  (namespace kubeflow-system) from their install manifests, webhooks included, so the cluster serves
-  TrainJobs beside PyTorchJobs (without it, nanorun's `compute.launcher: auto` means PyTorchJob);
-  they start before Kueue, which then has its TrainJob integration on too. Trainer runs with its
-  alpha `TrainJobStatus` feature gate on: its status server takes the progress a TrainJob's pods
-  report (HTTPS, projected ServiceAccount token) into `status.trainerStatus`.
+- the add-ons, from manifests (tests/kube/controllers.py): CoreDNS, the Kubeflow training-operator,
+  the KubeRay operator, Kueue and, with `trainer=True` (`up --trainer`), JobSet and Kubeflow
+  Trainer v2.
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler: the API and controllers work, pods are scheduled but never run, and
 `Cluster.pods_unsupported` says why. Only one cluster per machine can run pods (kube-proxy owns the
 host's iptables chains); /run/nanorun-test-cluster names the one that does.
 
-The pytest fixture `kube` (tests/fixtures/kube.py) uses this module; so does the command line,
-which keeps a cluster running in the background for trying the operator by hand:
+The pytest fixture `kube` (tests/fixtures/kube.py) uses this module; so does the command line
+(tests/kube/cli.py), which keeps a cluster running in the background for trying the operator by
+hand:
 
     python -m tests.kube.cluster up       # or `make kube-up`; writes .kube/config
     python -m tests.kube.cluster status
@@ -41,41 +34,40 @@ which keeps a cluster running in the background for trying the operator by hand:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import socket
 import ssl
-import string
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from tests.kube.controllers import (
+    CLUSTER_DOMAIN,
+    start_dns,
+    start_kueue,
+    start_trainer,
+    start_training_controllers,
+)
 from tests.kube.host import (
     ControlPlaneError,
     Network,
     _log_tail,
-    _owner,
     _run,
     _spawn,
     claim_network,
     cleanup_network,
     record_owner,
     setup_network,
-    stop_pid,
 )
 from tests.kube.pki import kubeconfig, write_pki
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
 BINARIES = (
     "kube-apiserver",
     "kube-controller-manager",
@@ -92,8 +84,6 @@ BINARIES = (
     "trainer-controller-manager",
     "jobset",
 )
-CLUSTER_DOMAIN = "cluster.local"
-COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
 READY_TIMEOUT_S = 60.0
 # Components in start order; stop goes the other way.
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy")
@@ -265,13 +255,13 @@ class Cluster:
                 self._record_owner()
                 self.wait_nodes_ready()
                 done("nodes_ready")
-                self._start_dns()
+                start_dns(self, READY_TIMEOUT_S)
                 done("dns_ready")
                 if self.controllers:
-                    self._start_training_controllers()
+                    start_training_controllers(self)
                     if self.trainer:  # before Kueue, whose TrainJob integration needs the CRD
-                        self._start_trainer()
-                    self._start_kueue()
+                        start_trainer(self)
+                    start_kueue(self)
                     done("controllers_ready")
         except BaseException:
             self.stop()
@@ -495,95 +485,6 @@ class Cluster:
             f"{_log_tail(self.workdir / f'node-{self.nodes[0].name}.log')}"
         )
 
-    def _start_dns(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        manifest = string.Template((HERE / "addons/coredns.yaml").read_text()).substitute(
-            DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=self.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE
-        )
-        self._kubectl("apply", "-f", "-", input=manifest)
-        self._wait_deployment("kube-system", "coredns", timeout_s)
-
-    def _start_training_controllers(self, timeout_s: float = 90.0) -> None:
-        """The Kubeflow training-operator (namespace kubeflow) and the KubeRay operator (namespace
-        default), each from its upstream install manifest (Deployment, ServiceAccount, RBAC, CRDs,
-        and the training-operator's validating webhook), running as pods of the cluster and watching
-        every namespace."""
-        manifests = self.bin_dir.parent / "manifests"
-        for name in ("training-operator", "kuberay-operator"):
-            self._kubectl(
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=nanorun-tests",
-                "-f",
-                str(manifests / f"{name}.yaml"),
-            )
-        for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
-            self._wait_deployment(namespace, deployment, timeout_s)
-
-    def _start_kueue(self, timeout_s: float = 90.0) -> None:
-        """Kueue from its install manifest (namespace kueue-system), with the integrations nanorun's
-        jobs and chat service use (KUEUE_FRAMEWORKS). Two changes to the upstream manifest: only the
-        admission webhooks of enabled integrations are registered (upstream registers every one and
-        answers the disabled ones with a no-op; leaving them out keeps, for example, every pod
-        creation from depending on Kueue being up), and the visibility API's APIServices are left
-        out (this API server runs without the aggregation layer they need). Ready once its
-        webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
-        manifest = yaml.safe_load_all((self.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
-        frameworks = KUEUE_FRAMEWORKS + ((KUEUE_TRAINJOB,) if self.trainer else ())
-        docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc and doc.get("kind") != "APIService"]
-        self._kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=nanorun-tests",
-            "-f",
-            "-",
-            input=yaml.safe_dump_all(docs),
-        )
-        self._wait_deployment("kueue-system", "kueue-controller-manager", timeout_s)
-
-    def _start_trainer(self, timeout_s: float = 120.0) -> None:
-        """JobSet (namespace jobset-system), then Kubeflow Trainer v2 (namespace kubeflow-system,
-        which watches JobSets), each from its install manifest with its CRDs, RBAC and admission
-        webhooks; both make their webhook certificates themselves. Ready once their Deployments
-        are: each one's readiness waits for its certificates."""
-        manifests = self.bin_dir.parent / "manifests"
-        for name, namespace, deployment in (
-            ("jobset", "jobset-system", "jobset-controller-manager"),
-            ("trainer", "kubeflow-system", "kubeflow-trainer-controller-manager"),
-        ):
-            docs = [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())]
-            self._kubectl(
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager=nanorun-tests",
-                "-f",
-                "-",
-                input=yaml.safe_dump_all([doc for doc in docs if doc]),
-            )
-            self._wait_deployment(namespace, deployment, timeout_s)
-
-    def _wait_deployment(self, namespace: str, name: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive()
-            out = self._kubectl(
-                "get",
-                "deployment",
-                name,
-                "-n",
-                namespace,
-                "-o",
-                "jsonpath={.status.readyReplicas}",
-                check=False,
-            )
-            if out.stdout.strip() == "1":
-                return
-            time.sleep(0.25)
-        pods = self._kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
-        raise ControlPlaneError(f"deployment {namespace}/{name} not ready after {timeout_s:.0f} s:\n{pods}")
-
     def _check_alive(self) -> None:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
@@ -657,51 +558,6 @@ class Cluster:
         return env
 
 
-# Kueue's job integrations the test cluster turns on: nanorun's stage jobs (PyTorchJob) and its
-# chat service (RayService, and the RayCluster KubeRay makes for it).
-KUEUE_FRAMEWORKS = ("kubeflow.org/pytorchjob", "ray.io/raycluster", "ray.io/rayservice")
-KUEUE_TRAINJOB = "trainer.kubeflow.org/trainjob"  # on too where Trainer v2 runs (`trainer=True`)
-
-
-def _kueue_webhook_enabled(webhook: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> bool:
-    """Whether a webhook of Kueue's manifest serves Kueue's own API or an enabled integration (its
-    path names the group and kind: /mutate-kubeflow-org-v1-pytorchjob)."""
-    path = ((webhook.get("clientConfig") or {}).get("service") or {}).get("path", "")
-    if "-kueue-x-k8s-io-" in path:
-        return True
-    for framework in frameworks:
-        group, kind = framework.split("/")
-        if f"-{group.replace('.', '-')}-" in path and path.endswith(f"-{kind}"):
-            return True
-    return False
-
-
-def _kueue_doc(doc: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> dict[str, Any]:
-    """One object of Kueue's manifest, with the integrations `frameworks`."""
-    kind = doc.get("kind")
-    if kind == "ConfigMap" and doc["metadata"]["name"] == "kueue-manager-config":
-        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
-        config["integrations"] = {"frameworks": list(frameworks)}
-        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
-    elif kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
-        doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w, frameworks)]
-    return doc
-
-
-# Trainer v2's feature gates the test cluster turns on: TrainJobStatus (alpha, off by default) runs
-# the status server to which a TrainJob's pods report progress and metrics (`status.trainerStatus`).
-TRAINER_FEATURE_GATES = {"TrainJobStatus": True}
-
-
-def _trainer_doc(doc: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One object of Trainer v2's (or JobSet's) manifest, with `TRAINER_FEATURE_GATES` on."""
-    if doc and doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "kubeflow-trainer-config":
-        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
-        config["featureGates"] = {**config.get("featureGates", {}), **TRAINER_FEATURE_GATES}
-        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
-    return doc
-
-
 def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
     try:
         proc.wait(timeout=timeout)
@@ -710,172 +566,7 @@ def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
-def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0) -> None:
-    """Server-side apply (the upstream CRDs exceed client-side apply's annotation limit), then
-    wait until every CRD is Established so its API can be used right away."""
-    if not files:
-        return
-    file_args = [arg for f in files for arg in ("-f", str(f))]
-    applied = subprocess.run(
-        [
-            "kubectl",
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=nanorun-tests",
-            "-o",
-            "name",
-            *file_args,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if applied.returncode != 0:
-        raise ControlPlaneError(f"installing CRDs failed:\n{applied.stderr.strip()}")
-    # Polled rather than `kubectl wait`, which fails outright while a new CRD has no conditions yet.
-    columns = (
-        'custom-columns=NAME:.metadata.name,ESTABLISHED:.status.conditions[?(@.type=="Established")].status'
-    )
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(
-            ["kubectl", "get", *applied.stdout.split(), "--no-headers", "-o", columns],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        pending = [line.split()[0] for line in out.stdout.splitlines() if not line.endswith("True")]
-        if out.returncode == 0 and not pending:
-            return
-        if time.monotonic() > deadline:
-            raise ControlPlaneError(
-                f"CRDs not Established after {timeout_s:.0f} s: {pending} {out.stderr.strip()}"
-            )
-        time.sleep(0.2)
-
-
-# --- command line (make kube-up / kube-down) --------------------------------------------------
-
-
-def _pid_files(state: Path) -> dict[str, Path]:
-    return {
-        f.stem.replace("node-", "node/", 1) if f.stem.startswith("node-") else f.stem: f
-        for f in state.glob("*.pid")
-    }
-
-
-def _running_pids(state: Path) -> dict[str, int]:
-    """Pids from <state>/*.pid that are still alive and still run our binaries."""
-    pids = {}
-    for name, path in _pid_files(state).items():
-        try:
-            pid = int(path.read_text())
-            exe = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
-        except (FileNotFoundError, ValueError, IndexError):
-            continue
-        if exe == name.split("/")[0] or (name.startswith("node/") and exe == "nanorun-node"):
-            pids[name] = pid
-    return pids
-
-
-def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, trainer: bool = False) -> int:
-    running = _running_pids(state)
-    if running and len(running) == len(_pid_files(state)):
-        print(f"already running ({state / 'config'}); `make kube-down` stops it")
-        return 0
-    if running:  # part of a cluster (a process died): start over
-        down(state)
-    cluster = Cluster(state, detach=True, nodes=nodes, trainer=trainer)
-    started = time.monotonic()
-    try:
-        cluster.start()
-        for name, proc in cluster.processes.items():
-            (state / f"{name.replace('/', '-')}.pid").write_text(f"{proc.pid}\n")
-        ready = time.monotonic()
-        install_crds(crd_files(), cluster.env())
-    except BaseException:
-        cluster.stop()
-        raise
-    pods = (
-        f"{len(nodes)} nodes Ready, CoreDNS serving"
-        if cluster.pods
-        else f"no pod network: {cluster.pods_unsupported}"
-    )
-    print(
-        f"cluster up in {ready - started:.1f} s ({pods}); API server {cluster.server}; "
-        f"CRDs established {time.monotonic() - ready:.1f} s later\n"
-        f"  export KUBECONFIG={cluster.kubeconfig_path}\n"
-        f"  export PATH={cluster.bin_dir}:$PATH    # kubectl, helm"
-    )
-    return 0
-
-
-def down(state: Path) -> int:
-    pids = _running_pids(state)
-    names = [n for n in pids if n.startswith("node/")] + [n for n in reversed(ORDER) if n in pids]
-    for name in names:
-        stop_pid(pids[name], timeout=30 if name.startswith("node/") else 10)
-    for path in _pid_files(state).values():
-        path.unlink(missing_ok=True)
-    removed = []
-    slot_file = state / "network-slot"
-    if slot_file.exists() and pods_unsupported() is None:
-        network = Network(int(slot_file.read_text()))
-        owner = _owner(network)
-        if owner is None or owner.get("workdir") == str(state):
-            removed = cleanup_network(network)
-        slot_file.unlink()
-    print(
-        f"stopped {', '.join(names) or 'nothing (not running)'}"
-        + (f"; removed {', '.join(removed)}" if removed else "")
-    )
-    return 0
-
-
-def status(state: Path) -> int:
-    pids = _running_pids(state)
-    files = _pid_files(state)
-    for name in sorted(files):
-        print(f"{name}: {f'running (pid {pids[name]})' if name in pids else 'not running'}")
-    return 0 if files and len(pids) == len(files) else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.kube.cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=STATE_DIR,
-        help="where the kubeconfig, pid files, logs and etcd data live (default: .kube/)",
-    )
-    parser.add_argument("--nodes", type=int, default=len(DEFAULT_NODES), help="number of nodes (default 2)")
-    parser.add_argument(
-        "--gpus-per-node", type=int, default=8, help="nvidia.com/gpu each node declares (default 8)"
-    )
-    parser.add_argument(
-        "--trainer", action="store_true", help="also run JobSet and Kubeflow Trainer v2 (TrainJob)"
-    )
-    args = parser.parse_args(argv)
-    state = args.state_dir.resolve()
-    try:
-        if args.command == "up":
-            base = NodeSpec("node")
-            nodes = tuple(
-                NodeSpec(
-                    f"node-{i}",
-                    capacity={**base.capacity, "nvidia.com/gpu": str(args.gpus_per_node)},
-                    labels={**base.labels, "nvidia.com/gpu.count": str(args.gpus_per_node)},
-                )
-                for i in range(1, args.nodes + 1)
-            )
-            return up(state, nodes, trainer=args.trainer)
-        return {"down": down, "status": status}[args.command](state)
-    except ControlPlaneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
+    from tests.kube.cli import main
+
     sys.exit(main())

@@ -1,0 +1,224 @@
+"""The add-ons of the test cluster (tests/kube/cluster.py), installed from manifests once its nodes
+are Ready, each running as pods of the cluster and waited for until its Deployments are ready:
+
+- CoreDNS as the upstream addon (tests/kube/addons/coredns.yaml: a Deployment in kube-system behind
+  the `kube-dns` Service);
+- the Kubeflow training-operator (PyTorchJob) and the KubeRay operator (RayCluster, RayService), as
+  pods from their upstream install manifests, each with the RBAC those manifests give it;
+- with `Cluster.trainer` (`up --trainer`), JobSet (namespace jobset-system) and Kubeflow Trainer v2
+  (namespace kubeflow-system) from their install manifests, webhooks included, so the cluster serves
+  TrainJobs beside PyTorchJobs (without it, nanorun's `compute.launcher: auto` means PyTorchJob);
+  they start before Kueue, which then has its TrainJob integration on too. Trainer runs with its
+  alpha `TrainJobStatus` feature gate on (`TRAINER_FEATURE_GATES`): its status server takes the
+  progress a TrainJob's pods report (HTTPS, projected ServiceAccount token) into
+  `status.trainerStatus`;
+- Kueue (namespace kueue-system) from its install manifest, with its PyTorchJob, RayCluster and
+  RayService integrations (`KUEUE_FRAMEWORKS`) and their admission webhooks (no ClusterQueue: a
+  test makes its own).
+
+The install manifests come from tests/kube/build.sh, beside the binaries. `install_crds` applies
+CRDs (the repository's and the upstream ones: `crd_files` in tests/kube/cluster.py) and waits until
+they are Established.
+"""
+
+from __future__ import annotations
+
+import string
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from tests.kube.host import ControlPlaneError
+
+if TYPE_CHECKING:
+    from tests.kube.cluster import Cluster
+
+ADDONS = Path(__file__).resolve().parent / "addons"
+CLUSTER_DOMAIN = "cluster.local"
+COREDNS_IMAGE = "registry.k8s.io/coredns/coredns:v1.15.0"
+
+# Kueue's job integrations the test cluster turns on: nanorun's stage jobs (PyTorchJob) and its
+# chat service (RayService, and the RayCluster KubeRay makes for it).
+KUEUE_FRAMEWORKS = ("kubeflow.org/pytorchjob", "ray.io/raycluster", "ray.io/rayservice")
+KUEUE_TRAINJOB = "trainer.kubeflow.org/trainjob"  # on too where Trainer v2 runs (`trainer=True`)
+
+
+def _kueue_webhook_enabled(webhook: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> bool:
+    """Whether a webhook of Kueue's manifest serves Kueue's own API or an enabled integration (its
+    path names the group and kind: /mutate-kubeflow-org-v1-pytorchjob)."""
+    path = ((webhook.get("clientConfig") or {}).get("service") or {}).get("path", "")
+    if "-kueue-x-k8s-io-" in path:
+        return True
+    for framework in frameworks:
+        group, kind = framework.split("/")
+        if f"-{group.replace('.', '-')}-" in path and path.endswith(f"-{kind}"):
+            return True
+    return False
+
+
+def _kueue_doc(doc: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> dict[str, Any]:
+    """One object of Kueue's manifest, with the integrations `frameworks`."""
+    kind = doc.get("kind")
+    if kind == "ConfigMap" and doc["metadata"]["name"] == "kueue-manager-config":
+        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
+        config["integrations"] = {"frameworks": list(frameworks)}
+        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
+    elif kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w, frameworks)]
+    return doc
+
+
+# Trainer v2's feature gates the test cluster turns on: TrainJobStatus (alpha, off by default) runs
+# the status server to which a TrainJob's pods report progress and metrics (`status.trainerStatus`).
+TRAINER_FEATURE_GATES = {"TrainJobStatus": True}
+
+
+def _trainer_doc(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One object of Trainer v2's (or JobSet's) manifest, with `TRAINER_FEATURE_GATES` on."""
+    if doc and doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "kubeflow-trainer-config":
+        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
+        config["featureGates"] = {**config.get("featureGates", {}), **TRAINER_FEATURE_GATES}
+        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
+    return doc
+
+
+def start_dns(cluster: Cluster, timeout_s: float) -> None:
+    manifest = string.Template((ADDONS / "coredns.yaml").read_text()).substitute(
+        DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=cluster.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE
+    )
+    cluster._kubectl("apply", "-f", "-", input=manifest)
+    wait_deployment(cluster, "kube-system", "coredns", timeout_s)
+
+
+def start_training_controllers(cluster: Cluster, timeout_s: float = 90.0) -> None:
+    """The Kubeflow training-operator (namespace kubeflow) and the KubeRay operator (namespace
+    default), each from its upstream install manifest (Deployment, ServiceAccount, RBAC, CRDs,
+    and the training-operator's validating webhook), running as pods of the cluster and watching
+    every namespace."""
+    manifests = cluster.bin_dir.parent / "manifests"
+    for name in ("training-operator", "kuberay-operator"):
+        cluster._kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=nanorun-tests",
+            "-f",
+            str(manifests / f"{name}.yaml"),
+        )
+    for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
+        wait_deployment(cluster, namespace, deployment, timeout_s)
+
+
+def start_kueue(cluster: Cluster, timeout_s: float = 90.0) -> None:
+    """Kueue from its install manifest (namespace kueue-system), with the integrations nanorun's
+    jobs and chat service use (KUEUE_FRAMEWORKS). Two changes to the upstream manifest: only the
+    admission webhooks of enabled integrations are registered (upstream registers every one and
+    answers the disabled ones with a no-op; leaving them out keeps, for example, every pod
+    creation from depending on Kueue being up), and the visibility API's APIServices are left
+    out (this API server runs without the aggregation layer they need). Ready once its
+    webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
+    manifest = yaml.safe_load_all((cluster.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
+    frameworks = KUEUE_FRAMEWORKS + ((KUEUE_TRAINJOB,) if cluster.trainer else ())
+    docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc and doc.get("kind") != "APIService"]
+    cluster._kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=nanorun-tests",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(docs),
+    )
+    wait_deployment(cluster, "kueue-system", "kueue-controller-manager", timeout_s)
+
+
+def start_trainer(cluster: Cluster, timeout_s: float = 120.0) -> None:
+    """JobSet (namespace jobset-system), then Kubeflow Trainer v2 (namespace kubeflow-system,
+    which watches JobSets), each from its install manifest with its CRDs, RBAC and admission
+    webhooks; both make their webhook certificates themselves. Ready once their Deployments
+    are: each one's readiness waits for its certificates."""
+    manifests = cluster.bin_dir.parent / "manifests"
+    for name, namespace, deployment in (
+        ("jobset", "jobset-system", "jobset-controller-manager"),
+        ("trainer", "kubeflow-system", "kubeflow-trainer-controller-manager"),
+    ):
+        docs = [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())]
+        cluster._kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=nanorun-tests",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all([doc for doc in docs if doc]),
+        )
+        wait_deployment(cluster, namespace, deployment, timeout_s)
+
+
+def wait_deployment(cluster: Cluster, namespace: str, name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cluster._check_alive()
+        out = cluster._kubectl(
+            "get",
+            "deployment",
+            name,
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+            check=False,
+        )
+        if out.stdout.strip() == "1":
+            return
+        time.sleep(0.25)
+    pods = cluster._kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    raise ControlPlaneError(f"deployment {namespace}/{name} not ready after {timeout_s:.0f} s:\n{pods}")
+
+
+def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0) -> None:
+    """Server-side apply (the upstream CRDs exceed client-side apply's annotation limit), then
+    wait until every CRD is Established so its API can be used right away."""
+    if not files:
+        return
+    file_args = [arg for f in files for arg in ("-f", str(f))]
+    applied = subprocess.run(
+        [
+            "kubectl",
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=nanorun-tests",
+            "-o",
+            "name",
+            *file_args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if applied.returncode != 0:
+        raise ControlPlaneError(f"installing CRDs failed:\n{applied.stderr.strip()}")
+    # Polled rather than `kubectl wait`, which fails outright while a new CRD has no conditions yet.
+    columns = (
+        'custom-columns=NAME:.metadata.name,ESTABLISHED:.status.conditions[?(@.type=="Established")].status'
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            ["kubectl", "get", *applied.stdout.split(), "--no-headers", "-o", columns],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        pending = [line.split()[0] for line in out.stdout.splitlines() if not line.endswith("True")]
+        if out.returncode == 0 and not pending:
+            return
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(
+                f"CRDs not Established after {timeout_s:.0f} s: {pending} {out.stderr.strip()}"
+            )
+        time.sleep(0.2)
