@@ -33,8 +33,10 @@ sys.path.append(str(REPO))  # after the standard library: the repo has an `opera
 from kubernetes import client, config, watch  # noqa: E402
 from nanorun.operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 
-from tests.kube.cluster import Cluster, crd_files, free_port  # noqa: E402
+from tests.kube.binaries import crd_files  # noqa: E402
+from tests.kube.cluster import Cluster  # noqa: E402
 from tests.kube.controllers import install_crds  # noqa: E402
+from tests.kube.host import free_port  # noqa: E402
 
 ALL_STAGES = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
 

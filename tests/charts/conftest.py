@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube.cluster import bin_dir
+from tests.kube.binaries import bin_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "nanorun"

@@ -19,17 +19,16 @@ import time
 from pathlib import Path
 
 from tests.kube import cluster as cluster_module
+from tests.kube.binaries import crd_files
 from tests.kube.cluster import (
     DEFAULT_NODES,
     ORDER,
     REPO,
     Cluster,
     NodeSpec,
-    crd_files,
-    pods_unsupported,
 )
 from tests.kube.controllers import install_crds
-from tests.kube.host import ControlPlaneError, Network, _owner, cleanup_network, stop_pid
+from tests.kube.host import ControlPlaneError, Network, _owner, cleanup_network, pods_unsupported, stop_pid
 
 STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd data, certificates
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.kube.binaries import require_binaries
 from tests.kube.controllers import (
     CLUSTER_DOMAIN,
     start_dns,
@@ -61,6 +61,8 @@ from tests.kube.host import (
     _spawn,
     claim_network,
     cleanup_network,
+    free_port,
+    pods_unsupported,
     record_owner,
     setup_network,
 )
@@ -68,22 +70,6 @@ from tests.kube.pki import kubeconfig, write_pki
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-BINARIES = (
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kube-proxy",
-    "etcd",
-    "kubectl",
-    "helm",
-    "nanorun-node",
-    "coredns",
-    "training-operator.v1",
-    "ray-operator",
-    "kueue",
-    "trainer-controller-manager",
-    "jobset",
-)
 READY_TIMEOUT_S = 60.0
 # Components in start order; stop goes the other way.
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy")
@@ -114,55 +100,6 @@ class NodeSpec:
 
 
 DEFAULT_NODES = (NodeSpec("node-1"), NodeSpec("node-2"))
-
-
-def bin_dir() -> Path:
-    """The cache folder holding the binaries for the pinned versions (it may not exist yet)."""
-    out = subprocess.run([str(HERE / "bin-dir.sh")], capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
-
-
-def require_binaries() -> Path:
-    """The binary folder, or a ControlPlaneError telling how to build it."""
-    folder = bin_dir()
-    missing = [name for name in BINARIES if not (folder / name).is_file()]
-    if missing or not (folder.parent / "complete").exists():
-        raise ControlPlaneError(
-            f"the test Kubernetes binaries are not built ({', '.join(missing) or 'incomplete build'} "
-            f"missing in {folder}); run `make setup-kube` (builds Kubernetes, etcd, CoreDNS, the node "
-            "agent, kubectl and helm from Go modules, about 20-30 minutes the first time)"
-        )
-    os.utime(folder.parent)  # in use: tests/kube/build.sh keeps builds used within the hour
-    return folder
-
-
-def crd_files() -> list[Path]:
-    """Every CRD to install: the repository's own (manifests/crd/*.yaml) and the upstream ones."""
-    ours = sorted((REPO / "manifests/crd").glob("*.yaml"))
-    upstream = sorted((bin_dir().parent / "crds").glob("*.yaml"))
-    return ours + upstream
-
-
-def pods_unsupported() -> str | None:
-    """Why this machine cannot run the pod network, or None when it can."""
-    if os.geteuid() != 0:
-        return "running pods needs root (network namespaces, a bridge, iptables and mounts)"
-    missing = [
-        tool
-        for tool in ("ip", "iptables", "iptables-restore", "unshare", "nsenter")
-        if not shutil.which(tool)
-    ]
-    if missing:
-        return (
-            f"running pods needs {', '.join(missing)} (Debian: apt-get install iproute2 iptables util-linux)"
-        )
-    return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # --- the cluster ----------------------------------------------------------------------------

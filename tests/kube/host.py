@@ -1,6 +1,7 @@
 """What the test cluster puts on this machine: its processes (started so that they die with the test
 run, or detached for `make kube-up`) and its pod network (a network namespace per cluster, in one of
-a few slots; see `Network`). tests/kube/cluster.py builds the cluster from these."""
+a few slots; see `Network`), and whether it can (`pods_unsupported`) and on which free ports
+(`free_port`). tests/kube/cluster.py builds the cluster from these."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -278,3 +280,28 @@ def cleanup_network(network: Network) -> list[str]:
         removed.append(f"link {network.host_link}")
     network.owner_file.unlink(missing_ok=True)
     return removed
+
+
+# --- what this machine offers ------------------------------------------------------------------
+
+
+def pods_unsupported() -> str | None:
+    """Why this machine cannot run the pod network, or None when it can."""
+    if os.geteuid() != 0:
+        return "running pods needs root (network namespaces, a bridge, iptables and mounts)"
+    missing = [
+        tool
+        for tool in ("ip", "iptables", "iptables-restore", "unshare", "nsenter")
+        if not shutil.which(tool)
+    ]
+    if missing:
+        return (
+            f"running pods needs {', '.join(missing)} (Debian: apt-get install iproute2 iptables util-linux)"
+        )
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

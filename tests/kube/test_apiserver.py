@@ -15,7 +15,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.kube import cluster
+from tests.kube import binaries
 
 pytestmark = pytest.mark.kube
 
@@ -85,7 +85,7 @@ def test_core_objects_round_trip(core, kube_namespace):
 
 
 def test_every_crd_is_established(kube):
-    files = [arg for path in cluster.crd_files() for arg in ("-f", str(path))]
+    files = [arg for path in binaries.crd_files() for arg in ("-f", str(path))]
     names = kube.kubectl("get", *files, "-o", "name").stdout.split()
     assert {
         "customresourcedefinition.apiextensions.k8s.io/pytorchjobs.kubeflow.org",

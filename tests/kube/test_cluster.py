@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import cluster, host
+from tests.kube import binaries, cluster, host
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
@@ -27,9 +27,9 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
 
 
 def test_missing_binaries_name_the_setup_target(monkeypatch, tmp_path):
-    monkeypatch.setattr(cluster, "bin_dir", lambda: tmp_path / "bin")
+    monkeypatch.setattr(binaries, "bin_dir", lambda: tmp_path / "bin")
     with pytest.raises(cluster.ControlPlaneError, match=r"run `make setup-kube`"):
-        cluster.require_binaries()
+        binaries.require_binaries()
 
 
 def leftovers(network: cluster.Network) -> list[str]:

@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from tests.fixtures.kube import KubeEnv, wait_until
-from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec, crd_files
+from tests.kube.binaries import crd_files
+from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec
 from tests.kube.controllers import install_crds
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
