@@ -100,14 +100,7 @@ def start_training_controllers(cluster: Cluster, timeout_s: float = 90.0) -> Non
     every namespace."""
     manifests = cluster.bin_dir.parent / "manifests"
     for name in ("training-operator", "kuberay-operator"):
-        cluster._kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=nanorun-tests",
-            "-f",
-            str(manifests / f"{name}.yaml"),
-        )
+        apply(cluster, list(yaml.safe_load_all((manifests / f"{name}.yaml").read_text())))
     for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
         wait_deployment(cluster, namespace, deployment, timeout_s)
 
@@ -123,6 +116,13 @@ def start_kueue(cluster: Cluster, timeout_s: float = 90.0) -> None:
     manifest = yaml.safe_load_all((cluster.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
     frameworks = KUEUE_FRAMEWORKS + ((KUEUE_TRAINJOB,) if cluster.trainer else ())
     docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc and doc.get("kind") != "APIService"]
+    apply(cluster, docs)
+    wait_deployment(cluster, "kueue-system", "kueue-controller-manager", timeout_s)
+
+
+def apply(cluster: Cluster, docs: list[dict[str, Any] | None]) -> None:
+    """Server-side apply of an install manifest's objects (empty documents skipped): upstream CRDs
+    exceed client-side apply's annotation limit, and a rerun takes over fields it set before."""
     cluster._kubectl(
         "apply",
         "--server-side",
@@ -130,9 +130,8 @@ def start_kueue(cluster: Cluster, timeout_s: float = 90.0) -> None:
         "--field-manager=nanorun-tests",
         "-f",
         "-",
-        input=yaml.safe_dump_all(docs),
+        input=yaml.safe_dump_all([doc for doc in docs if doc]),
     )
-    wait_deployment(cluster, "kueue-system", "kueue-controller-manager", timeout_s)
 
 
 def start_trainer(cluster: Cluster, timeout_s: float = 120.0) -> None:
@@ -146,15 +145,7 @@ def start_trainer(cluster: Cluster, timeout_s: float = 120.0) -> None:
         ("trainer", "kubeflow-system", "kubeflow-trainer-controller-manager"),
     ):
         docs = [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())]
-        cluster._kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=nanorun-tests",
-            "-f",
-            "-",
-            input=yaml.safe_dump_all([doc for doc in docs if doc]),
-        )
+        apply(cluster, docs)
         wait_deployment(cluster, namespace, deployment, timeout_s)
 
 
