@@ -9,6 +9,7 @@ import datetime
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,7 @@ class StatusServer:
     fail_with: int | None = None
     received: list[dict] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)  # cleared: requests wait
+    arrived: threading.Event = field(default_factory=threading.Event)  # set by every request
 
     def statuses(self) -> list[dict]:
         return [r["body"]["trainerStatus"] for r in self.received]
@@ -96,6 +98,7 @@ def status_server(tmp_path: Path) -> Iterator[StatusServer]:
             self.wfile.write(data)
 
         def do_POST(self) -> None:
+            state.arrived.set()
             state.release.wait(30)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path != PATH:
@@ -223,10 +226,15 @@ def test_records_between_two_posts_are_coalesced_into_the_newest_and_publishing_
 ):
     reporter, _ = reporter_for(status_server, token, interval_s=3600.0)
     status_server.release.clear()  # the server holds every request until released
-    for step in range(1, 51):
-        reporter.publish(progress(step))  # returns while the first POST is held by the server
+    reporter.publish(progress(1))
+    assert status_server.arrived.wait(30)  # the first POST is in the server's hands, held
+    for step in range(2, 51):
+        reporter.publish(progress(step))  # returns while the first POST is held
     assert status_server.received == []
     status_server.release.set()
+    deadline = time.monotonic() + 30
+    while reporter.sent + reporter.failed == 0 and time.monotonic() < deadline:  # the held POST ends
+        time.sleep(0.01)
     assert reporter.flush(0.5) is False  # step 50 waits for the hour between POSTs to pass
     assert [s["progressPercentage"] for s in status_server.statuses()] == [1]
     # A finished stage's record goes at once, in place of the waiting one.
