@@ -271,7 +271,8 @@ def test_queued_runs_trainjobs_wait_for_kueue_s_quota_and_run_once_admitted(
                 storage=cluster_s3.access,
                 serving={"enabled": False},
                 compute={"gpusPerNode": 8, "queue": QUEUE},
-                stage_args={"pretrain": ["--fake-steps", "20", "--fake-step-seconds", "0.2"]},
+                # 20 s each: the held run's Workload is tried, and its reason seen, while the other runs.
+                stage_args={"pretrain": ["--fake-steps", "100", "--fake-step-seconds", "0.2"]},
             ),
         )
     queued = wait_for(
