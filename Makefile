@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stamps
 
-.PHONY: setup setup-python setup-rust setup-kube setup-system setup-apt-lists test test-fast demo lint gpu-check kube-up kube-down clean
+.PHONY: lock images push setup setup-python setup-rust setup-kube setup-system setup-apt-lists test test-fast demo lint gpu-check kube-up kube-down clean
 
 setup: setup-system setup-python setup-rust setup-kube
 
@@ -16,11 +16,22 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
-$(STAMP)/python: pyproject.toml | $(PY)
-	$(PIP) install -q -e ".[dev]"
+# Every dependency at the version uv.lock pins (requirements/dev.txt is its [dev] export), then the
+# checkout itself, editable, with nothing resolved anew.
+$(STAMP)/python: pyproject.toml requirements/dev.txt | $(PY)
+	$(PIP) install -q -r requirements/dev.txt
+	$(PIP) install -q --no-deps -e .
 	@mkdir -p $(STAMP) && touch $@
 
 setup-python: $(STAMP)/python
+
+# Re-resolve uv.lock after a change to pyproject.toml's dependencies (UPGRADE=1: every package to its
+# newest allowed version) and export it per extra to requirements/, which every install reads.
+LOCK_EXTRAS := operator trainer serving dev
+lock: $(STAMP)/python
+	$(VENV)/bin/uv lock $(if $(UPGRADE),--upgrade)
+	for extra in $(LOCK_EXTRAS); do \
+	  $(VENV)/bin/uv export -q --frozen --no-hashes --no-emit-project --extra $$extra -o requirements/$$extra.txt; done
 
 # The Rust BPE trainer, built in release mode into rustbpe/python/nanorun/ (an editable install that
 # joins the `nanorun` namespace as `nanorun._bpe`). The built module itself is the target, so a missing
@@ -39,19 +50,22 @@ setup-rust: $(BPE_MODULE)
 setup-kube:
 	tests/kube/build.sh
 
-# Debian packages the tests drive: headless Chromium (web UI test), promtool (metrics lint), and
-# iptables for kube-proxy in the test cluster (ip, unshare and nsenter come with every Debian).
+# Debian packages the tests drive: headless Chromium (web UI test), promtool (metrics lint),
+# iptables for kube-proxy in the test cluster (ip, unshare and nsenter come with every Debian), and
+# buildah, podman, runc and mmdebstrap to build the images and run them as containers.
 # The bundled corpus comes from Debian documentation packages (`apt-get download`), which needs the
 # package lists, so those are fetched too when they are missing.
 setup-apt-lists:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then \
 	  apt-get update -qq; fi
 
+SYSTEM_PACKAGES := chromium prometheus iptables buildah podman runc mmdebstrap
+SYSTEM_COMMANDS := chromium promtool iptables buildah podman runc mmdebstrap
 setup-system: setup-apt-lists
-	@if command -v chromium >/dev/null && command -v promtool >/dev/null && command -v iptables >/dev/null; then :; \
+	@if for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || exit 1; done; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus iptables >/dev/null; \
-	else echo "note: install chromium, prometheus (promtool) and iptables for the browser, metrics and cluster tests"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "note: install $(SYSTEM_PACKAGES) for the browser, metrics, cluster and image tests"; fi
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -67,6 +81,14 @@ test-fast: setup
 # on this machine's GPU, in a few minutes; one JSON line. Without CUDA it says so and exits 0.
 gpu-check: setup-python setup-rust
 	$(VENV)/bin/python bench/gpu_check.py
+
+# The trainer, serving and operator images from their Dockerfiles, with buildah (tools/images.sh):
+# `make images`, or `make images push REGISTRY=registry.example.com/team` to push them too.
+images:
+	tools/images.sh build $(filter push,$(MAKECMDGOALS))
+
+push:
+	@:
 
 lint: setup-python
 	$(VENV)/bin/ruff check .

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.chat_model",
     "tests.fixtures.metrics",
     "tests.fixtures.threads",
+    "tests.fixtures.images",
 ]

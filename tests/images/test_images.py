@@ -1,0 +1,297 @@
+"""The three images, built from their Dockerfiles by tools/images.sh and run as OCI containers
+(podman, runc): what they hold and what they do. Only GPUs are substituted: the trainer image's
+stages run on CPU, through the same torch.compile path (inductor with the image's C++ compiler).
+
+- each image holds exactly the lock's packages for its extra (the versions the tests run) and
+  runs as its own non-root user;
+- the operator image, under the chart's securityContext (read-only root filesystem, no
+  capabilities, UID 10001), reconciles an LLMRun on the test cluster;
+- the trainer image trains the tokenizer and a compiled model as UID 10001, into a run directory on
+  S3;
+- the serving image starts Ray the way KubeRay starts it (`bash -lc`, `ulimit -n 65536`), passes
+  KubeRay's generated wget probes, and serves chat through the OpenAI client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.fixtures.s3 import free_port
+from tests.fixtures.tiny_run import TINY_TRAIN_FLAGS, tiny_data
+from tests.images.containers import REPO, Container, exec_in, image_config, logs, remove
+
+pytestmark = [pytest.mark.slow, pytest.mark.images]
+
+# What a venv holds besides the lock: nanorun, its Rust binding, and the venv's own installers.
+NOT_LOCKED = {"nanorun", "nanorun-bpe", "pip", "setuptools"}
+INSPECT = """
+import importlib.metadata as md, json, os
+from pip._vendor.packaging.markers import default_environment
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(), "home": os.environ.get("HOME"), "cwd": os.getcwd(),
+    "environment": default_environment(),
+    "dists": {d.metadata["Name"]: d.version for d in md.distributions()},
+}))
+"""
+
+
+def locked(extra: str, environment: dict[str, str]) -> dict[str, str]:
+    """The pins of requirements/<extra>.txt whose markers hold in `environment`."""
+    pins = {}
+    for line in (REPO / "requirements" / f"{extra}.txt").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        req = Requirement(line)
+        if req.marker is None or Marker(str(req.marker)).evaluate(environment):
+            (version,) = [s.version for s in req.specifier]
+            pins[canonicalize_name(req.name)] = version
+    return pins
+
+
+@pytest.mark.parametrize("name", ["operator", "trainer", "serving"])
+def test_each_image_holds_exactly_the_lock_and_runs_as_its_non_root_user(images, name: str) -> None:
+    config = image_config(images[name])
+    user = config.get("User", "")
+    assert user and user.split(":")[0] not in ("0", "root"), f"{name} runs as {user!r}"
+    out = Container(images[name], ["python", "-c", INSPECT]).run(timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert f"{seen['uid']}:{seen['gid']}" == user, f"{name}: runs as {seen['uid']}:{seen['gid']}, not {user}"
+    assert seen["cwd"] == config.get("WorkingDir", "/") and os.access(REPO, os.R_OK)
+
+    installed = {canonicalize_name(k): v for k, v in seen["dists"].items()}
+    pins = locked(name, seen["environment"])
+    wrong = {k: (installed.get(k), v) for k, v in pins.items() if installed.get(k) != v}
+    assert not wrong, f"{name}: (installed, locked) differ: {wrong}"
+    unlocked = sorted(set(installed) - set(pins) - NOT_LOCKED)
+    assert not unlocked, f"{name}: installed but not in requirements/{name}.txt: {unlocked}"
+    key = {"operator": "kopf", "trainer": "torch", "serving": "ray"}[name]
+    assert installed[key] == pins[key]
+
+    if name != "operator":  # the default command prints the CLI's help
+        default = Container(images[name]).run(timeout=120)
+        assert default.returncode == 0 and "usage" in default.stdout.lower(), default.stderr
+
+
+def chart_operator_container(kube, namespace: str, liveness: int, metrics: int) -> tuple[dict, dict]:
+    """(pod spec, operator container) of the chart's Deployment, rendered by helm."""
+    rendered = kube.helm(
+        "template",
+        "nanorun",
+        str(REPO / "charts" / "nanorun"),
+        "--namespace",
+        namespace,
+        "--set",
+        f"operator.watchNamespaces[0]={namespace}",
+        "--set",
+        f"operator.livenessPort={liveness}",
+        "--set",
+        f"operator.metricsPort={metrics}",
+    ).stdout
+    deployment = next(
+        d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment" and "operator" in str(d)
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def container_from_pod(image: str, pod: dict, container: dict) -> Container:
+    """podman flags for what the pod spec asks of the container runtime: user, read-only root,
+    capabilities, no privilege escalation, emptyDir volumes (tmpfs), command and args."""
+    context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    assert context.get("runAsNonRoot") and context["runAsUser"] != 0
+    return Container(
+        image,
+        command=container.get("args", []),
+        entrypoint=json.dumps(container["command"]),
+        user=f"{context['runAsUser']}:{context.get('runAsGroup', context['runAsUser'])}",
+        read_only=bool(context.get("readOnlyRootFilesystem")),
+        drop_all_capabilities="ALL" in context.get("capabilities", {}).get("drop", []),
+        no_new_privileges=context.get("allowPrivilegeEscalation") is False,
+        tmpfs=[m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in empty_dirs],
+    )
+
+
+@pytest.mark.kube
+def test_operator_image_reconciles_under_the_charts_security_context(
+    images, kube, kube_namespace, s3_run_dir, tmp_path: Path
+) -> None:
+    from kubernetes import client
+
+    from tests.operator.conftest import create_llmrun, get_llmrun, llmrun
+
+    liveness, metrics = free_port(), free_port()
+    pod, spec = chart_operator_container(kube, kube_namespace, liveness, metrics)
+    container = container_from_pod(images["operator"], pod, spec)
+    assert container.read_only and container.drop_all_capabilities and container.user == "10001:10001"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(Path(kube.kubeconfig).read_text())
+    kubeconfig.chmod(0o644)
+    container.network = "host"  # the test cluster's API server and S3 listen on this machine's loopback
+    container.volumes = {str(kubeconfig): "/etc/nanorun/kubeconfig:ro"}
+    container.env = {
+        "KUBECONFIG": "/etc/nanorun/kubeconfig",
+        "NANORUN_OPERATOR_NAMESPACE": kube_namespace,
+        "NANORUN_OPERATOR_POD": "nanorun-operator-test",
+        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+    }
+    started = container.start()
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"the operator is not live:\n{logs(started)}"
+            time.sleep(0.5)
+
+        api = client.CustomObjectsApi(kube.api_client())
+        create_llmrun(api, kube_namespace, llmrun("in-image", s3_run_dir))
+        jobs = client.CustomObjectsApi(kube.api_client())
+        deadline = time.monotonic() + 90
+        while True:
+            run = get_llmrun(api, kube_namespace, "in-image")
+            made = jobs.list_namespaced_custom_object("kubeflow.org", "v1", kube_namespace, "pytorchjobs")
+            if run.get("status", {}).get("phase") == "Running" and made["items"]:
+                break
+            assert time.monotonic() < deadline, f"no reconcile: {run.get('status')}\n{logs(started)}"
+            time.sleep(0.5)
+        assert made["items"][0]["metadata"]["ownerReferences"][0]["name"] == "in-image"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            assert "llmrun" in r.read().decode()
+        # Nothing was written outside the emptyDir: the root filesystem is read-only.
+        probe = exec_in(started, "sh", "-c", "touch /opt/venv/x; echo $?; id -u")
+        assert probe.stdout.split() == ["1", "10001"], probe.stdout + probe.stderr
+    finally:
+        remove(started)
+
+
+def test_trainer_image_trains_a_compiled_model_as_its_user_into_s3(
+    images, s3_run_dir, tmp_path: Path
+) -> None:
+    """The tokenizer and pretraining stages as the operator runs them, in the image, as UID 10001,
+    with torch.compile on: inductor must find the image's C++ compiler and Python headers."""
+    from nanorun.pipeline.storage import read_json
+
+    data = tiny_data(tmp_path)
+    env = {
+        "OMP_NUM_THREADS": "1",
+        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+    }
+    volumes = {data: "/data:ro"}
+    tok = Container(
+        images["trainer"],
+        ["python", "-m", "nanorun.trainer.tok_train", "--run-dir", s3_run_dir, "--data", "/data"]
+        + ["--vocab-size", "2048", "--max-chars", "2000000"],
+        network="host",
+        env=env,
+        volumes=volumes,
+    ).run(timeout=600)
+    assert tok.returncode == 0, tok.stdout[-3000:] + tok.stderr[-3000:]
+    flags = list(TINY_TRAIN_FLAGS)
+    flags[flags.index("--num-iterations") + 1] = "6"
+    flags[flags.index("--eval-every") + 1] = "3"
+    flags[flags.index("--save-every") + 1] = "3"
+    train = Container(
+        images["trainer"],
+        ["python", "-m", "nanorun.trainer.base_train", "--run-dir", s3_run_dir, "--data", "/data"]
+        + [*flags, "--compile"],
+        network="host",
+        env=env,
+        volumes=volumes,
+    ).run(timeout=900)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert re.search(r"torch\.compile on", train.stdout + train.stderr)
+    done = read_json(f"{s3_run_dir}/pretrain/done.json")
+    assert done["metrics"]["steps"] == 6 and done["metrics"]["compile_seconds"] > 0, done
+    assert done["outputs"]["checkpoint"].startswith(s3_run_dir), done
+
+
+def kuberay_probe(container: str, port: int, path: str) -> bool:
+    """KubeRay's generated exec probe (BaseWgetHealthCommand of ray-operator v1.6), run in the container."""
+    command = f"wget --tries 1 -T 2 -q -O- http://localhost:{port}/{path} | grep success"
+    return exec_in(container, "bash", "-c", "--", command).returncode == 0
+
+
+def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(images, tiny_chat_run) -> None:
+    """The head container of the operator's RayService, as KubeRay starts it: its command through
+    `bash -c` with KubeRay's `ulimit -n 65536` first, /dev/shm for the object store, the Serve
+    config PUT to the dashboard's REST API, and KubeRay's wget probes."""
+    from nanorun.operator.api import LLMRunSpec
+    from nanorun.operator.rayservice import SERVE_PORT, serve_config
+    from nanorun.serving import SERVE_APP_NAME, SERVE_REPLICA_RESOURCE
+    from openai import OpenAI
+
+    dashboard, serve_port = free_port(), free_port()
+    spec = LLMRunSpec.model_validate(
+        {"storage": {"uri": "s3://unused/run"}, "serving": {"gpusPerReplica": 0}}
+    )
+    config = serve_config(spec, tiny_chat_run)
+    resources = json.dumps({SERVE_REPLICA_RESOURCE: 1})
+    ray_start = (
+        f"ray start --head --dashboard-host=0.0.0.0 --num-cpus=1 --memory=2000000000 "
+        f"--resources='{resources}' --block"
+    )
+    run_root = str(Path(tiny_chat_run).parent)
+    container = Container(
+        images["serving"],
+        ["/bin/bash", "-lc", "--", f"ulimit -n 65536; {ray_start}"],
+        network="bridge",
+        shm_size="512m",
+        volumes={run_root: f"{run_root}:ro"},
+    )
+    container.publish = {dashboard: 8265, serve_port: SERVE_PORT}
+    started = container.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (
+            kuberay_probe(started, 52365, "api/local_raylet_healthz")
+            and kuberay_probe(started, 8265, "api/gcs_healthz")
+        ):
+            assert time.monotonic() < deadline, f"Ray's probes never passed:\n{logs(started)}"
+            time.sleep(1)
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{dashboard}/api/serve/applications/",
+            data=json.dumps(config).encode(),
+            headers={"Content-Type": "application/json"},
+            method="PUT",
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200
+        deadline = time.monotonic() + 180
+        while True:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{dashboard}/api/serve/applications/", timeout=10
+            ) as r:
+                apps = json.loads(r.read())["applications"]
+            status = apps.get(SERVE_APP_NAME, {}).get("status")
+            if status == "RUNNING":
+                break
+            assert status not in ("DEPLOY_FAILED", "UNHEALTHY") and time.monotonic() < deadline, (
+                f"application {status}: {apps.get(SERVE_APP_NAME)}\n{logs(started)}"
+            )
+            time.sleep(1)
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="unused", timeout=60)
+        reply = client.chat.completions.create(
+            model="nanorun", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+    finally:
+        remove(started)
