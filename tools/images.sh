@@ -92,7 +92,7 @@ build() {
   for name in "${images[@]}"; do
     local ref="$REGISTRY/nanorun-$name:$TAG" started=$SECONDS
     log "building $ref from $name/Dockerfile on $base"
-    buildah build --layers --quiet "${ulimits[@]}" "${mounts[@]}" --build-arg "BASE_IMAGE=$base" \
+    buildah build --layers --force-rm --quiet "${ulimits[@]}" "${mounts[@]}" --build-arg "BASE_IMAGE=$base" \
       -f "$name/Dockerfile" -t "$ref" . >/dev/null
     log "built $ref in $((SECONDS - started)) s"
   done

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from nanorun.operator.api import DEFAULT_IMAGE
+from nanorun.operator.api import DEFAULT_IMAGE, DEFAULT_RAY_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {name: REPO / name / "Dockerfile" for name in ("trainer", "operator", "serving")}
@@ -222,3 +222,9 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
 def test_default_image_tags_are_the_project_version() -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert DEFAULT_IMAGE.rsplit(":", 1)[1] == version
+
+
+def test_the_rayservice_ray_version_is_the_serving_images_ray() -> None:
+    """KubeRay needs the image's Ray to equal spec.serving.rayVersion; the image's Ray is the lock's."""
+    pinned = re.search(r"^ray==(\S+)", (REPO / "requirements" / "serving.txt").read_text(), re.M)
+    assert pinned and pinned.group(1) == DEFAULT_RAY_VERSION

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -228,7 +229,9 @@ def kuberay_probe(container: str, port: int, path: str) -> bool:
     return exec_in(container, "bash", "-c", "--", command).returncode == 0
 
 
-def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(images, tiny_chat_run) -> None:
+def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
+    images, tiny_chat_run, tmp_path: Path
+) -> None:
     """The head container of the operator's RayService, as KubeRay starts it: its command through
     `bash -c` with KubeRay's `ulimit -n 65536` first, /dev/shm for the object store, the Serve
     config PUT to the dashboard's REST API, and KubeRay's wget probes."""
@@ -241,19 +244,25 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(images, tiny_c
     spec = LLMRunSpec.model_validate(
         {"storage": {"uri": "s3://unused/run"}, "serving": {"gpusPerReplica": 0}}
     )
-    config = serve_config(spec, tiny_chat_run)
     resources = json.dumps({SERVE_REPLICA_RESOURCE: 1})
     ray_start = (
         f"ray start --head --dashboard-host=0.0.0.0 --num-cpus=1 --memory=2000000000 "
         f"--resources='{resources}' --block"
     )
-    run_root = str(Path(tiny_chat_run).parent)
+    # The run, readable by the image's user (pytest's folders are private to root), at the same path.
+    shared = tmp_path / "shared"
+    shutil.copytree(tiny_chat_run, shared / "run")
+    for path in [shared, *shared.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    tmp_path.chmod(0o755)
+    run = str(shared / "run")
+    config = serve_config(spec, run)
     container = Container(
         images["serving"],
         ["/bin/bash", "-lc", "--", f"ulimit -n 65536; {ray_start}"],
         network="bridge",
         shm_size="512m",
-        volumes={run_root: f"{run_root}:ro"},
+        volumes={str(shared): f"{shared}:ro"},
     )
     container.publish = {dashboard: 8265, serve_port: SERVE_PORT}
     started = container.start()
