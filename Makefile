@@ -67,7 +67,9 @@ setup-system: setup-apt-lists
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "note: install $(SYSTEM_PACKAGES) for the browser, metrics, cluster and image tests"; fi
 
-test: setup
+# The images are built before pytest (their tests reuse the build): a first build on a new machine
+# downloads torch's CUDA wheels and takes minutes, more than one test may.
+test: setup images
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cargo test -q --manifest-path rustbpe/Cargo.toml
@@ -82,7 +84,7 @@ test-fast: setup
 gpu-check: setup-python setup-rust
 	$(VENV)/bin/python bench/gpu_check.py
 
-# The trainer, serving and operator images from their Dockerfiles, with buildah (tools/images.sh):
+# The trainer, serving and operator images (the Dockerfile's targets), with buildah (tools/images.sh):
 # `make images`, or `make images push REGISTRY=registry.example.com/team` to push them too.
 images:
 	tools/images.sh build $(filter push,$(MAKECMDGOALS))

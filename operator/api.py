@@ -30,8 +30,8 @@ PLURAL = "llmruns"
 SINGULAR = "llmrun"
 SHORT_NAMES = ["llm"]
 API_VERSION = f"{GROUP}/{VERSION}"
-DEFAULT_IMAGE = "ghcr.io/nanorun/nanorun-trainer:0.1.0"  # trainer/Dockerfile: PyTorch + nanorun
-DEFAULT_SERVING_IMAGE = "ghcr.io/nanorun/nanorun-serving:0.1.0"  # serving/Dockerfile: Ray + nanorun
+DEFAULT_IMAGE = "ghcr.io/nanorun/nanorun-trainer:0.1.0"  # the Dockerfile's target `trainer`
+DEFAULT_SERVING_IMAGE = "ghcr.io/nanorun/nanorun-serving:0.1.0"  # the Dockerfile's target `serving`
 DEFAULT_RAY_VERSION = "2.60.0"
 
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
@@ -368,7 +368,7 @@ class ServingSpec(Model):
         DEFAULT_SERVING_IMAGE,
         min_length=1,
         max_length=1024,
-        description="Serving image: Ray and nanorun (serving/Dockerfile), not the trainer image.",
+        description="Serving image: Ray Serve and nanorun (the Dockerfile's target `serving`), not the trainer image.",
     )
 
 
@@ -388,7 +388,7 @@ class LLMRunSpec(Model):
         DEFAULT_IMAGE,
         min_length=1,
         max_length=1024,
-        description="Trainer image (PyTorch and nanorun, trainer/Dockerfile), used by every stage; serving has its own, serving.image.",
+        description="Trainer image (PyTorch and nanorun, the Dockerfile's target `trainer`), used by every stage; serving has its own, serving.image.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the trainer image."

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Builds nanorun's three images from their Dockerfiles with buildah (Debian's package), and pushes
-# them. `make images` and `make images push` call it.
+# Builds nanorun's three images (the Dockerfile's targets trainer, serving and operator) with buildah
+# (Debian's package), and pushes them. `make images` and `make images push` call it.
 #
 #   tools/images.sh [build] [push]
 #
 #   REGISTRY    the images' repository prefix (default ghcr.io/nanorun, the chart's default)
 #   TAG         their tag (default: the version in pyproject.toml)
-#   BASE_IMAGE  the Debian 12 image every Dockerfile starts from. Unset, it is built here from
+#   BASE_IMAGE  the Debian 12 image the Dockerfile starts from. Unset, it is built here from
 #               Debian's packages with mmdebstrap (localhost/debian:<point release>-minbase, kept in
 #               the builder's storage and reused; `buildah rmi` it to take newer Debian packages).
 #   TLS_VERIFY  false to push to a registry over plain HTTP (default true)
@@ -91,9 +91,9 @@ build() {
   )
   for name in "${images[@]}"; do
     local ref="$REGISTRY/nanorun-$name:$TAG" started=$SECONDS
-    log "building $ref from $name/Dockerfile on $base"
+    log "building $ref (target $name) on $base"
     buildah build --layers --force-rm --quiet "${ulimits[@]}" "${mounts[@]}" --build-arg "BASE_IMAGE=$base" \
-      -f "$name/Dockerfile" -t "$ref" . >/dev/null
+      --target "$name" -t "$ref" . >/dev/null
     log "built $ref in $((SECONDS - started)) s"
   done
 }

@@ -1,4 +1,4 @@
-"""The project's images, built from their Dockerfiles by tools/images.sh (`make images`), run as OCI
+"""The project's images, built from the Dockerfile by tools/images.sh (`make images`), run as OCI
 containers with podman and runc (Debian's packages).
 
 Containers get explicit rlimits: podman's defaults ask for more than a container host may allow.

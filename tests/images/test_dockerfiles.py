@@ -1,7 +1,7 @@
-"""The three Dockerfiles (trainer/, operator/, serving/) as plain `docker build` files for users: a
-pinned default base, every dependency from the lock, a non-root user, every COPY source in the
-build context, no secrets or package caches in the layers. tests/images/test_images.py builds and
-runs them."""
+"""The Dockerfile as a plain `docker build` file for users, one target per image (trainer, serving,
+operator): a pinned default base, every dependency from the lock, a non-root user, every COPY source
+in the build context, no secrets or package caches in the layers. tests/images/test_images.py builds
+and runs the images."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import tomllib
 from nanorun.operator.api import DEFAULT_IMAGE, DEFAULT_RAY_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
-DOCKERFILES = {name: REPO / name / "Dockerfile" for name in ("trainer", "operator", "serving")}
+DOCKERFILE = REPO / "Dockerfile"
+TARGETS = ("trainer", "serving", "operator")
 SECRET_WORDS = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.I)
 
 
@@ -34,6 +35,29 @@ class Stage:
 class Dockerfile:
     args: dict[str, str]  # ARG defaults before the first FROM
     stages: list[Stage]
+
+    def chain(self, target: str) -> list[Stage]:
+        """The stages a target's image is made of, from the base up (not those it copies from)."""
+        by_alias = {s.alias: s for s in self.stages if s.alias}
+        stages = [by_alias[target]]
+        while stages[0].base in by_alias:
+            stages.insert(0, by_alias[stages[0].base])
+        return stages
+
+    def needed(self, target: str) -> list[Stage]:
+        """Every stage a build of the target runs: its chain and the stages it copies from."""
+        by_alias = {s.alias: s for s in self.stages if s.alias}
+        seen: list[Stage] = []
+        todo = [target]
+        while todo:
+            stage = by_alias[todo.pop()]
+            if stage in seen:
+                continue
+            seen.append(stage)
+            if stage.base in by_alias:
+                todo.append(stage.base)
+            todo += [copy_sources(a)[1]["from"] for a in stage.args_of("COPY") if "--from=" in a]
+        return seen
 
 
 def parse_dockerfile(path: Path) -> Dockerfile:
@@ -91,9 +115,14 @@ def ignored(path: str, patterns: list[re.Pattern[str]]) -> bool:
     return any(p.fullmatch(prefix) for p in patterns for prefix in prefixes)
 
 
-@pytest.fixture(params=sorted(DOCKERFILES), scope="module")
-def image(request: pytest.FixtureRequest) -> tuple[str, Dockerfile]:
-    return request.param, parse_dockerfile(DOCKERFILES[request.param])
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile(DOCKERFILE)
+
+
+@pytest.fixture(params=TARGETS, scope="module")
+def image(request: pytest.FixtureRequest, dockerfile: Dockerfile) -> tuple[str, Dockerfile]:
+    return request.param, dockerfile
 
 
 def test_dockerignore_check_matches_like_docker() -> None:
@@ -108,59 +137,65 @@ def test_dockerignore_check_matches_like_docker() -> None:
     assert not ignored("rustbpe/src/lib.rs", patterns)
 
 
-def test_every_stage_starts_from_the_pinned_debian_base(image: tuple[str, Dockerfile]) -> None:
-    name, dockerfile = image
+def test_every_stage_starts_from_the_pinned_debian_base(dockerfile: Dockerfile) -> None:
     default = dockerfile.args.get("BASE_IMAGE", "")
-    assert re.fullmatch(r"debian:12\.\d+-slim", default), f"{name}: BASE_IMAGE defaults to {default!r}"
-    aliases = {s.alias for s in dockerfile.stages if s.alias}
+    assert re.fullmatch(r"debian:12\.\d+-slim", default), f"BASE_IMAGE defaults to {default!r}"
+    earlier: set[str] = set()
     for stage in dockerfile.stages:
-        assert stage.base in ("${BASE_IMAGE}", *aliases), f"{name}: a stage starts from {stage.base}"
+        assert stage.base in ("${BASE_IMAGE}", *earlier), f"stage {stage.alias} starts from {stage.base}"
+        earlier.add(stage.alias or "")
+    assert {s.alias for s in dockerfile.stages} >= set(TARGETS)
+    assert dockerfile.stages[-1].alias == "trainer", "a plain `docker build .` builds the trainer image"
 
 
 def test_every_dependency_comes_from_the_lock(image: tuple[str, Dockerfile]) -> None:
-    """A pip install reads its extra's export of uv.lock, or installs nanorun itself with --no-deps:
-    nothing is resolved anew, so the image runs the versions the tests ran."""
+    """A pip install reads its extra's export of uv.lock (-r, or -c for the build tools), or
+    installs nanorun's own wheels with --no-deps: nothing is resolved anew, so the image runs the
+    versions the tests ran."""
     name, dockerfile = image
-    copied = {
-        dest: sources[0]
-        for stage in dockerfile.stages
+    for stage in dockerfile.needed(name):
+        copied = {
+            shlex.split(args)[-1]: copy_sources(args)[0][0]
+            for args in stage.args_of("COPY")
+            if copy_sources(args)[0][0].startswith("requirements/")
+        }
+        for run in stage.args_of("RUN"):
+            for command in re.findall(r"pip (?:install|wheel)[^&]*", run):
+                files = re.findall(r"(?:-r|-c)\s+(\S+)", command)
+                assert files or "--no-deps" in command, f"{name}: `{command}` resolves dependencies anew"
+                for f in files:
+                    assert copied.get(f, "").startswith("requirements/"), f"{name}: {f} is not a lock export"
+    installed = [
+        copy_sources(args)[0][0]
+        for stage in dockerfile.chain(name)
         for args in stage.args_of("COPY")
-        for sources, dest in [(copy_sources(args)[0], shlex.split(args)[-1])]
-        if sources and sources[0].startswith("requirements/")
-    }
-    installs = [r for s in dockerfile.stages for r in s.args_of("RUN") if "pip install" in r]
-    assert installs
-    for run in installs:
-        command = run[run.index("pip install") :].split("&&")[0]
-        files = re.findall(r"(?:-r|-c)\s+(\S+)", command)
-        assert files or "--no-deps" in command, f"{name}: `{command}` resolves dependencies anew"
-        for f in files:
-            assert copied.get(f, "").startswith("requirements/"), f"{name}: {f} is not a lock export"
-    extra = "serving" if name == "serving" else name
-    assert f"requirements/{extra}.txt" in copied.values(), f"{name}: never installs requirements/{extra}.txt"
+        if copy_sources(args)[0][0].startswith("requirements/")
+    ]
+    assert f"requirements/{name}.txt" in installed, f"{name}: never installs requirements/{name}.txt"
+    if name == "operator":
+        assert installed == ["requirements/operator.txt"], f"the operator image installs {installed}"
 
 
 def test_final_stage_runs_as_a_non_root_user(image: tuple[str, Dockerfile]) -> None:
     name, dockerfile = image
-    users = dockerfile.stages[-1].args_of("USER")
-    assert users, f"{name}: the final stage never sets USER (it would run as root)"
+    users = [u for stage in dockerfile.chain(name) for u in stage.args_of("USER")]
+    assert users, f"{name}: never sets USER (it would run as root)"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}, f"{name}: final USER is {users[-1]}"
     assert user.isdigit(), f"{name}: USER {user} should be numeric so runAsNonRoot can verify it"
 
 
-def test_every_copied_file_exists_and_reaches_the_build_context(image: tuple[str, Dockerfile]) -> None:
-    name, dockerfile = image
+def test_every_copied_file_exists_and_reaches_the_build_context(dockerfile: Dockerfile) -> None:
     patterns = dockerignore_patterns()
-    aliases = {s.alias for s in dockerfile.stages if s.alias}
+    earlier: set[str] = set()
     for stage in dockerfile.stages:
         for instruction, args in stage.instructions:
             if instruction not in ("COPY", "ADD"):
                 continue
-            assert instruction == "COPY", f"{name}: use COPY, not ADD ({args})"
+            assert instruction == "COPY", f"use COPY, not ADD ({args})"
             sources, flags = copy_sources(args)
             if "from" in flags:
-                assert flags["from"] in aliases, f"{name}: COPY --from={flags['from']} names no stage"
+                assert flags["from"] in earlier, f"COPY --from={flags['from']} names no earlier stage"
                 continue
             for source in sources:
                 matches = (
@@ -168,41 +203,41 @@ def test_every_copied_file_exists_and_reaches_the_build_context(image: tuple[str
                     if any(c in source for c in "*?[")
                     else [REPO / source]
                 )
-                assert matches and all(m.exists() for m in matches), f"{name}: COPY source {source} missing"
-                assert not ignored(source, patterns), f"{name}: COPY source {source} is in .dockerignore"
+                assert matches and all(m.exists() for m in matches), f"COPY source {source} missing"
+                assert not ignored(source, patterns), f"COPY source {source} is in .dockerignore"
+        earlier.add(stage.alias or "")
 
 
-def test_no_secrets_are_baked_into_the_image(image: tuple[str, Dockerfile]) -> None:
-    name, dockerfile = image
+def test_no_secrets_are_baked_into_the_images(dockerfile: Dockerfile) -> None:
     for stage in dockerfile.stages:
         for instruction, args in stage.instructions:
             if instruction in ("ENV", "ARG"):
                 for key, value in re.findall(r"(\w+)=(\"[^\"]*\"|\S*)", args) or [(args.split()[0], "")]:
                     assert not (SECRET_WORDS.search(key) and value.strip('"')), (
-                        f"{name}: {instruction} {key} has a value"
+                        f"{instruction} {key} has a value"
                     )
             if instruction == "COPY":
                 sources, _ = copy_sources(args)
                 assert not [s for s in sources if re.search(r"\.env$|\.pem$|\.key$|kubeconfig", s)], args
 
 
-def test_layers_leave_no_package_caches(image: tuple[str, Dockerfile]) -> None:
-    name, dockerfile = image
+def test_layers_leave_no_package_caches(dockerfile: Dockerfile) -> None:
     for stage in dockerfile.stages:
         for run in stage.args_of("RUN"):
-            if "pip install" in run:
-                assert "--no-cache-dir" in run, f"{name}: pip keeps its cache: {run}"
+            for command in re.findall(r"pip (?:install|wheel)[^&]*", run):
+                assert "--no-cache-dir" in command, f"pip keeps its cache: {run}"
             if "apt-get install" in run:
                 assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists" in run, (
-                    f"{name}: apt leaves its lists or recommends behind: {run}"
+                    f"apt leaves its lists or recommends behind: {run}"
                 )
 
 
 def test_image_command_is_a_nanorun_entry_point(image: tuple[str, Dockerfile]) -> None:
     name, dockerfile = image
-    final = dockerfile.stages[-1]
-    command = " ".join(final.args_of("ENTRYPOINT") + final.args_of("CMD"))
-    assert "nanorun" in command, f"{name}: the image's command does not run nanorun: {command!r}"
+    commands = [
+        c for stage in dockerfile.chain(name) for c in stage.args_of("ENTRYPOINT") + stage.args_of("CMD")
+    ]
+    assert commands and "nanorun" in commands[-1], f"{name}: the image's command does not run nanorun"
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
