@@ -87,10 +87,13 @@ def test_each_image_holds_exactly_the_lock_and_runs_as_its_non_root_user(images,
 
 def chart_operator_container(kube, namespace: str, liveness: int, metrics: int) -> tuple[dict, dict]:
     """(pod spec, operator container) of the chart's Deployment, rendered by helm."""
+    server = json.loads(kube.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
     rendered = kube.helm(
         "template",
         "nanorun",
         str(REPO / "charts" / "nanorun"),
+        "--kube-version",
+        server,
         "--namespace",
         namespace,
         "--set",
