@@ -54,6 +54,7 @@ CNI_BIN = "/usr/lib/cni"
 # The kubelet writes these whatever its flags say (hard-coded paths upstream).
 CONTAINER_LOG_LINKS = Path("/var/log/containers")
 DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")
+CNI_RESULTS = Path("/var/lib/cni/results")
 SHIM_SOCKETS = Path("/run/containerd/s")  # containerd's shims listen here, whatever its config says
 
 
@@ -509,6 +510,17 @@ def cleanup_node(state: Path, cgroup_root: str) -> list[str]:
                     folder.rmdir()
             with contextlib.suppress(OSError):
                 root.rmdir()
+    # The CNI library caches each attachment's result by network name and sandbox id: the pods were
+    # not torn down through CNI, so their entries stay unless removed here.
+    sandboxes = {p.name for p in state.glob("containerd/*/io.containerd.grpc.v1.cri/sandboxes/*")}
+    if CNI_RESULTS.is_dir():
+        for entry in CNI_RESULTS.iterdir():
+            parts = entry.name.rsplit("-", 2)
+            if len(parts) == 3 and (parts[0] == cgroup_root or parts[1] in sandboxes):
+                entry.unlink(missing_ok=True)
+        for folder in (CNI_RESULTS, CNI_RESULTS.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     if CONTAINER_LOG_LINKS.is_dir():
         for link in CONTAINER_LOG_LINKS.iterdir():
             with contextlib.suppress(OSError):
