@@ -13,6 +13,9 @@ starts, in order:
 - the nodes (by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each a `nanorun-node`
   process: every pod gets its own network namespace and IP on the bridge, a cluster resolv.conf and
   its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
+- with `kubelet_nodes=N`, nodes `kubelet-1`..`kubelet-N` that run pods in real containers (the
+  upstream kubelet, containerd, runc; tainted `nanorun.dev/kubelet`) and the registry they pull
+  from (tests/kube/kubelet.py);
 - the add-ons, from manifests (tests/kube/controllers.py): CoreDNS, the Kubeflow training-operator,
   the KubeRay operator, Kueue and, with `trainer=True` (`up --trainer`), JobSet and Kubeflow
   Trainer v2.

@@ -39,6 +39,7 @@ import signal
 import subprocess
 import tarfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,11 +52,11 @@ REGISTRY_PORT = 5000
 KUBELET_PORT = 10350
 RUNC = "/usr/sbin/runc"
 CNI_BIN = "/usr/lib/cni"
-# The kubelet writes these whatever its flags say (hard-coded paths upstream).
-CONTAINER_LOG_LINKS = Path("/var/log/containers")
-DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")
-CNI_RESULTS = Path("/var/lib/cni/results")
-SHIM_SOCKETS = Path("/run/containerd/s")  # containerd's shims listen here, whatever its config says
+# Host paths the kubelet and containerd use whatever their configuration says (fixed upstream).
+CONTAINER_LOG_LINKS = Path("/var/log/containers")  # the kubelet's links to its containers' logs
+DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # its device plugin registration socket
+CNI_RESULTS = Path("/var/lib/cni/results")  # the CNI library's cache of attachments
+SHIM_SOCKETS = Path("/run/containerd/s")  # the sockets containerd's shims listen on
 
 
 def nsenter_argv(network: Network) -> list[str]:
@@ -115,8 +116,12 @@ class Registry:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ControlPlaneError(f"registry exited with {self.process.returncode}:\n{_log_tail(log)}")
-            if _run(["curl", "-sf", "-o", "/dev/null", f"http://{self.address}/v2/"]).returncode == 0:
-                return
+            try:
+                with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
             time.sleep(0.1)
         raise ControlPlaneError(f"registry not answering at {self.address} after {timeout_s:.0f} s")
 
@@ -229,7 +234,7 @@ class KubeletNode:
         (certs / "hosts.toml").write_text(
             f'server = "http://{self.registry}"\n'
             f'[host."http://{self.registry}"]\n'
-            '  capabilities = ["pull", "resolve", "push"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
         )
         cni = s / "cni"
         cni.mkdir(exist_ok=True)
