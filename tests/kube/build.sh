@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Builds the test cluster into the cache folder printed by tests/kube/bin-dir.sh:
-#   bin/kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, etcd
+#   bin/kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd
 #                        (this Go module: k8s.io/kubernetes and etcd pinned in go.mod)
+#   bin/containerd, containerd-shim-runc-v2, ctr, registry
+#                        (containerd v2 and the distribution registry modules, for the kubelet node)
+#   bin/pause            (the pod sandbox's process: Kubernetes' build/pause/linux/pause.c from the
+#                         k8s.io/kubernetes module, linked statically with gcc)
 #   bin/nanorun-node     (tests/kube/node: the node agent, virtual-kubelet pinned in its go.mod)
 #   bin/coredns          (tests/kube/coredns: CoreDNS pinned in its go.mod)
 #   bin/helm             (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
@@ -13,7 +17,8 @@
 #                         manifests from their modules, rendered with this kubectl's kustomize)
 # Does nothing when that folder is already complete. Go's module and build caches are Go's own
 # defaults (under $HOME), so a fresh clone on this machine, or a pin change, rebuilds incrementally.
-# Usage: tests/kube/build.sh   (or `make setup-kube`); needs Go >= 1.26 and the Go module proxy.
+# Usage: tests/kube/build.sh   (or `make setup-kube`); needs Go >= 1.26, the Go module proxy, and gcc
+# with a static C library (Debian: gcc, libc6-dev).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
@@ -58,7 +63,7 @@ crd_from_module "$KUBERAY_MODULE" "$KUBERAY_VERSION" "$KUBERAY_CRD"
 chmod -R u+w "$tmp/crds"
 
 step() { echo "[$(( $(date +%s) - started )) s] $*"; }
-step "building kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, etcd ($(go version | cut -d' ' -f3))"
+step "building kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd ($(go version | cut -d' ' -f3))"
 # Stamp the Kubernetes version (as Kubernetes' own build does), so /version reports the pinned
 # release, not v0.0.0-master, and version checks such as a helm chart's kubeVersion see it.
 kube_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\)$/\1/p' "$here/go.mod")"
@@ -87,6 +92,20 @@ step "building JobSet $JOBSET_VERSION"
 # also asks the proxy for the module's version list, which the proxy refuses for this module.
 jobset_dir="$(module_dir "$JOBSET_MODULE" "$JOBSET_VERSION")"
 (cd "$jobset_dir" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/jobset" .)
+
+step "building containerd $CONTAINERD_VERSION (containerd, containerd-shim-runc-v2, ctr)"
+# Without the btrfs, devmapper and zfs snapshotters (cgo or unused here); overlayfs is the one used.
+(cd "$(module_dir "$CONTAINERD_MODULE" "$CONTAINERD_VERSION")" && go build -trimpath \
+  -tags "no_btrfs no_devmapper no_zfs urfave_cli_no_docs" \
+  -ldflags="-s -w -X $CONTAINERD_MODULE/version.Version=$CONTAINERD_VERSION" \
+  -o "$tmp/bin/" ./cmd/containerd ./cmd/containerd-shim-runc-v2 ./cmd/ctr)
+step "building pause (static)"
+pause_src="$(module_dir k8s.io/kubernetes "v$kube_version")/build/pause/linux/pause.c"
+gcc -Os -Wall -Werror -static -DVERSION="v$kube_version" -o "$tmp/bin/pause" "$pause_src"
+strip "$tmp/bin/pause"
+step "building the distribution registry $REGISTRY_VERSION"
+(cd "$(module_dir "$REGISTRY_MODULE" "$REGISTRY_VERSION")" && go build -trimpath -ldflags="-s -w" \
+  -o "$tmp/bin/registry" ./cmd/registry)
 
 step "rendering the controllers' install manifests"
 mkdir -p "$tmp/manifests"

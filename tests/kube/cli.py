@@ -8,7 +8,9 @@ certificates) in .kube/ unless `--state-dir` says otherwise:
                                           # iptables rule or mount is left behind
 
 `up --trainer` also runs JobSet and Kubeflow Trainer v2; `--nodes` and `--gpus-per-node` shape the
-nodes. `down` and `status` find the processes through their pid files.
+nodes; `--kubelet-nodes N` adds N nodes that run pods in containers, and their registry
+(tests/kube/kubelet.py). `down` and `status` find the processes through their pid files (`down`
+also removes the kubelet nodes, through their records).
 """
 
 from __future__ import annotations
@@ -54,14 +56,16 @@ def _running_pids(state: Path) -> dict[str, int]:
     return pids
 
 
-def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, trainer: bool = False) -> int:
+def up(
+    state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, trainer: bool = False, kubelet_nodes: int = 0
+) -> int:
     running = _running_pids(state)
     if running and len(running) == len(_pid_files(state)):
         print(f"already running ({state / 'config'}); `make kube-down` stops it")
         return 0
     if running:  # part of a cluster (a process died): start over
         down(state)
-    cluster = Cluster(state, detach=True, nodes=nodes, trainer=trainer)
+    cluster = Cluster(state, detach=True, nodes=nodes, trainer=trainer, kubelet_nodes=kubelet_nodes)
     started = time.monotonic()
     try:
         cluster.start()
@@ -82,6 +86,11 @@ def up(state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, trainer: bool =
         f"CRDs established {time.monotonic() - ready:.1f} s later\n"
         f"  export KUBECONFIG={cluster.kubeconfig_path}\n"
         f"  export PATH={cluster.bin_dir}:$PATH    # kubectl, helm"
+        + (
+            f"\n  kubelet nodes pull from http://{cluster.registry.address} (podman push --tls-verify=false)"
+            if cluster.registry
+            else ""
+        )
     )
     return 0
 
@@ -134,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trainer", action="store_true", help="also run JobSet and Kubeflow Trainer v2 (TrainJob)"
     )
+    parser.add_argument(
+        "--kubelet-nodes",
+        type=int,
+        default=0,
+        help="nodes that run pods in containers (kubelet, containerd, runc), with a registry (default 0)",
+    )
     args = parser.parse_args(argv)
     state = args.state_dir.resolve()
     try:
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for i in range(1, args.nodes + 1)
             )
-            return up(state, nodes, trainer=args.trainer)
+            return up(state, nodes, trainer=args.trainer, kubelet_nodes=args.kubelet_nodes)
         return {"down": down, "status": status}[args.command](state)
     except ControlPlaneError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,9 @@ starts, in order:
 - the nodes (by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each a `nanorun-node`
   process: every pod gets its own network namespace and IP on the bridge, a cluster resolv.conf and
   its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
+- with `kubelet_nodes=N`, nodes `kubelet-1`..`kubelet-N` that run pods in real containers (the
+  upstream kubelet, containerd, runc; tainted `nanorun.dev/kubelet`) and the registry they pull
+  from (tests/kube/kubelet.py);
 - the add-ons, from manifests (tests/kube/controllers.py): CoreDNS, the Kubeflow training-operator,
   the KubeRay operator, Kueue and, with `trainer=True` (`up --trainer`), JobSet and Kubeflow
   Trainer v2.
@@ -66,6 +69,7 @@ from tests.kube.host import (
     record_owner,
     setup_network,
 )
+from tests.kube.kubelet import KubeletNode, Registry, kubelet_unsupported
 from tests.kube.pki import kubeconfig, write_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +124,11 @@ class Cluster:
     pods: bool | None = None
     controllers: bool = True
     trainer: bool = False  # JobSet and Kubeflow Trainer v2 (TrainJob) too
+    # Nodes `kubelet-1`.. that run pods in real containers, and the registry they pull from
+    # (tests/kube/kubelet.py); they need the pod network.
+    kubelet_nodes: int = 0
+    kubelets: list[KubeletNode] = field(default_factory=list)
+    registry: Registry | None = None
     bin_dir: Path = field(default_factory=require_binaries)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     etcd_url: str = ""
@@ -164,9 +173,13 @@ class Cluster:
                 self.network = claim_network(self.workdir)
                 (self.workdir / "network-slot").write_text(f"{self.network.slot}\n")
                 setup_network(self.network)
+            if self.kubelet_nodes and not self.pods:
+                raise ControlPlaneError(f"kubelet nodes need the pod network: {self.pods_unsupported}")
+            if self.kubelet_nodes and (reason := kubelet_unsupported()):
+                raise ControlPlaneError(reason)
             write_pki(
                 self.pki,
-                nodes=tuple(n.name for n in self.nodes),
+                nodes=self.node_names,
                 node_ip=self.network.gateway,
                 service_ip=self.network.kubernetes_ip,
                 api_ip=self.api_host,
@@ -189,6 +202,8 @@ class Cluster:
                 self._start_kube_proxy()
                 for index, node in enumerate(self.nodes, start=1):
                     self._start_node(index, node)
+                if self.kubelet_nodes:
+                    self._start_kubelet_nodes()
                 self._record_owner()
                 self.wait_nodes_ready()
                 done("nodes_ready")
@@ -404,8 +419,31 @@ class Cluster:
             argv, self.workdir / f"node-{node.name}.log", detach=self.detach, env=env, cgroup=net.cgroup
         )
 
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return (*(n.name for n in self.nodes), *(f"kubelet-{i}" for i in range(1, self.kubelet_nodes + 1)))
+
+    def _start_kubelet_nodes(self) -> None:
+        self.registry = Registry(self.workdir / "registry", self.network, self.bin_dir, detach=self.detach)
+        self.registry.start()
+        for index in range(1, self.kubelet_nodes + 1):
+            node = KubeletNode(
+                index=index,
+                state=self.workdir / f"kubelet-{index}",
+                network=self.network,
+                bin_dir=self.bin_dir,
+                kubeconfig=self._identity(f"node-kubelet-{index}"),
+                pki=self.pki,
+                registry=self.registry.address,
+                cluster_dns=self.network.dns_ip,
+                cluster_domain=CLUSTER_DOMAIN,
+                detach=self.detach,
+            )
+            self.kubelets.append(node)
+            node.start()
+
     def wait_nodes_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        want = {n.name for n in self.nodes}
+        want = set(self.node_names)
         deadline = time.monotonic() + timeout_s
         columns = 'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}'
         ready: set[str] = set()
@@ -423,6 +461,8 @@ class Cluster:
         )
 
     def _check_alive(self) -> None:
+        for node in self.kubelets:
+            node.check_alive()
         for name, proc in self.processes.items():
             if proc.poll() is not None:
                 log = self.workdir / f"{name.replace('/', '-')}.log"
@@ -476,6 +516,12 @@ class Cluster:
 
     def stop(self) -> None:
         """Stops every process and removes the pod network from the host."""
+        for node in self.kubelets:
+            node.stop()
+        self.kubelets.clear()
+        if self.registry is not None:
+            self.registry.stop()
+            self.registry = None
         self._stop_processes()
         if self.pods:
             cleanup_network(self.network)

@@ -254,11 +254,13 @@ def _kill_cgroup(cgroup: Path) -> int:
 
 
 def cleanup_network(network: Network) -> list[str]:
-    """Removes everything of a slot from this machine: its processes (the cgroup's, and any left in
-    the cluster namespace), the pods' network namespaces, the cluster namespace (with it the
-    bridge, the link, the routes and kube-proxy's rules) and the slot's owner file. Returns what it
-    removed."""
-    removed = []
+    """Removes everything of a slot from this machine: its kubelet nodes (tests/kube/kubelet.py), its
+    processes (the cgroup's, and any left in the cluster namespace), the pods' network namespaces,
+    the cluster namespace (with it the bridge, the link, the routes and kube-proxy's rules) and the
+    slot's owner file. Returns what it removed."""
+    from tests.kube.kubelet import cleanup_kubelets  # it builds on this module
+
+    removed = cleanup_kubelets(network)
     if network.cgroup is not None and network.cgroup.exists():
         killed = _kill_cgroup(network.cgroup)
         removed.append(f"cgroup {network.cgroup} ({killed} processes)")

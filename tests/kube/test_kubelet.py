@@ -1,0 +1,204 @@
+"""Pods in real containers: a test cluster with one kubelet node (tests/kube/kubelet.py: the upstream
+kubelet, containerd, runc) runs pods from an image pushed to the cluster's registry.
+
+The image is made here from this machine's own programs (sh, id, touch, cat, sleep, tail and the
+libraries they load), with USER 1000:1000, and pushed with `podman push --tls-verify=false` (podman
+with a storage of its own in the test's folder). On the kubelet node: a pod from it runs as that user
+under runAsNonRoot, cannot write its read-only root filesystem, and has its emptyDir and Secret
+volumes; `kubectl logs` and `kubectl exec` reach it; a container over its memory limit ends
+OOMKilled; runAsUser 0 under runAsNonRoot is refused; an image the registry lacks fails to pull.
+Run: .venv/bin/pytest tests/kube/test_kubelet.py -q   (needs root)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.kube import KubeEnv, wait_until
+from tests.kube.cluster import Cluster, ControlPlaneError, NodeSpec
+
+pytestmark = [pytest.mark.kube, pytest.mark.slow]
+
+PROGRAMS = ("sh", "id", "touch", "cat", "sleep", "tail")
+SECRET_VALUE = "s3cr3t-for-the-kubelet-node"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[KubeEnv]:
+    """A cluster of its own: one virtual-kubelet node (CoreDNS runs there) and one kubelet node."""
+    plane = Cluster(
+        tmp_path_factory.mktemp("kubelet-cluster"),
+        nodes=(NodeSpec("node-1"),),
+        controllers=False,
+        kubelet_nodes=1,
+    )
+    if plane.pods_unsupported:
+        pytest.fail(f"pods cannot run here: {plane.pods_unsupported}", pytrace=False)
+    try:
+        plane.start()
+    except ControlPlaneError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield KubeEnv(plane)
+    finally:
+        plane.stop()
+        shutil.rmtree(plane.workdir / "etcd-data", ignore_errors=True)
+
+
+def _rootfs(path: Path) -> None:
+    """A root filesystem tar of PROGRAMS (in /bin) and the shared libraries ldd says they load."""
+    files: dict[str, Path] = {}
+    for name in PROGRAMS:
+        program = Path(shutil.which(name) or pytest.fail(f"{name} not found"))
+        files[f"bin/{name}"] = program.resolve()
+        for line in subprocess.run(["ldd", str(program)], capture_output=True, text=True).stdout.splitlines():
+            lib = line.split("=>")[-1].split("(")[0].strip()
+            if lib.startswith("/"):
+                files[lib.lstrip("/")] = Path(lib).resolve()
+    with tarfile.open(path, "w") as tar:
+        for member, source in sorted(files.items()):
+            tar.add(source, arcname=member)
+        for member, text in {
+            "etc/passwd": "root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+            "etc/group": "root:x:0:\napp:x:1000:\n",
+        }.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+
+
+@pytest.fixture(scope="module")
+def image(cluster: KubeEnv, tmp_path_factory) -> str:
+    """The test image, pushed to the cluster's registry; returns its reference there."""
+    work = tmp_path_factory.mktemp("image")
+    _rootfs(work / "rootfs.tar")
+    ref = f"{cluster.cluster.registry.address}/nanorun/probe:1"
+    podman = [
+        "podman",
+        f"--root={work / 'storage'}",
+        f"--runroot={work / 'run'}",
+        "--storage-driver=vfs",
+        "--cgroup-manager=cgroupfs",
+        "--events-backend=none",
+    ]
+    for args in (
+        ["import", "--change", "USER 1000:1000", "--change", "ENV PATH=/bin", str(work / "rootfs.tar"), ref],
+        ["push", "--tls-verify=false", ref],
+    ):
+        out = subprocess.run([*podman, *args], capture_output=True, text=True)
+        assert out.returncode == 0, f"podman {args[0]} failed: {out.stderr}"
+    return ref
+
+
+def _pod(name: str, image: str, command: list[str], **spec) -> dict:
+    container = {"name": "main", "image": image, "command": command, **spec.pop("container", {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": "kubelet-1"},
+            "tolerations": [{"key": "nanorun.dev/kubelet", "operator": "Exists", "effect": "NoSchedule"}],
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "containers": [container],
+            **spec,
+        },
+    }
+
+
+def _status(kube: KubeEnv, name: str) -> dict:
+    return kube.get("default", "pod", name).get("status", {})
+
+
+def _container(status: dict) -> dict:
+    return (status.get("containerStatuses") or [{}])[0]
+
+
+def test_pods_run_in_containers_on_the_kubelet_node(cluster: KubeEnv, image: str) -> None:
+    kube = cluster
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "probe"},
+        "stringData": {"token": SECRET_VALUE},
+    }
+    script = (
+        "id -u; id -g; "
+        "if touch /written 2>/dev/null; then echo rootfs-writable; else echo rootfs-read-only; fi; "
+        "echo scratch > /scratch/file && cat /scratch/file; cat /secret/token; echo; exec sleep 3600"
+    )
+    probe = _pod(
+        "probe",
+        image,
+        ["sh", "-c", script],
+        securityContext={"runAsNonRoot": True},
+        volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "secret", "secret": {"secretName": "probe"}}],
+        container={
+            "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
+            "volumeMounts": [
+                {"name": "scratch", "mountPath": "/scratch"},
+                {"name": "secret", "mountPath": "/secret", "readOnly": True},
+            ],
+        },
+    )
+    as_root = _pod(
+        "as-root",
+        image,
+        ["sleep", "3600"],
+        securityContext={"runAsNonRoot": True, "runAsUser": 0},
+    )
+    oom = _pod(
+        "oom",
+        image,
+        ["tail", "/dev/zero"],  # keeps the one endless line it reads in memory
+        container={"resources": {"limits": {"memory": "32Mi", "cpu": "500m"}}},
+    )
+    missing = _pod("missing", image.replace("/probe:1", "/absent:1"), ["sleep", "1"])
+    kube.apply("default", secret, probe, as_root, oom, missing)
+
+    status = wait_until(
+        lambda: _status(kube, "probe"), lambda s: s.get("phase") in ("Running", "Failed"), timeout=60
+    )
+    assert status["phase"] == "Running", json.dumps(status, indent=1)
+    assert _container(status)["imageID"].startswith(image.rsplit(":", 1)[0] + "@sha256:")
+    logs = wait_until(
+        lambda: kube.kubectl("logs", "probe", check=False).stdout, lambda out: SECRET_VALUE in out, timeout=30
+    )
+    assert logs.split() == ["1000", "1000", "rootfs-read-only", "scratch", SECRET_VALUE]
+    assert kube.kubectl("exec", "probe", "--", "id", "-u").stdout.strip() == "1000"
+    write = kube.kubectl("exec", "probe", "--", "touch", "/written", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
+    assert kube.kubectl("exec", "probe", "--", "cat", "/scratch/file").stdout == "scratch\n"
+
+    refused = wait_until(
+        lambda: _container(_status(kube, "as-root")).get("state", {}).get("waiting", {}),
+        lambda w: w.get("reason") == "CreateContainerConfigError",
+        timeout=60,
+    )
+    assert "non-root" in refused["message"]
+
+    terminated = wait_until(
+        lambda: _container(_status(kube, "oom")).get("state", {}).get("terminated"),
+        lambda t: t is not None,
+        timeout=60,
+    )
+    assert terminated["reason"] == "OOMKilled" and terminated["exitCode"] == 137, terminated
+
+    waiting = wait_until(
+        lambda: _container(_status(kube, "missing")).get("state", {}).get("waiting", {}),
+        lambda w: w.get("reason") in ("ErrImagePull", "ImagePullBackOff"),
+        timeout=60,
+    )
+    events = kube.kubectl(
+        "get", "events", "--field-selector=involvedObject.name=missing", "-o", "jsonpath={.items[*].message}"
+    ).stdout
+    assert "not found" in events, (waiting, events)
