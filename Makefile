@@ -51,18 +51,19 @@ setup-kube:
 	tests/kube/build.sh
 
 # Debian packages the tests drive: headless Chromium (web UI test), promtool (metrics lint),
-# iptables for kube-proxy in the test cluster (ip, unshare and nsenter come with every Debian), and
-# buildah, podman, runc and mmdebstrap to build the images and run them as containers.
+# iptables for kube-proxy in the test cluster (ip, unshare and nsenter come with every Debian),
+# buildah, podman, runc and mmdebstrap to build the images and run them as containers, and for the
+# test cluster's kubelet node the CNI reference plugins and gcc with a static libc (its pause binary).
 # The bundled corpus comes from Debian documentation packages (`apt-get download`), which needs the
 # package lists, so those are fetched too when they are missing.
 setup-apt-lists:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then \
 	  apt-get update -qq; fi
 
-SYSTEM_PACKAGES := chromium prometheus iptables buildah podman runc mmdebstrap
-SYSTEM_COMMANDS := chromium promtool iptables buildah podman runc mmdebstrap
+SYSTEM_PACKAGES := chromium prometheus iptables buildah podman runc mmdebstrap containernetworking-plugins gcc libc6-dev
+SYSTEM_COMMANDS := chromium promtool iptables buildah podman runc mmdebstrap gcc
 setup-system: setup-apt-lists
-	@if for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || exit 1; done; then :; \
+	@if for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || exit 1; done && [ -x /usr/lib/cni/bridge ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "note: install $(SYSTEM_PACKAGES) for the browser, metrics, cluster and image tests"; fi
