@@ -6,7 +6,9 @@ libraries they load), with USER 1000:1000, and pushed with `podman push --tls-ve
 with a storage of its own in the test's folder). On the kubelet node: a pod from it runs as that user
 under runAsNonRoot, cannot write its read-only root filesystem, and has its emptyDir and Secret
 volumes; `kubectl logs` and `kubectl exec` reach it; a container over its memory limit ends
-OOMKilled; runAsUser 0 under runAsNonRoot is refused; an image the registry lacks fails to pull.
+OOMKilled; runAsUser 0 under runAsNonRoot is refused; an image the registry lacks fails to pull; a
+pod without a command runs the image's CMD in its WORKDIR with its ENV, with a ConfigMap volume, the
+projected ServiceAccount token, a memory-backed /dev/shm, and turns Ready through a readiness probe.
 Run: .venv/bin/pytest tests/kube/test_kubelet.py -q   (needs root)
 """
 
@@ -27,8 +29,17 @@ from tests.kube.cluster import Cluster, ControlPlaneError, NodeSpec
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
-PROGRAMS = ("sh", "id", "touch", "cat", "sleep", "tail")
+PROGRAMS = ("sh", "id", "touch", "cat", "sleep", "tail", "grep")
 SECRET_VALUE = "s3cr3t-for-the-kubelet-node"
+GREETING = "hello-from-the-image"
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The image's CMD: where it runs, its ENV, a ConfigMap volume, the projected ServiceAccount token and
+# /dev/shm; then it turns ready (the readiness probe reads /tmp/ready) and stays up.
+IMAGE_CMD = (
+    'pwd; echo "$GREETING"; cat /config/greeting; echo; cat ' + SERVICE_ACCOUNT + "/namespace; echo; "
+    "if [ -s " + SERVICE_ACCOUNT + "/token ]; then echo token; fi; grep -c ' /dev/shm tmpfs ' /proc/mounts; "
+    "touch /tmp/ready; exec sleep 3600"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +77,9 @@ def _rootfs(path: Path) -> None:
     with tarfile.open(path, "w") as tar:
         for member, source in sorted(files.items()):
             tar.add(source, arcname=member)
+        work = tarfile.TarInfo("work")
+        work.type, work.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(work)
         for member, text in {
             "etc/passwd": "root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
             "etc/group": "root:x:0:\napp:x:1000:\n",
@@ -90,7 +104,20 @@ def image(cluster: KubeEnv, tmp_path_factory) -> str:
         "--events-backend=none",
     ]
     for args in (
-        ["import", "--change", "USER 1000:1000", "--change", "ENV PATH=/bin", str(work / "rootfs.tar"), ref],
+        [
+            "import",
+            *(
+                "--change",
+                "USER 1000:1000",
+                "--change",
+                "ENV PATH=/bin",
+                "--change",
+                f"ENV GREETING={GREETING}",
+            ),
+            *("--change", "WORKDIR /work", "--change", f"CMD {json.dumps(['sh', '-c', IMAGE_CMD])}"),
+            str(work / "rootfs.tar"),
+            ref,
+        ],
         ["push", "--tls-verify=false", ref],
     ):
         out = subprocess.run([*podman, *args], capture_output=True, text=True)
@@ -163,7 +190,27 @@ def test_pods_run_in_containers_on_the_kubelet_node(cluster: KubeEnv, image: str
         container={"resources": {"limits": {"memory": "32Mi", "cpu": "500m"}}},
     )
     missing = _pod("missing", image.replace("/probe:1", "/absent:1"), ["sleep", "1"])
-    kube.apply("default", secret, probe, as_root, oom, missing)
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "greeting"},
+        "data": {"greeting": "hello-from-a-configmap"},
+    }
+    defaults = _pod("defaults", image, [])
+    container = defaults["spec"]["containers"][0]
+    del container["command"]  # the image's CMD, WORKDIR and ENV
+    container["volumeMounts"] = [
+        {"name": "config", "mountPath": "/config"},
+        {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    container["readinessProbe"] = {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1}
+    defaults["spec"]["volumes"] = [
+        {"name": "config", "configMap": {"name": "greeting"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    kube.apply("default", secret, config, probe, as_root, oom, missing, defaults)
 
     status = wait_until(
         lambda: _status(kube, "probe"), lambda s: s.get("phase") in ("Running", "Failed"), timeout=60
@@ -202,3 +249,18 @@ def test_pods_run_in_containers_on_the_kubelet_node(cluster: KubeEnv, image: str
         "get", "events", "--field-selector=involvedObject.name=missing", "-o", "jsonpath={.items[*].message}"
     ).stdout
     assert "not found" in events, (waiting, events)
+
+    ready = wait_until(
+        lambda: _status(kube, "defaults"),
+        lambda s: any(c["type"] == "Ready" and c["status"] == "True" for c in s.get("conditions", [])),
+        timeout=60,
+    )
+    assert _container(ready)["ready"], ready
+    assert kube.kubectl("logs", "defaults").stdout.split() == [
+        "/work",
+        GREETING,
+        "hello-from-a-configmap",
+        "default",
+        "token",
+        "1",
+    ]
