@@ -210,6 +210,7 @@ def test_trainer_image_trains_a_compiled_model_as_its_user_into_s3(
     flags = list(TINY_TRAIN_FLAGS)
     for flag in ("--num-iterations", "--eval-every", "--save-every"):  # one compiled eval, one save
         flags[flags.index(flag) + 1] = "4"
+    flags[flags.index("--depth") + 1] = "1"  # one block: the compile is what this test is about
     train = Container(
         images["trainer"],
         ["python", "-m", "nanorun.trainer.base_train", "--run-dir", s3_run_dir, "--data", "/data"]
