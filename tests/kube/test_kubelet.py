@@ -9,6 +9,8 @@ volumes; `kubectl logs` and `kubectl exec` reach it; a container over its memory
 OOMKilled; runAsUser 0 under runAsNonRoot is refused; an image the registry lacks fails to pull; a
 pod without a command runs the image's CMD in its WORKDIR with its ENV, with a ConfigMap volume, the
 projected ServiceAccount token, a memory-backed /dev/shm, and turns Ready through a readiness probe.
+The chart's operator, from the operator image (tests/fixtures/images.py) pushed to the registry, runs
+on the kubelet node and reconciles an LLMRun.
 Run: .venv/bin/pytest tests/kube/test_kubelet.py -q   (needs root)
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.kube import KubeEnv, wait_until
-from tests.kube.cluster import Cluster, ControlPlaneError, NodeSpec
+from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -264,3 +266,59 @@ def test_pods_run_in_containers_on_the_kubelet_node(cluster: KubeEnv, image: str
         "token",
         "1",
     ]
+
+
+def test_the_charts_operator_runs_from_its_image_on_the_kubelet_node(cluster: KubeEnv, images) -> None:
+    """`helm install` of the chart with the operator image pushed to the cluster's registry: the
+    kubelet pulls it, runs it under the chart's securityContext (UID 10001, read-only root
+    filesystem, an emptyDir at /tmp), the operator logs in with the pod's projected ServiceAccount
+    token through the `kubernetes` Service, passes its liveness probe, and reconciles an LLMRun."""
+    kube = cluster
+    source = images["operator"]
+    repository = f"{kube.cluster.registry.address}/nanorun/nanorun-operator"
+    tag = source.rsplit(":", 1)[1]
+    pushed = subprocess.run(
+        ["podman", "push", "--tls-verify=false", source, f"docker://{repository}:{tag}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    namespace = "nanorun-system"
+    kube.helm(
+        "install",
+        "nanorun",
+        str(REPO / "charts" / "nanorun"),
+        "-n",
+        namespace,
+        "--create-namespace",
+        *("--set", f"image.repository={repository}", "--set", f"image.tag={tag}"),
+        *("--set", "serviceMonitor.enabled=false", "--set", "podMonitor.enabled=false"),
+        *("--set", "grafana.dashboard.enabled=false"),
+        *("--set", "operator.nodeSelector.kubernetes\\.io/hostname=kubelet-1"),
+        *("--set", "operator.tolerations[0].key=nanorun.dev/kubelet"),
+        *("--set", "operator.tolerations[0].operator=Exists"),
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    pod = kube.kubectl("get", "pods", "-n", namespace, "-o", "jsonpath={.items[0].metadata.name}").stdout
+    status = kube.get(namespace, "pod", pod)["status"]
+    assert status["containerStatuses"][0]["imageID"].startswith(f"{repository}@sha256:"), status
+    assert kube.kubectl("exec", "-n", namespace, pod, "--", "id", "-u").stdout.strip() == "10001"
+    write = kube.kubectl("exec", "-n", namespace, pod, "--", "touch", "/opt/venv/written", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
+
+    run = {
+        "apiVersion": "nanorun.io/v1alpha1",
+        "kind": "LLMRun",
+        "metadata": {"name": "from-image"},
+        "spec": {"storage": {"uri": "s3://unused/run"}, "suspend": True},
+    }
+    kube.apply("default", run)
+    status = wait_until(
+        lambda: kube.get("default", "llmrun", "from-image").get("status", {}),
+        lambda s: s.get("phase") == "Suspended",
+        timeout=60,
+    )
+    assert status["phase"] == "Suspended", kube.kubectl("logs", "-n", namespace, pod).stdout[-3000:]
