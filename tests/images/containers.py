@@ -59,34 +59,18 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 @dataclass
 class Container:
-    """How to run a container: what a pod spec's container and securityContext say, as podman flags."""
+    """How to run a container, as podman flags."""
 
     image: str
     command: list[str] = field(default_factory=list)
-    user: str | None = None
-    read_only: bool = False
-    drop_all_capabilities: bool = False
-    no_new_privileges: bool = False
-    tmpfs: list[str] = field(default_factory=list)
     volumes: dict[str, str] = field(default_factory=dict)  # host path -> container path
     env: dict[str, str] = field(default_factory=dict)
     network: str = "none"
     shm_size: str | None = None
-    entrypoint: str | None = None
     publish: dict[int, int] = field(default_factory=dict)  # loopback port -> container port
 
     def flags(self) -> list[str]:
         flags = ["--label", LABEL, *ulimits(), "--network", self.network]
-        if self.user is not None:
-            flags += ["--user", self.user]
-        if self.read_only:
-            flags += ["--read-only", "--read-only-tmpfs=false"]
-        if self.drop_all_capabilities:
-            flags += ["--cap-drop", "ALL"]
-        if self.no_new_privileges:
-            flags += ["--security-opt", "no-new-privileges"]
-        for path in self.tmpfs:
-            flags += ["--tmpfs", path]
         for host, path in self.volumes.items():
             flags += ["--volume", f"{host}:{path}"]
         for key, value in self.env.items():
@@ -95,8 +79,6 @@ class Container:
             flags += ["--shm-size", self.shm_size]
         for port, target in self.publish.items():
             flags += ["--publish", f"127.0.0.1:{port}:{target}"]
-        if self.entrypoint is not None:
-            flags += ["--entrypoint", self.entrypoint]
         return flags
 
     def run(self, timeout: float = 300) -> subprocess.CompletedProcess:

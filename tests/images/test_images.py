@@ -4,12 +4,13 @@ stages run on CPU, through the same torch.compile path (inductor with the image'
 
 - each image holds exactly the lock's packages for its extra (the versions the tests run) and
   runs as its own non-root user;
-- the operator image, under the chart's securityContext (read-only root filesystem, no
-  capabilities, UID 10001), reconciles an LLMRun on the test cluster;
 - the trainer image trains the tokenizer and a compiled model as UID 10001, into a run directory on
   S3;
 - the serving image starts Ray the way KubeRay starts it (`bash -lc`, `ulimit -n 65536`), passes
   KubeRay's generated wget probes, and serves chat through the OpenAI client.
+
+The chart's operator runs from its image on the test cluster's kubelet node
+(tests/kube/test_kubelet.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -83,106 +83,6 @@ def test_each_image_holds_exactly_the_lock_and_runs_as_its_non_root_user(images,
     if name != "operator":  # the default command prints the CLI's help
         default = Container(images[name]).run(timeout=120)
         assert default.returncode == 0 and "usage" in default.stdout.lower(), default.stderr
-
-
-def chart_operator_container(kube, namespace: str, liveness: int, metrics: int) -> tuple[dict, dict]:
-    """(pod spec, operator container) of the chart's Deployment, rendered by helm."""
-    server = json.loads(kube.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
-    rendered = kube.helm(
-        "template",
-        "nanorun",
-        str(REPO / "charts" / "nanorun"),
-        "--kube-version",
-        server,
-        "--namespace",
-        namespace,
-        "--set",
-        f"operator.watchNamespaces[0]={namespace}",
-        "--set",
-        f"operator.livenessPort={liveness}",
-        "--set",
-        f"operator.metricsPort={metrics}",
-    ).stdout
-    deployment = next(
-        d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment" and "operator" in str(d)
-    )
-    pod = deployment["spec"]["template"]["spec"]
-    return pod, pod["containers"][0]
-
-
-def container_from_pod(image: str, pod: dict, container: dict) -> Container:
-    """podman flags for what the pod spec asks of the container runtime: user, read-only root,
-    capabilities, no privilege escalation, emptyDir volumes (tmpfs), command and args."""
-    context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
-    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
-    assert context.get("runAsNonRoot") and context["runAsUser"] != 0
-    return Container(
-        image,
-        command=container.get("args", []),
-        entrypoint=json.dumps(container["command"]),
-        user=f"{context['runAsUser']}:{context.get('runAsGroup', context['runAsUser'])}",
-        read_only=bool(context.get("readOnlyRootFilesystem")),
-        drop_all_capabilities="ALL" in context.get("capabilities", {}).get("drop", []),
-        no_new_privileges=context.get("allowPrivilegeEscalation") is False,
-        tmpfs=[m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in empty_dirs],
-    )
-
-
-@pytest.mark.kube
-def test_operator_image_reconciles_under_the_charts_security_context(
-    images, kube, kube_namespace, s3_run_dir, tmp_path: Path
-) -> None:
-    from kubernetes import client
-
-    from tests.operator.conftest import create_llmrun, get_llmrun, llmrun
-
-    liveness, metrics = free_port(), free_port()
-    pod, spec = chart_operator_container(kube, kube_namespace, liveness, metrics)
-    container = container_from_pod(images["operator"], pod, spec)
-    assert container.read_only and container.drop_all_capabilities and container.user == "10001:10001"
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(Path(kube.kubeconfig).read_text())
-    kubeconfig.chmod(0o644)
-    container.network = "host"  # the test cluster's API server and S3 listen on this machine's loopback
-    container.volumes = {str(kubeconfig): "/etc/nanorun/kubeconfig:ro"}
-    container.env = {
-        "KUBECONFIG": "/etc/nanorun/kubeconfig",
-        "NANORUN_OPERATOR_NAMESPACE": kube_namespace,
-        "NANORUN_OPERATOR_POD": "nanorun-operator-test",
-        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
-    }
-    started = container.start()
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"the operator is not live:\n{logs(started)}"
-            time.sleep(0.5)
-
-        api = client.CustomObjectsApi(kube.api_client())
-        create_llmrun(api, kube_namespace, llmrun("in-image", s3_run_dir))
-        jobs = client.CustomObjectsApi(kube.api_client())
-        deadline = time.monotonic() + 90
-        while True:
-            run = get_llmrun(api, kube_namespace, "in-image")
-            made = jobs.list_namespaced_custom_object("kubeflow.org", "v1", kube_namespace, "pytorchjobs")
-            if run.get("status", {}).get("phase") == "Running" and made["items"]:
-                break
-            assert time.monotonic() < deadline, f"no reconcile: {run.get('status')}\n{logs(started)}"
-            time.sleep(0.5)
-        assert made["items"][0]["metadata"]["ownerReferences"][0]["name"] == "in-image"
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-            assert "llmrun" in r.read().decode()
-        # Nothing was written outside the emptyDir: the root filesystem is read-only.
-        probe = exec_in(started, "sh", "-c", "touch /opt/venv/x; echo $?; id -u")
-        assert probe.stdout.split() == ["1", "10001"], probe.stdout + probe.stderr
-    finally:
-        remove(started)
 
 
 def test_trainer_image_trains_a_compiled_model_as_its_user_into_s3(

@@ -308,6 +308,17 @@ def test_the_charts_operator_runs_from_its_image_on_the_kubelet_node(cluster: Ku
     assert kube.kubectl("exec", "-n", namespace, pod, "--", "id", "-u").stdout.strip() == "10001"
     write = kube.kubectl("exec", "-n", namespace, pod, "--", "touch", "/opt/venv/written", check=False)
     assert write.returncode != 0 and "Read-only file system" in write.stderr
+    metrics = kube.kubectl(
+        "exec",
+        "-n",
+        namespace,
+        pod,
+        "--",
+        "python",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
+    ).stdout
+    assert "llmrun" in metrics
 
     run = {
         "apiVersion": "nanorun.io/v1alpha1",
