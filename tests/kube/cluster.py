@@ -68,6 +68,7 @@ from tests.kube.host import (
     pods_unsupported,
     record_owner,
     setup_network,
+    wait_or_kill,
 )
 from tests.kube.kubelet import KubeletNode, Registry, kubelet_unsupported
 from tests.kube.pki import kubeconfig, write_pki
@@ -507,12 +508,12 @@ class Cluster:
         for proc in nodes:
             proc.terminate()
         for proc in nodes:
-            _wait_or_kill(proc, 30)
+            wait_or_kill(proc, 30)
         for name in names:
             proc = self.processes.pop(name, None)
             if proc is not None:
                 proc.terminate()
-                _wait_or_kill(proc, 10)
+                wait_or_kill(proc, 10)
 
     def stop(self) -> None:
         """Stops every process and removes the pod network from the host."""
@@ -539,14 +540,6 @@ class Cluster:
             HELM_DATA_HOME=str(self.workdir / "helm/data"),
         )
         return env
-
-
-def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ def _spawn(
         )
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
+    """Waits `timeout` seconds for `proc` to exit, then SIGKILLs it."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie waiting to be reaped counts as gone)."""
     try:

@@ -43,7 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.kube.host import OWNERS, ControlPlaneError, Network, _log_tail, _run, _spawn, alive
+from tests.kube.host import OWNERS, ControlPlaneError, Network, _log_tail, _run, _spawn, alive, wait_or_kill
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 TAINT = "nanorun.dev/kubelet"
@@ -128,7 +128,7 @@ class Registry:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            _wait_or_kill(self.process, 10)
+            wait_or_kill(self.process, 10)
             self.process = None
 
 
@@ -394,10 +394,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         kubelet = self.processes.pop("kubelet", None)
         if kubelet is not None:
             kubelet.terminate()
-            _wait_or_kill(kubelet, 10)
+            wait_or_kill(kubelet, 10)
         cleanup_node(self.state, self.cgroup_root)
         for proc in self.processes.values():  # reaped (cleanup_node killed them)
-            _wait_or_kill(proc, 10)
+            wait_or_kill(proc, 10)
         self.processes.clear()
         self.record.unlink(missing_ok=True)
 
@@ -581,11 +581,3 @@ def cleanup_kubelets(network: Network) -> list[str]:
             removed += cleanup_node(Path(info["state"]), info["cgroup_root"])
         record.unlink(missing_ok=True)
     return removed
-
-
-def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
