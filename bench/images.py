@@ -4,9 +4,9 @@
     python bench/images.py --cold       # also a build into empty builder storage (about 15 min)
 
 Prints one JSON line: each image's size (MB, uncompressed, as `podman image inspect` reports it),
-the seconds of a warm `tools/images.sh build` (every layer cached), with --cold the seconds of a
-build from nothing but the base image into a fresh storage folder (downloading every wheel and
-crate again), and the median seconds of `podman run --rm IMAGE true` (create, start and remove a
+the seconds of a warm `tools/images.sh build` (every layer cached) in all and per image, with
+--cold the same for a build from nothing but the base image into a fresh storage folder
+(downloading every wheel and crate again), and the median seconds of `podman run --rm IMAGE true` (create, start and remove a
 container) over five runs of each image.
 """
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -29,13 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.images.containers import NAMES, REPO, image_ref, podman, ulimits  # noqa: E402
 
 
-def timed_build(env: dict[str, str]) -> float:
+def timed_build(env: dict[str, str]) -> dict[str, float]:
+    """Seconds of a `tools/images.sh build`: in all, and per image as the script prints them."""
     started = time.monotonic()
-    subprocess.run([str(REPO / "tools" / "images.sh"), "build"], env=env, check=True, capture_output=True)
-    return round(time.monotonic() - started, 1)
+    out = subprocess.run(
+        [str(REPO / "tools" / "images.sh"), "build"], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    per_image = {m[0]: float(m[1]) for m in re.findall(r"built \S+/nanorun-(\w+):\S+ in (\d+) s", out)}
+    return {"all": round(time.monotonic() - started, 1), **per_image}
 
 
-def cold_build() -> float:
+def cold_build() -> dict[str, float]:
     """A build into an empty storage folder (only the base image copied in)."""
     base = subprocess.run(
         [
