@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stamps
 
-.PHONY: lock images push setup setup-python setup-rust setup-kube setup-system setup-apt-lists test test-fast demo lint gpu-check kube-up kube-down clean
+.PHONY: lock images test-images push setup setup-python setup-rust setup-kube setup-system setup-apt-lists test test-fast demo lint gpu-check kube-up kube-down clean
 
 setup: setup-system setup-python setup-rust setup-kube
 
@@ -60,21 +60,20 @@ setup-apt-lists:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then \
 	  apt-get update -qq; fi
 
-SYSTEM_PACKAGES := chromium prometheus iptables buildah podman runc mmdebstrap containernetworking-plugins gcc libc6-dev
-SYSTEM_COMMANDS := chromium promtool iptables buildah podman runc mmdebstrap gcc
+SYSTEM_PACKAGES := chromium prometheus iptables buildah podman runc mmdebstrap containernetworking-plugins busybox-static gcc libc6-dev
+SYSTEM_COMMANDS := chromium promtool iptables buildah podman runc mmdebstrap busybox gcc
 setup-system: setup-apt-lists
 	@if for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || exit 1; done && [ -x /usr/lib/cni/bridge ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "note: install $(SYSTEM_PACKAGES) for the browser, metrics, cluster and image tests"; fi
 
-# The images are built before pytest (their tests reuse the build): a first build on a new machine
-# downloads torch's CUDA wheels and takes minutes, more than one test may.
-test: setup images
+# The images, the test cluster's test images included, are built before pytest (the tests run them):
+# a first build on a new machine downloads torch's CUDA wheels and takes minutes, more than one test may.
+test: setup test-images
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cargo test -q --manifest-path rustbpe/Cargo.toml
-	cd tests/kube/node && go test ./...
 	$(VENV)/bin/pytest -q --durations=30
 
 test-fast: setup
@@ -89,6 +88,9 @@ gpu-check: setup-python setup-rust
 # `make images`, or `make images push REGISTRY=registry.example.com/team` to push them too.
 images:
 	tools/images.sh build $(filter push,$(MAKECMDGOALS))
+
+test-images: setup-system
+	IMAGES="operator trainer serving fake-stage s3" tools/images.sh build
 
 push:
 	@:

@@ -10,7 +10,9 @@
 #               Debian's packages with mmdebstrap (localhost/debian:<point release>-minbase, kept in
 #               the builder's storage and reused; `buildah rmi` it to take newer Debian packages).
 #   TLS_VERIFY  false to push to a registry over plain HTTP (default true)
-#   IMAGES      which to build and push (default: operator trainer serving)
+#   IMAGES      which to build and push (default: operator trainer serving). The test cluster's
+#               test images fake-stage and s3 (tests/kube/images/Dockerfile, on the operator image)
+#               are built when named here; `make test` does.
 #
 # Layers are cached in buildah's storage: a rebuild with an unchanged lock reuses the dependency
 # layers, and the trainer and serving images share theirs. Builds run with this machine's CA bundle
@@ -91,9 +93,13 @@ build() {
   )
   for name in "${images[@]}"; do
     local ref="$REGISTRY/nanorun-$name:$TAG" started=$SECONDS
-    log "building $ref (target $name) on $base"
+    local dockerfile=Dockerfile from="$base"
+    case "$name" in
+      fake-stage | s3) dockerfile=tests/kube/images/Dockerfile from="$REGISTRY/nanorun-operator:$TAG" ;;
+    esac
+    log "building $ref (target $name of $dockerfile) on $from"
     buildah build --layers --force-rm --quiet "${ulimits[@]}" "${mounts[@]}" --build-arg "BASE_IMAGE=$base" \
-      --target "$name" -t "$ref" . >/dev/null
+      --build-arg "OPERATOR_IMAGE=$from" -f "$dockerfile" --target "$name" -t "$ref" . >/dev/null
     log "built $ref in $((SECONDS - started)) s"
   done
 }

@@ -14,6 +14,9 @@ from typing import Any
 import yaml
 from nanorun.operator.api import API_VERSION, KIND
 
+from tests.images.containers import image_ref
+from tests.kube.cluster import GPU_LABELS
+
 PRETRAIN_STEPS = 100  # long enough that the preemption lands mid-run even on an idle machine
 SAVE_EVERY = 10
 
@@ -21,12 +24,13 @@ SAVE_EVERY = 10
 def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[str, Any]:
     """The LLMRun; `nodes` > 1 runs every distributed stage on that many pods (one process each)."""
     spec = {
-        "image": "nanorun-trainer:e2e",
+        "image": image_ref("trainer"),
         "storage": {"uri": run_dir, **storage},
         "data": {"pretrain": "bundled"},
         "model": {"depth": 2, "maxSeqLen": 128, "aspectRatio": 32, "headDim": 32, "windowPattern": "L"},
         "tokenizer": {"vocabSize": 512, "maxChars": 50000},
-        "compute": {"gpusPerNode": 0, "nodes": nodes},
+        # The GPU node's labels: the training pods run where the trainer image is pulled.
+        "compute": {"gpusPerNode": 0, "nodes": nodes, "nodeSelector": GPU_LABELS},
         "stages": {
             "tokenizer": {"extraArgs": ["--eval-chars", "20000"]},
             "pretrain": {
@@ -80,7 +84,13 @@ def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[
             "eval": {"maxProblems": 4, "extraArgs": ["--max-new-tokens", "12"]},
             "report": {"extraArgs": ["--samples", "1"]},
         },
-        "serving": {"gpusPerReplica": 0, "cpusPerReplica": 1},
+        # The Ray head and the replicas share the GPU node's 2 CPUs.
+        "serving": {
+            "gpusPerReplica": 0,
+            "cpusPerReplica": 0.5,
+            "headCpu": "500m",
+            "nodeSelector": GPU_LABELS,
+        },
         "retry": {"maxAttempts": 3, "backoffSeconds": 0},
     }
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}

@@ -60,6 +60,7 @@ from tests.fixtures.prometheus import (
     prometheus_config,
     through_http_sd,
 )
+from tests.images.containers import image_ref
 from tests.kube.cluster import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube]
@@ -313,9 +314,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     manifest["spec"]["data"]["pretrain"] = DATA
     # Evaluate mid-way too: the pod exits right after the last step's evaluation, often before a scrape.
     manifest["spec"]["stages"]["pretrain"]["evalEvery"] = PRETRAIN_STEPS // 2
-    manifest["spec"]["serving"].update(
-        image="nanorun-serving:e2e", minReplicas=REPLICAS, maxReplicas=REPLICAS
-    )
+    manifest["spec"]["serving"].update(image=image_ref("serving"), minReplicas=REPLICAS, maxReplicas=REPLICAS)
     kube.apply(ns, manifest)
     seed = int(time.time())
     killer = OperatorKiller(c, seed)

@@ -35,6 +35,7 @@ from nanorun.trainer.training import checkpoint
 from tests.e2e.pipeline import SAVE_EVERY, e2e_llmrun
 from tests.fixtures.kube import KubeEnv, deploy_s3, wait_until
 from tests.fixtures.trainer import trainer_cluster
+from tests.images.containers import image_ref
 from tests.kube.cluster import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube]
@@ -49,9 +50,9 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 @pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+def kube(tmp_path_factory: pytest.TempPathFactory, images: dict[str, str]) -> Iterator[KubeEnv]:
     """This module's cluster, with Trainer v2; it stands in for the session's `kube`."""
-    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster")) as env:
+    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster"), images) as env:
         yield env
 
 
@@ -117,7 +118,7 @@ def test_an_llmrun_on_trainjobs_pretrains_on_two_nodes_survives_preemption_and_s
     manifest["spec"]["data"]["pretrain"] = DATA
     for key in manifest["spec"]["stages"]:
         manifest["spec"]["stages"][key]["enabled"] = key in STAGES
-    manifest["spec"]["serving"].update(image="nanorun-serving:e2e", minReplicas=1, maxReplicas=1)
+    manifest["spec"]["serving"].update(image=image_ref("serving"), minReplicas=1, maxReplicas=1)
     kube.apply(ns, manifest)
 
     # 2. Preemption: delete pretraining's rank-0 pod once a checkpoint is committed.

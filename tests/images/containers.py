@@ -8,6 +8,7 @@ leaves nothing that the next one cannot find and remove."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ import tomllib
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY = "ghcr.io/nanorun"
 NAMES = ("operator", "trainer", "serving")
+# The test cluster's test images (tests/kube/images/Dockerfile), built on the operator image.
+TEST_NAMES = ("fake-stage", "s3")
 LABEL = "nanorun.test=1"
 
 
@@ -35,12 +38,18 @@ def missing_tools() -> list[str]:
 
 
 def build_images() -> dict[str, str]:
-    """Builds (or, with unchanged sources and lock, reuses) the three images; name -> reference."""
+    """Builds (or, with unchanged sources and lock, reuses) the three images and the test images;
+    name -> reference."""
+    names = (*NAMES, *TEST_NAMES)
     out = subprocess.run(
-        [str(REPO / "tools" / "images.sh"), "build"], capture_output=True, text=True, timeout=3600
+        [str(REPO / "tools" / "images.sh"), "build"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "IMAGES": " ".join(names)},
     )
     assert out.returncode == 0, f"tools/images.sh build failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return {name: image_ref(name) for name in NAMES}
+    return {name: image_ref(name) for name in names}
 
 
 def ulimits() -> list[str]:

@@ -51,10 +51,8 @@ from pathlib import Path
 from tests.kube.binaries import require_binaries
 from tests.kube.controllers import (
     CLUSTER_DOMAIN,
-    start_dns,
-    start_kueue,
-    start_trainer,
-    start_training_controllers,
+    COREDNS_IMAGE,
+    start_addons,
 )
 from tests.kube.host import (
     ControlPlaneError,
@@ -70,8 +68,9 @@ from tests.kube.host import (
     setup_network,
     wait_or_kill,
 )
-from tests.kube.kubelet import KubeletNode, Registry, kubelet_unsupported
+from tests.kube.kubelet import KubeletNode, kubelet_unsupported
 from tests.kube.pki import kubeconfig, write_pki
+from tests.kube.registry import Registry, push_cluster_images
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -104,7 +103,14 @@ class NodeSpec:
     taints: tuple[str, ...] = ()
 
 
-DEFAULT_NODES = (NodeSpec("node-1"), NodeSpec("node-2"))
+DEFAULT_NODES: tuple[NodeSpec, ...] = ()
+# The last kubelet node is the GPU node (the others are system nodes): beside its real CPUs and memory
+# it advertises 8 GPUs, substituted (its pods run on CPU), as an extended resource the way a cluster
+# admin does (a patch of the Node's status capacity), with the labels NVIDIA's GPU feature discovery
+# puts on an H100 node. Pods that ask for GPUs or select those labels, the training and serving
+# pods, land there, so only that node pulls the trainer and serving images.
+GPUS = "8"
+GPU_LABELS = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": GPUS}
 
 
 # --- the cluster ----------------------------------------------------------------------------
@@ -125,9 +131,11 @@ class Cluster:
     pods: bool | None = None
     controllers: bool = True
     trainer: bool = False  # JobSet and Kubeflow Trainer v2 (TrainJob) too
-    # Nodes `kubelet-1`.. that run pods in real containers, and the registry they pull from
-    # (tests/kube/kubelet.py); they need the pod network.
-    kubelet_nodes: int = 0
+    # Nodes `node-1`.. that run pods in real containers, and the registry they pull from
+    # (tests/kube/kubelet.py, tests/kube/registry.py); they need the pod network.
+    kubelet_nodes: int = 2
+    # Images of the image builder's storage (`make images`) pushed to the registry at start.
+    local_images: tuple[str, ...] = ()
     kubelets: list[KubeletNode] = field(default_factory=list)
     registry: Registry | None = None
     bin_dir: Path = field(default_factory=require_binaries)
@@ -174,9 +182,7 @@ class Cluster:
                 self.network = claim_network(self.workdir)
                 (self.workdir / "network-slot").write_text(f"{self.network.slot}\n")
                 setup_network(self.network)
-            if self.kubelet_nodes and not self.pods:
-                raise ControlPlaneError(f"kubelet nodes need the pod network: {self.pods_unsupported}")
-            if self.kubelet_nodes and (reason := kubelet_unsupported()):
+            if self.pods and (reason := kubelet_unsupported()):
                 raise ControlPlaneError(reason)
             write_pki(
                 self.pki,
@@ -200,22 +206,21 @@ class Cluster:
             self._kubectl("apply", "-f", str(HERE / "addons/rbac.yaml"))
             self._start_controllers()
             if self.pods:
-                self._start_kube_proxy()
                 for index, node in enumerate(self.nodes, start=1):
                     self._start_node(index, node)
-                if self.kubelet_nodes:
-                    self._start_kubelet_nodes()
+                self._start_registry()
+                done("images_pushed")
+                self._start_kubelet_nodes()
                 self._record_owner()
                 self.wait_nodes_ready()
+                self._advertise_gpus()
                 done("nodes_ready")
-                start_dns(self, READY_TIMEOUT_S)
-                done("dns_ready")
-                if self.controllers:
-                    start_training_controllers(self)
-                    if self.trainer:  # before Kueue, whose TrainJob integration needs the CRD
-                        start_trainer(self)
-                    start_kueue(self)
-                    done("controllers_ready")
+                # After the nodes: kube-proxy takes its node's IP from the Node object (and exits
+                # when that changes under it).
+                self._start_kube_proxy()
+                self._record_owner()
+                start_addons(self)
+                done("addons_ready")
         except BaseException:
             self.stop()
             raise
@@ -350,7 +355,7 @@ class Cluster:
                     "clientConnection": {"kubeconfig": str(self._identity("kube-proxy"))},
                     "mode": "iptables",
                     "clusterCIDR": self.network.pod_network,
-                    "hostnameOverride": self.nodes[0].name,
+                    "hostnameOverride": self.kubelet_names[0],
                     "healthzBindAddress": "127.0.0.1:10256",
                     "metricsBindAddress": "127.0.0.1:10249",
                     # Pods share one bridge: masquerading all Service traffic sends replies back through the
@@ -421,27 +426,49 @@ class Cluster:
         )
 
     @property
-    def node_names(self) -> tuple[str, ...]:
-        return (*(n.name for n in self.nodes), *(f"kubelet-{i}" for i in range(1, self.kubelet_nodes + 1)))
+    def kubelet_names(self) -> tuple[str, ...]:
+        return tuple(f"node-{i}" for i in range(1, self.kubelet_nodes + 1))
 
-    def _start_kubelet_nodes(self) -> None:
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return (*(n.name for n in self.nodes), *self.kubelet_names)
+
+    def _start_registry(self) -> None:
+        """The registry, with the controllers', CoreDNS's, busybox's and pause's images and
+        `local_images` pushed."""
         self.registry = Registry(self.workdir / "registry", self.network, self.bin_dir, detach=self.detach)
         self.registry.start()
-        for index in range(1, self.kubelet_nodes + 1):
+        push_cluster_images(self.registry, self.bin_dir, extra=(COREDNS_IMAGE,))
+        for ref in self.local_images:
+            self.registry.push_local(ref)
+
+    def _start_kubelet_nodes(self) -> None:
+        assert self.registry is not None
+        for index, name in enumerate(self.kubelet_names, start=1):
             node = KubeletNode(
                 index=index,
-                state=self.workdir / f"kubelet-{index}",
+                name=name,
+                state=self.workdir / name,
                 network=self.network,
                 bin_dir=self.bin_dir,
-                kubeconfig=self._identity(f"node-kubelet-{index}"),
+                kubeconfig=self._identity(f"node-{name}"),
                 pki=self.pki,
                 registry=self.registry.address,
                 cluster_dns=self.network.dns_ip,
                 cluster_domain=CLUSTER_DOMAIN,
+                labels=GPU_LABELS if name == self.gpu_node else {},
                 detach=self.detach,
             )
             self.kubelets.append(node)
             node.start()
+
+    @property
+    def gpu_node(self) -> str:
+        return self.kubelet_names[-1]
+
+    def _advertise_gpus(self) -> None:
+        patch = json.dumps([{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": GPUS}])
+        self._kubectl("patch", "node", self.gpu_node, "--subresource=status", "--type=json", "-p", patch)
 
     def wait_nodes_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         want = set(self.node_names)
@@ -455,10 +482,10 @@ class Cluster:
             if want <= ready:
                 return
             time.sleep(0.2)
+        logs = [node.state / "kubelet.log" for node in self.kubelets if node.name not in ready]
         raise ControlPlaneError(
-            f"nodes not Ready after {timeout_s:.0f} s (ready: {sorted(ready)}); last lines of "
-            f"{self.workdir / f'node-{self.nodes[0].name}.log'}:\n"
-            f"{_log_tail(self.workdir / f'node-{self.nodes[0].name}.log')}"
+            f"nodes not Ready after {timeout_s:.0f} s (ready: {sorted(ready)})"
+            + "".join(f"; last lines of {log}:\n{_log_tail(log)}" for log in logs)
         )
 
     def _check_alive(self) -> None:

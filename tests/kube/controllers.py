@@ -85,15 +85,30 @@ def _trainer_doc(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     return doc
 
 
-def start_dns(cluster: Cluster, timeout_s: float) -> None:
+Deployment = tuple[str, str]  # namespace, name
+
+
+def start_addons(cluster: Cluster, timeout_s: float = 120.0) -> None:
+    """Applies every add-on's manifest (Trainer's before Kueue's, whose TrainJob integration needs
+    the CRD), then waits until all their Deployments are ready; they start side by side."""
+    pending = start_dns(cluster)
+    if cluster.controllers:
+        pending += start_training_controllers(cluster)
+        if cluster.trainer:
+            pending += start_trainer(cluster)
+        pending += start_kueue(cluster)
+    wait_deployments(cluster, pending, timeout_s)
+
+
+def start_dns(cluster: Cluster) -> list[Deployment]:
     manifest = string.Template((ADDONS / "coredns.yaml").read_text()).substitute(
         DNS_DOMAIN=CLUSTER_DOMAIN, DNS_SERVER_IP=cluster.network.dns_ip, COREDNS_IMAGE=COREDNS_IMAGE
     )
     cluster._kubectl("apply", "-f", "-", input=manifest)
-    wait_deployment(cluster, "kube-system", "coredns", timeout_s)
+    return [("kube-system", "coredns")]
 
 
-def start_training_controllers(cluster: Cluster, timeout_s: float = 90.0) -> None:
+def start_training_controllers(cluster: Cluster) -> list[Deployment]:
     """The Kubeflow training-operator (namespace kubeflow) and the KubeRay operator (namespace
     default), each from its upstream install manifest (Deployment, ServiceAccount, RBAC, CRDs,
     and the training-operator's validating webhook), running as pods of the cluster and watching
@@ -101,11 +116,10 @@ def start_training_controllers(cluster: Cluster, timeout_s: float = 90.0) -> Non
     manifests = cluster.bin_dir.parent / "manifests"
     for name in ("training-operator", "kuberay-operator"):
         apply(cluster, list(yaml.safe_load_all((manifests / f"{name}.yaml").read_text())))
-    for namespace, deployment in (("kubeflow", "training-operator"), ("default", "kuberay-operator")):
-        wait_deployment(cluster, namespace, deployment, timeout_s)
+    return [("kubeflow", "training-operator"), ("default", "kuberay-operator")]
 
 
-def start_kueue(cluster: Cluster, timeout_s: float = 90.0) -> None:
+def start_kueue(cluster: Cluster) -> list[Deployment]:
     """Kueue from its install manifest (namespace kueue-system), with the integrations nanorun's
     jobs and chat service use (KUEUE_FRAMEWORKS). Two changes to the upstream manifest: only the
     admission webhooks of enabled integrations are registered (upstream registers every one and
@@ -117,7 +131,7 @@ def start_kueue(cluster: Cluster, timeout_s: float = 90.0) -> None:
     frameworks = KUEUE_FRAMEWORKS + ((KUEUE_TRAINJOB,) if cluster.trainer else ())
     docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc and doc.get("kind") != "APIService"]
     apply(cluster, docs)
-    wait_deployment(cluster, "kueue-system", "kueue-controller-manager", timeout_s)
+    return [("kueue-system", "kueue-controller-manager")]
 
 
 def apply(cluster: Cluster, docs: list[dict[str, Any] | None]) -> None:
@@ -134,40 +148,34 @@ def apply(cluster: Cluster, docs: list[dict[str, Any] | None]) -> None:
     )
 
 
-def start_trainer(cluster: Cluster, timeout_s: float = 120.0) -> None:
+def start_trainer(cluster: Cluster) -> list[Deployment]:
     """JobSet (namespace jobset-system), then Kubeflow Trainer v2 (namespace kubeflow-system,
     which watches JobSets), each from its install manifest with its CRDs, RBAC and admission
     webhooks; both make their webhook certificates themselves. Ready once their Deployments
     are: each one's readiness waits for its certificates."""
     manifests = cluster.bin_dir.parent / "manifests"
-    for name, namespace, deployment in (
-        ("jobset", "jobset-system", "jobset-controller-manager"),
-        ("trainer", "kubeflow-system", "kubeflow-trainer-controller-manager"),
-    ):
-        docs = [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())]
-        apply(cluster, docs)
-        wait_deployment(cluster, namespace, deployment, timeout_s)
+    for name in ("jobset", "trainer"):
+        apply(cluster, [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())])
+    return [("jobset-system", "jobset-controller-manager"), ("kubeflow-system", "kubeflow-trainer-controller-manager")]
 
 
-def wait_deployment(cluster: Cluster, namespace: str, name: str, timeout_s: float) -> None:
+def wait_deployments(cluster: Cluster, deployments: list[Deployment], timeout_s: float) -> None:
+    """Waits until each Deployment has its one replica ready."""
+    pending = list(deployments)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while pending and time.monotonic() < deadline:
         cluster._check_alive()
+        namespace, name = pending[0]
         out = cluster._kubectl(
-            "get",
-            "deployment",
-            name,
-            "-n",
-            namespace,
-            "-o",
-            "jsonpath={.status.readyReplicas}",
-            check=False,
+            "get", "deployment", name, "-n", namespace, "-o", "jsonpath={.status.readyReplicas}", check=False
         )
         if out.stdout.strip() == "1":
-            return
-        time.sleep(0.25)
-    pods = cluster._kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
-    raise ControlPlaneError(f"deployment {namespace}/{name} not ready after {timeout_s:.0f} s:\n{pods}")
+            pending.pop(0)
+        else:
+            time.sleep(0.25)
+    if pending:
+        pods = cluster._kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+        raise ControlPlaneError(f"deployments {pending} not ready after {timeout_s:.0f} s:\n{pods}")
 
 
 def install_crds(files: list[Path], env: dict[str, str], timeout_s: float = 60.0) -> None:

@@ -28,6 +28,12 @@ class ControlPlaneError(RuntimeError):
 # --- processes ------------------------------------------------------------------------------
 
 
+def nsenter_argv(network: Network) -> list[str]:
+    """The prefix that runs a command in the cluster namespace without a mount namespace of its own
+    (`ip netns exec` would give it one, hiding the kubelet's volume mounts from runc)."""
+    return ["nsenter", f"--net=/run/netns/{network.netns}"]
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: the kernel kills it when the thread that started it ends
     (for pytest, the main thread, i.e. the test run), so a run that is killed outright leaks no

@@ -1,27 +1,22 @@
-"""Nodes of the test cluster that run pods in real containers: the upstream kubelet with containerd
-and runc, images pulled from a registry.
+"""The test cluster's nodes: the upstream kubelet with containerd and runc, running every pod in a
+real container from an image pulled from the cluster's registry (tests/kube/registry.py).
 
-`Cluster(..., kubelet_nodes=N)` (tests/kube/cluster.py) adds N such nodes, `kubelet-1` .. `kubelet-N`,
-next to its virtual-kubelet nodes, and one `Registry` they pull from. Each `KubeletNode` runs, inside
-the cluster's network namespace (entered with `nsenter --net` only, so that containerd, runc and the
-kubelet share this machine's mount namespace and see each other's mounts):
+`Cluster` (tests/kube/cluster.py) starts `kubelet_nodes` of them, `node-1` .. `node-N`. Each
+`KubeletNode` runs, inside the cluster's network namespace (entered with `nsenter --net` only, so that
+containerd, runc and the kubelet share this machine's mount namespace and see each other's mounts):
 
 - containerd v2 (built by tests/kube/build.sh) with its own root, state, sockets, runc root and CNI
   configuration: a bridge `kbr<index>` with the pod range 10.<244+slot>.<100+index>.0/24 (Debian's
-  containernetworking-plugins: bridge, host-local, portmap, loopback), Debian's runc, and a pause
-  image made here from the statically linked `pause` binary and imported into containerd;
-- the kubelet, registered as `kubelet-<index>` with the taint `nanorun.dev/kubelet=true:NoSchedule`
-  (only pods that tolerate it land there), the cluster's CA, its node client certificate and the
-  cluster's kubelet serving certificate, the cgroupfs driver and a cgroup root of its own,
-  `/<netns>-kubelet-<index>`, made in every cgroup v1 hierarchy.
+  containernetworking-plugins: bridge, host-local, portmap, loopback; the bridges share the cluster
+  namespace, whose routes join the nodes' pod ranges), Debian's runc, and a `_default` hosts.toml
+  that sends every pull to the cluster's registry;
+- the kubelet, registered as the node's name with its labels and taints, the cluster's CA, its node
+  client certificate and the cluster's kubelet serving certificate, the cgroupfs driver and a cgroup
+  root of its own, `/<netns>-<name>`, made in every cgroup v1 hierarchy.
 
 This machine's cgroups are v1: the kubelet needs `failCgroupV1: false` (KEP-5573). Root here lacks
 CAP_SYS_RESOURCE, so runc cannot set the negative oom_score_adj the kubelet asks for (pause: -998);
 containerd's `restrict_oom_score_adj = true` clamps it to containerd's own.
-
-The `Registry` (distribution, plain HTTP) listens on the cluster namespace's uplink address, port 5000:
-this machine pushes to it (`podman push --tls-verify=false`), the nodes pull from it (containerd's
-hosts.toml allows plain HTTP for it).
 
 Stopping a node kills everything in its cgroup tree (kubelet, containerd, shims, containers), unmounts
 what it mounted under its state folder and removes its cgroups. A record per node in
@@ -35,20 +30,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
-import tarfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.kube.host import OWNERS, ControlPlaneError, Network, _log_tail, _run, _spawn, alive, wait_or_kill
+from tests.kube.host import (
+    OWNERS,
+    ControlPlaneError,
+    Network,
+    _log_tail,
+    _run,
+    _spawn,
+    alive,
+    nsenter_argv,
+    wait_or_kill,
+)
+from tests.kube.registry import PAUSE_IMAGE
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
-TAINT = "nanorun.dev/kubelet"
-PAUSE_IMAGE = "localhost/nanorun/pause:1"
-REGISTRY_PORT = 5000
 KUBELET_PORT = 10350
 RUNC = "/usr/sbin/runc"
 CNI_BIN = "/usr/lib/cni"
@@ -57,12 +59,6 @@ CONTAINER_LOG_LINKS = Path("/var/log/containers")  # the kubelet's links to its 
 DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # its device plugin registration socket
 CNI_RESULTS = Path("/var/lib/cni/results")  # the CNI library's cache of attachments
 SHIM_SOCKETS = Path("/run/containerd/s")  # the sockets containerd's shims listen on
-
-
-def nsenter_argv(network: Network) -> list[str]:
-    """The prefix that runs a command in the cluster namespace without a mount namespace of its own
-    (`ip netns exec` would give it one, hiding the kubelet's volume mounts from runc)."""
-    return ["nsenter", f"--net=/run/netns/{network.netns}"]
 
 
 def kubelet_unsupported() -> str | None:
@@ -75,63 +71,6 @@ def kubelet_unsupported() -> str | None:
     return None
 
 
-# --- the registry -----------------------------------------------------------------------------
-
-
-@dataclass
-class Registry:
-    """A distribution registry (plain HTTP, storage in `state`) in the cluster namespace."""
-
-    state: Path
-    network: Network
-    bin_dir: Path
-    detach: bool = False
-    process: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:  # host:port, reachable from this machine and from the nodes
-        return f"{self.network.ns_ip}:{REGISTRY_PORT}"
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
-        config = self.state / "config.yml"
-        config.write_text(
-            json.dumps(
-                {
-                    "version": 0.1,
-                    "log": {"level": "warn"},
-                    "storage": {"filesystem": {"rootdirectory": str(self.state / "data")}},
-                    "http": {"addr": self.address},
-                }
-            )
-        )
-        log = self.state / "registry.log"
-        self.process = _spawn(
-            [*nsenter_argv(self.network), str(self.bin_dir / "registry"), "serve", str(config)],
-            log,
-            detach=self.detach,
-            cgroup=self.network.cgroup,
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ControlPlaneError(f"registry exited with {self.process.returncode}:\n{_log_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise ControlPlaneError(f"registry not answering at {self.address} after {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            wait_or_kill(self.process, 10)
-            self.process = None
-
-
 # --- a kubelet node ---------------------------------------------------------------------------
 
 
@@ -141,6 +80,7 @@ class KubeletNode:
     (`system:node:<name>`); `pki` the cluster's CA and kubelet serving certificate."""
 
     index: int
+    name: str
     state: Path
     network: Network
     bin_dir: Path
@@ -149,12 +89,10 @@ class KubeletNode:
     registry: str
     cluster_dns: str
     cluster_domain: str
+    labels: dict[str, str] = field(default_factory=dict)
+    taints: tuple[str, ...] = ()  # `key=value:Effect`
     detach: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"kubelet-{self.index}"
 
     @property
     def cgroup_root(self) -> str:  # the kubelet's cgroupRoot, in every v1 hierarchy
@@ -173,7 +111,7 @@ class KubeletNode:
         return _record(self.network, self.name)
 
     def start(self) -> None:
-        """Starts containerd, imports the pause image and starts the kubelet (Ready is left to the
+        """Starts containerd and the kubelet (Ready is left to the
         caller: the Node object appears once the kubelet registers)."""
         cleanup_node(self.state, self.cgroup_root)
         self.state.mkdir(parents=True, exist_ok=True)
@@ -195,7 +133,6 @@ class KubeletNode:
             cgroup=self._pids_cgroup,
         )
         self._wait_containerd()
-        self._import_pause()
         self.processes["kubelet"] = _spawn(
             [
                 *nsenter_argv(self.network),
@@ -206,6 +143,11 @@ class KubeletNode:
                 f"--cert-dir={self.state / 'kubelet-pki'}",
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.network.gateway}",
+                *(
+                    [f"--node-labels={','.join(f'{k}={v}' for k, v in self.labels.items())}"]
+                    if self.labels
+                    else []
+                ),
                 "-v=1",
             ],
             self.state / "kubelet.log",
@@ -229,7 +171,8 @@ class KubeletNode:
 
     def _write_containerd_config(self) -> None:
         s = self.state
-        certs = s / "certs.d" / self.registry
+        # Every registry host resolves to the cluster's registry (tests/kube/registry.py).
+        certs = s / "certs.d" / "_default"
         certs.mkdir(parents=True, exist_ok=True)
         (certs / "hosts.toml").write_text(
             f'server = "http://{self.registry}"\n'
@@ -279,6 +222,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   path = "{s}/containerd/opt"
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "overlayfs"
+  # The compressed layers are dropped once unpacked: the snapshots are what containers run from.
+  discard_unpacked_layers = true
   [plugins."io.containerd.cri.v1.images".pinned_images]
     sandbox = "{PAUSE_IMAGE}"
   [plugins."io.containerd.cri.v1.images".registry]
@@ -320,16 +265,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             raise ControlPlaneError(f"`ctr {' '.join(args)}` failed: {out.stderr.strip()}")
         return out
 
-    def _import_pause(self) -> None:
-        archive = self.state / "pause.oci.tar"
-        write_oci_archive(
-            archive,
-            PAUSE_IMAGE,
-            files={"pause": (self.bin_dir / "pause").read_bytes()},
-            config={"Entrypoint": ["/pause"], "User": "65535:65535"},
-        )
-        self.ctr("images", "import", str(archive))
-
     def _write_kubelet_config(self) -> Path:
         pki = self.pki
         config = {
@@ -344,7 +279,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "containerRuntimeEndpoint": f"unix://{self.socket}",
             "imageServiceEndpoint": f"unix://{self.socket}",
             "address": self.network.gateway,
-            "port": KUBELET_PORT + self.index,  # the virtual-kubelet nodes use 10249 + index
+            "port": KUBELET_PORT + self.index,
             "readOnlyPort": 0,
             "healthzPort": 0,
             "podLogsDir": str(self.state / "pod-logs"),
@@ -358,7 +293,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "authorization": {"mode": "Webhook"},
             "clusterDNS": [self.cluster_dns],
             "clusterDomain": self.cluster_domain,
-            "registerWithTaints": [{"key": TAINT, "value": "true", "effect": "NoSchedule"}],
+            "registerWithTaints": [
+                {"key": key, "value": value, "effect": effect}
+                for key, _, rest in (t.partition("=") for t in self.taints)
+                for value, _, effect in [rest.partition(":")]
+            ],
             "failSwapOn": False,
             "rotateCertificates": False,
             "serverTLSBootstrap": False,
@@ -375,6 +314,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "imageGCLowThresholdPercent": 99,
             "maxPods": 50,
             "nodeStatusUpdateFrequency": "2s",
+            # How soon a changed Secret or ConfigMap reaches the pods that mount it (default 1m):
+            # controllers that write their webhook certificates into a mounted Secret wait for it.
+            "syncFrequency": "5s",
         }
         path = self.state / "kubelet.yaml"
         path.write_text(json.dumps(config, indent=1))
@@ -389,8 +331,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 )
 
     def stop(self) -> None:
-        """Stops the kubelet, then every container and containerd, and removes its mounts, cgroups and
-        record."""
+        """Stops the kubelet, then every container and containerd, and removes its mounts, cgroups,
+        record and image store (gigabytes once it pulled the trainer image)."""
         kubelet = self.processes.pop("kubelet", None)
         if kubelet is not None:
             kubelet.terminate()
@@ -399,66 +341,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for proc in self.processes.values():  # reaped (cleanup_node killed them)
             wait_or_kill(proc, 10)
         self.processes.clear()
+        shutil.rmtree(self.state / "containerd", ignore_errors=True)
         self.record.unlink(missing_ok=True)
-
-
-# --- images -----------------------------------------------------------------------------------
-
-
-def write_oci_archive(path: Path, name: str, files: dict[str, bytes], config: dict) -> None:
-    """An OCI image archive (oci-layout, index.json, blobs) of one uncompressed layer holding `files`
-    (path in the image -> content, executable), with the image config `config` (Entrypoint, User,
-    ...) for linux/amd64, named `name` for `ctr images import`."""
-    import hashlib
-    import io
-
-    blobs: dict[str, bytes] = {}
-
-    def blob(data: bytes, media_type: str) -> dict:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        return {"mediaType": media_type, "digest": digest, "size": len(data)}
-
-    layer_io = io.BytesIO()
-    with tarfile.open(fileobj=layer_io, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for member, data in sorted(files.items()):
-            info = tarfile.TarInfo(member)
-            info.size, info.mode = len(data), 0o755
-            tar.addfile(info, io.BytesIO(data))
-    layer = layer_io.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    image_config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": blob(json.dumps(image_config).encode(), "application/vnd.oci.image.config.v1+json"),
-        "layers": [blob(layer, "application/vnd.oci.image.layer.v1.tar")],
-    }
-    descriptor = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    descriptor["platform"] = {"architecture": "amd64", "os": "linux"}
-    descriptor["annotations"] = {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name}
-    index = {"schemaVersion": 2, "manifests": [descriptor]}
-    with tarfile.open(path, "w") as tar:
-        for member, data in [
-            ("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode()),
-            ("index.json", json.dumps(index).encode()),
-            *((f"blobs/sha256/{d.split(':')[1]}", b) for d, b in blobs.items()),
-        ]:
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 # --- cleanup ----------------------------------------------------------------------------------
 
 
 def _record(network: Network, name: str) -> Path:
-    return OWNERS / f"slot-{network.slot}-{name}.json"
+    return OWNERS / f"slot-{network.slot}-kubelet-{name}.json"
 
 
 def _hierarchies() -> list[Path]:

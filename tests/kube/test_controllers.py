@@ -1,8 +1,8 @@
 """The Kubeflow training-operator and KubeRay run in the test cluster, as pods from their upstream
 install manifests (built from their Go modules), and act on what they are given: a PyTorchJob gets
 its pods and Services, and its processes rendezvous through the MASTER_ADDR/MASTER_PORT/WORLD_SIZE/
-RANK the training-operator injects; a RayCluster gets its head pod, which runs the `ray start`
-command KubeRay generates. Nothing here sets a status.
+RANK the training-operator injects; a RayService gets its RayCluster, whose pods run the serving
+image's `ray start` and serve the chat. Nothing here sets a status.
 Run: .venv/bin/pytest tests/kube/test_controllers.py -q   (needs root for the pod network)
 """
 
@@ -15,24 +15,13 @@ import pytest
 import yaml
 
 from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
-from tests.kube.cluster import REPO
+from tests.images.containers import image_ref
+from tests.kube.cluster import GPU_LABELS, REPO
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
-TRAINER = "ghcr.io/nanorun/nanorun-trainer:0.1.0"
-
-# Two processes, one per pod, meet through the environment the training-operator injects and sum
-# their ranks with gloo, as torchrun's static rendezvous does.
-ALL_REDUCE = textwrap.dedent("""
-    import os, socket, torch, torch.distributed as dist
-    env = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES", "PET_NODE_RANK")}
-    print("env", sorted(env.items()), flush=True)
-    dist.init_process_group("gloo")
-    t = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(t)
-    print(f"rank {dist.get_rank()} of {dist.get_world_size()} on {socket.gethostname()}: sum {t.item():.0f}", flush=True)
-    dist.destroy_process_group()
-""")
+# Python with the nanorun package, a few hundred MB: enough for the pods that only print and connect.
+PYTHON = image_ref("fake-stage")
 
 
 def wait_for(what, predicate, timeout: float = 120.0):
@@ -41,69 +30,6 @@ def wait_for(what, predicate, timeout: float = 120.0):
 
 def condition(obj: dict, kind: str) -> dict:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
-
-
-def test_a_pytorchjob_runs_on_two_nodes_through_the_training_operator(kube_pods, kube_namespace):
-    ns = kube_namespace
-    replica = {
-        "replicas": 1,
-        "restartPolicy": "OnFailure",
-        "template": {
-            "spec": {
-                "containers": [
-                    {
-                        "name": "pytorch",
-                        "image": TRAINER,
-                        "command": ["python", "-c", ALL_REDUCE],
-                        "resources": {"limits": {"nvidia.com/gpu": "8"}},
-                    }
-                ]
-            }
-        },
-    }
-    job = {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": {"name": "allreduce"},
-        "spec": {"pytorchReplicaSpecs": {"Master": replica, "Worker": replica}},
-    }
-    kube_pods.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(job))
-
-    done = wait_for(
-        lambda: kube_pods.get(ns, "pytorchjob", "allreduce"),
-        lambda j: (
-            condition(j, "Succeeded").get("status") == "True"
-            or condition(j, "Failed").get("status") == "True"
-        ),
-        timeout=240,
-    )
-    pods = json.loads(
-        kube_pods.kubectl(
-            "get", "pods", "-n", ns, "-l", "training.kubeflow.org/job-name=allreduce", "-o", "json"
-        ).stdout
-    )["items"]
-    logs = {
-        p["metadata"]["name"]: kube_pods.kubectl(
-            "logs", p["metadata"]["name"], "-n", ns, "-c", "pytorch"
-        ).stdout
-        for p in pods
-    }
-    assert condition(done, "Succeeded").get("status") == "True", (done["status"], logs)
-    assert done["status"]["replicaStatuses"]["Master"].get("succeeded") == 1
-    assert done["status"]["replicaStatuses"]["Worker"].get("succeeded") == 1
-    # 8 GPUs each: the scheduler had to put the two pods on different nodes.
-    assert sorted(p["spec"]["nodeName"] for p in pods) == ["node-1", "node-2"]
-    # The training-operator's own Service per replica; the master is found by its name.
-    services = kube_pods.kubectl("get", "services", "-n", ns, "-o", "name").stdout.split()
-    assert "service/allreduce-master-0" in services
-    master = logs["allreduce-master-0"]
-    worker = logs["allreduce-worker-0"]
-    assert "('MASTER_ADDR', 'allreduce-master-0')" in master and "('WORLD_SIZE', '2')" in master
-    assert "rank 0 of 2 on allreduce-master-0: sum 3" in master
-    assert "rank 1 of 2 on allreduce-worker-0: sum 3" in worker
-    # The worker waited for the master's name with the training-operator's init container.
-    worker_pod = next(p for p in pods if p["metadata"]["name"] == "allreduce-worker-0")
-    assert [c["name"] for c in worker_pod["spec"].get("initContainers", [])] == ["init-pytorch"]
 
 
 # Each pod logs its environment as one JSON line; then the worker connects to MASTER_ADDR:MASTER_PORT,
@@ -150,7 +76,7 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
     )
     spec = parse_spec(
         {
-            "image": TRAINER,
+            "image": PYTHON,
             "compute": {"nodes": 2, "gpusPerNode": 2},
             "serving": {"enabled": False},
             "storage": {
@@ -214,51 +140,6 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
         assert env["AWS_ACCESS_KEY_ID"] == "key-id" and env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
 
 
-def test_a_raycluster_gets_a_head_pod_running_ray(kube_pods, kube_namespace):
-    ns = kube_namespace
-    cluster = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayCluster",
-        "metadata": {"name": "raytest"},
-        "spec": {
-            "headGroupSpec": {
-                "rayStartParams": {"num-cpus": "1", "object-store-memory": "100000000"},
-                "template": {
-                    "spec": {
-                        "containers": [
-                            {
-                                "name": "ray-head",
-                                "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
-                                "resources": {
-                                    "requests": {"cpu": "1", "memory": "2Gi"},
-                                    "limits": {"cpu": "1", "memory": "2Gi"},
-                                },
-                            }
-                        ]
-                    }
-                },
-            }
-        },
-    }
-    kube_pods.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(cluster))
-    ready = wait_for(
-        lambda: kube_pods.get(ns, "raycluster", "raytest"),
-        lambda c: c.get("status", {}).get("state") == "ready",
-        timeout=240,
-    )
-    assert ready["status"]["head"]["serviceName"] == "raytest-head-svc"
-    head = json.loads(
-        kube_pods.kubectl("get", "pods", "-n", ns, "-l", "ray.io/node-type=head", "-o", "json").stdout
-    )["items"]
-    assert len(head) == 1
-    command = " ".join(
-        head[0]["spec"]["containers"][0].get("args", []) + head[0]["spec"]["containers"][0].get("command", [])
-    )
-    assert "ray start --head" in command
-    logs = kube_pods.kubectl("logs", head[0]["metadata"]["name"], "-n", ns).stdout
-    assert "Ray runtime started" in logs, logs
-
-
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]
 
 
@@ -319,7 +200,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
     spec = parse_spec(
         {
-            "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
+            "image": image_ref("trainer"),
             "storage": {
                 "uri": "s3://nanorun/runs/chat",
                 "endpoint": endpoint,
@@ -331,8 +212,11 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
                 "minReplicas": 1,
                 "maxReplicas": 1,
                 "gpusPerReplica": 0,
-                "cpusPerReplica": 1,
-                "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
+                # The head and the replica on the GPU node's 2 CPUs, where the image is pulled.
+                "cpusPerReplica": 0.5,
+                "headCpu": "500m",
+                "nodeSelector": GPU_LABELS,
+                "image": image_ref("serving"),
             },
         }
     )

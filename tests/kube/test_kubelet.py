@@ -1,16 +1,14 @@
-"""Pods in real containers: a test cluster with one kubelet node (tests/kube/kubelet.py: the upstream
-kubelet, containerd, runc) runs pods from an image pushed to the cluster's registry.
+"""What a container gives, on the session cluster's kubelet nodes (tests/kube/kubelet.py: the upstream
+kubelet, containerd, runc), from an image pushed to the cluster's registry.
 
 The image is made here from this machine's own programs (sh, id, touch, cat, sleep, tail and the
 libraries they load), with USER 1000:1000, and pushed with `podman push --tls-verify=false` (podman
-with a storage of its own in the test's folder). On the kubelet node: a pod from it runs as that user
-under runAsNonRoot, cannot write its read-only root filesystem, and has its emptyDir and Secret
-volumes; `kubectl logs` and `kubectl exec` reach it; a container over its memory limit ends
-OOMKilled; runAsUser 0 under runAsNonRoot is refused; an image the registry lacks fails to pull; a
-pod without a command runs the image's CMD in its WORKDIR with its ENV, with a ConfigMap volume, the
-projected ServiceAccount token, a memory-backed /dev/shm, and turns Ready through a readiness probe.
-The chart's operator, from the operator image (tests/fixtures/images.py) pushed to the registry, runs
-on the kubelet node and reconciles an LLMRun.
+with a storage of its own in the test's folder). A pod from it runs as that user under runAsNonRoot,
+cannot write its read-only root filesystem, and has its emptyDir and Secret volumes; `kubectl logs`
+and `kubectl exec` reach it; a container over its memory limit ends OOMKilled; runAsUser 0 under
+runAsNonRoot is refused; an image the registry lacks fails to pull; a pod without a command runs the
+image's CMD in its WORKDIR with its ENV, with a ConfigMap volume, the projected ServiceAccount token,
+a memory-backed /dev/shm, and turns Ready through a readiness probe.
 Run: .venv/bin/pytest tests/kube/test_kubelet.py -q   (needs root)
 """
 
@@ -21,13 +19,11 @@ import json
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.kube import KubeEnv, wait_until
-from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -42,28 +38,6 @@ IMAGE_CMD = (
     "if [ -s " + SERVICE_ACCOUNT + "/token ]; then echo token; fi; grep -c ' /dev/shm tmpfs ' /proc/mounts; "
     "touch /tmp/ready; exec sleep 3600"
 )
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[KubeEnv]:
-    """A cluster of its own: one virtual-kubelet node (CoreDNS runs there) and one kubelet node."""
-    plane = Cluster(
-        tmp_path_factory.mktemp("kubelet-cluster"),
-        nodes=(NodeSpec("node-1"),),
-        controllers=False,
-        kubelet_nodes=1,
-    )
-    if plane.pods_unsupported:
-        pytest.fail(f"pods cannot run here: {plane.pods_unsupported}", pytrace=False)
-    try:
-        plane.start()
-    except ControlPlaneError as err:
-        pytest.fail(str(err), pytrace=False)
-    try:
-        yield KubeEnv(plane)
-    finally:
-        plane.stop()
-        shutil.rmtree(plane.workdir / "etcd-data", ignore_errors=True)
 
 
 def _rootfs(path: Path) -> None:
@@ -92,11 +66,11 @@ def _rootfs(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(cluster: KubeEnv, tmp_path_factory) -> str:
+def image(kube: KubeEnv, tmp_path_factory) -> str:
     """The test image, pushed to the cluster's registry; returns its reference there."""
     work = tmp_path_factory.mktemp("image")
     _rootfs(work / "rootfs.tar")
-    ref = f"{cluster.cluster.registry.address}/nanorun/probe:1"
+    ref = f"{kube.cluster.registry.address}/nanorun/probe:1"
     podman = [
         "podman",
         f"--root={work / 'storage'}",
@@ -134,8 +108,6 @@ def _pod(name: str, image: str, command: list[str], **spec) -> dict:
         "kind": "Pod",
         "metadata": {"name": name},
         "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": "kubelet-1"},
-            "tolerations": [{"key": "nanorun.dev/kubelet", "operator": "Exists", "effect": "NoSchedule"}],
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 0,
             "containers": [container],
@@ -152,8 +124,8 @@ def _container(status: dict) -> dict:
     return (status.get("containerStatuses") or [{}])[0]
 
 
-def test_pods_run_in_containers_on_the_kubelet_node(cluster: KubeEnv, image: str) -> None:
-    kube = cluster
+def test_pods_run_in_containers(kube_pods: KubeEnv, image: str) -> None:
+    kube = kube_pods
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -266,70 +238,3 @@ def test_pods_run_in_containers_on_the_kubelet_node(cluster: KubeEnv, image: str
         "token",
         "1",
     ]
-
-
-def test_the_charts_operator_runs_from_its_image_on_the_kubelet_node(cluster: KubeEnv, images) -> None:
-    """`helm install` of the chart with the operator image pushed to the cluster's registry: the
-    kubelet pulls it, runs it under the chart's securityContext (UID 10001, read-only root
-    filesystem, an emptyDir at /tmp), the operator logs in with the pod's projected ServiceAccount
-    token through the `kubernetes` Service, passes its liveness probe, and reconciles an LLMRun."""
-    kube = cluster
-    source = images["operator"]
-    repository = f"{kube.cluster.registry.address}/nanorun/nanorun-operator"
-    tag = source.rsplit(":", 1)[1]
-    pushed = subprocess.run(
-        ["podman", "push", "--tls-verify=false", source, f"docker://{repository}:{tag}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert pushed.returncode == 0, pushed.stderr
-    namespace = "nanorun-system"
-    kube.helm(
-        "install",
-        "nanorun",
-        str(REPO / "charts" / "nanorun"),
-        "-n",
-        namespace,
-        "--create-namespace",
-        *("--set", f"image.repository={repository}", "--set", f"image.tag={tag}"),
-        *("--set", "serviceMonitor.enabled=false", "--set", "podMonitor.enabled=false"),
-        *("--set", "grafana.dashboard.enabled=false"),
-        *("--set", "operator.nodeSelector.kubernetes\\.io/hostname=kubelet-1"),
-        *("--set", "operator.tolerations[0].key=nanorun.dev/kubelet"),
-        *("--set", "operator.tolerations[0].operator=Exists"),
-        "--wait",
-        "--timeout",
-        "120s",
-    )
-    pod = kube.kubectl("get", "pods", "-n", namespace, "-o", "jsonpath={.items[0].metadata.name}").stdout
-    status = kube.get(namespace, "pod", pod)["status"]
-    assert status["containerStatuses"][0]["imageID"].startswith(f"{repository}@sha256:"), status
-    assert kube.kubectl("exec", "-n", namespace, pod, "--", "id", "-u").stdout.strip() == "10001"
-    write = kube.kubectl("exec", "-n", namespace, pod, "--", "touch", "/opt/venv/written", check=False)
-    assert write.returncode != 0 and "Read-only file system" in write.stderr
-    metrics = kube.kubectl(
-        "exec",
-        "-n",
-        namespace,
-        pod,
-        "--",
-        "python",
-        "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
-    ).stdout
-    assert "llmrun" in metrics
-
-    run = {
-        "apiVersion": "nanorun.io/v1alpha1",
-        "kind": "LLMRun",
-        "metadata": {"name": "from-image"},
-        "spec": {"storage": {"uri": "s3://unused/run"}, "suspend": True},
-    }
-    kube.apply("default", run)
-    status = wait_until(
-        lambda: kube.get("default", "llmrun", "from-image").get("status", {}),
-        lambda s: s.get("phase") == "Suspended",
-        timeout=60,
-    )
-    assert status["phase"] == "Suspended", kube.kubectl("logs", "-n", namespace, pod).stdout[-3000:]

@@ -13,6 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
+from tests.images.containers import image_ref
+from tests.kube.cluster import GPU_LABELS
 from tests.test_metrics_promtool import promtool_check
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
@@ -39,7 +41,7 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
     spec = parse_spec(
         {
-            "image": "ghcr.io/nanorun/nanorun-trainer:0.1.0",
+            "image": image_ref("trainer"),
             "storage": {
                 "uri": "s3://nanorun/runs/chat",
                 "endpoint": endpoint,
@@ -50,8 +52,11 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
                 "minReplicas": 2,
                 "maxReplicas": 2,
                 "gpusPerReplica": 0,
-                "cpusPerReplica": 1,
-                "image": "ghcr.io/nanorun/nanorun-serving:0.1.0",
+                # The head and both replicas on the GPU node's 2 CPUs, where the image is pulled.
+                "cpusPerReplica": 0.5,
+                "headCpu": "500m",
+                "nodeSelector": GPU_LABELS,
+                "image": image_ref("serving"),
             },
         }
     )

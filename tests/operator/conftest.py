@@ -2,7 +2,7 @@
 (`nanorun operator`, so a test can kill it), an S3 server in the test's namespace, and small
 functions to create LLMRuns and wait for their status.
 
-The LLMRuns `llmrun` makes run the fake-stage image (tests/kube/images/fake-stage/fake_stage.py):
+The LLMRuns `llmrun` makes run the fake-stage test image (tests/kube/images/Dockerfile):
 the real training-operator runs their PyTorchJobs' pods, which keep the stage contract in seconds.
 """
 
@@ -25,12 +25,13 @@ from nanorun.operator.api import GROUP, PLURAL, VERSION
 
 from tests.fixtures.kube import deploy_s3
 from tests.fixtures.s3 import free_port
+from tests.images.containers import image_ref
 
-FAKE_STAGE_IMAGE = "nanorun-fake-stage:test"
-# KubeRay really makes the RayCluster of a RayService. Its pods get an image the test nodes do not
-# have (tests/kube/images.yaml), so they wait in ImagePullBackOff instead of starting Ray on this
-# small machine; a RayService that turns Ready is the end-to-end test's.
-ABSENT_SERVING_IMAGE = "nanorun-serving-absent:test"
+FAKE_STAGE_IMAGE = image_ref("fake-stage")
+# KubeRay really makes the RayCluster of a RayService. Its pods get an image the cluster's registry
+# does not hold, so they wait in ImagePullBackOff instead of starting Ray on this small machine; a
+# RayService that turns Ready is the end-to-end test's.
+ABSENT_SERVING_IMAGE = "ghcr.io/nanorun/nanorun-serving-absent:test"
 
 
 class OperatorProcess:

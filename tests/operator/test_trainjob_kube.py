@@ -33,10 +33,10 @@ TRAINJOBS = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
 
 
 @pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+def kube(tmp_path_factory: pytest.TempPathFactory, images: dict[str, str]) -> Iterator[KubeEnv]:
     """This module's cluster, with Trainer v2 (tests/fixtures/trainer.py); it stands in for the
     session's `kube`, so the operator fixtures (tests/operator/conftest.py) use it."""
-    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster")) as env:
+    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster"), images) as env:
         yield env
 
 
