@@ -1,9 +1,9 @@
 """The whole path through the real controllers, in the test cluster (tests/kube): the chart's
 operator pod, the Kubeflow training-operator making each stage's pods and Services, the trainer
 processes meeting through the environment it injects, storage on an S3 server running as a pod,
-KubeRay making the chat service, and the `openai` client and Chromium talking to it. Only the
-container runtime is substituted (pods are local processes, tests/kube/node); no status is set by
-the test.
+KubeRay making the chat service, and the `openai` client and Chromium talking to it. Every pod runs
+in a container on the kubelet nodes: the trainer image trains (on CPU: GPUs are substituted) and the
+serving image serves; no status is set by the test.
 
 One run of the test-sized LLMRun (tests/e2e/pipeline.py, every distributed stage on 2 pods):
 

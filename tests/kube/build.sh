@@ -6,7 +6,6 @@
 #                        (containerd v2 and the distribution registry modules, for the kubelet node)
 #   bin/pause            (the pod sandbox's process: Kubernetes' build/pause/linux/pause.c from the
 #                         k8s.io/kubernetes module, linked statically with gcc)
-#   bin/nanorun-node     (tests/kube/node: the node agent, virtual-kubelet pinned in its go.mod)
 #   bin/coredns          (tests/kube/coredns: CoreDNS pinned in its go.mod)
 #   bin/helm             (go install helm.sh/helm/v3/cmd/helm@HELM_VERSION)
 #   bin/training-operator.v1, bin/ray-operator, bin/kueue, bin/trainer-controller-manager, bin/jobset
@@ -71,8 +70,6 @@ version_pkg=k8s.io/component-base/version
 version_flags="-X $version_pkg.gitVersion=v$kube_version -X $version_pkg.gitMajor=${kube_version%%.*}"
 version_flags+=" -X $version_pkg.gitMinor=$(cut -d. -f2 <<<"$kube_version")"
 (cd "$here" && go build -trimpath -ldflags="-s -w $version_flags" -o "$tmp/bin/" ./cmd/...)
-step "building the node agent (virtual-kubelet)"
-(cd "$here/node" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/nanorun-node" .)
 step "building coredns"
 (cd "$here/coredns" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/coredns" .)
 step "building helm $HELM_VERSION"

@@ -7,28 +7,25 @@ certificates) in .kube/ unless `--state-dir` says otherwise:
     python -m tests.kube.cluster down     # or `make kube-down`: no process, namespace, link,
                                           # iptables rule or mount is left behind
 
-`up --trainer` also runs JobSet and Kubeflow Trainer v2; `--nodes` and `--gpus-per-node` shape the
-nodes; `--kubelet-nodes N` adds N nodes that run pods in containers, and their registry
-(tests/kube/kubelet.py). `down` and `status` find the processes through their pid files (`down`
-also removes the kubelet nodes, through their records).
+`up --trainer` also runs JobSet and Kubeflow Trainer v2; `--nodes N` sets the number of kubelet
+nodes (default 2; the last is the GPU node). `up` pushes nanorun's images that `make images` built
+to the cluster's registry, which every node pulls from (tests/kube/registry.py). `down` and `status`
+find the processes through their pid files (`down` also removes the kubelet nodes, through their
+records).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.images.containers import NAMES, image_ref
 from tests.kube import cluster as cluster_module
 from tests.kube.binaries import crd_files
-from tests.kube.cluster import (
-    DEFAULT_NODES,
-    ORDER,
-    REPO,
-    Cluster,
-    NodeSpec,
-)
+from tests.kube.cluster import ORDER, REPO, Cluster
 from tests.kube.controllers import install_crds
 from tests.kube.host import ControlPlaneError, Network, _owner, cleanup_network, pods_unsupported, stop_pid
 
@@ -36,10 +33,7 @@ STATE_DIR = REPO / ".kube"  # what `up` writes: config, pid files, logs, etcd da
 
 
 def _pid_files(state: Path) -> dict[str, Path]:
-    return {
-        f.stem.replace("node-", "node/", 1) if f.stem.startswith("node-") else f.stem: f
-        for f in state.glob("*.pid")
-    }
+    return {f.stem: f for f in state.glob("*.pid")}
 
 
 def _running_pids(state: Path) -> dict[str, int]:
@@ -51,21 +45,29 @@ def _running_pids(state: Path) -> dict[str, int]:
             exe = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
         except (FileNotFoundError, ValueError, IndexError):
             continue
-        if exe == name.split("/")[0] or (name.startswith("node/") and exe == "nanorun-node"):
+        if exe == name:
             pids[name] = pid
     return pids
 
 
-def up(
-    state: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, trainer: bool = False, kubelet_nodes: int = 0
-) -> int:
+def built_images() -> tuple[str, ...]:
+    """nanorun's images that the image builder's storage holds (`make images`)."""
+    found = []
+    for ref in map(image_ref, NAMES):
+        if subprocess.run(["podman", "image", "exists", ref], capture_output=True).returncode == 0:
+            found.append(ref)
+    return tuple(found)
+
+
+def up(state: Path, nodes: int = 2, trainer: bool = False) -> int:
     running = _running_pids(state)
     if running and len(running) == len(_pid_files(state)):
         print(f"already running ({state / 'config'}); `make kube-down` stops it")
         return 0
     if running:  # part of a cluster (a process died): start over
         down(state)
-    cluster = Cluster(state, detach=True, nodes=nodes, trainer=trainer, kubelet_nodes=kubelet_nodes)
+    images = built_images()
+    cluster = Cluster(state, detach=True, trainer=trainer, kubelet_nodes=nodes, local_images=images)
     started = time.monotonic()
     try:
         cluster.start()
@@ -77,7 +79,7 @@ def up(
         cluster.stop()
         raise
     pods = (
-        f"{len(nodes)} nodes Ready, CoreDNS serving"
+        f"{nodes} nodes Ready (GPU node: {cluster.gpu_node}), CoreDNS serving"
         if cluster.pods
         else f"no pod network: {cluster.pods_unsupported}"
     )
@@ -87,7 +89,8 @@ def up(
         f"  export KUBECONFIG={cluster.kubeconfig_path}\n"
         f"  export PATH={cluster.bin_dir}:$PATH    # kubectl, helm"
         + (
-            f"\n  kubelet nodes pull from http://{cluster.registry.address} (podman push --tls-verify=false)"
+            f"\n  the nodes pull every image from http://{cluster.registry.address}"
+            f" (podman push --tls-verify=false); pushed: {', '.join(images) or 'none (make images)'}"
             if cluster.registry
             else ""
         )
@@ -97,9 +100,9 @@ def up(
 
 def down(state: Path) -> int:
     pids = _running_pids(state)
-    names = [n for n in pids if n.startswith("node/")] + [n for n in reversed(ORDER) if n in pids]
+    names = [n for n in reversed(ORDER) if n in pids]
     for name in names:
-        stop_pid(pids[name], timeout=30 if name.startswith("node/") else 10)
+        stop_pid(pids[name], timeout=10)
     for path in _pid_files(state).values():
         path.unlink(missing_ok=True)
     removed = []
@@ -136,33 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         default=STATE_DIR,
         help="where the kubeconfig, pid files, logs and etcd data live (default: .kube/)",
     )
-    parser.add_argument("--nodes", type=int, default=len(DEFAULT_NODES), help="number of nodes (default 2)")
     parser.add_argument(
-        "--gpus-per-node", type=int, default=8, help="nvidia.com/gpu each node declares (default 8)"
+        "--nodes", type=int, default=2, help="kubelet nodes; the last one is the GPU node (default 2)"
     )
     parser.add_argument(
         "--trainer", action="store_true", help="also run JobSet and Kubeflow Trainer v2 (TrainJob)"
-    )
-    parser.add_argument(
-        "--kubelet-nodes",
-        type=int,
-        default=0,
-        help="nodes that run pods in containers (kubelet, containerd, runc), with a registry (default 0)",
     )
     args = parser.parse_args(argv)
     state = args.state_dir.resolve()
     try:
         if args.command == "up":
-            base = NodeSpec("node")
-            nodes = tuple(
-                NodeSpec(
-                    f"node-{i}",
-                    capacity={**base.capacity, "nvidia.com/gpu": str(args.gpus_per_node)},
-                    labels={**base.labels, "nvidia.com/gpu.count": str(args.gpus_per_node)},
-                )
-                for i in range(1, args.nodes + 1)
-            )
-            return up(state, nodes, trainer=args.trainer, kubelet_nodes=args.kubelet_nodes)
+            return up(state, args.nodes, trainer=args.trainer)
         return {"down": down, "status": status}[args.command](state)
     except ControlPlaneError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -117,7 +117,8 @@ class Network:
 
     Everything of the nodes lives in a network namespace of its own, the cluster namespace, as on a
     node VM: the bridge the pods' veths attach to (its address is the pods' gateway and the nodes'
-    InternalIP), kube-proxy and its iptables rules, the node agents. A veth pair links it to this
+    InternalIP), kube-proxy and its iptables rules, the kubelet nodes' containerd and their pods'
+    bridges (tests/kube/kubelet.py). A veth pair links it to this
     machine, which routes the pod and Service ranges through it; the API server, on this machine,
     listens on the link's address, which pods reach through their gateway. Deleting the cluster
     namespace removes the bridge, the link, the routes and every rule at once.

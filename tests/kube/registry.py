@@ -28,16 +28,21 @@ What is pushed, by `push_cluster_images` when the cluster starts:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +51,8 @@ import yaml
 from tests.kube.host import ControlPlaneError, Network, _log_tail, _spawn, nsenter_argv, wait_or_kill
 
 REGISTRY_PORT = 5000
+PUSH_ADDRESS = "127.0.0.1:15000"  # see Registry.push_local
+PUSH_LOCK = Path("/run/nanorun-registry-push.lock")
 REGISTRY_CACHE = Path(os.environ.get("NANORUN_REGISTRY_CACHE", Path.home() / ".cache/nanorun/registry"))
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
@@ -164,9 +171,22 @@ class Registry:
             pass
         return digest
 
-    def push(self, ref: str, layers: list[bytes], config: dict) -> None:
+    def manifest_digest(self, ref: str) -> str | None:
+        """The digest of the manifest the registry holds for `ref`, or None."""
+        path, tag = repository(ref)
+        try:
+            with self._request(
+                "HEAD", f"http://{self.address}/v2/{path}/manifests/{tag}", headers={"Accept": MANIFEST_TYPE}
+            ) as resp:
+                return resp.headers.get("Docker-Content-Digest")
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+
+    def push(self, ref: str, layers: list[bytes], config: dict) -> str:
         """Pushes an image of uncompressed `layers` (tar bytes) with the image config `config`
-        (Entrypoint, User, ...) for linux/amd64 as `ref`."""
+        (Entrypoint, User, ...) for linux/amd64 as `ref`; returns its manifest digest."""
         path, tag = repository(ref)
         descriptors = [
             {"mediaType": LAYER_TYPE, "digest": self.push_blob(path, layer), "size": len(layer)}
@@ -191,34 +211,79 @@ class Registry:
             },
             "layers": descriptors,
         }
+        body = json.dumps(manifest).encode()
         with self._request(
-            "PUT",
-            f"http://{self.address}/v2/{path}/manifests/{tag}",
-            json.dumps(manifest).encode(),
-            {"Content-Type": MANIFEST_TYPE},
+            "PUT", f"http://{self.address}/v2/{path}/manifests/{tag}", body, {"Content-Type": MANIFEST_TYPE}
         ):
             pass
+        return "sha256:" + hashlib.sha256(body).hexdigest()
 
     def push_local(self, ref: str) -> None:
-        """Pushes an image of the image builder's storage (containers-storage: `make images`)."""
+        """Pushes an image of the image builder's storage (containers-storage: `make images`).
+
+        podman pushes through `PUSH_ADDRESS`, a forward to this registry on a fixed loopback port:
+        its cache of which registry holds which compressed layer is keyed by the registry's address,
+        and the cluster's differs from run to run; through one address a push finds the layers an
+        earlier run uploaded (it checks each with the registry) instead of compressing gigabytes
+        again."""
         path, tag = repository(ref)
-        out = subprocess.run(
-            [
-                "podman",
-                "push",
-                "--quiet",
-                "--tls-verify=false",
-                "--compression-format=zstd",
-                ref,
-                f"docker://{self.address}/{path}:{tag}",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        with _forward(self.address):
+            out = subprocess.run(
+                [
+                    "podman",
+                    "push",
+                    "--quiet",
+                    "--tls-verify=false",
+                    "--compression-format=zstd",
+                    ref,
+                    f"docker://{PUSH_ADDRESS}/{path}:{tag}",
+                ],
+                capture_output=True,
+                text=True,
+            )
         if out.returncode != 0:
             raise ControlPlaneError(
                 f"pushing {ref} failed (is it built? `make images`):\n{out.stderr.strip()}"
             )
+
+
+@contextlib.contextmanager
+def _forward(target: str) -> Iterator[None]:
+    """Forwards TCP connections from PUSH_ADDRESS to `target` (host:port) meanwhile; a lock file
+    takes turns between processes that push to different clusters."""
+    host, port = PUSH_ADDRESS.split(":")
+    target_host, target_port = target.split(":")
+    with open(PUSH_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = socket.create_server((host, int(port)), reuse_port=False)
+        server.settimeout(0.2)
+        done = threading.Event()
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := src.recv(1 << 20):
+                    dst.sendall(data)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+        def accept() -> None:
+            while not done.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection((target_host, int(target_port)))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            server.close()
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -293,7 +358,19 @@ def manifest_images(manifests: Path) -> list[str]:
 
 def push_cluster_images(registry: Registry, bin_dir: Path, extra: tuple[str, ...] = ()) -> None:
     """Pushes the controllers, CoreDNS (`extra` names its image), busybox, alpine and pause images
-    (see the module docstring). Layers the registry holds are not sent again."""
+    (see the module docstring). The images are reproducible: a record beside the binaries of the
+    digests pushed last lets a registry that still holds them skip building them again."""
+    record = bin_dir.parent / "pushed-images.json"
+    key = hashlib.sha256(Path(__file__).read_bytes() + str(BUSYBOX.stat()).encode()).hexdigest()
+    try:
+        pushed = json.loads(record.read_text())
+    except (OSError, ValueError):
+        pushed = {}
+    if pushed.get("key") == key and all(
+        registry.manifest_digest(ref) == digest for ref, digest in pushed.get("digests", {}).items()
+    ):
+        return
+    digests = {}
     base = static_base()
     for ref in [*manifest_images(bin_dir.parent / "manifests"), *extra]:
         path, _ = repository(ref)
@@ -305,7 +382,9 @@ def push_cluster_images(registry: Registry, bin_dir: Path, extra: tuple[str, ...
         if target == "/coredns":
             xattrs = {"coredns": {"security.capability": file_capability(CAP_NET_BIND_SERVICE)}}
         top = layer({target.lstrip("/"): (bin_dir / binary).read_bytes()}, xattrs=xattrs)
-        registry.push(ref, [base, top], {"Entrypoint": [target], "User": f"{NONROOT}:{NONROOT}"})
+        digests[ref] = registry.push(
+            ref, [base, top], {"Entrypoint": [target], "User": f"{NONROOT}:{NONROOT}"}
+        )
     if not BUSYBOX.exists():
         raise ControlPlaneError(f"{BUSYBOX} is missing (Debian: apt-get install busybox-static)")
     applets = subprocess.run(
@@ -320,9 +399,10 @@ def push_cluster_images(registry: Registry, bin_dir: Path, extra: tuple[str, ...
         }
     )
     for ref in BUSYBOX_IMAGES:
-        registry.push(ref, [busybox], {"Cmd": ["sh"], "Env": ["PATH=/bin"]})
-    registry.push(
+        digests[ref] = registry.push(ref, [busybox], {"Cmd": ["sh"], "Env": ["PATH=/bin"]})
+    digests[PAUSE_IMAGE] = registry.push(
         PAUSE_IMAGE,
         [layer({"pause": (bin_dir / "pause").read_bytes()})],
         {"Entrypoint": ["/pause"], "User": "65535:65535"},
     )
+    record.write_text(json.dumps({"key": key, "digests": digests}, indent=1))

@@ -21,7 +21,7 @@ from tests.kube.cluster import GPU_LABELS, REPO
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 # Python with the nanorun package, a few hundred MB: enough for the pods that only print and connect.
-PYTHON = image_ref("fake-stage")
+PYTHON = image_ref("operator")
 
 
 def wait_for(what, predicate, timeout: float = 120.0):

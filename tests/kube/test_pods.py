@@ -514,8 +514,7 @@ def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(
     if code == 137:
         assert elapsed >= grace  # SIGKILL only after the grace period
     if code == 7:
-        # As with a kubelet, the object goes once its containers have stopped, not a grace period
-        # later (virtual-kubelet alone would keep it the whole 30 s).
+        # The object goes once its containers have stopped, not a grace period later.
         wait_for(
             lambda: kube_pods.kubectl("get", "pod", "victim", "-n", ns, check=False).returncode,
             lambda rc: rc != 0,

@@ -1,5 +1,5 @@
 """The fake stage: what `torchrun -m nanorun.trainer.<module> ...` and `python -m nanorun.trainer.<module>
-...` run in the test image `nanorun-fake-stage` (tests/kube/images.yaml), so the operator tests drive
+...` run in the test image `nanorun-fake-stage` (tests/kube/images/Dockerfile), so the operator tests drive
 real PyTorchJobs through the real training-operator in seconds instead of training.
 
 It keeps the stage contract (nanorun.pipeline.progress) as a trainer does, on rank 0:
