@@ -7,5 +7,5 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NANORUN_KUBE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nanorun/kube}"
 key="$(cd "$here" && cat build.sh versions.env go.mod go.sum cmd/*/main.go \
-  node/go.mod node/go.sum node/*.go coredns/go.mod coredns/go.sum coredns/*.go | sha256sum | cut -c1-16)"
+  coredns/go.mod coredns/go.sum coredns/*.go | sha256sum | cut -c1-16)"
 echo "$cache/$key/bin"

@@ -51,7 +51,7 @@ def _running_pids(state: Path) -> dict[str, int]:
             exe = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
         except (FileNotFoundError, ValueError, IndexError):
             continue
-        if exe == name.split("/")[0] or (name.startswith("node/") and exe == "nanorun-node"):
+        if exe == name.split("/")[0] or (name.startswith("node/") and exe == "hollow-node"):
             pids[name] = pid
     return pids
 
