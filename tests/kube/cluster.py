@@ -14,8 +14,8 @@ order:
 - the nodes of `nodes` (`NodeSpec`s; by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each
   a hollow node (tests/kube/hollow.py), also without the pod network: the upstream kubelet with a
   fake runtime, for placement only (its pods are reported Running and never run), tainted
-  `nanorun.dev/hollow=true:NoSchedule`, its extended resources advertised by a PATCH of the Node's
-  status;
+  `nanorun.dev/hollow=true` (NoSchedule and NoExecute), its extended resources advertised by a
+  PATCH of the Node's status;
 - with `kubelet_nodes=N`, nodes `kubelet-1`..`kubelet-N` that run pods in real containers (the
   upstream kubelet, containerd, runc; tainted `nanorun.dev/kubelet`) and the registry they pull
   from (tests/kube/kubelet.py);
@@ -395,8 +395,9 @@ class Cluster:
 
     def _advertise_node_resources(self) -> None:
         """The NodeSpecs' extended resources (nvidia.com/gpu, ...), as an admin advertises them."""
-        for node in self.nodes:
-            advertise_extended_resources(self._kubectl, node.name, extended_resources(node.capacity))
+        advertise_extended_resources(
+            self._kubectl, {n.name: extended_resources(n.capacity) for n in self.nodes}
+        )
 
     @property
     def node_names(self) -> tuple[str, ...]:

@@ -21,8 +21,11 @@ advertises them on a real cluster, a PATCH of the Node's status capacity
 starts each update from the Node the API holds) and copies them into allocatable, which is what the
 scheduler reads; `advertise_extended_resources` waits for that.
 
-Every hollow node is tainted `nanorun.dev/hollow=true:NoSchedule` (`TAINT`), so that only pods
-which tolerate it land there: an ordinary pod would be reported Running and do nothing.
+Every hollow node is tainted `nanorun.dev/hollow=true:NoSchedule` and
+`nanorun.dev/hollow=true:NoExecute` (`TAINTS`), so that only pods which tolerate them (`TOLERATION`)
+land there: any other pod would be reported Running and do nothing. The NoExecute one keeps off the
+pods that tolerate every NoSchedule taint, as add-ons do (CoreDNS's manifest: `operator: Exists,
+effect: NoSchedule`), so that cluster DNS cannot end up on a node that only pretends to run it.
 
 Its state (kubelet root, pod logs, container log links, the fake runtime's socket) is in its own
 folder; it mounts nothing and touches no host path outside that folder.
@@ -39,8 +42,8 @@ from pathlib import Path
 
 from tests.kube.host import ControlPlaneError, _log_tail, _spawn, wait_or_kill
 
-TAINT = "nanorun.dev/hollow=true:NoSchedule"
-TOLERATION = {"key": "nanorun.dev/hollow", "operator": "Exists", "effect": "NoSchedule"}
+TAINTS = ("nanorun.dev/hollow=true:NoSchedule", "nanorun.dev/hollow=true:NoExecute")
+TOLERATION = {"key": "nanorun.dev/hollow", "operator": "Exists"}  # both effects
 # NodeSpec capacity keys the hollow kubelet itself reports; the rest are extended resources.
 KUBELET_RESOURCES = ("cpu", "memory", "ephemeral-storage", "pods")
 STATUS_UPDATE_S = 2  # how often the hollow kubelet computes its Node's status, posting changes
@@ -59,54 +62,57 @@ def extended_resources(capacity: Mapping[str, str]) -> dict[str, str]:
 
 def advertise_extended_resources(
     kubectl: Callable[..., subprocess.CompletedProcess],
-    node: str,
-    resources: Mapping[str, str],
+    nodes: Mapping[str, Mapping[str, str]],
     timeout_s: float = 60.0,
 ) -> None:
-    """Advertises extended resources on a Node as a cluster admin does on a real cluster: a JSON
-    patch that adds them to the Node's status capacity (waiting for the Node to register first).
-    Then waits until the node's kubelet has copied them into allocatable, which is what the scheduler
-    reads. `kubectl` is a function running kubectl against the cluster as admin (`Cluster._kubectl`,
-    `KubeEnv.kubectl`): called with the arguments and `check=False`. Works for any kubelet node."""
-    if not resources:
-        return
-    patch = json.dumps(
-        [
-            {
-                "op": "add",
-                "path": f"/status/capacity/{name.replace('~', '~0').replace('/', '~1')}",
-                "value": value,
-            }
-            for name, value in resources.items()
-        ]
-    )
+    """Advertises extended resources on Nodes (node name -> resource -> quantity) as a cluster admin
+    does on a real cluster: a JSON patch that adds them to each Node's status capacity (once the Node
+    has registered). Then waits until each node's kubelet has copied them into allocatable, which is
+    what the scheduler reads. `kubectl` runs kubectl against the cluster as admin
+    (`Cluster._kubectl`, `KubeEnv.kubectl`), called with the arguments and `check=False`. Works for
+    any kubelet node, hollow or not."""
+    nodes = {name: dict(resources) for name, resources in nodes.items() if resources}
     deadline = time.monotonic() + timeout_s
-    error = ""
-    while time.monotonic() < deadline:
-        out = kubectl("patch", "node", node, "--subresource=status", "--type=json", "-p", patch, check=False)
-        if out.returncode == 0:
-            break
-        error = out.stderr.strip()  # the Node not registered yet
-        time.sleep(0.2)
-    else:
-        raise ControlPlaneError(f"could not advertise {dict(resources)} on node {node}: {error}")
-    allocatable: dict = {}
-    while time.monotonic() < deadline:
-        out = kubectl("get", "node", node, "-o", "jsonpath={.status.allocatable}", check=False)
-        allocatable = json.loads(out.stdout or "{}") if out.returncode == 0 else {}
-        if all(allocatable.get(k) == v for k, v in resources.items()):
-            return
-        time.sleep(0.2)
-    raise ControlPlaneError(
-        f"node {node}: allocatable is {allocatable} {timeout_s:.0f} s after advertising {dict(resources)}"
-    )
+    for node, resources in nodes.items():
+        patch = json.dumps(
+            [
+                {
+                    "op": "add",
+                    "path": f"/status/capacity/{name.replace('~', '~0').replace('/', '~1')}",
+                    "value": value,
+                }
+                for name, value in resources.items()
+            ]
+        )
+        while True:
+            out = kubectl(
+                "patch", "node", node, "--subresource=status", "--type=json", "-p", patch, check=False
+            )
+            if out.returncode == 0:
+                break
+            if time.monotonic() > deadline:  # the Node never registered, or the patch is refused
+                raise ControlPlaneError(
+                    f"could not advertise {resources} on node {node}: {out.stderr.strip()}"
+                )
+            time.sleep(0.2)
+    for node, resources in nodes.items():
+        while True:
+            out = kubectl("get", "node", node, "-o", "jsonpath={.status.allocatable}", check=False)
+            allocatable = json.loads(out.stdout or "{}") if out.returncode == 0 else {}
+            if all(allocatable.get(k) == v for k, v in resources.items()):
+                break
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"node {node}: allocatable is {allocatable} {timeout_s:.0f} s after advertising {resources}"
+                )
+            time.sleep(0.2)
 
 
 @dataclass
 class HollowNode:
     """One hollow node (see the module docstring) named `name`, declaring `capacity` (cpu in whole
     cores; extended resources are left to `advertise_extended_resources`), with `labels` and
-    `taints` (`key=value:Effect`, TAINT added). `kubeconfig` holds the node's client identity
+    `taints` (`key=value:Effect`, TAINTS added). `kubeconfig` holds the node's client identity
     (`system:node:<name>`). `node_ip`: the Node's InternalIP, an address of this machine that is not
     loopback (None: the kubelet's choice, the address of the default route's interface). `port`: the
     kubelet API (plain HTTP without authentication, as kubemark's; 0: none, the default, since no
@@ -140,7 +146,7 @@ class HollowNode:
         socket = self.state / "runtime.sock"
         if len(str(socket)) > 100:  # a unix socket's path is at most 107 bytes
             raise ControlPlaneError(f"node {self.name}: state folder path too long for {socket}")
-        taints = [*self.taints, TAINT]
+        taints = [*self.taints, *TAINTS]
         return [
             str(self.bin_dir / "hollow-node"),
             f"--name={self.name}",

@@ -1,7 +1,8 @@
 """Hollow nodes (tests/kube/hollow.py) are what their NodeSpec says, to the scheduler: a cluster with
 one hollow node shaped like an 8-GPU machine (192 CPUs, 2 TiB, 8 `nvidia.com/gpu`, `rdma/ib`), no
 pod network and no controllers, takes a pod asking for half its CPUs and memory and all its GPUs,
-which then shows Running there; a pod that does not tolerate the hollow taint is not placed.
+which then shows Running there; a pod that does not tolerate the hollow taints is not placed, not
+even one that tolerates every NoSchedule taint, as add-ons such as CoreDNS do.
 Run: .venv/bin/pytest tests/kube/test_hollow.py -q   (no root needed)
 """
 
@@ -14,7 +15,7 @@ import pytest
 
 from tests.fixtures.kube import KubeEnv, running_cluster, wait_until
 from tests.kube.cluster import Cluster, NodeSpec
-from tests.kube.hollow import STATUS_REPORT_S, TAINT, TOLERATION
+from tests.kube.hollow import STATUS_REPORT_S, TAINTS, TOLERATION
 
 pytestmark = [pytest.mark.kube]
 
@@ -51,14 +52,21 @@ def node(kube: KubeEnv) -> dict:
     return json.loads(kube.kubectl("get", "node", NODE.name, "-o", "json").stdout)
 
 
-def pod(name: str, tolerate: bool) -> dict:
-    tolerations = [TOLERATION, {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# What add-ons tolerate (tests/kube/addons/coredns.yaml, as upstream's): every NoSchedule taint.
+ADDON_TOLERATIONS = [
+    {"key": "CriticalAddonsOnly", "operator": "Exists"},
+    {"operator": "Exists", "effect": "NoSchedule"},
+]
+
+
+def pod(name: str, tolerations: list[dict]) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name},
         "spec": {
-            "tolerations": tolerations if tolerate else tolerations[1:],
+            "tolerations": tolerations,
             "containers": [
                 {
                     "name": "main",
@@ -78,34 +86,39 @@ def test_a_hollow_node_declares_its_node_spec(hollow_cluster):
     assert status["status"]["capacity"] == GPU
     assert status["status"]["allocatable"] == GPU
     taints = {f"{t['key']}={t['value']}:{t['effect']}" for t in status["spec"]["taints"]}
-    assert taints == {TAINT, "nvidia.com/gpu=present:NoSchedule"}
+    assert taints == {*TAINTS, "nvidia.com/gpu=present:NoSchedule"}
     assert status["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
 
 
 def test_a_gpu_pod_that_tolerates_the_hollow_taint_is_placed_and_shows_running(hollow_cluster):
     kube = hollow_cluster
-    kube.apply("hollow", pod("big", tolerate=True))
+    kube.apply("hollow", pod("big", [TOLERATION, GPU_TOLERATION]))
     placed = wait_until(
         lambda: kube.get("hollow", "pod", "big"), lambda p: p["status"].get("phase") == "Running"
     )
     assert placed["spec"]["nodeName"] == NODE.name
 
 
-def test_a_pod_without_the_toleration_is_not_placed(hollow_cluster):
+@pytest.mark.parametrize(
+    "name, tolerations",
+    [("ordinary", [GPU_TOLERATION]), ("addon", ADDON_TOLERATIONS)],
+    ids=["ordinary-pod", "addon-tolerating-every-NoSchedule-taint"],
+)
+def test_a_pod_without_the_hollow_toleration_is_not_placed(hollow_cluster, name, tolerations):
     kube = hollow_cluster
-    kube.apply("hollow", pod("untolerated", tolerate=False))
+    kube.apply("hollow", pod(name, tolerations))
 
     def refused() -> list[str]:
         events = json.loads(kube.kubectl("get", "events", "-n", "hollow", "-o", "json").stdout)["items"]
         return [
             e["message"]
             for e in events
-            if e["reason"] == "FailedScheduling" and e["involvedObject"]["name"] == "untolerated"
+            if e["reason"] == "FailedScheduling" and e["involvedObject"]["name"] == name
         ]
 
     messages = wait_until(refused, bool)
     assert "untolerated taint" in messages[0], messages
-    assert not kube.get("hollow", "pod", "untolerated")["spec"].get("nodeName")
+    assert not kube.get("hollow", "pod", name)["spec"].get("nodeName")
 
 
 def test_the_kubelet_keeps_the_advertised_resources_across_its_status_updates(hollow_cluster):
