@@ -1,7 +1,7 @@
 """The binaries the test cluster runs and the CRDs it installs, all built by tests/kube/build.sh
 (`make setup-kube`) into a cache folder named after the pinned versions (tests/kube/versions.env,
 tests/kube/bin-dir.sh): Kubernetes, etcd, CoreDNS, kubectl, helm, the upstream controllers,
-and the nodes' kubelet, containerd, registry and pause.
+the hollow node (kubemark's hollow kubelet), and the nodes' kubelet, containerd, registry and pause.
 
     folder = require_binaries()   # the bin/ folder, or a ControlPlaneError saying how to build it
     files = crd_files()           # the repository's CRDs, then the upstream controllers'
@@ -25,6 +25,7 @@ BINARIES = (
     "etcd",
     "kubectl",
     "helm",
+    "hollow-node",
     "coredns",
     "training-operator.v1",
     "ray-operator",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test cluster into the cache folder printed by tests/kube/bin-dir.sh:
-#   bin/kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd
-#                        (this Go module: k8s.io/kubernetes and etcd pinned in go.mod)
+#   bin/kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd,
+#       hollow-node      (this Go module: k8s.io/kubernetes and etcd pinned in go.mod; hollow-node is
+#                         a kubemark hollow kubelet, tests/kube/cmd/hollow-node)
 #   bin/containerd, containerd-shim-runc-v2, ctr, registry
 #                        (containerd v2 and the distribution registry modules, for the kubelet node)
 #   bin/pause            (the pod sandbox's process: Kubernetes' build/pause/linux/pause.c from the
@@ -62,7 +63,7 @@ crd_from_module "$KUBERAY_MODULE" "$KUBERAY_VERSION" "$KUBERAY_CRD"
 chmod -R u+w "$tmp/crds"
 
 step() { echo "[$(( $(date +%s) - started )) s] $*"; }
-step "building kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd ($(go version | cut -d' ' -f3))"
+step "building kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd, hollow-node ($(go version | cut -d' ' -f3))"
 # Stamp the Kubernetes version (as Kubernetes' own build does), so /version reports the pinned
 # release, not v0.0.0-master, and version checks such as a helm chart's kubeVersion see it.
 kube_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes v\([0-9.]*\)$/\1/p' "$here/go.mod")"

@@ -2,17 +2,20 @@
 
 The binaries come from `tests/kube/build.sh` (`make setup-kube`), each built from its published Go
 module: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS, kubectl,
-helm, the Kubeflow training-operator, the KubeRay operator, Kueue, and `nanorun-node`, a virtual-kubelet node whose provider runs pods as local processes
-(tests/kube/node). `Cluster` (processes and the pod network in tests/kube/host.py) generates a CA and a certificate per identity (tests/kube/pki.py) and
-starts, in order:
+helm, the Kubeflow training-operator, the KubeRay operator, Kueue, and `hollow-node`, a kubemark
+hollow kubelet (tests/kube/hollow.py). `Cluster` (processes and the pod network in
+tests/kube/host.py) generates a CA and a certificate per identity (tests/kube/pki.py) and starts, in
+order:
 
 - etcd and kube-apiserver (Node and RBAC authorization, NodeRestriction and ServiceAccount
   admission), then kube-controller-manager and kube-scheduler, each with its own kubeconfig;
 - the pod network: a Linux bridge whose address (10.244.0.1) is the pods' gateway and the address
   at which they reach the API server and the nodes; kube-proxy (iptables mode) for Services;
-- the nodes (by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each a `nanorun-node`
-  process: every pod gets its own network namespace and IP on the bridge, a cluster resolv.conf and
-  its own mount and UTS namespaces; images map to local programs through tests/kube/images.yaml;
+- the nodes of `nodes` (`NodeSpec`s; by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each
+  a hollow node (tests/kube/hollow.py), also without the pod network: the upstream kubelet with a
+  fake runtime, for placement only (its pods are reported Running and never run), tainted
+  `nanorun.dev/hollow=true` (NoSchedule and NoExecute), its extended resources advertised by a
+  PATCH of the Node's status;
 - with `kubelet_nodes=N`, nodes `kubelet-1`..`kubelet-N` that run pods in real containers (the
   upstream kubelet, containerd, runc; tainted `nanorun.dev/kubelet`) and the registry they pull
   from (tests/kube/kubelet.py);
@@ -21,8 +24,8 @@ starts, in order:
   Trainer v2.
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
-after the scheduler: the API and controllers work, pods are scheduled but never run, and
-`Cluster.pods_unsupported` says why. Only one cluster per machine can run pods (kube-proxy owns the
+after the scheduler and the hollow nodes: the API and controllers work, pods are scheduled but never
+run, and `Cluster.pods_unsupported` says why. Only one cluster per machine can run pods (kube-proxy owns the
 host's iptables chains); /run/nanorun-test-cluster names the one that does.
 
 The pytest fixture `kube` (tests/fixtures/kube.py) uses this module; so does the command line
@@ -54,6 +57,7 @@ from tests.kube.controllers import (
     COREDNS_IMAGE,
     start_addons,
 )
+from tests.kube.hollow import HollowNode, advertise_extended_resources, extended_resources
 from tests.kube.host import (
     ControlPlaneError,
     Network,
@@ -205,16 +209,17 @@ class Cluster:
             self.kubeconfig_path.chmod(0o600)
             self._kubectl("apply", "-f", str(HERE / "addons/rbac.yaml"))
             self._start_controllers()
+            for index, node in enumerate(self.nodes, start=1):  # hollow: no pod network needed
+                self._start_node(index, node)
             if self.pods:
-                for index, node in enumerate(self.nodes, start=1):
-                    self._start_node(index, node)
                 self._start_registry()
                 done("images_pushed")
                 self._start_kubelet_nodes()
                 self._record_owner()
-                self.wait_nodes_ready()
-                self._advertise_gpus()
-                done("nodes_ready")
+            self.wait_nodes_ready()
+            self._advertise_node_resources()
+            done("nodes_ready")
+            if self.pods:
                 # After the nodes: kube-proxy takes its node's IP from the Node object (and exits
                 # when that changes under it).
                 self._start_kube_proxy()
@@ -374,60 +379,35 @@ class Cluster:
         )
 
     def _start_node(self, index: int, node: NodeSpec) -> None:
-        identity = f"node-{node.name}"
-        kubeconfig_path = self._identity(identity)
-        # The Python environment the images' programs run from: the checkout's (make setup), else
-        # this interpreter's.
-        venv = REPO / ".venv" if (REPO / ".venv/bin/python").exists() else Path(sys.prefix)
-        env = {
-            **os.environ,
-            "NANORUN_VENV": str(venv),
-            "NANORUN_KUBE_BIN": str(self.bin_dir),
-            "NANORUN_REPO": str(REPO),
-        }
-        net = self.network
-        argv = [
-            *net.exec_argv(),
-            str(self.bin_dir / "nanorun-node"),
-            "run",
-            f"--name={node.name}",
-            f"--kubeconfig={kubeconfig_path}",
-            f"--listen={net.gateway}:{10249 + index}",
-            f"--node-ip={net.gateway}",
-            f"--tls-cert={self.pki / 'kubelet.crt'}",
-            f"--tls-key={self.pki / 'kubelet.key'}",
-            f"--client-ca={self.pki / 'ca.crt'}",
-            "--capacity=" + ",".join(f"{k}={v}" for k, v in node.capacity.items()),
-            *(f"--label={k}={v}" for k, v in node.labels.items()),
-            *(f"--taint={t}" for t in node.taints),
-            f"--state-dir={self.workdir / 'nodes' / node.name}",
-            f"--images={HERE / 'images.yaml'}",
-            f"--bridge={net.bridge}",
-            f"--pod-cidr={net.node_pod_cidr(index)}",
-            f"--gateway={net.gateway}/16",
-            f"--cluster-dns={net.dns_ip}",
-            f"--cluster-domain={CLUSTER_DOMAIN}",
-            f"--netns-prefix={net.pod_netns_prefix}{node.name}-",
-            # Where the images' programs live: containers see these even when they are under /tmp.
-            *(
-                f"--host-path={p}"
-                for p in sorted(
-                    {
-                        str(REPO),
-                        str(venv),
-                        str(self.bin_dir),
-                        str(Path(venv / "bin" / "python").resolve().parents[1]),
-                    }
-                )
-            ),
-        ]
-        self.processes[f"node/{node.name}"] = _spawn(
-            argv, self.workdir / f"node-{node.name}.log", detach=self.detach, env=env, cgroup=net.cgroup
+        """A hollow node (tests/kube/hollow.py): placement only, its pods never run. With the pod
+        network it runs on this machine's end of the cluster's link, in the cluster's cgroup."""
+        hollow = HollowNode(
+            name=node.name,
+            state=self.workdir / "nodes" / node.name,
+            bin_dir=self.bin_dir,
+            kubeconfig=self._identity(f"node-{node.name}"),
+            capacity=node.capacity,
+            labels=node.labels,
+            taints=node.taints,
+            log=self.workdir / f"node-{node.name}.log",
+            node_ip=self.network.host_ip if self.pods else None,
+            detach=self.detach,
+            cgroup=self.network.cgroup if self.pods else None,
         )
+        hollow.start()
+        self.processes[f"node/{node.name}"] = hollow.process
+
+    def _advertise_node_resources(self) -> None:
+        """The extended resources (nvidia.com/gpu, ...) of the NodeSpecs and of the GPU node, as an
+        admin advertises them."""
+        resources = {n.name: extended_resources(n.capacity) for n in self.nodes}
+        if self.kubelet_names:
+            resources[self.gpu_node] = {"nvidia.com/gpu": GPUS}
+        advertise_extended_resources(self._kubectl, resources)
 
     @property
     def kubelet_names(self) -> tuple[str, ...]:
-        return tuple(f"node-{i}" for i in range(1, self.kubelet_nodes + 1))
+        return tuple(f"node-{i}" for i in range(1, self.kubelet_nodes + 1)) if self.pods else ()
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -465,10 +445,6 @@ class Cluster:
     @property
     def gpu_node(self) -> str:
         return self.kubelet_names[-1]
-
-    def _advertise_gpus(self) -> None:
-        patch = json.dumps([{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": GPUS}])
-        self._kubectl("patch", "node", self.gpu_node, "--subresource=status", "--type=json", "-p", patch)
 
     def wait_nodes_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         want = set(self.node_names)

@@ -155,8 +155,14 @@ def start_trainer(cluster: Cluster) -> list[Deployment]:
     are: each one's readiness waits for its certificates."""
     manifests = cluster.bin_dir.parent / "manifests"
     for name in ("jobset", "trainer"):
-        apply(cluster, [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())])
-    return [("jobset-system", "jobset-controller-manager"), ("kubeflow-system", "kubeflow-trainer-controller-manager")]
+        apply(
+            cluster,
+            [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())],
+        )
+    return [
+        ("jobset-system", "jobset-controller-manager"),
+        ("kubeflow-system", "kubeflow-trainer-controller-manager"),
+    ]
 
 
 def wait_deployments(cluster: Cluster, deployments: list[Deployment], timeout_s: float) -> None:

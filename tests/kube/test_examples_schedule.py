@@ -3,10 +3,12 @@ cluster (a system node, and two nodes of 8 H100s with InfiniBand, tainted `nvidi
 pod the training-operator makes for each stage's PyTorchJob, and every pod KubeRay makes for the
 RayService, is scheduled, with no `FailedScheduling`.
 
-The jobs and the RayService are exactly what nanorun's operator builds for the example, except the
-image (one this cluster cannot pull, so nothing runs after scheduling: it is placement that is under
-test). An example with a Kueue queue gets that LocalQueue, backed by a ClusterQueue with the GPU
-nodes' capacity, and the cluster's Kueue admits its suspended jobs.
+The nodes are hollow nodes (tests/kube/hollow.py: the kubelet with a fake runtime, so the pods
+placed there are reported Running and never run; it is placement that is under test). The jobs and
+the RayService are exactly what nanorun's operator builds for the example, except the image (one no
+registry serves) and a toleration of the hollow nodes' taint. An example with a Kueue queue gets
+that LocalQueue, backed by a ClusterQueue with the GPU nodes' capacity, and the cluster's Kueue
+admits its suspended jobs.
 Run: .venv/bin/pytest tests/kube/test_examples_schedule.py -q   (needs root for the pod network)
 """
 
@@ -25,6 +27,7 @@ from tests.fixtures.kube import KubeEnv, wait_until
 from tests.kube.binaries import crd_files
 from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec
 from tests.kube.controllers import install_crds
+from tests.kube.hollow import TOLERATION
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -94,6 +97,13 @@ def all_scheduled(kube: KubeEnv, ns: str, selector: str, count: int) -> list[dic
     )
 
 
+def placement_only(pod_spec: dict) -> None:
+    """What this test changes in a pod template: the image, and a toleration of the hollow nodes'
+    taint (tests/kube/hollow.py), which keeps every other pod off them."""
+    pod_spec["containers"][0]["image"] = ABSENT_IMAGE
+    pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), TOLERATION]
+
+
 def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
     """The LocalQueue `queue` in `ns`, on a ClusterQueue of the two GPU nodes' capacity (a flavor
     without node labels: where pods go stays the pods' own nodeSelector and tolerations)."""
@@ -149,7 +159,7 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
         job = pytorchjob_for_stage(run, spec, stage, attempt=1)
         job["metadata"].pop("ownerReferences")  # no LLMRun object here
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
-            replica["template"]["spec"]["containers"][0]["image"] = ABSENT_IMAGE
+            placement_only(replica["template"]["spec"])
         name = job["metadata"]["name"]
         kube.apply(ns, job)
         replicas = sum(r["replicas"] for r in job["spec"]["pytorchReplicaSpecs"].values())
@@ -170,7 +180,7 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
         service["metadata"].pop("ownerReferences")
         cluster_spec = service["spec"]["rayClusterConfig"]
         for group in [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]:
-            group["template"]["spec"]["containers"][0]["image"] = ABSENT_IMAGE
+            placement_only(group["template"]["spec"])
         kube.apply(ns, copy.deepcopy(service))
         expected = 1 + spec.serving.min_replicas
         scheduled = all_scheduled(kube, ns, "ray.io/node-type in (head,worker)", expected)
