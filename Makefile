@@ -44,7 +44,7 @@ $(BPE_MODULE): $(RUST_SRC) $(STAMP)/python
 
 setup-rust: $(BPE_MODULE)
 
-# The test cluster (Kubernetes, etcd, CoreDNS, the virtual-kubelet node agent, kubectl, helm) built
+# The test cluster (Kubernetes with the kubelet, etcd, containerd, the registry, CoreDNS, kubectl, helm) built
 # from Go modules into ~/.cache/nanorun/kube/<key>/, keyed by the pins in tests/kube; a no-op when
 # that build exists. See docs/testing.md.
 setup-kube:
@@ -90,7 +90,7 @@ images:
 	tools/images.sh build $(filter push,$(MAKECMDGOALS))
 
 test-images: setup-system
-	IMAGES="operator trainer serving fake-stage s3" tools/images.sh build
+	IMAGES="operator trainer serving fake-stage s3 init" tools/images.sh build
 
 push:
 	@:

@@ -11,8 +11,8 @@
 #               the builder's storage and reused; `buildah rmi` it to take newer Debian packages).
 #   TLS_VERIFY  false to push to a registry over plain HTTP (default true)
 #   IMAGES      which to build and push (default: operator trainer serving). The test cluster's
-#               test images fake-stage and s3 (tests/kube/images/Dockerfile, on the operator image)
-#               are built when named here; `make test` does.
+#               test images fake-stage, s3 and init (tests/kube/images/Dockerfile) are built when
+#               named here; `make test` does.
 #
 # Layers are cached in buildah's storage: a rebuild with an unchanged lock reuses the dependency
 # layers, and the trainer and serving images share theirs. Builds run with this machine's CA bundle
@@ -96,6 +96,7 @@ build() {
     local dockerfile=Dockerfile from="$base"
     case "$name" in
       fake-stage | s3) dockerfile=tests/kube/images/Dockerfile from="$REGISTRY/nanorun-operator:$TAG" ;;
+      init) dockerfile=tests/kube/images/Dockerfile ;;
     esac
     log "building $ref (target $name of $dockerfile) on $from"
     buildah build --layers --force-rm --quiet "${ulimits[@]}" "${mounts[@]}" --build-arg "BASE_IMAGE=$base" \

@@ -20,8 +20,8 @@ import tomllib
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY = "ghcr.io/nanorun"
 NAMES = ("operator", "trainer", "serving")
-# The test cluster's test images (tests/kube/images/Dockerfile), built on the operator image.
-TEST_NAMES = ("fake-stage", "s3")
+# The test cluster's test images (tests/kube/images/Dockerfile).
+TEST_NAMES = ("fake-stage", "s3", "init")
 LABEL = "nanorun.test=1"
 
 

@@ -9,8 +9,8 @@ stages run on CPU, through the same torch.compile path (inductor with the image'
 - the serving image starts Ray the way KubeRay starts it (`bash -lc`, `ulimit -n 65536`), passes
   KubeRay's generated wget probes, and serves chat through the OpenAI client.
 
-The chart's operator runs from its image on the test cluster's kubelet node
-(tests/kube/test_kubelet.py).
+On the test cluster every pod runs from these images: the chart's operator from the operator image
+(tests/kube/test_pods.py), the end-to-end runs from the trainer and serving images (tests/e2e).
 """
 
 from __future__ import annotations

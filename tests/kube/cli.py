@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.images.containers import NAMES, image_ref
+from tests.images.containers import NAMES, TEST_NAMES, image_ref
 from tests.kube import cluster as cluster_module
 from tests.kube.binaries import crd_files
 from tests.kube.cluster import ORDER, REPO, Cluster
@@ -51,9 +51,10 @@ def _running_pids(state: Path) -> dict[str, int]:
 
 
 def built_images() -> tuple[str, ...]:
-    """nanorun's images that the image builder's storage holds (`make images`)."""
+    """nanorun's images and the test images that the image builder's storage holds (`make images`,
+    `make test-images`)."""
     found = []
-    for ref in map(image_ref, NAMES):
+    for ref in map(image_ref, (*NAMES, *TEST_NAMES)):
         if subprocess.run(["podman", "image", "exists", ref], capture_output=True).returncode == 0:
             found.append(ref)
     return tuple(found)

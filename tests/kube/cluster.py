@@ -1,32 +1,30 @@
-"""A real Kubernetes cluster on this machine, minus only the container runtime.
+"""A real Kubernetes cluster on this machine; only GPUs are substituted.
 
 The binaries come from `tests/kube/build.sh` (`make setup-kube`), each built from its published Go
-module: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, CoreDNS, kubectl,
-helm, the Kubeflow training-operator, the KubeRay operator, Kueue, and `hollow-node`, a kubemark
-hollow kubelet (tests/kube/hollow.py). `Cluster` (processes and the pod network in
-tests/kube/host.py) generates a CA and a certificate per identity (tests/kube/pki.py) and starts, in
-order:
+module: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, the kubelet,
+containerd, the distribution registry, CoreDNS, kubectl, helm, the Kubeflow training-operator,
+KubeRay, Kueue, Trainer v2, JobSet, and `hollow-node`, a kubemark hollow kubelet
+(tests/kube/hollow.py). `Cluster` (processes and the pod network in tests/kube/host.py) generates a
+CA and a certificate per identity (tests/kube/pki.py) and starts, in order:
 
 - etcd and kube-apiserver (Node and RBAC authorization, NodeRestriction and ServiceAccount
   admission), then kube-controller-manager and kube-scheduler, each with its own kubeconfig;
-- the pod network: a Linux bridge whose address (10.244.0.1) is the pods' gateway and the address
-  at which they reach the API server and the nodes; kube-proxy (iptables mode) for Services;
-- the nodes of `nodes` (`NodeSpec`s; by default two of 96 CPUs, 1 TiB and 8 `nvidia.com/gpu`), each
-  a hollow node (tests/kube/hollow.py), also without the pod network: the upstream kubelet with a
-  fake runtime, for placement only (its pods are reported Running and never run), tainted
-  `nanorun.dev/hollow=true` (NoSchedule and NoExecute), its extended resources advertised by a
-  PATCH of the Node's status;
-- with `kubelet_nodes=N`, nodes `kubelet-1`..`kubelet-N` that run pods in real containers (the
-  upstream kubelet, containerd, runc; tainted `nanorun.dev/kubelet`) and the registry they pull
-  from (tests/kube/kubelet.py);
+- the nodes of `nodes` (`NodeSpec`s, none by default): hollow nodes, also without the pod network,
+  the upstream kubelet with a fake runtime for placement only (their pods are reported Running and
+  never run), tainted `nanorun.dev/hollow=true` (NoSchedule and NoExecute);
+- with the pod network: the registry and the images pushed to it (tests/kube/registry.py), then
+  `kubelet_nodes` kubelet nodes `node-1`.. (tests/kube/kubelet.py: the upstream kubelet, containerd,
+  runc), which run every pod in a container; the last is the GPU node, with NVIDIA's GPU labels;
+  the GPUs and the NodeSpecs' extended resources are advertised by a PATCH of the Node's status, as
+  an admin advertises an extended resource; then kube-proxy (iptables mode) for Services;
 - the add-ons, from manifests (tests/kube/controllers.py): CoreDNS, the Kubeflow training-operator,
   the KubeRay operator, Kueue and, with `trainer=True` (`up --trainer`), JobSet and Kubeflow
   Trainer v2.
 
 The pod network needs root (network namespaces, iptables, mounts). Without root the cluster stops
 after the scheduler and the hollow nodes: the API and controllers work, pods are scheduled but never
-run, and `Cluster.pods_unsupported` says why. Only one cluster per machine can run pods (kube-proxy owns the
-host's iptables chains); /run/nanorun-test-cluster names the one that does.
+run, and `Cluster.pods_unsupported` says why. Each cluster takes one of four network slots, so
+clusters run side by side; /run/nanorun-test-cluster records who owns each.
 
 The pytest fixture `kube` (tests/fixtures/kube.py) uses this module; so does the command line
 (tests/kube/cli.py), which keeps a cluster running in the background for trying the operator by

@@ -19,11 +19,14 @@ What is pushed, by `push_cluster_images` when the cluster starts:
   `/tmp`: what Google's distroless `static` base holds), as `/manager` (`/coredns`) with the image
   name their install manifest uses; CoreDNS's binary carries the file capability
   `cap_net_bind_service` as upstream's image sets it, so it binds port 53 as `nonroot`;
-- `busybox` and `alpine` (the training-operator's init container image), both Debian's statically
-  linked busybox (package busybox-static) with its applets linked into /bin;
+- `busybox`: Debian's statically linked busybox (package busybox-static) with its applets linked
+  into /bin;
 - the pause image the nodes' sandboxes run (Kubernetes' build/pause, built statically);
 - nanorun's images and the test images (tests/kube/images/Dockerfile) from the image builder's
-  storage (`make images`), with `podman push` (zstd layers): `push_local_images`.
+  storage (`make images`), with `podman push` (zstd layers): `Registry.push_local`. The test image
+  `init` is pushed as `alpine:3.10`, the training-operator's init container image: its worker's
+  init container waits with `nslookup` for the master's name, and busybox's nslookup exits 1 when
+  any search domain answers NXDOMAIN, so the image holds BIND's nslookup from Debian's packages.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ PUSH_LOCK = Path("/run/nanorun-registry-push.lock")
 REGISTRY_CACHE = Path(os.environ.get("NANORUN_REGISTRY_CACHE", Path.home() / ".cache/nanorun/registry"))
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
-BUSYBOX_IMAGES = ("docker.io/library/busybox:1.36", "docker.io/library/alpine:3.10")
+BUSYBOX_IMAGES = ("docker.io/library/busybox:1.36",)
+# Test images pushed under the name of the upstream image they stand in for: the training-operator's
+# init container image (tests/kube/images/Dockerfile, target init).
+STANDS_IN_FOR = {"nanorun/nanorun-init": "docker.io/library/alpine:3.10"}
 NONROOT = 65532
 # The controllers' binaries (tests/kube/build.sh), by the last components of their image names in
 # the install manifests, and where upstream's image puts them.
@@ -226,7 +232,7 @@ class Registry:
         and the cluster's differs from run to run; through one address a push finds the layers an
         earlier run uploaded (it checks each with the registry) instead of compressing gigabytes
         again."""
-        path, tag = repository(ref)
+        path, tag = repository(STANDS_IN_FOR.get(repository(ref)[0], ref))
         with _forward(self.address):
             out = subprocess.run(
                 [
@@ -357,7 +363,7 @@ def manifest_images(manifests: Path) -> list[str]:
 
 
 def push_cluster_images(registry: Registry, bin_dir: Path, extra: tuple[str, ...] = ()) -> None:
-    """Pushes the controllers, CoreDNS (`extra` names its image), busybox, alpine and pause images
+    """Pushes the controllers, CoreDNS (`extra` names its image), busybox and pause images
     (see the module docstring). The images are reproducible: a record beside the binaries of the
     digests pushed last lets a registry that still holds them skip building them again."""
     record = bin_dir.parent / "pushed-images.json"

@@ -69,7 +69,7 @@ def test_up_then_down_runs_pods_and_leaves_nothing_behind(kube_pods, tmp_path):
         # The session's cluster holds a slot of its own: the two run side by side.
         assert network != kube_pods.cluster.network
         pids = [int(f.read_text()) for f in state.glob("*.pid")]
-        assert len(pids) == 7  # etcd, apiserver, controller-manager, scheduler, kube-proxy, 2 nodes
+        assert len(pids) == 5  # etcd, apiserver, controller-manager, scheduler, kube-proxy
         try:
             assert (
                 subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 0

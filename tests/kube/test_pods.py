@@ -554,12 +554,16 @@ def test_helm_installs_the_operator_as_a_pod_that_reconciles(kube_pods, kube_nam
     assert [p["status"]["phase"] for p in pods] == ["Running"]
     assert pods[0]["spec"]["serviceAccountName"] == f"{release}-nanorun"
     assert pods[0]["spec"]["containers"][0]["command"] == ["nanorun", "operator"]
+    # The chart's default image, pulled from the registry, under the chart's securityContext.
+    name, operator = pods[0]["metadata"]["name"], image_ref("operator")
+    assert pods[0]["status"]["containerStatuses"][0]["image"] == operator
+    assert kube_pods.kubectl("exec", "-n", ns, name, "--", "id", "-u").stdout.strip() == "10001"
+    write = kube_pods.kubectl("exec", "-n", ns, name, "--", "touch", "/opt/venv/written", check=False)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
 
     run = yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())
     run["spec"]["storage"]["endpoint"] = endpoint
-    run["spec"]["image"] = (
-        "nanorun-fake-stage:test"  # the training-operator runs the job: a fake stage, not training
-    )
+    run["spec"]["image"] = image_ref("fake-stage")  # the job runs a fake stage, not training
     kube_pods.apply(ns, run)
     jobs = wait_for(
         lambda: json.loads(kube_pods.kubectl("get", "pytorchjobs", "-n", ns, "-o", "json").stdout)["items"],

@@ -23,6 +23,8 @@ from nanorun.pipeline import storage
 
 from tests.fixtures.kube import KubeEnv, wait_until
 from tests.fixtures.trainer import trainer_cluster
+from tests.images.containers import image_ref
+from tests.kube.cluster import GPU_LABELS
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, llmrun, wait_for
 from tests.operator.test_kueue_kube import QUEUE, gpu_queue  # noqa: F401 (gpu_queue: a fixture)
 
@@ -74,12 +76,12 @@ def test_a_two_node_trainjob_as_nanorun_builds_it_meets_through_trainers_rendezv
     )
     spec = parse_spec(
         {
-            "image": "nanorun-trainer:test",
+            "image": image_ref("trainer"),
             "compute": {
                 "nodes": 2,
                 "gpusPerNode": 0,
                 "launcher": "TrainJob",
-                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "nodeSelector": GPU_LABELS,  # where the trainer image is pulled
             },
             "storage": {
                 "uri": "s3://nanorun/runs/env",
@@ -110,7 +112,7 @@ def test_a_two_node_trainjob_as_nanorun_builds_it_meets_through_trainers_rendezv
     assert len(pods) == 2
     for rank, (pod, log) in enumerate(zip(pods, logs, strict=True)):
         assert pod["metadata"]["labels"]["nanorun.io/run"] == "env"  # the runtime patch's pod labels
-        assert pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+        assert pod["spec"]["nodeSelector"] == GPU_LABELS
         assert f"rank {rank} of 2 on {name}-node-0-{rank}: sum 3" in log, log
         env = json.loads(next(line for line in log.splitlines() if line.startswith("env "))[4:])
         assert (
