@@ -328,7 +328,12 @@ class ServingSpec(Model):
     gpus_per_replica: float = Field(
         1, ge=0, le=64, description="GPUs per replica (fractions share a GPU); 0 serves on CPU."
     )
-    cpus_per_replica: float = Field(1, ge=0, le=512, description="CPUs per replica.")
+    cpus_per_replica: float = Field(
+        1,
+        ge=0,
+        le=512,
+        description="CPUs per replica: the Ray actor's num_cpus and its worker pod's CPU request and limit (fractions allowed, at least 0.1).",
+    )
     memory_per_replica: str = Field(
         "",
         max_length=64,

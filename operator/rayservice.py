@@ -114,6 +114,13 @@ def _container(
     }
 
 
+def _cpu_quantity(cpus: float) -> str:
+    """A replica's CPUs as a Kubernetes quantity ("2", "500m"), at least 0.1 CPU. A fraction stays
+    one: KubeRay gives Ray the limit rounded up as `--num-cpus`."""
+    cpus = max(cpus, 0.1)
+    return str(int(cpus)) if cpus == int(cpus) else f"{cpus * 1000:.0f}m"
+
+
 def rayservice_for_run(
     run: RunRef, spec: LLMRunSpec, checkpoint: str, args_checkpoint: str | None = None, version: str = ""
 ) -> dict[str, Any]:
@@ -134,7 +141,7 @@ def rayservice_for_run(
     worker = _container(
         "ray-worker",
         spec,
-        str(max(1, math.ceil(s.cpus_per_replica))),
+        _cpu_quantity(s.cpus_per_replica),
         s.memory_per_replica,
         s.gpus_per_replica,
         [{"name": SERVE_METRICS_PORT_NAME, "containerPort": SERVE_METRICS_PORT}],

@@ -15,7 +15,7 @@ import yaml
 from nanorun.operator.api import API_VERSION, KIND
 
 from tests.images.containers import image_ref
-from tests.kube.cluster import GPU_LABELS
+from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 
 PRETRAIN_STEPS = 100  # long enough that the preemption lands mid-run even on an idle machine
 SAVE_EVERY = 10
@@ -29,8 +29,13 @@ def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[
         "data": {"pretrain": "bundled"},
         "model": {"depth": 2, "maxSeqLen": 128, "aspectRatio": 32, "headDim": 32, "windowPattern": "L"},
         "tokenizer": {"vocabSize": 512, "maxChars": 50000},
-        # The GPU node's labels: the training pods run where the trainer image is pulled.
-        "compute": {"gpusPerNode": 0, "nodes": nodes, "nodeSelector": GPU_LABELS},
+        # On the GPU node (tests/kube/cluster.py), where the trainer image is pulled.
+        "compute": {
+            "gpusPerNode": 0,
+            "nodes": nodes,
+            "nodeSelector": GPU_LABELS,
+            "tolerations": GPU_TOLERATIONS,
+        },
         "stages": {
             "tokenizer": {"extraArgs": ["--eval-chars", "20000"]},
             "pretrain": {
@@ -90,6 +95,7 @@ def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[
             "cpusPerReplica": 0.5,
             "headCpu": "500m",
             "nodeSelector": GPU_LABELS,
+            "tolerations": GPU_TOLERATIONS,
         },
         "retry": {"maxAttempts": 3, "backoffSeconds": 0},
     }

@@ -109,10 +109,13 @@ DEFAULT_NODES: tuple[NodeSpec, ...] = ()
 # The last kubelet node is the GPU node (the others are system nodes): beside its real CPUs and memory
 # it advertises 8 GPUs, substituted (its pods run on CPU), as an extended resource the way a cluster
 # admin does (a patch of the Node's status capacity), with the labels NVIDIA's GPU feature discovery
-# puts on an H100 node. Pods that ask for GPUs or select those labels, the training and serving
-# pods, land there, so only that node pulls the trainer and serving images.
+# puts on an H100 node and the taint GPU node pools carry, so the add-ons stay off it. The training
+# and serving pods select those labels and tolerate the taint: only that node pulls the trainer and
+# serving images, and its two CPUs are theirs.
 GPUS = "8"
 GPU_LABELS = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": GPUS}
+GPU_TAINT = "nvidia.com/gpu=present:NoSchedule"
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 # --- the cluster ----------------------------------------------------------------------------
@@ -435,6 +438,7 @@ class Cluster:
                 cluster_dns=self.network.dns_ip,
                 cluster_domain=CLUSTER_DOMAIN,
                 labels=GPU_LABELS if name == self.gpu_node else {},
+                taints=(GPU_TAINT,) if name == self.gpu_node else (),
                 detach=self.detach,
             )
             self.kubelets.append(node)

@@ -16,7 +16,7 @@ import yaml
 
 from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
 from tests.images.containers import image_ref
-from tests.kube.cluster import GPU_LABELS, REPO
+from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS, REPO
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
@@ -77,7 +77,7 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
     spec = parse_spec(
         {
             "image": PYTHON,
-            "compute": {"nodes": 2, "gpusPerNode": 2},
+            "compute": {"nodes": 2, "gpusPerNode": 2, "tolerations": GPU_TOLERATIONS},
             "serving": {"enabled": False},
             "storage": {
                 "uri": "s3://nanorun/runs/env",
@@ -216,6 +216,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
                 "cpusPerReplica": 0.5,
                 "headCpu": "500m",
                 "nodeSelector": GPU_LABELS,
+                "tolerations": GPU_TOLERATIONS,
                 "image": image_ref("serving"),
             },
         }

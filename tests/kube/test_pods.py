@@ -17,7 +17,7 @@ import yaml
 
 from tests.fixtures.kube import deploy_s3, wait_until
 from tests.images.containers import image_ref
-from tests.kube.cluster import GPU_LABELS, GPUS, REPO
+from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS, GPUS, REPO
 
 pytestmark = pytest.mark.kube
 
@@ -164,7 +164,12 @@ def test_a_deleted_namespace_goes_away_with_its_pods(kube_pods):
 
 def test_unschedulable_pods_stay_pending_with_the_schedulers_reason(kube_pods, kube_namespace):
     ns = kube_namespace
-    too_many = pod("nine-gpus", "pass", container={"resources": {"limits": {"nvidia.com/gpu": "9"}}})
+    too_many = pod(
+        "nine-gpus",
+        "pass",
+        container={"resources": {"limits": {"nvidia.com/gpu": "9"}}},
+        tolerations=GPU_TOLERATIONS,
+    )
     nowhere = pod("no-such-pool", "pass", nodeSelector={"cloud.google.com/gke-nodepool": "tpu"})
     kube_pods.apply(ns, too_many, nowhere)
     for name, words in (

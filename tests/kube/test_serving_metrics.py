@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
 from tests.images.containers import image_ref
-from tests.kube.cluster import GPU_LABELS
+from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 from tests.test_metrics_promtool import promtool_check
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
@@ -56,6 +56,7 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
                 "cpusPerReplica": 0.5,
                 "headCpu": "500m",
                 "nodeSelector": GPU_LABELS,
+                "tolerations": GPU_TOLERATIONS,
                 "image": image_ref("serving"),
             },
         }

@@ -26,6 +26,7 @@ from nanorun.operator.api import GROUP, PLURAL, VERSION
 from tests.fixtures.kube import deploy_s3
 from tests.fixtures.s3 import free_port
 from tests.images.containers import image_ref
+from tests.kube.cluster import GPU_TOLERATIONS
 
 FAKE_STAGE_IMAGE = image_ref("fake-stage")
 # KubeRay really makes the RayCluster of a RayService. Its pods get an image the cluster's registry
@@ -176,7 +177,8 @@ def llmrun(
         "storage": {"uri": run_dir},
         "model": {"depth": 2, "maxSeqLen": 64},
         "tokenizer": {"vocabSize": 512, "maxChars": 10000},
-        "compute": {"gpusPerNode": 0},
+        # Either node: the GPU node's taint is tolerated, as GPU jobs (Kueue's tests) need.
+        "compute": {"gpusPerNode": 0, "tolerations": GPU_TOLERATIONS},
         "stages": {k: {"enabled": k in enabled} for k in keys},
         "serving": {"gpusPerReplica": 0, "image": ABSENT_SERVING_IMAGE},
         "retry": {"maxAttempts": 2, "backoffSeconds": 0},

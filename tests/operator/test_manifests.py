@@ -294,3 +294,15 @@ def test_training_pods_get_the_grace_period_the_spec_asks_and_know_their_attempt
         default["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"]
         == 120
     )
+
+
+def test_a_replica_of_a_fraction_of_a_cpu_gets_a_pod_of_that_fraction():
+    run = RunRef(name="chat", namespace="ns", uid="u")
+    for cpus, quantity in ((0.5, "500m"), (2, "2"), (0, "100m")):
+        svc = rayservice_for_run(
+            run, spec_of(serving={"cpusPerReplica": cpus, "gpusPerReplica": 0}), "s3://b/c"
+        )
+        (group,) = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == quantity
+        (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+        assert app["deployments"][0]["ray_actor_options"]["num_cpus"] == cpus

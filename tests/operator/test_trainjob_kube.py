@@ -24,7 +24,7 @@ from nanorun.pipeline import storage
 from tests.fixtures.kube import KubeEnv, wait_until
 from tests.fixtures.trainer import trainer_cluster
 from tests.images.containers import image_ref
-from tests.kube.cluster import GPU_LABELS
+from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, llmrun, wait_for
 from tests.operator.test_kueue_kube import QUEUE, gpu_queue  # noqa: F401 (gpu_queue: a fixture)
 
@@ -82,6 +82,7 @@ def test_a_two_node_trainjob_as_nanorun_builds_it_meets_through_trainers_rendezv
                 "gpusPerNode": 0,
                 "launcher": "TrainJob",
                 "nodeSelector": GPU_LABELS,  # where the trainer image is pulled
+                "tolerations": GPU_TOLERATIONS,
             },
             "storage": {
                 "uri": "s3://nanorun/runs/env",
