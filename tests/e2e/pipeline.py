@@ -89,10 +89,11 @@ def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[
             "eval": {"maxProblems": 4, "extraArgs": ["--max-new-tokens", "12"]},
             "report": {"extraArgs": ["--samples", "1"]},
         },
-        # The Ray head and the replicas share the GPU node's 2 CPUs.
+        # The Ray head (and its autoscaler, half a CPU each) and the replicas share the GPU node's
+        # 2 CPUs with the training pods of a stage that runs again while the chat serves.
         "serving": {
             "gpusPerReplica": 0,
-            "cpusPerReplica": 0.5,
+            "cpusPerReplica": 0.25,
             "headCpu": "500m",
             "nodeSelector": GPU_LABELS,
             "tolerations": GPU_TOLERATIONS,

@@ -95,24 +95,32 @@ def copy_sources(args: str) -> tuple[list[str], dict[str, str]]:
     return paths[:-1], flags
 
 
-def dockerignore_patterns() -> list[re.Pattern[str]]:
-    patterns = []
-    for line in (REPO / ".dockerignore").read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        assert not line.startswith("!"), "re-include patterns are not supported by this check"
-        regex = ""
-        for part in re.split(r"(\*\*/|\*|\?)", line.rstrip("/")):
-            regex += {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
-        patterns.append(re.compile(regex))
-    return patterns
+Pattern = tuple[re.Pattern[str], bool]  # a .dockerignore line; False for a `!` (re-include) line
 
 
-def ignored(path: str, patterns: list[re.Pattern[str]]) -> bool:
+def pattern(line: str) -> Pattern:
+    excludes = not line.startswith("!")
+    regex = ""
+    for part in re.split(r"(\*\*/|\*|\?)", line.lstrip("!").rstrip("/")):
+        regex += {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
+    return re.compile(regex), excludes
+
+
+def dockerignore_patterns() -> list[Pattern]:
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    return [pattern(line) for line in lines if line and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[Pattern]) -> bool:
+    """Whether Docker leaves `path` out of the context: the last pattern that matches it or a folder
+    above it decides."""
     parts = path.strip("/").split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(p.fullmatch(prefix) for p in patterns for prefix in prefixes)
+    excluded = False
+    for regex, excludes in patterns:
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            excluded = excludes
+    return excluded
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +135,13 @@ def image(request: pytest.FixtureRequest, dockerfile: Dockerfile) -> tuple[str, 
 
 def test_dockerignore_check_matches_like_docker() -> None:
     patterns = [
-        re.compile(r"(?:.*/)?__pycache__"),
-        re.compile(r"rustbpe/target"),
-        re.compile(r"[^/]*\.egg-info"),
+        pattern(line) for line in ("**/__pycache__", "rustbpe/target", "*.egg-info", "tests/", "!tests/a/")
     ]
     assert ignored("trainer/__pycache__/x.pyc", patterns)
     assert ignored("rustbpe/target/release/lib.so", patterns)
     assert ignored("nanorun.egg-info", patterns) and not ignored("trainer/nanorun.egg-info", patterns)
     assert not ignored("rustbpe/src/lib.rs", patterns)
+    assert ignored("tests/b/x.py", patterns) and not ignored("tests/a/x.py", patterns)
 
 
 def test_every_stage_starts_from_the_pinned_debian_base(dockerfile: Dockerfile) -> None:
