@@ -1,6 +1,7 @@
-"""The fake stage of the `nanorun-fake-stage` test image (tests/kube/images/fake-stage), run the way
-a pod runs it: `torchrun -m nanorun.trainer.<stage> --run-dir DIR <flags>` found on PATH, the
-attempt in NANORUN_ATTEMPT. It keeps the stage contract the operator tests rely on."""
+"""The fake stage of the `nanorun-fake-stage` test image (tests/kube/images/Dockerfile), run with
+the arguments a pod gives the image's `torchrun` and `python` (`-m nanorun.trainer.<stage> --run-dir
+DIR <flags>`, the attempt in NANORUN_ATTEMPT), here with this checkout's Python. It keeps the stage
+contract the operator tests rely on."""
 
 from __future__ import annotations
 
@@ -14,20 +15,15 @@ from nanorun.pipeline.progress import read_done, read_progress
 
 from tests.kube.cluster import HERE
 
-BIN = HERE / "images" / "fake-stage" / "bin"
+FAKE_STAGE = HERE / "images" / "fake-stage" / "fake_stage.py"
 
 
-def stage(run_dir, *flags: str, attempt: int = 1, launcher: str = "torchrun", **kw) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "FAKE_STAGE_PYTHON": sys.executable,
-        "NANORUN_ATTEMPT": str(attempt),
-        "NANORUN_CONFIG_ID": "cfg",
-    }
+def stage(run_dir, *flags: str, attempt: int = 1, **kw) -> subprocess.Popen:
+    env = {**os.environ, "NANORUN_ATTEMPT": str(attempt), "NANORUN_CONFIG_ID": "cfg"}
     return subprocess.Popen(
         [
-            launcher,
+            sys.executable,
+            str(FAKE_STAGE),
             "-m",
             "nanorun.trainer.base_train",
             "--run-dir",
@@ -47,7 +43,7 @@ def stage(run_dir, *flags: str, attempt: int = 1, launcher: str = "torchrun", **
 
 
 def test_steps_write_progress_and_done_with_a_checkpoint(tmp_path):
-    out, _ = stage(tmp_path, "--fake-steps", "3", launcher="python").communicate(timeout=60)
+    out, _ = stage(tmp_path, "--fake-steps", "3").communicate(timeout=60)
     assert "step 3/3" in out
     progress = read_progress(str(tmp_path), "pretrain")
     assert (progress.step, progress.total_steps, progress.attempt) == (3, 3, 1)

@@ -17,7 +17,7 @@ import yaml
 
 from tests.fixtures.kube import deploy_s3, wait_until
 from tests.images.containers import image_ref
-from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS, GPUS, REPO
+from tests.kube.cluster import GPU_LABELS, GPU_TAINT, GPU_TOLERATIONS, GPUS, REPO
 
 pytestmark = pytest.mark.kube
 
@@ -188,8 +188,8 @@ def test_unschedulable_pods_stay_pending_with_the_schedulers_reason(kube_pods, k
 
 def test_a_toleration_lets_a_pod_onto_a_tainted_node(kube_pods, kube_namespace):
     ns = kube_namespace
-    kube_pods.kubectl("taint", "nodes", "node-2", "nvidia.com/gpu=present:NoSchedule")
-    kube_pods.kubectl("taint", "nodes", "node-1", "nvidia.com/gpu=present:NoSchedule")
+    # node-2, the GPU node, carries this taint already; node-1 gets it for this test.
+    kube_pods.kubectl("taint", "nodes", "node-1", GPU_TAINT)
     try:
         plain = pod("plain", "pass")
         tolerant = pod(
@@ -208,8 +208,7 @@ def test_a_toleration_lets_a_pod_onto_a_tainted_node(kube_pods, kube_namespace):
         )
         assert "untolerated taint" in next(e["message"] for e in found if e["reason"] == "FailedScheduling")
     finally:
-        for node in ("node-1", "node-2"):
-            kube_pods.kubectl("taint", "nodes", node, "nvidia.com/gpu=present:NoSchedule-", check=False)
+        kube_pods.kubectl("taint", "nodes", "node-1", f"{GPU_TAINT}-", check=False)
 
 
 SERVER = """
@@ -364,7 +363,7 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
             {"name": "DERIVED", "value": "$(POD_NAME)-$(DEPTH)"},
         ],
         "args": ["$(POD_NAME)-$(DEPTH)", "$$(DEPTH)", "$(NOT_SET)"],  # expanded from the env, as in command
-        "resources": {"requests": {"cpu": "1500m"}, "limits": {"memory": "2Gi"}},
+        "resources": {"requests": {"cpu": "250m"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [
             {"name": "settings", "mountPath": "/etc/settings"},
             {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
@@ -392,7 +391,7 @@ def test_env_and_volumes_are_resolved_as_by_a_kubelet(kube_pods, kube_namespace)
         f"NODE={done['spec']['nodeName']}",
         f"POD_IP={done['status']['podIP']}",
         "MEM_MI=2048",
-        "CPU=2",
+        "CPU=1",  # a quarter CPU, rounded up by the default divisor of 1
         "DERIVED=env-20",
         f"KUBERNETES_SERVICE_HOST={kube_pods.cluster.network.kubernetes_ip}",
         f"token True ns {ns}",
