@@ -210,8 +210,8 @@ class Cluster:
             self.kubeconfig_path.chmod(0o600)
             self._kubectl("apply", "-f", str(HERE / "addons/rbac.yaml"))
             self._start_controllers()
-            for index, node in enumerate(self.nodes, start=1):  # hollow: no pod network needed
-                self._start_node(index, node)
+            for node in self.nodes:  # hollow: no pod network needed
+                self._start_node(node)
             if self.pods:
                 self._start_registry()
                 done("images_pushed")
@@ -379,7 +379,7 @@ class Cluster:
             cgroup=self.network.cgroup,
         )
 
-    def _start_node(self, index: int, node: NodeSpec) -> None:
+    def _start_node(self, node: NodeSpec) -> None:
         """A hollow node (tests/kube/hollow.py): placement only, its pods never run. With the pod
         network it runs on this machine's end of the cluster's link, in the cluster's cgroup."""
         hollow = HollowNode(

@@ -46,6 +46,15 @@ TAINTS = ("nanorun.dev/hollow=true:NoSchedule", "nanorun.dev/hollow=true:NoExecu
 TOLERATION = {"key": "nanorun.dev/hollow", "operator": "Exists"}  # both effects
 # NodeSpec capacity keys the hollow kubelet itself reports; the rest are extended resources.
 KUBELET_RESOURCES = ("cpu", "memory", "ephemeral-storage", "pods")
+# The machine of an 8-GPU InfiniBand node (an H100 server), for the placement tests' GPU nodes.
+GPU_MACHINE = {
+    "cpu": "192",
+    "memory": "2Ti",
+    "pods": "110",
+    "nvidia.com/gpu": "8",
+    "rdma/ib": "1",
+    "ephemeral-storage": "1Ti",
+}
 STATUS_UPDATE_S = 2  # how often the hollow kubelet computes its Node's status, posting changes
 STATUS_REPORT_S = 10  # how often it posts the status when nothing changed (a kubelet's default: 5 min)
 

@@ -25,31 +25,22 @@ import yaml
 
 from tests.fixtures.kube import KubeEnv, wait_until
 from tests.kube.binaries import crd_files
-from tests.kube.cluster import REPO, Cluster, ControlPlaneError, NodeSpec
+from tests.kube.cluster import GPU_LABELS, GPU_TAINT, REPO, Cluster, ControlPlaneError, NodeSpec
 from tests.kube.controllers import install_crds
-from tests.kube.hollow import TOLERATION
+from tests.kube.hollow import GPU_MACHINE, TOLERATION
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]
 ABSENT_IMAGE = "registry.invalid/nanorun-not-pulled:0"
-GPU = {
-    "cpu": "192",
-    "memory": "2Ti",
-    "pods": "110",
-    "nvidia.com/gpu": "8",
-    "rdma/ib": "1",
-    "ephemeral-storage": "1Ti",
-}
-H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8"}
 NODES = (
     NodeSpec(
         "system",
         capacity={"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
         labels={"node-role": "system"},
     ),
-    NodeSpec("gpu-1", capacity=GPU, labels=H100, taints=("nvidia.com/gpu=present:NoSchedule",)),
-    NodeSpec("gpu-2", capacity=GPU, labels=H100, taints=("nvidia.com/gpu=present:NoSchedule",)),
+    NodeSpec("gpu-1", capacity=GPU_MACHINE, labels=GPU_LABELS, taints=(GPU_TAINT,)),
+    NodeSpec("gpu-2", capacity=GPU_MACHINE, labels=GPU_LABELS, taints=(GPU_TAINT,)),
 )
 
 
@@ -107,7 +98,7 @@ def placement_only(pod_spec: dict) -> None:
 def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
     """The LocalQueue `queue` in `ns`, on a ClusterQueue of the two GPU nodes' capacity (a flavor
     without node labels: where pods go stays the pods' own nodeSelector and tolerations)."""
-    capacity = {"cpu": "384", "memory": "4Ti", "nvidia.com/gpu": "16", "rdma/ib": "2"}  # 2 x GPU
+    capacity = {"cpu": "384", "memory": "4Ti", "nvidia.com/gpu": "16", "rdma/ib": "2"}  # 2 x GPU_MACHINE
     quota = [{"name": k, "nominalQuota": v} for k, v in capacity.items()]
     objects = [
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "any-node"}},

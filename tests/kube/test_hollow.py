@@ -15,21 +15,13 @@ import pytest
 
 from tests.fixtures.kube import KubeEnv, running_cluster, wait_until
 from tests.kube.cluster import Cluster, NodeSpec
-from tests.kube.hollow import STATUS_REPORT_S, TAINTS, TOLERATION
+from tests.kube.hollow import GPU_MACHINE, STATUS_REPORT_S, TAINTS, TOLERATION
 
 pytestmark = [pytest.mark.kube]
 
-GPU = {
-    "cpu": "192",
-    "memory": "2Ti",
-    "pods": "110",
-    "nvidia.com/gpu": "8",
-    "rdma/ib": "1",
-    "ephemeral-storage": "1Ti",
-}
 NODE = NodeSpec(
     "gpu-1",
-    capacity=GPU,
+    capacity=GPU_MACHINE,
     labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     taints=("nvidia.com/gpu=present:NoSchedule",),
 )
@@ -83,8 +75,8 @@ def pod(name: str, tolerations: list[dict]) -> dict:
 
 def test_a_hollow_node_declares_its_node_spec(hollow_cluster):
     status = node(hollow_cluster)
-    assert status["status"]["capacity"] == GPU
-    assert status["status"]["allocatable"] == GPU
+    assert status["status"]["capacity"] == GPU_MACHINE
+    assert status["status"]["allocatable"] == GPU_MACHINE
     taints = {f"{t['key']}={t['value']}:{t['effect']}" for t in status["spec"]["taints"]}
     assert taints == {*TAINTS, "nvidia.com/gpu=present:NoSchedule"}
     assert status["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
@@ -133,5 +125,5 @@ def test_the_kubelet_keeps_the_advertised_resources_across_its_status_updates(ho
     status = wait_until(
         lambda: node(kube)["status"], lambda s: heartbeat(s) != before, timeout=3 * STATUS_REPORT_S
     )
-    assert status["capacity"] == GPU
-    assert status["allocatable"] == GPU
+    assert status["capacity"] == GPU_MACHINE
+    assert status["allocatable"] == GPU_MACHINE
