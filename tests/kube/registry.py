@@ -299,8 +299,8 @@ def layer(
     files: dict[str, bytes | None], owner: int = 0, xattrs: dict[str, dict[str, bytes]] | None = None
 ) -> bytes:
     """An uncompressed layer (tar, reproducible: fixed times and owners) of `files`: path -> content
-    (an executable file), None for a directory (mode 1777 for /tmp, else 0755), `->target` bytes
-    for a symlink. `xattrs` gives files extended attributes (PAX `SCHILY.xattr.` records, which
+    (a file under etc/ is 0644, any other an executable), None for a directory (mode 1777 for /tmp,
+    else 0755), `->target` bytes for a symlink. `xattrs` gives files extended attributes (PAX `SCHILY.xattr.` records, which
     containerd applies when it unpacks the layer)."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -314,10 +314,7 @@ def layer(
                 info.type, info.linkname, info.mode = tarfile.SYMTYPE, data[2:].decode(), 0o777
                 tar.addfile(info)
             else:
-                info.size, info.mode = (
-                    len(data),
-                    0o755 if member.startswith(("bin/", "manager", "coredns", "pause")) else 0o644,
-                )
+                info.size, info.mode = len(data), 0o644 if member.startswith("etc/") else 0o755
                 for name, value in (xattrs or {}).get(member, {}).items():
                     # tarfile writes a value that is not UTF-8 as raw bytes (hdrcharset=BINARY).
                     info.pax_headers[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
