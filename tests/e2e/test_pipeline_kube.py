@@ -312,6 +312,8 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
         NAME, RUN_DIR, nodes=2, endpoint=endpoint, credentialsSecret="s3-creds", cleanupOnDelete=True
     )
     manifest["spec"]["data"]["pretrain"] = DATA
+    # The cluster runs Trainer v2 too, where `auto` means TrainJob (test_pipeline_trainjob_kube.py).
+    manifest["spec"]["compute"]["launcher"] = "PyTorchJob"
     # Evaluate mid-way too: the pod exits right after the last step's evaluation, often before a scrape.
     manifest["spec"]["stages"]["pretrain"]["evalEvery"] = PRETRAIN_STEPS // 2
     manifest["spec"]["serving"].update(image=image_ref("serving"), minReplicas=REPLICAS, maxReplicas=REPLICAS)
@@ -348,7 +350,6 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     assert len(killer.killed_at) == OPERATOR_KILLS, killer.killed_at
     run = c.run()
     status = run["status"]
-    # `compute.launcher: auto` on a cluster without Trainer v2 (test_pipeline_trainjob_kube.py has one).
     assert status["launcher"] == "PyTorchJob"
 
     # Every stage succeeded; pretraining needed a second attempt that was not a counted failure.

@@ -1,5 +1,5 @@
-"""The end-to-end path once more with Kubeflow Trainer v2, on a cluster that runs the Trainer v2
-controller and JobSet (tests/fixtures/trainer.py) beside the training-operator: the chart's operator
+"""The end-to-end path once more with Kubeflow Trainer v2, which the session cluster runs with JobSet
+beside the training-operator (tests/fixtures/kube.py): the chart's operator
 pod, `compute.launcher: auto` choosing TrainJob, Trainer v2 rendering each stage's TrainJob with
 the chart's ClusterTrainingRuntime into a JobSet whose pods' torchrun agents meet through the PET_*
 environment its torch plugin injects, storage on an S3 server pod, and KubeRay serving the result
@@ -22,7 +22,6 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -33,8 +32,7 @@ from nanorun.trainer.data.dataset import resolve_shards
 from nanorun.trainer.training import checkpoint
 
 from tests.e2e.pipeline import SAVE_EVERY, e2e_llmrun
-from tests.fixtures.kube import KubeEnv, deploy_s3, wait_until
-from tests.fixtures.trainer import trainer_cluster
+from tests.fixtures.kube import deploy_s3, wait_until
 from tests.images.containers import image_ref
 from tests.kube.cluster import REPO
 
@@ -47,13 +45,6 @@ DATA = f"s3://{BUCKET}/data/bundled"
 STAGES = ("tokenizer", "pretrain", "sft")
 CHART = REPO / "charts" / "nanorun"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory, images: dict[str, str]) -> Iterator[KubeEnv]:
-    """This module's cluster, with Trainer v2; it stands in for the session's `kube`."""
-    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster"), images) as env:
-        yield env
 
 
 def condition(obj: dict, type_: str) -> dict:

@@ -1,7 +1,8 @@
-"""Every example LLMRun fits the cluster it is written for: on a test cluster shaped like a GPU
-cluster (a system node, and two nodes of 8 H100s with InfiniBand, tainted `nvidia.com/gpu`), every
-pod the training-operator makes for each stage's PyTorchJob, and every pod KubeRay makes for the
-RayService, is scheduled, with no `FailedScheduling`.
+"""Every example LLMRun fits the cluster it is written for: on the session cluster's hollow nodes,
+shaped like a GPU cluster (tests/fixtures/kube.py `HOLLOW_NODES`: a system node, and two nodes of 8
+H100s with InfiniBand, tainted `nvidia.com/gpu`), every pod the training-operator makes for each
+stage's PyTorchJob, and every pod KubeRay makes for the RayService, is scheduled, with no
+`FailedScheduling`.
 
 The nodes are hollow nodes (tests/kube/hollow.py: the kubelet with a fake runtime, so the pods
 placed there are reported Running and never run; it is placement that is under test). The jobs and
@@ -16,52 +17,19 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.fixtures.kube import KubeEnv, wait_until
-from tests.kube.binaries import crd_files
-from tests.kube.cluster import GPU_LABELS, GPU_TAINT, REPO, Cluster, ControlPlaneError, NodeSpec
-from tests.kube.controllers import install_crds
-from tests.kube.hollow import GPU_MACHINE, TOLERATION
+from tests.kube.cluster import REPO
+from tests.kube.hollow import TOLERATION
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 EXAMPLES = sorted((REPO / "manifests" / "examples").glob("*.yaml")) + [REPO / "examples" / "tiny.yaml"]
 ABSENT_IMAGE = "registry.invalid/nanorun-not-pulled:0"
-NODES = (
-    NodeSpec(
-        "system",
-        capacity={"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "200Gi"},
-        labels={"node-role": "system"},
-    ),
-    NodeSpec("gpu-1", capacity=GPU_MACHINE, labels=GPU_LABELS, taints=(GPU_TAINT,)),
-    NodeSpec("gpu-2", capacity=GPU_MACHINE, labels=GPU_LABELS, taints=(GPU_TAINT,)),
-)
-
-
-@pytest.fixture(scope="module")
-def gpu_cluster(tmp_path_factory) -> Iterator[KubeEnv]:
-    """A cluster of its own (beside the session one, when that runs)."""
-    plane = Cluster(tmp_path_factory.mktemp("gpu-cluster"), nodes=NODES)
-    if plane.pods_unsupported:
-        pytest.fail(f"pods cannot run here: {plane.pods_unsupported}", pytrace=False)
-    try:
-        plane.start()
-        env = KubeEnv(plane)
-        install_crds(crd_files(), env.env)
-    except ControlPlaneError as err:
-        plane.stop()
-        pytest.fail(str(err), pytrace=False)
-    try:
-        yield env
-    finally:
-        plane.stop()
-        shutil.rmtree(plane.workdir / "etcd-data", ignore_errors=True)
 
 
 def pods(kube: KubeEnv, ns: str, selector: str) -> list[dict]:
@@ -127,13 +95,12 @@ def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
-def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, example: Path):
+def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(kube, example: Path):
     from nanorun.operator.api import parse_spec
     from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
     from nanorun.operator.plan import stage_plan
     from nanorun.operator.rayservice import rayservice_for_run
 
-    kube = gpu_cluster
     body = yaml.safe_load(example.read_text())
     ns = f"schedule-{example.stem.replace('_', '-').replace('.', '-')}"[:50]
     kube.kubectl("create", "namespace", ns)
@@ -179,3 +146,5 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(gpu_cluster, exam
         if spec.serving.gpus_per_replica:
             assert nodes["worker"] in {"gpu-1", "gpu-2"}, nodes
     kube.kubectl("delete", "namespace", ns, "--wait=false")
+    if spec.compute.queue:
+        kube.kubectl("delete", "clusterqueue", ns, "--wait=false")

@@ -177,8 +177,9 @@ def llmrun(
         "storage": {"uri": run_dir},
         "model": {"depth": 2, "maxSeqLen": 64},
         "tokenizer": {"vocabSize": 512, "maxChars": 10000},
-        # Either node: the GPU node's taint is tolerated, as GPU jobs (Kueue's tests) need.
-        "compute": {"gpusPerNode": 0, "tolerations": GPU_TOLERATIONS},
+        # Either node: the GPU node's taint is tolerated, as GPU jobs (Kueue's tests) need. PyTorchJob,
+        # which `auto` would not choose on a cluster that runs Trainer v2 too.
+        "compute": {"gpusPerNode": 0, "tolerations": GPU_TOLERATIONS, "launcher": "PyTorchJob"},
         "stages": {k: {"enabled": k in enabled} for k in keys},
         "serving": {"gpusPerReplica": 0, "image": ABSENT_SERVING_IMAGE},
         "retry": {"maxAttempts": 2, "backoffSeconds": 0},

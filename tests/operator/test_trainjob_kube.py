@@ -1,4 +1,4 @@
-"""Stages as Kubeflow Trainer v2 TrainJobs on a cluster of their own that runs the real Trainer v2
+"""Stages as Kubeflow Trainer v2 TrainJobs on the session cluster, which runs the real Trainer v2
 controller and JobSet (built from their modules, tests/kube/build.sh) beside the training-operator:
 the chart's ClusterTrainingRuntime, a TrainJob as nanorun builds it meeting on two nodes through
 the PET_* environment Trainer's torch plugin injects, and the operator as a process choosing
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 from nanorun.operator.api import GROUP, PLURAL, VERSION, parse_spec
@@ -22,7 +21,6 @@ from nanorun.operator.trainjob import trainjob_for_stage
 from nanorun.pipeline import storage
 
 from tests.fixtures.kube import KubeEnv, wait_until
-from tests.fixtures.trainer import trainer_cluster
 from tests.images.containers import image_ref
 from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 from tests.operator.conftest import condition, create_llmrun, get_llmrun, llmrun, wait_for
@@ -32,14 +30,6 @@ pytestmark = [pytest.mark.kube, pytest.mark.slow]
 
 TIMEOUT = 240
 TRAINJOBS = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory, images: dict[str, str]) -> Iterator[KubeEnv]:
-    """This module's cluster, with Trainer v2 (tests/fixtures/trainer.py); it stands in for the
-    session's `kube`, so the operator fixtures (tests/operator/conftest.py) use it."""
-    with trainer_cluster(tmp_path_factory.mktemp("trainer-cluster"), images) as env:
-        yield env
 
 
 def trainjob_pods(kube: KubeEnv, ns: str, job: str) -> list[dict]:
@@ -162,7 +152,7 @@ def test_auto_runs_every_stage_as_a_trainjob_and_a_deleted_pod_is_a_preemption_n
             enabled=("tokenizer", "pretrain"),
             storage=cluster_s3.access,
             serving={"enabled": False},
-            compute={"nodes": 2},
+            compute={"nodes": 2, "launcher": "auto"},
             stage_args={"pretrain": ["--fake-steps", "40", "--fake-step-seconds", "0.2"]},
         ),
     )
@@ -273,7 +263,7 @@ def test_queued_runs_trainjobs_wait_for_kueue_s_quota_and_run_once_admitted(
                 enabled=("pretrain",),
                 storage=cluster_s3.access,
                 serving={"enabled": False},
-                compute={"gpusPerNode": 8, "queue": QUEUE},
+                compute={"gpusPerNode": 8, "queue": QUEUE, "launcher": "TrainJob"},
                 # 20 s each: the held run's Workload is tried, and its reason seen, while the other runs.
                 stage_args={"pretrain": ["--fake-steps", "100", "--fake-step-seconds", "0.2"]},
             ),
