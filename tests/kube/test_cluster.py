@@ -55,78 +55,74 @@ def leftovers(network: cluster.Network) -> list[str]:
 @pytest.mark.kube
 @pytest.mark.slow
 def test_up_then_down_runs_pods_and_leaves_nothing_behind(kube_pods, tmp_path):
-    """`make kube-up` / `make kube-down`, twice: nodes Ready and a pod runs; down leaves no process,
-    network namespace, link, route, iptables rule (they live in the cluster's namespace), mount or
-    cgroup."""
+    """`make kube-up` / `make kube-down`: nodes Ready and a pod runs, a second `up` says it is already
+    running; down leaves no process, network namespace, link, route, iptables rule (they live in the
+    cluster's namespace), mount or cgroup."""
     state = tmp_path / "state"
     run = [sys.executable, "-m", "tests.kube.cluster"]
-    for attempt in (1, 2):
-        up = subprocess.run(
-            [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+    up = subprocess.run(
+        [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+    )
+    assert up.returncode == 0, up.stderr
+    network = cluster.Network(int((state / "network-slot").read_text()))
+    # The session's cluster holds a slot of its own: the two run side by side.
+    assert network != kube_pods.cluster.network
+    pids = [int(f.read_text()) for f in state.glob("*.pid")]
+    assert len(pids) == 5  # etcd, apiserver, controller-manager, scheduler, kube-proxy
+    try:
+        assert subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 0
+        env = {**kube_pods.env, "KUBECONFIG": str(state / "config")}
+        kubectl = ["kubectl", "--request-timeout=20s"]
+        nodes = subprocess.run(
+            [*kubectl, "get", "nodes", "--no-headers"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert [line.split()[1] for line in nodes.splitlines()] == ["Ready", "Ready"]
+        subprocess.run(
+            [
+                *kubectl,
+                "run",
+                "hello",
+                "--image=busybox:1.36",
+                "--restart=Never",
+                "--command",
+                "--",
+                "sh",
+                "-c",
+                "echo up $((2 + 2))",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
         )
-        assert up.returncode == 0, up.stderr
-        network = cluster.Network(int((state / "network-slot").read_text()))
-        # The session's cluster holds a slot of its own: the two run side by side.
-        assert network != kube_pods.cluster.network
-        pids = [int(f.read_text()) for f in state.glob("*.pid")]
-        assert len(pids) == 5  # etcd, apiserver, controller-manager, scheduler, kube-proxy
-        try:
-            assert (
-                subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 0
-            )
-            env = {**kube_pods.env, "KUBECONFIG": str(state / "config")}
-            kubectl = ["kubectl", "--request-timeout=20s"]
-            nodes = subprocess.run(
-                [*kubectl, "get", "nodes", "--no-headers"],
+        deadline = time.monotonic() + 60
+        phase = ""
+        while phase != "Succeeded" and time.monotonic() < deadline:
+            phase = subprocess.run(
+                [*kubectl, "get", "pod", "hello", "-o", "jsonpath={.status.phase}"],
                 env=env,
                 capture_output=True,
                 text=True,
-                check=True,
             ).stdout
-            assert [line.split()[1] for line in nodes.splitlines()] == ["Ready", "Ready"]
-            subprocess.run(
-                [
-                    *kubectl,
-                    "run",
-                    "hello",
-                    "--image=busybox:1.36",
-                    "--restart=Never",
-                    "--command",
-                    "--",
-                    "sh",
-                    "-c",
-                    "echo up $((2 + 2))",
-                ],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-            deadline = time.monotonic() + 60
-            phase = ""
-            while phase != "Succeeded" and time.monotonic() < deadline:
-                phase = subprocess.run(
-                    [*kubectl, "get", "pod", "hello", "-o", "jsonpath={.status.phase}"],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                time.sleep(0.3)
-            logs = subprocess.run([*kubectl, "logs", "hello"], env=env, capture_output=True, text=True).stdout
-            assert (phase, logs) == ("Succeeded", "up 4\n")
-            if attempt == 1:
-                again = subprocess.run(
-                    [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
-                )
-                assert "already running" in again.stdout
-        finally:
-            down = subprocess.run(
-                [*run, "down", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
-            )
-        assert down.returncode == 0, down.stderr
-        assert wait_gone(pids) == []
-        assert leftovers(network) == []
-        assert not list(state.glob("*.pid"))
-        assert subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 1
+            time.sleep(0.3)
+        logs = subprocess.run([*kubectl, "logs", "hello"], env=env, capture_output=True, text=True).stdout
+        assert (phase, logs) == ("Succeeded", "up 4\n")
+        again = subprocess.run(
+            [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+        )
+        assert "already running" in again.stdout
+    finally:
+        down = subprocess.run(
+            [*run, "down", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
+        )
+    assert down.returncode == 0, down.stderr
+    assert wait_gone(pids) == []
+    assert leftovers(network) == []
+    assert not list(state.glob("*.pid"))
+    assert subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 1
 
 
 STARTER = """
