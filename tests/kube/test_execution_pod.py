@@ -1,7 +1,8 @@
 """Model-written code run by the HumanEval sandbox inside a training pod finds none of the run's
 credentials (environment, /proc, the Secret volume, the service-account token) and cannot open a
 socket, in the pod as it is, in a pod that cannot create namespaces, and where Landlock is missing
-the sandbox refuses to run the code at all.
+the sandbox refuses to run the code at all. A fork bomb, processes in new sessions or process groups,
+daemons and a grandchild holding the output open leave no process behind and do not hold the result.
 Run: .venv/bin/pytest tests/kube/test_execution_pod.py -q   (needs root for the pod network)
 """
 
@@ -16,6 +17,9 @@ from tests.fixtures.kube import deploy_s3
 from tests.kube.test_pods import pod, wait_phase
 from tests.trainer.test_execution import (
     ATTACK,
+    ESCAPES,
+    FORK_BOUND,
+    POD_PROGRAMS,
     REFUSAL,
     SECRET,
     assert_nothing_leaked,
@@ -29,6 +33,7 @@ SCENARIOS = [
     ("as the pod allows", {}, ATTACK),
     ("no namespaces", {"unshare": errno.EPERM}, ATTACK),  # no CAP_SYS_ADMIN, no user namespaces
     ("no landlock", {"landlock_create_ruleset": errno.ENOSYS}, REFUSAL),  # an old kernel or profile
+    ("escapes", {}, ESCAPES),
 ]
 
 
@@ -48,6 +53,16 @@ def pod_script() -> str:
             print("=== " + name, proc.returncode)
             print(proc.stdout, proc.stderr, flush=True)
     """)
+
+
+def parse_escapes(section: str) -> dict[str, dict[str, str]]:
+    """{program: {field: value}} from the `ESCAPE <program> timed_out=... ...` lines of ESCAPES."""
+    escapes = {}
+    for line in section.splitlines():
+        if line.startswith("ESCAPE "):
+            name, fields = line.removeprefix("ESCAPE ").split(" timed_out=", 1)
+            escapes[name] = dict(field.split("=", 1) for field in f"timed_out={fields}".split())
+    return escapes
 
 
 def test_model_code_in_a_training_pod_gets_no_credentials_and_no_network(kube_pods, kube_namespace):
@@ -89,3 +104,12 @@ def test_model_code_in_a_training_pod_gets_no_credentials_and_no_network(kube_po
         "REFUSED model-written code is not run: Landlock is not available" in refused
         and "\nran\n" not in refused
     )
+    escapes = parse_escapes(sections["escapes"])
+    assert set(escapes) == {name for name, _, _, _ in POD_PROGRAMS}, sections["escapes"]
+    for name, _, _, timeout in POD_PROGRAMS:
+        fields = escapes[name]
+        assert fields["survivors"] == "0" and float(fields["seconds"]) < timeout + 30, (name, fields)
+    assert escapes["fork bomb"]["timed_out"] == "True" and escapes["holder"]["timed_out"] == "False", escapes
+    # Tasks of the pod's uid in other pods, which its /proc does not show, leave the programs less room
+    # (possibly no fork at all), never more.
+    assert 0 < int(escapes["fork bomb"]["announced"]) <= FORK_BOUND, escapes["fork bomb"]
