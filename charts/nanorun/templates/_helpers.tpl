@@ -47,3 +47,16 @@ app.kubernetes.io/part-of: nanorun
 {{- define "nanorun.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* "true" when operator.storagePolicy names any prefix (else empty: every URI allowed). */}}
+{{- define "nanorun.storagePolicy" -}}
+{{- $sp := .Values.operator.storagePolicy }}
+{{- if or $sp.prefixes $sp.namespaces $sp.readOnlyPrefixes }}true{{ end }}
+{{- end }}
+
+{{/* A list of URI prefixes as the policy ConfigMap's value: one per line, no trailing slash. */}}
+{{- define "nanorun.prefixLines" -}}
+{{- $lines := list }}
+{{- range . }}{{ $lines = append $lines (trim . | trimSuffix "/") }}{{ end }}
+{{- join "\n" $lines | toJson }}
+{{- end }}

@@ -1,0 +1,125 @@
+"""Which storage a namespace may use: the admin's storage policy, checked at admission (the chart's
+ValidatingAdmissionPolicy evaluates the same ConfigMap) and again by the operator before it reads
+a run's progress or deletes its files, so a team cannot point an LLMRun or an LLMSweep at another
+team's prefix.
+
+    policy = StoragePolicy.load("/etc/nanorun/storage-policy")   # the ConfigMap, one file per key
+    policy.refusals("team-a", spec)   # [] or ["spec.storage.uri: ... is outside ..."]
+
+The ConfigMap's keys (each value one URI prefix per line; `{namespace}` stands for the namespace):
+
+- `prefixes`: where every namespace may keep runs (read and write), e.g. `s3://runs/{namespace}`;
+- `namespace.<name>`: more such prefixes for one namespace;
+- `readOnlyPrefixes`: what any namespace may read but not write: shared datasets and tokenizers
+  (`data.pretrain`, `tokenizer.from`).
+
+A URI is under a prefix when it is the prefix or continues it after a `/` (`s3://runs/team-a` does
+not cover `s3://runs/team-ab`). An empty policy (no keys) allows every URI: one team's cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAMESPACE_KEY = "namespace."
+PLACEHOLDER = "{namespace}"
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip().rstrip("/") for line in text.splitlines() if line.strip())
+
+
+def under(uri: str, prefix: str) -> bool:
+    """Whether `uri` is `prefix` or below it."""
+    return uri.rstrip("/") == prefix or uri.startswith(prefix + "/")
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    prefixes: tuple[str, ...] = ()
+    namespaces: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    read_only: tuple[str, ...] = ()
+
+    @classmethod
+    def from_data(cls, data: dict[str, str]) -> StoragePolicy:
+        """From a ConfigMap's data."""
+        return cls(
+            prefixes=_lines(data.get("prefixes", "")),
+            namespaces={
+                key[len(NAMESPACE_KEY) :]: _lines(value)
+                for key, value in data.items()
+                if key.startswith(NAMESPACE_KEY)
+            },
+            read_only=_lines(data.get("readOnlyPrefixes", "")),
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path | None) -> StoragePolicy:
+        """From a ConfigMap mounted as a folder (one file per key; the kubelet's `..data` links and
+        hidden entries skipped); None or a missing folder: the empty policy."""
+        if not folder or not Path(folder).is_dir():
+            return cls()
+        files = [p for p in Path(folder).iterdir() if not p.name.startswith(".") and p.is_file()]
+        return cls.from_data({p.name: p.read_text() for p in files})
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.prefixes or self.namespaces or self.read_only)
+
+    def writable(self, namespace: str) -> tuple[str, ...]:
+        own = (p.replace(PLACEHOLDER, namespace) for p in self.prefixes)
+        return (*own, *self.namespaces.get(namespace, ()))
+
+    def readable(self, namespace: str) -> tuple[str, ...]:
+        return (*self.writable(namespace), *(p.replace(PLACEHOLDER, namespace) for p in self.read_only))
+
+    def may_write(self, namespace: str, uri: str) -> bool:
+        return not self.restricted or any(under(uri, p) for p in self.writable(namespace))
+
+    def refusals(self, namespace: str, spec: Any) -> list[str]:
+        """What of an LLMRun spec (or an LLMSweep's template) lies outside the namespace's storage,
+        one line per field, each starting with the field it names."""
+        if not self.restricted:
+            return []
+        out = []
+        writable, readable = self.writable(namespace), self.readable(namespace)
+        checks = [("spec.storage.uri", spec.storage.uri, writable, "storage prefixes")]
+        # What a stage reads from storage (bundled data and hf:// datasets are no team's storage).
+        for where, uri in (
+            ("spec.tokenizer.from", spec.tokenizer.from_run),
+            ("spec.data.pretrain", spec.data.pretrain),
+        ):
+            if uri.startswith("s3://"):
+                checks.append((where, uri, readable, "readable prefixes"))
+        for where, uri, allowed, what in checks:
+            if not any(under(uri, p) for p in allowed):
+                shown = ", ".join(allowed) or "none"
+                out.append(f"{where}: {uri} is outside the {what} of namespace {namespace} ({shown})")
+        return out
+
+
+OPEN = StoragePolicy()  # every URI allowed
+POLICY_ENV = "NANORUN_STORAGE_POLICY"  # the folder the chart mounts the ConfigMap at
+
+
+class PolicySource:
+    """The policy in a mounted ConfigMap folder, read again at most every `every` seconds: the
+    kubelet brings an edited ConfigMap into the folder within a minute, and the operator follows
+    without a restart."""
+
+    def __init__(self, folder: str | None = None, every: float = 10.0) -> None:
+        self.folder = folder if folder is not None else os.environ.get(POLICY_ENV)
+        self.every = every
+        self._lock = threading.Lock()
+        self._policy, self._read_at = OPEN, float("-inf")
+
+    def current(self) -> StoragePolicy:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.every:
+                self._policy, self._read_at = StoragePolicy.load(self.folder), time.monotonic()
+            return self._policy
