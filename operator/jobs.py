@@ -34,7 +34,7 @@ from nanorun.operator.names import (
     QUEUE_LABEL,
 )
 from nanorun.operator.plan import PlannedStage, processes_per_node
-from nanorun.operator.security import restrict
+from nanorun.operator.security import TRAINER_USER, restrict
 from nanorun.pipeline.stages import stage_named
 
 CONTAINER_NAME = "pytorch"  # the training operator requires this name
@@ -220,7 +220,7 @@ def pytorchjob_for_stage(
     ):
         if value:
             pod[key] = copy.deepcopy(value)
-    template = {"metadata": pod_metadata(spec, labels), "spec": restrict(pod)}
+    template = {"metadata": pod_metadata(spec, labels), "spec": restrict(pod, user=TRAINER_USER)}
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if nodes > 1:
         replicas["Worker"] = {

@@ -5,8 +5,10 @@ and no ServiceAccount token where no container calls the Kubernetes API.
     restrict(pod_spec)                 # a training or serving pod
     restrict(pod_spec, api_token=True) # the Ray head, whose autoscaler sidecar scales the workers
 
-The images run as numeric non-root users (`USER 10001:10001`, the serving image's `1000:100`), which
-`runAsNonRoot` checks without naming a uid, so a team's own image keeps its own user.
+The serving image runs as its own numeric non-root user (`1000:100`, Ray's), which `runAsNonRoot`
+checks without naming a uid. Training pods name theirs, the trainer image's `10001:10001`
+(`TRAINER_USER`): the training-operator adds an init container to PyTorchJob Workers from an image
+of its own configuration (alpine by default, whose user is root), which runs as the pod's user.
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
-def restrict(pod: dict[str, Any], api_token: bool = False) -> dict[str, Any]:
+TRAINER_USER: dict[str, Any] = {"runAsUser": 10001, "runAsGroup": 10001}
+
+
+def restrict(
+    pod: dict[str, Any], api_token: bool = False, user: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """`pod` (a pod spec, changed in place and returned) under the `restricted` profile: the pod's
-    and each container's security context, and the ServiceAccount token mounted only with
-    `api_token`."""
-    pod["securityContext"] = {**copy.deepcopy(POD_SECURITY_CONTEXT), **pod.get("securityContext", {})}
+    and each container's security context (with `user`'s uid and gid, when given), and the
+    ServiceAccount token mounted only with `api_token`."""
+    pod["securityContext"] = {
+        **copy.deepcopy(POD_SECURITY_CONTEXT),
+        **(user or {}),
+        **pod.get("securityContext", {}),
+    }
     for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
         container["securityContext"] = {
             **copy.deepcopy(CONTAINER_SECURITY_CONTEXT),

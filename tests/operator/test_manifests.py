@@ -334,6 +334,11 @@ def test_every_pod_nanorun_creates_runs_under_the_restricted_pod_security_profil
         for c in pod["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
             assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, name
+        if name in ("master", "worker"):  # and the training-operator's init container with them
+            assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+                10001,
+                10001,
+            )
         # Only the Ray head, whose autoscaler sidecar scales the workers, gets an API token.
         assert pod["automountServiceAccountToken"] is (name == "ray-head"), name
     assert cluster["autoscalerOptions"]["securityContext"] == {

@@ -40,7 +40,9 @@ def finished_run(uri: str) -> None:
     """What a finished run leaves in storage: progress, done.json and a checkpoint."""
     storage.write_json(storage.join(uri, "pretrain", "progress.json"), {"step": 40, "total": 40, "loss": 2.5})
     storage.write_json(storage.join(uri, "pretrain", "done.json"), {"metrics": {"steps": 40, "val_bpb": 1.1}})
-    storage.write_bytes(storage.join(uri, "pretrain", "checkpoints", "step_000040", "model.safetensors"), b"w" * 4096)
+    storage.write_bytes(
+        storage.join(uri, "pretrain", "checkpoints", "step_000040", "model.safetensors"), b"w" * 4096
+    )
 
 
 def test_the_operator_neither_reads_nor_deletes_another_namespaces_run(
@@ -75,7 +77,9 @@ def test_the_operator_neither_reads_nor_deletes_another_namespaces_run(
         assert "val_bpb" not in json.dumps(status) and "2.5" not in json.dumps(status.get("stages", []))
         wait_for("mine reconciled", lambda: get_llmrun(custom_api, team_b, "mine").get("status"), operator=op)
         for name in ("steal", "mine"):
-            assert get_llmrun(custom_api, team_b, name)["metadata"].get("finalizers") == ["nanorun.io/cleanup"]
+            assert get_llmrun(custom_api, team_b, name)["metadata"].get("finalizers") == [
+                "nanorun.io/cleanup"
+            ]
             custom_api.delete_namespaced_custom_object(GROUP, VERSION, team_b, PLURAL, name)
         wait_for(
             "both runs gone",
@@ -130,7 +134,9 @@ def admission_policy(kube: KubeEnv, kube_namespace: str, tmp_path: Path):
 def server_refusal(kube: KubeEnv, namespace: str, kind: str, spec: dict) -> str:
     """`kubectl create --dry-run=server` of an object: the API server's refusal ("" if admitted)."""
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": "probe"}, "spec": spec}
-    out = kube.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(body), check=False)
+    out = kube.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(body), check=False
+    )
     return "" if out.returncode == 0 else out.stderr
 
 
@@ -144,7 +150,10 @@ def test_admission_refuses_another_namespaces_storage_with_the_operators_message
     message = wait_until(lambda: server_refusal(kube, team_b, "LLMRun", stolen), bool, timeout=30)
     [expected] = policy.refusals(team_b, parse_spec(stolen))
     assert expected in message, message
-    assert server_refusal(kube, team_b, "LLMRun", {"storage": {"uri": PREFIX.format(namespace=team_b) + "/r"}}) == ""
+    assert (
+        server_refusal(kube, team_b, "LLMRun", {"storage": {"uri": PREFIX.format(namespace=team_b) + "/r"}})
+        == ""
+    )
     assert server_refusal(kube, team_a, "LLMRun", stolen) == ""  # team A's own
     # What a run reads: shared data yes, another team's tokenizer or data no.
     own = {"uri": PREFIX.format(namespace=team_b) + "/r"}
