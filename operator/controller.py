@@ -75,7 +75,7 @@ class Settings:
         default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0)
     )
     max_error_backoff_seconds: float = 300.0
-    storage_policy: PolicySource = field(default_factory=PolicySource)
+    policy: PolicySource = field(default_factory=PolicySource)
     # Namespaces whose LLMRuns and LLMSweeps the operator leaves alone: the cluster's own.
     ignored_namespaces: frozenset[str] = field(
         default_factory=lambda: (
@@ -336,7 +336,7 @@ class Controller:
             self._inspect_failure,
             self._admission_of,
             self._trainjob_crd_served(),
-            self.settings.storage_policy.current(),
+            self.settings.policy.current(),
         )
         t1 = time.perf_counter()
         self._apply_children(run, body, decision, jobs)

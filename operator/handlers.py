@@ -160,14 +160,14 @@ def _cleanup_requested(spec: kopf.Spec, **_: Any) -> bool:
 @kopf.on.delete(*LLMRUNS, when=_cleanup_requested)
 async def delete_run_files(spec: kopf.Spec, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
     """storage.cleanupOnDelete: remove `<storage.uri>/` before the LLMRun goes, where the storage
-    policy lets the run's namespace write (the URI of a run that never ran may point anywhere)."""
+    tenancy policy lets the run's namespace write (the URI of a run that never ran may point anywhere)."""
     uri = (spec.get("storage") or {}).get("uri", "")
     if namespace in CONTROLLER.settings.ignored_namespaces:
         return
     if not storage.is_s3(uri):
         log.info("%s/%s: storage %r is not s3://, nothing the operator can delete", namespace, name, uri)
         return
-    if not CONTROLLER.settings.storage_policy.current().may_write(namespace, uri):
+    if not CONTROLLER.settings.policy.current().may_write(namespace, uri):
         message = f"kept {uri}: it is outside the storage prefixes of namespace {namespace}"
         kopf.warn(body, reason="CleanupRefused", message=message)
         log.warning("%s/%s: %s", namespace, name, message)

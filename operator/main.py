@@ -7,7 +7,7 @@
 Liveness is kopf's probe at `http://:<liveness-port>/healthz`; Prometheus metrics are served on
 `--metrics-port`. Credentials: the in-cluster service account, else KUBECONFIG. The operator reads
 stage progress from S3 with the standard AWS_* variables of its own environment, only under the
-prefixes the storage policy (`--storage-policy`, operator/tenancy.py) gives each run's namespace.
+prefixes the tenancy policy (`--policy`, operator/tenancy.py) gives each run's namespace.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how often every run is re-read (progress files change without events); default 15",
     )
     p.add_argument(
-        "--storage-policy",
-        default=os.environ.get("NANORUN_STORAGE_POLICY"),
-        help="folder of the storage policy ConfigMap (operator/tenancy.py); default: every URI allowed",
+        "--policy",
+        default=os.environ.get("NANORUN_POLICY"),
+        help="folder of the tenancy policy ConfigMap (operator/tenancy.py); default: everything allowed",
     )
     p.add_argument(
         "--ignore-namespace",
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resync_seconds is not None:
         os.environ["NANORUN_RESYNC_SECONDS"] = str(args.resync_seconds)
-    if args.storage_policy:
-        os.environ["NANORUN_STORAGE_POLICY"] = args.storage_policy
+    if args.policy:
+        os.environ["NANORUN_POLICY"] = args.policy
     if args.ignore_namespace is not None:
         os.environ["NANORUN_IGNORED_NAMESPACES"] = ",".join(args.ignore_namespace)
     logging.basicConfig(

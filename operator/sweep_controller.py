@@ -127,7 +127,7 @@ class SweepController:
         namespace, name = key
         sweep = RunRef(name=name, namespace=namespace, uid=body["metadata"].get("uid", ""))
         d = reconcile_sweep(
-            sweep, body, runs, jobs, progress.read_done, now_utc(), self.settings.storage_policy.current()
+            sweep, body, runs, jobs, progress.read_done, now_utc(), self.settings.policy.current()
         )
         api = self._clients()[0]
         if d.manifest:

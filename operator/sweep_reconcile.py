@@ -56,7 +56,7 @@ from nanorun.operator.sweep import (
     tokenizer_spec,
     trains_tokenizer,
 )
-from nanorun.operator.tenancy import OPEN, StoragePolicy
+from nanorun.operator.tenancy import OPEN, Policy
 from nanorun.pipeline import storage
 from nanorun.pipeline import sweep as sweep_files
 from nanorun.pipeline.progress import Done
@@ -217,17 +217,17 @@ def reconcile_sweep(
     jobs: list[dict[str, Any]],
     read_done: ReadDone,
     now: dt.datetime,
-    storage_policy: StoragePolicy = OPEN,
+    policy: Policy = OPEN,
 ) -> SweepDecision:
     """What to do next for one sweep, given its children (LLMRuns and report jobs labelled with it);
-    a template whose storage lies outside what `storage_policy` gives the namespace is invalid."""
+    a template that uses what the tenancy `policy` does not give the namespace is invalid."""
     old = body.get("status") or {}
     generation = body["metadata"].get("generation", 0)
     try:
         spec = parse_sweep_spec(body.get("spec"))
     except SpecError as err:
         return _invalid(old, str(err), generation, now)
-    refused = storage_policy.refusals(sweep.namespace, spec.template)
+    refused = policy.refusals(sweep.namespace, spec.template)
     if refused:
         return _invalid(
             old, "\n".join(f"spec.template.{r.removeprefix('spec.')}" for r in refused), generation, now

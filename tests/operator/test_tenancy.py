@@ -1,4 +1,4 @@
-"""The storage policy (operator/tenancy.py): which URIs a namespace's runs may use, as the operator
+"""The tenancy policy (operator/tenancy.py): what a namespace's runs may use, as the operator
 judges them before it reads or deletes anything. The chart's ConfigMap: tests/charts/test_chart.py;
 the same lists at admission: tests/operator/test_tenancy_kube.py."""
 
@@ -11,10 +11,10 @@ from nanorun.operator.api import parse_spec
 from nanorun.operator.jobs import RunRef
 from nanorun.operator.reconcile import reconcile
 from nanorun.operator.sweep_reconcile import reconcile_sweep
-from nanorun.operator.tenancy import PolicySource, StoragePolicy
+from nanorun.operator.tenancy import Policy, PolicySource
 
 T0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
-POLICY = StoragePolicy.from_data(
+POLICY = Policy.from_data(
     {
         "prefixes": "s3://runs/{namespace}/\n",
         "namespace.team-a": "s3://a-archive/runs",
@@ -70,13 +70,43 @@ def test_a_run_may_read_shared_data_and_tokenizers_but_not_another_teams():
     assert all("is outside the readable prefixes of namespace team-a" in r for r in refusals)
 
 
-def test_an_empty_policy_allows_every_uri():
-    assert not StoragePolicy().restricted
-    assert StoragePolicy().refusals("team-a", spec("s3://anything/at/all")) == []
-    assert (
-        StoragePolicy.load(None) == StoragePolicy()
-        and StoragePolicy.load("/no/such/folder") == StoragePolicy()
+def test_images_priority_classes_and_training_runtimes_come_from_the_admins_lists():
+    policy = Policy.from_data(
+        {
+            "images": "ghcr.io/nanorun/\nregistry.example.com/team-a/",
+            "priorityClasses": "training-low",
+            "trainingRuntimes": "nanorun-torch",
+        }
     )
+    assert not policy.restricts_storage  # storage stays open: another list's business
+    assert policy.refusals("team-a", spec("s3://any/r")) == []  # the defaults are allowed
+    ok = spec(
+        "s3://any/r",
+        image="registry.example.com/team-a/trainer:1",
+        compute={"priorityClassName": "training-low"},
+    )
+    assert policy.refusals("team-a", ok) == []
+    bad = spec(
+        "s3://any/r",
+        image="registry.example.com/team-ab/trainer:1",
+        serving={"image": "docker.io/evil/serving:1"},
+        compute={"priorityClassName": "system-cluster-critical", "trainingRuntime": "other-team"},
+    )
+    assert policy.refusals("team-a", bad) == [
+        "spec.image: registry.example.com/team-ab/trainer:1 is not an allowed image "
+        "(allowed: ghcr.io/nanorun/, registry.example.com/team-a/)",
+        "spec.serving.image: docker.io/evil/serving:1 is not an allowed image "
+        "(allowed: ghcr.io/nanorun/, registry.example.com/team-a/)",
+        "spec.compute.priorityClassName: system-cluster-critical is not an allowed PriorityClass "
+        "(allowed: training-low)",
+        "spec.compute.trainingRuntime: other-team is not an allowed training runtime (allowed: nanorun-torch)",
+    ]
+
+
+def test_an_empty_policy_allows_every_uri():
+    assert not Policy().restricts_storage
+    assert Policy().refusals("team-a", spec("s3://anything/at/all")) == []
+    assert Policy.load(None) == Policy() and Policy.load("/no/such/folder") == Policy()
 
 
 def test_the_policy_is_read_from_a_mounted_configmap_and_followed_when_it_changes(tmp_path):
@@ -108,7 +138,7 @@ def test_the_operator_neither_reads_nor_acts_on_a_run_outside_its_namespaces_sto
         "spec": {"storage": {"uri": "s3://runs/team-a/finished", "cleanupOnDelete": True}},
     }
     run = RunRef("r1", "team-b", "u")
-    d = reconcile(run, body, [], None, read_stage, T0, storage_policy=POLICY)
+    d = reconcile(run, body, [], None, read_stage, T0, policy=POLICY)
     assert reads == [] and d.create_jobs == [] and d.create_rayservice is None
     degraded = next(c for c in d.status["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "InvalidSpec"
@@ -116,7 +146,7 @@ def test_the_operator_neither_reads_nor_acts_on_a_run_outside_its_namespaces_sto
         "spec.storage.uri: s3://runs/team-a/finished is outside the storage prefixes of namespace team-b"
     )
     # The same run in its own namespace goes ahead (and reads its progress).
-    own = reconcile(RunRef("r1", "team-a", "u"), body, [], None, read_stage, T0, storage_policy=POLICY)
+    own = reconcile(RunRef("r1", "team-a", "u"), body, [], None, read_stage, T0, policy=POLICY)
     assert own.create_jobs and reads
 
 
@@ -131,7 +161,7 @@ def test_a_sweep_outside_its_namespaces_storage_creates_no_point():
     }
     reads: list[tuple[str, str]] = []
     d = reconcile_sweep(
-        RunRef("s", "team-b", "u"), body, [], [], lambda *a: reads.append(a), T0, storage_policy=POLICY
+        RunRef("s", "team-b", "u"), body, [], [], lambda *a: reads.append(a), T0, policy=POLICY
     )
     assert d.create_runs == [] and reads == [] and not d.manifest
     degraded = next(c for c in d.status["conditions"] if c["type"] == "Degraded")
@@ -140,5 +170,5 @@ def test_a_sweep_outside_its_namespaces_storage_creates_no_point():
 
 def test_policy_source_reads_the_environment_folder(monkeypatch, tmp_path):
     (tmp_path / "prefixes").write_text("s3://x/{namespace}")
-    monkeypatch.setenv("NANORUN_STORAGE_POLICY", str(tmp_path))
+    monkeypatch.setenv("NANORUN_POLICY", str(tmp_path))
     assert PolicySource().current().writable("n") == ("s3://x/n",)

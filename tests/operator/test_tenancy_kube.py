@@ -1,4 +1,4 @@
-"""Team B against team A's storage on the test cluster: the storage policy (operator/tenancy.py)
+"""Team B against team A's storage on the test cluster: the tenancy policy (operator/tenancy.py)
 refuses an LLMRun or LLMSweep of one namespace that points at another's prefix, at admission (the
 chart's ValidatingAdmissionPolicy, with the operator's own message) and again in the operator
 (which then neither reads A's progress into B's status nor deletes A's files when B's run is
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION, parse_spec
-from nanorun.operator.tenancy import StoragePolicy
+from nanorun.operator.tenancy import Policy
 from nanorun.pipeline import storage
 
 from tests.charts.conftest import run_helm, template_args
@@ -57,7 +57,7 @@ def test_the_operator_neither_reads_nor_deletes_another_namespaces_run(
     policy = tmp_path / "policy"
     policy.mkdir()
     (policy / "prefixes").write_text(PREFIX + "\n")
-    op = OperatorProcess(team_b, {**kube.env, "NANORUN_STORAGE_POLICY": str(policy)}, tmp_path / "op.log")
+    op = OperatorProcess(team_b, {**kube.env, "NANORUN_POLICY": str(policy)}, tmp_path / "op.log")
     op.start()
     try:
         cleanup = {**cluster_s3.access, "cleanupOnDelete": True}
@@ -98,7 +98,7 @@ def test_the_operator_neither_reads_nor_deletes_another_namespaces_run(
 
 @pytest.fixture
 def admission_policy(kube: KubeEnv, kube_namespace: str, tmp_path: Path):
-    """The chart's storage policy objects (ConfigMap, ValidatingAdmissionPolicy and its binding),
+    """The chart's tenancy policy objects (ConfigMap, ValidatingAdmissionPolicy and its binding),
     rendered for the test's namespace as team B and a second namespace as team A, applied for real."""
     team_a = f"team-a-{uuid.uuid4().hex[:6]}"
     kube.kubectl("create", "namespace", team_a)
@@ -108,7 +108,11 @@ def admission_policy(kube: KubeEnv, kube_namespace: str, tmp_path: Path):
             {
                 "operator": {
                     "watchNamespaces": [team_a, kube_namespace],
-                    "storagePolicy": {"prefixes": [PREFIX], "readOnlyPrefixes": ["s3://nanorun/shared"]},
+                    "policy": {
+                        "storage": {"prefixes": [PREFIX], "readOnlyPrefixes": ["s3://nanorun/shared"]},
+                        "images": ["ghcr.io/nanorun/"],
+                        "priorityClasses": ["training-low"],
+                    },
                 }
             }
         )
@@ -118,12 +122,12 @@ def admission_policy(kube: KubeEnv, kube_namespace: str, tmp_path: Path):
         str(Path(kube.bin_dir) / "helm"),
         *template_args(values=[values], release=release, namespace=team_a),
         "--show-only",
-        "templates/storage-policy.yaml",
+        "templates/policy.yaml",
     ).stdout
     objects = [o for o in yaml.safe_load_all(rendered) if o]
     kube.kubectl("apply", "-f", "-", input=rendered)
     try:
-        yield team_a, StoragePolicy.from_data(next(o for o in objects if o["kind"] == "ConfigMap")["data"])
+        yield team_a, Policy.from_data(next(o for o in objects if o["kind"] == "ConfigMap")["data"])
     finally:
         for o in objects:
             if o["kind"] != "ConfigMap":
@@ -163,6 +167,13 @@ def test_admission_refuses_another_namespaces_storage_with_the_operators_message
     [expected] = policy.refusals(team_b, parse_spec(reading))
     assert expected.startswith("spec.tokenizer.from: ")
     assert expected in server_refusal(kube, team_b, "LLMRun", reading)
+    # Images and priority classes from the admin's lists.
+    foreign = {"storage": own, "image": "docker.io/someone/trainer:1", "compute": {"priorityClassName": "urgent"}}
+    [image, priority] = policy.refusals(team_b, parse_spec(foreign))
+    refusal = server_refusal(kube, team_b, "LLMRun", foreign)
+    assert image in refusal and priority in refusal, refusal
+    allowed = {"storage": own, "compute": {"priorityClassName": "training-low"}}
+    assert server_refusal(kube, team_b, "LLMRun", allowed) == ""
     # A sweep's template, named as the sweep's field.
     sweep = {"template": stolen, "depths": [2], "flopBudgets": [1e9]}
     assert f"spec.template.storage.uri: {theirs} is outside the storage prefixes of namespace {team_b}" in (
