@@ -229,6 +229,11 @@ class Controller:
             self._api = (client.CustomObjectsApi(api), client.CoreV1Api(api))
         return self._api
 
+    def api(self):
+        """The kubernetes ApiClient the controller's clients share."""
+        self._clients()
+        return self._api_client
+
     def enqueue(self, key: Key) -> None:
         if key[0] in self.settings.ignored_namespaces:
             return

@@ -345,3 +345,19 @@ def test_every_pod_nanorun_creates_runs_under_the_restricted_pod_security_profil
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
     }
+
+
+def test_the_cleanup_job_deletes_with_the_runs_own_credentials_in_its_namespace():
+    from nanorun.operator.cleanup import cleanup_job
+
+    spec = spec_of(storage={"uri": "s3://bucket/runs/speedrun", "credentialsSecret": "team-creds"})
+    job = cleanup_job(RUN, spec)
+    assert (job["metadata"]["namespace"], job["metadata"]["name"]) == ("team-a", "speedrun-cleanup")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == spec.image
+    assert c["command"] == ["python", "-m", "nanorun.pipeline.cleanup", "s3://bucket/runs/speedrun"]
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+    assert secrets == {"team-creds"}  # the run's, not the operator's
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True

@@ -168,7 +168,11 @@ def test_admission_refuses_another_namespaces_storage_with_the_operators_message
     assert expected.startswith("spec.tokenizer.from: ")
     assert expected in server_refusal(kube, team_b, "LLMRun", reading)
     # Images and priority classes from the admin's lists.
-    foreign = {"storage": own, "image": "docker.io/someone/trainer:1", "compute": {"priorityClassName": "urgent"}}
+    foreign = {
+        "storage": own,
+        "image": "docker.io/someone/trainer:1",
+        "compute": {"priorityClassName": "urgent"},
+    }
     [image, priority] = policy.refusals(team_b, parse_spec(foreign))
     refusal = server_refusal(kube, team_b, "LLMRun", foreign)
     assert image in refusal and priority in refusal, refusal
