@@ -74,7 +74,7 @@ test: setup test-images
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cargo test -q --manifest-path rustbpe/Cargo.toml
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=30
+	$(VENV)/bin/python tools/pytest_split.py -q --durations=30
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -15,10 +15,11 @@ pytest_plugins = [
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by markers
 def pytest_collection_modifyitems(config, items) -> None:
-    """`make test` runs pytest in two workers (pytest-xdist, `--dist loadgroup`). The tests that use
-    the session's cluster or the built images share one worker, so that one cluster runs and the
-    images are built once; the other tests are balanced over both workers."""
+    """The tests that use the session's cluster or the built images are marked `cluster`:
+    `make test` runs them in one pytest process and the others in a second one beside it
+    (tools/pytest_split.py)."""
     for item in items:
         if {"kube", "images"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+            item.add_marker(pytest.mark.cluster)
