@@ -165,6 +165,7 @@ def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluste
             "trainjobs",
             "rayservices",
             "workloads",
+            "jobs",
             "events",
             "pods",
             "pods/log",
