@@ -36,6 +36,7 @@ from nanorun.operator.names import (
 )
 from nanorun.operator.reconcile import Decision, Event, FailureFacts, reconcile
 from nanorun.operator.status import now_utc, parse_time, rfc3339
+from nanorun.operator.tenancy import PolicySource
 from nanorun.pipeline import progress as stage_files
 
 log = logging.getLogger("nanorun.operator")
@@ -62,6 +63,9 @@ def newest_body(indexed: dict[str, Any], written: dict[str, Any] | None) -> dict
     return indexed
 
 
+SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
+
+
 @dataclass
 class Settings:
     resync_seconds: float = field(default_factory=lambda: _env_float("NANORUN_RESYNC_SECONDS", 15.0))
@@ -71,6 +75,14 @@ class Settings:
         default_factory=lambda: _env_float("NANORUN_ERROR_BACKOFF_SECONDS", 5.0)
     )
     max_error_backoff_seconds: float = 300.0
+    policy: PolicySource = field(default_factory=PolicySource)
+    # Namespaces whose LLMRuns and LLMSweeps the operator leaves alone: the cluster's own.
+    ignored_namespaces: frozenset[str] = field(
+        default_factory=lambda: (
+            frozenset(os.environ.get("NANORUN_IGNORED_NAMESPACES", ",".join(SYSTEM_NAMESPACES)).split(","))
+            - {""}
+        )
+    )
 
 
 def api_client():
@@ -95,6 +107,7 @@ def _status_code(err: Exception) -> int | None:
 
 
 LOG_TAIL_LINES = 20
+LOG_TAIL_BYTES = 16384  # a pod's lines can be any length; the operator reads no more than this
 SIGTERM_EXIT = 143  # 128 + 15: the process ended on the SIGTERM a pod deletion or eviction sends
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # a TrainJob pod's node rank
 TRAINJOB_RECHECK_SECONDS = 30.0  # how long the answer "is the TrainJob CRD served?" is kept
@@ -216,7 +229,14 @@ class Controller:
             self._api = (client.CustomObjectsApi(api), client.CoreV1Api(api))
         return self._api
 
+    def api(self):
+        """The kubernetes ApiClient the controller's clients share."""
+        self._clients()
+        return self._api_client
+
     def enqueue(self, key: Key) -> None:
+        if key[0] in self.settings.ignored_namespaces:
+            return
         if self._queue is not None and key not in self._queued:
             self._queued.add(key)
             self._queue.put_nowait(key)
@@ -321,6 +341,7 @@ class Controller:
             self._inspect_failure,
             self._admission_of,
             self._trainjob_crd_served(),
+            self.settings.policy.current(),
         )
         t1 = time.perf_counter()
         self._apply_children(run, body, decision, jobs)
@@ -394,7 +415,11 @@ class Controller:
         return failure_facts(
             pods,
             lambda pod: core.read_namespaced_pod_log(
-                pod.metadata.name, pod.metadata.namespace, container=container, tail_lines=LOG_TAIL_LINES
+                pod.metadata.name,
+                pod.metadata.namespace,
+                container=container,
+                tail_lines=LOG_TAIL_LINES,
+                limit_bytes=LOG_TAIL_BYTES,
             ),
             container,
         )

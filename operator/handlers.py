@@ -19,8 +19,10 @@ import logging
 from typing import Any
 
 import kopf
-from nanorun.operator.api import GROUP, PLURAL, VERSION
+from nanorun.operator.api import GROUP, PLURAL, VERSION, SpecError, parse_spec
+from nanorun.operator.cleanup import cleanup_job, job_outcome
 from nanorun.operator.controller import Controller
+from nanorun.operator.jobs import RunRef
 from nanorun.operator.names import (
     CLEANUP_FINALIZER,
     LABEL_RUN,
@@ -158,17 +160,64 @@ def _cleanup_requested(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(*LLMRUNS, when=_cleanup_requested)
-async def delete_run_files(spec: kopf.Spec, namespace: str, name: str, **_: Any) -> None:
-    """storage.cleanupOnDelete: remove `<storage.uri>/` before the LLMRun goes."""
+async def delete_run_files(
+    spec: kopf.Spec, namespace: str, name: str, uid: str, body: kopf.Body, **_: Any
+) -> None:
+    """storage.cleanupOnDelete: remove `<storage.uri>/` before the LLMRun goes, with a Job in the
+    run's namespace that uses the run's own credentials (cleanup.py), and only where the tenancy
+    policy lets the namespace write (the URI of a run that never ran may point anywhere). Returns
+    once the Job has succeeded; until then kopf keeps the finalizer and calls again."""
+    if namespace in CONTROLLER.settings.ignored_namespaces:
+        return
     uri = (spec.get("storage") or {}).get("uri", "")
     if not storage.is_s3(uri):
-        log.info("%s/%s: storage %r is not s3://, nothing the operator can delete", namespace, name, uri)
+        log.info("%s/%s: storage %r is not s3://, nothing to delete from a pod", namespace, name, uri)
         return
+    refusal = ""
     try:
-        deleted = await asyncio.to_thread(storage.delete_prefix, uri)
-    except Exception as err:
-        raise kopf.TemporaryError(f"could not delete {uri}: {err}; retrying", delay=30) from err
-    log.info("%s/%s: deleted %d objects under %s", namespace, name, deleted, uri)
+        parsed = parse_spec(dict(spec))
+    except SpecError as err:
+        refusal = f"kept {uri}: the spec is invalid ({err})"
+    else:
+        if not CONTROLLER.settings.policy.current().may_write(namespace, uri):
+            refusal = f"kept {uri}: it is outside the storage prefixes of namespace {namespace}"
+    if refusal:
+        kopf.warn(body, reason="CleanupRefused", message=refusal)
+        log.warning("%s/%s: %s", namespace, name, refusal)
+        return
+    job = cleanup_job(RunRef(name, namespace, uid), parsed)
+    outcome = await asyncio.to_thread(_run_cleanup_job, job)
+    if outcome == "Complete":
+        log.info("%s/%s: deleted the files under %s", namespace, name, uri)
+        return
+    if outcome == "Failed":
+        kopf.warn(body, reason="CleanupFailed", message=f"job {job['metadata']['name']} failed; trying again")
+        raise kopf.TemporaryError(f"cleanup job for {uri} failed; a new one starts", delay=30)
+    raise kopf.TemporaryError(f"deleting {uri} (job {job['metadata']['name']})", delay=3)
+
+
+def _run_cleanup_job(job: dict[str, Any]) -> str:
+    """Creates `job` unless it exists; its outcome so far (a failed one is deleted, to start anew)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    batch = client.BatchV1Api(CONTROLLER.api())
+    meta = job["metadata"]
+    try:
+        existing = batch.read_namespaced_job(meta["name"], meta["namespace"]).to_dict()
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        batch.create_namespaced_job(meta["namespace"], job)
+        return ""
+    conditions = [
+        {"type": c["type"], "status": c["status"]}
+        for c in (existing.get("status") or {}).get("conditions") or []
+    ]
+    outcome = job_outcome({"status": {"conditions": conditions}})
+    if outcome == "Failed":
+        batch.delete_namespaced_job(meta["name"], meta["namespace"], propagation_policy="Background")
+    return outcome
 
 
 # LLMSweeps have their own indexes, handlers and reconcile loop in the same operator (sweep_handlers.py).

@@ -6,10 +6,12 @@ Named `<run>-<stage>-<attempt>` (`speedrun-base-eval-1`: the stage's key in keba
 deterministic, so a second create is a 409), owned by the LLMRun, labelled
 `nanorun.io/{run,stage,attempt}` (the stage's key). The container `pytorch` runs
 
-    torchrun -m nanorun.trainer.<module> --run-dir <storage.uri> ... --metrics-port N
+    torchrun -m nanorun.trainer.<module> ... --run-dir <storage.uri> --metrics-port N
 
 (`python -m` for single-process stages) on a Master plus nodes-1 Workers; torchrun reads the PET_*
-variables the training operator injects. S3 credentials come from the referenced Secret.
+variables the training operator injects. S3 credentials come from the referenced Secret. The pods
+pass Pod Security Admission's `restricted` profile and mount no ServiceAccount token
+(operator/security.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nanorun.operator.names import (
     QUEUE_LABEL,
 )
 from nanorun.operator.plan import PlannedStage, processes_per_node
+from nanorun.operator.security import TRAINER_USER, restrict
 from nanorun.pipeline.stages import stage_named
 
 CONTAINER_NAME = "pytorch"  # the training operator requires this name
@@ -217,7 +220,7 @@ def pytorchjob_for_stage(
     ):
         if value:
             pod[key] = copy.deepcopy(value)
-    template = {"metadata": pod_metadata(spec, labels), "spec": pod}
+    template = {"metadata": pod_metadata(spec, labels), "spec": restrict(pod, user=TRAINER_USER)}
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if nodes > 1:
         replicas["Worker"] = {

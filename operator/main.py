@@ -6,7 +6,8 @@
 
 Liveness is kopf's probe at `http://:<liveness-port>/healthz`; Prometheus metrics are served on
 `--metrics-port`. Credentials: the in-cluster service account, else KUBECONFIG. The operator reads
-stage progress from S3 with the standard AWS_* variables of its own environment.
+stage progress from S3 with the standard AWS_* variables of its own environment, only under the
+prefixes the tenancy policy (`--policy`, operator/tenancy.py) gives each run's namespace.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="how often every run is re-read (progress files change without events); default 15",
     )
+    p.add_argument(
+        "--policy",
+        default=os.environ.get("NANORUN_POLICY"),
+        help="folder of the tenancy policy ConfigMap (operator/tenancy.py); default: everything allowed",
+    )
+    p.add_argument(
+        "--ignore-namespace",
+        action="append",
+        default=None,
+        help="namespace whose runs are left alone (repeatable); default: kube-system, kube-public, "
+        "kube-node-lease",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -49,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resync_seconds is not None:
         os.environ["NANORUN_RESYNC_SECONDS"] = str(args.resync_seconds)
+    if args.policy:
+        os.environ["NANORUN_POLICY"] = args.policy
+    if args.ignore_namespace is not None:
+        os.environ["NANORUN_IGNORED_NAMESPACES"] = ",".join(args.ignore_namespace)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

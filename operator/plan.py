@@ -3,7 +3,7 @@
 Both executors read it: the operator turns each planned stage into a PyTorchJob, `nanorun run`
 into a local process. A stage runs as
 
-    python -m nanorun.trainer.<entry> --run-dir <storage.uri> <args...>
+    python -m nanorun.trainer.<entry> <args...> --run-dir <storage.uri> [--metrics-port N]
 
 under torchrun on nodes × processes-per-node processes when `distributed`, else as one process.
 
@@ -26,7 +26,7 @@ STAGE_KEYS = list(KEYS)
 class PlannedStage:
     key: str  # the stage's name, e.g. "pretrain": its folder, job label and job name
     entry: str  # its trainer module, e.g. "base_train": the command line, nothing else
-    args: list[str] = field(default_factory=list)  # flags after `--run-dir URI`
+    args: list[str] = field(default_factory=list)  # the stage's flags, extraArgs last
     distributed: bool = False
 
     @property
@@ -34,10 +34,12 @@ class PlannedStage:
         return f"nanorun.trainer.{self.entry}"
 
     def flags(self, run_dir: str, metrics_port: int | None) -> list[str]:
-        """What follows `-m <module>` in the stage's command, in both executors: the run
-        directory, the stage's flags, and the port of its Prometheus endpoint (None: none)."""
+        """What follows `-m <module>` in the stage's command, in both executors: the stage's flags,
+        then the run directory and the port of its Prometheus endpoint (None: none). Those two come
+        last because argparse keeps a flag's last value: no extraArgs can move a run's files or its
+        metrics port (rules.py refuses them at admission too)."""
         port = ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
-        return ["--run-dir", run_dir, *self.args, *port]
+        return [*self.args, "--run-dir", run_dir, *port]
 
 
 def _flags(pairs: list[tuple[str, object]]) -> list[str]:

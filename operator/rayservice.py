@@ -25,6 +25,7 @@ import yaml
 from nanorun.operator.api import LLMRunSpec
 from nanorun.operator.jobs import RunRef, dns_name, storage_env
 from nanorun.operator.names import LABEL_RUN, RAYSERVICE_GROUP, RAYSERVICE_VERSION
+from nanorun.operator.security import CONTAINER_SECURITY_CONTEXT, restrict
 from nanorun.serving import (
     SERVE_APP_NAME,
     SERVE_DEPLOYMENT_NAME,
@@ -155,6 +156,8 @@ def rayservice_for_run(
         for key, value in (("nodeSelector", s.node_selector), ("tolerations", s.tolerations)):
             if value:
                 pod[key] = copy.deepcopy(value)
+    restrict(worker_pod)
+    restrict(head_pod, api_token=True)  # KubeRay's autoscaler sidecar scales the workers through the API
     return {
         "apiVersion": f"{RAYSERVICE_GROUP}/{RAYSERVICE_VERSION}",
         "kind": "RayService",
@@ -171,6 +174,8 @@ def rayservice_for_run(
             "rayClusterConfig": {
                 "rayVersion": s.ray_version,
                 "enableInTreeAutoscaling": True,
+                # The sidecar KubeRay adds to the head pod, under the same `restricted` profile.
+                "autoscalerOptions": {"securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT)},
                 "headGroupSpec": {
                     "rayStartParams": {
                         "dashboard-host": "0.0.0.0",

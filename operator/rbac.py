@@ -42,6 +42,9 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
         "resources": ["rayservices"],
         "verbs": ["list", "watch", "create", "patch", "delete"],
     },
+    # storage.cleanupOnDelete: a Job in the run's namespace deletes the run's files with the run's
+    # own credentials; the operator reads its outcome and deletes a failed one to start anew.
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create", "delete"]},
     # A failed job's pods: a DisruptionTarget condition or exit 143 makes the failure a preemption;
     # otherwise the failed container's last log lines go into the stage's message.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},

@@ -31,6 +31,7 @@ from nanorun.operator.decision import Decision, Event, FailureFacts
 from nanorun.operator.jobs import RunRef
 from nanorun.operator.rayservice import rayservice_for_run, rayservice_name, served_checkpoints, service_url
 from nanorun.operator.status import rayservice_ready, set_condition
+from nanorun.operator.tenancy import OPEN, Policy
 from nanorun.pipeline import layout
 
 
@@ -87,10 +88,12 @@ def reconcile(
     inspect_failure: InspectFailure = _no_pods,
     admission_of: AdmissionOf = _no_workload,
     trainjob_served: bool = False,
+    policy: Policy = OPEN,
 ) -> Decision:
     """Decide what one reconcile of `body` (the LLMRun) does, given its children (`jobs`: the
     run's stage jobs of every kind). `trainjob_served`: whether the cluster serves Trainer v2's
-    TrainJob CRD, which `compute.launcher: auto` takes when the run has not chosen yet."""
+    TrainJob CRD, which `compute.launcher: auto` takes when the run has not chosen yet. A run whose
+    uses what the tenancy `policy` does not give its namespace is invalid: nothing of it is read."""
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
     old_raw = dict(body.get("status") or {})
@@ -98,6 +101,9 @@ def reconcile(
         spec = parse_spec(body.get("spec") or {})
     except SpecError as err:
         return _invalid(old_raw, str(err), generation, now)
+    refused = policy.refusals(run.namespace, spec)
+    if refused:
+        return _invalid(old_raw, "\n".join(refused), generation, now)
     old = _old_status(old_raw)
     d = Decision(status={})
     launcher = launchers.choose(spec.compute.launcher, old.launcher, trainjob_served)

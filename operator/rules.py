@@ -54,9 +54,12 @@ def _asks_for_gpus(c: ComputeSpec) -> bool:
 
 
 # The same regular expressions in CEL (RE2) and Python.
-# An S3 URI names a bucket. Its spelling is the store's to judge (S3-compatible stores differ, and
-# a wrong name fails the run with the store's own error), its presence is ours.
-S3_URI_PATTERN = r"^s3://[^/]+(/.*)?$"
+# An S3 URI names a bucket and a prefix in it. The bucket's spelling is the store's to judge
+# (S3-compatible stores differ, and a wrong name fails the run with the store's own error), its
+# presence is ours; a run never owns a whole bucket (cleanupOnDelete deletes everything under the
+# URI), and no `..` segment makes a prefix look like another (local paths resolve it).
+S3_URI_PATTERN = r"^s3://[^/]+/[^/].*$"
+DOTDOT_PATTERN = r"(^|/)[.][.](/|$)"
 # A LocalQueue is a Kubernetes object (a DNS subdomain name) and its name a label value (<= 63).
 QUEUE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # What apimachinery's ParseQuantity accepts (the pattern kubebuilder puts on quantities).
@@ -78,6 +81,27 @@ def _quantity_rule(section: str, field: str) -> Rule:
         f"spec.{section}.{field}",
         "self == '' || isQuantity(self)",
         "must be a Kubernetes quantity such as 32, 500m or 256Gi (binary suffixes Ki, Mi, Gi, Ti; decimal k, M, G, T)",
+        check,
+    )
+
+
+# Flags the operator sets from fields it checks: where a stage reads and writes the run's files, and
+# the port Prometheus scrapes (and the NetworkPolicy opens). plan.py puts them after extraArgs, so
+# argparse keeps the operator's value even for an abbreviation (`--run-d`); the rule says so early.
+OPERATOR_FLAGS = ("--run-dir", "--metrics-port")
+
+
+def _extra_args_rule(key: str, attribute: str) -> Rule:
+    def check(s: Any) -> bool:
+        args = getattr(s.stages, attribute).extra_args
+        return not any(a == f or a.startswith(f + "=") for a in args for f in OPERATOR_FLAGS)
+
+    owned = " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in OPERATOR_FLAGS)
+    return Rule(
+        f"spec.stages.{key}.extraArgs",
+        f"!self.exists(a, {owned})",
+        f"must not set {' or '.join(OPERATOR_FLAGS)}: the operator sets them from spec.storage.uri "
+        "and spec.metricsPort",
         check,
     )
 
@@ -164,8 +188,14 @@ RULES: list[Rule] = [
     Rule(
         "spec.storage.uri",
         f"!self.startsWith('s3:') || self.matches('{S3_URI_PATTERN}')",
-        "an S3 URI must name a bucket: s3://bucket/prefix",
+        "an S3 URI must name a bucket and a prefix in it: s3://bucket/prefix",
         lambda s: not s.storage.uri.startswith("s3:") or re.search(S3_URI_PATTERN, s.storage.uri) is not None,
+    ),
+    Rule(
+        "spec.storage.uri",
+        f"!self.matches('{DOTDOT_PATTERN}')",
+        "must not contain a '..' segment",
+        lambda s: re.search(DOTDOT_PATTERN, s.storage.uri) is None,
     ),
     Rule(
         "spec.compute.queue",
@@ -176,6 +206,7 @@ RULES: list[Rule] = [
     ),
     *(_quantity_rule("compute", field) for field in ("cpu", "memory", "shmSize")),
     *(_quantity_rule("serving", field) for field in ("memoryPerReplica", "headCpu", "headMemory")),
+    *(_extra_args_rule(s.key, s.attribute) for s in STAGES),
 ]
 
 

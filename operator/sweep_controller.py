@@ -65,6 +65,8 @@ class SweepController:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def enqueue(self, key: Key) -> None:
+        if key[0] in self.settings.ignored_namespaces:
+            return
         if self._queue is not None and key not in self._queued:
             self._queued.add(key)
             self._queue.put_nowait(key)
@@ -124,7 +126,9 @@ class SweepController:
     def _decide_and_apply(self, key: Key, body: dict[str, Any], runs: list, jobs: list) -> SweepDecision:
         namespace, name = key
         sweep = RunRef(name=name, namespace=namespace, uid=body["metadata"].get("uid", ""))
-        d = reconcile_sweep(sweep, body, runs, jobs, progress.read_done, now_utc())
+        d = reconcile_sweep(
+            sweep, body, runs, jobs, progress.read_done, now_utc(), self.settings.policy.current()
+        )
         api = self._clients()[0]
         if d.manifest:
             root = (

@@ -56,6 +56,7 @@ from nanorun.operator.sweep import (
     tokenizer_spec,
     trains_tokenizer,
 )
+from nanorun.operator.tenancy import OPEN, Policy
 from nanorun.pipeline import storage
 from nanorun.pipeline import sweep as sweep_files
 from nanorun.pipeline.progress import Done
@@ -216,14 +217,21 @@ def reconcile_sweep(
     jobs: list[dict[str, Any]],
     read_done: ReadDone,
     now: dt.datetime,
+    policy: Policy = OPEN,
 ) -> SweepDecision:
-    """What to do next for one sweep, given its children (LLMRuns and report jobs labelled with it)."""
+    """What to do next for one sweep, given its children (LLMRuns and report jobs labelled with it);
+    a template that uses what the tenancy `policy` does not give the namespace is invalid."""
     old = body.get("status") or {}
     generation = body["metadata"].get("generation", 0)
     try:
         spec = parse_sweep_spec(body.get("spec"))
     except SpecError as err:
         return _invalid(old, str(err), generation, now)
+    refused = policy.refusals(sweep.namespace, spec.template)
+    if refused:
+        return _invalid(
+            old, "\n".join(f"spec.template.{r.removeprefix('spec.')}" for r in refused), generation, now
+        )
     by_name = {r["metadata"]["name"]: r for r in runs}
     old_points = {p.get("name"): p for p in old.get("points") or []}
     points = sweep_points(sweep.name, spec)

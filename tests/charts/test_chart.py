@@ -18,6 +18,7 @@ from nanorun.operator.main import parse_args
 from nanorun.operator.plan import stage_plan
 from nanorun.operator.rayservice import rayservice_for_run
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
+from nanorun.operator.tenancy import Policy
 
 from tests.charts.conftest import (
     CHART,
@@ -164,6 +165,7 @@ def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluste
             "trainjobs",
             "rayservices",
             "workloads",
+            "jobs",
             "events",
             "pods",
             "pods/log",
@@ -303,3 +305,46 @@ def test_values_schema_rejects_bad_values(helm_bin: str, setting: str, offending
     assert out.returncode != 0, f"--set {setting} was accepted"
     assert "values don't meet the specifications of the schema" in out.stderr, out.stderr
     assert offending in out.stderr, out.stderr
+
+
+def test_the_policy_configmap_is_the_policy_the_operator_reads(render, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "operator": {
+                    "policy": {
+                        "storage": {
+                            "prefixes": ["s3://runs/{namespace}/", "s3://more/{namespace}"],
+                            "namespaces": {"team-a": ["s3://a-archive/runs/"]},
+                            "readOnlyPrefixes": ["s3://shared/data"],
+                        },
+                        "images": ["ghcr.io/nanorun/", "registry.example.com/team/"],
+                        "priorityClasses": ["training-low"],
+                        "trainingRuntimes": ["nanorun-torch"],
+                    }
+                }
+            }
+        )
+    )
+    objects = render(values=[values])
+    (configmap,) = [
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-policy")
+    ]
+    policy = Policy.from_data(configmap["data"])
+    assert policy.writable("team-a") == ("s3://runs/team-a", "s3://more/team-a", "s3://a-archive/runs")
+    assert policy.readable("team-b") == ("s3://runs/team-b", "s3://more/team-b", "s3://shared/data")
+    assert policy.images == ("ghcr.io/nanorun/", "registry.example.com/team/")  # prefixes kept as written
+    assert (policy.priority_classes, policy.training_runtimes) == (("training-low",), ("nanorun-torch",))
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    op = container(objects)
+    assert "--policy=/etc/nanorun/policy" in op["args"]
+    mount = next(m for m in op["volumeMounts"] if m["mountPath"] == "/etc/nanorun/policy")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    kinds = {o["kind"] for o in objects}
+    assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
+    # Without a policy: no ConfigMap, no admission policy, no flag.
+    plain = render()
+    assert not {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} & {o["kind"] for o in plain}
+    assert "--policy=/etc/nanorun/policy" not in container(plain)["args"]

@@ -3,7 +3,8 @@ operator pod, the Kubeflow training-operator making each stage's pods and Servic
 processes meeting through the environment it injects, storage on an S3 server running as a pod,
 KubeRay making the chat service, and the `openai` client and Chromium talking to it. Every pod runs
 in a container on the kubelet nodes: the trainer image trains (on CPU: GPUs are substituted) and the
-serving image serves; no status is set by the test.
+serving image serves; no status is set by the test. The API server enforces Pod Security
+Admission's `restricted` profile on the test's namespace, as on a tenant's namespace.
 
 One run of the test-sized LLMRun (tests/e2e/pipeline.py, every distributed stage on 2 pods):
 
@@ -265,9 +266,9 @@ def dashboard_without_data(prom: Prometheus, start: float, end: float) -> tuple[
 
 
 def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts_serves_and_rolls(
-    kube_pods, kube_namespace, prometheus, monkeypatch
+    kube_pods, restricted_namespace, prometheus, monkeypatch
 ):
-    ns, kube, times = kube_namespace, kube_pods, {}
+    ns, kube, times = restricted_namespace, kube_pods, {}
     c = Cluster(kube, ns)
     t0, started = time.monotonic(), time.time()
 

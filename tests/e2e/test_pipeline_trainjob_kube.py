@@ -4,7 +4,8 @@ pod, `compute.launcher: auto` choosing TrainJob, Trainer v2 rendering each stage
 the chart's ClusterTrainingRuntime into a JobSet whose pods' torchrun agents meet through the PET_*
 environment its torch plugin injects, storage on an S3 server pod, and KubeRay serving the result
 to the `openai` client. Shorter than test_pipeline_kube.py (the PyTorchJob run): tokenizer,
-pretraining and SFT, each distributed stage on two pods.
+pretraining and SFT, each distributed stage on two pods, in a namespace where the API server
+enforces Pod Security Admission's `restricted` profile.
 
 1. `helm install` of the chart; the operator runs as its Deployment's pod.
 2. Pretraining's rank-0 pod is deleted after the first checkpoint: the trainer checkpoints on
@@ -52,9 +53,9 @@ def condition(obj: dict, type_: str) -> dict:
 
 
 def test_an_llmrun_on_trainjobs_pretrains_on_two_nodes_survives_preemption_and_serves(
-    kube_pods, kube_namespace, monkeypatch
+    kube_pods, restricted_namespace, monkeypatch
 ):
-    ns, kube, times = kube_namespace, kube_pods, {}
+    ns, kube, times = restricted_namespace, kube_pods, {}
     t0 = time.monotonic()
 
     def mark(what: str) -> None:

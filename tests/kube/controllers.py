@@ -108,14 +108,59 @@ def start_dns(cluster: Cluster) -> list[Deployment]:
     return [("kube-system", "coredns")]
 
 
+# The training-operator's init container for PyTorchJob Workers (its default template, from
+# pkg/controller.v1/pytorch/initcontainer.go), with the security context Pod Security Admission's
+# `restricted` profile asks of every container: the template an admin of a restricted cluster gives
+# it at its default path, /etc/config/initContainer.yaml.
+PYTORCH_INIT_CONTAINER = """\
+- name: init-pytorch
+  image: {{.InitContainerImage}}
+  imagePullPolicy: IfNotPresent
+  resources:
+    limits:
+      cpu: 100m
+      memory: 20Mi
+    requests:
+      cpu: 50m
+      memory: 10Mi
+  securityContext:
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: [ALL]
+  command: ['sh', '-c', 'err=1;for i in $(seq {{.MaxTries}}); do if nslookup {{.MasterAddr}}; then err=0 && break; fi;echo waiting for master; sleep 2; done; exit $err']
+"""
+
+
+def _training_operator_docs(docs: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+    """The training-operator's manifest with PYTORCH_INIT_CONTAINER as a ConfigMap mounted where
+    it reads its init container template."""
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "training-operator-init-container", "namespace": "kubeflow"},
+        "data": {"initContainer.yaml": PYTORCH_INIT_CONTAINER},
+    }
+    for doc in docs:
+        if doc and doc.get("kind") == "Deployment" and doc["metadata"]["name"] == "training-operator":
+            pod = doc["spec"]["template"]["spec"]
+            pod.setdefault("volumes", []).append(
+                {"name": "init-container", "configMap": {"name": configmap["metadata"]["name"]}}
+            )
+            pod["containers"][0].setdefault("volumeMounts", []).append(
+                {"name": "init-container", "mountPath": "/etc/config", "readOnly": True}
+            )
+    return [*docs, configmap]
+
+
 def start_training_controllers(cluster: Cluster) -> list[Deployment]:
     """The Kubeflow training-operator (namespace kubeflow) and the KubeRay operator (namespace
     default), each from its upstream install manifest (Deployment, ServiceAccount, RBAC, CRDs,
     and the training-operator's validating webhook), running as pods of the cluster and watching
-    every namespace."""
+    every namespace; the training-operator's init container template is PYTORCH_INIT_CONTAINER."""
     manifests = cluster.bin_dir.parent / "manifests"
-    for name in ("training-operator", "kuberay-operator"):
-        apply(cluster, list(yaml.safe_load_all((manifests / f"{name}.yaml").read_text())))
+    training = list(yaml.safe_load_all((manifests / "training-operator.yaml").read_text()))
+    apply(cluster, _training_operator_docs(training))
+    apply(cluster, list(yaml.safe_load_all((manifests / "kuberay-operator.yaml").read_text())))
     return [("kubeflow", "training-operator"), ("default", "kuberay-operator")]
 
 

@@ -139,14 +139,8 @@ def test_pytorchjob_has_master_workers_gpus_and_the_stage_command():
     pod = replicas["Worker"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
-    assert c["command"][:5] == [
-        "torchrun",
-        "-m",
-        "nanorun.trainer.base_train",
-        "--run-dir",
-        "s3://bucket/runs/speedrun",
-    ]
-    assert c["command"][-2:] == ["--metrics-port", "9400"]
+    assert c["command"][:3] == ["torchrun", "-m", "nanorun.trainer.base_train"]
+    assert c["command"][-4:] == ["--run-dir", "s3://bucket/runs/speedrun", "--metrics-port", "9400"]
     assert {"name": "metrics", "containerPort": 9400} in c["ports"]
     assert c["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": 8, "rdma/ib": 1}
     assert c["resources"]["requests"] == {"cpu": "32", "memory": "256Gi"}
@@ -306,3 +300,64 @@ def test_a_replica_of_a_fraction_of_a_cpu_gets_a_pod_of_that_fraction():
         assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == quantity
         (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
         assert app["deployments"][0]["ray_actor_options"]["num_cpus"] == cpus
+
+
+def test_extra_args_cannot_move_a_stages_run_dir_or_metrics_port():
+    """An abbreviation passes the admission rule (argparse would take `--run-d` for `--run-dir`), but
+    the operator's flags come last and argparse keeps a flag's last value."""
+    from nanorun.trainer.base_train import build_parser
+
+    spec = spec_of(
+        stages={"pretrain": {"extraArgs": ["--run-d", "s3://other-team/runs/x", "--metrics-p", "1"]}}
+    )
+    command = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), attempt=1)["spec"][
+        "pytorchReplicaSpecs"
+    ]["Master"]["template"]["spec"]["containers"][0]["command"]
+    args = build_parser().parse_args(command[command.index("nanorun.trainer.base_train") + 1 :])
+    assert (args.run_dir, args.metrics_port) == ("s3://bucket/runs/speedrun", 9400)
+
+
+def test_every_pod_nanorun_creates_runs_under_the_restricted_pod_security_profile():
+    spec = spec_of(compute={"nodes": 2, "gpusPerNode": 8})
+    job = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), attempt=1)
+    service = rayservice_for_run(RUN, spec, "s3://bucket/runs/speedrun/sft/checkpoints/step_000001")
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = {
+        "master": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"],
+        "worker": job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"],
+        "ray-head": cluster["headGroupSpec"]["template"]["spec"],
+        "ray-worker": cluster["workerGroupSpecs"][0]["template"]["spec"],
+    }
+    for name, pod in pods.items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, name
+        if name in ("master", "worker"):  # and the training-operator's init container with them
+            assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+                10001,
+                10001,
+            )
+        # Only the Ray head, whose autoscaler sidecar scales the workers, gets an API token.
+        assert pod["automountServiceAccountToken"] is (name == "ray-head"), name
+    assert cluster["autoscalerOptions"]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_the_cleanup_job_deletes_with_the_runs_own_credentials_in_its_namespace():
+    from nanorun.operator.cleanup import cleanup_job
+
+    spec = spec_of(storage={"uri": "s3://bucket/runs/speedrun", "credentialsSecret": "team-creds"})
+    job = cleanup_job(RUN, spec)
+    assert (job["metadata"]["namespace"], job["metadata"]["name"]) == ("team-a", "speedrun-cleanup")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == spec.image
+    assert c["command"] == ["python", "-m", "nanorun.pipeline.cleanup", "s3://bucket/runs/speedrun"]
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+    assert secrets == {"team-creds"}  # the run's, not the operator's
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True

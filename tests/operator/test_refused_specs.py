@@ -1,4 +1,4 @@
-"""Bad input: twenty-two malformed or contradictory LLMRuns, each one mistake in an otherwise valid
+"""Bad input: twenty-six malformed or contradictory LLMRuns, each one mistake in an otherwise valid
 spec. The API server refuses every one at admission and `nanorun run FILE` refuses the same file,
 both naming the field, with the same message text. One table drives both checks."""
 
@@ -89,7 +89,19 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "s3-uri-without-bucket",
         {"storage": {"uri": "s3:///runs/bad"}},
         "spec.storage.uri",
-        "an S3 URI must name a bucket",
+        "an S3 URI must name a bucket and a prefix in it",
+    ),
+    (
+        "s3-uri-of-a-whole-bucket",
+        {"storage": {"uri": "s3://nanorun/"}},
+        "spec.storage.uri",
+        "an S3 URI must name a bucket and a prefix in it",
+    ),
+    (
+        "storage-uri-climbing-out",
+        {"storage": {"uri": "s3://nanorun/runs/team-a/../team-b/run"}},
+        "spec.storage.uri",
+        "must not contain a '..' segment",
     ),
     (
         "queue-with-bad-characters",
@@ -152,6 +164,19 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.tokenizer.from",
         "tokenizer.from must be another run's directory",
     ),
+    # flags the operator owns
+    (
+        "extra-args-move-the-run-dir",
+        {"stages": {"pretrain": {"extraArgs": ["--eval-every", "5", "--run-dir", "s3://other-team/runs/x"]}}},
+        "spec.stages.pretrain.extraArgs",
+        "must not set --run-dir or --metrics-port",
+    ),
+    (
+        "extra-args-set-the-metrics-port",
+        {"stages": {"baseEval": {"extraArgs": ["--metrics-port=9999"]}}},
+        "spec.stages.baseEval.extraArgs",
+        "must not set --run-dir or --metrics-port",
+    ),
 ]
 PARAMS = [pytest.param(patch, field, message, id=case) for case, patch, field, message in CASES]
 
@@ -188,8 +213,8 @@ def nanorun_run_refusal(path: Path, capsys) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("spec")]
 
 
-def test_the_table_has_twenty_two_cases_and_one_for_every_rule():
-    assert len(CASES) == 22 and len({case for case, *_ in CASES}) == 22
+def test_the_table_has_twenty_six_cases_and_one_for_every_rule():
+    assert len(CASES) == 26 and len({case for case, *_ in CASES}) == 26
     fields_of: dict[str, set[str]] = {}  # one case serves rules that differ only in their field (quantities)
     for rule in RULES:
         if not rule.transition:

@@ -47,3 +47,23 @@ app.kubernetes.io/part-of: nanorun
 {{- define "nanorun.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* "true" when operator.policy restricts anything (else empty: everything allowed). */}}
+{{- define "nanorun.policy" -}}
+{{- $p := .Values.operator.policy }}
+{{- if or $p.storage.prefixes $p.storage.namespaces $p.storage.readOnlyPrefixes $p.images $p.priorityClasses $p.trainingRuntimes }}true{{ end }}
+{{- end }}
+
+{{/* A list of URI prefixes as the policy ConfigMap's value: one per line, no trailing slash. */}}
+{{- define "nanorun.prefixLines" -}}
+{{- $lines := list }}
+{{- range . }}{{ $lines = append $lines (trim . | trimSuffix "/") }}{{ end }}
+{{- join "\n" $lines | toJson }}
+{{- end }}
+
+{{/* A list as the policy ConfigMap's value: one entry per line. */}}
+{{- define "nanorun.lines" -}}
+{{- $lines := list }}
+{{- range . }}{{ $lines = append $lines (trim .) }}{{ end }}
+{{- join "\n" $lines | toJson }}
+{{- end }}
