@@ -9,8 +9,8 @@ in this order:
    `error="invalid_token"` for a wrong key, RFC 6750 §3). Keys are compared by their SHA-256
    digests with `hmac.compare_digest`, so the time a comparison takes says nothing about a key.
    `/healthz`, `/metrics`, the web UI's pages and static files (`/`, `/static/*`, `/explain/*`)
-   and the OpenAPI description stay open: probes and Prometheus carry no key, and the pages ask
-   the browser's user for one.
+   and the OpenAPI description (`/openapi.json`, `/docs`) stay open: probes and Prometheus carry no
+   key, and the pages ask the browser's user for one.
 2. **Rate limit** (the same routes): a token bucket per key, `rate_limit_per_minute` requests a
    minute with bursts of as many; over it, a 429 (RFC 6585 §4) with `Retry-After` in seconds
    (RFC 9110 §10.2.3). With unauthenticated access allowed the bucket is per client address
