@@ -50,6 +50,7 @@ def manifest(name: str, run_dir: str) -> dict:
             "storage": {"uri": run_dir},
             "compute": {"gpusPerNode": 0},
             "stages": {k: {"enabled": k in ("pretrain", "sft")} for k in ALL_STAGES},
+            "serving": {"allowUnauthenticated": True},
         },
     }
 

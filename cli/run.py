@@ -3,6 +3,7 @@
     nanorun run examples/tiny.yaml                       # storage from the file's spec.storage.uri
     nanorun run examples/tiny.yaml --run-dir s3://b/r    # override the run directory
     nanorun run examples/tiny.yaml --serve               # then serve the chat model and print its URL
+    nanorun run run.yaml --serve --api-keys-file keys.txt   # serve with these API keys
     nanorun run examples/tiny.yaml --dry-run             # print the stage commands and stop
 
 The same stage plan the operator turns into PyTorchJobs (`nanorun.operator.plan.stage_plan`) runs
@@ -20,6 +21,10 @@ A progress bar per stage is fed by the stage's progress.json; a summary table fo
 - Without GPUs a stage gets OMP_NUM_THREADS = the CPUs idle as it starts (all of them on an idle
   machine, at least one) unless the variable is set already.
 - The file is validated with the same rules and messages as the CRD on a cluster.
+- `--serve` follows spec.serving: `allowUnauthenticated: true` serves without keys; a run whose
+  `apiKeysSecret` names a Secret (a cluster's) needs `--api-keys-file FILE` here, one key per line,
+  checked before the first stage starts. `--api-keys-file` also replaces the opt-out when both are
+  there. `maxRequestBytes` and `rateLimitPerMinute` apply as on a cluster.
 """
 
 from __future__ import annotations
@@ -381,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the chat service listens on (with --serve)")
     p.add_argument("--port", type=int, default=8000, help="port of the chat service (with --serve)")
     p.add_argument(
+        "--api-keys-file",
+        default=None,
+        metavar="FILE",
+        help="API keys of the chat service, one per line (with --serve; needed when the file names "
+        "serving.apiKeysSecret)",
+    )
+    p.add_argument(
         "--nproc-per-node",
         type=int,
         default=None,
@@ -405,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunFileError as e:
         print(f"nanorun run: {e}", file=sys.stderr)  # plain text: no wrapping inside the CRD's messages
         return 2
+    serve_access: list[str] = []
+    if args.serve and run.spec.serving.enabled:
+        try:
+            serve_access = serve_access_flags(run.spec, args.api_keys_file)
+        except RunFileError as e:
+            print(f"nanorun run: {e}", file=sys.stderr)
+            return 2
     run_dir = args.run_dir or run.spec.storage.uri
     if not storage.is_s3(run_dir):
         run_dir = str(Path(run_dir).expanduser().resolve())
@@ -445,8 +464,38 @@ def main(argv: list[str] | None = None) -> int:
     elif args.serve:
         from nanorun.serving.cli import main as serve_main
 
-        return serve_main(["--checkpoint", run_dir, "--host", args.host, "--port", str(args.port)])
+        return serve_main(
+            ["--checkpoint", run_dir, "--host", args.host, "--port", str(args.port), *serve_access]
+        )
     return 0
+
+
+def serve_access_flags(spec: LLMRunSpec, api_keys_file: str | None) -> list[str]:
+    """`nanorun serve`'s access flags for spec.serving on this machine (RunFileError: it cannot serve)."""
+    from nanorun.serving.cli import build_parser as serve_parser
+    from nanorun.serving.cli import check_access
+
+    s = spec.serving
+    if api_keys_file:
+        who = ["--api-keys-file", str(Path(api_keys_file).expanduser().resolve())]
+    elif s.allow_unauthenticated:
+        who = ["--allow-unauthenticated"]
+    else:
+        raise RunFileError(
+            f"spec.serving.apiKeysSecret names the Secret {s.api_keys_secret!r}, which only a cluster has: "
+            "give --api-keys-file FILE (the API keys, one per line) to serve on this machine"
+        )
+    flags = [
+        *who,
+        "--max-request-bytes",
+        str(s.max_request_bytes),
+        "--rate-limit",
+        str(s.rate_limit_per_minute),
+    ]
+    problem = check_access(serve_parser().parse_args(["--checkpoint", "-", *flags]))
+    if problem:
+        raise RunFileError(problem)
+    return flags
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from nanorun.operator.rules import RULES
+from nanorun.serving import SERVE_MAX_REQUEST_BYTES, SERVE_RATE_LIMIT_PER_MINUTE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from typing_extensions import TypedDict
@@ -374,6 +375,35 @@ class ServingSpec(Model):
         min_length=1,
         max_length=1024,
         description="Serving image: Ray Serve and nanorun (the Dockerfile's target `serving`), not the trainer image.",
+    )
+    api_keys_secret: str = Field(
+        "",
+        max_length=253,
+        description="Name of a Secret in the run's namespace holding the chat API's keys: every data value is one "
+        "key or several, one per line (at least 16 characters each, e.g. `openssl rand -hex 32`). Clients send "
+        "`Authorization: Bearer <key>` (the openai client's api_key) to /v1 and /api; /healthz, /metrics and the "
+        "web UI's pages stay open. Mounted read-only into the serving pods, so a changed Secret takes effect "
+        "without a restart. Serving needs this or allowUnauthenticated.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve /v1 and /api without API keys: anyone who reaches the Service may use them (rate "
+        "limits then apply per client address). Serving needs this or apiKeysSecret.",
+    )
+    max_request_bytes: int = Field(
+        SERVE_MAX_REQUEST_BYTES,
+        ge=1024,
+        le=67108864,
+        description="Largest request body a replica accepts, in bytes; a larger one is refused with 413 before "
+        "it is parsed.",
+    )
+    rate_limit_per_minute: int = Field(
+        SERVE_RATE_LIMIT_PER_MINUTE,
+        ge=0,
+        le=1000000,
+        description="Requests per minute each API key may make to each replica (a token bucket holding as many; "
+        "over it: 429 with Retry-After). With N replicas a key may make up to N times this in all. 0 means "
+        "no limit.",
     )
 
 

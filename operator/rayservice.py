@@ -12,6 +12,14 @@ each replica takes it, whatever its CPU and GPU fractions. That makes a worker p
 (`serve-metrics`, SERVE_METRICS_PORT, where the replica serves its own /metrics) one replica's, so
 the chart's PodMonitor scrapes every replica as its own series. The head runs no replica (and so
 declares no such port): its `serve` port goes through the proxy to any replica.
+
+Access: spec.serving.apiKeysSecret is mounted read-only, as a volume (never as environment
+variables, which a running process cannot see change), at `SERVE_API_KEYS_DIR` on the worker pods,
+where the replicas run, and the application's `api_keys_file` names that directory. The kubelet
+updates a mounted Secret's files when the Secret changes and the replicas read them again, so keys
+rotate without a restart (a `subPath` mount would not be updated, hence the whole directory).
+With spec.serving.allowUnauthenticated nothing is mounted and the application is told so. The
+body cap and the rate limit go into the application's `args` too.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from nanorun.operator.jobs import RunRef, dns_name, storage_env
 from nanorun.operator.names import LABEL_RUN, RAYSERVICE_GROUP, RAYSERVICE_VERSION
 from nanorun.operator.security import CONTAINER_SECURITY_CONTEXT, restrict
 from nanorun.serving import (
+    SERVE_API_KEYS_DIR,
     SERVE_APP_NAME,
     SERVE_DEPLOYMENT_NAME,
     SERVE_IMPORT_PATH,
@@ -38,6 +47,7 @@ from nanorun.serving import (
 
 SERVE_PORT = 8000
 SERVE_METRICS_PORT_NAME = "serve-metrics"  # the chart's podMonitor.servingPort
+API_KEYS_VOLUME = "api-keys"
 
 
 def rayservice_name(run: str) -> str:
@@ -47,6 +57,17 @@ def rayservice_name(run: str) -> str:
 def service_url(run: str, namespace: str) -> str:
     """KubeRay exposes the Serve endpoints as the Service `<rayservice>-serve-svc`."""
     return f"http://{rayservice_name(run)}-serve-svc.{namespace}.svc:{SERVE_PORT}"
+
+
+def access_args(spec: LLMRunSpec) -> dict[str, Any]:
+    """The application's access arguments (`nanorun.serving.app.AppArgs`) for spec.serving."""
+    s = spec.serving
+    who: dict[str, Any] = (
+        {"api_keys_file": SERVE_API_KEYS_DIR}
+        if s.api_keys_secret
+        else {"allow_unauthenticated": s.allow_unauthenticated}
+    )
+    return {**who, "max_request_bytes": s.max_request_bytes, "rate_limit_per_minute": s.rate_limit_per_minute}
 
 
 def serve_config(
@@ -67,7 +88,7 @@ def serve_config(
                 "name": SERVE_APP_NAME,
                 "route_prefix": "/",
                 "import_path": SERVE_IMPORT_PATH,
-                "args": {"checkpoint": args_checkpoint or checkpoint},
+                "args": {"checkpoint": args_checkpoint or checkpoint, **access_args(spec)},
                 "deployments": [
                     {
                         "name": SERVE_DEPLOYMENT_NAME,
@@ -149,6 +170,11 @@ def rayservice_for_run(
         env=({"name": SERVE_METRICS_PORT_ENV, "value": str(SERVE_METRICS_PORT)},),
     )
     worker_pod: dict[str, Any] = {"containers": [worker]}
+    if s.api_keys_secret:
+        worker["volumeMounts"] = [
+            {"name": API_KEYS_VOLUME, "mountPath": SERVE_API_KEYS_DIR, "readOnly": True}
+        ]
+        worker_pod["volumes"] = [{"name": API_KEYS_VOLUME, "secret": {"secretName": s.api_keys_secret}}]
     head_pod: dict[str, Any] = {
         "containers": [_container("ray-head", spec, s.head_cpu, s.head_memory, 0, head_ports)]
     }

@@ -107,6 +107,18 @@ def _extra_args_rule(key: str, attribute: str) -> Rule:
 
 
 CHECKPOINT_STAGES = tuple(s.key for s in MODEL_STAGES)
+
+# The chat service is reachable by anyone who reaches its Service: who may use its API is a choice
+# the spec makes, never a default. (A sweep's points never serve, so its template is exempt.)
+SERVING_ACCESS_RULE = Rule(
+    "spec",
+    "!self.serving.enabled || (self.serving.apiKeysSecret != '') != self.serving.allowUnauthenticated",
+    "serving.enabled needs exactly one of serving.apiKeysSecret (a Secret holding the chat API's keys) and "
+    "serving.allowUnauthenticated: true (no keys: anyone who reaches the Service may use the API); or set "
+    "serving.enabled: false",
+    lambda s: not s.serving.enabled or bool(s.serving.api_keys_secret) != s.serving.allow_unauthenticated,
+    field=".serving.apiKeysSecret",
+)
 _RAN = "has(oldSelf.status) && has(oldSelf.status.stages) && oldSelf.status.stages.exists(s, s.attempts > 0)"
 
 RULES: list[Rule] = [
@@ -144,6 +156,7 @@ RULES: list[Rule] = [
         ),
         field=".serving.enabled",
     ),
+    SERVING_ACCESS_RULE,
     # Workers on other nodes read the tokenizer and write checkpoints next to the Master's.
     Rule(
         "spec",

@@ -37,7 +37,7 @@ from nanorun.operator.api import (
     spec_to_dict,
 )
 from nanorun.operator.jobs import dns_name
-from nanorun.operator.rules import RULES, Rule
+from nanorun.operator.rules import RULES, SERVING_ACCESS_RULE, Rule
 from nanorun.pipeline import sweep as sweep_files
 from nanorun.pipeline.stages import STAGES
 from pydantic import Field, ValidationError
@@ -168,7 +168,8 @@ SWEEP_RULES: list[Rule] = [
         ),
         field=".template.stages.pretrain",
     ),
-    *(_template_rule(r) for r in RULES if not r.transition),
+    # The points never serve (the sweep turns serving off), so the template needs no API keys.
+    *(_template_rule(r) for r in RULES if not r.transition and r is not SERVING_ACCESS_RULE),
 ]
 
 

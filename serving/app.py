@@ -14,6 +14,12 @@ explainer pages (`/explain/tokenizer|next-token|attention|training`) with their 
 computed by `nanorun.serving.explain`). On a cluster each replica also serves its metrics on its
 pod's port `$NANORUN_SERVE_METRICS_PORT`.
 
+Every `/v1/*` and `/api/*` route needs an API key (`Authorization: Bearer <key>`) and counts
+against the key's rate limit; every request body is capped (`nanorun.serving.access`, whose
+`AccessGuard` runs in front of the routes). `/healthz`, `/metrics` and the pages stay open, and no
+response names a storage location: `/healthz` and `/api/run` say which stage and step is served,
+and `/healthz` gives `checkpoint_digest(uri)` to tell checkpoints apart.
+
 - One deployment, `ChatDeployment`, holds the model and a continuous-batching `Scheduler`
   (`nanorun.serving.batching`): concurrent requests decode together.
 - The checkpoint is the deployment's `user_config` (`{"checkpoint": URI, "tokenizer": URI?}`):
@@ -25,9 +31,12 @@ pod's port `$NANORUN_SERVE_METRICS_PORT`.
 - Bad input is a 400 with OpenAI's error body, never a 500. A conversation longer than the context
   is trimmed from its oldest turns, and the response says so in the `x-nanorun-notice` header.
 - `build_app(args)` takes `checkpoint`, `tokenizer`, `slots`, `device`, `num_gpus`, `num_cpus`,
-  `max_ongoing_requests` (default 2 x slots: a full batch and as many queued) and
+  `max_ongoing_requests` (default 2 x slots: a full batch and as many queued),
   `autoscaling_config` (Ray Serve's fields, e.g. min/max_replicas; target_ongoing_requests
-  defaults to slots, so a replica is scaled out once its batch is full).
+  defaults to slots, so a replica is scaled out once its batch is full), and the access rules:
+  `api_keys_file` (a keys file, or a mounted Secret's directory, read on the replicas) or
+  `allow_unauthenticated: true`, exactly one of them; `max_request_bytes` (1 MiB) and
+  `rate_limit_per_minute` (per key and replica; 0 = unlimited).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the route signatures' real types
@@ -47,7 +56,8 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from nanorun.serving import SERVE_DEPLOYMENT_NAME, SERVE_SLOTS
+from nanorun.serving import SERVE_DEPLOYMENT_NAME, SERVE_SLOTS, access, checkpoint_digest
+from nanorun.serving.access import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_RATE_LIMIT_PER_MINUTE, AccessGuard
 from nanorun.serving.api import (
     AssistantMessage,
     ChatCompletion,
@@ -71,9 +81,10 @@ from nanorun.serving.explain import (
     ExplainInputError,
     NextTokenRequest,
     TokenizeRequest,
+    stage_of,
 )
 from nanorun.serving.metrics import export_replica_metrics, serve_metrics
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,8 +95,14 @@ STATIC_DIR = Path(__file__).parent / "static"
 CHAT_PATH = "/v1/chat/completions"
 EXPLAIN_PAGES = ("tokenizer", "next-token", "attention", "training")
 EXPLAIN_WORKERS = 2  # explainer computations at once per replica; more wait their turn
+ACCESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "no API key, or not a valid one"},
+    413: {"model": ErrorResponse, "description": "request body over the size cap"},
+    429: {"model": ErrorResponse, "description": "rate limit reached; see Retry-After"},
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request"},
+    **ACCESS_RESPONSES,
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
 }
 
@@ -119,6 +136,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return _error(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))
 
 
+# Added before the request counter, so the counter wraps it and sees refused chat requests' statuses.
+api.add_middleware(AccessGuard, policy=access.replica_policy)
+
+
 @api.middleware("http")
 async def _count_requests(request: Request, call_next: Any) -> Response:
     response = await call_next(request)
@@ -142,6 +163,22 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(default=1, ge=0)
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     autoscaling_config: dict[str, Any] | None = None
+    api_keys_file: str | None = Field(
+        default=None, description="file of API keys, one per line, or a directory of such files (a Secret)"
+    )
+    allow_unauthenticated: bool = Field(default=False, description="serve /v1 and /api without keys")
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1024, le=64 * 1024 * 1024)
+    rate_limit_per_minute: int = Field(
+        default=DEFAULT_RATE_LIMIT_PER_MINUTE, ge=0, description="per key and replica; 0 = unlimited"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> "AppArgs":
+        if bool(self.api_keys_file) == self.allow_unauthenticated:
+            raise ValueError(
+                "give exactly one of api_keys_file (the API keys) and allow_unauthenticated: true"
+            )
+        return self
 
 
 class LoadedModel:
@@ -275,8 +312,21 @@ class ChatDeployment:
         device: str = "auto",
         checkpoint: str | None = None,
         tokenizer: str | None = None,
+        api_keys_file: str | None = None,
+        allow_unauthenticated: bool = False,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
     ) -> None:
         export_replica_metrics()  # on the pod's metrics port, when the pod names one
+        access.configure(
+            access.AccessPolicy.create(
+                api_keys_file,
+                allow_unauthenticated,
+                max_request_bytes,
+                rate_limit_per_minute,
+                refused=lambda reason: serve_metrics().refused.labels(reason=reason).inc(),
+            )
+        )
         self.slots = slots
         self.device = device
         self.loaded: LoadedModel | None = None
@@ -380,17 +430,23 @@ class ChatDeployment:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        """Readiness and the batch's state; the checkpoint by stage, step and digest, not by location."""
         if self.loaded is None:
             return {
                 "status": "waiting for a checkpoint (user_config.checkpoint)",
                 "ready": False,
                 "pid": os.getpid(),
             }
+        info = self.loaded.info
         return {
             "status": "ok",
             "ready": True,
             "pid": os.getpid(),
-            **self.loaded.info,
+            "stage": stage_of(info["checkpoint"]),
+            "step": info.get("step"),
+            "config_id": info.get("config_id", ""),
+            "checkpoint_digest": checkpoint_digest(info["checkpoint"]),
+            "context": info.get("context"),
             **self.loaded.scheduler.stats(),
         }
 
@@ -399,7 +455,7 @@ class ChatDeployment:
         body, content_type = serve_metrics().render()
         return Response(body, media_type=content_type)
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList, responses=ACCESS_RESPONSES)
     async def models(self) -> ModelList:
         cards = [ModelCard(id=MODEL_ID, created=now())] if self.loaded else []
         return ModelList(data=cards)
@@ -447,4 +503,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["autoscaling_config"] = {"target_ongoing_requests": config.slots, **config.autoscaling_config}
     if config.checkpoint:
         options["user_config"] = {"checkpoint": config.checkpoint, "tokenizer": config.tokenizer}
-    return ChatDeployment.options(**options).bind(slots=config.slots, device=config.device)
+    return ChatDeployment.options(**options).bind(
+        slots=config.slots,
+        device=config.device,
+        api_keys_file=config.api_keys_file,
+        allow_unauthenticated=config.allow_unauthenticated,
+        max_request_bytes=config.max_request_bytes,
+        rate_limit_per_minute=config.rate_limit_per_minute,
+    )

@@ -8,7 +8,8 @@ models below and runs these functions on a small thread pool, beside the batchin
 - `bpe_replay`: byte-level BPE re-run with only the first `merges` merges of the run's tokenizer.
 - `next_token`: the model's top-k next-token distribution after temperature.
 - `attention`: one layer/head's attention probabilities for a short prompt.
-- `run_summary`: what is served, and the per-stage loss / val-bpb history of its run directory.
+- `run_summary`: what is served, and the per-stage loss / val-bpb history of its run directory
+  (public: it names no storage location).
 
 Token spans: a token boundary may fall inside a multi-byte UTF-8 character, so a token's `text` is
 the characters whose *last* byte lies in that token. The texts of all tokens then concatenate back
@@ -448,18 +449,30 @@ def timeline(run_dir: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:
-    """What is served (checkpoint, stage, step, model config, vocabulary) and the run's history."""
+def stage_of(checkpoint: str) -> str | None:
+    """The stage key of a checkpoint inside a run directory (`<run>/<stage>/checkpoints/step_N`),
+    else None. The folder is the stage's key (its module in a run written before stages had one name)."""
     from nanorun.pipeline import layout
-    from nanorun.pipeline.stages import MODEL_STAGES, stage_named
+    from nanorun.pipeline.stages import stage_named
+
+    try:
+        layout.run_dir_of_checkpoint(checkpoint)
+        return stage_named(checkpoint.rstrip("/").rsplit("/", 3)[1]).key
+    except ValueError:
+        return None
+
+
+def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """What is served (stage, step, model config, vocabulary) and the run's history. Public: it
+    names no storage location (no checkpoint, run or tokenizer path)."""
+    from nanorun.pipeline import layout
+    from nanorun.pipeline.stages import MODEL_STAGES
 
     checkpoint = info.get("checkpoint", "")
     try:
         run_dir: str | None = layout.run_dir_of_checkpoint(checkpoint)
-        # the folder is the stage's key (its module in a run written before stages had one name)
-        stage: str | None = stage_named(checkpoint.rstrip("/").rsplit("/", 3)[1]).key
     except ValueError:
-        run_dir, stage = None, None
+        run_dir = None
     stages = []
     if run_dir is not None:
         for s in MODEL_STAGES:  # the stages that train, and so have curves
@@ -467,11 +480,8 @@ def run_summary(model: Any, tokenizer: Any, info: dict[str, Any]) -> dict[str, A
             if history is not None:
                 stages.append(history)
     return {
-        "checkpoint": checkpoint,
-        "stage": stage,
+        "stage": stage_of(checkpoint),
         "step": info.get("step"),
-        "run_dir": run_dir,
-        "tokenizer": info.get("tokenizer"),
         "vocab_size": tokenizer.vocab_size,
         "merges": total_merges(tokenizer),
         "context": info.get("context"),

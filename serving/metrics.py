@@ -13,6 +13,9 @@ that port on every worker pod, one replica each, so every replica is its own ser
     nanorun_serve_request_seconds                   histogram: whole-request latency
     nanorun_serve_inflight_requests                 gauge: requests holding a KV-cache row
     nanorun_serve_queued_requests                   gauge: requests waiting for a free row
+    nanorun_serve_refused_requests_total{reason}    counter: requests refused before any route ran
+                                                    (unauthorized, too_large, rate_limited;
+                                                    nanorun.serving.access)
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ GENERATED_TOKENS = "nanorun_serve_generated_tokens"
 REQUEST_SECONDS = "nanorun_serve_request_seconds"
 INFLIGHT = "nanorun_serve_inflight_requests"
 QUEUED = "nanorun_serve_queued_requests"
+REFUSED = "nanorun_serve_refused_requests"  # counter: the _total suffix again
+REFUSAL_REASONS = ("unauthorized", "too_large", "rate_limited")
 
 SERIES = (  # the names Prometheus sees, as the dashboard queries them
     "nanorun_serve_requests_total",
@@ -41,6 +46,7 @@ SERIES = (  # the names Prometheus sees, as the dashboard queries them
     REQUEST_SECONDS,
     INFLIGHT,
     QUEUED,
+    "nanorun_serve_refused_requests_total",
 )
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -76,6 +82,14 @@ class ServeMetrics:
             INFLIGHT, "Requests being generated (holding a KV-cache row)", registry=self.registry
         )
         self.queued = Gauge(QUEUED, "Requests waiting for a free KV-cache row", registry=self.registry)
+        self.refused = Counter(
+            REFUSED,
+            "Requests refused before reaching a route, by reason (unauthorized, too_large, rate_limited)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:  # every reason's series exists from the start, at 0
+            self.refused.labels(reason=reason)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

@@ -32,6 +32,7 @@ SERIES = {
         "nanorun_serve_request_seconds_bucket",
         "nanorun_serve_inflight_requests",
         "nanorun_serve_queued_requests",
+        "nanorun_serve_refused_requests_total",
     },
 }
 # Labels the dashboard filters and groups by (docs/monitoring.md).
@@ -41,6 +42,7 @@ LABELS = {name: {"run", "stage", "rank"} for name in SERIES["trainer"]} | {
     "llmrun_stage_duration_seconds_bucket": {"stage"},
     "llmrun_stage_info": {"namespace", "run", "stage", "phase", "sweep"},
     "nanorun_serve_requests_total": {"status"},
+    "nanorun_serve_refused_requests_total": {"reason"},
 }
 
 

@@ -56,6 +56,7 @@ EVERY_FLAG_SPEC = {
         "rl": {"numIterations": 14, "deviceBatchSize": 7},
         "eval": {"maxProblems": 15},
     },
+    "serving": {"apiKeysSecret": "chat-keys"},
 }
 
 

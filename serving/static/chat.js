@@ -1,5 +1,6 @@
 // nanorun chat web UI: plain JavaScript, no build step. Talks to the OpenAI-compatible API next
-// to it (v1/chat/completions with stream: true) and keeps the conversation in localStorage.
+// to it (v1/chat/completions with stream: true, with the API key from auth.js) and keeps the
+// conversation in localStorage.
 "use strict";
 
 const HISTORY_KEY = "nanorun-chat-history";
@@ -94,7 +95,7 @@ async function reply() {
   showNotice("");
   controller = new AbortController();
   try {
-    const response = await fetch("v1/chat/completions", {
+    const response = await fetchWithApiKey("v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ messages: history, stream: true, ...settings() }),
@@ -204,7 +205,7 @@ for (const el of Object.values(settingsEls)) el.addEventListener("change", saveS
 
 const saved = loadJSON(SETTINGS_KEY, {});
 for (const [k, el] of Object.entries(settingsEls)) if (saved[k] !== undefined) el.value = saved[k];
-fetch("v1/models").then((r) => r.json()).then((m) => {
+fetchWithApiKey("v1/models").then((r) => r.json()).then((m) => {
   if (m.data && m.data[0]) $("model").textContent = m.data[0].id;
 }).catch(() => {});
 render();

@@ -32,12 +32,10 @@ function chart(points, color, label) {
 
 function summary(run) {
   const rows = [
-    ["checkpoint", run.checkpoint],
-    ["stage, step", `${run.stage ?? "?"}, ${run.step ?? "?"}`],
+    ["stage, step", `${run.stage ?? "not in a run directory"}, ${run.step ?? "?"}`],
     ["model", `${run.model.n_layer} layers, ${run.model.n_head} heads (${run.model.n_kv_head} kv), width ${run.model.n_embd}, context ${run.model.sequence_len}, window pattern ${run.model.window_pattern}`],
     ["parameters", run.parameters.toLocaleString()],
     ["vocabulary", `${run.vocab_size} tokens (${run.merges} merges)`],
-    ["run directory", run.run_dir ?? "unknown (the checkpoint is not inside a run directory)"],
   ];
   const table = document.createElement("table");
   table.className = "kv";

@@ -3,13 +3,13 @@
 
 const $ = (id) => document.getElementById(id);
 
-// POST (or GET, without a body) one of the app's JSON endpoints; an error reply becomes an Error
-// with the server's message (which names the offending field).
+// POST (or GET, without a body) one of the app's JSON endpoints, with the API key (auth.js); an
+// error reply becomes an Error with the server's message (which names the offending field).
 async function api(path, body) {
   const init = body === undefined ? {} : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
-  const response = await fetch("../api/" + path, init);
+  const response = await fetchWithApiKey("../api/" + path, init);
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error((data.error && data.error.message) || response.status + " " + response.statusText);
   return data;

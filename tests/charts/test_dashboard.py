@@ -34,6 +34,7 @@ REQUIRED = {
     "serving requests": "nanorun_serve_requests_total",
     "time to first token": "nanorun_serve_time_to_first_token_seconds_bucket",
     "serving tokens/s": "nanorun_serve_generated_tokens_total",
+    "refused requests": "nanorun_serve_refused_requests_total",
 }
 # Grafana's variables, as Prometheus would receive them with "All" selected.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$run": ".*", "${sweep}": ".*"}

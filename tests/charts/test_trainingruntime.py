@@ -20,7 +20,9 @@ def test_no_runtime_unless_asked_for(render: Render) -> None:
 def test_the_runtime_is_the_one_a_default_trainjob_references(render: Render) -> None:
     objects = render(sets=["trainer.runtime.enabled=true", "trainer.runtime.priorityClassName=training"])
     runtime = only(objects, "ClusterTrainingRuntime")
-    spec = parse_spec({"storage": {"uri": "s3://b/r"}, "compute": {"launcher": "TrainJob"}})
+    spec = parse_spec(
+        {"storage": {"uri": "s3://b/r"}, "compute": {"launcher": "TrainJob"}, "serving": {"enabled": False}}
+    )
     job = trainjob.trainjob_for_stage(RunRef("r", "ns", "u"), spec, stage_plan(spec)[1], attempt=1)
     ref = job["spec"]["runtimeRef"]
     assert (runtime["apiVersion"], runtime["kind"], runtime["metadata"]["name"]) == (

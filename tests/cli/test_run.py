@@ -127,7 +127,9 @@ def test_a_missing_file_gets_a_clear_error(tmp_path, capsys):
 
 
 def test_dry_run_prints_each_planned_stage_command_and_runs_nothing(tmp_path, capsys):
-    path = llmrun_file(tmp_path / "run.yaml", enabled=STAGE_KEYS, serving={"enabled": True})
+    path = llmrun_file(
+        tmp_path / "run.yaml", enabled=STAGE_KEYS, serving={"enabled": True, "allowUnauthenticated": True}
+    )
     spec = parse_spec(yaml.safe_load(path.read_text())["spec"])
     rc, out, _ = run_local(capsys, str(path), "--dry-run", "--nproc-per-node", "2")
     assert rc == 0
@@ -319,6 +321,41 @@ def test_cpu_stages_get_the_idle_cpus_as_threads_unless_the_user_chose(tmp_path,
 # --- --serve (what `make demo` ends with) ------------------------------------------------------------
 
 
+def test_serve_needs_a_keys_file_for_a_run_whose_keys_are_a_secret_before_any_stage_runs(tmp_path, capsys):
+    path = llmrun_file(
+        tmp_path / "run.yaml",
+        enabled=("tokenizer", "pretrain"),
+        serving={"enabled": True, "apiKeysSecret": "chat-keys"},
+    )
+    rc, _, err = run_local(capsys, str(path), "--serve")
+    assert rc == 2 and "--api-keys-file FILE" in err and "'chat-keys'" in err
+    assert not (tmp_path / "run").exists()  # refused before the tokenizer stage
+    rc, _, err = run_local(capsys, str(path), "--serve", "--api-keys-file", str(tmp_path / "none.txt"))
+    assert rc == 2 and "no such file" in err
+
+
+def test_serve_follows_the_specs_access_fields(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k" * 32 + "\n")
+    spec = parse_spec(
+        yaml.safe_load(
+            llmrun_file(
+                tmp_path / "run.yaml",
+                enabled=("tokenizer", "pretrain"),
+                serving={"enabled": True, "allowUnauthenticated": True, "rateLimitPerMinute": 7},
+            ).read_text()
+        )["spec"]
+    )
+    assert local.serve_access_flags(spec, None) == [
+        "--allow-unauthenticated",
+        "--max-request-bytes",
+        "1048576",
+        "--rate-limit",
+        "7",
+    ]
+    assert local.serve_access_flags(spec, str(keys))[:2] == ["--api-keys-file", str(keys.resolve())]
+
+
 @pytest.mark.slow
 def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_url(tmp_path, tiny_base_run):
     import httpx
@@ -331,8 +368,11 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         tmp_path / "tiny.yaml",
         enabled=("tokenizer", "pretrain"),
         storage={"uri": run_dir},
-        serving={"enabled": True},
+        serving={"enabled": True, "apiKeysSecret": "tiny-chat-keys"},
     )
+    api_key = "sk-nanorun-local-" + "8" * 32
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{api_key}\n")
     # The fixture's stages ran with other flags than this file's: make them this file's finished run
     # (otherwise their config ids differ and `nanorun run` trains them again, as it should).
     ids = config_ids(stage_plan(local.load_run_file(str(path)).spec))
@@ -340,7 +380,18 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         write_done(run_dir, dataclasses.replace(read_done(run_dir, key), config_id=ids[key]))
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nanorun.cli.main", "run", str(path), "--serve", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "nanorun.cli.main",
+            "run",
+            str(path),
+            "--serve",
+            "--port",
+            str(port),
+            "--api-keys-file",
+            str(keys),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -361,14 +412,14 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         assert f"web UI   http://localhost:{port}/\n" in out
         assert f"explain  http://localhost:{port}/explain/tokenizer" in line  # the demo prints them too
         assert httpx.get(f"http://127.0.0.1:{port}/explain/tokenizer", timeout=30).status_code == 200
-        reply = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            timeout=60,
-            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
-        ).json()
-        assert reply["usage"]["completion_tokens"] == 3
+        chat = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert httpx.post(chat, timeout=60, json=body).status_code == 401
+        reply = httpx.post(chat, timeout=60, json=body, headers={"Authorization": f"Bearer {api_key}"})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 3
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
-        assert "/pretrain/checkpoints/" in health["checkpoint"]
+        assert health["stage"] == "pretrain" and run_dir not in str(health)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -48,10 +48,11 @@ import pytest
 import yaml
 from nanorun.pipeline import storage
 from nanorun.pipeline.progress import read_done
+from nanorun.serving import checkpoint_digest
 from nanorun.trainer.data.dataset import resolve_shards
 from nanorun.trainer.training import checkpoint
 
-from tests.e2e.pipeline import PRETRAIN_STEPS, SAVE_EVERY, e2e_llmrun
+from tests.e2e.pipeline import API_KEY, PRETRAIN_STEPS, SAVE_EVERY, api_keys_secret, e2e_llmrun
 from tests.fixtures import grafana
 from tests.fixtures.kube import deploy_s3, wait_until
 from tests.fixtures.prometheus import (
@@ -175,7 +176,7 @@ class Chatter(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
         self.stop, self.ok, self.failures = threading.Event(), 0, []
 
     def run(self) -> None:
@@ -207,6 +208,7 @@ def chat_in_chromium(url: str) -> str:
             executable_path=CHROMIUM, headless=True, args=["--headless", "--no-sandbox", "--disable-gpu"]
         )
         page = browser.new_page()
+        page.add_init_script(f"localStorage.setItem('nanorun-api-key', {json.dumps(API_KEY)})")
         page.goto(url + "/")
         page.fill("#max-tokens", "8")
         page.dispatch_event("#max-tokens", "change")
@@ -318,6 +320,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     # Evaluate mid-way too: the pod exits right after the last step's evaluation, often before a scrape.
     manifest["spec"]["stages"]["pretrain"]["evalEvery"] = PRETRAIN_STEPS // 2
     manifest["spec"]["serving"].update(image=image_ref("serving"), minReplicas=REPLICAS, maxReplicas=REPLICAS)
+    kube.apply(ns, api_keys_secret(NAME))
     kube.apply(ns, manifest)
     seed = int(time.time())
     killer = OperatorKiller(c, seed)
@@ -404,7 +407,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     ray_clusters = c.names("rayclusters")
     assert len(ray_clusters) == 1
     url = f"http://{c.cluster_ip(f'{NAME}-chat-serve-svc')}:8000"
-    chat = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    chat = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
     def reply() -> str:
         try:
@@ -429,7 +432,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
         )
     )
     assert any(ch.choices and ch.choices[0].delta.content for ch in chunks)
-    assert final in health(url)["checkpoint"]
+    assert health(url)["checkpoint_digest"] == checkpoint_digest(final)
     assert chat_in_chromium(url).strip()
     mark("chatted")
 
@@ -460,7 +463,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     # The final checkpoint may have the same path as before (rl ran as many steps): the replica
     # must have loaded the weights saved under the new config id.
     rolled = wait_until(lambda: health(url), lambda h: h.get("config_id") == new_id, timeout=300, interval=1)
-    assert new_final in rolled["checkpoint"]
+    assert rolled["checkpoint_digest"] == checkpoint_digest(new_final)
     wait_until(c.run, lambda r: condition(r, "Ready").get("status") == "True", timeout=300, interval=1)
     mark("rolled")
     time.sleep(3)

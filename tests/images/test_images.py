@@ -140,12 +140,12 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
     config PUT to the dashboard's REST API, and KubeRay's wget probes."""
     from nanorun.operator.api import LLMRunSpec
     from nanorun.operator.rayservice import SERVE_PORT, serve_config
-    from nanorun.serving import SERVE_APP_NAME, SERVE_REPLICA_RESOURCE
-    from openai import OpenAI
+    from nanorun.serving import SERVE_API_KEYS_DIR, SERVE_APP_NAME, SERVE_REPLICA_RESOURCE
+    from openai import AuthenticationError, OpenAI
 
     dashboard, serve_port = free_port(), free_port()
     spec = LLMRunSpec.model_validate(
-        {"storage": {"uri": "s3://unused/run"}, "serving": {"gpusPerReplica": 0}}
+        {"storage": {"uri": "s3://unused/run"}, "serving": {"gpusPerReplica": 0, "apiKeysSecret": "keys"}}
     )
     resources = json.dumps({SERVE_REPLICA_RESOURCE: 1})
     ray_start = (
@@ -155,6 +155,10 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
     # The run, readable by the image's user (pytest's folders are private to root), at the same path.
     shared = tmp_path / "shared"
     shutil.copytree(tiny_chat_run, shared / "run")
+    key = "sk-nanorun-image-" + "6" * 32
+    keys = shared / "api-keys"  # what the operator mounts from serving.apiKeysSecret
+    keys.mkdir()
+    (keys / "test").write_text(key)
     for path in [shared, *shared.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     tmp_path.chmod(0o755)
@@ -165,7 +169,7 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
         ["/bin/bash", "-lc", "--", f"ulimit -n 65536; {ray_start}"],
         network="bridge",
         shm_size="512m",
-        volumes={str(shared): f"{shared}:ro"},
+        volumes={str(shared): f"{shared}:ro", str(keys): f"{SERVE_API_KEYS_DIR}:ro"},
     )
     container.publish = {dashboard: 8265, serve_port: SERVE_PORT}
     started = container.start()
@@ -200,10 +204,13 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
             )
             time.sleep(1)
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="unused", timeout=60)
+        client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=key, timeout=60)
         reply = client.chat.completions.create(
             model="nanorun", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8
         )
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+        stranger = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="x" * 32, max_retries=0)
+        with pytest.raises(AuthenticationError):
+            stranger.models.list()
     finally:
         remove(started)

@@ -198,6 +198,16 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
+    key = "sk-nanorun-kube-" + "4" * 32
+    kube_pods.apply(
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "chat-keys"},
+            "stringData": {"test": key},
+        },
+    )
     spec = parse_spec(
         {
             "image": image_ref("trainer"),
@@ -218,6 +228,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
                 "nodeSelector": GPU_LABELS,
                 "tolerations": GPU_TOLERATIONS,
                 "image": image_ref("serving"),
+                "apiKeysSecret": "chat-keys",
             },
         }
     )
@@ -238,7 +249,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     serve_ip = kube_pods.kubectl(
         "get", "service", f"{name}-serve-svc", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"
     ).stdout
-    client = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key="unused", timeout=60)
+    client = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key=key, timeout=60)
 
     def chat():
         # KubeRay labels the pods that serve (ray.io/serve) once their proxies are up, and kube-proxy
@@ -262,3 +273,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
         )
     )
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    # The key came from the Secret mounted on the worker pod: without it the API refuses.
+    stranger = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key="sk-" + "0" * 32, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()

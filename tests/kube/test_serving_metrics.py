@@ -18,6 +18,7 @@ from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 from tests.test_metrics_promtool import promtool_check
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
+API_KEY = "sk-nanorun-kube-" + "5" * 32
 
 
 def requests_counted(text: str) -> float:
@@ -39,6 +40,15 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
+    kube_pods.apply(
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "chat-keys"},
+            "stringData": {"test": API_KEY},
+        },
+    )
     spec = parse_spec(
         {
             "image": image_ref("trainer"),
@@ -58,6 +68,7 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
                 "nodeSelector": GPU_LABELS,
                 "tolerations": GPU_TOLERATIONS,
                 "image": image_ref("serving"),
+                "apiKeysSecret": "chat-keys",
             },
         }
     )
@@ -89,7 +100,10 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
     def chat(_: int = 0) -> int:
         try:
             return httpx.post(
-                f"http://{serve_ip}:8000/v1/chat/completions", json=body, timeout=60
+                f"http://{serve_ip}:8000/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=60,
             ).status_code
         except httpx.TransportError:  # the Service's endpoints are programmed a moment after Ready
             return 0

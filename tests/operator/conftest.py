@@ -181,7 +181,8 @@ def llmrun(
         # which `auto` would not choose on a cluster that runs Trainer v2 too.
         "compute": {"gpusPerNode": 0, "tolerations": GPU_TOLERATIONS, "launcher": "PyTorchJob"},
         "stages": {k: {"enabled": k in enabled} for k in keys},
-        "serving": {"gpusPerReplica": 0, "image": ABSENT_SERVING_IMAGE},
+        # No API keys: its pods never start here (the image is absent), so nothing is exposed.
+        "serving": {"gpusPerReplica": 0, "image": ABSENT_SERVING_IMAGE, "allowUnauthenticated": True},
         "retry": {"maxAttempts": 2, "backoffSeconds": 0},
     }
     for key, args in (stage_args or {}).items():

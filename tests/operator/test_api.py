@@ -12,7 +12,8 @@ from nanorun.operator.rules import RULES, Rule
 
 from tools import generate
 
-MINIMAL = {"storage": {"uri": "s3://bucket/runs/r1"}}
+KEYS = {"apiKeysSecret": "chat-keys"}
+MINIMAL = {"storage": {"uri": "s3://bucket/runs/r1"}, "serving": KEYS}
 
 
 def rule(message_start: str) -> Rule:
@@ -91,7 +92,31 @@ def test_cpu_nodes_count_as_one_process_each():
 
 def test_min_replicas_may_not_exceed_max_replicas():
     with pytest.raises(SpecError, match="serving.minReplicas must not exceed serving.maxReplicas"):
-        parse_spec({**MINIMAL, "serving": {"minReplicas": 3, "maxReplicas": 2}})
+        parse_spec({**MINIMAL, "serving": {**KEYS, "minReplicas": 3, "maxReplicas": 2}})
+
+
+@pytest.mark.parametrize(
+    "serving",
+    [{}, {"apiKeysSecret": ""}, {"apiKeysSecret": "chat-keys", "allowUnauthenticated": True}],
+    ids=["neither", "empty-secret-name", "both"],
+)
+def test_serving_needs_api_keys_or_the_explicit_opt_out(serving):
+    access = rule("serving.enabled needs exactly one of serving.apiKeysSecret")
+    with pytest.raises(SpecError) as err:
+        parse_spec({**MINIMAL, "serving": serving})
+    assert str(err.value) == f"spec.serving.apiKeysSecret: {access.message}"
+    assert access.where == "spec.serving.apiKeysSecret" and "serving.allowUnauthenticated" in access.message
+    parse_spec({**MINIMAL, "serving": {"allowUnauthenticated": True}})
+    parse_spec({**MINIMAL, "serving": {"enabled": False}})
+    spec = parse_spec(MINIMAL)
+    assert spec.serving.max_request_bytes == 1024 * 1024 and spec.serving.rate_limit_per_minute == 120
+
+
+def test_a_sweep_template_needs_no_api_keys():
+    from nanorun.operator.sweep import SWEEP_RULES
+
+    access = rule("serving.enabled needs exactly one of serving.apiKeysSecret")
+    assert access.message not in {r.message for r in SWEEP_RULES}  # its points never serve
 
 
 def test_serving_needs_a_stage_that_makes_a_model():
@@ -126,7 +151,10 @@ def test_model_tokenizer_and_storage_are_frozen_once_a_stage_has_run():
     assert check_update(old, new, stage_has_run=False) == []
     broken = check_update(old, new, stage_has_run=True)
     assert [m.split(" ")[0] for m in broken] == ["spec.model", "spec.tokenizer", "spec.storage.uri"]
-    assert check_update(old, parse_spec({**MINIMAL, "serving": {"maxReplicas": 4}}), stage_has_run=True) == []
+    assert (
+        check_update(old, parse_spec({**MINIMAL, "serving": {**KEYS, "maxReplicas": 4}}), stage_has_run=True)
+        == []
+    )
 
 
 def test_every_schema_field_has_a_description():

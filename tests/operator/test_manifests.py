@@ -9,13 +9,15 @@ from nanorun.operator.api import parse_spec
 from nanorun.operator.jobs import RunRef, job_name, pytorchjob_for_stage
 from nanorun.operator.plan import final_model_stage, stage_plan
 from nanorun.operator.rayservice import rayservice_for_run, served_checkpoints, service_url
-from nanorun.serving import SERVE_IMPORT_PATH
+from nanorun.serving import SERVE_API_KEYS_DIR, SERVE_IMPORT_PATH
 
 RUN = RunRef(name="speedrun", namespace="team-a", uid="1234-uid")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+KEYS = {"apiKeysSecret": "chat-keys"}  # serving needs its API keys (or the explicit opt-out)
 
 
 def spec_of(**overrides):
+    serving = {**KEYS, **overrides.pop("serving", {})}
     return parse_spec(
         {
             "storage": {
@@ -23,6 +25,7 @@ def spec_of(**overrides):
                 "credentialsSecret": "s3-creds",
                 "endpoint": "http://minio:9000",
             },
+            "serving": serving,
             **overrides,
         }
     )
@@ -187,7 +190,7 @@ def test_kueue_queue_labels_the_job_and_starts_it_suspended():
 
 
 def test_no_credentials_secret_means_no_secret_env():
-    spec = parse_spec({"storage": {"uri": "s3://b/r"}})
+    spec = parse_spec({"storage": {"uri": "s3://b/r"}, "serving": KEYS})
     c = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), 1)["spec"]["pytorchReplicaSpecs"][
         "Master"
     ]["template"]["spec"]["containers"][0]
@@ -221,7 +224,13 @@ def test_rayservice_serves_the_checkpoint_through_user_config():
     )
     assert svc["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
     (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
-    assert app["import_path"] == SERVE_IMPORT_PATH and app["args"] == {"checkpoint": ckpt}
+    assert app["import_path"] == SERVE_IMPORT_PATH
+    assert app["args"] == {
+        "checkpoint": ckpt,
+        "api_keys_file": SERVE_API_KEYS_DIR,
+        "max_request_bytes": 1048576,
+        "rate_limit_per_minute": 120,
+    }
     (dep,) = app["deployments"]
     assert dep["user_config"] == {"checkpoint": ckpt}
     assert dep["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 8.0}
@@ -245,6 +254,34 @@ def test_rayservice_serves_the_checkpoint_through_user_config():
     assert worker["nodeSelector"] == head["template"]["spec"]["nodeSelector"] == {"pool": "serve"}
     assert served_checkpoints(svc) == (ckpt, ckpt)
     assert service_url("speedrun", "team-a") == "http://speedrun-chat-serve-svc.team-a.svc:8000"
+
+
+def test_the_api_keys_secret_is_mounted_read_only_where_the_replicas_run():
+    spec = spec_of(serving={"apiKeysSecret": "chat-keys", "maxRequestBytes": 4096, "rateLimitPerMinute": 30})
+    svc = rayservice_for_run(RUN, spec, "s3://b/c")
+    cluster = svc["spec"]["rayClusterConfig"]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    (volume,) = worker["volumes"]
+    assert volume["secret"] == {"secretName": "chat-keys"}
+    (container,) = worker["containers"]
+    (mount,) = container["volumeMounts"]
+    assert mount == {"name": volume["name"], "mountPath": SERVE_API_KEYS_DIR, "readOnly": True}
+    assert "subPath" not in mount  # a subPath mount would never see the Secret change
+    assert "chat-keys" not in str(container["env"])  # a volume, never environment variables
+    head = cluster["headGroupSpec"]["template"]["spec"]  # runs no replica, reads no key
+    assert "volumes" not in head and "volumeMounts" not in head["containers"][0]
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["api_keys_file"] == SERVE_API_KEYS_DIR and "allow_unauthenticated" not in app["args"]
+    assert (app["args"]["max_request_bytes"], app["args"]["rate_limit_per_minute"]) == (4096, 30)
+
+
+def test_unauthenticated_serving_mounts_nothing_and_says_so():
+    spec = spec_of(serving={"apiKeysSecret": "", "allowUnauthenticated": True})
+    svc = rayservice_for_run(RUN, spec, "s3://b/c")
+    worker = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "volumes" not in worker and "volumeMounts" not in worker["containers"][0]
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["allow_unauthenticated"] is True and "api_keys_file" not in app["args"]
 
 
 def test_a_new_checkpoint_changes_only_user_config():
@@ -274,7 +311,9 @@ def test_cpu_serving_requests_no_gpus():
 
 
 def test_training_pods_get_the_grace_period_the_spec_asks_and_know_their_attempt_and_config():
-    spec = parse_spec({"storage": {"uri": "s3://b/r"}, "compute": {"terminationGracePeriodSeconds": 300}})
+    spec = parse_spec(
+        {"storage": {"uri": "s3://b/r"}, "compute": {"terminationGracePeriodSeconds": 300}, "serving": KEYS}
+    )
     job = pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), 3, config_id="0123456789abcdef")
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 300
@@ -282,7 +321,7 @@ def test_training_pods_get_the_grace_period_the_spec_asks_and_know_their_attempt
     assert env["NANORUN_ATTEMPT"] == "3" and env["NANORUN_CONFIG_ID"] == "0123456789abcdef"
     assert job["metadata"]["labels"]["nanorun.io/config"] == "0123456789abcdef"
     default = pytorchjob_for_stage(
-        RUN, parse_spec({"storage": {"uri": "s3://b/r"}}), planned(spec, "pretrain"), 1
+        RUN, parse_spec({"storage": {"uri": "s3://b/r"}, "serving": KEYS}), planned(spec, "pretrain"), 1
     )
     assert (
         default["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["terminationGracePeriodSeconds"]

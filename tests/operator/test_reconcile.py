@@ -24,6 +24,7 @@ ALL_OFF = {
 
 def body(stages=("tokenizer", "pretrain"), status=None, **spec):
     enabled = {**ALL_OFF, **{k: {"enabled": True} for k in stages}}
+    serving = {"apiKeysSecret": "r1-chat-keys", **spec.pop("serving", {})}
     return {
         "metadata": {
             "name": "r1",
@@ -36,6 +37,7 @@ def body(stages=("tokenizer", "pretrain"), status=None, **spec):
             "storage": {"uri": "s3://b/r1"},
             "stages": enabled,
             "retry": {"maxAttempts": 2, "backoffSeconds": 10},
+            "serving": serving,
             **spec,
         },
         "status": status or {},

@@ -1,4 +1,4 @@
-"""Bad input: twenty-six malformed or contradictory LLMRuns, each one mistake in an otherwise valid
+"""Bad input: twenty-eight malformed or contradictory LLMRuns, each one mistake in an otherwise valid
 spec. The API server refuses every one at admission and `nanorun run FILE` refuses the same file,
 both naming the field, with the same message text. One table drives both checks."""
 
@@ -22,7 +22,7 @@ BASE: dict[str, Any] = {
     "model": {"depth": 2, "maxSeqLen": 64},
     "tokenizer": {"vocabSize": 512},
     "compute": {"gpusPerNode": 0},
-    "serving": {"gpusPerReplica": 0},
+    "serving": {"gpusPerReplica": 0, "apiKeysSecret": "chat-keys"},
 }
 
 # (id, patch over BASE, the field the refusal names, the message text both give)
@@ -135,6 +135,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "serving.enabled needs a stage that produces a model",
     ),
     (
+        "serving-without-api-keys",
+        {"serving": {"apiKeysSecret": ""}},
+        "spec.serving.apiKeysSecret",
+        "serving.enabled needs exactly one of serving.apiKeysSecret",
+    ),
+    (
+        "serving-with-api-keys-and-open-access",
+        {"serving": {"allowUnauthenticated": True}},
+        "spec.serving.apiKeysSecret",
+        "serving.allowUnauthenticated: true (no keys: anyone who reaches the Service may use the API)",
+    ),
+    (
         "min-replicas-above-max",
         {"serving": {"minReplicas": 3, "maxReplicas": 2}},
         "spec.serving.minReplicas",
@@ -213,8 +225,8 @@ def nanorun_run_refusal(path: Path, capsys) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("spec")]
 
 
-def test_the_table_has_twenty_six_cases_and_one_for_every_rule():
-    assert len(CASES) == 26 and len({case for case, *_ in CASES}) == 26
+def test_the_table_has_twenty_eight_cases_and_one_for_every_rule():
+    assert len(CASES) == 28 and len({case for case, *_ in CASES}) == 28
     fields_of: dict[str, set[str]] = {}  # one case serves rules that differ only in their field (quantities)
     for rule in RULES:
         if not rule.transition:

@@ -21,7 +21,11 @@ T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
 def spec_of(**overrides):
     return parse_spec(
-        {"storage": {"uri": "s3://bucket/runs/speedrun", "credentialsSecret": "s3-creds"}, **overrides}
+        {
+            "storage": {"uri": "s3://bucket/runs/speedrun", "credentialsSecret": "s3-creds"},
+            "serving": {"apiKeysSecret": "chat-keys"},
+            **overrides,
+        }
     )
 
 
@@ -186,6 +190,7 @@ def body(status=None, **spec):
             "storage": {"uri": "s3://b/r"},
             "stages": off,
             "retry": {"maxAttempts": 2, "backoffSeconds": 10},
+            "serving": {"apiKeysSecret": "chat-keys"},
             **spec,
         },
         "status": status or {},

@@ -79,6 +79,7 @@ def test_a_two_node_trainjob_as_nanorun_builds_it_meets_through_trainers_rendezv
                 "endpoint": "http://s3:9000",
                 "credentialsSecret": "s3-creds",
             },
+            "serving": {"enabled": False},
         }
     )
     pretrain = next(s for s in stage_plan(spec) if s.key == "pretrain")

@@ -50,7 +50,7 @@ def test_the_trainer_reads_its_stage_lists_from_the_table():
 
 
 def test_no_folder_label_or_job_name_a_user_sees_uses_a_module_name():
-    spec = parse_spec({"storage": {"uri": "s3://b/runs/speedrun"}})
+    spec = parse_spec({"storage": {"uri": "s3://b/runs/speedrun"}, "serving": {"apiKeysSecret": "chat-keys"}})
     run = RunRef(name="speedrun", namespace="team-a", uid="uid")
     dns = {s.key: s.dns for s in stages.STAGES}
     assert dns == {

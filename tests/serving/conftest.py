@@ -3,8 +3,10 @@
 `chat_service` starts a local Ray instance (2 CPUs, a small object store), starts Serve's HTTP proxy
 on a free port, and deploys the chat application from a Serve config the way a RayService does
 (`import_path` = `nanorun.serving.SERVE_IMPORT_PATH`, the checkpoint in `args` and `user_config`),
-serving the random tiny model of `tiny_chat_run`. It yields a `ChatService` with the base URL and a
-`redeploy(checkpoint)` that changes only `user_config`, as a checkpoint rollout does.
+serving the random tiny model of `tiny_chat_run`. It yields a `ChatService` with the base URL, the
+API key its keys file holds (`key`, `headers`), and a `deploy(checkpoint)` that changes only
+`user_config`, as a checkpoint rollout does. The service has no rate limit (the tests make many
+requests with one key); tests/serving/test_access.py covers the limits.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from nanorun.serving import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME, SERVE_IMPORT_PATH
+from nanorun.serving import SERVE_APP_NAME, SERVE_DEPLOYMENT_NAME, SERVE_IMPORT_PATH, checkpoint_digest
 
 SLOTS = 16
+API_KEY = "sk-nanorun-test-" + "0123456789abcdef" * 2
 
 
 def free_port() -> int:
@@ -27,14 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_config(args_checkpoint: str, checkpoint: str) -> dict:
+def serve_config(args_checkpoint: str, checkpoint: str, keys_file: str) -> dict:
     return {
         "applications": [
             {
                 "name": SERVE_APP_NAME,
                 "route_prefix": "/",
                 "import_path": SERVE_IMPORT_PATH,
-                "args": {"checkpoint": args_checkpoint, "slots": SLOTS, "device": "cpu"},
+                "args": {
+                    "checkpoint": args_checkpoint,
+                    "slots": SLOTS,
+                    "device": "cpu",
+                    "api_keys_file": keys_file,
+                    "rate_limit_per_minute": 0,
+                },
                 "deployments": [
                     {
                         "name": SERVE_DEPLOYMENT_NAME,
@@ -52,25 +61,38 @@ def serve_config(args_checkpoint: str, checkpoint: str) -> dict:
 class ChatService:
     url: str
     args_checkpoint: str
+    keys_file: str
+    key: str = API_KEY
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/healthz", timeout=30).json()
 
+    def post(self, path: str, body: dict, **kwargs) -> httpx.Response:
+        """POST JSON to a route with the API key."""
+        return httpx.post(f"{self.url}{path}", json=body, headers=self.headers, **{"timeout": 60, **kwargs})
+
     def deploy(self, checkpoint: str) -> None:
         """Apply a Serve config whose only change is `user_config.checkpoint` and wait until the
         replica reports that checkpoint (what the operator does when a new checkpoint lands)."""
+        from nanorun.trainer.chat.engine import resolve_checkpoint
         from ray import serve
         from ray.serve.schema import ServeDeploySchema
 
         client = serve.context._get_global_client()
         client.deploy_apps(
-            ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint)), _blocking=True
+            ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint, self.keys_file)),
+            _blocking=True,
         )
+        digest = checkpoint_digest(resolve_checkpoint(checkpoint))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 health = self.health()
-                if health.get("ready") and checkpoint in health.get("checkpoint", ""):
+                if health.get("ready") and health.get("checkpoint_digest") == digest:
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -79,7 +101,7 @@ class ChatService:
 
 
 @pytest.fixture(scope="session")
-def chat_service(tiny_chat_run) -> Iterator[ChatService]:
+def chat_service(tiny_chat_run, tmp_path_factory) -> Iterator[ChatService]:
     ray = pytest.importorskip("ray")
     from ray import serve
 
@@ -92,7 +114,11 @@ def chat_service(tiny_chat_run) -> Iterator[ChatService]:
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    service = ChatService(url=f"http://127.0.0.1:{port}", args_checkpoint=tiny_chat_run)
+    keys_file = tmp_path_factory.mktemp("api_keys") / "keys.txt"
+    keys_file.write_text(f"{API_KEY}\n")
+    service = ChatService(
+        url=f"http://127.0.0.1:{port}", args_checkpoint=tiny_chat_run, keys_file=str(keys_file)
+    )
     try:
         service.deploy(tiny_chat_run)
         yield service

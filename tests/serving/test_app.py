@@ -1,15 +1,18 @@
-"""The chat service under Ray Serve, driven over HTTP by the `openai` client and httpx: completions
-(plain and streamed), concurrency, validation, disconnects, metrics and checkpoint rollout."""
+"""The chat service under Ray Serve, driven over HTTP by the `openai` client and httpx: API keys,
+the body cap and what public responses leave out, completions (plain and streamed), concurrency,
+validation, disconnects, metrics and checkpoint rollout."""
 
 from __future__ import annotations
 
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from nanorun.serving import SERVE_MAX_REQUEST_BYTES, checkpoint_digest
 from nanorun.serving.api import MAX_MESSAGE_CHARS, MAX_MESSAGES
 from nanorun.serving.metrics import SERIES
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,7 +24,9 @@ HELLO = [{"role": "user", "content": "Hello! What can you do?"}]
 
 @pytest.fixture(scope="module")
 def client(chat_service) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{chat_service.url}/v1", api_key="not-needed", max_retries=0, timeout=60)
+    return openai.OpenAI(
+        base_url=f"{chat_service.url}/v1", api_key=chat_service.key, max_retries=0, timeout=60
+    )
 
 
 def metric_values(url: str) -> dict[tuple[str, tuple], float]:
@@ -31,6 +36,70 @@ def metric_values(url: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def test_the_api_needs_a_key_which_the_openai_client_sends_as_api_key(chat_service):
+    def ask(api_key: str):
+        chat = openai.OpenAI(base_url=f"{chat_service.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+        return chat.chat.completions.create(model="nanorun", messages=HELLO, max_tokens=2)
+
+    assert ask(chat_service.key).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError) as refused:
+        ask(chat_service.key[:-1] + "X")
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+    for path in ("/v1/models", "/api/run"):
+        response = httpx.get(f"{chat_service.url}{path}", timeout=30)
+        assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+        assert response.json()["error"]["code"] == "missing_api_key"
+    response = httpx.post(f"{chat_service.url}/api/tokenize", json={"text": "hi"}, timeout=30)
+    assert response.status_code == 401
+    for path in ("/healthz", "/metrics", "/", "/static/chat.js", "/static/auth.js", "/explain/training"):
+        assert httpx.get(f"{chat_service.url}{path}", timeout=30).status_code == 200, path
+
+
+def test_rewriting_the_keys_file_rotates_keys_in_the_running_replica(chat_service):
+    keys = Path(chat_service.keys_file)
+    new_key = "sk-nanorun-rotated-" + "9" * 32
+    pid = chat_service.health()["pid"]
+    models = f"{chat_service.url}/v1/models"
+    try:
+        keys.write_text(f"{new_key}\n")
+        assert httpx.get(models, headers=chat_service.headers, timeout=30).status_code == 401
+        assert (
+            httpx.get(models, headers={"Authorization": f"Bearer {new_key}"}, timeout=30).status_code == 200
+        )
+    finally:
+        keys.write_text(f"{chat_service.key}\n")
+    assert httpx.get(models, headers=chat_service.headers, timeout=30).status_code == 200
+    assert chat_service.health()["pid"] == pid  # the same replica throughout
+
+
+def test_a_body_over_the_cap_is_a_413_with_or_without_content_length(chat_service):
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * SERVE_MAX_REQUEST_BYTES}]}).encode()
+    url = f"{chat_service.url}/v1/chat/completions"
+    headers = {"content-type": "application/json", **chat_service.headers}
+    sized = httpx.post(url, content=body, headers=headers, timeout=60)
+
+    def chunked():
+        for i in range(0, len(body), 64 * 1024):
+            yield body[i : i + 64 * 1024]
+
+    streamed = httpx.post(url, content=chunked(), headers=headers, timeout=60)
+    assert "content-length" not in streamed.request.headers
+    for response in (sized, streamed):
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_public_responses_name_no_storage_location(chat_service, tiny_chat_run):
+    texts = [
+        httpx.get(f"{chat_service.url}/healthz", timeout=30).text,
+        httpx.get(f"{chat_service.url}/api/run", headers=chat_service.headers, timeout=30).text,
+    ]
+    for text in texts:
+        assert "s3://" not in text and tiny_chat_run not in text and "checkpoints/step_" not in text
+        assert str(Path(tiny_chat_run).parent) not in text
+    assert json.loads(texts[1])["stage"] == "sft"
 
 
 def test_openai_client_gets_a_completion_with_usage(client):
@@ -62,6 +131,7 @@ def test_streaming_delivers_the_same_text_as_a_plain_request(client, chat_servic
         f"{chat_service.url}/v1/chat/completions",
         timeout=60,
         json={"messages": HELLO, "max_tokens": 5, "stream": True},
+        headers=chat_service.headers,
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         frames = [line for line in response.iter_lines() if line]
@@ -154,7 +224,7 @@ INVALID = [
 
 @pytest.mark.parametrize(("body", "param"), INVALID, ids=[p + str(i) for i, (_, p) in enumerate(INVALID)])
 def test_invalid_requests_get_a_400_with_an_openai_error_body(chat_service, body, param):
-    response = httpx.post(f"{chat_service.url}/v1/chat/completions", json=body, timeout=30)
+    response = chat_service.post("/v1/chat/completions", body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
@@ -168,7 +238,7 @@ def test_malformed_bodies_are_a_400_not_a_500(chat_service, payload):
         f"{chat_service.url}/v1/chat/completions",
         content=payload,
         timeout=30,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **chat_service.headers},
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
@@ -180,16 +250,18 @@ def test_openai_client_raises_bad_request_with_the_reason(client):
 
 
 def test_unknown_routes_answer_in_openai_error_format(chat_service):
-    response = httpx.get(f"{chat_service.url}/v1/nothing-here", timeout=30)
+    response = httpx.get(f"{chat_service.url}/v1/nothing-here", timeout=30, headers=chat_service.headers)
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{chat_service.url}/v1/nothing-here", timeout=30).status_code == 401  # the key first
 
 
-def test_models_health_and_web_ui_are_served(chat_service):
-    models = httpx.get(f"{chat_service.url}/v1/models", timeout=30).json()
+def test_models_health_and_web_ui_are_served(chat_service, tiny_chat_run):
+    models = httpx.get(f"{chat_service.url}/v1/models", timeout=30, headers=chat_service.headers).json()
     assert models["object"] == "list" and models["data"][0]["id"] == "nanorun"
     health = chat_service.health()
-    assert health["ready"] and health["slots"] == 16 and health["checkpoint"].endswith("step_000001")
+    assert health["ready"] and health["slots"] == 16 and (health["stage"], health["step"]) == ("sft", 1)
+    assert health["checkpoint_digest"] == checkpoint_digest(f"{tiny_chat_run}/sft/checkpoints/step_000001")
     page = httpx.get(f"{chat_service.url}/", timeout=30)
     assert page.status_code == 200 and "nanorun chat" in page.text
     script = httpx.get(f"{chat_service.url}/static/chat.js", timeout=30)
@@ -205,9 +277,7 @@ def test_a_long_conversation_is_trimmed_and_the_response_says_so(chat_service):
             {"role": "assistant", "content": "ok " * 30},
         ]
     messages.append({"role": "user", "content": "last"})
-    response = httpx.post(
-        f"{chat_service.url}/v1/chat/completions", timeout=60, json={"messages": messages, "max_tokens": 4}
-    )
+    response = chat_service.post("/v1/chat/completions", {"messages": messages, "max_tokens": 4})
     assert response.status_code == 200, response.text
     assert "dropped the" in response.headers["x-nanorun-notice"]
 
@@ -220,6 +290,7 @@ def test_client_disconnect_frees_its_slot(chat_service):
         f"{url}/v1/chat/completions",
         timeout=60,
         json={"messages": HELLO, "max_tokens": 4000, "temperature": 1.0, "top_k": 50, "stream": True},
+        headers=chat_service.headers,
     ) as response:
         lines = response.iter_lines()
         next(lines), next(lines)  # the role chunk and the first token, then hang up
@@ -234,7 +305,11 @@ def test_client_disconnect_frees_its_slot(chat_service):
 
 def test_metrics_expose_every_serving_series(client, chat_service):
     client.chat.completions.create(model="nanorun", messages=HELLO, max_tokens=3)
-    httpx.post(f"{chat_service.url}/v1/chat/completions", json={"messages": HELLO, "top_k": 999}, timeout=30)
+    chat_service.post("/v1/chat/completions", {"messages": HELLO, "top_k": 999})
+    refused_before = metric_values(chat_service.url)[
+        ("nanorun_serve_refused_requests_total", (("reason", "unauthorized"),))
+    ]
+    httpx.post(f"{chat_service.url}/v1/chat/completions", json={"messages": HELLO}, timeout=30)
     values = metric_values(chat_service.url)
     names = {name for name, _ in values}
     for series in SERIES:
@@ -245,6 +320,12 @@ def test_metrics_expose_every_serving_series(client, chat_service):
     assert values[("nanorun_serve_time_to_first_token_seconds_count", ())] >= 1
     assert values[("nanorun_serve_request_seconds_count", ())] >= 1
     assert values[("nanorun_serve_inflight_requests", ())] == 0
+    assert (
+        values[("nanorun_serve_refused_requests_total", (("reason", "unauthorized"),))] == refused_before + 1
+    )
+    assert values[("nanorun_serve_requests_total", (("status", "401"),))] >= 1
+    for reason in ("too_large", "rate_limited"):
+        assert ("nanorun_serve_refused_requests_total", (("reason", reason),)) in values
 
 
 def test_a_new_checkpoint_is_loaded_without_restarting_the_replica(
@@ -257,7 +338,9 @@ def test_a_new_checkpoint_is_loaded_without_restarting_the_replica(
         chat_service.deploy(tiny_chat_run_v2)
         health = chat_service.health()
         assert health["pid"] == pid  # reconfigure(), not a new replica
-        assert health["checkpoint"].startswith(tiny_chat_run_v2)
+        assert health["checkpoint_digest"] == checkpoint_digest(
+            f"{tiny_chat_run_v2}/sft/checkpoints/step_000001"
+        )
         assert client.chat.completions.create(**kwargs).choices[0].message.content != before
     finally:
         chat_service.deploy(tiny_chat_run)

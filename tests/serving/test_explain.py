@@ -120,7 +120,8 @@ def test_run_summary_reads_the_history_of_each_stage(tmp_path, model, chat_token
     (run / "pretrain" / "done.json").write_text(json.dumps({"stage": "pretrain", "seconds": 1.0}))
     info = {"checkpoint": checkpoint, "step": 3, "context": 128}
     out = explain.run_summary(model, chat_tokenizer, info)
-    assert out["stage"] == "sft" and out["run_dir"] == str(run)
+    assert out["stage"] == "sft" and out["step"] == 3
+    assert str(run) not in json.dumps(out)  # public: no storage location
     assert out["model"]["n_layer"] == 2 and out["vocab_size"] == chat_tokenizer.vocab_size
     base = next(s for s in out["stages"] if s["key"] == "pretrain")
     assert base["state"] == "done" and base["key"] == "pretrain"

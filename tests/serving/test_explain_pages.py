@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.serving.test_web_ui import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
@@ -30,9 +29,16 @@ def browser(chat_service):
         browser.close()
 
 
+def keyed_page(browser, service, **options):
+    """A page whose browser has the API key stored already (the chat page's test asks for it)."""
+    page = browser.new_page(**options)
+    page.add_init_script(f"localStorage.setItem('nanorun-api-key', {json.dumps(service.key)})")
+    return page
+
+
 @pytest.fixture
-def page(browser):
-    page = browser.new_page(viewport={"width": 900, "height": 900})
+def page(browser, chat_service):
+    page = keyed_page(browser, chat_service, viewport={"width": 900, "height": 900})
     requests = []
     page.on("request", lambda r: requests.append(r.url))
     page.requests = requests
@@ -41,7 +47,7 @@ def page(browser):
 
 
 def tokenizer_ids(service, text: str) -> list[int]:
-    reply = httpx.post(f"{service.url}/api/tokenize", json={"text": text}, timeout=30).json()
+    reply = service.post("/api/tokenize", {"text": text}).json()
     return [t["id"] for t in reply["tokens"]]
 
 
@@ -66,7 +72,7 @@ def test_tokenizer_spans_rebuild_the_text_and_the_slider_replays_merges(page, ch
     page.wait_for_function(
         "t => [...document.querySelectorAll('#tokens .tok')].map(s => s.textContent).join('') === t", arg=text
     )
-    expected = httpx.post(f"{chat_service.url}/api/tokenize", json={"text": text}, timeout=30).json()
+    expected = chat_service.post("/api/tokenize", {"text": text}).json()
     assert page.locator("#tokens .tok").count() == expected["count"]
     assert page.inner_text("#token-count") == str(expected["count"])
     page.focus("#tokens .tok >> nth=0")
@@ -111,9 +117,7 @@ def test_clicking_a_next_token_bar_appends_it_and_predicts_again(page, chat_serv
 def test_attention_heatmap_has_a_cell_per_token_pair(page, chat_service):
     open_page(page, chat_service, "attention")
     page.wait_for_selector("#heatmap rect.cell")
-    tokens = httpx.post(
-        f"{chat_service.url}/api/attention", json={"prompt": page.input_value("#prompt")}, timeout=30
-    ).json()["tokens"]
+    tokens = chat_service.post("/api/attention", {"prompt": page.input_value("#prompt")}).json()["tokens"]
     assert page.locator("#heatmap rect.cell").count() == len(tokens) ** 2
     page.select_option("#layer", "1")
     page.fill("#prompt", "one two three")
@@ -146,7 +150,8 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
     write_progress(tiny_chat_run, Progress(stage="pretrain", step=40, total_steps=80))
     try:
         open_page(page, chat_service, "training")
-        assert tiny_chat_run in page.inner_text("#summary")
+        summary = page.inner_text("#summary")
+        assert "sft, 1" in summary and tiny_chat_run not in summary  # what is served, not where
         section = "section[data-stage='pretrain']"
         assert "running" in page.inner_text(f"{section} h2")
         assert page.locator(f"{section} polyline.curve").count() == 2  # loss and val bpb
@@ -167,7 +172,7 @@ def test_training_page_draws_the_curves_and_follows_a_running_stage(page, chat_s
 
 @pytest.mark.parametrize("name", ["tokenizer", "next-token", "attention", "training"])
 def test_pages_fit_a_phone_screen_and_are_reachable_by_keyboard(browser, chat_service, name):
-    page = browser.new_page(viewport={"width": 390, "height": 800})
+    page = keyed_page(browser, chat_service, viewport={"width": 390, "height": 800})
     try:
         open_page(page, chat_service, name)
         # nothing but the heatmap (which scrolls in its own box) is wider than the screen

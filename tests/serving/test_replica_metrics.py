@@ -23,7 +23,12 @@ RUN = RunRef(name="speedrun", namespace="ml", uid="0")
 
 
 def rayservice(**serving):
-    spec = parse_spec({"storage": {"uri": "s3://b/r"}, "serving": {"gpusPerReplica": 0.5, **serving}})
+    spec = parse_spec(
+        {
+            "storage": {"uri": "s3://b/r"},
+            "serving": {"gpusPerReplica": 0.5, "apiKeysSecret": "chat-keys", **serving},
+        }
+    )
     return rayservice_for_run(RUN, spec, "s3://b/r/sft")
 
 
@@ -58,7 +63,7 @@ def test_build_app_scales_out_when_a_replicas_batch_is_full():
     from nanorun.serving.app import build_app
 
     config = build_app(
-        {"slots": 8, "autoscaling_config": {"max_replicas": 4}}
+        {"slots": 8, "autoscaling_config": {"max_replicas": 4}, "allow_unauthenticated": True}
     )._bound_deployment._deployment_config
     assert config.max_ongoing_requests == 16
     assert config.autoscaling_config.target_ongoing_requests == 8

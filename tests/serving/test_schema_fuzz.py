@@ -38,7 +38,7 @@ def test_no_input_makes_the_service_fail_with_a_server_error(chat_service):
             def call(case):
                 if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
                     case.body["max_tokens"] = min(case.body["max_tokens"], 64)  # short replies; same validity
-                response = case.call(base_url=chat_service.url, timeout=60)
+                response = case.call(base_url=chat_service.url, timeout=60, headers=chat_service.headers)
                 seen[response.status_code] = seen.get(response.status_code, 0) + 1
                 assert response.status_code < 500, (
                     f"{case.method} {case.path} body={case.body!r} -> {response.status_code}: {response.text[:300]}"
