@@ -24,7 +24,7 @@ POLICY = Policy.from_data(
 
 
 def spec(uri: str, **more):
-    return parse_spec({"storage": {"uri": uri}, **more})
+    return parse_spec({"storage": {"uri": uri}, "serving": {"enabled": False}, **more})
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_images_priority_classes_and_training_runtimes_come_from_the_admins_list
     bad = spec(
         "s3://any/r",
         image="registry.example.com/team-ab/trainer:1",
-        serving={"image": "docker.io/evil/serving:1"},
+        serving={"enabled": False, "image": "docker.io/evil/serving:1"},
         compute={"priorityClassName": "system-cluster-critical", "trainingRuntime": "other-team"},
     )
     assert policy.refusals("team-a", bad) == [
@@ -135,7 +135,10 @@ def test_the_operator_neither_reads_nor_acts_on_a_run_outside_its_namespaces_sto
 
     body = {
         "metadata": {"name": "r1", "namespace": "team-b", "uid": "u", "generation": 1},
-        "spec": {"storage": {"uri": "s3://runs/team-a/finished", "cleanupOnDelete": True}},
+        "spec": {
+            "storage": {"uri": "s3://runs/team-a/finished", "cleanupOnDelete": True},
+            "serving": {"enabled": False},
+        },
     }
     run = RunRef("r1", "team-b", "u")
     d = reconcile(run, body, [], None, read_stage, T0, policy=POLICY)

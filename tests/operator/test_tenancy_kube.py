@@ -137,6 +137,8 @@ def admission_policy(kube: KubeEnv, kube_namespace: str, tmp_path: Path):
 
 def server_refusal(kube: KubeEnv, namespace: str, kind: str, spec: dict) -> str:
     """`kubectl create --dry-run=server` of an object: the API server's refusal ("" if admitted)."""
+    if kind == "LLMRun":
+        spec = {"serving": {"enabled": False}, **spec}
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": "probe"}, "spec": spec}
     out = kube.kubectl(
         "create", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(body), check=False
@@ -152,7 +154,7 @@ def test_admission_refuses_another_namespaces_storage_with_the_operators_message
     stolen = {"storage": {"uri": theirs}}
     # The binding takes effect once the API server has seen it.
     message = wait_until(lambda: server_refusal(kube, team_b, "LLMRun", stolen), bool, timeout=30)
-    [expected] = policy.refusals(team_b, parse_spec(stolen))
+    [expected] = policy.refusals(team_b, parse_spec({**stolen, "serving": {"enabled": False}}))
     assert expected in message, message
     assert (
         server_refusal(kube, team_b, "LLMRun", {"storage": {"uri": PREFIX.format(namespace=team_b) + "/r"}})
@@ -164,7 +166,7 @@ def test_admission_refuses_another_namespaces_storage_with_the_operators_message
     shared = {"storage": own, "data": {"pretrain": "s3://nanorun/shared/fineweb"}}
     assert server_refusal(kube, team_b, "LLMRun", shared) == ""
     reading = {"storage": own, "tokenizer": {"from": theirs}}
-    [expected] = policy.refusals(team_b, parse_spec(reading))
+    [expected] = policy.refusals(team_b, parse_spec({**reading, "serving": {"enabled": False}}))
     assert expected.startswith("spec.tokenizer.from: ")
     assert expected in server_refusal(kube, team_b, "LLMRun", reading)
     # Images and priority classes from the admin's lists.
@@ -173,7 +175,7 @@ def test_admission_refuses_another_namespaces_storage_with_the_operators_message
         "image": "docker.io/someone/trainer:1",
         "compute": {"priorityClassName": "urgent"},
     }
-    [image, priority] = policy.refusals(team_b, parse_spec(foreign))
+    [image, priority] = policy.refusals(team_b, parse_spec({**foreign, "serving": {"enabled": False}}))
     refusal = server_refusal(kube, team_b, "LLMRun", foreign)
     assert image in refusal and priority in refusal, refusal
     allowed = {"storage": own, "compute": {"priorityClassName": "training-low"}}
