@@ -95,7 +95,7 @@ def test_an_llmrun_on_trainjobs_pretrains_on_two_nodes_survives_preemption_and_s
     sets.append("operator.storage.credentialsSecret=s3-creds")
     kube.helm(
         "install",
-        "nanorun",
+        "nanorun-tj",
         str(CHART),
         "-n",
         ns,

@@ -573,6 +573,7 @@ def test_helm_installs_the_operator_as_a_pod_that_reconciles(kube_pods, kube_nam
     run = yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())
     run["spec"]["storage"]["endpoint"] = endpoint
     run["spec"]["image"] = image_ref("fake-stage")  # the job runs a fake stage, not training
+    run["spec"]["compute"]["launcher"] = "PyTorchJob"  # what `auto` means without Trainer v2
     kube_pods.apply(ns, run)
     jobs = wait_for(
         lambda: json.loads(kube_pods.kubectl("get", "pytorchjobs", "-n", ns, "-o", "json").stdout)["items"],

@@ -62,8 +62,9 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
                 "minReplicas": 2,
                 "maxReplicas": 2,
                 "gpusPerReplica": 0,
-                # The head and both replicas on the GPU node's 2 CPUs, where the image is pulled.
-                "cpusPerReplica": 0.5,
+                # The head, its autoscaler sidecar and both replicas on the GPU node's 2 CPUs,
+                # where the image is pulled.
+                "cpusPerReplica": 0.25,
                 "headCpu": "500m",
                 "nodeSelector": GPU_LABELS,
                 "tolerations": GPU_TOLERATIONS,
