@@ -5,7 +5,7 @@ path through Kubernetes, not the model.
 
     python -m tests.e2e.pipeline /tmp/e2e.yaml [RUN_DIR]   # write it as a file for `nanorun run`
 
-Its chat service takes the API key `API_KEY` from the Secret `api_keys_secret(name)` makes.
+Its chat service takes the API key `API_KEY` from the Secret `keys_secret(name)` makes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from nanorun.operator.api import API_VERSION, KIND
 
+from tests.fixtures.kube import api_keys_secret
 from tests.images.containers import image_ref
 from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 
@@ -24,14 +25,9 @@ SAVE_EVERY = 10
 API_KEY = "sk-nanorun-e2e-" + "3" * 32
 
 
-def api_keys_secret(name: str) -> dict[str, Any]:
+def keys_secret(name: str) -> dict[str, Any]:
     """The Secret with the chat API's key that the run `name` names in serving.apiKeysSecret."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": f"{name}-chat-keys"},
-        "stringData": {"e2e": API_KEY},
-    }
+    return api_keys_secret(f"{name}-chat-keys", API_KEY)
 
 
 def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[str, Any]:
@@ -110,7 +106,7 @@ def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[
             "headCpu": "500m",
             "nodeSelector": GPU_LABELS,
             "tolerations": GPU_TOLERATIONS,
-            "apiKeysSecret": api_keys_secret(name)["metadata"]["name"],
+            "apiKeysSecret": keys_secret(name)["metadata"]["name"],
         },
         "retry": {"maxAttempts": 3, "backoffSeconds": 0},
     }

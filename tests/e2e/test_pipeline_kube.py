@@ -52,7 +52,7 @@ from nanorun.serving import checkpoint_digest
 from nanorun.trainer.data.dataset import resolve_shards
 from nanorun.trainer.training import checkpoint
 
-from tests.e2e.pipeline import API_KEY, PRETRAIN_STEPS, SAVE_EVERY, api_keys_secret, e2e_llmrun
+from tests.e2e.pipeline import API_KEY, PRETRAIN_STEPS, SAVE_EVERY, e2e_llmrun, keys_secret
 from tests.fixtures import grafana
 from tests.fixtures.kube import deploy_s3, wait_until
 from tests.fixtures.prometheus import (
@@ -320,7 +320,7 @@ def test_an_llmrun_trains_on_two_nodes_survives_preemption_and_operator_restarts
     # Evaluate mid-way too: the pod exits right after the last step's evaluation, often before a scrape.
     manifest["spec"]["stages"]["pretrain"]["evalEvery"] = PRETRAIN_STEPS // 2
     manifest["spec"]["serving"].update(image=image_ref("serving"), minReplicas=REPLICAS, maxReplicas=REPLICAS)
-    kube.apply(ns, api_keys_secret(NAME))
+    kube.apply(ns, keys_secret(NAME))
     kube.apply(ns, manifest)
     seed = int(time.time())
     killer = OperatorKiller(c, seed)

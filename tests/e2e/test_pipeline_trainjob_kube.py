@@ -32,7 +32,7 @@ from nanorun.pipeline.progress import read_done
 from nanorun.trainer.data.dataset import resolve_shards
 from nanorun.trainer.training import checkpoint
 
-from tests.e2e.pipeline import API_KEY, SAVE_EVERY, api_keys_secret, e2e_llmrun
+from tests.e2e.pipeline import API_KEY, SAVE_EVERY, e2e_llmrun, keys_secret
 from tests.fixtures.kube import deploy_s3, wait_until
 from tests.images.containers import image_ref
 from tests.kube.cluster import REPO
@@ -111,7 +111,7 @@ def test_an_llmrun_on_trainjobs_pretrains_on_two_nodes_survives_preemption_and_s
     for key in manifest["spec"]["stages"]:
         manifest["spec"]["stages"][key]["enabled"] = key in STAGES
     manifest["spec"]["serving"].update(image=image_ref("serving"), minReplicas=1, maxReplicas=1)
-    kube.apply(ns, api_keys_secret(NAME))
+    kube.apply(ns, keys_secret(NAME))
     kube.apply(ns, manifest)
 
     # 2. Preemption: delete pretraining's rank-0 pod once a checkpoint is committed.

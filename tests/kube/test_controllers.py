@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import yaml
 
-from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
+from tests.fixtures.kube import api_keys_secret, deploy_s3, upload_dir, wait_until
 from tests.images.containers import image_ref
 from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS, REPO
 
@@ -199,15 +199,7 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     endpoint = deploy_s3(kube_pods, ns)
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
     key = "sk-nanorun-kube-" + "4" * 32
-    kube_pods.apply(
-        ns,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "chat-keys"},
-            "stringData": {"test": key},
-        },
-    )
+    kube_pods.apply(ns, api_keys_secret("chat-keys", key))
     spec = parse_spec(
         {
             "image": image_ref("trainer"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.kube import KubeEnv, wait_until
+from tests.fixtures.kube import KubeEnv, api_keys_secret, wait_until
 from tests.kube.cluster import REPO
 from tests.kube.hollow import TOLERATION
 
@@ -135,15 +135,7 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(kube, example: Pa
 
     if spec.serving.enabled:
         if spec.serving.api_keys_secret:  # as the example's comment says to create it
-            kube.apply(
-                ns,
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {"name": spec.serving.api_keys_secret},
-                    "stringData": {"test": "sk-nanorun-" + "0" * 32},
-                },
-            )
+            kube.apply(ns, api_keys_secret(spec.serving.api_keys_secret, "sk-nanorun-" + "0" * 32))
         service = rayservice_for_run(run, spec, "s3://bucket/runs/x/sft/checkpoints/step_000001")
         service["metadata"].pop("ownerReferences")
         cluster_spec = service["spec"]["rayClusterConfig"]

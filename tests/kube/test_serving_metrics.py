@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.kube import deploy_s3, upload_dir, wait_until
+from tests.fixtures.kube import api_keys_secret, deploy_s3, upload_dir, wait_until
 from tests.images.containers import image_ref
 from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 from tests.test_metrics_promtool import promtool_check
@@ -40,15 +40,7 @@ def test_two_replicas_each_serve_their_own_metrics_on_their_pod(kube_pods, kube_
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
     upload_dir(kube_pods, ns, tiny_chat_run, "runs/chat")
-    kube_pods.apply(
-        ns,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "chat-keys"},
-            "stringData": {"test": API_KEY},
-        },
-    )
+    kube_pods.apply(ns, api_keys_secret("chat-keys", API_KEY))
     spec = parse_spec(
         {
             "image": image_ref("trainer"),
