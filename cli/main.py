@@ -6,6 +6,7 @@
     nanorun run FILE ...                run an LLMRun file on this machine, no cluster
     nanorun serve --checkpoint URI      serve a checkpoint: OpenAI-compatible API + web UI
     nanorun chat --checkpoint URI       chat in the terminal
+    nanorun delete-run URI              delete a run's files (what storage.cleanupOnDelete runs)
     nanorun explain tokenizer TEXT ...  show how the run's tokenizer splits a text
 
 Each command lives in the module that owns the concept and exposes `main(argv) -> int`; this file
@@ -25,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("nanorun.cli.run", "run an LLMRun file on this machine, without a cluster"),
     "serve": ("nanorun.serving.cli", "serve a checkpoint: OpenAI-compatible API and web UI"),
     "chat": ("nanorun.trainer.chat_cli", "chat with a checkpoint in the terminal"),
+    "delete-run": (
+        "nanorun.pipeline.cleanup",
+        "delete a run's files from its storage (storage.cleanupOnDelete)",
+    ),
     "explain": ("nanorun.cli.explain", "show how a run's tokenizer splits a text (coloured tokens with ids)"),
 }
 

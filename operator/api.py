@@ -232,8 +232,12 @@ class ComputeSpec(Model):
 
 class StageSpec(Model):
     enabled: bool = Field(True, description="Run this stage.")
-    extra_args: list[str] = Field(
-        default_factory=list, description="Extra command-line flags passed to the stage module as they are."
+    # Bounded, so that the API server can bound the cost of the CEL rule on them (rules.py).
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra command-line flags passed to the stage module as they are (before the operator's own "
+        "--run-dir and --metrics-port, which they may not set).",
     )
 
 

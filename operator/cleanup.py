@@ -2,7 +2,7 @@
 run's image and its own S3 credentials (`storage.credentialsSecret`), under the `restricted` pod
 security profile, so the operator's credentials never need to delete anything.
 
-    job = cleanup_job(run, spec)   # `<run>-cleanup`, running `python -m nanorun.pipeline.cleanup URI`
+    job = cleanup_job(run, spec)   # `<run>-cleanup`, running `nanorun delete-run URI`
 
 The delete handler (handlers.py) creates it, waits for it to succeed, and only then lets the LLMRun
 go; the Job is owned by the LLMRun, so the garbage collector removes it right after.
@@ -34,7 +34,7 @@ def cleanup_job(run: RunRef, spec: LLMRunSpec) -> dict[str, Any]:
                 "name": "cleanup",
                 "image": spec.image,
                 "imagePullPolicy": spec.image_pull_policy,
-                "command": ["python", "-m", "nanorun.pipeline.cleanup", spec.storage.uri],
+                "command": ["nanorun", "delete-run", spec.storage.uri],
                 "env": storage_env(spec),
                 "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
             }

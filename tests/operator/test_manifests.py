@@ -396,7 +396,7 @@ def test_the_cleanup_job_deletes_with_the_runs_own_credentials_in_its_namespace(
     pod = job["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["image"] == spec.image
-    assert c["command"] == ["python", "-m", "nanorun.pipeline.cleanup", "s3://bucket/runs/speedrun"]
+    assert c["command"] == ["nanorun", "delete-run", "s3://bucket/runs/speedrun"]
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
     assert secrets == {"team-creds"}  # the run's, not the operator's
     assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True

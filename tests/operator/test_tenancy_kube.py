@@ -84,6 +84,7 @@ def test_the_operator_neither_reads_nor_deletes_another_namespaces_run(
         wait_for(
             "both runs gone",
             lambda: not custom_api.list_namespaced_custom_object(GROUP, VERSION, team_b, PLURAL)["items"],
+            timeout=180,  # team B's cleanup Job pulls its image and runs
             operator=op,
         )
     finally:
