@@ -107,6 +107,9 @@ def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[
             "nodeSelector": GPU_LABELS,
             "tolerations": GPU_TOLERATIONS,
             "apiKeysSecret": keys_secret(name)["metadata"]["name"],
+            # The rollout's client chats as fast as the replicas answer; the limit has its own tests
+            # (tests/serving/test_access.py).
+            "rateLimitPerMinute": 0,
         },
         "retry": {"maxAttempts": 3, "backoffSeconds": 0},
     }

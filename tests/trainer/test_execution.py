@@ -435,9 +435,22 @@ import os, time
 from nanorun.trainer.chat.execution import execute_code
 
 
+def ancestors():
+    # This process and those above it: their command lines hold the markers as text.
+    pids, pid = set(), os.getpid()
+    while pid > 0 and pid not in pids:
+        pids.add(pid)
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return pids
+
+
 def marked(marker):
     found = 0
+    mine = ancestors()
     for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in mine:
+            continue
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 found += marker.encode() in f.read()
