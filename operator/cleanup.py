@@ -10,11 +10,10 @@ go; the Job is owned by the LLMRun, so the garbage collector removes it right af
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from nanorun.operator.api import LLMRunSpec
-from nanorun.operator.jobs import RunRef, dns_name, storage_env
+from nanorun.operator.jobs import RunRef, dns_name, placement, storage_env
 from nanorun.operator.names import LABEL_RUN
 from nanorun.operator.security import TRAINER_USER, restrict
 
@@ -40,14 +39,7 @@ def cleanup_job(run: RunRef, spec: LLMRunSpec) -> dict[str, Any]:
             }
         ],
     }
-    # Where the run's pods go (the run's image is most likely pulled there already).
-    for key, value in (
-        ("nodeSelector", spec.compute.node_selector),
-        ("tolerations", spec.compute.tolerations),
-        ("affinity", spec.compute.affinity),
-    ):
-        if value:
-            pod[key] = copy.deepcopy(value)
+    pod.update(placement(spec))  # where the run's pods go: the run's image is most likely pulled there
     owner = {**run.owner_reference(), "blockOwnerDeletion": False}  # the owner is being deleted
     labels = {
         LABEL_RUN: run.name,

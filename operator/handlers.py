@@ -210,11 +210,7 @@ def _run_cleanup_job(job: dict[str, Any]) -> str:
             raise
         batch.create_namespaced_job(meta["namespace"], job)
         return ""
-    conditions = [
-        {"type": c["type"], "status": c["status"]}
-        for c in (existing.get("status") or {}).get("conditions") or []
-    ]
-    outcome = job_outcome({"status": {"conditions": conditions}})
+    outcome = job_outcome(existing)
     if outcome == "Failed":
         batch.delete_namespaced_job(meta["name"], meta["namespace"], propagation_policy="Background")
     return outcome

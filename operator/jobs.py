@@ -107,6 +107,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def placement(spec: LLMRunSpec) -> dict[str, Any]:
+    """The pod fields that place a run's pods (compute.nodeSelector, tolerations, affinity), those set."""
+    c = spec.compute
+    fields = {"nodeSelector": c.node_selector, "tolerations": c.tolerations, "affinity": c.affinity}
+    return {key: copy.deepcopy(value) for key, value in fields.items() if value}
+
+
 def resources(spec: LLMRunSpec, gpus: int) -> dict[str, Any]:
     c = spec.compute
     amounts: dict[str, Any] = {}
@@ -212,14 +219,9 @@ def pytorchjob_for_stage(
         pod["volumes"] = [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.compute.shm_size}}
         ]
-    for key, value in (
-        ("nodeSelector", spec.compute.node_selector),
-        ("tolerations", spec.compute.tolerations),
-        ("affinity", spec.compute.affinity),
-        ("priorityClassName", spec.compute.priority_class_name),
-    ):
-        if value:
-            pod[key] = copy.deepcopy(value)
+    pod.update(placement(spec))
+    if spec.compute.priority_class_name:
+        pod["priorityClassName"] = spec.compute.priority_class_name
     template = {"metadata": pod_metadata(spec, labels), "spec": restrict(pod, user=TRAINER_USER)}
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if nodes > 1:

@@ -27,7 +27,6 @@ JobSet's ttlSecondsAfterFinished would remove only the JobSet), so the operator 
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from nanorun.operator.api import LLMRunSpec
@@ -36,6 +35,7 @@ from nanorun.operator.jobs import (
     RunRef,
     command_for_stage,
     job_name,
+    placement,
     pod_metadata,
     resources,
     stage_env,
@@ -92,13 +92,7 @@ def trainjob_for_stage(
         pod["containers"] = [
             {"name": CONTAINER_NAME, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}
         ]
-    for key, value in (
-        ("nodeSelector", c.node_selector),
-        ("tolerations", c.tolerations),
-        ("affinity", c.affinity),
-    ):
-        if value:
-            pod[key] = copy.deepcopy(value)
+    pod.update(placement(spec))
     node_job = {
         "name": REPLICATED_JOB,
         "template": {"spec": {"template": {"metadata": pod_metadata(spec, labels), "spec": pod}}},
