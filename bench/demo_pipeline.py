@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nanorun.cli.run import load_run_file
-from nanorun.operator.plan import stage_plan
+from nanorun.operator.reconcile.plan import stage_plan
 from nanorun.pipeline.progress import read_done
 
 REPO = Path(__file__).resolve().parents[1]

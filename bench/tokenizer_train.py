@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 
-from nanorun.trainer.data.dataset import iter_texts, resolve_shards
+from nanorun.trainer.data.dataset import resolve_shards
+from nanorun.trainer.data.shards import iter_texts
 
 
 def texts(data: str, max_chars: int | None):

@@ -42,7 +42,7 @@ def load_tokenizer(checkpoint: str | None, tokenizer_dir: str | None) -> Any:
         return Tokenizer.load(tokenizer_dir)
     if not checkpoint:
         raise ValueError("give --checkpoint (a run, stage or checkpoint dir) or --tokenizer")
-    own = layout.tokenizer_dir_to_read(checkpoint.rstrip("/"))
+    own = layout.tokenizer_dir(checkpoint.rstrip("/"))
     if storage.exists(storage.join(own, TIKTOKEN_FILE)):
         return Tokenizer.load(own)
     return Tokenizer.load(tokenizer_dir_for(resolve_checkpoint(checkpoint)))

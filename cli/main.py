@@ -6,6 +6,7 @@
     nanorun run FILE ...                run an LLMRun file on this machine, no cluster
     nanorun serve --checkpoint URI      serve a checkpoint: OpenAI-compatible API + web UI
     nanorun chat --checkpoint URI       chat in the terminal
+    nanorun export --checkpoint URI --out DIR   a checkpoint as a Hugging Face model folder
     nanorun delete-run URI              delete a run's files (what storage.cleanupOnDelete runs)
     nanorun explain tokenizer TEXT ...  show how the run's tokenizer splits a text
 
@@ -21,11 +22,15 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("nanorun.trainer.data.dataset", "build (prepare) or download pretraining shards"),
-    "crd": ("nanorun.operator.crd", "print the LLMRun CustomResourceDefinition (YAML)"),
+    "crd": ("nanorun.operator.api.crd", "print the LLMRun CustomResourceDefinition (YAML)"),
     "operator": ("nanorun.operator.main", "run the Kubernetes operator"),
     "run": ("nanorun.cli.run", "run an LLMRun file on this machine, without a cluster"),
     "serve": ("nanorun.serving.cli", "serve a checkpoint: OpenAI-compatible API and web UI"),
     "chat": ("nanorun.trainer.chat_cli", "chat with a checkpoint in the terminal"),
+    "export": (
+        "nanorun.trainer.hf.export",
+        "write a checkpoint as a Hugging Face model folder (transformers)",
+    ),
     "delete-run": (
         "nanorun.pipeline.cleanup",
         "delete a run's files from its storage (storage.cleanupOnDelete)",

@@ -6,7 +6,7 @@
     nanorun run run.yaml --serve --api-keys-file keys.txt   # serve with these API keys
     nanorun run examples/tiny.yaml --dry-run             # print the stage commands and stop
 
-The same stage plan the operator turns into PyTorchJobs (`nanorun.operator.plan.stage_plan`) runs
+The same stage plan the operator turns into PyTorchJobs (`nanorun.operator.reconcile.plan.stage_plan`) runs
 here as local processes: `python -m nanorun.trainer.<module> --run-dir URI ...`, under torchrun when
 a distributed stage has several processes (one per local GPU, capped by compute.gpusPerNode).
 A progress bar per stage is fed by the stage's progress.json; a summary table follows.
@@ -15,8 +15,10 @@ A progress bar per stage is fed by the stage's progress.json; a summary table fo
   its newest checkpoint (the stage does that itself), so re-running the same command continues the
   run. Each stage process gets NANORUN_CONFIG_ID (`plan.config_ids`: a hash of its module and flags,
   chained through the stages before it) and NANORUN_ATTEMPT (1, then one more each time the command
-  starts the unfinished stage again). Change a stage's flags in the file and that stage, and every
-  stage after it, runs again from its input instead of being skipped.
+  starts the unfinished stage again), and the spec's heartbeat interval and collective timeout
+  (NANORUN_HEARTBEAT_SECONDS, NANORUN_COLLECTIVE_TIMEOUT_SECONDS) as a cluster's pods do. Change a
+  stage's flags in the file and that stage, and every stage after it, runs again from its input
+  instead of being skipped.
 - Ctrl-C sends SIGTERM to the running stage, which saves a checkpoint and exits; re-run to resume.
 - Without GPUs a stage gets OMP_NUM_THREADS = the CPUs idle as it starts (all of them on an idle
   machine, at least one) unless the variable is set already.
@@ -46,8 +48,8 @@ from typing import Any
 
 import yaml
 from nanorun.operator.api import API_VERSION, KIND, LLMRunSpec, SpecError, parse_spec
-from nanorun.operator.plan import PlannedStage, config_ids, stage_plan
-from nanorun.pipeline import layout, storage
+from nanorun.operator.reconcile.plan import PlannedStage, config_ids, stage_plan
+from nanorun.pipeline import layout, liveness, storage
 from nanorun.pipeline import progress as stage_files
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -162,7 +164,7 @@ def processes_for(stage: PlannedStage, spec: LLMRunSpec, override: int | None) -
 
 
 def stage_command(stage: PlannedStage, run_dir: str, nproc: int, metrics_port: int | None) -> list[str]:
-    launcher = [sys.executable, "-m", stage.module]
+    launcher = [sys.executable, "-m", stage.entry_point]
     if nproc > 1:
         launcher = [
             sys.executable,
@@ -171,7 +173,7 @@ def stage_command(stage: PlannedStage, run_dir: str, nproc: int, metrics_port: i
             "--standalone",
             f"--nproc-per-node={nproc}",
             "-m",
-            stage.module,
+            stage.entry_point,
         ]
     return launcher + stage.flags(run_dir, metrics_port)
 
@@ -229,6 +231,10 @@ class LocalRun:
     def env(self, attempt: int = 1, config_id: str = "") -> dict[str, str]:
         env = dict(os.environ, NANORUN_RUN=self.run.name, PYTHONUNBUFFERED="1")
         env[stage_files.ATTEMPT_ENV], env[stage_files.CONFIG_ID_ENV] = str(attempt), config_id
+        # As on a cluster (operator/children/pytorchjob.py): how often ranks beat, how long a collective
+        # may block.
+        retry = self.run.spec.retry
+        env.update(liveness.stage_environment(retry.stall_timeout_seconds, retry.heartbeat_seconds))
         if "OMP_NUM_THREADS" not in env and local_gpu_count() == 0:
             env["OMP_NUM_THREADS"] = str(cpu_threads_per_stage())
         endpoint = self.run.spec.storage.endpoint

@@ -3,7 +3,7 @@
     nanorun run examples/sweep-tiny.yaml               # the sweep's directory: template.storage.uri
     nanorun run examples/sweep-tiny.yaml --dry-run     # list the points and their stage commands
 
-The same children the operator creates on a cluster (operator/sweep.py): the tokenizer run (unless
+The same children the operator creates on a cluster (operator/sweep/api.py): the tokenizer run (unless
 template.tokenizer.from names one), then each point, run by `nanorun run`'s local executor
 (cli/run.py `LocalRun`) with its progress bars, under a line that says which point of how many is
 running. Finished stages are skipped and an interrupted one resumes, so running the same command
@@ -33,8 +33,8 @@ from nanorun.cli.run import (
     stage_command,
 )
 from nanorun.operator.api import API_VERSION, LLMRunSpec, SpecError
-from nanorun.operator.plan import stage_plan
-from nanorun.operator.sweep import (
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.sweep.api import (
     KIND,
     LLMSweepSpec,
     parse_sweep_spec,

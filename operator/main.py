@@ -7,7 +7,7 @@
 Liveness is kopf's probe at `http://:<liveness-port>/healthz`; Prometheus metrics are served on
 `--metrics-port`. Credentials: the in-cluster service account, else KUBECONFIG. The operator reads
 stage progress from S3 with the standard AWS_* variables of its own environment, only under the
-prefixes the tenancy policy (`--policy`, operator/tenancy.py) gives each run's namespace.
+prefixes the tenancy policy (`--policy`, operator/api/tenancy.py) gives each run's namespace.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--policy",
         default=os.environ.get("NANORUN_POLICY"),
-        help="folder of the tenancy policy ConfigMap (operator/tenancy.py); default: everything allowed",
+        help="folder of the tenancy policy ConfigMap (operator/api/tenancy.py); default: everything allowed",
     )
     p.add_argument(
         "--ignore-namespace",
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # kopf logs every handler call at INFO: thousands of lines with many runs
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import kopf
-    from nanorun.operator import handlers
+    from nanorun.operator.loop import handlers
 
     if args.resync_seconds is not None:
         handlers.CONTROLLER.settings.resync_seconds = args.resync_seconds

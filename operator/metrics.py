@@ -8,8 +8,9 @@
     llmrun_stage_info{namespace,run,stage,phase,sweep}
                                                  1 for each run's current stage (the stage timeline);
                                                  `sweep`: the LLMSweep the run is a point of, or ""
-    llmrun_attempts_ended_total{stage,outcome}   stage attempts whose job failed: preempted (not counted
-                                                 against retry.maxAttempts) | failed (counted)
+    llmrun_attempts_ended_total{stage,outcome}   stage attempts that ended before their stage did: preempted
+                                                 (not counted against retry.maxAttempts) | failed (counted)
+                                                 | stalled (stopped progressing; counted apart)
     llmsweep_point_info{namespace,sweep,run,phase} 1 for each point of each LLMSweep (the dashboard's
                                                  sweep selector)
 
@@ -47,7 +48,7 @@ TIME_TO_FIRST_JOB = Histogram(
 )
 ATTEMPTS_ENDED = PromCounter(
     "llmrun_attempts_ended_total",
-    "Stage attempts whose job failed, by outcome: preempted (not counted) or failed.",
+    "Stage attempts that ended early, by outcome: preempted (not counted), failed or stalled.",
     ["stage", "outcome"],
     registry=REGISTRY,
 )

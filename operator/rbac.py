@@ -45,6 +45,13 @@ OPERATOR_RBAC_RULES: list[dict[str, Any]] = [
     # storage.cleanupOnDelete: a Job in the run's namespace deletes the run's files with the run's
     # own credentials; the operator reads its outcome and deletes a failed one to start anew.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create", "delete"]},
+    # The run's NetworkPolicies (children/network.py): created before its jobs and RayService, patched to the
+    # admin's settings where they exist; the garbage collector deletes them with the run.
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["create", "patch"],
+    },
     # A failed job's pods: a DisruptionTarget condition or exit 143 makes the failure a preemption;
     # otherwise the failed container's last log lines go into the stage's message.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},

@@ -1,5 +1,5 @@
 """`nanorun delete-run URI`: delete a run's files. What `storage.cleanupOnDelete` runs, as a Job in
-the run's namespace with the run's own S3 credentials (operator/cleanup.py), when the LLMRun is
+the run's namespace with the run's own S3 credentials (operator/children/cleanup.py), when the LLMRun is
 deleted.
 
     nanorun delete-run s3://bucket/runs/r1

@@ -11,10 +11,6 @@ builds under `<run-dir>` (a local folder or `s3://bucket/prefix`) comes from her
       task_data/                    evaluation and finetuning datasets, fetched once per run
       data/bundled/                 the bundled corpus, when a run uses it
       report/                       report.md and its charts
-
-Writers use `stage_dir`. Runs written before stages had one name kept a stage's files in its module's
-folder (`base_train/`, `tok_train/`, ...); for one release readers find them there through
-`stage_dir_to_read`, which the progress files, the tokenizer and checkpoint lookups use.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from __future__ import annotations
 import re
 
 from nanorun.pipeline import storage
-from nanorun.pipeline.stages import TOKENIZER, stage_named
+from nanorun.pipeline.stages import TOKENIZER, by_key
 
 PROGRESS_FILE = "progress.json"
 DONE_FILE = "done.json"
@@ -33,26 +29,8 @@ STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 def stage_dir(run_dir: str, stage: str) -> str:
-    """`<run-dir>/<key>/`, where a stage writes its files (`stage`: its key, or its old module name)."""
-    return storage.join(run_dir, stage_named(stage).key)
-
-
-def legacy_stage_dir(run_dir: str, stage: str) -> str:
-    """`<run-dir>/<module>/`, the folder of a stage in runs written before stages had one name."""
-    return storage.join(run_dir, stage_named(stage).module)
-
-
-def stage_dir_to_read(run_dir: str, stage: str, marker: str = DONE_FILE) -> str:
-    """The folder a reader finds a stage's files in: `stage_dir`, or, in a run written before stages
-    had one name, the legacy folder when it holds `marker` and `stage_dir` does not."""
-    new, old = stage_dir(run_dir, stage), legacy_stage_dir(run_dir, stage)
-    if (
-        new == old
-        or storage.exists(storage.join(new, marker))
-        or not storage.exists(storage.join(old, marker))
-    ):
-        return new
-    return old
+    """`<run-dir>/<key>/`, where the stage `stage` (its key) keeps its files."""
+    return storage.join(run_dir, by_key(stage).key)
 
 
 def checkpoints_dir(stage_dir_uri: str) -> str:
@@ -74,11 +52,6 @@ def run_dir_of_checkpoint(checkpoint_uri: str) -> str:
 def tokenizer_dir(run_dir: str) -> str:
     """`<run-dir>/tokenizer/`, where the tokenizer stage writes the tokenizer."""
     return stage_dir(run_dir, TOKENIZER.key)
-
-
-def tokenizer_dir_to_read(run_dir: str) -> str:
-    """The folder a reader loads a run's tokenizer from (`tokenizer_dir`, or an older run's `tok_train/`)."""
-    return stage_dir_to_read(run_dir, TOKENIZER.key, TOKENIZER_FILE)
 
 
 def task_data_dir(run_dir: str) -> str:

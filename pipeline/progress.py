@@ -7,8 +7,7 @@ bars), the report. One dataclass each, so writer and readers agree on the fields
     <run-dir>/<stage>/progress.json   stage, step, total_steps, loss, ..., attempt, stopped
     <run-dir>/<stage>/done.json       stage, seconds, metrics{...}, outputs{...}, config_id
 
-`<stage>` and the `stage` field are the stage's key (pipeline/stages.py); the readers also find the
-files of a run written before stages had one name (pipeline/layout.py, `stage_dir_to_read`).
+`<stage>` and the `stage` field are the stage's key (pipeline/stages.py).
 
 Two settings come from the executor (the operator or `nanorun run`), read here and nowhere else:
 
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nanorun.pipeline import storage, trainer_status
-from nanorun.pipeline.layout import DONE_FILE, PROGRESS_FILE, stage_dir, stage_dir_to_read
+from nanorun.pipeline.layout import DONE_FILE, PROGRESS_FILE, stage_dir
 
 ATTEMPT_ENV = "NANORUN_ATTEMPT"
 CONFIG_ID_ENV = "NANORUN_CONFIG_ID"
@@ -109,9 +108,7 @@ def write_progress(run_dir: str, progress: Progress) -> None:
 
 
 def read_progress(run_dir: str, stage: str) -> Progress | None:
-    d = storage.read_json_or_none(
-        storage.join(stage_dir_to_read(run_dir, stage, PROGRESS_FILE), PROGRESS_FILE)
-    )
+    d = storage.read_json_or_none(storage.join(stage_dir(run_dir, stage), PROGRESS_FILE))
     return Progress.from_dict(d) if isinstance(d, dict) else None
 
 
@@ -121,7 +118,7 @@ def write_done(run_dir: str, done: Done) -> None:
 
 
 def read_done(run_dir: str, stage: str) -> Done | None:
-    d = storage.read_json_or_none(storage.join(stage_dir_to_read(run_dir, stage, DONE_FILE), DONE_FILE))
+    d = storage.read_json_or_none(storage.join(stage_dir(run_dir, stage), DONE_FILE))
     return Done.from_dict(d) if isinstance(d, dict) else None
 
 
@@ -132,9 +129,10 @@ def is_done(run_dir: str, stage: str) -> bool:
 def is_current(done: Done | None, config_id: str) -> bool:
     """Whether a finished stage counts as done for configuration `config_id`.
 
-    The one rule every reader of done.json applies (the stages, `nanorun run`): done when the ids are
-    equal, or when no id is given (`config_id` ""; executors that predate config ids). A done.json of
-    another configuration (its flags, or an earlier stage's, changed) means: run the stage again.
+    The one rule every reader of done.json applies (the stages, `nanorun run`, the operator): done
+    when the ids are equal, or when no id is given (`config_id` "": a stage run by hand, with no
+    executor). A done.json of another configuration (its flags, or an earlier stage's, changed)
+    means: run the stage again.
     """
     return done is not None and (not config_id or done.config_id == config_id)
 

@@ -12,12 +12,8 @@ its job label (`nanorun.io/stage=pretrain`) and job name (`<run>-pretrain-1`, th
 metrics, `--source`, logs and the report. Its `module` is only its entry point, the command line
 `python -m nanorun.trainer.<module>` (as in nanochat's scripts: `base_train`, `chat_sft`, ...).
 
-Runs written before stages had one name used the module as folder, label and `--source` value;
-`stage_named` still reads those names, and readers of a run directory (pipeline/layout.py) find an
-old run's files in its module folders, for one release.
-
-Adding a stage: a row here, its spec model in operator/api.py, its flags in operator/plan.py, and
-the module in trainer/.
+Adding a stage: a row here, its spec model in operator/api/llmrun.py, its flags in
+operator/reconcile/plan.py, and the module in trainer/.
 """
 
 from __future__ import annotations
@@ -34,6 +30,11 @@ class Stage:
     model: str = ""  # the checkpoint it saves: "" (none), "base" or "chat"
     starts_from: tuple[str, ...] = ()  # keys of the stages whose checkpoint it continues, first finished wins
     report_column: str = ""  # its column in the report's metrics table
+
+    @property
+    def entry_point(self) -> str:
+        """What `python -m` runs: "nanorun.trainer.base_train"."""
+        return f"nanorun.trainer.{self.module}"
 
     @property
     def attribute(self) -> str:
@@ -72,29 +73,28 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("rl", "chat_rl", distributed=True, model="chat", starts_from=("sft",), report_column="RL"),
     Stage("eval", "chat_eval", distributed=True),
+    # Off by default; after eval so that turning it on re-runs nothing but the report, which links it.
+    Stage("export", "export", distributed=False),
     Stage("report", "report", distributed=False),
 )
 
 BY_KEY: dict[str, Stage] = {s.key: s for s in STAGES}
 KEYS: tuple[str, ...] = tuple(s.key for s in STAGES)
-# Stages that save a model checkpoint, in pipeline order (the last enabled one is what serving loads).
+# The stages that save a model checkpoint, and their keys, in pipeline order: the last one that
+# finished is a run's model (what serving loads, what chat evaluation's `latest` means).
 MODEL_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES if s.model)
-# Keys of the stages whose checkpoints are chat models, newest first (what chat evaluation picks from).
-CHAT_KEYS: tuple[str, ...] = tuple(s.key for s in reversed(STAGES) if s.model == "chat")
-# Keys of the stages with any model checkpoint, newest first (what the chat engine loads from a run directory).
-MODEL_KEYS: tuple[str, ...] = tuple(s.key for s in reversed(MODEL_STAGES))
+MODEL_KEYS: tuple[str, ...] = tuple(s.key for s in MODEL_STAGES)
+# Keys of the model stages whose checkpoints are chat models, in pipeline order.
+CHAT_KEYS: tuple[str, ...] = tuple(s.key for s in MODEL_STAGES if s.model == "chat")
 TOKENIZER = BY_KEY["tokenizer"]
-# Every name a stage answers to: its key, and for one release the module name it went by before.
-_BY_NAME: dict[str, Stage] = {**{s.module: s for s in STAGES}, **BY_KEY}
 
 
-def stage_named(name: str) -> Stage:
-    """The stage called `name`: its key, or its module name (the folder, label and `--source` value
-    of runs written before stages had one name; accepted for one release)."""
+def by_key(key: str) -> Stage:
+    """The stage whose key is `key`, or a ValueError that lists the keys."""
     try:
-        return _BY_NAME[name]
+        return BY_KEY[key]
     except KeyError:
-        raise ValueError(f"no stage {name!r}; the stages are {', '.join(KEYS)}") from None
+        raise ValueError(f"no stage {key!r}; the stages are {', '.join(KEYS)}") from None
 
 
 def source_keys(key: str) -> str:

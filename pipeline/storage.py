@@ -14,6 +14,20 @@ S3, so stages, the operator (which reads progress.json) and the local executor s
   cut short after the headers arrived (`read_bytes`, `download_to`), with `READ_ATTEMPTS` tries.
   Reads never see half an object: a short body is an error (botocore checks Content-Length), never
   data. tests/fixtures/faulty_s3.py is the proxy the tests use to check this at 5% faults.
+- In a stage process (`wait_out_outages()`, which `setup_stage` calls), an unreachable store
+  (connections refused or reset, 5xx and throttling answers after botocore's own retries gave up)
+  is waited out: every S3 operation is tried again, whole, with jittered
+  exponential backoff up to `BACKOFF_CAP_SECONDS`, for up to `outage_seconds()` in all
+  (NANORUN_STORAGE_OUTAGE_SECONDS, default 15 minutes). Then it raises `StorageUnavailable`. Every
+  operation here is idempotent (a PUT writes the same bytes again), so a repeat is safe. The budget
+  sits above the executor's stall timeout and below the collective timeout: an outage a run can
+  ride out (minutes) costs it nothing; a longer one shows as a stall (no progress, stacks in
+  storage once it returns) rather than a crash loop; and a rank waiting out storage inside a
+  checkpoint never makes the ranks waiting for it in a barrier time out first. A thread that must
+  not wait (the heartbeat thread) works inside `impatient()`: one try, fewer botocore attempts.
+  Other processes (the operator, whose handlers must not block for minutes) fail as botocore does.
+- `AWS_MAX_ATTEMPTS`, when set, replaces botocore's attempts per request (8 by default), as boto3
+  itself reads it.
 
 Torch-free on purpose: the operator image imports it.
 """
@@ -25,9 +39,12 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -38,6 +55,10 @@ from nanorun.pipeline.errors import StageError
 
 class StorageError(StageError):
     """A storage operation failed in a way the caller should report (missing object, bad URI)."""
+
+
+class StorageUnavailable(StorageError):
+    """The store stayed unreachable for longer than `outage_seconds()`."""
 
 
 @dataclass(frozen=True)
@@ -73,19 +94,126 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *[str(p) for p in parts]))
 
 
+OUTAGE_SECONDS_ENV = "NANORUN_STORAGE_OUTAGE_SECONDS"
+OUTAGE_SECONDS = 900.0  # above a stall timeout of minutes, below the 30-minute collective timeout
+BACKOFF_CAP_SECONDS = 30.0  # the longest wait between two tries of an operation on an unreachable store
+CONNECT_TIMEOUT_SECONDS = 10  # botocore's default (60 s) times 8 attempts is 8 minutes on a dropped route
+_thread = threading.local()
+_process = {"wait_out_outages": False}
+
+
+def outage_seconds() -> float:
+    """How long one operation keeps trying an unreachable store (NANORUN_STORAGE_OUTAGE_SECONDS)."""
+    return float(os.environ.get(OUTAGE_SECONDS_ENV) or OUTAGE_SECONDS)
+
+
+def wait_out_outages(on: bool = True) -> None:
+    """Whether this process's S3 operations wait out an unreachable store (see the module doc)."""
+    _process["wait_out_outages"] = on
+
+
+@contextmanager
+def impatient() -> Iterator[None]:
+    """Within the block, this thread's S3 operations are tried once (2 botocore attempts), not
+    waited out: for work that is tried again anyway (a heartbeat) and must not block for minutes."""
+    before = getattr(_thread, "impatient", False)
+    _thread.impatient = True
+    try:
+        yield
+    finally:
+        _thread.impatient = before
+
+
 @cache
-def _s3_client_cached(endpoint: str | None, pid: int):
+def _s3_client_cached(endpoint: str | None, pid: int, attempts: int):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=32)
+    config = Config(
+        retries={"max_attempts": attempts, "mode": "adaptive"},
+        max_pool_connections=32,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+    )
     return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
 def s3_client():
-    """A boto3 S3 client for the endpoint in the environment (one per process and endpoint)."""
+    """A boto3 S3 client for the endpoint in the environment (one per process, endpoint and
+    patience)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return _s3_client_cached(endpoint, os.getpid())
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 8)
+    if getattr(_thread, "impatient", False):
+        attempts = min(attempts, 2)
+    return _s3_client_cached(endpoint, os.getpid(), attempts)
+
+
+# Answers of a store that is there but cannot serve now (botocore retried them already).
+_UNAVAILABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestLimitExceeded",
+}
+
+
+def _is_unreachable(err: BaseException | None) -> bool:
+    """Whether `err` (or the error it wraps: boto3's transfer manager wraps what it met) says the
+    store could not be reached or could not serve: a connection refused, reset or timed out, or a
+    5xx/throttling answer. Not: a missing object, a denied request, a bad request."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    from urllib3.exceptions import HTTPError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, HTTPClientError, HTTPError)):
+            return True
+        if isinstance(err, ClientError):
+            response = err.response or {}
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return status >= 500 or response.get("Error", {}).get("Code") in _UNAVAILABLE_CODES
+        err = getattr(err, "last_exception", None) or err.__cause__ or err.__context__
+    return False
+
+
+def _waiting_out_outages(uri: str, operation: Callable[[], Any]) -> Any:
+    """`operation()` (one whole S3 operation on `uri`), tried again while the store is unreachable,
+    for up to `outage_seconds()`; a line on stderr when the wait starts and when it ends."""
+    start = delay = None
+    while True:
+        try:
+            result = operation()
+        except Exception as err:
+            waits = _process["wait_out_outages"] and not getattr(_thread, "impatient", False)
+            if not waits or not _is_unreachable(err):
+                raise
+            now = time.monotonic()
+            if start is None:
+                start, delay = now, 1.0
+                print(
+                    f"storage unreachable ({type(err).__name__}) at {uri}: trying again for up to "
+                    f"{outage_seconds():.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if now - start >= outage_seconds():
+                raise StorageUnavailable(
+                    f"storage unreachable for {now - start:.0f} s at {uri} (the limit, "
+                    f"{OUTAGE_SECONDS_ENV}, is {outage_seconds():.0f} s): {err}"
+                ) from err
+            time.sleep(min(random.uniform(delay / 2, delay), max(0.0, start + outage_seconds() - now)))
+            delay = min(2 * delay, BACKOFF_CAP_SECONDS)
+            continue
+        if start is not None:
+            print(
+                f"storage reachable again after {time.monotonic() - start:.0f} s at {uri}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return result
 
 
 READ_ATTEMPTS = 5  # tries of a whole GET (request and body) when its body is cut short
@@ -123,24 +251,41 @@ def _read_with_retries(uri: str, read: Any) -> Any:
     raise AssertionError("unreachable")
 
 
+def _list_objects(bucket: str, key_prefix: str) -> list[dict[str, Any]]:
+    """Every object below `key_prefix` (one whole listing, all its pages: what a repeat repeats)."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    return [
+        obj
+        for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix)
+        for obj in page.get("Contents", [])
+    ]
+
+
 def exists(uri: str) -> bool:
     if is_s3(uri):
         loc = parse_s3(uri)
-        try:
-            s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
-            return True
-        except Exception as err:  # botocore ClientError
-            if _is_missing(err):
-                return False
-            raise
+
+        def head() -> bool:
+            try:
+                s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+                return True
+            except Exception as err:  # botocore ClientError
+                if _is_missing(err):
+                    return False
+                raise
+
+        return _waiting_out_outages(uri, head)
     return Path(uri).exists()
 
 
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         loc = parse_s3(uri)
-        return _read_with_retries(
-            uri, lambda: s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        return _waiting_out_outages(
+            uri,
+            lambda: _read_with_retries(
+                uri, lambda: s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            ),
         )
     return Path(uri).read_bytes()
 
@@ -148,7 +293,7 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         loc = parse_s3(uri)
-        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        _waiting_out_outages(uri, lambda: s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,9 +358,14 @@ def file_checksum(uri: str | Path) -> str:
     uri = str(uri)
     if is_s3(uri):
         loc = parse_s3(uri)
-        return _read_with_retries(
+        return _waiting_out_outages(
             uri,
-            lambda: digest(s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].iter_chunks(CHUNK)),
+            lambda: _read_with_retries(
+                uri,
+                lambda: digest(
+                    s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].iter_chunks(CHUNK)
+                ),
+            ),
         )
     with open(uri, "rb") as f:
         return digest(iter(lambda: f.read(CHUNK), b""))
@@ -226,12 +376,8 @@ def list_files(prefix: str) -> list[str]:
     if is_s3(prefix):
         loc = parse_s3(prefix)
         key_prefix = loc.key + "/" if loc.key else ""
-        out = []
-        paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix):
-            for obj in page.get("Contents", []):
-                out.append(f"s3://{loc.bucket}/{obj['Key']}")
-        return sorted(out)
+        objects = _waiting_out_outages(prefix, lambda: _list_objects(loc.bucket, key_prefix))
+        return sorted(f"s3://{loc.bucket}/{obj['Key']}" for obj in objects)
     root = Path(prefix)
     if not root.exists():
         return []
@@ -243,12 +389,8 @@ def file_sizes(prefix: str) -> dict[str, int]:
     if is_s3(prefix):
         loc = parse_s3(prefix)
         key_prefix = loc.key + "/" if loc.key else ""
-        out = {}
-        paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix):
-            for obj in page.get("Contents", []):
-                out[obj["Key"][len(key_prefix) :]] = obj["Size"]
-        return out
+        objects = _waiting_out_outages(prefix, lambda: _list_objects(loc.bucket, key_prefix))
+        return {obj["Key"][len(key_prefix) :]: obj["Size"] for obj in objects}
     root = Path(prefix)
     return {p.relative_to(root).as_posix(): p.stat().st_size for p in map(Path, list_files(prefix))}
 
@@ -258,12 +400,17 @@ def list_dirs(prefix: str) -> list[str]:
     if is_s3(prefix):
         loc = parse_s3(prefix)
         key_prefix = loc.key + "/" if loc.key else ""
-        names = []
-        paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix, Delimiter="/"):
-            for cp in page.get("CommonPrefixes", []):
-                names.append(cp["Prefix"][len(key_prefix) :].strip("/"))
-        return sorted(names)
+
+        def names() -> list[str]:
+            paginator = s3_client().get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix, Delimiter="/")
+            return [
+                cp["Prefix"][len(key_prefix) :].strip("/")
+                for page in pages
+                for cp in page.get("CommonPrefixes", [])
+            ]
+
+        return sorted(_waiting_out_outages(prefix, names))
     root = Path(prefix)
     if not root.is_dir():
         return []
@@ -274,7 +421,8 @@ def delete(uri: str) -> None:
     """Delete one file; a missing file is no error."""
     if is_s3(uri):
         loc = parse_s3(uri)
-        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)  # S3: deleting a missing key succeeds
+        # S3: deleting a missing key succeeds, so a repeat after a lost answer does too
+        _waiting_out_outages(uri, lambda: s3_client().delete_object(Bucket=loc.bucket, Key=loc.key))
         return
     Path(uri).unlink(missing_ok=True)
 
@@ -284,10 +432,12 @@ def delete_prefix(prefix: str) -> int:
     if is_s3(prefix):
         files = list_files(prefix)
         loc = parse_s3(prefix)
-        client = s3_client()
         for i in range(0, len(files), 1000):
             chunk = [{"Key": parse_s3(u).key} for u in files[i : i + 1000]]
-            client.delete_objects(Bucket=loc.bucket, Delete={"Objects": chunk})
+            _waiting_out_outages(
+                prefix,
+                lambda chunk=chunk: s3_client().delete_objects(Bucket=loc.bucket, Delete={"Objects": chunk}),
+            )
         return len(files)
     root = Path(prefix)
     if not root.exists():
@@ -303,7 +453,12 @@ def download_to(uri: str, local_path: str | Path) -> Path:
     local_path.parent.mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
         loc = parse_s3(uri)  # s3transfer writes a temporary file and renames it when complete
-        _read_with_retries(uri, lambda: s3_client().download_file(loc.bucket, loc.key, str(local_path)))
+        _waiting_out_outages(
+            uri,
+            lambda: _read_with_retries(
+                uri, lambda: s3_client().download_file(loc.bucket, loc.key, str(local_path))
+            ),
+        )
     else:
         shutil.copyfile(uri, local_path)
     return local_path
@@ -313,7 +468,7 @@ def upload_from(local_path: str | Path, uri: str) -> None:
     """Copy one local file to `uri` (multipart for large files on S3; atomic locally)."""
     if is_s3(uri):
         loc = parse_s3(uri)
-        s3_client().upload_file(str(local_path), loc.bucket, loc.key)
+        _waiting_out_outages(uri, lambda: s3_client().upload_file(str(local_path), loc.bucket, loc.key))
         return
     dst = Path(uri)
     dst.parent.mkdir(parents=True, exist_ok=True)

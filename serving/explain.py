@@ -383,7 +383,7 @@ def stage_history(run_dir: str, key: str) -> dict[str, Any] | None:
 
     progress = read_progress(run_dir, key)
     done = read_done(run_dir, key)
-    uri = storage.join(layout.stage_dir_to_read(run_dir, key, layout.HISTORY_FILE), layout.HISTORY_FILE)
+    uri = storage.join(layout.stage_dir(run_dir, key), layout.HISTORY_FILE)
     text = storage.read_text(uri) if storage.exists(uri) else ""
     if progress is None and done is None and not text:
         return None
@@ -451,13 +451,13 @@ def timeline(run_dir: str) -> list[dict[str, Any]]:
 
 def stage_of(checkpoint: str) -> str | None:
     """The stage key of a checkpoint inside a run directory (`<run>/<stage>/checkpoints/step_N`),
-    else None. The folder is the stage's key (its module in a run written before stages had one name)."""
+    else None."""
     from nanorun.pipeline import layout
-    from nanorun.pipeline.stages import stage_named
+    from nanorun.pipeline.stages import by_key
 
     try:
         layout.run_dir_of_checkpoint(checkpoint)
-        return stage_named(checkpoint.rstrip("/").rsplit("/", 3)[1]).key
+        return by_key(checkpoint.rstrip("/").rsplit("/", 3)[1]).key
     except ValueError:
         return None
 

@@ -1,6 +1,6 @@
 """The stage plan and the stage modules agree: every flag the plan passes to a stage (from every
 example LLMRun, and from a spec with every optional field set) is accepted by that stage's own
-argparse parser, with the value the spec asked for. Catches drift between operator/plan.py and the
+argparse parser, with the value the spec asked for. Catches drift between operator/reconcile/plan.py and the
 trainer's command lines before a job fails on a cluster."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import yaml
 from nanorun.cli.run import stage_command
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import command_for_stage
-from nanorun.operator.plan import stage_plan
-from nanorun.operator.sweep import parse_sweep_spec, point_spec, sweep_points
+from nanorun.operator.children.pytorchjob import command_for_stage
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.sweep.api import parse_sweep_spec, point_spec, sweep_points
 from nanorun.pipeline.stages import KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,7 @@ EVERY_FLAG_SPEC = {
         "sft": {"numIterations": 13, "deviceBatchSize": 6},
         "rl": {"numIterations": 14, "deviceBatchSize": 7},
         "eval": {"maxProblems": 15},
+        "export": {"enabled": True, "dtype": "float16"},
     },
     "serving": {"apiKeysSecret": "chat-keys"},
 }
@@ -96,7 +97,7 @@ def test_every_flag_the_plan_passes_for_an_example_is_accepted_by_the_stage(path
     for stage in plan:
         # The operator's container command and the local executor's command, flags only.
         for command in (command_for_stage(spec, stage), stage_command(stage, "/tmp/run", 1, 9400)):
-            args = parse_stage_args(stage.entry, flags_after_module(command, stage.module))
+            args = parse_stage_args(stage.module, flags_after_module(command, stage.entry_point))
             assert args.run_dir in (spec.storage.uri, "/tmp/run")
             assert args.metrics_port in (spec.metrics_port, 9400)
 
@@ -108,7 +109,7 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
 
     def parsed(key: str) -> argparse.Namespace:
         s = plan[key]
-        return parse_stage_args(s.entry, flags_after_module(command_for_stage(spec, s), s.module))
+        return parse_stage_args(s.module, flags_after_module(command_for_stage(spec, s), s.entry_point))
 
     tok = parsed("tokenizer")
     assert (tok.data, tok.vocab_size, tok.max_chars, tok.doc_cap) == ("s3://bucket/shards", 8192, 123456, 999)
@@ -143,6 +144,8 @@ def test_every_spec_field_reaches_its_stage_with_its_value():
         args = parsed(key)
         assert (args.num_iterations, args.device_batch_size, args.compile) == (iters, batch, False), key
     assert parsed("eval").max_problems == 15
+    export = parsed("export")
+    assert (export.source, export.dtype) == ("rl", "float16")  # the last model stage of the plan
     parsed("report")
 
 

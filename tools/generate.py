@@ -2,7 +2,7 @@
 
     python -m tools.generate --write     (from the repository root)
 
-- the LLMRun and LLMSweep CRDs (operator/crd.py, operator/sweep_crd.py) into manifests/crd/ and
+- the LLMRun and LLMSweep CRDs (operator/api/crd.py, operator/sweep/crd.py) into manifests/crd/ and
   charts/nanorun/crds/;
 - the operator's RBAC rules (operator/rbac.py) into the chart's rules file and the plain
   manifests' ClusterRole;
@@ -18,16 +18,18 @@ import sys
 from pathlib import Path
 
 import yaml
-from nanorun.operator import api, sweep, sweep_crd
-from nanorun.operator.crd import crd_yaml
+from nanorun.operator.api import GROUP, PLURAL
+from nanorun.operator.api.crd import crd_yaml
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
+from nanorun.operator.sweep import crd as sweep_crd
+from nanorun.operator.sweep.api import PLURAL as SWEEP_PLURAL
 
 from tools.reference import configuration_markdown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CRD_FILE = f"{api.GROUP}_{api.PLURAL}.yaml"
+CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
 CRD_PATHS = [REPO_ROOT / "manifests" / "crd" / CRD_FILE, REPO_ROOT / "charts" / "nanorun" / "crds" / CRD_FILE]
-SWEEP_CRD_FILE = f"{api.GROUP}_{sweep.PLURAL}.yaml"
+SWEEP_CRD_FILE = f"{GROUP}_{SWEEP_PLURAL}.yaml"
 SWEEP_CRD_PATHS = [p.parent / SWEEP_CRD_FILE for p in CRD_PATHS]
 DOCS_PATH = REPO_ROOT / "docs" / "configuration.md"
 CHART_RBAC_PATH = REPO_ROOT / "charts" / "nanorun" / "files" / "rbac-rules.yaml"
@@ -59,8 +61,10 @@ def generated_files() -> dict[Path, str]:
     """Every generated file and the content it must have."""
     # A CRD file opens its document with `---`: `helm show crds` and `kubectl apply -f` on a
     # concatenation of the files must still see one document per CRD.
-    files = {path: _header("operator/api.py") + "---\n" + crd_yaml() for path in CRD_PATHS}
-    files |= {path: _header("operator/sweep.py") + "---\n" + sweep_crd.crd_yaml() for path in SWEEP_CRD_PATHS}
+    files = {path: _header("operator/api/llmrun.py") + "---\n" + crd_yaml() for path in CRD_PATHS}
+    files |= {
+        path: _header("operator/sweep/api.py") + "---\n" + sweep_crd.crd_yaml() for path in SWEEP_CRD_PATHS
+    }
     files[DOCS_PATH] = configuration_markdown()
     files[CHART_RBAC_PATH] = _header("operator/rbac.py") + _dump(OPERATOR_RBAC_RULES)
     files[MANIFEST_ROLE_PATH] = _header("operator/rbac.py") + _dump(cluster_role())

@@ -79,6 +79,10 @@ base_image() {
   echo "localhost/debian:$version-minbase"
 }
 
+image_id() {  # REF: its image ID in the builder's storage, or nothing
+  buildah images --noheading --no-trunc --format '{{.ID}}' --filter "reference=$1" 2>/dev/null | head -n1
+}
+
 build() {
   local base conf
   base="$(base_image)"
@@ -99,8 +103,15 @@ build() {
       init) dockerfile=tests/kube/images/Dockerfile ;;
     esac
     log "building $ref (target $name of $dockerfile) on $from"
+    local previous
+    previous="$(image_id "$ref")"
     buildah build --layers --force-rm --quiet "${ulimits[@]}" "${mounts[@]}" --build-arg "BASE_IMAGE=$base" \
       --build-arg "OPERATOR_IMAGE=$from" -f "$dockerfile" --target "$name" -t "$ref" . >/dev/null
+    # The image the tag named before, now untagged, goes (its layers stay while another image uses
+    # them): rebuilds after each source change would otherwise pile up gigabytes.
+    if [ -n "$previous" ] && [ "$previous" != "$(image_id "$ref")" ]; then
+      buildah rmi "$previous" >/dev/null 2>&1 || true
+    fi
     log "built $ref in $((SECONDS - started)) s"
   done
 }

@@ -16,13 +16,15 @@ import argparse
 import sys
 
 import torch
-from nanorun.pipeline import storage
+from nanorun.pipeline import defaults, storage
 from nanorun.pipeline.errors import run_main
+from nanorun.pipeline.liveness import EVALUATING
 from nanorun.pipeline.stages import source_keys
 from nanorun.trainer.base_train import SAMPLE_PROMPTS, greedy_sample
 from nanorun.trainer.data.dataloader import validation_batches
 from nanorun.trainer.evaluation import core_eval
 from nanorun.trainer.evaluation.loss_eval import evaluate_bpb
+from nanorun.trainer.training import liveness
 from nanorun.trainer.training.checkpoint import final_checkpoint, load_model
 from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 from nanorun.trainer.training.compilation import CompileClock, add_compile_arg, compiled_model
@@ -41,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default=None, help="shards for bpb (default: the training run's; last = validation)"
     )
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass for bpb")
+    p.add_argument(
+        "--device-batch-size",
+        type=int,
+        default=defaults.DEVICE_BATCH_SIZE,
+        help="rows per forward pass for bpb",
+    )
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens for bpb")
     p.add_argument("--max-per-task", type=int, default=500, help="CORE examples per task (-1 = all)")
     p.add_argument(
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("baseEval", args)
     if ctx.already_done:
         return teardown(ctx)
+    liveness.set_phase(EVALUATING)  # the whole stage: each batch is progress
     from nanorun.trainer.data.tokenizer import Tokenizer
 
     checkpoint = final_checkpoint(ctx.run_dir, args.source_stage)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from nanorun.pipeline import defaults
 from nanorun.pipeline.errors import run_main
 from nanorun.trainer.data.dataloader import PackedBatches, merge_states, validation_batches
 from nanorun.trainer.evaluation import core_eval
@@ -64,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shards", type=int, default=-1, help="use the first N shards (the last of them validates; -1 = all)"
     )
     m = p.add_argument_group("model")
-    m.add_argument("--depth", type=int, default=20, help="transformer layers; width and heads follow from it")
-    m.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth x aspect ratio")
-    m.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    m.add_argument(
+        "--depth", type=int, default=defaults.DEPTH, help="transformer layers; width and heads follow from it"
+    )
+    m.add_argument(
+        "--aspect-ratio", type=int, default=defaults.ASPECT_RATIO, help="model width = depth x aspect ratio"
+    )
+    m.add_argument("--head-dim", type=int, default=defaults.HEAD_DIM, help="attention head dimension")
+    m.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN, help="context length in tokens")
     m.add_argument(
         "--window-pattern",
         default="auto",
@@ -89,10 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("horizon (first one set wins)")
     h.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive)")
     h.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs to spend (-1 = off)")
-    h.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter")
+    h.add_argument(
+        "--target-param-data-ratio",
+        type=float,
+        default=defaults.PARAM_DATA_RATIO,
+        help="tokens per scaling parameter",
+    )
     o = p.add_argument_group("optimization")
     o.add_argument(
-        "--device-batch-size", type=int, default=32, help="rows per forward/backward on one device"
+        "--device-batch-size",
+        type=int,
+        default=defaults.DEVICE_BATCH_SIZE,
+        help="rows per forward/backward on one device",
     )
     o.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto)")
     o.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding")
@@ -172,11 +185,17 @@ def scaling_params(config) -> int:
 
 def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_size: int) -> dict[str, Any]:
     """Horizon, batch size, learning rates and weight decay, derived from the model (nanochat's recipe)."""
-    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 12
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else defaults.PARAM_DATA_RATIO
+    # The token budget: ratio x the parameters that do matmuls per token (block matrices and LM head;
+    # embedding rows are looked up, not multiplied, so they do not count).
     target_tokens = ratio * scaling_params(config)
+    # The budget the same ratio gives the d12 reference model, whose batch (B_REF) and learning rates
+    # were tuned: everything below scales from there by how much longer this run is.
     d_ref = ratio * scaling_params(model_config(args, config.vocab_size, depth=D_REF_DEPTH))
     total_batch = args.total_batch_size
     if total_batch <= 0:
+        # The best batch grows with the budget, but sublinearly (nanochat's exponent, 0.383); a power
+        # of two divides evenly into ranks, sequences and micro-batches.
         total_batch = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
     if total_batch % args.max_seq_len:
         raise SystemExit(
@@ -185,9 +204,14 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
     if args.num_iterations > 0:
         steps = args.num_iterations
     elif args.target_flops > 0:
-        steps = round(args.target_flops / (flops_per_token * total_batch))
+        steps = round(
+            args.target_flops / (flops_per_token * total_batch)
+        )  # FLOPs = steps x batch x FLOPs/token
     else:
         steps = int(target_tokens // total_batch)
+    # A bigger batch averages away more gradient noise, so it takes bigger steps: for Adam-type
+    # optimizers the learning rate scales with the square root of the batch (Malladi et al. 2022,
+    # arXiv:2205.10287).
     lr_scale = math.sqrt(total_batch / B_REF)
     return {
         "num_iterations": max(1, steps),
@@ -201,6 +225,9 @@ def plan_run(args: argparse.Namespace, config, flops_per_token: float, world_siz
             "embedding_lr": args.embedding_lr * lr_scale,
             "unembedding_lr": args.unembedding_lr * lr_scale,
             "scalar_lr": args.scalar_lr * lr_scale,
+            # Decoupled weight decay shrinks the weights by lr x wd every step; a run with more tokens
+            # than the reference decays less per token, so that the decay's timescale stays a fixed
+            # fraction of the run (Wang & Aitchison 2024, arXiv:2405.13698).
             "weight_decay": args.weight_decay * lr_scale * d_ref / target_tokens,
         },
         "warmup_steps": args.warmup_steps,
@@ -381,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
             lr=plan["lr"]["matrix_lr"] * lrm,
             grad_norm=norm,
             tokens=plan["total_batch_size"],
-            tokens_per_step=plan["total_batch_size"],
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )
 

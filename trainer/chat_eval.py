@@ -27,12 +27,14 @@ from typing import Any
 
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import run_main
+from nanorun.pipeline.liveness import EVALUATING
 from nanorun.pipeline.progress import is_done
-from nanorun.pipeline.stages import CHAT_KEYS, MODEL_KEYS, stage_named
+from nanorun.pipeline.stages import CHAT_KEYS, MODEL_KEYS
 from nanorun.trainer.chat.execution import SandboxUnavailable
 from nanorun.trainer.tasks.common import Task, run_categorical_eval, run_generative_eval
 from nanorun.trainer.tasks.hf import TaskDataUnavailable
 from nanorun.trainer.tasks.mixtures import CHATCORE_TASKS, EVAL_TASKS, RANDOM_BASELINE
+from nanorun.trainer.training import liveness
 from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
 SAMPLES_PER_TASK = 3
@@ -69,21 +71,17 @@ def chatcore(results: dict[str, float]) -> tuple[float | None, list[str]]:
 
 def sources_to_evaluate(run_dir: str, source: str) -> list[str]:
     """The keys of the finished stages `--source` names (all: in pipeline order)."""
-    finished = [s for s in CHAT_KEYS if is_done(run_dir, s)]
+    finished = [s for s in reversed(CHAT_KEYS) if is_done(run_dir, s)]  # newest first
     if source == "latest":
         chosen = finished[:1]
     elif source == "all":
         chosen = finished[::-1]
     else:
-        try:
-            key = stage_named(source).key
-        except ValueError:
-            key = ""
-        if key not in MODEL_KEYS:
+        if source not in MODEL_KEYS:
             raise SystemExit(
                 f"--source must be latest, all or one of {', '.join(MODEL_KEYS)}, got {source!r}"
             )
-        chosen = [key] if is_done(run_dir, key) else []
+        chosen = [source] if is_done(run_dir, source) else []
     if not chosen:
         raise SystemExit(
             f"nothing to evaluate for --source {source}: none of {', '.join(CHAT_KEYS)} has finished in {run_dir}"
@@ -177,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_stage("eval", args)
     if ctx.already_done:
         return teardown(ctx)
+    liveness.set_phase(EVALUATING)  # the whole stage: each batch is progress
     from nanorun.trainer.data.tokenizer import Tokenizer
 
     names = [t.strip() for t in args.tasks.split("|") if t.strip()]

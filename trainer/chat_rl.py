@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
             lr=start.base_lrs[-1] * lrm,
             grad_norm=out["grad_norm"],
             tokens=int(tokens),
-            tokens_per_step=tokens,
             record={"reward": reward, "loss": loss, "lrm": lrm},
             progress={"reward": reward},
         )

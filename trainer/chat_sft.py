@@ -29,7 +29,7 @@ from nanorun.trainer.tasks.common import Task
 from nanorun.trainer.tasks.mixtures import sft_mixture
 from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage, teardown
 from nanorun.trainer.training.compilation import CompileClock, compiled_model
-from nanorun.trainer.training.distributed import grad_norm, mean_across_ranks
+from nanorun.trainer.training.distributed import grad_norm, sum_across_ranks
 from nanorun.trainer.training.finetune import (
     add_finetune_args,
     check_examples_per_step,
@@ -140,14 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         set_learning_rate(optimizer, start.base_lrs, lrm, momentum=muon_momentum(step))
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train_loss = mean_across_ranks(loss_sum / max(tokens, 1), ctx.device)
+        # Every rank's rows differ in length: the step's tokens and its token-level mean loss are
+        # sums over all ranks, not this rank's count times the world size.
+        loss_sum, all_tokens = sum_across_ranks([loss_sum, tokens], ctx.device)
+        train_loss = loss_sum / max(all_tokens, 1)
         return StepReport(
-            log=f"loss {train_loss:.4f} | lrm {lrm:.3f} | {tokens} tokens",
+            log=f"loss {train_loss:.4f} | lrm {lrm:.3f} | {int(all_tokens)} tokens",
             loss=train_loss,
             lr=start.base_lrs[-1] * lrm,
             grad_norm=norm,
-            tokens=tokens,
-            tokens_per_step=tokens * ctx.world_size,
+            tokens=int(all_tokens),
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )
 

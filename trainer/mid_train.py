@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
             lr=start.base_lrs[-1] * lrm,
             grad_norm=norm,
             tokens=plan["total_batch_size"],
-            tokens_per_step=plan["total_batch_size"],
             record={"loss": train_loss, "lrm": lrm, "grad_norm": norm},
         )
 

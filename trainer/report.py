@@ -5,7 +5,8 @@
 Reads what the other stages left in the run directory (done.json, progress.json, history.jsonl,
 the eval stage's results and samples) and writes `<run-dir>/report/`:
 
-- `report.md`: environment (hardware, software, git commit), a metrics table by stage like nanochat's
+- `report.md`: environment (hardware, software, git commit), the exported Hugging Face folder when
+  the export stage ran, a metrics table by stage like nanochat's
   BASE/MID/SFT/RL summary (CORE, ARC-E/C, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE, bpb),
   per-stage wall time with an estimated cost (GPU-hours x `--gpu-hour-price`; GPU-hours = wall time
   x processes), sample conversations, and the plots;
@@ -31,12 +32,11 @@ from typing import Any
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import run_main
 from nanorun.pipeline.progress import read_done, read_progress
-from nanorun.pipeline.stages import CHAT_KEYS, MODEL_STAGES
+from nanorun.pipeline.stages import CHAT_KEYS, MODEL_KEYS, MODEL_STAGES
 from nanorun.pipeline.stages import STAGES as PIPELINE
 from nanorun.trainer.training.common import add_common_args, setup_stage, teardown
 
 STAGES = tuple(s.key for s in PIPELINE if s.key != "report")  # the stages reported on
-TRAINING_STAGES = tuple(s.key for s in MODEL_STAGES)
 COLUMNS = {s.report_column: s.key for s in MODEL_STAGES}
 TABLE_ROWS = (
     "CORE",
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_history(run_dir: str, stage: str) -> list[dict[str, Any]]:
-    uri = storage.join(layout.stage_dir_to_read(run_dir, stage, layout.HISTORY_FILE), layout.HISTORY_FILE)
+    uri = storage.join(layout.stage_dir(run_dir, stage), layout.HISTORY_FILE)
     text = storage.read_text(uri) if storage.exists(uri) else ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -218,12 +218,27 @@ def duration(seconds: float) -> str:
 
 def sample_conversations(run_dir: str, limit: int) -> list[dict[str, Any]]:
     samples_dir = storage.join(layout.stage_dir(run_dir, "eval"), "samples")
-    evaluated = [s for s in CHAT_KEYS if storage.exists(storage.join(samples_dir, f"{s}.jsonl"))]
+    evaluated = [s for s in reversed(CHAT_KEYS) if storage.exists(storage.join(samples_dir, f"{s}.jsonl"))]
     if not evaluated:
         return []
     text = storage.read_text(storage.join(samples_dir, f"{evaluated[0]}.jsonl"))
     return [{**json.loads(line), "source": evaluated[0]} for line in text.splitlines() if line.strip()][
         :limit
+    ]
+
+
+def exported_model(run_dir: str) -> list[str]:
+    """The report's lines on the export stage's Hugging Face folder (none when it did not run)."""
+    done = read_done(run_dir, "export")
+    if done is None or not done.outputs.get("model"):
+        return []
+    return [
+        "",
+        "## Exported model",
+        "",
+        f"Hugging Face folder: [{done.outputs['model']}]({done.outputs['model']}) ({done.metrics.get('dtype', '?')} "
+        f"weights of the {done.metrics.get('source', '?')} checkpoint `{done.outputs.get('checkpoint', '?')}`). "
+        "Load it with `AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)`; see docs/export.md.",
     ]
 
 
@@ -246,6 +261,7 @@ def render_report(
         "",
     ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
+    lines += exported_model(run_dir)
     lines += [
         "",
         "## Summary",
@@ -303,7 +319,7 @@ def render_report(
 def write_report(run_dir: str, price: float = 3.0, currency: str = "$", samples: int = 6) -> str:
     """Write `<run-dir>/report/` and return the URI of report.md."""
     out = layout.report_dir(run_dir)
-    histories = {s: read_history(run_dir, s) for s in TRAINING_STAGES}
+    histories = {s: read_history(run_dir, s) for s in MODEL_KEYS}
     plots = []
     for name, key, ylabel, title in (
         ("loss.png", "loss", "loss (nats/token)", "training loss"),

@@ -15,7 +15,8 @@ import sys
 
 from nanorun.pipeline import layout, storage
 from nanorun.pipeline.errors import run_main
-from nanorun.trainer.data.dataset import iter_texts, resolve_shards
+from nanorun.trainer.data.dataset import resolve_shards
+from nanorun.trainer.data.shards import iter_texts
 from nanorun.trainer.data.tokenizer import Tokenizer
 
 REFERENCE_ENCODINGS = {"gpt2": "gpt2", "gpt4": "cl100k_base"}

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import yaml
 from nanorun.operator.api import DEFAULT_IMAGE, parse_spec
-from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
+from nanorun.operator.api.tenancy import Policy
+from nanorun.operator.children.pytorchjob import pytorchjob_for_stage
+from nanorun.operator.children.rayservice import rayservice_for_run
 from nanorun.operator.main import parse_args
-from nanorun.operator.plan import stage_plan
-from nanorun.operator.rayservice import rayservice_for_run
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
-from nanorun.operator.tenancy import Policy
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.run_ref import RunRef
 
 from tests.charts.conftest import (
     CHART,
@@ -169,6 +170,7 @@ def test_watched_namespaces_get_role_bindings_and_only_cluster_reads_stay_cluste
             "events",
             "pods",
             "pods/log",
+            "networkpolicies",
         }
 
 
@@ -298,6 +300,8 @@ def test_chart_ships_the_generated_llmrun_and_llmsweep_crds() -> None:
         ("podMonitor.additionalLabels.release=null", "release"),
         ("service.type=Ingress", "type"),
         ("grafana.dashboard.enabled=yes", "enabled"),
+        ("operator.networkPolicy.enabled=sometimes", "enabled"),
+        ("operator.networkPolicy.chatFrom[0].namespace=ingress", "namespace"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm_bin: str, setting: str, offending: str) -> None:
@@ -322,6 +326,8 @@ def test_the_policy_configmap_is_the_policy_the_operator_reads(render, tmp_path)
                         "images": ["ghcr.io/nanorun/", "registry.example.com/team/"],
                         "priorityClasses": ["training-low"],
                         "trainingRuntimes": ["nanorun-torch"],
+                        "nodeLabels": ["nanorun.io/pool={namespace}", "nvidia.com/gpu.product"],
+                        "tolerations": ["nvidia.com/gpu"],
                     }
                 }
             }
@@ -336,6 +342,8 @@ def test_the_policy_configmap_is_the_policy_the_operator_reads(render, tmp_path)
     assert policy.readable("team-b") == ("s3://runs/team-b", "s3://more/team-b", "s3://shared/data")
     assert policy.images == ("ghcr.io/nanorun/", "registry.example.com/team/")  # prefixes kept as written
     assert (policy.priority_classes, policy.training_runtimes) == (("training-low",), ("nanorun-torch",))
+    assert policy.node_labels == ("nanorun.io/pool={namespace}", "nvidia.com/gpu.product")
+    assert policy.tolerations == ("nvidia.com/gpu",)
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
     op = container(objects)
     assert "--policy=/etc/nanorun/policy" in op["args"]
@@ -348,3 +356,33 @@ def test_the_policy_configmap_is_the_policy_the_operator_reads(render, tmp_path)
     plain = render()
     assert not {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} & {o["kind"] for o in plain}
     assert "--policy=/etc/nanorun/policy" not in container(plain)["args"]
+
+
+def test_the_operator_gets_the_network_policy_settings_it_renders_policies_from(render, tmp_path):
+    from nanorun.operator.children.network import NETWORK_POLICY_ENV, NetworkSettings
+
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"operator": {"networkPolicy": {"chatFrom": [peer]}}}))
+    env = {e["name"]: e.get("value") for e in container(render(values=[values]))["env"]}
+    settings = NetworkSettings.from_data(json.loads(env[NETWORK_POLICY_ENV]))
+    assert settings.enabled and settings.chat_from == (peer,)
+    assert settings.kuberay_namespace == "default"
+    assert settings.metrics_from == (
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    )
+    # The plain manifests' operator has the chart's defaults.
+    plain = yaml.safe_load_all((Path(__file__).parents[2] / "manifests/operator/deployment.yaml").read_text())
+    [deployment] = [d for d in plain if d and d["kind"] == "Deployment"]
+    [plain_env] = [
+        e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == NETWORK_POLICY_ENV
+    ]
+    default = {e["name"]: e.get("value") for e in container(render())["env"]}[NETWORK_POLICY_ENV]
+    assert json.loads(plain_env) == json.loads(default)
+    off = {
+        e["name"]: e.get("value")
+        for e in container(render(sets=["operator.networkPolicy.enabled=false"]))["env"]
+    }
+    assert not NetworkSettings.from_data(json.loads(off[NETWORK_POLICY_ENV])).enabled

@@ -207,7 +207,7 @@ def test_namespaced_install_reaches_only_the_watched_namespaces(
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_example_llmrun_is_valid_for_the_crd(kube: KubeEnv, kube_namespace: str, example: Path) -> None:
-    kube.kubectl("create", "--dry-run=server", "-n", kube_namespace, "-f", str(example))
+    kube.accepts(kube_namespace, example)
 
 
 def test_crd_refuses_an_example_broken_on_purpose(kube: KubeEnv, kube_namespace: str) -> None:

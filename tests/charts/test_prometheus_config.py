@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
-from nanorun.operator.plan import stage_plan
-from nanorun.operator.rayservice import rayservice_for_run
+from nanorun.operator.children.pytorchjob import pytorchjob_for_stage
+from nanorun.operator.children.rayservice import rayservice_for_run
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.run_ref import RunRef
 
 from tests.charts.conftest import MONITORING_API, REPO, Render
 from tests.fixtures.prometheus import (

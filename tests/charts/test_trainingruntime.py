@@ -5,10 +5,10 @@ a real Trainer v2 controller."""
 
 from __future__ import annotations
 
-from nanorun.operator import trainjob
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import RunRef
-from nanorun.operator.plan import stage_plan
+from nanorun.operator.children import trainjob
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.run_ref import RunRef
 
 from tests.charts.conftest import Render, find, only
 

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from nanorun.cli import run as local
 from nanorun.operator.api import GROUP, VERSION, parse_spec
-from nanorun.operator.plan import config_ids, stage_plan
+from nanorun.operator.reconcile.plan import config_ids, stage_plan
 from nanorun.pipeline import storage
-from nanorun.pipeline.progress import Progress, read_done, read_progress, write_done
+from nanorun.pipeline.progress import Done, Progress, read_done, read_progress, write_done
 from nanorun.trainer.training import checkpoint
 
 STAGE_KEYS = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
@@ -137,7 +137,7 @@ def test_dry_run_prints_each_planned_stage_command_and_runs_nothing(tmp_path, ca
     plan = stage_plan(spec)
     run_dir = str(tmp_path / "run")
     assert lines == [" ".join(local.stage_command(s, run_dir, 2 if s.distributed else 1, None)) for s in plan]
-    assert [line.split(" -m ")[-1].split()[0] for line in lines] == [s.module for s in plan]
+    assert [line.split(" -m ")[-1].split()[0] for line in lines] == [s.entry_point for s in plan]
     assert "torch.distributed.run --standalone --nproc-per-node=2 -m nanorun.trainer.base_train" in lines[1]
     assert "torch.distributed.run" not in lines[0] and "torch.distributed.run" not in lines[-1]
     assert "--vocab-size 512" in lines[0] and "--num-iterations 30" in lines[1]
@@ -302,6 +302,7 @@ def test_cpu_stages_get_the_idle_cpus_as_threads_unless_the_user_chose(tmp_path,
         env = executor.env()
         assert env["OMP_NUM_THREADS"] == "4"
         assert env["NANORUN_RUN"] == "local" and env["AWS_ENDPOINT_URL"] == "http://s3.example:9000"
+        assert (env["NANORUN_HEARTBEAT_SECONDS"], env["NANORUN_COLLECTIVE_TIMEOUT_SECONDS"]) == ("15", "1800")
         monkeypatch.setattr(local, "idle_cpus", lambda: 1.2)  # a busy one: the idle cores
         assert executor.env()["OMP_NUM_THREADS"] == "1"
         monkeypatch.setattr(local, "idle_cpus", lambda: 0.1)  # fully busy: still one
@@ -427,3 +428,37 @@ def test_serve_after_a_finished_run_skips_every_stage_and_chats_at_the_printed_u
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+def test_the_export_stage_writes_the_final_model_into_the_runs_s3_storage_and_the_report_links_it(
+    tmp_path, capsys, s3_run_dir, tiny_chat_run
+):
+    import torch
+    import transformers
+
+    # A run whose sft stage has finished: tiny_chat_run's tokenizer and committed checkpoint, on S3.
+    for path in storage.walk_local(tiny_chat_run):
+        storage.upload_from(path, storage.join(s3_run_dir, path.relative_to(tiny_chat_run).as_posix()))
+    sft = checkpoint.latest_checkpoint(storage.join(s3_run_dir, "sft"))
+    write_done(s3_run_dir, Done(stage="sft", seconds=1.0, outputs={"checkpoint": sft}))
+    path = llmrun_file(
+        tmp_path / "run.yaml", enabled=("report",), stages={"export": {"enabled": True, "dtype": "float32"}}
+    )
+    logs = tmp_path / "logs"
+    rc, out, _ = run_local(capsys, str(path), "--run-dir", s3_run_dir, "--log-dir", str(logs))
+    assert rc == 0, out + (logs / "export.log").read_text()
+
+    done = read_done(s3_run_dir, "export")
+    folder = storage.join(s3_run_dir, "export", "model")
+    assert done.outputs == {"model": folder, "checkpoint": sft}
+    assert done.metrics == {"source": "sft", "dtype": "float32"}
+    assert f"[{folder}]({folder})" in storage.read_text(storage.join(s3_run_dir, "report", "report.md"))
+    local = tmp_path / "hf"
+    for name in storage.file_sizes(folder):
+        storage.download_to(storage.join(folder, name), local / name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(local, trust_remote_code=True)
+    model, _ = checkpoint.load_model(sft, "cpu")
+    ids = torch.arange(100, 160).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=0, atol=1e-5)

@@ -5,29 +5,91 @@ path through Kubernetes, not the model.
 
     python -m tests.e2e.pipeline /tmp/e2e.yaml [RUN_DIR]   # write it as a file for `nanorun run`
 
-Its chat service takes the API key `API_KEY` from the Secret `keys_secret(name)` makes.
+Its chat service takes the API key `API_KEY` from the Secret `keys_secret(name)` makes;
+`delete_pod_reading_its_log` preempts a training pod and returns what it printed to the end.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
-from nanorun.operator.api import API_VERSION, KIND
+from nanorun.operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
-from tests.fixtures.kube import api_keys_secret
+from tests.fixtures.kube import KubeEnv, api_keys_secret
 from tests.images.containers import image_ref
 from tests.kube.cluster import GPU_LABELS, GPU_TOLERATIONS
 
-PRETRAIN_STEPS = 100  # long enough that the preemption lands mid-run even on an idle machine
+PRETRAIN_STEPS = 60  # long enough that the preemption lands mid-run even on an idle machine
 SAVE_EVERY = 10
 API_KEY = "sk-nanorun-e2e-" + "3" * 32
+
+
+def record(name: str, result: dict[str, Any]) -> None:
+    """Print an end-to-end test's timings as one line, `<name> {json}`, and keep that line in
+    `<test logs>/<name>.json` (NANORUN_TEST_LOGS, default .artifacts/test-logs), where a run of
+    `make test`, whose output pytest captures, leaves it for docs/benchmarks.md."""
+    line = json.dumps(result)
+    print(f"\n{name} {line}")
+    logs = Path(
+        os.environ.get("NANORUN_TEST_LOGS", Path(__file__).resolve().parents[2] / ".artifacts" / "test-logs")
+    )
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{name}.json").write_text(line + "\n")
+
+
+def llmrun_reader(kube: KubeEnv, namespace: str, name: str) -> Callable[[], dict[str, Any]]:
+    """A function that reads the LLMRun (an empty dict while there is none). The tests poll it every
+    second or faster for many minutes: one request through the API client costs milliseconds of CPU,
+    a kubectl process a tenth of a second."""
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(kube.api_client())
+
+    def read() -> dict[str, Any]:
+        try:
+            return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except client.ApiException as err:
+            if err.status == 404:
+                return {}
+            raise
+
+    return read
 
 
 def keys_secret(name: str) -> dict[str, Any]:
     """The Secret with the chat API's key that the run `name` names in serving.apiKeysSecret."""
     return api_keys_secret(f"{name}-chat-keys", API_KEY)
+
+
+def delete_pod_reading_its_log(kube: KubeEnv, namespace: str, pod: str, container: str) -> str:
+    """Delete `pod` (a preemption) while following its container's log: the log from its start to the
+    container's end, what it printed on SIGTERM included. The follow has printed its first bytes, so
+    it is attached, before the pod is deleted."""
+    follow = subprocess.Popen(
+        [str(Path(kube.bin_dir) / "kubectl"), "logs", "-f", pod, "-n", namespace, "-c", container],
+        env=kube.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        attached, _, _ = select.select([follow.stdout], [], [], 60)
+        assert attached, f"`kubectl logs -f {pod}` printed nothing in 60 s"
+        first = os.read(follow.stdout.fileno(), 1 << 16).decode(errors="replace")
+        kube.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")
+        return first + follow.communicate(timeout=180)[0]
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
 
 
 def e2e_llmrun(name: str, run_dir: str, nodes: int = 1, **storage: Any) -> dict[str, Any]:

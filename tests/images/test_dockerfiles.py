@@ -195,6 +195,7 @@ def test_final_stage_runs_as_a_non_root_user(image: tuple[str, Dockerfile]) -> N
 def test_every_copied_file_exists_and_reaches_the_build_context(dockerfile: Dockerfile) -> None:
     patterns = dockerignore_patterns()
     earlier: set[str] = set()
+    checked = {"from": 0, "context": 0}
     for stage in dockerfile.stages:
         for instruction, args in stage.instructions:
             if instruction not in ("COPY", "ADD"):
@@ -203,8 +204,10 @@ def test_every_copied_file_exists_and_reaches_the_build_context(dockerfile: Dock
             sources, flags = copy_sources(args)
             if "from" in flags:
                 assert flags["from"] in earlier, f"COPY --from={flags['from']} names no earlier stage"
+                checked["from"] += 1
                 continue
             for source in sources:
+                checked["context"] += 1
                 matches = (
                     list(REPO.glob(source.rstrip("/")))
                     if any(c in source for c in "*?[")
@@ -213,9 +216,13 @@ def test_every_copied_file_exists_and_reaches_the_build_context(dockerfile: Dock
                 assert matches and all(m.exists() for m in matches), f"COPY source {source} missing"
                 assert not ignored(source, patterns), f"COPY source {source} is in .dockerignore"
         earlier.add(stage.alias or "")
+    assert checked["from"] and checked["context"], checked  # the parse found both kinds of COPY
 
 
 def test_no_secrets_are_baked_into_the_images(dockerfile: Dockerfile) -> None:
+    for key, value in dockerfile.args.items():  # the ARGs before the first FROM
+        assert not (SECRET_WORDS.search(key) and value.strip('"')), f"ARG {key} has a value"
+    variables, copies = list(dockerfile.args), 0
     for stage in dockerfile.stages:
         for instruction, args in stage.instructions:
             if instruction in ("ENV", "ARG"):
@@ -223,20 +230,27 @@ def test_no_secrets_are_baked_into_the_images(dockerfile: Dockerfile) -> None:
                     assert not (SECRET_WORDS.search(key) and value.strip('"')), (
                         f"{instruction} {key} has a value"
                     )
+                    variables.append(key)
             if instruction == "COPY":
                 sources, _ = copy_sources(args)
                 assert not [s for s in sources if re.search(r"\.env$|\.pem$|\.key$|kubeconfig", s)], args
+                copies += 1
+    assert {"BASE_IMAGE", "PATH", "HOME"} <= set(variables) and copies, (variables, copies)  # all were read
 
 
 def test_layers_leave_no_package_caches(dockerfile: Dockerfile) -> None:
+    pips = apts = 0
     for stage in dockerfile.stages:
         for run in stage.args_of("RUN"):
             for command in re.findall(r"pip (?:install|wheel)[^&]*", run):
                 assert "--no-cache-dir" in command, f"pip keeps its cache: {run}"
+                pips += 1
             if "apt-get install" in run:
                 assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists" in run, (
                     f"apt leaves its lists or recommends behind: {run}"
                 )
+                apts += 1
+    assert pips and apts, (pips, apts)  # the RUN lines were read
 
 
 def test_image_command_is_a_nanorun_entry_point(image: tuple[str, Dockerfile]) -> None:

@@ -5,7 +5,7 @@ stages run on CPU, through the same torch.compile path (inductor with the image'
 - each image holds exactly the lock's packages for its extra (the versions the tests run) and
   runs as its own non-root user;
 - the trainer image trains the tokenizer and a compiled model as UID 10001, into a run directory on
-  S3;
+  S3, and exports it there as a Hugging Face folder (the export stage: transformers is in the image);
 - the serving image starts Ray the way KubeRay starts it (`bash -lc`, `ulimit -n 65536`), passes
   KubeRay's generated wget probes, and serves chat through the OpenAI client.
 
@@ -28,6 +28,7 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.fixtures.chat_model import greedy_reply
 from tests.fixtures.s3 import free_port
 from tests.fixtures.tiny_run import TINY_TRAIN_FLAGS, tiny_data
 from tests.images.containers import REPO, Container, exec_in, image_config, logs, remove
@@ -89,7 +90,8 @@ def test_trainer_image_trains_a_compiled_model_as_its_user_into_s3(
     images, s3_run_dir, tmp_path: Path
 ) -> None:
     """The tokenizer and pretraining stages as the operator runs them, in the image, as UID 10001,
-    with torch.compile on: inductor must find the image's C++ compiler and Python headers."""
+    with torch.compile on: inductor must find the image's C++ compiler and Python headers. Then the
+    export stage, which needs the image's transformers."""
     from nanorun.pipeline.storage import read_json
 
     data = tiny_data(tmp_path)
@@ -124,6 +126,19 @@ def test_trainer_image_trains_a_compiled_model_as_its_user_into_s3(
     done = read_json(f"{s3_run_dir}/pretrain/done.json")
     assert done["metrics"]["steps"] == 4 and done["metrics"]["compile_seconds"] > 0, done
     assert done["outputs"]["checkpoint"].startswith(s3_run_dir), done
+    export = Container(
+        images["trainer"],
+        ["python", "-m", "nanorun.trainer.export", "--run-dir", s3_run_dir],
+        network="host",
+        env=env,
+    ).run(timeout=600)
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    exported = read_json(f"{s3_run_dir}/export/done.json")
+    assert exported["outputs"] == {
+        "model": f"{s3_run_dir}/export/model",
+        "checkpoint": done["outputs"]["checkpoint"],
+    }
+    assert read_json(f"{s3_run_dir}/export/model/config.json")["architectures"] == ["NanorunForCausalLM"]
 
 
 def kuberay_probe(container: str, port: int, path: str) -> bool:
@@ -139,7 +154,7 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
     `bash -c` with KubeRay's `ulimit -n 65536` first, /dev/shm for the object store, the Serve
     config PUT to the dashboard's REST API, and KubeRay's wget probes."""
     from nanorun.operator.api import LLMRunSpec
-    from nanorun.operator.rayservice import SERVE_PORT, serve_config
+    from nanorun.operator.children.rayservice import SERVE_PORT, serve_config
     from nanorun.serving import SERVE_API_KEYS_DIR, SERVE_APP_NAME, SERVE_REPLICA_RESOURCE
     from openai import AuthenticationError, OpenAI
 
@@ -205,10 +220,11 @@ def test_serving_image_starts_ray_as_kuberay_does_and_serves_chat(
             time.sleep(1)
 
         client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=key, timeout=60)
-        reply = client.chat.completions.create(
-            model="nanorun", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8
-        )
-        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+        hi = [{"role": "user", "content": "Hi!"}]
+        reply = client.chat.completions.create(model="nanorun", messages=hi, max_tokens=8, temperature=0)
+        _, generated, text = greedy_reply(tiny_chat_run, hi, max_tokens=8)
+        assert reply.choices[0].message.content == text and text, reply
+        assert reply.usage.completion_tokens == len(generated)
         stranger = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="x" * 32, max_retries=0)
         with pytest.raises(AuthenticationError):
             stranger.models.list()

@@ -32,6 +32,7 @@ BINARIES = (
     "kueue",
     "trainer-controller-manager",
     "jobset",
+    "kube-network-policies",
     "kubelet",
     "containerd",
     "containerd-shim-runc-v2",

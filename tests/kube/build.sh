@@ -3,6 +3,8 @@
 #   bin/kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet, etcd,
 #       hollow-node      (this Go module: k8s.io/kubernetes and etcd pinned in go.mod; hollow-node is
 #                         a kubemark hollow kubelet, tests/kube/cmd/hollow-node)
+#   bin/kube-network-policies
+#                        (SIG Network's NetworkPolicy implementation, from its module)
 #   bin/containerd, containerd-shim-runc-v2, ctr, registry
 #                        (containerd v2 and the distribution registry modules, for the kubelet node)
 #   bin/pause            (the pod sandbox's process: Kubernetes' build/pause/linux/pause.c from the
@@ -90,6 +92,11 @@ step "building JobSet $JOBSET_VERSION"
 # also asks the proxy for the module's version list, which the proxy refuses for this module.
 jobset_dir="$(module_dir "$JOBSET_MODULE" "$JOBSET_VERSION")"
 (cd "$jobset_dir" && go build -trimpath -ldflags="-s -w" -o "$tmp/bin/jobset" .)
+
+step "building kube-network-policies $KUBE_NETWORK_POLICIES_VERSION"
+# Its main package is the module's cmd/ folder: built inside the module to name the binary.
+(cd "$(module_dir "$KUBE_NETWORK_POLICIES_MODULE" "$KUBE_NETWORK_POLICIES_VERSION")" && go build -trimpath \
+  -ldflags="-s -w" -o "$tmp/bin/kube-network-policies" ./cmd)
 
 step "building containerd $CONTAINERD_VERSION (containerd, containerd-shim-runc-v2, ctr)"
 # Without the btrfs, devmapper and zfs snapshotters (cgo or unused here); overlayfs is the one used.

@@ -78,7 +78,15 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 60.0
 # Components in start order; stop goes the other way.
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy")
+ORDER = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "kube-network-policies",
+)
+NETWORK_POLICY_QUEUE = 100  # the NFQUEUE kube-network-policies reads the first packets from
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,11 @@ DEFAULT_NODES: tuple[NodeSpec, ...] = ()
 # and serving pods select those labels and tolerate the taint: only that node pulls the trainer and
 # serving images, and its two CPUs are theirs.
 GPUS = "8"
+# The GPU node unpacks the trainer and serving images (7.4 GB together: they share torch's layers)
+# with their compressed layers beside them while it pulls. With less free disk than this a run fails
+# far into a test (etcd stops on a full disk), so the cluster refuses to start instead.
+IMAGES_DISK_GB = 12
+NODE_MONITOR_GRACE_S = 24  # kube-controller-manager --node-monitor-grace-period
 GPU_LABELS = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": GPUS}
 GPU_TAINT = "nvidia.com/gpu=present:NoSchedule"
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -177,6 +190,12 @@ class Cluster:
         cluster DNS answers. A free port can be taken by another process before the server binds
         it, so a failed API server start is retried on new ports."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        free_gb = shutil.disk_usage(self.workdir).free / 2**30
+        if self.local_images and free_gb < IMAGES_DISK_GB:
+            raise ControlPlaneError(
+                f"the test cluster's nodes need about {IMAGES_DISK_GB} GB free under {self.workdir} "
+                f"for the images they pull and unpack; {free_gb:.1f} GB is free"
+            )
         began = time.monotonic()
 
         def done(phase: str) -> None:
@@ -224,6 +243,7 @@ class Cluster:
                 # After the nodes: kube-proxy takes its node's IP from the Node object (and exits
                 # when that changes under it).
                 self._start_kube_proxy()
+                self._start_network_policies()
                 self._record_owner()
                 start_addons(self)
                 done("addons_ready")
@@ -331,6 +351,10 @@ class Cluster:
                 "--profiling=false",
                 # The kubelet reports how pods end; without nodes (no pod network) nothing would.
                 "--terminated-pod-gc-threshold=500",
+                # A node silent this long is unreachable (default 50 s). The kubelets renew their
+                # Lease every 5 s and the hollow nodes post their status every 10 s, so a loaded
+                # machine still has room; a lost node's pods are evicted half a minute sooner.
+                f"--node-monitor-grace-period={NODE_MONITOR_GRACE_S}s",
             ],
             self.workdir / "kube-controller-manager.log",
             detach=self.detach,
@@ -379,6 +403,104 @@ class Cluster:
             cgroup=self.network.cgroup,
         )
 
+    def _start_network_policies(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """kube-network-policies, enforcing NetworkPolicies on the pods' traffic: the first packet
+        of each connection to a pod goes to an NFQUEUE, where the process decides from the
+        policies, pods and namespaces it watches, and accepts or drops it. It runs once, for the
+        GPU node (`--hostname-override`), where the training and serving pods run: the kubelet
+        nodes share the cluster namespace.
+
+        Upstream sends the packets to its queue with nftables' `queue` expression, which this
+        machine's kernel lacks (CONFIG_NFT_QUEUE is not set: its nftables batch fails with
+        "netlink receive: no such file or directory", and it keeps logging so); the kernel has
+        the xtables NFQUEUE target, so an iptables rule in the cluster namespace sends the same
+        packets instead: new connections to the GPU node's pod range, before source NAT and after
+        kube-proxy's DNAT, except those of root's own sockets (the kubelets' probes), which
+        upstream lets through too. Without a listener the queue drops them (upstream's default,
+        no `--fail-open`).
+
+        It reads the API only through the in-cluster configuration (a ServiceAccount token and
+        the CA at /var/run/secrets/kubernetes.io/serviceaccount, the API server in
+        KUBERNETES_SERVICE_HOST/PORT): `ip netns exec` gives it a mount namespace of its own, where
+        a tmpfs on /run holds them."""
+        self._kubectl("apply", "-f", str(HERE / "addons/network-policies.yaml"))
+        token = self._kubectl(
+            "create", "token", "kube-network-policies", "-n", "kube-system", "--duration=24h"
+        ).stdout.strip()
+        secrets = self.workdir / "kube-network-policies"
+        secrets.mkdir(exist_ok=True)
+        (secrets / "token").write_text(token)
+        (secrets / "token").chmod(0o600)
+        shutil.copy(self.pki / "ca.crt", secrets / "ca.crt")
+        folder = "/run/secrets/kubernetes.io/serviceaccount"
+        script = (
+            "set -e; mount -t tmpfs -o size=1m,mode=0755 kube-network-policies /run; "
+            f'mkdir -p {folder}; cp "$1/token" "$1/ca.crt" {folder}/; shift; exec "$@"'
+        )
+        host, port = self.server.removeprefix("https://").rsplit(":", 1)
+        self.processes["kube-network-policies"] = _spawn(
+            [
+                *self.network.exec_argv(),
+                "sh",
+                "-c",
+                script,
+                "sh",
+                str(secrets),
+                str(self.bin_dir / "kube-network-policies"),
+                f"--hostname-override={self.gpu_node}",
+                f"--nfqueue-id={NETWORK_POLICY_QUEUE}",
+                "--disable-nri",  # pod IPs from the API (no NRI socket in this containerd)
+                # Kernels from 6.12 on have the conntrack fix that this works around.
+                "--netfilter-bug-1766-fix=false",
+                "--metrics-bind-address=127.0.0.1:0",
+                "-v=2",  # each verdict in its log
+            ],
+            self.workdir / "kube-network-policies.log",
+            detach=self.detach,
+            env={**os.environ, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
+            cgroup=self.network.cgroup,
+        )
+        # Ready once it reads its queue (the kernel lists the queue's reader in the namespace).
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            queues = _run([*self.network.exec_argv(), "cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+            if any(line.split()[:1] == [str(NETWORK_POLICY_QUEUE)] for line in queues.splitlines()):
+                self._queue_new_connections()
+                return
+            time.sleep(0.2)
+        log = self.workdir / "kube-network-policies.log"
+        raise ControlPlaneError(
+            f"kube-network-policies not reading NFQUEUE {NETWORK_POLICY_QUEUE} after {timeout_s:.0f} s; "
+            f"last lines of {log}:\n{_log_tail(log)}"
+        )
+
+    def _queue_new_connections(self) -> None:
+        """The iptables rules that send kube-network-policies its packets (see
+        `_start_network_policies`)."""
+        gpu = next(node for node in self.kubelets if node.name == self.gpu_node)
+        chain = "NANORUN-NETWORK-POLICIES"
+        for rule in (
+            ["-N", chain],
+            ["-A", chain, "-m", "owner", "--uid-owner", "0", "-j", "RETURN"],
+            [
+                "-A",
+                chain,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                str(NETWORK_POLICY_QUEUE),
+            ],
+            ["-A", "POSTROUTING", "-d", gpu.pod_cidr, "-j", chain],
+        ):
+            out = _run([*self.network.exec_argv(), "iptables", "-t", "mangle", *rule])
+            if out.returncode != 0:
+                raise ControlPlaneError(f"`iptables -t mangle {' '.join(rule)}` failed: {out.stderr.strip()}")
+
     def _start_node(self, node: NodeSpec) -> None:
         """A hollow node (tests/kube/hollow.py): placement only, its pods never run. With the pod
         network it runs on this machine's end of the cluster's link, in the cluster's cgroup."""
@@ -419,9 +541,10 @@ class Cluster:
         `local_images` pushed."""
         self.registry = Registry(self.workdir / "registry", self.network, self.bin_dir, detach=self.detach)
         self.registry.start()
-        push_cluster_images(self.registry, self.bin_dir, extra=(COREDNS_IMAGE,))
-        for ref in self.local_images:
-            self.registry.push_local(ref)
+        with self.registry.pushing():
+            push_cluster_images(self.registry, self.bin_dir, extra=(COREDNS_IMAGE,))
+            for ref in self.local_images:
+                self.registry.push_local(ref)
 
     def _start_kubelet_nodes(self) -> None:
         assert self.registry is not None
@@ -503,6 +626,39 @@ class Cluster:
         raise ControlPlaneError(
             f"{name} not ready after {READY_TIMEOUT_S:.0f} s at {url}; last lines of {log}:\n{_log_tail(log)}"
         )
+
+    def restart(self, name: str) -> None:
+        """Stops one control-plane process (`etcd`, `kube-apiserver`) with SIGTERM and starts it again
+        with the same flags (its ports, etcd's data), as a control-plane upgrade or a crash and restart
+        does; returns once it (and the API server) is healthy again."""
+        old = self.processes[name]
+        old.terminate()
+        wait_or_kill(old, 30)
+        self.processes[name] = _spawn(list(old.args), self.workdir / f"{name}.log", detach=self.detach)
+        if self.pods:
+            self._record_owner()
+        if name == "etcd":
+            self._wait_until(f"{self.etcd_url}/health", "etcd", context=None)
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        self._wait_until(f"{self.server}/readyz", "kube-apiserver", context=ctx)
+
+    def kubelet(self, name: str) -> KubeletNode:
+        """The kubelet node called `name`."""
+        return next(node for node in self.kubelets if node.name == name)
+
+    def stop_node(self, name: str) -> None:
+        """Stops kubelet node `name` with its containers (KubeletNode.stop), as a machine that dies:
+        its Node and pods stay in the API, and the node lifecycle controller finds it unreachable.
+        Its pulled images stay for `start_node`, as on a machine that reboots."""
+        self.kubelet(name).stop(keep_images=True)
+
+    def start_node(self, name: str) -> None:
+        """Starts a stopped kubelet node again and waits until it is Ready, with its extended
+        resources advertised again (a kubelet that registers zeroes those no device plugin gives)."""
+        self.kubelet(name).start()
+        self.wait_nodes_ready()
+        self._advertise_node_resources()
 
     def _stop_processes(self) -> None:
         """Nodes first (each stops its pods: SIGTERM, then SIGKILL), then the rest in reverse start

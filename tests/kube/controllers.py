@@ -16,6 +16,11 @@ are Ready, each running as pods of the cluster and waited for until its Deployme
   RayService integrations (`KUEUE_FRAMEWORKS`) and their admission webhooks (no ClusterQueue: a
   test makes its own).
 
+Each controller runs one replica with leader election off (`NO_LEADER_ELECTION`): a controller that
+elects itself renews a Lease every two seconds and exits when it cannot for ten, so every restart of
+the API server or etcd (tests/operator/test_liveness_kube.py) would also restart it, and with it its
+admission webhooks, which every PyTorchJob creation then waits for.
+
 The install manifests come from tests/kube/build.sh, beside the binaries. `install_crds` applies
 CRDs (the repository's and the upstream ones: `crd_files` in tests/kube/cluster.py) and waits until
 they are Established.
@@ -46,6 +51,20 @@ KUEUE_FRAMEWORKS = ("kubeflow.org/pytorchjob", "ray.io/raycluster", "ray.io/rays
 KUEUE_TRAINJOB = "trainer.kubeflow.org/trainjob"  # on too where Trainer v2 runs (`trainer=True`)
 
 
+# The controller-runtime configuration (Kueue, JobSet, Trainer) of a single replica.
+NO_LEADER_ELECTION = {"leaderElect": False}
+KUBERAY_NO_LEADER_ELECTION = "--enable-leader-election=false"  # ray-operator/main.go, default true
+
+
+def _configure(configmap: dict[str, Any], changes: dict[str, Any]) -> None:
+    """A controller-runtime manager's ConfigMap (its `controller_manager_config.yaml`) with the
+    top-level `changes` and leader election off."""
+    config = yaml.safe_load(configmap["data"]["controller_manager_config.yaml"])
+    config.update(changes)
+    config["leaderElection"] = {**config.get("leaderElection", {}), **NO_LEADER_ELECTION}
+    configmap["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
+
+
 def _kueue_webhook_enabled(webhook: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> bool:
     """Whether a webhook of Kueue's manifest serves Kueue's own API or an enabled integration (its
     path names the group and kind: /mutate-kubeflow-org-v1-pytorchjob)."""
@@ -63,9 +82,7 @@ def _kueue_doc(doc: dict[str, Any], frameworks: tuple[str, ...] = KUEUE_FRAMEWOR
     """One object of Kueue's manifest, with the integrations `frameworks`."""
     kind = doc.get("kind")
     if kind == "ConfigMap" and doc["metadata"]["name"] == "kueue-manager-config":
-        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
-        config["integrations"] = {"frameworks": list(frameworks)}
-        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
+        _configure(doc, {"integrations": {"frameworks": list(frameworks)}})
     elif kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
         doc["webhooks"] = [w for w in doc.get("webhooks") or [] if _kueue_webhook_enabled(w, frameworks)]
     return doc
@@ -77,15 +94,34 @@ TRAINER_FEATURE_GATES = {"TrainJobStatus": True}
 
 
 def _trainer_doc(doc: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One object of Trainer v2's (or JobSet's) manifest, with `TRAINER_FEATURE_GATES` on."""
-    if doc and doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "kubeflow-trainer-config":
-        config = yaml.safe_load(doc["data"]["controller_manager_config.yaml"])
-        config["featureGates"] = {**config.get("featureGates", {}), **TRAINER_FEATURE_GATES}
-        doc["data"]["controller_manager_config.yaml"] = yaml.safe_dump(config)
+    """One object of Trainer v2's (or JobSet's) manifest, with `TRAINER_FEATURE_GATES` on and
+    leader election off."""
+    if not (doc and doc.get("kind") == "ConfigMap"):
+        return doc
+    if doc["metadata"]["name"] == "kubeflow-trainer-config":
+        gates = yaml.safe_load(doc["data"]["controller_manager_config.yaml"]).get("featureGates", {})
+        _configure(doc, {"featureGates": {**gates, **TRAINER_FEATURE_GATES}})
+    elif doc["metadata"]["name"] == "jobset-manager-config":
+        _configure(doc, {})
     return doc
 
 
+def _kuberay_docs(docs: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+    """KubeRay's manifest with its operator's leader election off."""
+    for doc in docs:
+        if doc and doc.get("kind") == "Deployment" and doc["metadata"]["name"] == "kuberay-operator":
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            container["args"] = [*container.get("args", []), KUBERAY_NO_LEADER_ELECTION]
+    return docs
+
+
 Deployment = tuple[str, str]  # namespace, name
+
+
+def manifest_docs(path: Path) -> list[dict[str, Any]]:
+    """The objects of an install manifest, parsed by libyaml: PyYAML's own parser takes most of a
+    minute over the controllers' manifests (12 MB, mostly CRD schemas)."""
+    return [doc for doc in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader) if doc]
 
 
 def start_addons(cluster: Cluster, timeout_s: float = 120.0) -> None:
@@ -158,9 +194,9 @@ def start_training_controllers(cluster: Cluster) -> list[Deployment]:
     and the training-operator's validating webhook), running as pods of the cluster and watching
     every namespace; the training-operator's init container template is PYTORCH_INIT_CONTAINER."""
     manifests = cluster.bin_dir.parent / "manifests"
-    training = list(yaml.safe_load_all((manifests / "training-operator.yaml").read_text()))
+    training = manifest_docs(manifests / "training-operator.yaml")
     apply(cluster, _training_operator_docs(training))
-    apply(cluster, list(yaml.safe_load_all((manifests / "kuberay-operator.yaml").read_text())))
+    apply(cluster, _kuberay_docs(manifest_docs(manifests / "kuberay-operator.yaml")))
     return [("kubeflow", "training-operator"), ("default", "kuberay-operator")]
 
 
@@ -172,9 +208,9 @@ def start_kueue(cluster: Cluster) -> list[Deployment]:
     creation from depending on Kueue being up), and the visibility API's APIServices are left
     out (this API server runs without the aggregation layer they need). Ready once its
     webhooks answer: Kueue's readiness waits for the certificates it makes and injects."""
-    manifest = yaml.safe_load_all((cluster.bin_dir.parent / "manifests" / "kueue.yaml").read_text())
+    manifest = manifest_docs(cluster.bin_dir.parent / "manifests" / "kueue.yaml")
     frameworks = KUEUE_FRAMEWORKS + ((KUEUE_TRAINJOB,) if cluster.trainer else ())
-    docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc and doc.get("kind") != "APIService"]
+    docs = [_kueue_doc(doc, frameworks) for doc in manifest if doc.get("kind") != "APIService"]
     apply(cluster, docs)
     return [("kueue-system", "kueue-controller-manager")]
 
@@ -189,7 +225,7 @@ def apply(cluster: Cluster, docs: list[dict[str, Any] | None]) -> None:
         "--field-manager=nanorun-tests",
         "-f",
         "-",
-        input=yaml.safe_dump_all([doc for doc in docs if doc]),
+        input=yaml.dump_all([doc for doc in docs if doc], Dumper=yaml.CSafeDumper),
     )
 
 
@@ -202,7 +238,7 @@ def start_trainer(cluster: Cluster) -> list[Deployment]:
     for name in ("jobset", "trainer"):
         apply(
             cluster,
-            [_trainer_doc(doc) for doc in yaml.safe_load_all((manifests / f"{name}.yaml").read_text())],
+            [_trainer_doc(doc) for doc in manifest_docs(manifests / f"{name}.yaml")],
         )
     return [
         ("jobset-system", "jobset-controller-manager"),

@@ -265,6 +265,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             raise ControlPlaneError(f"`ctr {' '.join(args)}` failed: {out.stderr.strip()}")
         return out
 
+    def signal_container(self, container_id: str, sig: str) -> None:
+        """Sends `sig` (e.g. SIGSTOP) to a container's main process from the host, as a pod's
+        `status.containerStatuses[].containerID` names it (`containerd://<id>`). From the host a
+        container's PID 1 can be stopped, which no signal from inside its PID namespace can."""
+        self.ctr("task", "kill", "--signal", sig, container_id.removeprefix("containerd://"))
+
     def _write_kubelet_config(self) -> Path:
         pki = self.pki
         config = {
@@ -314,6 +320,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "imageGCLowThresholdPercent": 99,
             "maxPods": 50,
             "nodeStatusUpdateFrequency": "2s",
+            # Renewed every quarter of it (5 s): well inside the cluster's node monitor grace period.
+            "nodeLeaseDurationSeconds": 20,
             # How soon a changed Secret or ConfigMap reaches the pods that mount it (default 1m):
             # controllers that write their webhook certificates into a mounted Secret wait for it.
             "syncFrequency": "5s",
@@ -330,9 +338,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     f"{self.name}: {name} exited with {proc.returncode}; last lines of {log}:\n{_log_tail(log)}"
                 )
 
-    def stop(self) -> None:
+    def stop(self, keep_images: bool = False) -> None:
         """Stops the kubelet, then every container and containerd, and removes its mounts, cgroups,
-        record and image store (gigabytes once it pulled the trainer image)."""
+        record and, unless `keep_images` (a node that will start again), its image store (gigabytes
+        once it pulled the trainer image)."""
         kubelet = self.processes.pop("kubelet", None)
         if kubelet is not None:
             kubelet.terminate()
@@ -341,7 +350,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for proc in self.processes.values():  # reaped (cleanup_node killed them)
             wait_or_kill(proc, 10)
         self.processes.clear()
-        shutil.rmtree(self.state / "containerd", ignore_errors=True)
+        if not keep_images:
+            shutil.rmtree(self.state / "containerd", ignore_errors=True)
         self.record.unlink(missing_ok=True)
 
 

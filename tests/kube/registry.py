@@ -10,7 +10,11 @@ nobody pushed fails to pull (`ErrImagePull`). An image `host/path:tag` is pushed
 
 Its storage is a cache folder kept between runs (`REGISTRY_CACHE`): a push uploads only the layers
 the registry does not hold yet, so after the first run a push of the 7 GB trainer image takes a
-moment. Two clusters on this machine share it; the registry's uploads are content-addressed.
+moment. Two clusters on this machine share it; the registry's uploads are content-addressed. Each
+rebuild of an image leaves its previous manifest untagged, so before serving, a registry that has the
+storage to itself runs distribution's garbage collector (`registry garbage-collect
+--delete-untagged`), which deletes those manifests and the layers only they used; pushes hold the
+storage's lock shared (`Registry.pushing`), so the collector never runs beside one.
 
 What is pushed, by `push_cluster_images` when the cluster starts:
 
@@ -49,8 +53,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from tests.kube.controllers import manifest_docs
 from tests.kube.host import ControlPlaneError, Network, _log_tail, _spawn, nsenter_argv, wait_or_kill
 
 REGISTRY_PORT = 5000
@@ -101,11 +104,12 @@ class Registry:
     bin_dir: Path
     storage: Path = REGISTRY_CACHE
     detach: bool = False
+    port: int = REGISTRY_PORT
     process: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:  # host:port, reachable from this machine and from the nodes
-        return f"{self.network.ns_ip}:{REGISTRY_PORT}"
+        return f"{self.network.ns_ip}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -122,6 +126,7 @@ class Registry:
             )
         )
         log = self.state / "registry.log"
+        self.collect_garbage(config)
         self.process = _spawn(
             [*nsenter_argv(self.network), str(self.bin_dir / "registry"), "serve", str(config)],
             log,
@@ -141,6 +146,32 @@ class Registry:
                 pass
             time.sleep(0.1)
         raise ControlPlaneError(f"registry not answering at {self.address} after {timeout_s:.0f} s")
+
+    @contextlib.contextmanager
+    def pushing(self) -> Iterator[None]:
+        """Holds the storage's lock shared meanwhile: no garbage collection runs during a push."""
+        with open(self.storage / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            yield
+
+    def collect_garbage(self, config: Path) -> None:
+        """Deletes the untagged manifests and the blobs no tagged image uses, when no other process
+        pushes to the storage (else it leaves that for a later start). A failed collection is
+        logged and changes nothing the registry serves: the collector deletes only what it has
+        marked unused."""
+        with open(self.storage / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            with open(self.state / "garbage-collect.log", "ab") as log:
+                subprocess.run(
+                    [str(self.bin_dir / "registry"), "garbage-collect", "--delete-untagged", str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
+                    check=False,
+                )
 
     def stop(self) -> None:
         if self.process is not None:
@@ -353,8 +384,8 @@ def manifest_images(manifests: Path) -> list[str]:
     """The images of the Deployments in the controllers' install manifests."""
     refs = []
     for path in sorted(manifests.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "Deployment":
+        for doc in manifest_docs(path):
+            if doc.get("kind") == "Deployment":
                 refs += [c["image"] for c in doc["spec"]["template"]["spec"]["containers"]]
     return refs
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.kube import require_pods
 from tests.kube import binaries, cluster, host
 
 
@@ -30,6 +33,15 @@ def test_missing_binaries_name_the_setup_target(monkeypatch, tmp_path):
     monkeypatch.setattr(binaries, "bin_dir", lambda: tmp_path / "bin")
     with pytest.raises(cluster.ControlPlaneError, match=r"run `make setup-kube`"):
         binaries.require_binaries()
+
+
+def test_a_cluster_without_the_disk_its_images_need_refuses_to_start(monkeypatch, tmp_path):
+    usage = shutil.disk_usage(tmp_path)._replace(free=5 * 2**30)
+    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda path: usage)
+    plane = cluster.Cluster(tmp_path / "cluster", bin_dir=tmp_path, local_images=("trainer",))
+    with pytest.raises(cluster.ControlPlaneError, match=r"need about 12 GB free .*; 5\.0 GB is free"):
+        plane.start()
+    assert not (tmp_path / "cluster" / "network-slot").exists()  # nothing was started
 
 
 def leftovers(network: cluster.Network) -> list[str]:
@@ -54,24 +66,31 @@ def leftovers(network: cluster.Network) -> list[str]:
 
 @pytest.mark.kube
 @pytest.mark.slow
-def test_up_then_down_runs_pods_and_leaves_nothing_behind(kube_pods, tmp_path):
+def test_up_then_down_runs_pods_and_leaves_nothing_behind():
     """`make kube-up` / `make kube-down`: nodes Ready and a pod runs, a second `up` says it is already
     running; down leaves no process, network namespace, link, route, iptables rule (they live in the
-    cluster's namespace), mount or cgroup."""
-    state = tmp_path / "state"
+    cluster's namespace), mount or cgroup. It needs no session cluster, so `make test` runs it beside
+    the one the cluster's tests use: the two take network slots of their own."""
+    require_pods(host.pods_unsupported())
+    # A short folder: the kubelet's sockets below it must fit a Unix socket path (108 bytes), which a
+    # test's tmp_path (pytest-NNN/<test name>/) may not leave room for.
+    state = Path(tempfile.mkdtemp(prefix="kube-up-"))
     run = [sys.executable, "-m", "tests.kube.cluster"]
     up = subprocess.run(
         [*run, "up", "--state-dir", str(state)], cwd=cluster.REPO, capture_output=True, text=True
     )
     assert up.returncode == 0, up.stderr
     network = cluster.Network(int((state / "network-slot").read_text()))
-    # The session's cluster holds a slot of its own: the two run side by side.
-    assert network != kube_pods.cluster.network
     pids = [int(f.read_text()) for f in state.glob("*.pid")]
-    assert len(pids) == 5  # etcd, apiserver, controller-manager, scheduler, kube-proxy
+    assert len(pids) == 6  # etcd, apiserver, controller-manager, scheduler, kube-proxy, kube-network-policies
     try:
         assert subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 0
-        env = {**kube_pods.env, "KUBECONFIG": str(state / "config")}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(state / "config"),
+            "PATH": f"{binaries.bin_dir()}{os.pathsep}{os.environ['PATH']}",
+            "KUBECACHEDIR": str(state / "cache"),
+        }
         kubectl = ["kubectl", "--request-timeout=20s"]
         nodes = subprocess.run(
             [*kubectl, "get", "nodes", "--no-headers"],
@@ -123,6 +142,7 @@ def test_up_then_down_runs_pods_and_leaves_nothing_behind(kube_pods, tmp_path):
     assert leftovers(network) == []
     assert not list(state.glob("*.pid"))
     assert subprocess.run([*run, "status", "--state-dir", str(state)], cwd=cluster.REPO).returncode == 1
+    shutil.rmtree(state)
 
 
 STARTER = """

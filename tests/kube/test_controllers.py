@@ -61,8 +61,9 @@ def test_nanoruns_pytorchjob_gets_the_env_torchrun_needs_on_each_node(kube_pods,
     (PET_*) and the MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK of each pod, and the node resolves the
     secretKeyRef values."""
     from nanorun.operator.api import parse_spec
-    from nanorun.operator.jobs import RENDEZVOUS_PORT, RunRef, pytorchjob_for_stage
-    from nanorun.operator.plan import stage_plan
+    from nanorun.operator.children.pytorchjob import RENDEZVOUS_PORT, pytorchjob_for_stage
+    from nanorun.operator.reconcile.plan import stage_plan
+    from nanorun.operator.run_ref import RunRef
 
     ns = kube_namespace
     kube_pods.apply(
@@ -149,9 +150,10 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
     builds them, pass a server-side dry run: the CRD schemas and the training-operator's validating
     webhook (failurePolicy Fail) accept them."""
     from nanorun.operator.api import parse_spec
-    from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
-    from nanorun.operator.plan import stage_plan
-    from nanorun.operator.rayservice import rayservice_for_run
+    from nanorun.operator.children.pytorchjob import pytorchjob_for_stage
+    from nanorun.operator.children.rayservice import rayservice_for_run
+    from nanorun.operator.reconcile.plan import stage_plan
+    from nanorun.operator.run_ref import RunRef
 
     body = yaml.safe_load(example.read_text())
     spec = parse_spec(body["spec"])
@@ -186,14 +188,19 @@ def test_every_job_nanorun_builds_passes_the_training_operators_admission(kube_p
 
 
 def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespace, tiny_chat_run):
-    """The RayService nanorun's operator builds for a finished run: KubeRay creates the RayCluster
-    (head, a worker, the in-tree autoscaler), deploys the Serve application from serveConfigV2
+    """The RayService nanorun's operator builds for a finished run, with the run's NetworkPolicies
+    (enforced by kube-network-policies): KubeRay creates the RayCluster (head, a worker, the in-tree
+    autoscaler) with Ray's token authentication, deploys the Serve application from serveConfigV2
     through the dashboard, and reports it ready; the model loads from S3 over the cluster network and
-    the `openai` client chats through the Service KubeRay made."""
+    the `openai` client chats through the Service KubeRay made, from this machine, the chat source
+    the policy allows. A pod of another namespace reaches neither Ray's ports (6379, 8265, 10001)
+    nor the chat port, and this machine not Ray's; Ray's dashboard refuses a request without the
+    token."""
     import openai
     from nanorun.operator.api import parse_spec
-    from nanorun.operator.jobs import RunRef
-    from nanorun.operator.rayservice import rayservice_for_run, rayservice_name
+    from nanorun.operator.children.network import NetworkSettings, network_policies
+    from nanorun.operator.children.rayservice import rayservice_for_run, rayservice_name
+    from nanorun.operator.run_ref import RunRef
 
     ns = kube_namespace
     endpoint = deploy_s3(kube_pods, ns)
@@ -226,8 +233,13 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     )
     run = RunRef(name="chat", namespace=ns, uid="00000000-0000-0000-0000-000000000002")
     service = rayservice_for_run(run, spec, "s3://nanorun/runs/chat/sft")
-    service["metadata"].pop("ownerReferences")
-    kube_pods.apply(ns, service)
+    # The chat from this machine (as from an ingress outside the cluster's pods); KubeRay runs in
+    # `default` (tests/kube/controllers.py).
+    here = {"ipBlock": {"cidr": f"{kube_pods.cluster.network.host_ip}/32"}}
+    settings = NetworkSettings(enabled=True, chat_from=(here,), kuberay_namespace="default")
+    for obj in (*network_policies(run, spec, settings), service):
+        obj["metadata"].pop("ownerReferences")  # the owner is not in this test
+        kube_pods.apply(ns, obj)
     name = rayservice_name(run.name)
 
     ready = wait_for(
@@ -269,3 +281,105 @@ def test_nanoruns_rayservice_serves_chat_through_kuberay(kube_pods, kube_namespa
     stranger = openai.OpenAI(base_url=f"http://{serve_ip}:8000/v1", api_key="sk-" + "0" * 32, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         stranger.models.list()
+
+    # Network: team B's pod, on the other node, against the head's ports and the chat.
+    head = kube_pods.kubectl(
+        "get", "pods", "-n", ns, "-l", "ray.io/node-type=head", "-o", "jsonpath={.items[0].status.podIP}"
+    ).stdout
+    s3_ip = kube_pods.kubectl("get", "service", "s3", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+    team_b = f"{ns[:50]}-b"
+    kube_pods.kubectl("create", "namespace", team_b)
+    kube_pods.kubectl("label", "namespace", team_b, "pod-security.kubernetes.io/enforce=restricted")
+    try:
+        kube_pods.apply(team_b, prober_pod())
+        kube_pods.kubectl("wait", "pod/prober", "-n", team_b, "--for=condition=Ready", "--timeout=120s")
+        targets = [(head, 6379), (head, 8265), (head, 10001), (head, 8000), (serve_ip, 8000), (s3_ip, 9000)]
+        verdicts = kube_pods.cluster.workdir / "kube-network-policies.log"
+        assert probe(kube_pods, team_b, targets) == {
+            (head, 6379): "closed",
+            (head, 8265): "closed",
+            (head, 10001): "closed",
+            (head, 8000): "closed",
+            (serve_ip, 8000): "closed",
+            (s3_ip, 9000): "open",  # the pod's network works: S3 is no run's pod
+        }, verdicts.read_text()[-3000:]
+    finally:
+        kube_pods.kubectl("delete", "namespace", team_b, "--wait=false", check=False)
+    # This machine may chat, not reach Ray's ports.
+    for port, reachable in ((8000, True), (8265, False), (6379, False)):
+        assert tcp_open(head, port) == reachable, port
+    # Ray's token authentication: the dashboard's Jobs API answers only with the token, which
+    # KubeRay put into the Ray containers from its Secret.
+    codes = kube_pods.kubectl(
+        "exec",
+        "-n",
+        ns,
+        head_pod(kube_pods, ns),
+        "-c",
+        "ray-head",
+        "--",
+        "python",
+        "-c",
+        DASHBOARD_WITH_AND_WITHOUT_TOKEN,
+    ).stdout.split()
+    assert codes[0] in ("401", "403") and codes[1] == "200", codes
+
+
+DASHBOARD_WITH_AND_WITHOUT_TOKEN = textwrap.dedent("""
+    import os, urllib.error, urllib.request
+    def status(headers):
+        request = urllib.request.Request("http://127.0.0.1:8265/api/jobs/", headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as err:
+            return err.code
+    bearer = "Bearer " + os.environ["RAY_AUTH_TOKEN"]
+    # KubeRay's dashboard client sends the token as x-ray-authorization
+    print(status({}), status({"Authorization": bearer, "x-ray-authorization": bearer}))
+""")
+
+
+def head_pod(kube, ns: str) -> str:
+    return (
+        "pod/"
+        + kube.kubectl(
+            "get", "pods", "-n", ns, "-l", "ray.io/node-type=head", "-o", "jsonpath={.items[0].metadata.name}"
+        ).stdout
+    )
+
+
+def prober_pod() -> dict:
+    """A busybox pod under the `restricted` profile, on a system node (it tolerates no GPU taint)."""
+    from nanorun.operator.children.security import restrict
+
+    pod = {"containers": [{"name": "probe", "image": "busybox:1.36", "command": ["sleep", "3600"]}]}
+    pod["terminationGracePeriodSeconds"] = 0
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "prober"},
+        "spec": restrict(pod, user={"runAsUser": 65534, "runAsGroup": 65534}),
+    }
+
+
+def probe(kube, namespace: str, targets: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """TCP connects from the prober pod: "open" when the connection is made (nc then waits for the
+    peer until `timeout` ends it), "closed" when it fails within nc's 3 s connect timeout (a
+    NetworkPolicy drops the SYN)."""
+    script = "; ".join(
+        f"timeout 6 nc -w 3 {ip} {port} </dev/null >/dev/null 2>&1; echo {ip} {port} $?"
+        for ip, port in targets
+    )
+    out = kube.kubectl("exec", "-n", namespace, "prober", "--", "sh", "-c", script).stdout
+    codes = {(ip, int(port)): code for ip, port, code in (line.split() for line in out.splitlines())}
+    return {target: "closed" if codes[target] == "1" else "open" for target in targets}
+
+
+def tcp_open(ip: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((ip, port), timeout=3).close()
+        return True
+    except OSError:
+        return False

@@ -2,7 +2,8 @@
 shaped like a GPU cluster (tests/fixtures/kube.py `HOLLOW_NODES`: a system node, and two nodes of 8
 H100s with InfiniBand, tainted `nvidia.com/gpu`), every pod the training-operator makes for each
 stage's PyTorchJob, and every pod KubeRay makes for the RayService, is scheduled, with no
-`FailedScheduling`.
+`FailedScheduling`. Stages whose pods are alike but for their commands and environment (`placement`:
+most of a run's stages) are placed alike, so one job of each kind is scheduled.
 
 The nodes are hollow nodes (tests/kube/hollow.py: the kubelet with a fake runtime, so the pods
 placed there are reported Running and never run; it is placement that is under test). The jobs and
@@ -63,6 +64,18 @@ def placement_only(pod_spec: dict) -> None:
     pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), TOLERATION]
 
 
+def placement(job: dict) -> str:
+    """What decides where a job's pods go: each replica's count and pod spec, of its containers
+    only their resources."""
+    shape = {}
+    for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        pod = copy.deepcopy(replica["template"]["spec"])
+        for kind in ("containers", "initContainers"):
+            pod[kind] = [c.get("resources") for c in pod.get(kind, [])]
+        shape[role] = {"replicas": replica["replicas"], "pod": pod}
+    return json.dumps(shape, sort_keys=True)
+
+
 def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
     """The LocalQueue `queue` in `ns`, on a ClusterQueue of the two GPU nodes' capacity (a flavor
     without node labels: where pods go stays the pods' own nodeSelector and tolerations)."""
@@ -97,9 +110,10 @@ def make_queue(kube: KubeEnv, ns: str, queue: str) -> None:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(kube, example: Path):
     from nanorun.operator.api import parse_spec
-    from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
-    from nanorun.operator.plan import stage_plan
-    from nanorun.operator.rayservice import rayservice_for_run
+    from nanorun.operator.children.pytorchjob import pytorchjob_for_stage
+    from nanorun.operator.children.rayservice import rayservice_for_run
+    from nanorun.operator.reconcile.plan import stage_plan
+    from nanorun.operator.run_ref import RunRef
 
     body = yaml.safe_load(example.read_text())
     ns = f"schedule-{example.stem.replace('_', '-').replace('.', '-')}"[:50]
@@ -113,8 +127,13 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(kube, example: Pa
     if spec.compute.queue:
         make_queue(kube, ns, spec.compute.queue)
     placed: dict[str, list[str]] = {}
+    by_placement: dict[str, list[str]] = {}
     for stage in stage_plan(spec):
         job = pytorchjob_for_stage(run, spec, stage, attempt=1)
+        shape = placement(job)
+        if shape in by_placement:
+            placed[stage.key] = by_placement[shape]
+            continue
         job["metadata"].pop("ownerReferences")  # no LLMRun object here
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
             placement_only(replica["template"]["spec"])
@@ -122,7 +141,7 @@ def test_every_pod_of_an_example_is_scheduled_on_a_gpu_cluster(kube, example: Pa
         kube.apply(ns, job)
         replicas = sum(r["replicas"] for r in job["spec"]["pytorchReplicaSpecs"].values())
         scheduled = all_scheduled(kube, ns, f"training.kubeflow.org/job-name={name}", replicas)
-        placed[stage.key] = sorted(p["spec"]["nodeName"] for p in scheduled)
+        placed[stage.key] = by_placement[shape] = sorted(p["spec"]["nodeName"] for p in scheduled)
         kube.kubectl("delete", "pytorchjob", name, "-n", ns, "--wait=true", "--timeout=60s")
         wait_until(
             lambda name=name: pods(kube, ns, f"training.kubeflow.org/job-name={name}"), lambda ps: ps == []

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from nanorun.pipeline.progress import read_done, read_progress
@@ -18,8 +19,10 @@ from tests.kube.cluster import HERE
 FAKE_STAGE = HERE / "images" / "fake-stage" / "fake_stage.py"
 
 
-def stage(run_dir, *flags: str, attempt: int = 1, **kw) -> subprocess.Popen:
-    env = {**os.environ, "NANORUN_ATTEMPT": str(attempt), "NANORUN_CONFIG_ID": "cfg"}
+def stage(
+    run_dir, *flags: str, attempt: int = 1, env: dict[str, str] | None = None, **kw
+) -> subprocess.Popen:
+    env = {**os.environ, "NANORUN_ATTEMPT": str(attempt), "NANORUN_CONFIG_ID": "cfg", **(env or {})}
     return subprocess.Popen(
         [
             sys.executable,
@@ -76,3 +79,49 @@ def test_sigterm_saves_progress_as_preempted_and_a_new_attempt_resumes_after_it(
         timeout=60
     )
     assert f"step {stopped.step + 1}/50" in out and "step 1/50" not in out
+
+
+def test_ranks_beat_wait_for_one_another_and_a_hung_rank_holds_them_all(tmp_path):
+    from nanorun.pipeline import liveness
+
+    flags = ("--fake-steps", "6", "--fake-step-seconds", "0.05", "--fake-compile-seconds", "0.3")
+    # Rank 1 reads its next input before step 3: a named pipe no one writes, so the read blocks.
+    held = tmp_path / "pretrain" / "inputs" / "rank-00001"
+    held.parent.mkdir(parents=True)
+    os.mkfifo(held)
+    hang = ("--fake-read-attempts", "1", "--fake-read-rank", "1", "--fake-read-at-step", "3")
+    ranks = [
+        stage(
+            tmp_path,
+            *flags,
+            *hang,
+            env={"RANK": str(r), "PET_NNODES": "2", "NANORUN_HEARTBEAT_SECONDS": "0.2"},
+        )
+        for r in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            beats = liveness.read_heartbeats(str(tmp_path), "pretrain", 1)
+            if len(beats) == 2 and beats[1].beat_at - beats[1].progressed_at > 1.0:
+                break
+            assert time.monotonic() < deadline, beats
+            time.sleep(0.1)
+        # Rank 1 lives but stopped before step 3; rank 0 took step 3 and waits for rank 1 to take it too.
+        assert [(b.rank, b.step, b.phase, b.longest_pause_seconds) for b in beats] == [
+            (0, 3, "training", 0.3),
+            (1, 2, "training", 0.3),
+        ]
+        assert (
+            read_progress(str(tmp_path), "pretrain").step == 2
+            and liveness.claimed_attempt(str(tmp_path), "pretrain") == 1
+        )
+    finally:
+        for proc in ranks:
+            proc.send_signal(signal.SIGTERM)
+        # A blocking open pairs with rank 1's open however the SIGTERM interrupts and restarts it;
+        # the read returns and rank 1 then finds the SIGTERM. A rank that never opens leaves the thread.
+        threading.Thread(target=held.write_bytes, args=(b"the next shard",), daemon=True).start()
+        for proc in ranks:
+            proc.communicate(timeout=30)
+    assert [p.returncode for p in ranks] == [143, 143]

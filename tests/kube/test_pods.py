@@ -7,10 +7,12 @@ Run: .venv/bin/pytest tests/kube/test_pods.py -q   (needs root for the pod netwo
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -493,7 +495,7 @@ time.sleep(3600)
 
 
 @pytest.mark.parametrize(
-    ("script", "grace", "code"), [(GRACEFUL, 30, 7), (STUBBORN, 3, 137)], ids=["handles", "ignores"]
+    ("script", "grace", "code"), [(GRACEFUL, 600, 7), (STUBBORN, 3, 137)], ids=["handles", "ignores"]
 )
 def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(
     kube_pods, kube_namespace, script, grace, code
@@ -523,13 +525,12 @@ def test_deleting_a_pod_sends_sigterm_then_sigkill_after_the_grace_period(
     if code == 137:
         assert elapsed >= grace  # SIGKILL only after the grace period
     if code == 7:
-        # The object goes once its containers have stopped, not a grace period later.
+        # The object goes once its containers have stopped, not a grace period (10 minutes) later.
         wait_for(
             lambda: kube_pods.kubectl("get", "pod", "victim", "-n", ns, check=False).returncode,
             lambda rc: rc != 0,
-            timeout=60,
+            timeout=120,
         )
-        assert time.monotonic() - started < grace
 
 
 def test_helm_installs_the_operator_as_a_pod_that_reconciles(kube_pods, kube_namespace):
@@ -585,3 +586,39 @@ def test_helm_installs_the_operator_as_a_pod_that_reconciles(kube_pods, kube_nam
     logs = kube_pods.kubectl("logs", f"deploy/{release}-nanorun", "-n", ns).stdout
     assert "Activity 'configure' succeeded" in logs, logs  # kopf's start-up, from inside the pod
     kube_pods.helm("uninstall", release, "-n", ns, "--wait")
+
+
+def test_a_restarted_registry_collects_the_layers_only_untagged_images_used(kube_pods, tmp_path):
+    """A rebuilt image pushed under its old tag leaves the old manifest untagged; the registry's next
+    start deletes it and the layers only it used, and keeps every tagged image whole."""
+    from tests.kube.registry import Registry, layer
+
+    registry = Registry(
+        tmp_path / "state",
+        kube_pods.cluster.network,
+        Path(kube_pods.bin_dir),
+        storage=tmp_path / "storage",
+        port=5099,
+    )
+    old, new, other = (layer({f"{name}.txt": name.encode()}) for name in ("old", "new", "other"))
+    registry.start()
+    try:
+        registry.push("nanorun/app:1", [old], {})
+        registry.push("nanorun/app:1", [new], {})
+        registry.push("nanorun/other:1", [other, old], {})
+    finally:
+        registry.stop()
+    blobs = tmp_path / "storage/docker/registry/v2/blobs"
+    count = sum(1 for _ in blobs.rglob("data"))
+    registry.start()
+    try:
+        digest = {
+            n: "sha256:" + hashlib.sha256(b).hexdigest()
+            for n, b in (("old", old), ("new", new), ("other", other))
+        }
+        for path, name in (("nanorun/app", "new"), ("nanorun/other", "other"), ("nanorun/other", "old")):
+            assert registry.has_blob(path, digest[name]), (path, name)
+        # The first app:1 manifest (untagged) and its config are gone; the `old` layer stays for other:1.
+        assert sum(1 for _ in blobs.rglob("data")) == count - 2
+    finally:
+        registry.stop()

@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION
+from nanorun.pipeline.stages import KEYS
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.kube import deploy_s3
+from tests.fixtures.kube import deploy_s3, poll_pauses
 from tests.fixtures.s3 import free_port
 from tests.images.containers import image_ref
 from tests.kube.cluster import GPU_TOLERATIONS
@@ -107,6 +109,33 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def reconciles(self) -> float:
+        """How many reconciles the operator has finished, of every run and with every result."""
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == "llmrun_reconciles_total"
+        )
+
+    def look_again(self, times: int, check: Callable[[], None] = lambda: None, timeout: float = 60) -> None:
+        """Wait until the operator has finished `times` more reconciles than it has now, calling
+        `check` (assertions) after each: to show that something does not happen, the test waits
+        for the operator to have looked, instead of for some seconds to pass."""
+        start = self.reconciles()
+        deadline = time.monotonic() + timeout
+        seen = start
+        while seen < start + times:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{seen - start:.0f} of {times} reconciles in {timeout} s:\n{self.log()}"
+                )
+            time.sleep(0.1)
+            now = self.reconciles()
+            if now > seen:
+                check()
+            seen = now
+
 
 @dataclass
 class ClusterS3:
@@ -130,10 +159,7 @@ def cluster_s3(kube_pods, kube_namespace, monkeypatch) -> ClusterS3:
     Service's ClusterIP rather than its DNS name: this machine reaches Services through the
     cluster's route but does not resolve cluster names."""
     deploy_s3(kube_pods, kube_namespace)
-    ip = kube_pods.kubectl(
-        "get", "service", "s3", "-n", kube_namespace, "-o", "jsonpath={.spec.clusterIP}"
-    ).stdout
-    s3 = ClusterS3(f"http://{ip}:9000")
+    s3 = ClusterS3(f"http://{kube_pods.service_ip(kube_namespace, 's3')}:9000")
     for key, value in {
         "AWS_ENDPOINT_URL": s3.endpoint,
         "AWS_ENDPOINT_URL_S3": s3.endpoint,
@@ -171,7 +197,6 @@ def llmrun(
 ) -> dict[str, Any]:
     """A small LLMRun manifest on the fake-stage image with only the `enabled` stages on and quick
     retries; `stage_args` gives stages extraArgs (the fake stage's flags: --fake-steps, ...)."""
-    keys = ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
     body = {
         "image": FAKE_STAGE_IMAGE,
         "storage": {"uri": run_dir},
@@ -180,7 +205,7 @@ def llmrun(
         # Either node: the GPU node's taint is tolerated, as GPU jobs (Kueue's tests) need. PyTorchJob,
         # which `auto` would not choose on a cluster that runs Trainer v2 too.
         "compute": {"gpusPerNode": 0, "tolerations": GPU_TOLERATIONS, "launcher": "PyTorchJob"},
-        "stages": {k: {"enabled": k in enabled} for k in keys},
+        "stages": {k: {"enabled": k in enabled} for k in KEYS},
         # No API keys: its pods never start here (the image is absent), so nothing is exposed.
         "serving": {"gpusPerReplica": 0, "image": ABSENT_SERVING_IMAGE, "allowUnauthenticated": True},
         "retry": {"maxAttempts": 2, "backoffSeconds": 0},
@@ -208,11 +233,12 @@ def wait_for(
     """Poll `check` until it returns something truthy; fail with the operator's log otherwise."""
     deadline = time.monotonic() + timeout
     last: Any = None
+    pauses = poll_pauses(0.2)
     while time.monotonic() < deadline:
         last = check()
         if last:
             return last
-        time.sleep(0.2)
+        time.sleep(next(pauses))
     log = operator.log() if operator else ""
     raise AssertionError(
         f"timed out waiting for {what}; last: {yaml.safe_dump(last)[:3000]}\noperator log:\n{log}"

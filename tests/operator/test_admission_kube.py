@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 from nanorun.operator.api import GROUP, PLURAL, VERSION, check_update, parse_spec
-from nanorun.operator.rules import RULES
+from nanorun.operator.api.rules import RULES
 
 from tests.operator.conftest import create_llmrun, llmrun
 

@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import yaml
-from nanorun.operator import api, crd
-from nanorun.operator.api import LLMRunSpec, SpecError, check_update, parse_spec
-from nanorun.operator.rules import RULES, Rule
+from nanorun.operator.api import LLMRunSpec, SpecError, check_update, crd, parse_spec, spec_to_dict
+from nanorun.operator.api.rules import RULES, Rule
 
 from tools import generate
 
@@ -25,9 +24,10 @@ def test_a_minimal_spec_gets_every_default():
     assert spec.model.depth == 20 and spec.model.max_seq_len == 2048
     assert spec.compute.nodes == 1 and spec.compute.gpus_per_node == 1
     assert spec.retry.max_attempts == 3 and spec.serving.enabled
-    assert all(
-        getattr(spec.stages, k).enabled for k in LLMRunSpec.model_fields["stages"].annotation.model_fields
-    )
+    enabled = {
+        k: getattr(spec.stages, k).enabled for k in LLMRunSpec.model_fields["stages"].annotation.model_fields
+    }
+    assert enabled == {**dict.fromkeys(enabled, True), "export": False}  # export only when asked for
 
 
 def test_camel_case_fields_round_trip():
@@ -38,7 +38,7 @@ def test_camel_case_fields_round_trip():
             "stages": {"baseEval": {"enabled": False}},
         }
     )
-    dumped = api.spec_to_dict(spec)
+    dumped = spec_to_dict(spec)
     assert dumped["model"]["maxSeqLen"] == 256 and dumped["model"]["windowPattern"] == "SSSL"
     assert dumped["stages"]["baseEval"]["enabled"] is False
     assert "headDim" not in dumped["model"]  # unset optional fields stay unset
@@ -80,14 +80,19 @@ def test_total_batch_size_must_divide_into_micro_steps_over_all_processes():
 
 
 def test_cpu_nodes_count_as_one_process_each():
-    parse_spec(
-        {
+    def on_three_cpu_nodes(total_batch_size: int) -> dict:
+        return {
             **MINIMAL,
             "model": {"maxSeqLen": 64},
-            "compute": {"gpusPerNode": 0},
-            "stages": {"pretrain": {"deviceBatchSize": 2, "totalBatchSize": 256}},
+            "compute": {"nodes": 3, "gpusPerNode": 0},
+            "stages": {"pretrain": {"deviceBatchSize": 2, "totalBatchSize": total_batch_size}},
         }
-    )
+
+    # a micro-step over three processes is 3 × 2 × 64 tokens
+    assert parse_spec(on_three_cpu_nodes(2 * 3 * 2 * 64)).compute.processes_per_node == 1
+    with pytest.raises(SpecError) as err:
+        parse_spec(on_three_cpu_nodes(2 * 2 * 64))  # two processes' worth
+    assert rule("stages.pretrain.totalBatchSize").message in str(err.value)
 
 
 def test_min_replicas_may_not_exceed_max_replicas():
@@ -113,7 +118,7 @@ def test_serving_needs_api_keys_or_the_explicit_opt_out(serving):
 
 
 def test_a_sweep_template_needs_no_api_keys():
-    from nanorun.operator.sweep import SWEEP_RULES
+    from nanorun.operator.sweep.api import SWEEP_RULES
 
     access = rule("serving.enabled needs exactly one of serving.apiKeysSecret")
     assert access.message not in {r.message for r in SWEEP_RULES}  # its points never serve

@@ -9,7 +9,7 @@ Run: .venv/bin/pytest tests/operator/test_kueue_kube.py -q   (needs root for the
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -109,6 +109,11 @@ def job_condition_time(api, ns: str, job: str, kind: str) -> str:
     return condition(obj, kind).get("lastTransitionTime", "")
 
 
+def cluster_queue(kube, name: str) -> dict:
+    """The ClusterQueue's status (Kueue's counts of reserving, admitted and pending Workloads)."""
+    return json.loads(kube.kubectl("get", "clusterqueue", name, "-o", "json").stdout).get("status") or {}
+
+
 def workload_of(api, ns: str, job: str) -> dict:
     items = api.list_namespaced_custom_object(WORKLOAD_GROUP, WORKLOAD_VERSION, ns, WORKLOAD_PLURAL)["items"]
     return next(
@@ -132,15 +137,20 @@ def test_two_runs_share_8_gpus_one_waits_queued_and_runs_when_the_first_finishes
     )
     create_llmrun(custom_api, ns, gpu_run("second", cluster_s3.run_dir("second"), cluster_s3, steps=3))
 
-    wait_for(
-        "the second run Queued",
-        lambda: phase(custom_api, ns, "second") == "Queued",
+    # Queued in Kueue's words once it has tried the Workload against the quota the first run holds
+    # (before that, in nanorun's: Kueue has made no Workload yet).
+    queued = wait_for(
+        "the second run Queued in Kueue's words",
+        lambda: (
+            (c := condition(get_llmrun(custom_api, ns, "second"), "Queued")).get("status") == "True"
+            and "insufficient" in c.get("message", "")
+            and c
+        ),
         TIMEOUT,
         operator_process,
     )
-    queued = condition(get_llmrun(custom_api, ns, "second"), "Queued")
-    assert queued["status"] == "True", queued
-    assert f"LocalQueue {QUEUE}" in queued["message"] and "insufficient" in queued["message"], queued
+    assert phase(custom_api, ns, "second") == "Queued"
+    assert f"LocalQueue {QUEUE}" in queued["message"], queued
     assert "nvidia.com/gpu" in queued["message"], queued
     admitted = condition(get_llmrun(custom_api, ns, "first"), "Queued")
     assert (admitted["status"], admitted["reason"]) == ("False", "Admitted") and gpu_queue in admitted[
@@ -237,14 +247,24 @@ def test_suspend_deactivates_the_workload_without_a_fight_and_resume_continues_f
     stopped = storage.read_json(progress_file)
     assert stopped["stopped"] == "preempted" and 0 < stopped["step"] < 60, stopped
     # No fight over runPolicy.suspend: it stays true while both runs are suspended, and the
-    # quota that the running run freed does not go to the suspended queued one.
-    for _ in range(6):
+    # quota that the running run freed does not go to the suspended queued one. Kueue has the freed
+    # quota once the ClusterQueue reserves none; then the operator looks at both runs again.
+    wait_for(
+        "the running run's quota freed",
+        lambda: cluster_queue(kube_pods, gpu_queue)["reservingWorkloads"] == 0,
+        TIMEOUT,
+        operator_process,
+    )
+
+    def no_fight():
         for job in ("long-pretrain-1", "waiting-pretrain-1"):
             obj = custom_api.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", job)
             assert obj["spec"]["runPolicy"]["suspend"] is True, (job, obj["spec"]["runPolicy"])
         assert phase(custom_api, ns, "waiting") == "Suspended"
-        time.sleep(0.5)
-    assert storage.read_json(progress_file)["step"] == stopped["step"]
+        assert cluster_queue(kube_pods, gpu_queue)["reservingWorkloads"] == 0
+        assert storage.read_json(progress_file)["step"] == stopped["step"]
+
+    operator_process.look_again(6, no_fight)  # three times each run
 
     # Resuming both: Kueue admits one, then the other when the quota frees; the long run goes on
     # from the step it saved, in the same job (a suspension is not an attempt).

@@ -6,9 +6,11 @@ import re
 
 import yaml
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import RunRef, job_name, pytorchjob_for_stage
-from nanorun.operator.plan import final_model_stage, stage_plan
-from nanorun.operator.rayservice import rayservice_for_run, served_checkpoints, service_url
+from nanorun.operator.children.pytorchjob import job_name, pytorchjob_for_stage
+from nanorun.operator.children.rayservice import rayservice_for_run, served_checkpoints, service_url
+from nanorun.operator.children.trainjob import trainjob_for_stage
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.run_ref import RunRef
 from nanorun.serving import SERVE_API_KEYS_DIR, SERVE_IMPORT_PATH
 
 RUN = RunRef(name="speedrun", namespace="team-a", uid="1234-uid")
@@ -38,7 +40,7 @@ def planned(spec, key):
 def test_plan_lists_enabled_stages_in_pipeline_order_with_their_modules():
     spec = spec_of(stages={"rl": {"enabled": False}})
     plan = stage_plan(spec)
-    assert [(s.key, s.entry) for s in plan] == [
+    assert [(s.key, s.module) for s in plan] == [
         ("tokenizer", "tok_train"),
         ("pretrain", "base_train"),
         ("baseEval", "base_eval"),
@@ -48,7 +50,6 @@ def test_plan_lists_enabled_stages_in_pipeline_order_with_their_modules():
         ("report", "report"),
     ]
     assert [s.key for s in plan if not s.distributed] == ["tokenizer", "report"]
-    assert final_model_stage(spec) == "sft"
 
 
 def test_plan_maps_spec_fields_to_nanochat_flags():
@@ -156,7 +157,7 @@ def test_pytorchjob_has_master_workers_gpus_and_the_stage_command():
         env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000" and env["NANORUN_RUN"]["value"] == "speedrun"
     )
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "training"
-    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}] and pod["affinity"] == {
+    assert pod["tolerations"][0] == {"key": "gpu", "operator": "Exists"} and pod["affinity"] == {
         "nodeAffinity": {}
     }
     assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
@@ -199,7 +200,16 @@ def test_no_credentials_secret_means_no_secret_env():
         "NANORUN_STAGE",
         "NANORUN_ATTEMPT",
         "NANORUN_CONFIG_ID",
+        "NANORUN_HEARTBEAT_SECONDS",
+        "NANORUN_COLLECTIVE_TIMEOUT_SECONDS",
+        "NANORUN_STALL_TIMEOUT_SECONDS",
     ]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    # No stallTimeoutSeconds: ranks dump their stacks within the shortest stall the operator calls.
+    assert (env["NANORUN_STALL_TIMEOUT_SECONDS"], env["NANORUN_COLLECTIVE_TIMEOUT_SECONDS"]) == (
+        "600",
+        "1800",
+    )
 
 
 def test_rayservice_serves_the_checkpoint_through_user_config():
@@ -387,7 +397,7 @@ def test_every_pod_nanorun_creates_runs_under_the_restricted_pod_security_profil
 
 
 def test_the_cleanup_job_deletes_with_the_runs_own_credentials_in_its_namespace():
-    from nanorun.operator.cleanup import cleanup_job
+    from nanorun.operator.children.cleanup import cleanup_job
 
     spec = spec_of(storage={"uri": "s3://bucket/runs/speedrun", "credentialsSecret": "team-creds"})
     job = cleanup_job(RUN, spec)
@@ -400,3 +410,49 @@ def test_the_cleanup_job_deletes_with_the_runs_own_credentials_in_its_namespace(
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
     assert secrets == {"team-creds"}  # the run's, not the operator's
     assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_stage_pods_leave_a_lost_node_soon_and_beat_as_the_spec_says():
+    """A node that stops reporting gets NoExecute taints; the stage's pods tolerate them only
+    compute.nodeLostTolerationSeconds (Kubernetes would give 300 s), unless compute.tolerations has
+    its own for a key. The pods learn how often to beat and how long a collective may block."""
+    spec = parse_spec(
+        {
+            "storage": {"uri": "s3://b/r"},
+            "compute": {
+                "nodeLostTolerationSeconds": 20,
+                "tolerations": [
+                    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "tolerationSeconds": 900}
+                ],
+            },
+            "retry": {"stallTimeoutSeconds": 1200, "heartbeatSeconds": 5},
+            "serving": KEYS,
+        }
+    )
+    for job in (
+        pytorchjob_for_stage(RUN, spec, planned(spec, "pretrain"), attempt=1),
+        trainjob_for_stage(RUN, spec, planned(spec, "pretrain"), attempt=1),
+    ):
+        patch = job["spec"].get("runtimePatches", [{}])[0].get("trainingRuntimeSpec", {})
+        pod = (
+            job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+            if job["kind"] == "PyTorchJob"
+            else patch["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        )
+        assert pod["tolerations"] == [
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "tolerationSeconds": 900},
+            {
+                "key": "node.kubernetes.io/not-ready",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 20,
+            },
+        ]
+        container = (
+            job["spec"]["trainer"]
+            if job["kind"] == "TrainJob"
+            else job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        )
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        # The collective outlasts the stall timeout: the operator's stall, with its evidence, comes first.
+        assert env["NANORUN_HEARTBEAT_SECONDS"] == "5" and env["NANORUN_COLLECTIVE_TIMEOUT_SECONDS"] == "2400"

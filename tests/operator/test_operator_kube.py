@@ -45,7 +45,9 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
 ):
     ns = kube_namespace
     run_dir = cluster_s3.run_dir()
-    manifest = llmrun("tiny", run_dir, enabled=("tokenizer", "pretrain", "sft"), storage=cluster_s3.access)
+    manifest = llmrun(
+        "tiny", run_dir, enabled=("tokenizer", "pretrain", "sft", "export"), storage=cluster_s3.access
+    )
     created = create_llmrun(custom_api, ns, manifest)
     run = wait_for("Succeeded", phase_is(custom_api, ns, "tiny", "Succeeded"), TIMEOUT, operator_process)
 
@@ -54,6 +56,7 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
         "tiny-tokenizer-1",
         "tiny-pretrain-1",
         "tiny-sft-1",
+        "tiny-export-1",  # the optional export stage, asked for: after the last model stage
     ]
     for before, after in itertools.pairwise(jobs):  # in order: each stage's job once the one before finished
         assert after["metadata"]["creationTimestamp"] >= before["status"]["completionTime"]
@@ -68,20 +71,25 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
             "name": "s3-creds",
             "key": "AWS_SECRET_ACCESS_KEY",
         }
-    assert sorted(p["status"]["phase"] for p in run_pods(kube, ns, "tiny")) == ["Succeeded"] * 3
+    assert sorted(p["status"]["phase"] for p in run_pods(kube, ns, "tiny")) == ["Succeeded"] * 4
 
     status = run["status"]
     assert [(s["name"], s["phase"], s["attempts"]) for s in status["stages"]] == [
         ("tokenizer", "Succeeded", 1),
         ("pretrain", "Succeeded", 1),
         ("sft", "Succeeded", 1),
+        ("export", "Succeeded", 1),
     ]
+    export = next(j for j in jobs if j["metadata"]["name"] == "tiny-export-1")
+    command = export["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("-m") + 1 :][:4] == ["nanorun.trainer.export", "--source", "sft", "--dtype"]
     pretrain = status["stages"][1]
     assert pretrain["metrics"]["loss"] == pytest.approx(4.0 / 3) and pretrain["metrics"][
         "valBpb"
     ] == pytest.approx(0.5)
     assert pretrain["durationSeconds"] >= 0 and pretrain["completionTime"]
     final = read_done(run_dir, "sft").outputs["checkpoint"]
+    # The export stage's output is not a checkpoint to serve: the run's final checkpoint is sft's.
     assert status["checkpoint"] == final and status["observedGeneration"] == 1
 
     # The RayService for the final checkpoint; KubeRay's RayCluster cannot start here (the serving
@@ -95,19 +103,20 @@ def test_a_run_goes_through_its_stages_to_succeeded_and_serves_the_final_checkpo
 
     table = kube.kubectl("get", "llm", "-n", ns).stdout
     assert table.split("\n")[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "LOSS", "ETA", "AGE"]
-    assert table.split("\n")[1].split()[:4] == ["tiny", "Succeeded", "sft", "done"]
+    assert table.split("\n")[1].split()[:4] == ["tiny", "Succeeded", "export", "done"]
 
     events = client.CoreV1Api(kube.api_client()).list_namespaced_event(ns).items
     reasons = [e.reason for e in events if e.involved_object.name == "tiny"]
     for reason in ("StageStarted", "StageSucceeded", "RunRunning", "RunSucceeded", "ServingCreated"):
         assert reason in reasons
-    assert reasons.count("StageStarted") == 3
+    assert reasons.count("StageStarted") == 4
 
     text = operator_process.metrics()
     assert "llmrun_time_to_first_job_seconds_count 1.0" in text
     assert 'llmrun_stage_duration_seconds_count{stage="pretrain"} 1.0' in text
     assert (
-        f'llmrun_stage_info{{namespace="{ns}",phase="Succeeded",run="tiny",stage="sft",sweep=""}} 1.0' in text
+        f'llmrun_stage_info{{namespace="{ns}",phase="Succeeded",run="tiny",stage="export",sweep=""}} 1.0'
+        in text
     )
     assert 'llmrun_reconciles_total{result="ok"}' in text
     assert 'llmrun_runs{phase="Succeeded"} 1.0' in text and 'llmrun_runs{phase="Running"} 0.0' in text
@@ -138,8 +147,12 @@ def test_a_failed_attempt_is_retried_and_the_run_gives_up_after_the_last(
     # The failed pod's last log lines: the fake stage's stderr.
     assert "fake stage pretrain: attempt 2 fails as asked" in degraded["message"], degraded["message"]
     assert run["status"]["stages"][1]["phase"] == "Failed"
-    time.sleep(2)  # a failed run stays failed: no further attempts
-    assert len(list_jobs(custom_api, ns)) == 3
+
+    def stays_failed():  # no further attempts
+        assert len(list_jobs(custom_api, ns)) == 3
+        assert get_llmrun(custom_api, ns, "flaky")["status"]["phase"] == "Failed"
+
+    operator_process.look_again(3, stays_failed)
 
 
 def test_a_failed_attempt_is_retried_and_the_stage_then_succeeds(
@@ -199,8 +212,13 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_from_the_last_step(
     stopped = storage.read_json(progress_file)
     assert stopped["stopped"] == "preempted" and stopped["attempt"] == 1
     assert 0 < stopped["step"] < 40
-    time.sleep(1.5)
-    assert storage.read_json(progress_file)["step"] == stopped["step"]  # paused
+
+    def stays_paused():  # no new attempt, no pod, no step
+        assert [j["metadata"]["name"] for j in list_jobs(custom_api, ns)] == ["pause-pretrain-1"]
+        assert not run_pods(kube, ns, "pause")
+        assert storage.read_json(progress_file)["step"] == stopped["step"]
+
+    operator_process.look_again(3, stays_paused)
     assert condition(get_llmrun(custom_api, ns, "pause"), "Progressing")["reason"] == "Suspended"
     wait_for(
         "the job Suspended",

@@ -1,14 +1,17 @@
 """The operator works under a ServiceAccount bound to exactly OPERATOR_RBAC_RULES (what the helm
 chart grants): a run with a retry (its jobs run by the training-operator on the fake-stage image),
-serving, a serving change and a cleanup-on-delete, and not one request refused."""
+its NetworkPolicies, serving, a serving change and a cleanup-on-delete, and not one request
+refused."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION
+from nanorun.operator.children.network import NETWORK_POLICY_ENV
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
 from nanorun.pipeline import storage
 
@@ -57,7 +60,11 @@ def test_the_operator_needs_nothing_beyond_its_rbac_rules(
 ):
     ns = kube_namespace
     run_dir = cluster_s3.run_dir()
-    env = {**kube.env, "KUBECONFIG": service_account_kubeconfig(kube, ns, tmp_path)}
+    env = {
+        **kube.env,
+        "KUBECONFIG": service_account_kubeconfig(kube, ns, tmp_path),
+        NETWORK_POLICY_ENV: json.dumps({"enabled": True, "kuberayNamespace": "default"}),
+    }
     operator = OperatorProcess(ns, env, tmp_path / "operator.log")
     operator.start()
     try:
@@ -84,6 +91,9 @@ def test_the_operator_needs_nothing_beyond_its_rbac_rules(
             180,
             operator,
         )
+        policies = json.loads(kube.kubectl("get", "networkpolicies", "-n", ns, "-o", "json").stdout)["items"]
+        assert sorted(p["metadata"]["name"] for p in policies) == ["rbac-chat", "rbac-train"]
+        assert all(p["metadata"]["ownerReferences"][0]["name"] == "rbac" for p in policies)
         custom_api.patch_namespaced_custom_object(
             GROUP, VERSION, ns, PLURAL, "rbac", {"spec": {"serving": {"maxReplicas": 2}}}
         )

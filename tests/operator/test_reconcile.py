@@ -10,8 +10,12 @@ import copy
 import datetime as dt
 
 import yaml
-from nanorun.operator.jobs import RunRef
-from nanorun.operator.reconcile import Event, FailureFacts, reconcile
+from nanorun.operator.api import parse_spec
+from nanorun.operator.reconcile.attempts import ACTIVE_POLL_SECONDS
+from nanorun.operator.reconcile.decision import Event, FailureFacts
+from nanorun.operator.reconcile.plan import config_ids, stage_plan
+from nanorun.operator.reconcile.run import reconcile
+from nanorun.operator.run_ref import RunRef
 from nanorun.pipeline.progress import Done, Progress
 
 RUN = RunRef("r1", "ns", "uid-1")
@@ -44,8 +48,22 @@ def body(stages=("tokenizer", "pretrain"), status=None, **spec):
     }
 
 
+def config_id(stage: str, spec=None) -> str:
+    """The id of `stage`'s configuration in the run `spec` (default: `body()`'s), which labels its
+    jobs and marks its done.json as current."""
+    return config_ids(stage_plan(parse_spec(spec or body()["spec"])))[stage]
+
+
 def job(
-    name, stage, attempt, condition=None, at="2026-01-01T12:00:00Z", suspend=False, reason="", message=""
+    name,
+    stage,
+    attempt,
+    condition=None,
+    at="2026-01-01T12:00:00Z",
+    suspend=False,
+    reason="",
+    message="",
+    config=None,
 ):
     conditions = [{"type": "Created", "status": "True"}]
     if condition:
@@ -61,7 +79,12 @@ def job(
     return {
         "metadata": {
             "name": name,
-            "labels": {"nanorun.io/run": "r1", "nanorun.io/stage": stage, "nanorun.io/attempt": str(attempt)},
+            "labels": {
+                "nanorun.io/run": "r1",
+                "nanorun.io/stage": stage,
+                "nanorun.io/attempt": str(attempt),
+                "nanorun.io/config": config if config is not None else config_id(stage),
+            },
             "creationTimestamp": "2026-01-01T12:00:00Z",
         },
         "spec": {"runPolicy": {"suspend": suspend}},
@@ -127,24 +150,11 @@ def test_a_running_job_shows_progress_and_loss():
     }
 
 
-def test_a_job_labelled_with_the_stages_old_module_name_is_followed_not_made_again():
-    # A job an operator made before stages had one name: `<run>-tok-train-1`, label tok_train.
-    old = job("r1-tok-train-1", "tok_train", 1, "Running")
-    files = {"tokenizer": (Progress(stage="tok_train", step=3, total_steps=10, attempt=1), None)}
-    d = reconcile(RUN, body(), [old], None, storage(files), T0)
-    assert d.create_jobs == []
-    assert (d.status["phase"], d.status["progress"]) == ("Running", "3/10")
-    failed = job("r1-tok-train-1", "tok_train", 1, "Failed", at="2026-01-01T12:00:00Z", message="exit 1")
-    retry = reconcile(
-        RUN, body(status=d.status), [failed], None, storage(files), T0 + dt.timedelta(minutes=1)
-    )
-    assert [m["metadata"]["name"] for m, _ in retry.create_jobs] == ["r1-tokenizer-2"]
-
-
 def test_a_succeeded_stage_records_its_outputs_and_starts_the_next():
     done = Done(
         stage="tokenizer",
         seconds=5,
+        config_id=config_id("tokenizer"),
         metrics={"loss": 1.0},
         outputs={"tokenizer": "s3://b/r1/tokenizer/tokenizer.tiktoken"},
     )
@@ -218,7 +228,7 @@ def test_the_run_fails_after_the_last_counted_failure_with_the_reason_and_log_li
 
 def test_a_preempted_attempt_restarts_at_once_and_is_not_counted():
     progress = Progress(stage="pretrain", step=20, total_steps=100, attempt=1, stopped="preempted")
-    files = {"tokenizer": (None, Done(stage="tokenizer", seconds=1))}
+    files = {"tokenizer": (None, Done(stage="tokenizer", seconds=1, config_id=config_id("tokenizer")))}
     status = reconcile(
         RUN, body(), [job("r1-tokenizer-1", "tokenizer", 1, "Succeeded")], None, storage(files), T0
     ).status
@@ -273,15 +283,20 @@ def test_a_stage_whose_flags_change_after_it_finished_runs_again_with_the_stages
     }
     spec = {k: v for k, v in body().items() if k == "spec"}["spec"] | base
     done = {
-        "tokenizer": (None, Done(stage="tokenizer", seconds=1, config_id="")),
+        "tokenizer": (None, Done(stage="tokenizer", seconds=1, config_id=config_id("tokenizer", spec))),
         "pretrain": (
             None,
-            Done(stage="pretrain", seconds=1, outputs={"checkpoint": "s3://b/r1/pretrain/c/step_10"}),
+            Done(
+                stage="pretrain",
+                seconds=1,
+                outputs={"checkpoint": "s3://b/r1/pretrain/c/step_10"},
+                config_id=config_id("pretrain", spec),
+            ),
         ),
     }
     jobs = [
-        job("r1-tokenizer-1", "tokenizer", 1, "Succeeded"),
-        job("r1-pretrain-1", "pretrain", 1, "Succeeded"),
+        job("r1-tokenizer-1", "tokenizer", 1, "Succeeded", config=config_id("tokenizer", spec)),
+        job("r1-pretrain-1", "pretrain", 1, "Succeeded", config=config_id("pretrain", spec)),
     ]
     first = reconcile(RUN, {**body(), "spec": spec}, jobs, None, storage(done), T0)
     assert first.status["phase"] == "Succeeded"
@@ -326,7 +341,7 @@ def test_a_suspended_run_starts_no_job():
 
 def test_a_job_deleted_after_success_is_not_run_again_when_done_json_exists():
     status = reconcile(RUN, body(), [], None, storage(), T0).status
-    done = Done(stage="tokenizer", seconds=1)
+    done = Done(stage="tokenizer", seconds=1, config_id=config_id("tokenizer"))
     d = reconcile(RUN, body(status=status), [], None, storage({"tokenizer": (None, done)}), T0)
     assert d.status["stages"][0]["phase"] == "Succeeded"
     assert [m["metadata"]["name"] for m, _ in d.create_jobs] == ["r1-pretrain-1"]
@@ -344,6 +359,7 @@ def finished_run(serving=None):
                 stage="pretrain",
                 seconds=9,
                 outputs={"checkpoint": "s3://b/r1/pretrain/checkpoints/step_000009"},
+                config_id=config_id("pretrain"),
             ),
         )
     }
@@ -484,7 +500,7 @@ def _pod(name, exit_code=None, disruption=None):
 
 
 def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
-    from nanorun.operator.controller import failure_facts
+    from nanorun.operator.reconcile.failures import failure_facts
 
     logs = {"j-master-0": "step 3\nRuntimeError: boom\n", "j-worker-0": "connection reset by peer"}
     read = lambda pod: logs[pod.metadata.name]  # noqa: E731
@@ -545,7 +561,7 @@ def test_a_failed_job_whose_pods_are_still_stopping_is_decided_only_once_they_ha
 
 def test_the_eta_reads_like_a_person_writes_it():
     from nanorun.operator.api import StageMetrics, StageStatus
-    from nanorun.operator.reconcile import _eta
+    from nanorun.operator.reconcile.run import _eta
 
     def eta(seconds, phase="Running"):
         return _eta(StageStatus(name="pretrain", metrics=StageMetrics(eta_seconds=seconds)), phase)
@@ -578,7 +594,7 @@ def workload(admitted=False, active=True, reason="Pending", message="", deactiva
 
 
 def kueue_sees(wl):
-    from nanorun.operator.kueue import admission_of
+    from nanorun.operator.children.kueue import admission_of
 
     return lambda job: admission_of(wl)
 
@@ -613,7 +629,7 @@ def test_no_workload_yet_says_so_and_looks_again_soon():
     d = reconcile(RUN, body(**QUEUED), [waiting], None, storage(), T0)
     assert d.status["phase"] == "Queued"
     assert "Kueue has made no Workload for PyTorchJob r1-tokenizer-1" in cond(d.status, "Queued")["message"]
-    assert d.requeue_after is not None
+    assert d.requeue_after == ACTIVE_POLL_SECONDS  # no watch sees the Workload appear
 
 
 def test_an_admitted_job_runs_and_the_condition_names_the_cluster_queue():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION, SpecError
-from nanorun.operator.sweep import KIND, parse_sweep_spec
-from nanorun.operator.sweep import PLURAL as SWEEPS
+from nanorun.operator.sweep.api import KIND, parse_sweep_spec
+from nanorun.operator.sweep.api import PLURAL as SWEEPS
 from nanorun.pipeline import storage
 
 from tests.operator.conftest import get_llmrun, list_jobs, llmrun, wait_for
@@ -230,4 +230,4 @@ def test_the_api_server_refuses_a_bad_sweep_with_the_message_nanorun_run_gives(
 
 def test_the_api_server_accepts_the_example_sweeps(kube):
     for example in ("sweep-tiny.yaml", "sweep-d10-d20.yaml"):
-        kube.kubectl("create", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples" / example))
+        kube.accepts("default", REPO / "examples" / example)

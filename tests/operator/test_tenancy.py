@@ -1,4 +1,4 @@
-"""The tenancy policy (operator/tenancy.py): what a namespace's runs may use, as the operator
+"""The tenancy policy (operator/api/tenancy.py): what a namespace's runs may use, as the operator
 judges them before it reads or deletes anything. The chart's ConfigMap: tests/charts/test_chart.py;
 the same lists at admission: tests/operator/test_tenancy_kube.py."""
 
@@ -8,10 +8,10 @@ import datetime as dt
 
 import pytest
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import RunRef
-from nanorun.operator.reconcile import reconcile
-from nanorun.operator.sweep_reconcile import reconcile_sweep
-from nanorun.operator.tenancy import Policy, PolicySource
+from nanorun.operator.api.tenancy import Policy, PolicySource
+from nanorun.operator.reconcile.run import reconcile
+from nanorun.operator.run_ref import RunRef
+from nanorun.operator.sweep.reconcile import reconcile_sweep
 
 T0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
 POLICY = Policy.from_data(
@@ -175,3 +175,134 @@ def test_policy_source_reads_the_environment_folder(monkeypatch, tmp_path):
     (tmp_path / "prefixes").write_text("s3://x/{namespace}")
     monkeypatch.setenv("NANORUN_POLICY", str(tmp_path))
     assert PolicySource().current().writable("n") == ("s3://x/n",)
+
+
+PLACEMENT = Policy.from_data(
+    {
+        "nodeLabels": "nanorun.io/pool={namespace}\nnvidia.com/gpu.product",
+        "tolerations": "nvidia.com/gpu\npool={namespace}",
+    }
+)
+GPU = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def placed(compute=None, serving=None):
+    return spec("s3://any/r", compute=compute or {}, serving={"enabled": False, **(serving or {})})
+
+
+def required(*expressions):
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": list(expressions)}]
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "compute, serving, refusal",
+    [
+        (
+            {
+                "nodeSelector": {"nanorun.io/pool": "team-a", "nvidia.com/gpu.product": "H100"},
+                "tolerations": [GPU],
+            },
+            {},
+            None,
+        ),
+        (
+            {"nodeSelector": {"nanorun.io/pool": "team-b"}},
+            {},
+            "spec.compute.nodeSelector: nanorun.io/pool=team-b is not an allowed node label",
+        ),
+        (
+            {},
+            {"nodeSelector": {"kubernetes.io/hostname": "n1"}},
+            "spec.serving.nodeSelector: kubernetes.io/hostname=n1 is not an allowed node label",
+        ),
+        (
+            {"tolerations": [{"operator": "Exists"}]},
+            {},
+            "spec.compute.tolerations: (every taint) is not an allowed toleration",
+        ),
+        ({"tolerations": [{"key": "pool", "value": "team-a", "effect": "NoSchedule"}]}, {}, None),
+        (
+            {"tolerations": [{"key": "pool", "operator": "Exists"}]},
+            {},
+            "spec.compute.tolerations: pool is not an allowed toleration",
+        ),
+        (
+            {},
+            {"tolerations": [{"key": "pool", "value": "team-b"}]},
+            "spec.serving.tolerations: pool=team-b is not an allowed toleration",
+        ),
+        (
+            {"affinity": required({"key": "nanorun.io/pool", "operator": "In", "values": ["team-a"]})},
+            {},
+            None,
+        ),
+        (
+            {"affinity": required({"key": "nvidia.com/gpu.product", "operator": "NotIn", "values": ["T4"]})},
+            {},
+            None,
+        ),
+        (
+            {
+                "affinity": required(
+                    {"key": "nanorun.io/pool", "operator": "In", "values": ["team-a", "team-b"]}
+                )
+            },
+            {},
+            "spec.compute.affinity: nanorun.io/pool is not an allowed node label",
+        ),
+        (
+            {"affinity": required({"key": "nanorun.io/pool", "operator": "NotIn", "values": ["team-b"]})},
+            {},
+            "spec.compute.affinity: nanorun.io/pool is not an allowed node label",
+        ),
+        (
+            {
+                "affinity": {
+                    "nodeAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "weight": 1,
+                                "preference": {
+                                    "matchFields": [
+                                        {"key": "metadata.name", "operator": "In", "values": ["n1"]}
+                                    ]
+                                },
+                            }
+                        ]
+                    }
+                }
+            },
+            {},
+            "spec.compute.affinity: metadata.name is not an allowed node label",
+        ),
+    ],
+)
+def test_node_placement_comes_from_the_admins_lists(compute, serving, refusal):
+    refusals = PLACEMENT.refusals("team-a", placed(compute, serving))
+    if refusal is None:
+        assert refusals == []
+    else:
+        [only] = refusals
+        listed = (
+            "nanorun.io/pool=team-a, nvidia.com/gpu.product"
+            if "node label" in refusal
+            else "nvidia.com/gpu, pool=team-a"
+        )
+        assert only == f"{refusal} (allowed: {listed})"
+
+
+def test_without_placement_lists_any_node_placement_is_allowed():
+    anything = placed(
+        {
+            "nodeSelector": {"x": "y"},
+            "tolerations": [{"operator": "Exists"}],
+            "affinity": required({"key": "k", "operator": "Exists"}),
+        }
+    )
+    assert Policy().refusals("team-a", anything) == []

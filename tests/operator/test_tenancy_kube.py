@@ -1,4 +1,4 @@
-"""Team B against team A's storage on the test cluster: the tenancy policy (operator/tenancy.py)
+"""Team B against team A's storage on the test cluster: the tenancy policy (operator/api/tenancy.py)
 refuses an LLMRun or LLMSweep of one namespace that points at another's prefix, at admission (the
 chart's ValidatingAdmissionPolicy, with the operator's own message) and again in the operator
 (which then neither reads A's progress into B's status nor deletes A's files when B's run is
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from nanorun.operator.api import GROUP, PLURAL, VERSION, parse_spec
-from nanorun.operator.tenancy import Policy
+from nanorun.operator.api.tenancy import Policy
 from nanorun.pipeline import storage
 
 from tests.charts.conftest import run_helm, template_args
@@ -37,9 +37,12 @@ def checksums(prefix: str) -> dict[str, str]:
 
 
 def finished_run(uri: str) -> None:
-    """What a finished run leaves in storage: progress, done.json and a checkpoint."""
-    storage.write_json(storage.join(uri, "pretrain", "progress.json"), {"step": 40, "total": 40, "loss": 2.5})
-    storage.write_json(storage.join(uri, "pretrain", "done.json"), {"metrics": {"steps": 40, "val_bpb": 1.1}})
+    """A run's files in storage: pretraining's progress (which an operator that read it would copy
+    into the LLMRun's status: its loss, 2.5) and a checkpoint."""
+    storage.write_json(
+        storage.join(uri, "pretrain", "progress.json"),
+        {"stage": "pretrain", "step": 40, "total_steps": 80, "loss": 2.5, "val_bpb": 1.1},
+    )
     storage.write_bytes(
         storage.join(uri, "pretrain", "checkpoints", "step_000040", "model.safetensors"), b"w" * 4096
     )

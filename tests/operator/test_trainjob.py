@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from nanorun.operator import kueue, launchers
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
-from nanorun.operator.plan import stage_plan
+from nanorun.operator.children import kueue, launchers
+from nanorun.operator.children.pytorchjob import pytorchjob_for_stage
+from nanorun.operator.children.trainjob import trainjob_for_stage, trainjob_state
 from nanorun.operator.rbac import OPERATOR_RBAC_RULES
-from nanorun.operator.reconcile import FailureFacts, reconcile
-from nanorun.operator.trainjob import trainjob_for_stage, trainjob_state
+from nanorun.operator.reconcile.decision import FailureFacts
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.reconcile.run import reconcile
+from nanorun.operator.run_ref import RunRef
 from nanorun.pipeline.progress import Progress
 
 RUN = RunRef(name="speedrun", namespace="team-a", uid="1234-uid")
@@ -89,7 +91,7 @@ def test_a_two_node_stage_is_one_trainjob_with_the_pytorchjob_s_command_env_and_
         pod["metadata"] == master["metadata"]
     )  # nanorun labels (pods found by them) and Prometheus annotations
     assert pod["spec"]["nodeSelector"] == {"pool": "h100"}
-    assert pod["spec"]["tolerations"] == spec.compute.tolerations
+    assert pod["spec"]["tolerations"] == master["spec"]["tolerations"]
     assert pod["spec"]["affinity"] == spec.compute.affinity
     assert pod["spec"]["terminationGracePeriodSeconds"] == 300
     assert pod["spec"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
@@ -257,8 +259,8 @@ def test_a_preempted_trainjob_is_retried_at_once_without_counting_a_failure():
     d = reconcile(RUN, body(**spec), [], None, nothing, T0)
     ((manifest, _),) = d.create_jobs
     failed = observed(manifest, "Failed", active=0)
-    stopped = Progress(stage="tok_train", step=3, total_steps=10, attempt=1, stopped="preempted")
-    files = {s: (stopped, None) for s in ("tok_train", "tokenizer")}
+    stopped = Progress(stage="tokenizer", step=3, total_steps=10, attempt=1, stopped="preempted")
+    files = {"tokenizer": (stopped, None)}
     r = reconcile(RUN, body(d.status, **spec), [failed], None, lambda st: files.get(st, (None, None)), T0)
     rec = r.status["stages"][0]
     assert rec["preemptions"] == 1 and rec.get("failures", 0) == 0

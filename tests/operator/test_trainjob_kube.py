@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 from nanorun.operator.api import GROUP, PLURAL, VERSION, parse_spec
-from nanorun.operator.jobs import RunRef
+from nanorun.operator.children.trainjob import trainjob_for_stage
 from nanorun.operator.names import WORKLOAD_GROUP, WORKLOAD_PLURAL, WORKLOAD_VERSION
-from nanorun.operator.plan import stage_plan
-from nanorun.operator.trainjob import trainjob_for_stage
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.run_ref import RunRef
 from nanorun.pipeline import storage
 
 from tests.fixtures.kube import KubeEnv, wait_until
@@ -269,22 +269,20 @@ def test_queued_runs_trainjobs_wait_for_kueue_s_quota_and_run_once_admitted(
                 stage_args={"pretrain": ["--fake-steps", "100", "--fake-step-seconds", "0.2"]},
             ),
         )
-    queued = wait_for(
-        "one run Queued",
-        lambda: [r for r in ("first", "second") if phase_is(custom_api, ns, r, "Queued")()],
-        TIMEOUT,
-        operator_process,
-    )
-    # Kueue's own reason, once it has tried to admit the Workload of the second TrainJob.
-    wait_for(
-        "Kueue's reason in the Queued condition",
-        lambda: (
-            "insufficient unused quota"
-            in condition(get_llmrun(custom_api, ns, queued[0]), "Queued").get("message", "")
-        ),
-        TIMEOUT,
-        operator_process,
-    )
+
+    def held_by_kueue() -> list[str]:
+        """The runs Queued in Kueue's own words, once it has tried their Workload against the quota
+        the other run holds. Both runs are Queued for a moment before Kueue makes and admits the
+        first Workload, with nanorun's words for that."""
+        return [
+            name
+            for name in ("first", "second")
+            if (queued := condition(get_llmrun(custom_api, ns, name), "Queued")).get("status") == "True"
+            and "insufficient unused quota" in queued.get("message", "")
+        ]
+
+    held = wait_for("one run Queued in Kueue's words", held_by_kueue, TIMEOUT, operator_process)
+    assert len(held) == 1, held
     for name in ("first", "second"):
         wait_for(f"{name} Succeeded", phase_is(custom_api, ns, name, "Succeeded"), TIMEOUT, operator_process)
     workloads = custom_api.list_namespaced_custom_object(

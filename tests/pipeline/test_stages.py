@@ -6,19 +6,16 @@ the stage's name in old command lines and old run directories."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from nanorun.operator import crd
-from nanorun.operator.api import StagesSpec, parse_spec
-from nanorun.operator.jobs import RunRef, pytorchjob_for_stage
-from nanorun.operator.plan import STAGE_KEYS, stage_plan
-from nanorun.operator.rules import CHECKPOINT_STAGES
+from nanorun.operator.api import StagesSpec, crd, parse_spec
+from nanorun.operator.children.pytorchjob import pytorchjob_for_stage
+from nanorun.operator.reconcile.plan import stage_plan
+from nanorun.operator.run_ref import RunRef
 from nanorun.pipeline import layout, stages
-from nanorun.pipeline.progress import Done, Progress, read_done, read_progress, write_done, write_progress
+from nanorun.pipeline.progress import Done, write_done
 from nanorun.trainer import chat_eval, report
 
 
@@ -28,20 +25,18 @@ def test_the_spec_and_the_crd_have_exactly_the_tables_stages_in_order():
     assert [s.attribute for s in stages.STAGES] == list(StagesSpec.model_fields)
     properties = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
     assert list(properties["spec"]["properties"]["stages"]["properties"]) == list(stages.KEYS)
-    assert list(stages.KEYS) == STAGE_KEYS
-    assert CHECKPOINT_STAGES == ("pretrain", "midtrain", "sft", "rl")
 
 
 def test_every_stage_is_a_module_and_continues_only_from_an_earlier_model():
     for i, stage in enumerate(stages.STAGES):
-        assert importlib.util.find_spec(f"nanorun.trainer.{stage.module}") is not None, stage.module
+        assert importlib.util.find_spec(stage.entry_point) is not None, stage.module
         earlier = {s.key for s in stages.STAGES[:i] if s.model}
         assert set(stage.starts_from) <= earlier, stage
 
 
 def test_the_trainer_reads_its_stage_lists_from_the_table():
-    assert stages.MODEL_KEYS == ("rl", "sft", "midtrain", "pretrain")
-    assert stages.CHAT_KEYS == ("rl", "sft", "midtrain")
+    assert stages.MODEL_KEYS == ("pretrain", "midtrain", "sft", "rl")
+    assert stages.CHAT_KEYS == ("midtrain", "sft", "rl")
     assert report.COLUMNS == {"BASE": "pretrain", "MID": "midtrain", "SFT": "sft", "RL": "rl"}
     assert "report" not in report.STAGES and report.STAGES[0] == "tokenizer"
     assert stages.source_keys("sft") == "midtrain,pretrain"
@@ -61,6 +56,7 @@ def test_no_folder_label_or_job_name_a_user_sees_uses_a_module_name():
         "sft": "sft",
         "rl": "rl",
         "eval": "eval",
+        "export": "export",
         "report": "report",
     }
     old_names = {s.module for s in stages.STAGES if s.module != s.key}
@@ -85,80 +81,45 @@ def test_no_folder_label_or_job_name_a_user_sees_uses_a_module_name():
         }
         assert not [name for name in old_names if any(name in value for value in seen.values())], seen
         # The module stays the entry point, and only there.
-        assert f"nanorun.trainer.{stage.module}" in container["command"]
+        assert stage.entry_point in container["command"]
     assert layout.tokenizer_dir("s3://b/r") == "s3://b/r/tokenizer"
 
 
-def test_a_stage_is_named_by_its_key_or_for_one_release_by_its_module():
+def test_a_stage_is_named_by_its_key_only():
     for s in stages.STAGES:
-        assert stages.stage_named(s.key) is s
-        assert stages.stage_named(s.module) is s
-    assert layout.stage_dir("/r", "base_train") == layout.stage_dir("/r", "pretrain") == "/r/pretrain"
-    with pytest.raises(
-        ValueError, match="no stage 'pretraining'; the stages are tokenizer, pretrain, baseEval"
-    ):
-        stages.stage_named("pretraining")
+        assert stages.by_key(s.key) is s
+    assert layout.stage_dir("/r", "pretrain") == "/r/pretrain"
+    for name in ("pretraining", "base_train"):
+        with pytest.raises(
+            ValueError, match=f"no stage '{name}'; the stages are tokenizer, pretrain, baseEval"
+        ):
+            stages.by_key(name)
 
 
-def test_chat_eval_takes_a_stage_key_or_its_old_module_name_as_source(tmp_path):
+def test_chat_eval_takes_a_stage_key_as_source(tmp_path):
     run = str(tmp_path)
     write_done(run, Done(stage="sft", seconds=1.0))
     write_done(run, Done(stage="pretrain", seconds=1.0))
     assert chat_eval.sources_to_evaluate(run, "sft") == ["sft"]
-    assert chat_eval.sources_to_evaluate(run, "chat_sft") == ["sft"]
-    assert chat_eval.sources_to_evaluate(run, "base_train") == ["pretrain"]
+    assert chat_eval.sources_to_evaluate(run, "pretrain") == ["pretrain"]
     assert chat_eval.sources_to_evaluate(run, "latest") == ["sft"]
-    with pytest.raises(SystemExit, match="one of rl, sft, midtrain, pretrain, got 'tokenizer'"):
-        chat_eval.sources_to_evaluate(run, "tokenizer")
+    for source in ("tokenizer", "chat_sft"):
+        with pytest.raises(SystemExit, match=f"one of pretrain, midtrain, sft, rl, got '{source}'"):
+            chat_eval.sources_to_evaluate(run, source)
 
 
-def _legacy_run(root: Path) -> str:
-    """A run directory as runs wrote it before stages had one name: folders named by module."""
-    (root / "base_train").mkdir(parents=True)
-    (root / "base_train" / "done.json").write_text(
-        json.dumps({"stage": "base_train", "seconds": 7.0, "outputs": {"checkpoint": str(root / "nowhere")}})
-    )
-    (root / "base_train" / "progress.json").write_text(json.dumps({"stage": "base_train", "step": 40}))
-    (root / "tok_train").mkdir()
-    (root / "tok_train" / layout.TOKENIZER_FILE).write_text("")
-    return str(root)
-
-
-def test_readers_find_the_files_of_a_run_written_with_module_folders(tmp_path):
-    run = _legacy_run(tmp_path)
-    assert read_done(run, "pretrain").seconds == 7.0
-    assert read_progress(run, "pretrain").step == 40
-    assert layout.stage_dir_to_read(run, "pretrain") == f"{run}/base_train"
-    assert layout.tokenizer_dir_to_read(run) == f"{run}/tok_train"
-    assert read_done(run, "midtrain") is None
-    # Writers write the new folder, and from then on readers read it.
-    write_progress(run, Progress(stage="pretrain", step=41))
-    assert (tmp_path / "pretrain" / "progress.json").exists()
-    assert read_progress(run, "pretrain").step == 41
-    assert read_done(run, "pretrain").seconds == 7.0  # no new done.json yet: still the old one
-    write_done(run, Done(stage="pretrain", seconds=9.0))
-    assert read_done(run, "pretrain").seconds == 9.0
-    assert layout.stage_dir_to_read(run, "pretrain") == f"{run}/pretrain"
-    assert layout.tokenizer_dir_to_read(str(tmp_path / "elsewhere")) == f"{tmp_path}/elsewhere/tokenizer"
-
-
-def test_post_training_reads_an_old_runs_source_named_by_its_module(tmp_path):
-    from nanorun.trainer.training.checkpoint import CheckpointError
+def test_post_training_names_a_source_that_is_no_stage(tmp_path):
     from nanorun.trainer.training.finetune import source_checkpoint
 
-    run = _legacy_run(tmp_path)
-    # Found through the old name and the old folder; the checkpoint it names is checked next.
-    with pytest.raises(CheckpointError, match=r"^pretrain/done.json points at .*nowhere, which is missing"):
-        source_checkpoint(run, "mid_train,base_train")
-    with pytest.raises(SystemExit, match="--source mid_train,basetrain: no stage 'basetrain'"):
-        source_checkpoint(run, "mid_train,basetrain")
+    with pytest.raises(SystemExit, match="--source midtrain,base_train: no stage 'base_train'"):
+        source_checkpoint(str(tmp_path), "midtrain,base_train")
 
 
 def test_the_operator_imports_without_torch():
     # The operator image has no torch: its modules and the torch-free shared ones must not need it.
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import nanorun.operator.handlers, nanorun.cli.main, nanorun.cli.run, nanorun.pipeline.stages\n"
+        "import nanorun.operator.loop.handlers, nanorun.cli.main, nanorun.cli.run, nanorun.pipeline.stages\n"
         "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -16,12 +16,11 @@ from nanorun.cli.main import main as nanorun_main
 from tests.serving.conftest import free_port
 
 
-def test_serve_without_a_checkpoint_fails_fast_with_a_clear_message(tmp_path, capsys):
-    start = time.monotonic()
+def test_serve_without_a_checkpoint_fails_fast_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # an `import ray` on the way would raise: it refuses first
     assert nanorun_main(["serve", "--checkpoint", str(tmp_path / "missing"), "--allow-unauthenticated"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint at" in err and "missing" in err
-    assert time.monotonic() - start < 10  # no Ray start
 
 
 def test_serve_refuses_to_start_without_api_keys_or_the_opt_out(tiny_chat_run, tmp_path, capsys):

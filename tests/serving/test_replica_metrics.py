@@ -1,7 +1,7 @@
 """Every replica's metrics are scraped on its own pod: the worker pods the operator builds declare
 the `serve-metrics` port and hold one replica each, a replica serves its registry on that port, and
-the autoscaling defaults follow the batching slots. (The kube test of the same, two replicas on a
-cluster: tests/kube/test_serving_metrics.py.)"""
+the autoscaling defaults follow the batching slots. (Two replicas on a cluster, each scraped
+on its pod: the end-to-end test, tests/e2e/test_pipeline_kube.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import socket
 import httpx
 import yaml
 from nanorun.operator.api import parse_spec
-from nanorun.operator.jobs import RunRef
+from nanorun.operator.children.rayservice import SERVE_METRICS_PORT_NAME, rayservice_for_run
 from nanorun.operator.names import LABEL_RUN
-from nanorun.operator.rayservice import SERVE_METRICS_PORT_NAME, rayservice_for_run
+from nanorun.operator.run_ref import RunRef
 from nanorun.serving import SERVE_METRICS_PORT, SERVE_METRICS_PORT_ENV, SERVE_REPLICA_RESOURCE, SERVE_SLOTS
 from nanorun.serving import metrics as serving_metrics
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from nanorun.cli.sweep import load_sweep_file
-from nanorun.operator.sweep import point_spec, sweep_points
+from nanorun.operator.sweep.api import point_spec, sweep_points
 from nanorun.trainer.model.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[2]

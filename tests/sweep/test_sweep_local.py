@@ -10,7 +10,6 @@ import pytest
 import yaml
 from nanorun.cli import main as cli
 from nanorun.pipeline.progress import read_done
-from nanorun.pipeline.stages import BY_KEY
 from nanorun.trainer.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,11 +48,11 @@ def test_a_sweep_runs_every_point_writes_the_report_and_a_rerun_redoes_nothing(t
     for folder in POINTS:
         point = str(sweep_dir / folder)
         assert Tokenizer.from_run_dir(point).encode("a shared vocabulary") == vocab  # one tokenizer
-        done = read_done(point, BY_KEY["pretrain"].module).metrics
+        done = read_done(point, "pretrain").metrics
         budget = BUDGETS[folder.endswith("f2e11")]
         flops_per_step = done["flops"] / done["steps"]
         assert abs(done["flops"] - budget) <= flops_per_step / 2, folder  # the horizon spends the budget
-        assert read_done(point, BY_KEY["baseEval"].module).metrics["val_bpb"] > 0
+        assert read_done(point, "baseEval").metrics["val_bpb"] > 0
 
     report = (sweep_dir / "report" / "report.md").read_text()
     assert "4 of 4 points finished" in report
@@ -62,7 +61,7 @@ def test_a_sweep_runs_every_point_writes_the_report_and_a_rerun_redoes_nothing(t
     assert (sweep_dir / "report" / "bpb_vs_flops.png").exists()
 
     def finished() -> dict:
-        return {f: read_done(str(sweep_dir / f), BY_KEY["pretrain"].module) for f in POINTS}
+        return {f: read_done(str(sweep_dir / f), "pretrain") for f in POINTS}
 
     before = finished()
     assert cli.main(["run", str(path), "--run-dir", str(sweep_dir)]) == 0

@@ -10,10 +10,10 @@ import json
 from typing import Any
 
 import kopf
-from nanorun.operator.jobs import RunRef
 from nanorun.operator.names import LABEL_RUN, LABEL_SWEEP, SUSPENDED_BY_SWEEP
-from nanorun.operator.sweep_handlers import llmruns_by_sweep
-from nanorun.operator.sweep_reconcile import reconcile_sweep, suspension_patch
+from nanorun.operator.run_ref import RunRef
+from nanorun.operator.sweep.handlers import llmruns_by_sweep
+from nanorun.operator.sweep.reconcile import reconcile_sweep, suspension_patch
 from nanorun.pipeline.progress import Done
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -274,7 +274,7 @@ def test_resuming_a_sweep_resumes_only_the_runs_it_suspended():
 
 
 def test_the_index_of_child_runs_keeps_what_suspending_and_resuming_read():
-    """The operator's index of a sweep's runs (sweep_handlers.py) holds a slim copy of each run: it
+    """The operator's index of a sweep's runs (operator/sweep/handlers.py) holds a slim copy of each run: it
     must keep spec.suspend and the sweep's annotation, or a resumed sweep would never resume them."""
     body = kopf.Body(
         {

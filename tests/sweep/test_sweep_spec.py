@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from nanorun.cli import main as cli
 from nanorun.operator.api import SpecError
-from nanorun.operator.plan import config_ids, stage_plan
-from nanorun.operator.sweep import (
+from nanorun.operator.reconcile.plan import config_ids, stage_plan
+from nanorun.operator.sweep.api import (
     budget_tag,
     parse_sweep_spec,
     point_spec,
@@ -19,7 +19,7 @@ from nanorun.operator.sweep import (
     tokenizer_run_name,
     tokenizer_spec,
 )
-from nanorun.operator.sweep_crd import crd
+from nanorun.operator.sweep.crd import crd
 
 TEMPLATE: dict[str, Any] = {
     "storage": {"uri": "s3://nanorun/sweeps/scaling"},

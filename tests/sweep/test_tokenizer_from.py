@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from nanorun.pipeline.progress import read_done
 from nanorun.trainer import tok_train
-from nanorun.trainer.data.dataset import prepare
+from nanorun.trainer.data.corpus import prepare
 from nanorun.trainer.data.tokenizer import Tokenizer, TokenizerError
 
 from tests.fixtures.tiny_run import real_english_documents

@@ -41,11 +41,16 @@ def test_generative_eval_is_pass_at_k_over_samples(fake_hub, tmp_path):
 
 
 def test_humaneval_eval_runs_the_generated_code(fake_hub, tmp_path):
-    humaneval = HumanEval(cache=str(tmp_path), timeout=1.0)
+    # A correct program returns at once, so a budget that a loaded machine cannot exhaust costs nothing;
+    # only the program that never ends waits out its (short) timeout.
+    humaneval = HumanEval(cache=str(tmp_path), timeout=60.0)
     right = ScriptedEngine(TOK, {"def area": "def area(r):\n    return math.pi * r * r\n"})
-    wrong = ScriptedEngine(TOK, {"def area": "def area(r):\n    while True: pass\n"})
+    wrong = ScriptedEngine(TOK, {"def area": "def area(r):\n    return 2 * math.pi * r\n"})  # the perimeter
+    endless = ScriptedEngine(TOK, {"def area": "def area(r):\n    while True: pass\n"})
     assert run_generative_eval(humaneval, right, TOK)["accuracy"] == 1.0
     assert run_generative_eval(humaneval, wrong, TOK)["accuracy"] == 0.0
+    impatient = HumanEval(cache=str(tmp_path), timeout=1.0)
+    assert run_generative_eval(impatient, endless, TOK)["accuracy"] == 0.0
 
 
 def test_spelling_bee_reference_reply_is_consistent_with_the_calculator():

@@ -168,6 +168,25 @@ def test_a_changed_config_id_runs_again_from_the_input_and_the_same_one_resumes(
     assert f"resuming from {checkpoint_dir(str(run / 'pretrain'), 3)} (step 3," in resumed.stdout
 
 
+def test_the_next_attempt_resumes_from_the_last_commit_and_a_late_old_one_may_not_start(straight, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    forget_after(run, 3)  # attempt 1 lost (its node gone) after its step-3 checkpoint
+    data = "ignored-on-resume"
+    second = check(
+        run_stage("base_train", "--run-dir", str(run), "--data", data, *FLAGS, env={"NANORUN_ATTEMPT": "2"})
+    )
+    assert f"resuming from {checkpoint_dir(str(run / 'pretrain'), 3)} (step 3" in second.stdout
+    assert losses(run) == losses(straight)
+    (run / "pretrain" / "done.json").unlink()  # as if attempt 2 were still running
+    late = run_stage(
+        "base_train", "--run-dir", str(run), "--data", data, *FLAGS, env={"NANORUN_ATTEMPT": "1"}
+    )
+    assert late.returncode == 1
+    assert "error: rank 0 of attempt 1 of pretrain: attempt 2 has claimed the stage" in late.stderr
+    assert read_progress(str(run), "pretrain").attempt == 2  # nothing of attempt 1 written
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_same_global_batch(straight, two_ranks):
     one, two = losses(straight), losses(two_ranks)
@@ -224,7 +243,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_for_retry(tiny_base_run, 
 
 
 def test_s3_run_dir_and_shards(tiny_base_run, s3_run_dir):
-    for f in (Path(tiny_base_run) / "tokenizer").iterdir():
+    for f in (Path(tiny_base_run) / "tokenizer").glob("*.*"):  # its files, not its ranks/
         storage.upload_from(f, storage.join(s3_run_dir, "tokenizer", f.name))
     data = storage.join(s3_run_dir.rsplit("/", 1)[0], "data")
     for f in sorted((Path(tiny_base_run).parent / "data").iterdir()):
@@ -235,7 +254,7 @@ def test_s3_run_dir_and_shards(tiny_base_run, s3_run_dir):
     assert done.outputs["checkpoint"].startswith("s3://") and done.metrics["steps"] == 4
     assert [s for s, _ in list_checkpoints(storage.join(s3_run_dir, "pretrain"))] == [3, 4]
     model, meta = load_model(done.outputs["checkpoint"], "cpu")
-    assert all(shard.startswith("s3://") for shard in meta["shards"])
+    assert meta["shards"] and all(shard.startswith("s3://") for shard in meta["shards"])
 
 
 def test_corrupt_training_shard_fails_with_its_name(tiny_base_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -115,3 +116,30 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_retry(tiny_mid_run, tmp_path
         5,
     ) and "SIGTERM checkpoint saved in" in output
     assert progress.last_checkpoint.endswith(steps[-1])
+
+
+@pytest.mark.slow
+def test_two_ranks_log_the_tokens_and_loss_of_all_ranks(tiny_mid_run, tmp_path):
+    # Both runs train the same 4 conversations in their first step: one rank all of them, two ranks
+    # two each. The step's token count and token-level mean loss are of the whole step either way.
+    flags = [f if f != "4" else "1" for f in SFT_FLAGS[:4]] + SFT_FLAGS[4:]  # --num-iterations 1
+    runs = {n: copy_run(tiny_mid_run, tmp_path / f"ranks{n}") for n in (1, 2)}
+    procs = {
+        n: subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+            + ["-m", "nanorun.trainer.chat_sft", "--run-dir", run, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=stage_env(**OFFLINE),
+        )
+        for n, run in runs.items()
+    }
+    steps = {}
+    for n, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        ((loss, tokens),) = re.findall(r"step \d+/1 \| loss (\d+\.\d+) \|.* (\d+) tokens", out)
+        steps[n] = (float(loss), int(tokens))
+    assert steps[2][1] == steps[1][1] > 0
+    assert steps[2][0] == pytest.approx(steps[1][0], rel=1e-3)

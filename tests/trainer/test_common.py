@@ -175,7 +175,7 @@ RANK_SCRIPT = textwrap.dedent(
     import argparse, os, signal, sys
     from nanorun.trainer.training.common import add_common_args, exit_preempted, setup_stage
     p = argparse.ArgumentParser(); add_common_args(p)
-    ctx = setup_stage("base_train", p.parse_args(sys.argv[1:]))
+    ctx = setup_stage("pretrain", p.parse_args(sys.argv[1:]))
     before = ctx.should_stop()
     if ctx.rank == 1:
         os.kill(os.getpid(), signal.SIGTERM)   # only rank 1 is told to stop

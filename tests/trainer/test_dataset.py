@@ -18,7 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from nanorun.pipeline import storage
 from nanorun.trainer.data import dataset
-from nanorun.trainer.data.dataset import DataError, iter_texts, prepare, resolve_shards
+from nanorun.trainer.data.corpus import prepare
+from nanorun.trainer.data.dataset import resolve_shards
+from nanorun.trainer.data.download import download_shards
+from nanorun.trainer.data.shards import DataError, iter_texts
 
 from tests.fixtures.tiny_run import real_english_documents
 
@@ -208,14 +211,14 @@ def test_download_skips_finished_shards_and_resumes_partial_ones(shard_server, t
     (tmp_path / ".partial").mkdir()
     (tmp_path / ".partial" / "shard_00001.parquet.part").write_bytes(data[:1000])
     urls = [f"{shard_server.url}/shard_{i:05d}.parquet" for i in (0, 1)]
-    dataset.download_shards(urls, str(tmp_path))
+    download_shards(urls, str(tmp_path))
     assert (tmp_path / "shard_00001.parquet").read_bytes() == data
     assert shard_server.requests == [("shard_00001.parquet", "bytes=1000-")]
 
 
 def test_download_retries_transient_errors(shard_server, tmp_path):
     shard_server.fail["shard_00002.parquet"] = [503, 500]
-    dataset.download_shards([f"{shard_server.url}/shard_00002.parquet"], str(tmp_path), retries=3)
+    download_shards([f"{shard_server.url}/shard_00002.parquet"], str(tmp_path), retries=3)
     assert (tmp_path / "shard_00002.parquet").read_bytes() == shard_server.files["shard_00002.parquet"]
     assert len(shard_server.requests) == 3
 
@@ -223,13 +226,13 @@ def test_download_retries_transient_errors(shard_server, tmp_path):
 def test_download_rejects_a_checksum_mismatch(shard_server, tmp_path):
     shard_server.bad_sha.add("shard_00000.parquet")
     with pytest.raises(DataError, match="sha256 mismatch"):
-        dataset.download_shards([f"{shard_server.url}/shard_00000.parquet"], str(tmp_path), retries=1)
+        download_shards([f"{shard_server.url}/shard_00000.parquet"], str(tmp_path), retries=1)
     assert not (tmp_path / "shard_00000.parquet").exists()
 
 
 def test_download_of_a_missing_shard_fails_without_retrying(shard_server, tmp_path):
     with pytest.raises(DataError, match="HTTP 404"):
-        dataset.download_shards(
+        download_shards(
             [f"{shard_server.url}/shard_00000.parquet", f"{shard_server.url}/shard_09999.parquet"],
             str(tmp_path),
         )
@@ -250,7 +253,7 @@ def test_download_offline_fails_fast_with_a_clear_message(tmp_path, capsys):
 
 def test_download_to_s3(shard_server, s3_run_dir):
     urls = [f"{shard_server.url}/shard_{i:05d}.parquet" for i in (0, 6542)]
-    paths = dataset.download_shards(urls, f"{s3_run_dir}/shards")
+    paths = download_shards(urls, f"{s3_run_dir}/shards")
     assert storage.read_bytes(paths[1]) == shard_server.files["shard_06542.parquet"]
     assert resolve_shards(f"{s3_run_dir}/shards") == paths
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from nanorun.pipeline.errors import StageError, run_main
 from nanorun.pipeline.storage import StorageError
-from nanorun.trainer.data import dataloader, dataset
+from nanorun.trainer.data import dataloader, shards
 from nanorun.trainer.data.tokenizer import TokenizerError
 from nanorun.trainer.training.checkpoint import CheckpointError
 
@@ -32,15 +32,15 @@ TRAINER = Path(__file__).parents[2] / "trainer"
 
 
 def test_the_projects_known_errors_are_stage_errors():
-    assert dataloader.DataError is dataset.DataError  # one class, whichever module a caller imports it from
-    for cls in (CheckpointError, dataset.DataError, StorageError, TokenizerError):
+    assert dataloader.DataError is shards.DataError  # one class, whichever module a caller imports it from
+    for cls in (CheckpointError, shards.DataError, StorageError, TokenizerError):
         assert issubclass(cls, StageError), cls
     assert issubclass(TokenizerError, ValueError)  # what callers caught before
 
 
 def test_a_stage_error_becomes_one_line_and_exit_code_1(capsys):
     def main() -> int:
-        raise dataset.DataError(
+        raise shards.DataError(
             "shard s3://b/data/shard_00003.parquet is corrupt or not a parquet file: "
             "Parquet magic bytes not found\n  in footer. Either the file is corrupted"
         )

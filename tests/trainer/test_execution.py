@@ -34,15 +34,21 @@ def test_failing_code_reports_the_exception():
     assert not result.success and "AssertionError: nope" in result.error
 
 
-def test_infinite_loop_is_killed_at_the_timeout():
-    result = execute_code("while True:\n    pass\n", timeout=1.0)
+def test_infinite_loop_is_killed_at_the_timeout(marker):
+    result = execute_code(in_marked_process(marker, "while True:\n    pass\n"), timeout=1.0)
     assert not result.success and result.timed_out and result.error == "timed out"
+    assert marked_processes(marker) == []  # killed, not left spinning
 
 
-def test_child_processes_are_killed_with_the_program():
-    code = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\nwhile True: pass\n"
-    result = execute_code(code, timeout=1.0)
-    assert result.timed_out
+def test_child_processes_are_killed_with_the_program(marker):
+    code = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
+        "print('started', flush=True)\nwhile True: pass\n"
+    )
+    result = execute_code(in_marked_process(marker, code), timeout=1.0)
+    assert result.timed_out and result.stdout == "started\n", result
+    assert marked_processes(marker) == []  # the program and the child it started
 
 
 def test_memory_blowup_hits_the_memory_limit():

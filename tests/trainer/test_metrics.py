@@ -1,6 +1,7 @@
 """The trainer's gauges appear with their first value: before a stage has measured its loss, ETA or
 MFU (never, on a CPU), the dashboard shows no data for them rather than a 0; the token counter and
-the step-time histogram are there from the start, at 0, so that `rate()` counts the first tokens."""
+the step-time histogram are there from the start, at 0, so that `rate()` counts the first tokens
+(and the heartbeat-failure counter, so that `increase()` counts the first failure)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def test_gauges_are_exported_from_their_first_value_and_counters_from_zero() -> 
         "llm_train_tokens_total": 0.0,
         "llm_train_step_seconds_count": 0.0,
         "llm_train_step_seconds_sum": 0.0,
+        "llm_train_heartbeat_failures_total": 0.0,
     }
     m.update({"step": 1, "total_steps": 10, "loss": 3.5, "mfu": None, "tokens": 512, "step_seconds": 0.5})
     assert exported(m) == {
@@ -34,6 +36,7 @@ def test_gauges_are_exported_from_their_first_value_and_counters_from_zero() -> 
         "llm_train_tokens_total": 512.0,
         "llm_train_step_seconds_count": 1.0,
         "llm_train_step_seconds_sum": 0.5,
+        "llm_train_heartbeat_failures_total": 0.0,
     }
     m.update({field: 0.5 for field in GAUGES})
     assert {name for name, _ in GAUGES.values()} <= exported(m).keys()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from tests.fixtures.tiny_run import check, run_stage, stage_env
 from tests.trainer.test_base_train import FLAGS, fresh_run, losses
 
 TINY = [f if f != "6" else "4" for f in FLAGS]  # 4 steps, checkpoints at 3 and 4
+OUTAGE_SECONDS = 120.0
 
 
 def history(run_dir: str) -> list[dict]:
@@ -75,6 +78,20 @@ def test_a_missing_object_read_through_cut_answers_is_still_missing(s3_server, s
     assert reads == [None] * 10
 
 
+def test_a_held_request_gets_no_answer_while_the_others_go_through(s3_server, s3_bucket):
+    storage.write_text(f"s3://{s3_bucket}/held", "held")
+    storage.write_text(f"s3://{s3_bucket}/free", "free")
+    with FaultyProxy(s3_server, rate=0, holds=[f"GET /{s3_bucket}/held"]) as proxy:
+        with pytest.raises(TimeoutError):
+            urllib.request.urlopen(f"{proxy.endpoint}/{s3_bucket}/held", timeout=1)
+        os.environ["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
+        try:
+            assert storage.read_text(f"s3://{s3_bucket}/free") == "free"
+        finally:
+            os.environ["AWS_ENDPOINT_URL_S3"] = s3_server
+    assert proxy.faults == {"held": 1}
+
+
 def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(
     tiny_base_run, s3_server, s3_bucket, faulty_s3
 ):
@@ -84,7 +101,7 @@ def test_a_tiny_run_on_a_faulty_endpoint_computes_the_same_losses(
         storage.upload_from(f, storage.join(data, f.name))
     runs = {"clean": f"s3://{s3_bucket}/runs/clean", "faulty": f"s3://{s3_bucket}/runs/faulty"}
     for run in runs.values():
-        for f in (Path(tiny_base_run) / "tokenizer").iterdir():
+        for f in (Path(tiny_base_run) / "tokenizer").glob("*.*"):  # its files, not its ranks/
             storage.upload_from(f, storage.join(run, "tokenizer", f.name))
 
     base_train(runs["clean"], data, s3_server)
@@ -135,3 +152,99 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
     assert losses(run) == straight  # steps 4-6 trained again, identically
     verify_checkpoint(checkpoint_dir(str(Path(run) / "pretrain"), 6))  # and saved whole this time
     assert [s for s, _ in list_checkpoints(str(Path(run) / "pretrain"))] == [3, 6]
+
+
+@pytest.fixture
+def outage_proxy(s3_server, monkeypatch):
+    """A fault-free proxy in front of the S3 server, made this test's endpoint, whose outages the test
+    starts; botocore gives up on a request after 2 attempts (AWS_MAX_ATTEMPTS), well inside them."""
+    with FaultyProxy(s3_server, rate=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        storage.wait_out_outages()  # as a stage process does
+        try:
+            yield proxy
+        finally:
+            storage.wait_out_outages(False)
+            proxy.outage(0)
+
+
+def test_an_outage_longer_than_botocores_own_retries_is_waited_out(outage_proxy, s3_bucket, capfd):
+    uri = f"s3://{s3_bucket}/run/pretrain/progress.json"
+    outage_proxy.outage(4)
+    storage.write_bytes(uri, b"step 1")
+    assert storage.read_bytes(uri) == b"step 1"
+    assert outage_proxy.faults["outage"] > 2  # botocore gave up on the write at least once
+    err = capfd.readouterr().err
+    assert f"storage unreachable (ConnectionClosedError) at {uri}: trying again for up to 900 s" in err
+    assert "storage reachable again after" in err
+
+
+def test_an_outage_longer_than_the_limit_raises_storage_unavailable(outage_proxy, s3_bucket, monkeypatch):
+    monkeypatch.setenv("NANORUN_STORAGE_OUTAGE_SECONDS", "1")
+    outage_proxy.outage(600)
+    with pytest.raises(storage.StorageUnavailable, match=r"storage unreachable for \d+ s at s3://"):
+        storage.read_bytes(f"s3://{s3_bucket}/run/pretrain/done.json")
+
+
+def test_a_process_that_is_no_stage_is_refused_when_botocore_gives_up(outage_proxy, s3_bucket):
+    storage.wait_out_outages(False)  # the operator: its handlers must not block for minutes
+    outage_proxy.outage(600)
+    with pytest.raises(Exception) as refused:
+        storage.read_json_or_none(f"s3://{s3_bucket}/run/pretrain/progress.json")
+    assert not isinstance(refused.value, storage.StorageUnavailable)
+
+
+def test_an_impatient_thread_is_refused_at_once(outage_proxy, s3_bucket, monkeypatch):
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    outage_proxy.outage(600)
+    with storage.impatient(), pytest.raises(Exception) as refused:
+        storage.write_bytes(f"s3://{s3_bucket}/run/pretrain/ranks/rank-00000.json", b"{}")
+    assert not isinstance(refused.value, storage.StorageUnavailable)
+    # one try of 2 botocore attempts (and a pooled connection urllib3 may reopen), not 8
+    assert outage_proxy.faults["outage"] < 8
+
+
+@pytest.mark.slow
+def test_a_run_rides_out_storage_outages_in_training_and_in_a_checkpoint_write(
+    tiny_base_run, s3_server, s3_bucket
+):
+    data = f"s3://{s3_bucket}/data"
+    for f in sorted((Path(tiny_base_run).parent / "data").iterdir()):
+        storage.upload_from(f, storage.join(data, f.name))
+    run = f"s3://{s3_bucket}/runs/outages"
+    for f in (Path(tiny_base_run) / "tokenizer").glob("*.*"):  # its files, not its ranks/
+        storage.upload_from(f, storage.join(run, "tokenizer", f.name))
+    # Each outage starts with the request named and lasts two minutes, as a restarting S3 gateway
+    # or a cut route might: the stage waits it out (backing off up to 30 s between tries) instead of
+    # crashing into a retry of the whole attempt.
+    during_training = f"PUT /{s3_bucket}/runs/outages/pretrain/progress.json"  # after the first step
+    during_checkpoint = f"PUT /{s3_bucket}/runs/outages/pretrain/checkpoints/step_000003/model.safetensors"
+    outages = [(during_training, OUTAGE_SECONDS), (during_checkpoint, OUTAGE_SECONDS)]
+    with FaultyProxy(s3_server, rate=0, outages=outages) as proxy:
+        env = stage_env(
+            AWS_ENDPOINT_URL=proxy.endpoint,
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            AWS_MAX_ATTEMPTS="2",
+            NANORUN_HEARTBEAT_SECONDS="0.5",
+            NANORUN_ATTEMPT="1",
+        )
+        proc = check(
+            subprocess.run(
+                [sys.executable, "-m", "nanorun.trainer.base_train", "--run-dir", run, "--data", data, *TINY],
+                capture_output=True,
+                text=True,
+                timeout=300 + 2 * OUTAGE_SECONDS,
+                env=env,
+            )
+        )
+    assert proxy.fired == [during_training, during_checkpoint]
+    assert proc.stderr.count("storage unreachable") >= 2 and "heartbeat not written" in proc.stderr
+    waited = [int(s) for s in re.findall(r"storage reachable again after (\d+) s", proc.stderr)]
+    assert sum(w >= OUTAGE_SECONDS - 5 for w in waited) == 2, waited  # each outage waited out whole
+    done = read_done(run, "pretrain")
+    assert done.metrics["steps"] == 4 and [r["step"] for r in history(run) if "loss" in r] == [1, 2, 3, 4]
+    committed = [uri for _, uri in list_checkpoints(storage.join(run, "pretrain"))]
+    assert [s for s, _ in list_checkpoints(storage.join(run, "pretrain"))] == [3, 4]
+    for uri in committed:
+        verify_checkpoint(uri)  # every file as committed: sizes and checksums

@@ -10,7 +10,7 @@ import pytest
 from nanorun.pipeline import storage
 from nanorun.pipeline.progress import read_done, read_progress
 from nanorun.trainer import tok_train
-from nanorun.trainer.data.dataset import prepare
+from nanorun.trainer.data.corpus import prepare
 from nanorun.trainer.data.tokenizer import Tokenizer
 
 from tests.fixtures.s3 import free_port
@@ -57,7 +57,9 @@ def test_stage_writes_tokenizer_progress_and_done(data_dir, tmp_path):
     tok = Tokenizer.from_run_dir(run_dir)
     assert tok.vocab_size == 700 and done.outputs["tokenizer"] == os.path.join(run_dir, "tokenizer")
     scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    assert 'llm_train_total_steps{rank="0",run="local",stage="tokenizer"} 300000.0' in scrape
+    # Characters read are the stage's steps: at the end, all of them of all of them.
+    for gauge in ("llm_train_step", "llm_train_total_steps"):
+        assert f'{gauge}{{rank="0",run="local",stage="tokenizer"}} {float(m["chars_seen"])}' in scrape
 
 
 def test_second_run_is_a_no_op(data_dir, tmp_path, capsys):

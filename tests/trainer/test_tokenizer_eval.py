@@ -6,7 +6,7 @@ from __future__ import annotations
 from nanorun.pipeline import storage
 from nanorun.pipeline.errors import run_main
 from nanorun.trainer import tok_eval
-from nanorun.trainer.data.dataset import prepare
+from nanorun.trainer.data.corpus import prepare
 from nanorun.trainer.data.tokenizer import Tokenizer
 
 from tests.fixtures.tiny_run import real_english_documents

@@ -320,16 +320,13 @@ def fit_conversation(
 
 def resolve_checkpoint(uri: str) -> str:
     """A committed checkpoint for `uri`: a checkpoint directory itself, the newest one of a stage
-    directory, or the newest one of the latest-trained stage of a run directory (also in the stage
-    folders of a run written before stages had one name, `<run-dir>/chat_sft/`)."""
+    directory, or the newest one of the latest-trained stage of a run directory."""
     from nanorun.trainer.training.checkpoint import CheckpointError, is_committed, latest_checkpoint
 
     uri = uri.rstrip("/")
     if is_committed(uri):
         return uri
-    candidates = [uri] + [
-        d for key in MODEL_KEYS for d in (layout.stage_dir(uri, key), layout.legacy_stage_dir(uri, key))
-    ]
+    candidates = [uri] + [layout.stage_dir(uri, key) for key in reversed(MODEL_KEYS)]
     for candidate in candidates:
         found = latest_checkpoint(candidate)
         if found:
@@ -343,7 +340,7 @@ def resolve_checkpoint(uri: str) -> str:
 
 def tokenizer_dir_for(checkpoint_uri: str) -> str:
     """The tokenizer folder of the run a checkpoint (`<run-dir>/<stage>/checkpoints/step_NNNNNN`) belongs to."""
-    return layout.tokenizer_dir_to_read(layout.run_dir_of_checkpoint(checkpoint_uri))
+    return layout.tokenizer_dir(layout.run_dir_of_checkpoint(checkpoint_uri))
 
 
 def default_device() -> torch.device:

@@ -43,7 +43,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from nanorun.trainer.data.dataset import DataError, fetch, is_remote, parquet_shard, read_texts
+from nanorun.trainer.data.shards import DataError, fetch, is_remote, parquet_shard, read_texts
 
 TOKENIZE_BATCH = 128  # documents per encode_batch call
 PREFETCH_BLOCKS = 3  # steps a stream may run ahead of the trainer

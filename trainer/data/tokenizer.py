@@ -177,7 +177,7 @@ class Tokenizer:
     @classmethod
     def from_run_dir(cls, run_dir: str) -> Tokenizer:
         """The tokenizer of a run: `<run_dir>/tokenizer/` (written by the tokenizer stage)."""
-        dir_uri = layout.tokenizer_dir_to_read(run_dir)
+        dir_uri = layout.tokenizer_dir(run_dir)
         if not storage.exists(storage.join(dir_uri, TIKTOKEN_FILE)):
             raise TokenizerError(
                 f"no tokenizer in {dir_uri}: run the tokenizer stage first "

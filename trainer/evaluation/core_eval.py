@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from nanorun.pipeline.errors import StageError
+from nanorun.trainer.training import liveness
 from nanorun.trainer.training.distributed import rank_and_world, sum_tensors_across_ranks
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -234,6 +235,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: CoreTask, device
     rank, world = rank_and_world()
     correct = torch.zeros(len(task.items), dtype=torch.float32, device=device)
     for idx in range(rank, len(task.items), world):
+        liveness.progressed()  # an evaluation item, for this rank's heartbeat
         correct[idx] = float(score_item(model, tokenizer, task, idx, device))
     sum_tensors_across_ranks(correct)
     return correct.mean().item() if len(task.items) else 0.0

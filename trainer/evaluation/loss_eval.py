@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from nanorun.trainer.training import liveness
 from nanorun.trainer.training.distributed import sum_tensors_across_ranks
 
 
@@ -36,6 +37,7 @@ def evaluate_bpb(
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
     batch_iter = iter(batches)
     for i in range(steps):
+        liveness.progressed()  # an evaluation batch, for this rank's heartbeat
         x, y = next(batch_iter)
         x, y = x.to(device), y.to(device)
         t0 = time.time()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nanorun.trainer.chat.conversation import render_for_completion
+from nanorun.trainer.training import liveness
 
 Conversation = dict[str, Any]
 LETTERS = "ABCDEFGHIJ"
@@ -139,6 +140,7 @@ def run_categorical_eval(
     correct = total = 0
     mine = list(range(rank, n, world))
     for b in range(0, len(mine), batch_size):
+        liveness.progressed()  # an evaluation batch, for this rank's heartbeat
         conversations = [task[i] for i in mine[b : b + batch_size]]
         # a prompt longer than the model's context keeps its end (the choices and the answer slot)
         limit = getattr(getattr(model, "config", None), "sequence_len", None)
@@ -189,6 +191,7 @@ def run_generative_eval(
     n = len(task) if max_problems is None else min(len(task), max_problems)
     correct = total = too_long = 0
     for i in range(rank, n, world):
+        liveness.progressed()
         conversation = task[i]
         prompt = render_for_completion(tokenizer, conversation)
         try:

@@ -105,7 +105,7 @@ def download_split(repo: str, config: str, split: str, cache: str) -> list[str]:
 
 def load_rows(repo: str, config: str, split: str, cache: str) -> list[dict[str, Any]]:
     """All rows of a split as dicts (column name -> Python value)."""
-    from nanorun.trainer.data.dataset import parquet_file
+    from nanorun.trainer.data.shards import parquet_file
 
     rows: list[dict[str, Any]] = []
     for uri in download_split(repo, config, split, cache):

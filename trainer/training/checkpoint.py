@@ -13,6 +13,12 @@
                             (BLAKE2b-128, computed when it is written), so a file truncated,
                             lost or changed inside later is found before it is trained on
 
+Fencing: `save_checkpoint` asks `liveness.ensure_current()` before it changes the step directory,
+before each rank uploads its shard, and right before the COMMITTED marker, so a rank of an attempt
+that a newer one replaced (still running on a lost node) raises `Superseded` and never commits, nor
+deletes or overwrites what the newer attempt wrote. Every file written, and every file checked on
+resume, counts as progress for the rank's heartbeat.
+
 `save_checkpoint` and `resumable_checkpoint` are collective (every rank writes its optimizer shard;
 rank 0 alone reads candidates through and tells the others which one to resume): call them on every
 rank. Each rank writes its shard to a local temporary directory, checksums it and copies or uploads
@@ -51,7 +57,8 @@ from nanorun.pipeline import storage
 from nanorun.pipeline.errors import StageError, one_line
 from nanorun.pipeline.layout import DONE_FILE, STEP_DIR, checkpoint_dir, checkpoints_dir, stage_dir
 from nanorun.pipeline.progress import current_config_id, read_done
-from nanorun.pipeline.stages import stage_named
+from nanorun.pipeline.stages import by_key
+from nanorun.trainer.training import liveness
 from nanorun.trainer.training.distributed import barrier, gather_objects, is_distributed, rank_and_world
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -103,7 +110,7 @@ def latest_checkpoint(stage_dir_uri: str) -> str | None:
 
 
 def saved_config_id(checkpoint_uri: str) -> str:
-    """The config id a committed checkpoint was saved under ("" for checkpoints that predate ids)."""
+    """The config id a committed checkpoint was saved under ("": saved by a stage run with no id)."""
     meta = storage.read_json_or_none(storage.join(checkpoint_uri, META_FILE))
     return str(meta.get("config_id") or "") if isinstance(meta, dict) else ""
 
@@ -156,6 +163,7 @@ def verify_checkpoint(checkpoint_uri: str) -> None:
     for name in sorted(marker.get(CHECKSUMS) or {}):
         try:
             actual = storage.file_checksum(storage.join(checkpoint_uri, name))
+            liveness.progressed()
         except FileNotFoundError:
             raise CheckpointError(
                 f"checkpoint file {storage.join(checkpoint_uri, name)} is missing"
@@ -189,7 +197,7 @@ def _newest_intact(stage_dir_uri: str, config_id: str) -> tuple[str | None, list
 
 def resumable_checkpoint(stage_dir_uri: str, config_id: str | None = None) -> str | None:
     """Where a stage resumes: its newest committed checkpoint saved under `config_id` (default: this
-    process's NANORUN_CONFIG_ID). Without an id, any checkpoint (as before ids existed). A checkpoint
+    process's NANORUN_CONFIG_ID). Without an id (a stage run by hand), any checkpoint. A checkpoint
     of another configuration is not resumed: a re-run after a spec change starts from its input.
 
     Collective: rank 0 reads the candidates through (every file against its size and checksum) and
@@ -260,6 +268,7 @@ def _save_optimizer(optimizer: Any, ckpt_uri: str) -> dict[str, str]:
             name = f"{OPTIM_DIR}/{path.relative_to(tmp).as_posix()}"
             checksums[name] = storage.file_checksum(path)
             storage.upload_from(path, storage.join(ckpt_uri, name))
+            liveness.progressed()
     return checksums
 
 
@@ -289,6 +298,7 @@ def save_checkpoint(
     barrier()
     if same:  # e.g. SIGTERM right after a periodic save of the same step
         return uri
+    liveness.ensure_current()  # every rank: its shard goes into the step directory below
     if rank_and_world()[0] == 0 and storage.list_files(uri):
         delete_checkpoint(uri)  # a re-run reaching a step an earlier run saved, or an interrupted save
     barrier()
@@ -300,6 +310,7 @@ def save_checkpoint(
         weights = save_safetensors(tensors)
         storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
         checksums[WEIGHTS_FILE] = storage.checksum(weights)
+        liveness.progressed()
         full_meta = {
             "step": step,
             "saved_at": time.time(),
@@ -314,6 +325,7 @@ def save_checkpoint(
         meta_bytes = storage.json_bytes(full_meta)
         storage.write_bytes(storage.join(uri, META_FILE), meta_bytes)
         checksums[META_FILE] = storage.checksum(meta_bytes)
+        liveness.progressed()
         # every rank's files are in place (barrier above): the marker lists them as they are now
         marker = {
             "step": step,
@@ -321,6 +333,7 @@ def save_checkpoint(
             "files": storage.file_sizes(uri),
             CHECKSUMS: checksums,
         }
+        liveness.ensure_current()  # the last check: the marker is the commit
         storage.write_json(storage.join(uri, COMMIT_MARKER), marker)
         _prune(stage_dir_uri, keep_last, newest=step, config_id=config_id)
     _known_good.add(uri)
@@ -413,6 +426,7 @@ def load_optimizer(checkpoint_uri: str, optimizer: Any) -> None:
                 storage.download_to(storage.join(source, DCP_METADATA), Path(tmp) / DCP_METADATA)
                 for name in optimizer_files_for(state, tmp):
                     storage.download_to(storage.join(source, name), Path(tmp) / name)
+                    liveness.progressed()
             except (
                 OSError,
                 storage.StorageError,
@@ -448,9 +462,9 @@ def _load_optimizer_files(state: dict, local_dir: str, source: str) -> None:
 
 def final_checkpoint(run_dir: str, stage: str) -> str:
     """The checkpoint a finished stage's done.json points at (a clear error when there is none).
-    `stage`: its key, or its old module name."""
+    `stage`: its key."""
     try:
-        named = stage_named(stage)
+        named = by_key(stage)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     stage, done = named.key, read_done(run_dir, named.key)
@@ -458,7 +472,7 @@ def final_checkpoint(run_dir: str, stage: str) -> str:
         raise CheckpointError(
             f"stage {stage!r} has not finished in {run_dir}: no "
             f"{storage.join(stage_dir(run_dir, stage), DONE_FILE)}; "
-            f"run `python -m nanorun.trainer.{named.module} --run-dir {run_dir}` first"
+            f"run `python -m {named.entry_point} --run-dir {run_dir}` first"
         )
     uri = done.outputs.get("checkpoint")
     if not uri:

@@ -26,6 +26,11 @@ terminationGracePeriodSeconds must cover), and the process exits with `PREEMPTED
 128 + SIGTERM, which a PyTorchJob's ExitCode restart policy treats as retryable). Under torchrun the
 pod's exit code is torchrun's (1), so the operator tells a preemption from a failure by the marker.
 
+Liveness: every rank of a stage that runs starts its heartbeat thread here (liveness.py); rank 0
+first claims the stage for its attempt. `ctx.progress` marks the rank's progress on every rank, and
+every status file rank 0 commits (progress.json, history.jsonl, done.json) is fenced: a rank of an
+attempt a newer one has replaced raises `Superseded` instead of writing.
+
 Configuration ids: a done.json counts as "already done" only for the same NANORUN_CONFIG_ID
 (`progress.is_current`); with another id the stage runs again from its input (spec change).
 """
@@ -57,8 +62,8 @@ from nanorun.pipeline.progress import (
     write_done,
     write_progress,
 )
-from nanorun.pipeline.stages import stage_named
-from nanorun.trainer.training import distributed
+from nanorun.pipeline.stages import by_key
+from nanorun.trainer.training import distributed, liveness
 from nanorun.trainer.training.metrics import TrainMetrics, WandbLogger
 
 PREEMPTED_EXIT_CODE = 143
@@ -137,6 +142,7 @@ class StageContext:
         """
         if self.metrics is not None:
             self.metrics.update(fields)
+        liveness.progressed(step=fields.get("step"), step_seconds=fields.get("step_seconds"))
         if not self.is_master:
             return
         if self.wandb is not None:
@@ -158,6 +164,7 @@ class StageContext:
         self._progress = p
         now = time.time()
         if flush or now - self._progress_written_at >= PROGRESS_MIN_INTERVAL_S:
+            liveness.ensure_current()
             write_progress(self.run_dir, p)
             self._progress_written_at = now
 
@@ -181,6 +188,7 @@ class StageContext:
     def flush_history(self) -> None:
         if self.is_master and self.history:
             text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+            liveness.ensure_current()
             storage.write_text(storage.join(self.stage_dir, HISTORY_FILE), text)
             self._history_written_at = time.time()
 
@@ -191,6 +199,7 @@ class StageContext:
             self.flush_history()
             if self._progress is not None:
                 self.progress(flush=True, message="done")
+            liveness.ensure_current()
             write_done(
                 self.run_dir,
                 Done(
@@ -249,7 +258,8 @@ def seed_everything(seed: int) -> None:
 def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     """Start a stage process: distributed init, device, seeds, metrics server, SIGTERM handler.
     `stage` is the stage's key (pipeline/stages.py), the name of its folder, files, metrics and logs."""
-    stage = stage_named(stage).key  # an entry point may still name itself by its module
+    stage = by_key(stage).key
+    storage.wait_out_outages()  # a storage outage of minutes costs a stage time, not the run
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -260,7 +270,8 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
             raise SystemExit(
                 f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set (launch with torchrun)"
             )
-        distributed.init_process_group(device, rank, world_size)
+        trace_prefix = liveness.scratch_dir() / liveness.FLIGHT_RECORDER_FILE
+        distributed.init_process_group(device, rank, world_size, trace_prefix)
     seed_everything(args.seed)
     run_dir = str(args.run_dir).rstrip("/")
     ctx = StageContext(
@@ -288,6 +299,7 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
     if args.metrics_port is not None:
         port = ctx.metrics.serve(args.metrics_port + local_rank if args.metrics_port else 0)
         print(f"[rank {rank}] metrics on http://0.0.0.0:{port}/metrics", flush=True)
+    liveness.start(run_dir, stage, rank, world_size, ctx.attempt, ctx.metrics)
     if ctx.is_master and (status := trainer_status.reporter()) is not None:
         status.listeners.append(ctx.metrics.count_status_report)
         ctx.print0(f"{stage}: reporting progress to Kubeflow Trainer at {status.url}")
@@ -330,5 +342,6 @@ def teardown(ctx: StageContext, exit_code: int = 0) -> int:
     """Release the process group and loggers; returns `exit_code` so a stage can `return teardown(ctx)`."""
     if ctx.wandb is not None:
         ctx.wandb.finish()
+    liveness.stop()
     distributed.destroy_process_group()
     return exit_code

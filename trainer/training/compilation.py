@@ -94,6 +94,11 @@ class CompileClock:
     _pending: bool = True
     _eval_pending: bool = True
 
+    @property
+    def compiling(self) -> bool:
+        """Whether the next training step compiles the model."""
+        return self.compiled and self._pending
+
     def step_seconds(self, dt: float) -> float | None:
         """The step's time as step time, or None when it compiled (its `dt` is added to `seconds`)."""
         if self.compiled and self._pending:

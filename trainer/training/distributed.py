@@ -4,17 +4,32 @@ is, sums and means across ranks, and the gradient norm a training step logs.
 A stage runs as one plain process, or as one process per device under torchrun (or a PyTorchJob,
 which injects the same variables). Every helper here works in both cases: without a process group
 a sum or mean across ranks is the value itself, so no caller needs an `if distributed` branch.
+
+Hung collectives end: the process group's timeout is NANORUN_COLLECTIVE_TIMEOUT_SECONDS (default 30
+minutes: a checkpoint upload, or a storage outage one rank waits out while the others sit in a
+barrier, fits in it), for gloo and NCCL alike. A gloo collective that a peer never joins raises
+after it. For NCCL, `nccl_environment` sets what PyTorch reads at init
+(https://docs.pytorch.org/docs/stable/torch_nccl_environment_variables.html), each only where the
+user has not set it: the watchdog tears the process down on a timeout (async error handling), its
+heartbeat monitor aborts a watchdog that itself hangs, and the flight recorder keeps the last
+collectives and dumps them on a timeout into this process's liveness scratch directory, from where
+the heartbeat thread (liveness.py) copies the trace into `<run>/<stage>/stalls/attempt-N/`.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from nanorun.pipeline.liveness import collective_timeout_seconds
 
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # a slow checkpoint upload must not time out
+FLIGHT_RECORDER_ENTRIES = 2000  # collectives (start and end events) the recorder keeps per process group
+HEARTBEAT_MONITOR_SECONDS = 480  # PyTorch's own default: a watchdog stuck this long aborts the process
 
 
 def is_distributed() -> bool:
@@ -28,12 +43,42 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_process_group(device: torch.device, rank: int, world_size: int) -> None:
-    """Join the default process group: NCCL on CUDA (bound to this process's device), gloo on CPU."""
+def nccl_environment(
+    timeout_seconds: float, trace_prefix: Path, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """The NCCL settings to add to `environ` (those it does not set already) so that a collective
+    hung for `timeout_seconds` aborts the process with the flight recorder's trace written to
+    `<trace_prefix><rank>` (torch appends the rank)."""
+    wanted = {
+        # 3: on a timeout or error the watchdog tears the process down without aborting the
+        # communicators first (an abort can hang too); the pod exits and the executor retries
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "TORCH_NCCL_ENABLE_MONITORING": "1",
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(int(min(timeout_seconds, HEARTBEAT_MONITOR_SECONDS))),
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": str(FLIGHT_RECORDER_ENTRIES),
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    }
+    # the trace's path: TORCH_FR_DUMP_TEMP_FILE, read by PyTorch releases before it by its older name
+    trace_names = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+    if not any(environ.get(name) for name in trace_names):
+        wanted.update(dict.fromkeys(trace_names, str(trace_prefix)))
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
+
+
+def process_group_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=collective_timeout_seconds())
+
+
+def init_process_group(device: torch.device, rank: int, world_size: int, trace_prefix: Path) -> None:
+    """Join the default process group: NCCL on CUDA (bound to this process's device, configured by
+    `nccl_environment`), gloo on CPU; both with the collective timeout."""
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda":
+        os.environ.update(nccl_environment(collective_timeout_seconds(), trace_prefix, os.environ))
+        kwargs["device_id"] = device
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
-        backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT, **kwargs
+        backend, rank=rank, world_size=world_size, timeout=process_group_timeout(), **kwargs
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from nanorun.pipeline.progress import is_done
-from nanorun.pipeline.stages import BY_KEY, stage_named
+from nanorun.pipeline.stages import BY_KEY, by_key
 from nanorun.trainer.training import checkpoint as ckpt
 from nanorun.trainer.training.common import teardown
 from nanorun.trainer.training.compilation import add_compile_arg
@@ -85,11 +85,10 @@ class Start:
 
 
 def source_checkpoint(run_dir: str, sources: tuple[str, ...] | str) -> tuple[str, str]:
-    """(stage key, final checkpoint) of the first finished stage in `sources` (keys; a stage's old
-    module name, e.g. base_train, names it too)."""
+    """(stage key, final checkpoint) of the first finished stage in `sources` (stage keys)."""
     names = tuple(s.strip() for s in sources.split(",")) if isinstance(sources, str) else sources
     try:
-        stages = tuple(stage_named(name).key for name in names)
+        stages = tuple(by_key(name).key for name in names)
     except ValueError as err:
         raise SystemExit(f"--source {','.join(names)}: {err}") from None
     for stage in stages:
@@ -97,7 +96,7 @@ def source_checkpoint(run_dir: str, sources: tuple[str, ...] | str) -> tuple[str
             return stage, ckpt.final_checkpoint(run_dir, stage)
     raise SystemExit(
         f"none of the source stages {', '.join(stages)} has finished in {run_dir}; run one of them first "
-        f"(e.g. `python -m nanorun.trainer.{BY_KEY[stages[-1]].module} --run-dir {run_dir}`)"
+        f"(e.g. `python -m {BY_KEY[stages[-1]].entry_point} --run-dir {run_dir}`)"
     )
 
 

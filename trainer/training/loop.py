@@ -20,6 +20,9 @@ At each step, in this order:
   own), so skipping one leaves a resumed run on the uninterrupted run's path.
 - save: at the last step, every `save_every` steps and when preempted; then progress.json names the
   checkpoint and history.jsonl is written up to it, so a resumed run's history matches its checkpoint.
+- liveness (liveness.py): the loop is the `training` phase; evaluations run as `evaluating`, saves
+  as `checkpointing` and the step that compiles the model as `compiling`: phases one long call may
+  spend without progress, whose longest length each rank's heartbeat reports.
 - one optimizer step, `train_step(step)`, timed: the step line (the stage's numbers, then ms, tokens/s,
   MFU where the device's peak is known, ETA), progress.json, the metrics and history.jsonl. The step
   that compiled the model counts as compile time, outside tokens/s and the ETA (nanochat's
@@ -30,11 +33,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from nanorun.pipeline.liveness import CHECKPOINTING, COMPILING, EVALUATING, TRAINING
+from nanorun.trainer.training import liveness
 from nanorun.trainer.training.common import peak_flops
 from nanorun.trainer.training.compilation import CompileClock
 
@@ -56,8 +61,7 @@ class StepReport:
     loss: float  # the loss shown in progress.json
     lr: float  # the learning rate shown in progress.json
     grad_norm: float
-    tokens: int  # this rank's tokens, added to the tokens metric
-    tokens_per_step: float  # all ranks' tokens of the step, for tokens/s
+    tokens: int  # all ranks' tokens of the step: added to the tokens metric, and tokens/s
     record: dict[str, float]  # the step's history.jsonl record, besides step, tokens/s and seconds
     progress: dict[str, float] = field(default_factory=dict)  # more progress.json fields (after the loss)
 
@@ -126,11 +130,12 @@ def run_loop(
     device_peak = peak_flops(ctx.device) if flops_per_token else None  # None off GPUs it knows
     peak = device_peak * ctx.world_size if device_peak else None
     preempted = False
+    liveness.set_phase(TRAINING)
     while True:
         last_step = step == steps
         for evaluation in evaluations:
             if last_step or (not preempted and due(evaluation.every, step, first_step)):
-                with evaluating(model):
+                with liveness.pausing(EVALUATING), evaluating(model):
                     results = evaluation.run(step)
                 if results:
                     # val_bpb is logged as "val bpb"
@@ -139,15 +144,17 @@ def run_loop(
                     ctx.record(step=step, **results)
                     evals.update(results)
         if last_step or preempted or due(save_every, step, first_step):
-            checkpoint = save(step, evals)
+            with liveness.pausing(CHECKPOINTING):
+                checkpoint = save(step, evals)
             report_checkpoint(ctx, step, steps, checkpoint)
         if preempted or last_step:
             return Outcome(checkpoint, evals, preempted=preempted, compile_seconds=clock.seconds)
 
         t0 = time.time()
-        report = train_step(step)
-        if ctx.device_type == "cuda":
-            torch.cuda.synchronize()
+        with liveness.pausing(COMPILING) if clock.compiling else nullcontext():
+            report = train_step(step)
+            if ctx.device_type == "cuda":
+                torch.cuda.synchronize()
         dt = time.time() - t0
         step += 1
 
@@ -157,7 +164,7 @@ def run_loop(
             timing["timed_steps"] += 1
         average = timing["train_seconds"] / timing["timed_steps"] if timing["timed_steps"] else dt
         eta = average * (steps - step)
-        tok_s = report.tokens_per_step / steady if steady else None
+        tok_s = report.tokens / steady if steady else None
         mfu = flops_per_token * tok_s / peak if peak and tok_s else None
         took = f"{dt * 1000:.0f} ms | {tok_s:,.0f} tok/s" if tok_s else f"compile + first step {dt:.1f} s"
         ctx.print0(

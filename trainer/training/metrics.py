@@ -10,6 +10,17 @@ one Grafana dashboard shows every stage and every rank of every run:
     llm_train_status_reports_total{outcome} (counter; only in a TrainJob whose Kubeflow Trainer
     takes progress reports, see nanorun.pipeline.trainer_status)
 
+and the rank's liveness (training/liveness.py), so a dashboard names the straggler or the silent rank:
+
+    llm_train_progress_timestamp_seconds   when the main thread last progressed (a step, an
+                                           evaluation batch, a checkpoint chunk), Unix time
+    llm_train_heartbeat_timestamp_seconds  when the heartbeat thread last beat (written or not)
+    llm_train_phase{phase}                 1 for the phase the rank is in, 0 for the others
+    llm_train_heartbeat_failures_total     heartbeats storage refused (counter)
+
+`time() - llm_train_progress_timestamp_seconds` is how long a rank has been stuck; a scrape that
+fails altogether is a process that is gone or frozen (SIGSTOP).
+
 Gauges are exported from their first value on; the token counter and the step-time histogram from
 the start (at 0, so that `rate()` counts the first tokens).
 
@@ -27,8 +38,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from nanorun.pipeline.liveness import FINISHED, PAUSING_PHASES, TRAINING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+PHASES = (*PAUSING_PHASES, TRAINING, FINISHED)
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 # progress field -> gauge name (fields without a gauge are only written to progress.json)
@@ -78,6 +91,30 @@ class TrainMetrics:
             [*names, "outcome"],
             registry=self.registry,
         )
+        self.progress_time = Gauge(
+            "llm_train_progress_timestamp_seconds",
+            "When the rank's main thread last progressed (a step, an evaluation batch, a checkpoint chunk)",
+            names,
+            registry=self.registry,
+        )
+        self.heartbeat_time = Gauge(
+            "llm_train_heartbeat_timestamp_seconds",
+            "When the rank's heartbeat thread last beat",
+            names,
+            registry=self.registry,
+        )
+        self.phase = Gauge(
+            "llm_train_phase",
+            "1 for the phase the rank is in, 0 for the others",
+            [*names, "phase"],
+            registry=self.registry,
+        )
+        self.heartbeat_failures = Counter(
+            "llm_train_heartbeat_failures",
+            "Heartbeats of the rank that storage refused",
+            names,
+            registry=self.registry,
+        ).labels(**self.labels)
         self.port: int | None = None
 
     def serve(self, port: int) -> int:
@@ -89,6 +126,19 @@ class TrainMetrics:
     def count_status_report(self, outcome: str) -> None:
         """One POST to Trainer's status server ended: `outcome` "sent" or "failed"."""
         self.status_reports.labels(**self.labels, outcome=outcome).inc()
+
+    def progressed(self, at: float) -> None:
+        self.progress_time.labels(**self.labels).set(at)
+
+    def beat(self, at: float) -> None:
+        self.heartbeat_time.labels(**self.labels).set(at)
+
+    def heartbeat_failed(self) -> None:
+        self.heartbeat_failures.inc()
+
+    def set_phase(self, phase: str) -> None:
+        for name in PHASES:
+            self.phase.labels(**self.labels, phase=name).set(1.0 if name == phase else 0.0)
 
     def update(self, fields: dict[str, Any]) -> None:
         for key, value in fields.items():

@@ -51,7 +51,7 @@ app.kubernetes.io/part-of: nanorun
 {{/* "true" when operator.policy restricts anything (else empty: everything allowed). */}}
 {{- define "nanorun.policy" -}}
 {{- $p := .Values.operator.policy }}
-{{- if or $p.storage.prefixes $p.storage.namespaces $p.storage.readOnlyPrefixes $p.images $p.priorityClasses $p.trainingRuntimes }}true{{ end }}
+{{- if or $p.storage.prefixes $p.storage.namespaces $p.storage.readOnlyPrefixes $p.images $p.priorityClasses $p.trainingRuntimes $p.nodeLabels $p.tolerations }}true{{ end }}
 {{- end }}
 
 {{/* A list of URI prefixes as the policy ConfigMap's value: one per line, no trailing slash. */}}

@@ -1,0 +1,52 @@
+"""The LLMRun API (nanorun.io/v1alpha1): the pydantic models of its spec and status (`llmrun.py`),
+the cross-field rules that are both CEL for admission and Python for `nanorun run` (`rules.py`),
+the CustomResourceDefinition generated from them (`crd.py`), and the admin's tenancy policy that
+says what a namespace's runs may use (`tenancy.py`). The names the rest of nanorun imports from
+the models are importable from this package: `from nanorun.operator.api import LLMRunSpec`.
+"""
+
+from nanorun.operator.api.llmrun import (
+    API_VERSION,
+    DEFAULT_IMAGE,
+    DEFAULT_RAY_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    VERSION,
+    Condition,
+    LLMRunSpec,
+    LLMRunStatus,
+    Model,
+    Phase,
+    SpecError,
+    StageMetrics,
+    StagesSpec,
+    StageStatus,
+    check_update,
+    parse_spec,
+    spec_to_dict,
+)
+
+__all__ = [
+    "API_VERSION",
+    "DEFAULT_IMAGE",
+    "DEFAULT_RAY_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "VERSION",
+    "Condition",
+    "LLMRunSpec",
+    "LLMRunStatus",
+    "Model",
+    "Phase",
+    "SpecError",
+    "StageMetrics",
+    "StagesSpec",
+    "StageStatus",
+    "check_update",
+    "parse_spec",
+    "spec_to_dict",
+]
