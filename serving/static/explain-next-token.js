@@ -27,6 +27,8 @@ async function predict() {
 
 function renderBars(tokens) {
   const max = Math.max(...tokens.map((t) => t.prob), 1e-9);
+  const old = [...$("bars").children];
+  const focused = old.indexOf(document.activeElement); // a keyboard user keeps their place
   $("bars").replaceChildren(...tokens.map((t) => {
     const bar = document.createElement("button");
     bar.type = "button";
@@ -52,6 +54,8 @@ function renderBars(tokens) {
     bar.addEventListener("click", () => { promptEl.value += t.text; predict(); });
     return bar;
   }));
+  const keep = $("bars").children[focused];
+  if (keep && !keep.disabled) keep.focus();
   document.body.dataset.ready = "1";
 }
 
