@@ -83,12 +83,13 @@ class ChatService:
         from ray.serve.schema import ServeDeploySchema
 
         client = serve.context._get_global_client()
+        # Not Serve's own blocking wait: it gives up after a fixed 60 s, which a loaded machine can
+        # take to start a replica; the reported checkpoint is the condition that matters.
         client.deploy_apps(
-            ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint, self.keys_file)),
-            _blocking=True,
+            ServeDeploySchema(**serve_config(self.args_checkpoint, checkpoint, self.keys_file))
         )
         digest = checkpoint_digest(resolve_checkpoint(checkpoint))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
                 health = self.health()
