@@ -47,6 +47,7 @@ ALLREDUCE = textwrap.dedent("""
     dist.all_reduce(t)
     print(f"rank {dist.get_rank()} of {dist.get_world_size()} on {socket.gethostname()}: sum {int(t.item())}")
     print("env", json.dumps(dict(os.environ)), flush=True)
+    dist.destroy_process_group()  # exiting with gloo's threads alive may abort in their destructors
 """)
 
 

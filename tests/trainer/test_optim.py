@@ -129,8 +129,12 @@ def two_rank_run(tmp_path_factory) -> str:
 
 
 def assert_same_params(actual: dict, expected: dict) -> None:
+    """Equal up to rounding. Two ranks sum gradients in another order than one process, and Adam
+    divides by the root of the second moment, which turns rounding in small gradients into visible
+    differences (as much as 8e-5 after four steps, depending on the CPU's vector kernels). One
+    step moves a matrix element by about 2e-3 (median), so a wrong shard or reduction still fails."""
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(actual[name], value, atol=3e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.slow  # starts two processes (one shared run for these tests)
