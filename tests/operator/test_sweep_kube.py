@@ -82,8 +82,16 @@ def test_points_run_at_once_a_killed_point_resumes_and_deleting_the_sweep_collec
     sweep = get_sweep(custom_api, ns)["status"]
     assert sweep["total"] == 4 and sweep["running"] >= 2
 
-    # Delete one point's pod mid-stage (what an eviction does): that point gets a new attempt.
+    # Delete one point's pod mid-stage (what an eviction does): that point gets a new attempt. Mid-stage
+    # is once the stage has said it started (its SIGTERM handler is in place by then); a pod deleted
+    # while Python still imports leaves no trace of why it stopped once it is gone.
     killed, pod = sorted(running.items())[0]
+    wait_for(
+        "the stage started in the pod",
+        lambda: "fake stage pretrain: attempt 1" in kube.kubectl("logs", "-n", ns, pod, check=False).stdout,
+        TIMEOUT,
+        operator_process,
+    )
     kube.kubectl("delete", "pod", "-n", ns, pod, "--wait=false")
 
     def all_done():
