@@ -14,17 +14,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import yaml
 from nanorun.operator.api import SpecError, parse_spec
 from nanorun.operator.api.tenancy import Policy
 from nanorun.pipeline import storage
 
-from tests.charts.conftest import run_helm, template_args
 from tests.fixtures.kube import KubeEnv, deploy_s3, wait_until
-from tests.operator.test_tenancy_kube import PREFIX, checksums, finished_run, server_refusal
+from tests.operator.test_tenancy_kube import PREFIX, apply_policy, checksums, finished_run, server_refusal
 
 pytestmark = [pytest.mark.kube]
 
@@ -49,32 +46,20 @@ def arena(kube: KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
     team_a, team_b = f"attack-a-{suffix}", f"attack-b-{suffix}"
     for ns in (team_a, team_b):
         kube.kubectl("create", "namespace", ns)
-    values = tmp_path_factory.mktemp("attacks") / "values.yaml"
-    values.write_text(
-        yaml.safe_dump(
-            {
-                "operator": {
-                    "watchNamespaces": [team_a, team_b],
-                    "policy": {
-                        "storage": {"prefixes": [PREFIX], "readOnlyPrefixes": ["s3://nanorun/shared"]},
-                        "images": ["ghcr.io/nanorun/"],
-                        "priorityClasses": ["training-low"],
-                        "trainingRuntimes": ["nanorun-torch"],
-                        "nodeLabels": ["nanorun.io/pool={namespace}", "nvidia.com/gpu.product"],
-                        "tolerations": ["nvidia.com/gpu", "nanorun.io/pool={namespace}"],
-                    },
-                }
-            }
-        )
+    objects = apply_policy(
+        kube,
+        tmp_path_factory.mktemp("attacks"),
+        f"at-{suffix}",
+        [team_a, team_b],
+        {
+            "storage": {"prefixes": [PREFIX], "readOnlyPrefixes": ["s3://nanorun/shared"]},
+            "images": ["ghcr.io/nanorun/"],
+            "priorityClasses": ["training-low"],
+            "trainingRuntimes": ["nanorun-torch"],
+            "nodeLabels": ["nanorun.io/pool={namespace}", "nvidia.com/gpu.product"],
+            "tolerations": ["nvidia.com/gpu", "nanorun.io/pool={namespace}"],
+        },
     )
-    rendered = run_helm(
-        str(Path(kube.bin_dir) / "helm"),
-        *template_args(values=[values], release=f"at-{suffix}", namespace=team_a),
-        "--show-only",
-        "templates/policy.yaml",
-    ).stdout
-    objects = [o for o in yaml.safe_load_all(rendered) if o]
-    kube.kubectl("apply", "-f", "-", input=rendered)
     with pytest.MonkeyPatch.context() as env:
         ip = _s3(kube, team_a)
         for key, value in {

@@ -100,36 +100,40 @@ def test_the_operator_neither_reads_nor_deletes_another_namespaces_run(
     ), events[-2000:]
 
 
+def apply_policy(
+    kube: KubeEnv, workdir: Path, release: str, namespaces: list[str], policy: dict
+) -> list[dict]:
+    """The chart's tenancy policy objects (ConfigMap, ValidatingAdmissionPolicy, its binding) for
+    `operator.policy` = `policy` over `namespaces`, rendered into the first namespace and applied."""
+    values = workdir / "values.yaml"
+    values.write_text(yaml.safe_dump({"operator": {"watchNamespaces": namespaces, "policy": policy}}))
+    rendered = run_helm(
+        str(Path(kube.bin_dir) / "helm"),
+        *template_args(values=[values], release=release, namespace=namespaces[0]),
+        "--show-only",
+        "templates/policy.yaml",
+    ).stdout
+    kube.kubectl("apply", "-f", "-", input=rendered)
+    return [o for o in yaml.safe_load_all(rendered) if o]
+
+
 @pytest.fixture
 def admission_policy(kube: KubeEnv, kube_namespace: str, tmp_path: Path):
     """The chart's tenancy policy objects (ConfigMap, ValidatingAdmissionPolicy and its binding),
     rendered for the test's namespace as team B and a second namespace as team A, applied for real."""
     team_a = f"team-a-{uuid.uuid4().hex[:6]}"
     kube.kubectl("create", "namespace", team_a)
-    values = tmp_path / "values.yaml"
-    values.write_text(
-        yaml.safe_dump(
-            {
-                "operator": {
-                    "watchNamespaces": [team_a, kube_namespace],
-                    "policy": {
-                        "storage": {"prefixes": [PREFIX], "readOnlyPrefixes": ["s3://nanorun/shared"]},
-                        "images": ["ghcr.io/nanorun/"],
-                        "priorityClasses": ["training-low"],
-                    },
-                }
-            }
-        )
+    objects = apply_policy(
+        kube,
+        tmp_path,
+        f"sp-{uuid.uuid4().hex[:6]}",
+        [team_a, kube_namespace],
+        {
+            "storage": {"prefixes": [PREFIX], "readOnlyPrefixes": ["s3://nanorun/shared"]},
+            "images": ["ghcr.io/nanorun/"],
+            "priorityClasses": ["training-low"],
+        },
     )
-    release = f"sp-{uuid.uuid4().hex[:6]}"
-    rendered = run_helm(
-        str(Path(kube.bin_dir) / "helm"),
-        *template_args(values=[values], release=release, namespace=team_a),
-        "--show-only",
-        "templates/policy.yaml",
-    ).stdout
-    objects = [o for o in yaml.safe_load_all(rendered) if o]
-    kube.kubectl("apply", "-f", "-", input=rendered)
     try:
         yield team_a, Policy.from_data(next(o for o in objects if o["kind"] == "ConfigMap")["data"])
     finally:
