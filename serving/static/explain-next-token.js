@@ -27,8 +27,7 @@ async function predict() {
 
 function renderBars(tokens) {
   const max = Math.max(...tokens.map((t) => t.prob), 1e-9);
-  const old = [...$("bars").children];
-  const focused = old.indexOf(document.activeElement); // a keyboard user keeps their place
+  const focused = [...$("bars").children].indexOf(document.activeElement); // a keyboard user keeps their place
   $("bars").replaceChildren(...tokens.map((t) => {
     const bar = document.createElement("button");
     bar.type = "button";
@@ -54,8 +53,11 @@ function renderBars(tokens) {
     bar.addEventListener("click", () => { promptEl.value += t.text; predict(); });
     return bar;
   }));
-  const keep = $("bars").children[focused];
-  if (keep && !keep.disabled) keep.focus();
+  if (focused >= 0) { // the bar at the same place, or the next one that can be pressed
+    const bars = [...$("bars").children];
+    const keep = bars.slice(focused).find((b) => !b.disabled) ?? bars.find((b) => !b.disabled);
+    if (keep) keep.focus();
+  }
   document.body.dataset.ready = "1";
 }
 

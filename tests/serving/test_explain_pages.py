@@ -107,9 +107,15 @@ def test_clicking_a_next_token_bar_appends_it_and_predicts_again(page, chat_serv
     page.wait_for_function("() => document.querySelectorAll('#bars .bar').length === 8")
     first = page.locator("#bars .bar:not([disabled]) >> nth=0")
     first.focus()
+    pressed = first.element_handle()
     page.keyboard.press("Enter")  # keyboard works as well as a click
     page.wait_for_function("b => document.querySelector('#prompt').value.length > b.length", arg=before)
     assert page.input_value("#prompt").startswith(before)
+    # The new prediction replaces the bars; the keyboard's focus stays among them.
+    page.wait_for_function(
+        "old => document.activeElement !== old && document.activeElement.matches('#bars .bar')",
+        arg=pressed,
+    )
     screenshot(page, "next-token")
     assert only_local_requests(page, chat_service)
 
