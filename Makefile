@@ -63,7 +63,7 @@ setup-apt-lists:
 SYSTEM_PACKAGES := chromium prometheus iptables buildah podman runc mmdebstrap containernetworking-plugins busybox-static gcc libc6-dev
 SYSTEM_COMMANDS := chromium promtool iptables buildah podman runc mmdebstrap busybox gcc
 setup-system: setup-apt-lists
-	@if for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || exit 1; done && [ -x /usr/lib/cni/bridge ]; then :; \
+	@if (for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || exit 1; done) && [ -x /usr/lib/cni/bridge ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "note: install $(SYSTEM_PACKAGES) for the browser, metrics, cluster and image tests"; fi
