@@ -13,7 +13,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,18 @@ class StorageUnavailable(RuntimeError):
 
 def _status_code(err: Exception) -> int | None:
     return getattr(err, "status", None)
+
+
+def unless_status(status: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Makes the API call; False when the server answered `status` instead (409 on a create: it is
+    already there; 404 on a delete: it is already gone), which is then no error."""
+    try:
+        call(*args, **kwargs)
+    except Exception as err:
+        if _status_code(err) != status:
+            raise
+        return False
+    return True
 
 
 TRAINJOB_RECHECK_SECONDS = 30.0  # how long the answer "is the TrainJob CRD served?" is kept
@@ -346,14 +358,16 @@ class Controller(WorkQueue):
             self._apply_network_policies(run, body)
         for manifest, event in d.create_jobs:
             launcher = launcher_of(manifest)
-            try:
-                api.create_namespaced_custom_object(
-                    launcher.group, launcher.version, run.namespace, launcher.plural, manifest
-                )
-            except Exception as err:
-                if _status_code(err) == 409:
-                    continue  # already there: a previous reconcile (or operator process) created it
-                raise
+            if not unless_status(
+                409,
+                api.create_namespaced_custom_object,
+                launcher.group,
+                launcher.version,
+                run.namespace,
+                launcher.plural,
+                manifest,
+            ):
+                continue  # already there: a previous reconcile (or operator process) created it
             self._post_event(run, event)
             if manifest["metadata"]["labels"].get(LABEL_ATTEMPT) == "1" and not any(
                 (r.get("attempts") or 0) > 0 for r in ((body.get("status") or {}).get("stages") or [])
@@ -370,18 +384,16 @@ class Controller(WorkQueue):
             )
         for job in d.delete_jobs:
             launcher = kinds.get(job, LAUNCHERS["PyTorchJob"])
-            try:
-                api.delete_namespaced_custom_object(
-                    launcher.group,
-                    launcher.version,
-                    run.namespace,
-                    launcher.plural,
-                    job,
-                    propagation_policy="Background",
-                )
-            except Exception as err:
-                if _status_code(err) != 404:
-                    raise
+            unless_status(
+                404,
+                api.delete_namespaced_custom_object,
+                launcher.group,
+                launcher.version,
+                run.namespace,
+                launcher.plural,
+                job,
+                propagation_policy="Background",
+            )
         for workload, patch in d.patch_workloads:
             api.patch_namespaced_custom_object(
                 names.WORKLOAD_GROUP,
@@ -392,22 +404,15 @@ class Controller(WorkQueue):
                 patch,
             )
         rs = (RAYSERVICE_GROUP, RAYSERVICE_VERSION, run.namespace, RAYSERVICE_PLURAL)
-        if d.create_rayservice is not None:
-            try:
-                api.create_namespaced_custom_object(*rs, d.create_rayservice)
-            except Exception as err:
-                if _status_code(err) != 409:
-                    raise
-                d.events = [e for e in d.events if e.reason != "ServingCreated"]  # it was already there
+        if d.create_rayservice is not None and not unless_status(
+            409, api.create_namespaced_custom_object, *rs, d.create_rayservice
+        ):
+            d.events = [e for e in d.events if e.reason != "ServingCreated"]  # it was already there
         if d.patch_rayservice is not None:
             name = d.status["serving"]["rayService"]
             api.patch_namespaced_custom_object(*rs, name, d.patch_rayservice)
         if d.delete_rayservice is not None:
-            try:
-                api.delete_namespaced_custom_object(*rs, d.delete_rayservice)
-            except Exception as err:
-                if _status_code(err) != 404:
-                    raise
+            unless_status(404, api.delete_namespaced_custom_object, *rs, d.delete_rayservice)
 
     def _apply_network_policies(self, run: RunRef, body: dict[str, Any]) -> None:
         """The run's NetworkPolicies (children/network.py), in place before its pods are: created, or brought
@@ -420,11 +425,7 @@ class Controller(WorkQueue):
         self._clients()
         net = client.NetworkingV1Api(self._api_client)
         for policy in policies:
-            try:
-                net.create_namespaced_network_policy(run.namespace, policy)
-            except Exception as err:
-                if _status_code(err) != 409:
-                    raise
+            if not unless_status(409, net.create_namespaced_network_policy, run.namespace, policy):
                 net.patch_namespaced_network_policy(
                     policy["metadata"]["name"], run.namespace, {"spec": policy["spec"]}
                 )

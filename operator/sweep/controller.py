@@ -14,7 +14,7 @@ from typing import Any
 from nanorun.operator import metrics
 from nanorun.operator.api import GROUP, PLURAL, VERSION
 from nanorun.operator.children import launchers
-from nanorun.operator.loop.controller import Settings, _status_code, api_client
+from nanorun.operator.loop.controller import Settings, api_client, unless_status
 from nanorun.operator.loop.workqueue import Key, WorkQueue
 from nanorun.operator.reconcile.decision import Event
 from nanorun.operator.reconcile.status import now_utc, rfc3339
@@ -81,18 +81,22 @@ class SweepController(WorkQueue):
             if (sweep.uid, root) not in self._manifests:
                 sweep_files.write_manifest(root, d.manifest)
                 self._manifests.add((sweep.uid, root))
-        for manifest in d.create_runs:
-            self._create(
-                lambda m=manifest: api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, m)
+        for manifest in d.create_runs:  # 409: an earlier reconcile created it
+            unless_status(
+                409, api.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, manifest
             )
         for child, patch in d.patch_runs:  # the sweep's spec.suspend, passed on to its runs
             api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, child, patch)
         for manifest in d.create_jobs:  # a PyTorchJob or a TrainJob (reconcile.report_launcher)
             kind = launchers.LAUNCHERS[manifest["kind"]]
-            self._create(
-                lambda m=manifest, k=kind: api.create_namespaced_custom_object(
-                    k.group, k.version, namespace, k.plural, m
-                )
+            unless_status(
+                409,
+                api.create_namespaced_custom_object,
+                kind.group,
+                kind.version,
+                namespace,
+                kind.plural,
+                manifest,
             )
         old = body.get("status") or {}
         new = dict(d.status)
@@ -107,14 +111,6 @@ class SweepController(WorkQueue):
             self._post_event(sweep, event)
         metrics.set_sweep_points(namespace, name, {p["name"]: p["phase"] for p in d.status.get("points", [])})
         return d
-
-    @staticmethod
-    def _create(create) -> None:
-        try:
-            create()
-        except Exception as err:
-            if _status_code(err) != 409:  # 409: already there (an earlier reconcile created it)
-                raise
 
     def _post_event(self, sweep: RunRef, event: Event) -> None:
         now = rfc3339(now_utc())
