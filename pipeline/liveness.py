@@ -102,13 +102,17 @@ def heartbeat_path(run_dir: str, stage: str, rank: int) -> str:
     return storage.join(ranks_dir(run_dir, stage), f"rank-{rank:05d}.json")
 
 
-def stacks_path(run_dir: str, stage: str, attempt: int, rank: int) -> str:
-    return storage.join(stage_dir(run_dir, stage), STALLS_DIR, f"attempt-{attempt}", f"rank-{rank:05d}.txt")
+def stalls_dir(run_dir: str, stage: str, attempt: int) -> str:
+    """An attempt's stall evidence: every rank's stack dump and flight-recorder trace."""
+    return storage.join(stage_dir(run_dir, stage), STALLS_DIR, f"attempt-{attempt}")
 
 
 def stall_file_path(run_dir: str, stage: str, attempt: int, name: str) -> str:
-    """Any file of an attempt's stall evidence, beside the ranks' stack dumps."""
-    return storage.join(stage_dir(run_dir, stage), STALLS_DIR, f"attempt-{attempt}", name)
+    return storage.join(stalls_dir(run_dir, stage, attempt), name)
+
+
+def stacks_path(run_dir: str, stage: str, attempt: int, rank: int) -> str:
+    return stall_file_path(run_dir, stage, attempt, f"rank-{rank:05d}.txt")
 
 
 def flight_recorder_path(run_dir: str, stage: str, attempt: int, rank: int) -> str:
@@ -143,7 +147,8 @@ class Superseded(StageError):
 
 
 def claim_attempt(run_dir: str, stage: str, attempt: int) -> None:
-    """Rank 0 of `attempt` marks the stage as its own; older attempts' writers check `superseded`."""
+    """Rank 0 of `attempt` marks the stage as its own; a writer of an older attempt reads
+    `claimed_attempt` before it writes, and stops."""
     storage.write_json(
         storage.join(stage_dir(run_dir, stage), ATTEMPT_FILE), {"attempt": attempt, "claimed_at": time.time()}
     )
@@ -190,28 +195,22 @@ def pause_timeout(timeout: float, beats: list[Heartbeat]) -> float:
     return max(timeout, PAUSE_FLOOR_SECONDS, PAUSE_MARGIN * pause)
 
 
-def stage_environment(stall_timeout_seconds: float | None, beat_seconds: float) -> dict[str, str]:
+def stage_environment(explicit: float | None, beat_seconds: float) -> dict[str, str]:
     """What an executor (the operator, `nanorun run`) tells each stage process: how often to beat,
     how long a collective may block, and the shortest stall that may be called (ranks dump their
     stacks at half of it, so the stacks are in storage before any stall is)."""
     return {
         HEARTBEAT_SECONDS_ENV: f"{beat_seconds:g}",
-        COLLECTIVE_TIMEOUT_ENV: f"{collective_timeout(stall_timeout_seconds):g}",
-        STALL_TIMEOUT_ENV: f"{shortest_stall(stall_timeout_seconds):g}",
+        COLLECTIVE_TIMEOUT_ENV: f"{collective_timeout(explicit):g}",
+        STALL_TIMEOUT_ENV: f"{stall_timeout(explicit, []):g}",  # the shortest stall_timeout can give
     }
 
 
-def shortest_stall(explicit: float | None) -> float:
-    """The shortest stall timeout `stall_timeout` can give (the executors pass it to the ranks as
-    STALL_TIMEOUT_ENV, so that their stacks are in storage before any stall is called)."""
-    return float(explicit) if explicit else STALL_FLOOR_SECONDS
-
-
-def collective_timeout(stall_timeout_seconds: float | None) -> float:
+def collective_timeout(explicit: float | None) -> float:
     """The process group's timeout (COLLECTIVE_TIMEOUT_ENV): longer than any stall the operator
     catches, so a rank stuck in a collective is the operator's stall (with every rank's stacks)
     while an operator is there, and the collective's error once nothing else ends it."""
-    return max(PAUSE_FLOOR_SECONDS, 2.0 * (stall_timeout_seconds or STALL_FLOOR_SECONDS))
+    return max(PAUSE_FLOOR_SECONDS, 2.0 * stall_timeout(explicit, []))
 
 
 def silent(beats: list[Heartbeat], now: float, beat_seconds: float = HEARTBEAT_SECONDS) -> list[Heartbeat]:
@@ -248,14 +247,16 @@ def find_stall(
     if not live:
         return None
     timeout = stall_timeout(explicit_timeout, beats)
-    silent_after = max(timeout, BEATS_MISSED * beat_seconds)
+    # A rank whose beats stopped for the whole timeout is stuck (`silent` above flags it sooner,
+    # for a reader to look at its pod, but is no stall by itself).
+    gone_after = max(timeout, BEATS_MISSED * beat_seconds)
 
-    def silent(b: Heartbeat) -> bool:
-        return now - b.beat_at > silent_after
+    def gone(b: Heartbeat) -> bool:
+        return now - b.beat_at > gone_after
 
-    pausing = any(b.phase in PAUSING_PHASES and not silent(b) for b in live)
+    pausing = any(b.phase in PAUSING_PHASES and not gone(b) for b in live)
     limit = pause_timeout(timeout, beats) if pausing else timeout
-    stuck = tuple(b for b in live if silent(b) or now - b.progressed_at > limit)
+    stuck = tuple(b for b in live if gone(b) or now - b.progressed_at > limit)
     if not stuck:
         return None
     return Stall(stuck=stuck, beats=tuple(beats), step=max(b.step for b in beats), timeout=timeout)

@@ -570,6 +570,11 @@ class StageStatus(Model):
         description="Id of the stage's flags and everything upstream; when the spec changes it, the stage runs again.",
     )
 
+    @property
+    def failed_by_stalling(self) -> bool:
+        """Failed by stalling again at the step of its previous stall: the last attempt is the stalled one."""
+        return self.phase == "Failed" and self.stalled_attempt == self.attempts
+
 
 class ServingStatus(Model):
     """The chat service."""

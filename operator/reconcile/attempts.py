@@ -110,7 +110,7 @@ def stage_records(
             records.append(rec)
             continue
         blocked = True
-        if rec.phase == "Failed" and rec.stalled_attempt == rec.attempts:
+        if rec.failed_by_stalling:
             records.append(rec)  # failed by stalling twice at one step: its job is deleted, nothing follows
             continue
         rec.config_id = rec.config_id or config_id

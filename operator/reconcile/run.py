@@ -185,7 +185,7 @@ def _stalled(
     last = next((r for r in reversed(records) if r.stalls), None)
     if last is None:
         return None
-    if failed is last and last.stalled_attempt == last.attempts:
+    if failed is last and last.failed_by_stalling:
         return True, "StalledTwice", f"stage {last.name}: {last.message}"
     waiting = (
         current is last

@@ -8,23 +8,16 @@ The rule that decides a stall is pipeline/liveness.py's `find_stall`, beside the
 
 from __future__ import annotations
 
-import datetime as dt
-
-from nanorun.pipeline import storage
-from nanorun.pipeline.layout import stage_dir
-from nanorun.pipeline.liveness import STALLS_DIR, Heartbeat, Stall
+from nanorun.pipeline.liveness import Heartbeat, Stall, stalls_dir
+from nanorun.pipeline.trainer_status import rfc3339
 
 MAX_RANKS_NAMED = 8  # a condition message stays readable on a thousand ranks
 
 
-def _clock(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _rank(b: Heartbeat, now: float, stuck: bool) -> str:
     said = (
-        f"rank {b.rank}{' (stuck)' if stuck else ''}: last heartbeat {_clock(b.beat_at)} "
-        f"({now - b.beat_at:.0f} s ago), last progress {_clock(b.progressed_at)} "
+        f"rank {b.rank}{' (stuck)' if stuck else ''}: last heartbeat {rfc3339(b.beat_at)} "
+        f"({now - b.beat_at:.0f} s ago), last progress {rfc3339(b.progressed_at)} "
         f"({now - b.progressed_at:.0f} s ago), {b.phase} at step {b.step}"
     )
     if b.pod:
@@ -47,5 +40,5 @@ def describe(stall: Stall, stage: str, attempt: int, now: float, run_dir: str) -
         f"{stall.timeout:.0f} s); " + "; ".join(named)
     )
     if any(b.stacks for b in stall.beats):
-        said += f"; every rank's stacks: {storage.join(stage_dir(run_dir, stage), STALLS_DIR, f'attempt-{attempt}')}"
+        said += f"; every rank's stacks: {stalls_dir(run_dir, stage, attempt)}"
     return said

@@ -227,3 +227,29 @@ def test_world_size_without_master_address_is_a_clear_error(tmp_path, monkeypatc
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(SystemExit, match="MASTER_ADDR, MASTER_PORT is not set"):
         setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+
+
+def test_an_older_attempt_writes_no_progress_history_or_done_and_cannot_start_again(
+    tmp_path, no_executor_env, restore_sigterm
+):
+    from nanorun.pipeline.liveness import Superseded, claim_attempt
+    from nanorun.trainer.training import liveness
+
+    no_executor_env.setenv("NANORUN_ATTEMPT", "1")
+    ctx = setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    ctx.progress(flush=True, step=1, total_steps=3)
+    claim_attempt(str(tmp_path), "pretrain", 2)  # attempt 2 started elsewhere (a node was lost)
+    for write in (
+        lambda: ctx.progress(flush=True, step=2, total_steps=3),
+        lambda: ctx.record(flush=True, step=2, loss=1.0),
+        lambda: ctx.done({}, {"checkpoint": "x"}),
+    ):
+        with pytest.raises(Superseded, match="attempt 2 has claimed"):
+            write()
+    assert read_progress(str(tmp_path), "pretrain").step == 1
+    assert read_done(str(tmp_path), "pretrain") is None
+    assert not storage.exists(str(tmp_path / "pretrain" / "history.jsonl"))
+    liveness.stop()
+    with pytest.raises(Superseded):  # an attempt older than the claim refuses to start
+        setup_stage("pretrain", parse(["--run-dir", str(tmp_path), "--device", "cpu"]))
+    liveness.stop()

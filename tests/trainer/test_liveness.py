@@ -15,6 +15,7 @@ import pytest
 from nanorun.pipeline import storage
 from nanorun.pipeline.liveness import (
     EVALUATING,
+    FINISHED,
     TRAINING,
     Superseded,
     claim_attempt,
@@ -71,6 +72,8 @@ def test_a_rank_beats_with_its_step_phase_and_longest_pause(tmp_path, fast_beats
     assert beat["longest_pause_seconds"] > 0 and beat["beat_at"] >= beat["progressed_at"]
     assert [b.rank for b in read_heartbeats(run, "pretrain")] == [3]
     assert metrics.progress_time.labels(**metrics.labels)._value.get() == pytest.approx(beat["progressed_at"])
+    liveness.stop()  # a last beat: a finished rank is never counted stuck however long it stays silent
+    assert beat_of(run, 3)["phase"] == FINISHED
 
 
 def test_a_heartbeat_storage_refuses_is_logged_and_the_next_beat_writes_it(
@@ -123,7 +126,7 @@ def test_the_flight_recorders_trace_is_copied_into_the_run_directory(tmp_path, f
     run = str(tmp_path)
     live = liveness.start(run, "pretrain", rank=3, world_size=4, attempt=2)
     # what NCCL's watchdog writes on a collective timeout: TORCH_FR_DUMP_TEMP_FILE + the rank
-    (liveness.scratch_dir() / f"{liveness.FLIGHT_RECORDER_FILE}3").write_bytes(b"pickled trace")
+    (liveness.scratch_dir() / f"{liveness.FLIGHT_RECORDER_PREFIX}3").write_bytes(b"pickled trace")
     assert live.scratch == liveness.scratch_dir()
     uri = flight_recorder_path(run, "pretrain", 2, 3)
     wait_for(lambda: storage.exists(uri), "trace in the run directory")
@@ -224,6 +227,9 @@ def test_an_old_attempt_cannot_commit_once_a_newer_one_claimed_the_stage(tmp_pat
     assert storage.list_files(ckpt.checkpoint_dir(stage_dir, 2)) == []  # nothing written at all
     # the heartbeat thread saw the claim too: attempt 1's next step stops it
     wait_for(lambda: liveness.current().superseded_by == 2, "the claim seen by the heartbeat thread")
+    last_beat = beat_of(str(tmp_path))["beat_at"]
+    time.sleep(0.5)  # five beats' time: the rank file is attempt 2's now, attempt 1 writes no more
+    assert beat_of(str(tmp_path))["beat_at"] == last_beat
     with pytest.raises(Superseded):
         liveness.progressed(step=2)
     liveness.stop()  # attempt 2 is another process, which resumes from attempt 1's last commit

@@ -270,7 +270,7 @@ def setup_stage(stage: str, args: argparse.Namespace) -> StageContext:
             raise SystemExit(
                 f"WORLD_SIZE={world_size} but {', '.join(missing)} is not set (launch with torchrun)"
             )
-        trace_prefix = liveness.scratch_dir() / liveness.FLIGHT_RECORDER_FILE
+        trace_prefix = liveness.scratch_dir() / liveness.FLIGHT_RECORDER_PREFIX
         distributed.init_process_group(device, rank, world_size, trace_prefix)
     seed_everything(args.seed)
     run_dir = str(args.run_dir).rstrip("/")

@@ -20,7 +20,8 @@ The heartbeat thread wakes every second (`WAKE_SECONDS`) and:
 - when the main thread has not progressed for `stack_dump_seconds()`, dumps every thread's Python
   stack (`faulthandler.dump_traceback`, which reads the interpreter's frames: no ptrace, so it
   works under Pod Security `restricted`) to `stacks_path` and names it in `Heartbeat.stacks`;
-  again after as long, while the rank stays stuck;
+  again after twice as long while the rank stays stuck (so never at the collective timeout itself,
+  where the dump would show the process's teardown instead of the hang);
 - uploads what appeared in this process's scratch directory: a stack dump `kill -USR1 PID` asked
   for (`faulthandler.register`), and the NCCL flight recorder's trace, which the watchdog writes
   there on a collective timeout (distributed.nccl_environment) and then waits a minute before it
@@ -76,7 +77,6 @@ from nanorun.pipeline.liveness import (
 WAKE_SECONDS = 1.0  # how often the thread looks at the main thread's progress and the scratch directory
 STEP_WINDOW = 20  # steps in the mean of `Heartbeat.step_seconds`
 SIGNAL_STACKS_FILE = "stacks-on-signal.txt"  # where SIGUSR1's dump lands in the scratch directory
-FLIGHT_RECORDER_FILE = FLIGHT_RECORDER_PREFIX  # TORCH_FR_DUMP_TEMP_FILE's file name; torch appends the rank
 
 
 def stack_dump_seconds() -> float:
@@ -265,28 +265,26 @@ class Liveness:
             )
 
     def _check_claim(self) -> None:
-        if self.attempt <= 0 or self.superseded_by:
+        if self.superseded_by:
             return
         try:
             with storage.impatient():
-                claimed = claimed_attempt(self.run_dir, self.stage)
+                self.ensure_current()
+        except Superseded as err:
+            print(f"[rank {self.rank}] {err}", file=sys.stderr, flush=True)
         except Exception as err:  # storage down: the beat is tried anyway, the claim read again next time
             print(
                 f"[rank {self.rank}] attempt claim not read ({type(err).__name__})",
                 file=sys.stderr,
                 flush=True,
             )
-            return
-        if claimed > self.attempt:
-            self.superseded_by = claimed
-            print(f"[rank {self.rank}] {self._superseded_message(claimed)}", file=sys.stderr, flush=True)
 
     def _dump_if_stuck(self) -> None:
         now, after = time.time(), stack_dump_seconds()
         if (
             self.beat.phase == FINISHED
             or now - self.beat.progressed_at < after
-            or now - self._dumped_at < after
+            or now - self._dumped_at < 2 * after
         ):
             return
         self._dumped_at = now
@@ -319,7 +317,7 @@ class Liveness:
         if not self.scratch.is_dir():
             return
         for path in sorted(self.scratch.iterdir()):
-            if path.name.startswith(FLIGHT_RECORDER_FILE):
+            if path.name.startswith(FLIGHT_RECORDER_PREFIX):
                 dest = flight_recorder_path(self.run_dir, self.stage, self.attempt, self.rank)
             elif path.name == SIGNAL_STACKS_FILE:
                 dest = None
