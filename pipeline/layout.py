@@ -41,11 +41,15 @@ def checkpoint_dir(stage_dir_uri: str, step: int) -> str:
     return storage.join(stage_dir_uri, CHECKPOINTS, f"step_{step:06d}")
 
 
+class NotACheckpointPath(ValueError):
+    """A checkpoint's URI that is not `<run-dir>/<stage>/checkpoints/step_NNNNNN`."""
+
+
 def run_dir_of_checkpoint(checkpoint_uri: str) -> str:
     """`<run-dir>` of `<run-dir>/<stage>/checkpoints/step_NNNNNN`."""
     parts = checkpoint_uri.rstrip("/").rsplit("/", 3)
     if len(parts) != 4 or parts[2] != CHECKPOINTS or not STEP_DIR.match(parts[3]):
-        raise ValueError(f"{checkpoint_uri} is not <run-dir>/<stage>/{CHECKPOINTS}/step_NNNNNN")
+        raise NotACheckpointPath(f"{checkpoint_uri} is not <run-dir>/<stage>/{CHECKPOINTS}/step_NNNNNN")
     return parts[0]
 
 

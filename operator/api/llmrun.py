@@ -350,7 +350,7 @@ class StagesSpec(Model):
     eval: EvalStage = Field(default_factory=EvalStage, description="Chat model evaluation.")
     export: ExportStage = Field(
         default_factory=ExportStage,
-        description="The final model as a Hugging Face folder (transformers, Ray Serve, OpenAI-compatible servers).",
+        description="The final model as a Hugging Face folder, which transformers loads with the model code it ships.",
     )
     report: ReportStage = Field(default_factory=ReportStage, description="The run report.")
 

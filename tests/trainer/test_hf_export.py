@@ -118,6 +118,12 @@ def test_the_folder_loads_without_nanorun_and_holds_the_asked_dtype(exported):
     hf = hf_model(folder)
     assert type(hf).__name__ == "NanorunForCausalLM" and hf.dtype == torch.float32
     assert hf.config.layer_windows == model.config.layer_windows()
+    # generate stops where nanorun's engine does, pads with BOS, and ends when the context is full
+    tokenizer = hf_tokenizer(folder)
+    stops = tokenizer.convert_tokens_to_ids(["<|assistant_end|>", "<|bos|>"])
+    generation = transformers.GenerationConfig.from_pretrained(folder)
+    assert generation.eos_token_id == stops and generation.pad_token_id == tokenizer.pad_token_id == stops[1]
+    assert generation.max_length == model.config.sequence_len
 
 
 def test_logits_equal_nanoruns_on_a_left_padded_batch_longer_than_the_window(exported):
@@ -195,11 +201,14 @@ def test_a_bad_export_says_why_and_leaves_nothing_behind(tiny_chat_run, tmp_path
     before = list(tmp_path.iterdir())
     refused(
         ["--checkpoint", str(Path(tiny_chat_run) / "tokenizer"), "--out", str(out)],
-        "not a committed checkpoint",
+        "no checkpoint at",
     )
     no_model = save_checkpoint(str(tmp_path / "run" / "sft"), 1, torch.nn.Linear(2, 2), None, {})
     before = list(tmp_path.iterdir())
-    refused(["--checkpoint", no_model, "--out", str(out)], "it is not a GPT checkpoint")
+    tokenizer = str(Path(tiny_chat_run) / "tokenizer")
+    refused(
+        ["--checkpoint", no_model, "--out", str(out), "--tokenizer", tokenizer], "it is not a GPT checkpoint"
+    )
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(Path(checkpoint).parents[2], corrupt / "run")
@@ -275,3 +284,11 @@ def test_a_checkpoint_outside_a_run_needs_its_tokenizer_named(tiny_chat_run, tmp
     assert main(["--checkpoint", str(loose), "--out", str(tmp_path / "b"), "--tokenizer", tokenizer]) == 0
     assert hf_tokenizer(str(tmp_path / "b")).vocab_size == small_tokenizer().vocab_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "loose"]
+
+
+def test_a_run_folder_exports_its_newest_checkpoint(tiny_chat_run, tmp_path):
+    from nanorun.cli.main import main as nanorun_main
+
+    assert nanorun_main(["export", "--checkpoint", tiny_chat_run, "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"from `{final_checkpoint_of(tiny_chat_run)}`" in card  # sft's, the newest model stage's

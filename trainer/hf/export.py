@@ -32,7 +32,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from nanorun.pipeline import layout, storage
@@ -122,7 +121,7 @@ def hf_model(model: torch.nn.Module, tokenizer: Tokenizer, dtype: torch.dtype) -
     return hf.eval()
 
 
-def model_card(checkpoint_uri: str, meta: dict[str, Any], config: GPTConfig, dtype: str) -> str:
+def model_card(checkpoint_uri: str, step: int | None, config: GPTConfig, dtype: str) -> str:
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -130,7 +129,7 @@ pipeline_tag: text-generation
 
 # nanorun model
 
-Exported by `nanorun export` from `{checkpoint_uri}` (step {meta.get("step", "?")}), weights in {dtype}.
+Exported by `nanorun export` from `{checkpoint_uri}` (step {step if step is not None else "?"}), weights in {dtype}.
 
 - {config.n_layer} layers, width {config.n_embd}, {config.n_head} query heads and {config.n_kv_head} key/value heads,
   context {config.sequence_len} tokens, vocabulary {config.vocab_size} (padded to {config.padded_vocab_size})
@@ -141,7 +140,7 @@ Exported by `nanorun export` from `{checkpoint_uri}` (step {meta.get("step", "?"
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)
 chat = [{{"role": "user", "content": "Why is the sky blue?"}}]
 inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 reply = model.generate(**inputs, max_new_tokens=128)
@@ -150,32 +149,22 @@ print(tokenizer.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tok
 """
 
 
-def tokenizer_for(checkpoint_uri: str, tokenizer_uri: str | None) -> Tokenizer:
-    """The tokenizer to ship: `tokenizer_uri`'s, else the one of the run the checkpoint is in."""
-    if tokenizer_uri:
-        return Tokenizer.load(tokenizer_uri)
-    try:
-        run_dir = layout.run_dir_of_checkpoint(checkpoint_uri)
-    except ValueError as err:
-        raise ExportError(f"{err}: name the tokenizer's folder with --tokenizer") from None
-    return Tokenizer.from_run_dir(run_dir)
-
-
-def write_folder(checkpoint_uri: str, local_dir: Path, dtype: str, tokenizer_uri: str | None = None) -> None:
-    """Write the whole exported folder into the (existing, empty) local directory `local_dir`."""
-    from nanorun.trainer.training.checkpoint import load_model
+def write_folder(checkpoint: str, local_dir: Path, dtype: str, tokenizer_uri: str | None = None) -> None:
+    """Write the whole exported folder into the (existing, empty) local directory `local_dir`.
+    `checkpoint` is what `nanorun serve` takes: a checkpoint, or a stage or run folder's newest one."""
+    from nanorun.trainer.chat.engine import load_chat_model
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, meta = load_model(checkpoint_uri, "cpu")
-    tokenizer = tokenizer_for(checkpoint_uri, tokenizer_uri)
-    hf = hf_model(model, tokenizer, DTYPES[dtype])
-    del model
+    try:
+        model, tokenizer, info = load_chat_model(checkpoint, tokenizer_uri, device="cpu")
+    except layout.NotACheckpointPath as err:  # a checkpoint outside any run, and no --tokenizer
+        raise ExportError(f"{err}: name the tokenizer's folder with --tokenizer") from None
+    config, hf = model.config, hf_model(model, tokenizer, DTYPES[dtype])
+    del model  # only the exported copy of the weights stays in memory
     hf.save_pretrained(local_dir)
     hf_tokenizer(tokenizer, model_max_length=hf.config.max_position_embeddings).save_pretrained(local_dir)
-    (local_dir / "README.md").write_text(
-        model_card(checkpoint_uri, meta, GPTConfig.from_dict(meta["model_config"]), dtype)
-    )
+    (local_dir / "README.md").write_text(model_card(info["checkpoint"], info["step"], config, dtype))
 
 
 def _refuse_existing(out_uri: str) -> None:
@@ -235,7 +224,11 @@ def _upload(local_dir: Path, out_uri: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanorun export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a committed checkpoint (local or s3://)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a committed checkpoint, or a stage or run folder (its newest checkpoint); local or s3://",
+    )
     p.add_argument("--out", required=True, help="the folder to write (local or s3://); must not exist")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
     p.add_argument(

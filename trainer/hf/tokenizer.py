@@ -1,4 +1,5 @@
-"""nanorun's tokenizer as a Hugging Face fast tokenizer: `AutoTokenizer.from_pretrained(DIR)`.
+"""nanorun's tokenizer as a Hugging Face fast tokenizer: `AutoTokenizer.from_pretrained(DIR,
+trust_remote_code=True)` (the folder's config names the model code it ships).
 
     hf = hf_tokenizer(Tokenizer.from_run_dir(run_dir), model_max_length=2048)
     hf.save_pretrained(out_dir)    # tokenizer.json, tokenizer_config.json, chat_template.jinja
@@ -22,8 +23,6 @@
 from __future__ import annotations
 
 from typing import Any
-
-from nanorun.trainer.chat.conversation import SPECIAL_TOKENS
 
 BOS, EOS = "<|bos|>", "<|assistant_end|>"
 
@@ -106,9 +105,6 @@ def hf_tokenizer(tokenizer: Any, model_max_length: int) -> Any:
     from tokenizers import Tokenizer as FastTokenizer
     from transformers import PreTrainedTokenizerFast
 
-    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.special_tokens]
-    if missing:
-        raise ValueError(f"the tokenizer lacks the chat special tokens {missing}")
     vocab, merges = vocab_and_merges(tokenizer.mergeable_ranks)
     # The special tokens keep their ids: in the vocabulary first, then marked special (a piece of
     # text never reaches the BPE whole as "<|bos|>": the split pattern cuts "<|" from "bos").
