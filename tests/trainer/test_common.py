@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 
 import pytest
@@ -21,6 +22,7 @@ from nanorun.trainer.training.common import (
     setup_stage,
     teardown,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.metrics import TRAINER_SERIES
 from tests.fixtures.s3 import free_port
@@ -76,6 +78,15 @@ def test_single_process_stage_writes_progress_done_and_serves_metrics(tmp_path, 
         assert f"{name}{{" in body, name
     assert 'llm_train_step{rank="0",run="demo",stage="pretrain"} 6.0' in body
     assert 'llm_train_tokens_total{rank="0",run="demo",stage="pretrain"} 1000.0' in body
+    # the rank's liveness: when it last progressed and beat, and which one phase it is in
+    samples = [
+        s for f in text_string_to_metric_families(body) for s in f.samples if s.labels.get("rank") == "0"
+    ]
+    value = {(s.name, s.labels.get("phase")): s.value for s in samples}
+    assert value[("llm_train_progress_timestamp_seconds", None)] == pytest.approx(time.time(), abs=60)
+    assert value[("llm_train_heartbeat_timestamp_seconds", None)] == pytest.approx(time.time(), abs=60)
+    phases = {phase: v for (name, phase), v in value.items() if name == "llm_train_phase"}
+    assert len(phases) > 1 and sorted(phases.values()) == [0.0] * (len(phases) - 1) + [1.0]
 
     ctx.record(step=6, loss=2.5)
     ctx.done({"val_bpb": 1.5}, {"checkpoint": "somewhere"})
