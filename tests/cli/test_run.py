@@ -6,6 +6,7 @@ on tiny settings."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -462,3 +463,14 @@ def test_the_export_stage_writes_the_final_model_into_the_runs_s3_storage_and_th
     ids = torch.arange(100, 160).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=0, atol=1e-5)
+
+    # Another dtype runs the stage again, which replaces its folder whole.
+    before = storage.file_sizes(folder)
+    path = llmrun_file(
+        tmp_path / "run.yaml", enabled=("report",), stages={"export": {"enabled": True, "dtype": "bfloat16"}}
+    )
+    rc, out, _ = run_local(capsys, str(path), "--run-dir", s3_run_dir, "--log-dir", str(logs))
+    assert rc == 0, out + (logs / "export.log").read_text()
+    after = storage.file_sizes(folder)
+    assert set(after) == set(before) and after["model.safetensors"] < 0.6 * before["model.safetensors"]
+    assert json.loads(storage.read_text(storage.join(folder, "config.json")))["dtype"] == "bfloat16"
