@@ -1,11 +1,16 @@
-"""The run directory's layout: every path a stage, the operator, `nanorun run` or the chat service
-builds under `<run-dir>` (a local folder or `s3://bucket/prefix`) comes from here.
+"""The run directory's layout: the paths a stage, the operator, `nanorun run` or the chat service
+builds under `<run-dir>` (a local folder or `s3://bucket/prefix`) come from here, and a stage's
+liveness files from pipeline/liveness.py, below `stage_dir`.
 
     <run-dir>/
       <key>/                        one folder per stage, named by its key (pipeline/stages.py), e.g. pretrain/
         progress.json  done.json    the stage contract (pipeline/progress.py)
         history.jsonl               one line per logged step
         checkpoints/step_NNNNNN/    model.safetensors, meta.json, optim/, COMMITTED
+        attempt.json                the attempt that claimed the stage         } pipeline/liveness.py
+        ranks/rank-NNNNN.json       each rank's last heartbeat                 }
+        stalls/attempt-N/           stack dumps and flight-recorder traces     }
+      export/model/                 the Hugging Face folder of the export stage (trainer/export.py)
       tokenizer/                    the tokenizer (tokenizer.tiktoken, tokenizer.json)
       eval/results/, eval/samples/  chat evaluation's results and samples, one per evaluated stage
       task_data/                    evaluation and finetuning datasets, fetched once per run
