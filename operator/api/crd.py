@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import yaml
-from nanorun.operator.api import llmrun
+from nanorun.operator.api import llmrun, status
 from nanorun.operator.api.rules import RULES
 
 CRD_NAME = f"{llmrun.PLURAL}.{llmrun.GROUP}"
@@ -123,7 +123,7 @@ def openapi_schema() -> dict[str, Any]:
         "one Kubeflow job per stage (a PyTorchJob or a Trainer v2 TrainJob), then serves it with a "
         "KubeRay RayService.",
         llmrun.LLMRunSpec,
-        llmrun.LLMRunStatus,
+        status.LLMRunStatus,
         RULES,
     )
 
