@@ -10,95 +10,12 @@ import copy
 import datetime as dt
 
 import yaml
-from nanorun.operator.api import parse_spec
-from nanorun.operator.reconcile.attempts import ACTIVE_POLL_SECONDS
 from nanorun.operator.reconcile.decision import Event, FailureFacts
-from nanorun.operator.reconcile.plan import config_ids, stage_plan
 from nanorun.operator.reconcile.run import reconcile
 from nanorun.operator.run_ref import RunRef
 from nanorun.pipeline.progress import Done, Progress
 
-RUN = RunRef("r1", "ns", "uid-1")
-T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-ALL_OFF = {
-    k: {"enabled": False}
-    for k in ("tokenizer", "pretrain", "baseEval", "midtrain", "sft", "rl", "eval", "report")
-}
-
-
-def body(stages=("tokenizer", "pretrain"), status=None, **spec):
-    enabled = {**ALL_OFF, **{k: {"enabled": True} for k in stages}}
-    serving = {"apiKeysSecret": "r1-chat-keys", **spec.pop("serving", {})}
-    return {
-        "metadata": {
-            "name": "r1",
-            "namespace": "ns",
-            "uid": "uid-1",
-            "generation": 2,
-            "creationTimestamp": "2026-01-01T11:59:00Z",
-        },
-        "spec": {
-            "storage": {"uri": "s3://b/r1"},
-            "stages": enabled,
-            "retry": {"maxAttempts": 2, "backoffSeconds": 10},
-            "serving": serving,
-            **spec,
-        },
-        "status": status or {},
-    }
-
-
-def config_id(stage: str, spec=None) -> str:
-    """The id of `stage`'s configuration in the run `spec` (default: `body()`'s), which labels its
-    jobs and marks its done.json as current."""
-    return config_ids(stage_plan(parse_spec(spec or body()["spec"])))[stage]
-
-
-def job(
-    name,
-    stage,
-    attempt,
-    condition=None,
-    at="2026-01-01T12:00:00Z",
-    suspend=False,
-    reason="",
-    message="",
-    config=None,
-):
-    conditions = [{"type": "Created", "status": "True"}]
-    if condition:
-        conditions.append(
-            {
-                "type": condition,
-                "status": "True",
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": at,
-            }
-        )
-    return {
-        "metadata": {
-            "name": name,
-            "labels": {
-                "nanorun.io/run": "r1",
-                "nanorun.io/stage": stage,
-                "nanorun.io/attempt": str(attempt),
-                "nanorun.io/config": config if config is not None else config_id(stage),
-            },
-            "creationTimestamp": "2026-01-01T12:00:00Z",
-        },
-        "spec": {"runPolicy": {"suspend": suspend}},
-        "status": {"conditions": conditions},
-    }
-
-
-def storage(files=None):
-    files = files or {}
-    return lambda stage: files.get(stage, (None, None))
-
-
-def cond(status, type_):
-    return next(c for c in status["conditions"] if c["type"] == type_)
+from tests.operator.reconcile_world import ALL_OFF, RUN, T0, body, cond, config_id, job, pod, storage
 
 
 def test_a_new_run_creates_the_first_stage_job():
@@ -474,58 +391,33 @@ def test_a_failure_counts_even_when_the_failed_job_is_gone_before_its_retry():
     assert gone.create_jobs == [] and gone.status["phase"] == "Failed" and gone.events == []
 
 
-def _pod(name, exit_code=None, disruption=None):
-    from kubernetes import client
-
-    conditions = (
-        [client.V1PodCondition(type="DisruptionTarget", status="True", reason=disruption)]
-        if disruption
-        else []
-    )
-    state = (
-        client.V1ContainerState(terminated=client.V1ContainerStateTerminated(exit_code=exit_code))
-        if exit_code is not None
-        else None
-    )
-    statuses = [
-        client.V1ContainerStatus(
-            name="pytorch", state=state, image="i", image_id="", ready=False, restart_count=0
-        )
-    ]
-    phase = "Running" if exit_code is None else "Succeeded" if exit_code == 0 else "Failed"
-    return client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name, namespace="ns"),
-        status=client.V1PodStatus(phase=phase, conditions=conditions, container_statuses=statuses),
-    )
-
-
 def test_the_pods_of_a_failed_job_tell_a_preemption_from_a_failure():
     from nanorun.operator.reconcile.failures import failure_facts
 
     logs = {"j-master-0": "step 3\nRuntimeError: boom\n", "j-worker-0": "connection reset by peer"}
     read = lambda pod: logs[pod.metadata.name]  # noqa: E731
     assert (
-        failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 143)], read).disruption
+        failure_facts([pod("j-worker-0", 1), pod("j-master-0", 143)], read).disruption
         == "pod j-master-0: exited 143 (SIGTERM)"
     )
-    evicted = failure_facts([_pod("j-master-0", 1, disruption="EvictionByEvictionAPI")], read)
+    evicted = failure_facts([pod("j-master-0", 1, disruption="EvictionByEvictionAPI")], read)
     assert evicted.disruption == "pod j-master-0: DisruptionTarget (EvictionByEvictionAPI)"
     # A plain failure: no disruption, and the Master's log (rank 0) rather than the Worker's.
-    facts = failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], read)
+    facts = failure_facts([pod("j-worker-0", 1), pod("j-master-0", 1)], read)
     assert facts.disruption == "" and facts.log_tail == "[j-master-0, exit 1]\nstep 3\nRuntimeError: boom"
 
     # A log that cannot be read is skipped; the next failed pod's is used.
-    def flaky(pod):
-        if pod.metadata.name == "j-master-0":
+    def flaky(p):
+        if p.metadata.name == "j-master-0":
             raise OSError("kubelet unreachable")
-        return logs[pod.metadata.name]
+        return logs[p.metadata.name]
 
-    assert failure_facts([_pod("j-worker-0", 1), _pod("j-master-0", 1)], flaky).log_tail.startswith(
+    assert failure_facts([pod("j-worker-0", 1), pod("j-master-0", 1)], flaky).log_tail.startswith(
         "[j-worker-0, exit 1]"
     )
-    assert failure_facts([_pod("j-master-0", 0)], read) == type(facts)()
+    assert failure_facts([pod("j-master-0", 0)], read) == type(facts)()
     # A pod still stopping (the job is marked failed the moment a pod is deleted) is named, nothing decided.
-    assert failure_facts([_pod("j-worker-0"), _pod("j-master-0", 143)], read) == type(facts)(
+    assert failure_facts([pod("j-worker-0"), pod("j-master-0", 143)], read) == type(facts)(
         active=("j-worker-0",)
     )
 
@@ -568,135 +460,6 @@ def test_the_eta_reads_like_a_person_writes_it():
 
     assert [eta(35), eta(250), eta(3900), eta(90061)] == ["35s", "4m10s", "1h05m", "25h01m"]
     assert eta(None) == "" and eta(30, "Succeeded") == "" and _eta(None, "Running") == ""
-
-
-# --- Kueue: compute.queue -----------------------------------------------------------------------
-
-
-def workload(admitted=False, active=True, reason="Pending", message="", deactivated_by_operator=False):
-    """A Kueue Workload as the API returns it (kueue.x-k8s.io/v1beta2)."""
-    conditions = [
-        {
-            "type": "QuotaReserved",
-            "status": "True" if admitted else "False",
-            "reason": "QuotaReserved" if admitted else reason,
-            "message": "" if admitted else message,
-        }
-    ]
-    if admitted:
-        conditions.append({"type": "Admitted", "status": "True", "reason": "Admitted", "message": ""})
-    annotations = {"nanorun.io/deactivated": "true"} if deactivated_by_operator else {}
-    return {
-        "metadata": {"name": "pytorchjob-r1-tokenizer-1-1a2b3", "annotations": annotations},
-        "spec": {"active": active},
-        "status": {"conditions": conditions, **({"admission": {"clusterQueue": "gpus"}} if admitted else {})},
-    }
-
-
-def kueue_sees(wl):
-    from nanorun.operator.children.kueue import admission_of
-
-    return lambda job: admission_of(wl)
-
-
-QUEUED = {"compute": {"queue": "team-a"}}
-
-
-def test_a_job_waiting_for_quota_makes_the_run_queued_with_kueues_reason():
-    waiting = job("r1-tokenizer-1", "tokenizer", 1, suspend=True)
-    why = "couldn't assign flavors to pod set master: insufficient unused quota for nvidia.com/gpu in flavor h100, 8 more needed"
-    d = reconcile(
-        RUN,
-        body(status={"phase": "Running"}, **QUEUED),
-        [waiting],
-        None,
-        storage(),
-        T0,
-        admission_of=kueue_sees(workload(message=why)),
-    )
-    s = d.status
-    assert (s["phase"], s["stages"][0]["phase"]) == ("Queued", "Queued")
-    q = cond(s, "Queued")
-    assert (q["status"], q["reason"]) == ("True", "Pending")
-    assert "LocalQueue team-a" in q["message"] and why in q["message"]
-    assert cond(s, "Progressing")["reason"] == "Queued"
-    assert [e.reason for e in d.events] == ["RunQueued"] and why in d.events[0].message
-    assert d.patch_jobs == [] and d.patch_workloads == []  # Kueue owns runPolicy.suspend
-
-
-def test_no_workload_yet_says_so_and_looks_again_soon():
-    waiting = job("r1-tokenizer-1", "tokenizer", 1, suspend=True)
-    d = reconcile(RUN, body(**QUEUED), [waiting], None, storage(), T0)
-    assert d.status["phase"] == "Queued"
-    assert "Kueue has made no Workload for PyTorchJob r1-tokenizer-1" in cond(d.status, "Queued")["message"]
-    assert d.requeue_after == ACTIVE_POLL_SECONDS  # no watch sees the Workload appear
-
-
-def test_an_admitted_job_runs_and_the_condition_names_the_cluster_queue():
-    started = job("r1-tokenizer-1", "tokenizer", 1, "Running", suspend=False)
-    d = reconcile(
-        RUN,
-        body(status={"phase": "Queued"}, **QUEUED),
-        [started],
-        None,
-        storage(),
-        T0,
-        admission_of=kueue_sees(workload(admitted=True)),
-    )
-    assert d.status["phase"] == "Running"
-    q = cond(d.status, "Queued")
-    assert (q["status"], q["reason"]) == ("False", "Admitted") and "ClusterQueue gpus" in q["message"]
-
-
-def test_suspend_with_a_queue_deactivates_the_workload_and_resume_reactivates_only_that():
-    running = job("r1-tokenizer-1", "tokenizer", 1, "Running", suspend=False)
-    d = reconcile(
-        RUN,
-        body(suspend=True, **QUEUED),
-        [running],
-        None,
-        storage(),
-        T0,
-        admission_of=kueue_sees(workload(admitted=True)),
-    )
-    assert d.patch_jobs == []  # never runPolicy.suspend: Kueue would set it back
-    assert d.patch_workloads == [
-        (
-            "pytorchjob-r1-tokenizer-1-1a2b3",
-            {"metadata": {"annotations": {"nanorun.io/deactivated": "true"}}, "spec": {"active": False}},
-        )
-    ]
-    assert d.status["phase"] == "Suspended" and cond(d.status, "Queued")["reason"] == "Suspended"
-
-    stopped = job("r1-tokenizer-1", "tokenizer", 1, "Suspended", suspend=True)
-    mine = workload(active=False, reason="Deactivated", deactivated_by_operator=True)
-    d = reconcile(
-        RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(mine)
-    )
-    assert d.patch_workloads == [
-        (
-            "pytorchjob-r1-tokenizer-1-1a2b3",
-            {"metadata": {"annotations": {"nanorun.io/deactivated": None}}, "spec": {"active": True}},
-        )
-    ]
-    assert d.status["phase"] == "Queued" and [e.reason for e in d.events][:1] == ["StageResumed"]
-
-    # A Workload that Kueue (or a person) deactivated is left as it is, and the status says why.
-    theirs = workload(active=False, reason="RequeuingLimitExceeded", message="exceeded the backoff limit")
-    d = reconcile(
-        RUN, body(status=d.status, **QUEUED), [stopped], None, storage(), T0, admission_of=kueue_sees(theirs)
-    )
-    assert d.patch_workloads == []
-    assert "is deactivated: RequeuingLimitExceeded" in cond(d.status, "Queued")["message"]
-
-
-def test_without_a_queue_no_workload_is_read():
-    def refuse(job):
-        raise AssertionError("Workloads are only read for runs with compute.queue")
-
-    running = job("r1-tokenizer-1", "tokenizer", 1, "Running")
-    d = reconcile(RUN, body(), [running], None, storage(), T0, admission_of=refuse)
-    assert d.status["phase"] == "Running" and not any(c["type"] == "Queued" for c in d.status["conditions"])
 
 
 def test_an_event_object_names_its_run_and_cuts_a_long_message():

@@ -9,7 +9,7 @@ from nanorun.pipeline import liveness
 from nanorun.pipeline.liveness import Heartbeat, find_stall
 from nanorun.pipeline.progress import Done, Progress
 
-from tests.operator.test_reconcile import RUN, T0, _pod, body, cond, job, storage
+from tests.operator.reconcile_world import RUN, T0, body, cond, job, pod, storage
 
 NOW = T0.timestamp()
 
@@ -244,13 +244,13 @@ def test_heartbeats_are_read_only_once_progress_json_has_not_moved_for_a_few_bea
 def test_a_pod_evicted_from_a_lost_node_is_not_waited_for():
     from nanorun.operator.reconcile.failures import failure_facts
 
-    gone = _pod("j-worker-0", disruption="DeletionByTaintManager")
+    gone = pod("j-worker-0", disruption="DeletionByTaintManager")
     gone.metadata.deletion_timestamp = T0
-    facts = failure_facts([gone, _pod("j-master-0", 143)], lambda pod: "")
+    facts = failure_facts([gone, pod("j-master-0", 143)], lambda pod: "")
     assert (
         facts.active == () and facts.disruption == "pod j-worker-0: DisruptionTarget (DeletionByTaintManager)"
     )
     # A pod still stopping on a live node is waited for, whatever disrupted it.
-    stopping = _pod("j-worker-0", disruption="EvictionByEvictionAPI")
+    stopping = pod("j-worker-0", disruption="EvictionByEvictionAPI")
     stopping.metadata.deletion_timestamp = T0
     assert failure_facts([stopping], lambda pod: "").active == ("j-worker-0",)
