@@ -4,12 +4,12 @@ trust_remote_code=True)` (the folder's config names the model code it ships).
     hf = hf_tokenizer(Tokenizer.from_run_dir(run_dir), model_max_length=2048)
     hf.save_pretrained(out_dir)    # tokenizer.json, tokenizer_config.json, chat_template.jinja
 
-- The BPE (`tokenizers`' byte-level BPE) is tiktoken's: the same split pattern (`Split`, isolated),
-  bytes mapped to characters as GPT-2's byte-level BPE does, and the merges rebuilt from the ranks:
-  every way of splitting a token into two shorter ones becomes a merge, ranked by the token's
-  rank, so the lowest-ranked adjacent pair is merged first, as tiktoken does. `ignore_merges` takes
-  a whole piece that is a token as it is, as tiktoken does too. (transformers' TikTokenConverter
-  rebuilds merges the same way.)
+- The BPE (`tokenizers`' byte-level BPE) is tiktoken's, converted by transformers'
+  `TikTokenConverter` from the run's ranks: the same split pattern (`Split`, isolated), bytes
+  mapped to characters as GPT-2's byte-level BPE does, and the merges rebuilt from the ranks (every
+  way of splitting a token into two shorter ones is a merge, ranked by the token's rank, so the
+  lowest-ranked adjacent pair is merged first, as tiktoken does); `ignore_merges` takes a whole
+  piece that is a token as it is, as tiktoken does too.
 - The nine chat special tokens are added tokens; plain text between them is encoded as ordinary
   text. `<|bos|>` is the BOS token (and pads a batch: padding is masked out),
   `<|assistant_end|>` the EOS; batches are padded on the left, for `generate`.
@@ -67,59 +67,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: each byte as a printable character (what `ByteLevel` maps to)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The byte-level BPE vocabulary and merges that encode as tiktoken does with `ranks`."""
-    alphabet = bytes_to_unicode()
-
-    def text(token: bytes) -> str:
-        return "".join(alphabet[b] for b in token)
-
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    merges = []
-    for token, rank in ranks.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], text(left), text(right)))
-    merges.sort()
-    return vocab, [(left, right) for *_, left, right in merges]
-
-
 def hf_tokenizer(tokenizer: Any, model_max_length: int) -> Any:
     """A transformers fast tokenizer that encodes and decodes as `tokenizer` (nanorun's) does."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as FastTokenizer
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    vocab, merges = vocab_and_merges(tokenizer.mergeable_ranks)
-    # The special tokens keep their ids: in the vocabulary first, then marked special (a piece of
-    # text never reaches the BPE whole as "<|bos|>": the split pattern cuts "<|" from "bos").
-    vocab.update(tokenizer.special_tokens)
-    fast = FastTokenizer(models.BPE(vocab, merges, ignore_merges=True))
-    fast.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    fast.decoder = decoders.ByteLevel()
-    fast.add_special_tokens(
-        [AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens]
-    )
+    class FromRanks(TikTokenConverter):
+        """transformers' tiktoken conversion, from the ranks in memory rather than a file."""
+
+        def load_tiktoken_bpe(self, _: str) -> dict[bytes, int]:
+            return tokenizer.mergeable_ranks
+
+        def extract_vocab_merges_from_model(self, url: str):
+            vocab, merges = super().extract_vocab_merges_from_model(url)
+            # The special tokens keep their ids: in the vocabulary first, then marked special (a piece
+            # of text never reaches the BPE whole as "<|bos|>": the split pattern cuts "<|" from "bos").
+            vocab.update(tokenizer.special_tokens)
+            return vocab, merges
+
+    fast = FromRanks(
+        pattern=tokenizer.pattern, extra_special_tokens=list(tokenizer.special_tokens)
+    ).converted()
     return PreTrainedTokenizerFast(
         tokenizer_object=fast,
         bos_token=BOS,
